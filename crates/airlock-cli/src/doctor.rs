@@ -1,0 +1,246 @@
+//! `airlock doctor`: which isolation layers this host supports, and how to
+//! fix each missing one. Every check is a real probe, not a guess from
+//! version numbers where a probe is possible.
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+
+use airlock_policy::{Language, Policy};
+use airlock_sandbox::{Request, cgroup, sys};
+use serde::Serialize;
+
+#[derive(Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+    fix: Option<String>,
+}
+
+fn read(p: &str) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn which(bin: &str) -> Option<String> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|d| format!("{d}/{bin}"))
+        .find(|p| Path::new(p).is_file())
+}
+
+fn version_of(bin: &str, arg: &str) -> Option<String> {
+    let out = Command::new(bin)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_string())
+}
+
+pub fn run(json: bool) -> ExitCode {
+    let mut checks = Vec::new();
+
+    let max_userns = read("/proc/sys/user/max_user_namespaces")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let unpriv = read("/proc/sys/kernel/unprivileged_userns_clone")
+        .map(|v| v == "1")
+        .unwrap_or(true);
+    let apparmor = read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+        .map(|v| v == "0")
+        .unwrap_or(true);
+    checks.push(Check {
+        name: "user_namespaces",
+        ok: max_userns > 0 && (sys::geteuid() == 0 || (unpriv && apparmor)),
+        detail: format!("max_user_namespaces={max_userns}, unprivileged_userns_clone={unpriv}, apparmor unrestricted={apparmor}"),
+        fix: Some("sysctl -w user.max_user_namespaces=15000 kernel.unprivileged_userns_clone=1 kernel.apparmor_restrict_unprivileged_userns=0".into()),
+    });
+
+    let abi = sys::landlock_abi();
+    let pinned = airlock_sandbox::init::LANDLOCK_ABI_NUM;
+    checks.push(Check {
+        name: "landlock",
+        ok: abi >= pinned,
+        detail: format!("kernel ABI {abi}, airlock pins ABI {pinned} (strict mode requires it)"),
+        fix: Some(if abi == 0 {
+            "enable CONFIG_SECURITY_LANDLOCK and add landlock to the lsm= kernel parameter".into()
+        } else {
+            "upgrade to Linux 6.10+ or set isolation.landlock = \"best_effort_dangerous\" (development only)".into()
+        }),
+    });
+
+    let seccomp = read("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+    checks.push(Check {
+        name: "seccomp",
+        ok: ["kill_process", "errno"]
+            .iter()
+            .all(|a| seccomp.split_whitespace().any(|x| x == *a)),
+        detail: format!("actions: {seccomp}"),
+        fix: Some("enable CONFIG_SECCOMP_FILTER".into()),
+    });
+
+    match cgroup::detect() {
+        Some(layout) => {
+            let version = match layout {
+                cgroup::Layout::V1 { .. } => "v1",
+                cgroup::Layout::V2 { .. } => "v2",
+            };
+            let created = cgroup::probe_create(&layout);
+            checks.push(Check {
+                name: "cgroups",
+                ok: created.is_ok(),
+                detail: match &created {
+                    Ok(()) => format!("{version}: a sandbox cgroup can be created"),
+                    Err(e) => format!("{version}: cannot create a sandbox cgroup ({e}); rlimits are used instead"),
+                },
+                fix: Some("run as root, or delegate a cgroup v2 subtree to this user (systemd Delegate=yes)".into()),
+            });
+        }
+        None => checks.push(Check {
+            name: "cgroups",
+            ok: false,
+            detail: "no cgroup v2 with memory+pids and no v1 memory+pids hierarchy".into(),
+            fix: Some("mount cgroup2 with the memory, pids and cpu controllers enabled".into()),
+        }),
+    }
+
+    let engine = crate::engine();
+    for lang in Language::ALL {
+        let rt = engine.runtime(lang);
+        checks.push(Check {
+            name: match lang {
+                Language::Python => "runtime_python",
+                Language::Javascript => "runtime_javascript",
+                Language::Shell => "runtime_shell",
+            },
+            ok: rt.is_ok(),
+            detail: rt
+                .as_ref()
+                .map(|r| r.interpreter.clone())
+                .unwrap_or_else(|e| e.to_string()),
+            fix: Some(match lang {
+                Language::Python => "apt install python3 (or set AIRLOCK_PYTHON)".into(),
+                Language::Javascript => "apt install nodejs (or set AIRLOCK_NODE)".into(),
+                Language::Shell => "apt install dash (or set AIRLOCK_SH)".into(),
+            }),
+        });
+    }
+
+    // End to end: a real sandbox with every layer.
+    let policy = Policy::default();
+    let req = Request {
+        language: Language::Shell,
+        code: b"exit 0",
+        file_name: None,
+        stdin: b"",
+        policy: &policy,
+    };
+    let e2e = engine.run(&req, &mut |_, _| {});
+    checks.push(Check {
+        name: "sandbox_end_to_end",
+        ok: e2e.as_ref().is_ok_and(|r| r.exit_code == Some(0)),
+        detail: match &e2e {
+            Ok(r) => format!(
+                "ok: setup {:.1} ms, run {:.1} ms, landlock ABI {}, cgroup {:?}",
+                r.setup_time_ms, r.wall_time_ms, r.enforced.landlock.abi, r.enforced.cgroup
+            ),
+            Err(e) => e.to_string(),
+        },
+        fix: Some("see the failing layer above".into()),
+    });
+
+    let runsc = which("runsc");
+    checks.push(Check {
+        name: "runsc",
+        ok: runsc.is_some(),
+        detail: runsc
+            .as_ref()
+            .and_then(|p| version_of(p, "--version"))
+            .unwrap_or_else(|| "not installed".into()),
+        fix: Some("apt install runsc (bookworm-backports has a newer one)".into()),
+    });
+    let qemu = which("qemu-system-x86_64");
+    checks.push(Check {
+        name: "qemu_system_x86_64",
+        ok: qemu.is_some(),
+        detail: qemu
+            .as_ref()
+            .and_then(|p| version_of(p, "--version"))
+            .unwrap_or_else(|| "not installed".into()),
+        fix: Some("apt install qemu-system-x86".into()),
+    });
+    let kvm = crate::doctor::kvm_probe();
+    checks.push(Check {
+        name: "kvm",
+        ok: kvm.is_ok(),
+        detail: match &kvm {
+            Ok(s) => s.clone(),
+            Err(s) => s.clone(),
+        },
+        fix: Some("enable virtualisation (VT-x/AMD-V, or nested virtualisation on a cloud VM) and load kvm_intel/kvm_amd".into()),
+    });
+
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&checks).unwrap_or_default()
+        );
+    } else {
+        for c in &checks {
+            println!(
+                "{} {:<20} {}",
+                if c.ok { "ok  " } else { "MISS" },
+                c.name,
+                c.detail
+            );
+            if !c.ok {
+                if let Some(f) = &c.fix {
+                    println!("     {:<20} fix: {f}", "");
+                }
+            }
+        }
+    }
+    let core_ok = checks
+        .iter()
+        .filter(|c| matches!(c.name, "user_namespaces" | "seccomp" | "sandbox_end_to_end"))
+        .all(|c| c.ok);
+    if core_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Runs a minimal real-mode guest (`out` one byte, `hlt`) on /dev/kvm in a
+/// child process, so a crashing or hanging KVM cannot take doctor down.
+fn kvm_probe() -> Result<String, String> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm does not exist".into());
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = Command::new("timeout")
+        .arg("10")
+        .arg(exe)
+        .arg(airlock_sandbox::kvm::KVM_PROBE_ARG)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run the KVM probe: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(if text.is_empty() {
+            format!("KVM probe failed ({})", out.status)
+        } else {
+            text
+        })
+    }
+}

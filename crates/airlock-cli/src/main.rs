@@ -1,0 +1,331 @@
+//! The `airlock` binary: `run`, `doctor`, and (hidden) the sandbox init.
+//!
+//! Owns: argument parsing, reading the user's files, mapping results to exit
+//! codes. Must never: apply isolation itself (that is airlock-sandbox), or
+//! print more than one line for a usage error.
+//!
+//! Exit codes: the program's own code; 128+N when it died of signal N; 2 for
+//! bad input (nothing was started); 125 when the sandbox itself failed.
+
+mod doctor;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use airlock_policy::{Language, Policy};
+use airlock_sandbox::{Engine, EngineConfig, Request, SandboxError, Stream, TerminationReason};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "airlock",
+    version,
+    about = "Run untrusted code in a fresh, fully isolated sandbox"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run one program in a fresh sandbox.
+    Run(RunArgs),
+    /// Report which isolation layers this host supports.
+    Doctor {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Language: python, javascript or shell (default: from the file extension).
+    #[arg(long = "lang")]
+    lang: Option<String>,
+    /// Wall-clock limit in seconds (overrides the policy).
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Memory limit in MiB (overrides the policy).
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Maximum number of tasks (overrides the policy).
+    #[arg(long)]
+    pids: Option<u64>,
+    /// Policy file (TOML).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Print the result as JSON on stdout and nothing else.
+    #[arg(long)]
+    json: bool,
+    /// Code given inline.
+    #[arg(short = 'c', value_name = "CODE", conflicts_with = "file")]
+    code: Option<String>,
+    /// File with the code.
+    #[arg(value_name = "FILE", required_unless_present = "code")]
+    file: Option<PathBuf>,
+}
+
+/// A bad-input error: one line, exit 2.
+struct Usage(String);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // The sandbox init path: dispatched before anything else touches the process.
+    if args.get(1).map(String::as_str) == Some(airlock_sandbox::init::INIT_ARG) {
+        airlock_sandbox::init::main(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some(airlock_sandbox::kvm::KVM_PROBE_ARG) {
+        return match airlock_sandbox::kvm::probe() {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(s) => {
+                println!("{s}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("airlock: {line} (see airlock --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(code) => code,
+            Err(Usage(msg)) => {
+                eprintln!("airlock: {msg}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Doctor { json } => doctor::run(json),
+    }
+}
+
+fn engine() -> Engine {
+    let mut cfg = match EngineConfig::from_current_exe() {
+        Ok(c) => c,
+        Err(_) => EngineConfig {
+            init_path: PathBuf::from("/proc/self/exe"),
+            interpreters: Default::default(),
+            root_host_ids: (65534, 65534),
+            use_cgroups: true,
+        },
+    };
+    for (lang, var) in [
+        (Language::Python, "AIRLOCK_PYTHON"),
+        (Language::Javascript, "AIRLOCK_NODE"),
+        (Language::Shell, "AIRLOCK_SH"),
+    ] {
+        if let Some(p) = std::env::var_os(var) {
+            cfg.interpreters.insert(lang, PathBuf::from(p));
+        }
+    }
+    Engine::new(cfg)
+}
+
+fn load_policy(args: &RunArgs) -> Result<Policy, Usage> {
+    let mut policy = match &args.policy {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Usage(format!(
+                    "cannot read policy file {}: {}",
+                    path.display(),
+                    short_io(&e)
+                ))
+            })?;
+            Policy::from_toml(&text).map_err(|e| Usage(format!("{}: {e}", path.display())))?
+        }
+        None => Policy::default(),
+    };
+    if let Some(t) = args.timeout {
+        if !(t.is_finite()
+            && t > 0.0
+            && t * 1000.0 <= airlock_policy::ceilings::WALL_TIME_MS as f64)
+        {
+            return Err(Usage(format!(
+                "--timeout {t}: expected seconds in (0, 86400]"
+            )));
+        }
+        policy.limits.wall_time_ms = ((t * 1000.0).ceil() as u64).max(1);
+    }
+    if let Some(m) = args.memory {
+        policy.limits.memory_mib = m;
+    }
+    if let Some(p) = args.pids {
+        policy.limits.pids = p;
+    }
+    policy.validate().map_err(|e| Usage(e.to_string()))?;
+    Ok(policy)
+}
+
+fn short_io(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    s.split(" (os error").next().unwrap_or(&s).to_string()
+}
+
+fn run(args: RunArgs) -> Result<ExitCode, Usage> {
+    let policy = load_policy(&args)?;
+    let (code, file_name): (Vec<u8>, Option<String>) = match (&args.code, &args.file) {
+        (Some(c), _) => (c.clone().into_bytes(), None),
+        (None, Some(path)) => (
+            read_code(path, policy.limits.code_bytes)?,
+            path.file_name().and_then(|n| n.to_str()).map(String::from),
+        ),
+        (None, None) => return Err(Usage("give a FILE or -c CODE".into())),
+    };
+    let language = match &args.lang {
+        Some(l) => Language::parse(l).map_err(|e| Usage(e.to_string()))?,
+        None => match file_name.as_deref().and_then(Language::from_file_name) {
+            Some(l) => l,
+            None => {
+                return Err(Usage(
+                    "cannot tell the language; pass --lang python|javascript|shell".into(),
+                ));
+            }
+        },
+    };
+    let stdin = read_stdin(policy.limits.stdin_bytes)?;
+    let engine = engine();
+    let req = Request {
+        language,
+        code: &code,
+        file_name: file_name.as_deref(),
+        stdin: &stdin,
+        policy: &policy,
+    };
+    engine.validate(&req).map_err(|e| Usage(e.to_string()))?;
+
+    let json = args.json;
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let mut pass = |s: Stream, data: &[u8]| {
+        if json {
+            return;
+        }
+        let _ = match s {
+            Stream::Stdout => out.write_all(data).and_then(|_| out.flush()),
+            Stream::Stderr => err.write_all(data),
+        };
+    };
+    let result = match engine.run(&req, &mut pass) {
+        Ok(r) => r,
+        Err(e @ (SandboxError::InvalidRequest(_) | SandboxError::RuntimeMissing(_))) => {
+            return Err(Usage(e.to_string()));
+        }
+        Err(e) => {
+            eprintln!("airlock: sandbox failed: {e}");
+            return Ok(ExitCode::from(125));
+        }
+    };
+    if json {
+        let text = serde_json::to_string(&result).unwrap_or_else(|_| "{}".into());
+        println!("{text}");
+        return Ok(if result.reason == TerminationReason::InternalError {
+            ExitCode::from(125)
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    let l = &policy.limits;
+    let line = match result.reason {
+        TerminationReason::Exited => None,
+        TerminationReason::Timeout => {
+            Some(format!("wall-clock limit of {} ms reached", l.wall_time_ms))
+        }
+        TerminationReason::CpuLimit => {
+            Some(format!("CPU-time limit of {} ms reached", l.cpu_time_ms))
+        }
+        TerminationReason::MemoryLimit => {
+            Some(format!("memory limit of {} MiB reached", l.memory_mib))
+        }
+        TerminationReason::PidsLimit => Some(format!("task limit of {} reached", l.pids)),
+        TerminationReason::OutputLimit => {
+            Some("output limit reached; output truncated".to_string())
+        }
+        TerminationReason::DiskLimit => Some(format!(
+            "scratch space limit of {} MiB / {} inodes reached",
+            policy.filesystem.scratch_mib, policy.filesystem.scratch_inodes
+        )),
+        TerminationReason::PolicyViolation => {
+            Some("killed for a forbidden system call (seccomp)".into())
+        }
+        TerminationReason::InternalError => {
+            eprintln!(
+                "airlock: sandbox failed: {}",
+                result.error.as_deref().unwrap_or("internal error")
+            );
+            return Ok(ExitCode::from(125));
+        }
+    };
+    if let Some(line) = line {
+        eprintln!("airlock: {}: {line}", result.reason.as_str());
+    }
+    let code = match (result.exit_code, result.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 125,
+    };
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+fn read_code(path: &Path, cap: u64) -> Result<Vec<u8>, Usage> {
+    let shown = path.display();
+    let f = std::fs::File::open(path)
+        .map_err(|e| Usage(format!("cannot read {shown}: {}", short_io(&e))))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| Usage(format!("cannot read {shown}: {}", short_io(&e))))?;
+    if !meta.is_file() {
+        return Err(Usage(format!("{shown} is not a regular file")));
+    }
+    let mut buf = Vec::new();
+    f.take(cap + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Usage(format!("cannot read {shown}: {}", short_io(&e))))?;
+    if buf.len() as u64 > cap {
+        return Err(Usage(format!(
+            "{shown} is larger than the code limit of {cap} bytes (limits.code_bytes)"
+        )));
+    }
+    Ok(buf)
+}
+
+fn read_stdin(cap: u64) -> Result<Vec<u8>, Usage> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Ok(Vec::new());
+    }
+    let mut buf = Vec::new();
+    if stdin.lock().take(cap + 1).read_to_end(&mut buf).is_err() {
+        return Ok(Vec::new());
+    }
+    if buf.len() as u64 > cap {
+        return Err(Usage(format!(
+            "stdin is larger than the limit of {cap} bytes (limits.stdin_bytes)"
+        )));
+    }
+    Ok(buf)
+}

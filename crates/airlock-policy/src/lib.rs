@@ -1,0 +1,667 @@
+//! airlock-policy: the declarative policy that shapes one sandbox.
+//!
+//! Owns: the `Policy` type, its secure defaults (documented where they are
+//! built), TOML loading with unknown fields rejected, and validation with
+//! errors a person can act on.
+//!
+//! Must never: perform I/O beyond parsing a string it is handed, contain
+//! `unsafe`, or let a policy grant more than the engine's baseline (a policy
+//! can only tighten the seccomp baseline, never widen it).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Languages airlock knows how to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    /// CPython 3 (`python3`).
+    Python,
+    /// Node.js (`node`).
+    Javascript,
+    /// POSIX shell (`sh`).
+    Shell,
+}
+
+impl Language {
+    /// All languages, in a stable order.
+    pub const ALL: [Language; 3] = [Language::Python, Language::Javascript, Language::Shell];
+
+    /// Parses a user-facing language name (`python`, `py`, `javascript`,
+    /// `js`, `node`, `shell`, `sh`).
+    pub fn parse(name: &str) -> Result<Self, PolicyError> {
+        match name.to_ascii_lowercase().as_str() {
+            "python" | "python3" | "py" => Ok(Language::Python),
+            "javascript" | "js" | "node" => Ok(Language::Javascript),
+            "shell" | "sh" => Ok(Language::Shell),
+            _ => Err(PolicyError::UnknownLanguage(truncate_for_message(name))),
+        }
+    }
+
+    /// Infers the language from a file name's extension.
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();
+        match ext.as_str() {
+            "py" => Some(Language::Python),
+            "js" | "mjs" | "cjs" => Some(Language::Javascript),
+            "sh" => Some(Language::Shell),
+            _ => None,
+        }
+    }
+
+    /// The canonical lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Language::Python => "python",
+            Language::Javascript => "javascript",
+            Language::Shell => "shell",
+        }
+    }
+}
+
+impl fmt::Display for Language {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The whole policy for one execution.
+///
+/// Every field has a secure default; a TOML file only needs to name what it
+/// changes. Unknown fields anywhere are an error, so a typo never silently
+/// falls back to a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Resource limits.
+    pub limits: Limits,
+    /// Filesystem view and scratch space.
+    pub filesystem: Filesystem,
+    /// Network access. Default: none at all.
+    pub network: Network,
+    /// System-call policy on top of the engine's baseline filter.
+    pub syscalls: Syscalls,
+    /// Environment variables the program sees.
+    pub env: Env,
+    /// How strictly the kernel's isolation features are required.
+    pub isolation: Isolation,
+}
+
+/// Resource limits. Units are in the field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Wall-clock limit from program start to kill. Default 10 000 ms.
+    pub wall_time_ms: u64,
+    /// CPU time (user + system, all processes of the sandbox). Default 10 000 ms.
+    pub cpu_time_ms: u64,
+    /// Memory (RAM + tmpfs pages charged to the sandbox; swap is never
+    /// allowed). Default 256 MiB.
+    pub memory_mib: u64,
+    /// Maximum number of tasks (processes + threads). Default 64.
+    pub pids: u64,
+    /// CPU bandwidth in cores (cgroup quota). Default 1.0.
+    pub cpus: f64,
+    /// Captured stdout cap; the sandbox is killed with `output_limit` beyond
+    /// it. Default 1 MiB.
+    pub stdout_bytes: u64,
+    /// Captured stderr cap, same rule. Default 1 MiB.
+    pub stderr_bytes: u64,
+    /// Maximum size of stdin handed to the program. Default 8 MiB.
+    pub stdin_bytes: u64,
+    /// Maximum size of the submitted code. Default 1 MiB.
+    pub code_bytes: u64,
+    /// RLIMIT_NOFILE for the program. Default 256.
+    pub open_files: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            wall_time_ms: 10_000,
+            cpu_time_ms: 10_000,
+            memory_mib: 256,
+            pids: 64,
+            cpus: 1.0,
+            stdout_bytes: 1 << 20,
+            stderr_bytes: 1 << 20,
+            stdin_bytes: 8 << 20,
+            code_bytes: 1 << 20,
+            open_files: 256,
+        }
+    }
+}
+
+/// Filesystem view. The root is always read-only and minimal; only scratch
+/// (`/tmp`, `/workspace`, `/dev/shm`) is writable, each a private tmpfs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Filesystem {
+    /// Size cap of each scratch tmpfs. Default 64 MiB.
+    pub scratch_mib: u64,
+    /// Inode cap of each scratch tmpfs. Default 4096.
+    pub scratch_inodes: u64,
+    /// Extra host paths exposed read-only at the same path. Default: none.
+    /// Must be absolute, normalised (no `.`/`..`), and outside the paths the
+    /// engine owns (`/proc`, `/dev`, `/tmp`, `/workspace`, `/etc`, `/`).
+    pub read_only_paths: Vec<String>,
+}
+
+impl Default for Filesystem {
+    fn default() -> Self {
+        Filesystem {
+            scratch_mib: 64,
+            scratch_inodes: 4096,
+            read_only_paths: Vec::new(),
+        }
+    }
+}
+
+/// Network access. Only `none` exists today; egress through the host-side
+/// proxy arrives later and will be a new variant, never a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "snake_case")]
+pub enum Network {
+    /// A private network namespace with only loopback. The default.
+    #[default]
+    None,
+}
+
+/// System-call policy. The engine's baseline filter (an allowlist with a
+/// documented deny list, see `airlock-sandbox/seccomp/`) always applies; a
+/// policy can only deny more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Syscalls {
+    /// Deny `execve`/`execveat` after the interpreter has started, so the
+    /// program cannot run other binaries. Default false.
+    pub deny_execve: bool,
+    /// Extra syscall names to deny with EPERM. Default: none.
+    pub deny: Vec<String>,
+}
+
+/// Environment. The program starts with an empty environment plus the
+/// documented baseline (`PATH`, `HOME`, `LANG`, `LC_ALL`, `TMPDIR`, `USER`,
+/// `PYTHONDONTWRITEBYTECODE`, `PYTHONUNBUFFERED`) and whatever `vars` adds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Env {
+    /// Extra variables. Names must be `[A-Za-z_][A-Za-z0-9_]*`; loader and
+    /// interpreter-injection variables (`LD_*`, `PYTHONSTARTUP`,
+    /// `NODE_OPTIONS`, ...) are refused.
+    pub vars: BTreeMap<String, String>,
+}
+
+/// How strictly kernel isolation features are required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Isolation {
+    /// Landlock enforcement mode.
+    pub landlock: LandlockMode,
+}
+
+/// Landlock enforcement mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LandlockMode {
+    /// The pinned Landlock ABI must be fully enforced or the sandbox does not
+    /// start. The default.
+    #[default]
+    Strict,
+    /// DANGEROUS outside development: run with whatever Landlock the kernel
+    /// offers, possibly none. The achieved status is recorded in the result.
+    BestEffortDangerous,
+}
+
+/// Baseline environment variables, as (name, value).
+pub const BASELINE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    ("HOME", "/workspace"),
+    ("LANG", "C.UTF-8"),
+    ("LC_ALL", "C.UTF-8"),
+    ("TMPDIR", "/tmp"),
+    ("USER", "sandbox"),
+    ("PYTHONDONTWRITEBYTECODE", "1"),
+    ("PYTHONUNBUFFERED", "1"),
+];
+
+/// Environment variable names (or prefixes ending in `*`) that can inject
+/// code into a loader or interpreter; a policy may never set them.
+const FORBIDDEN_ENV: &[&str] = &[
+    "LD_*",
+    "GCONV_PATH",
+    "PYTHONSTARTUP",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONINSPECT",
+    "PYTHONBREAKPOINT",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "NODE_REPL_EXTERNAL_MODULE",
+    "BASH_ENV",
+    "ENV",
+    "IFS",
+    "PATH",
+    "HOME",
+];
+
+/// Hard ceilings: a policy beyond these is an operator mistake, not a wish.
+pub mod ceilings {
+    /// 24 hours.
+    pub const WALL_TIME_MS: u64 = 24 * 3600 * 1000;
+    /// 64 GiB.
+    pub const MEMORY_MIB: u64 = 64 * 1024;
+    /// Tasks per sandbox.
+    pub const PIDS: u64 = 32_768;
+    /// Cores.
+    pub const CPUS: f64 = 256.0;
+    /// Captured output per stream.
+    pub const OUTPUT_BYTES: u64 = 256 << 20;
+    /// stdin size.
+    pub const STDIN_BYTES: u64 = 256 << 20;
+    /// Code size.
+    pub const CODE_BYTES: u64 = 64 << 20;
+    /// Open files.
+    pub const OPEN_FILES: u64 = 65_536;
+    /// Scratch size.
+    pub const SCRATCH_MIB: u64 = 64 * 1024;
+    /// Scratch inodes.
+    pub const SCRATCH_INODES: u64 = 1 << 24;
+    /// Environment entries.
+    pub const ENV_VARS: usize = 256;
+    /// Bytes per environment value.
+    pub const ENV_VALUE_BYTES: usize = 32 << 10;
+    /// Extra read-only paths.
+    pub const READ_ONLY_PATHS: usize = 64;
+}
+
+/// Why a policy was rejected. Messages name the field and the allowed range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    /// The TOML did not parse or had unknown fields or wrong types.
+    #[error("invalid policy: {0}")]
+    Parse(String),
+    /// A numeric field is outside its allowed range.
+    #[error("invalid policy: {field} = {value} is out of range ({min}..={max})")]
+    OutOfRange {
+        /// Dotted field name.
+        field: &'static str,
+        /// Offending value.
+        value: String,
+        /// Lowest allowed.
+        min: String,
+        /// Highest allowed.
+        max: String,
+    },
+    /// A read-only path is not acceptable.
+    #[error("invalid policy: filesystem.read_only_paths entry {path:?}: {reason}")]
+    BadPath {
+        /// The path as given (truncated).
+        path: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// An environment variable is not acceptable.
+    #[error("invalid policy: env.vars entry {name:?}: {reason}")]
+    BadEnv {
+        /// The name as given (truncated).
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A syscall name in `syscalls.deny` is malformed.
+    #[error("invalid policy: syscalls.deny entry {0:?} is not a syscall name")]
+    BadSyscallName(String),
+    /// Unknown language name.
+    #[error("unknown language {0:?} (expected python, javascript or shell)")]
+    UnknownLanguage(String),
+}
+
+fn truncate_for_message(s: &str) -> String {
+    let mut out: String = s.chars().take(64).collect();
+    if out.len() < s.len() {
+        out.push('…');
+    }
+    out
+}
+
+impl Policy {
+    /// Parses a TOML policy. Unknown fields and wrong types are errors; the
+    /// message is one line with the line and column of the problem.
+    pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
+        let policy: Policy = toml::from_str(text).map_err(|e| {
+            let location = e
+                .span()
+                .map(|span| {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                    format!(" at line {line}, column {col}")
+                })
+                .unwrap_or_default();
+            let msg = e.message().replace('\n', " ");
+            PolicyError::Parse(format!("{}{location}", msg.trim()))
+        })?;
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// Checks every field against its range and rules.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let l = &self.limits;
+        range_u64(
+            "limits.wall_time_ms",
+            l.wall_time_ms,
+            1,
+            ceilings::WALL_TIME_MS,
+        )?;
+        range_u64(
+            "limits.cpu_time_ms",
+            l.cpu_time_ms,
+            1,
+            ceilings::WALL_TIME_MS,
+        )?;
+        range_u64("limits.memory_mib", l.memory_mib, 8, ceilings::MEMORY_MIB)?;
+        range_u64("limits.pids", l.pids, 1, ceilings::PIDS)?;
+        if !(l.cpus.is_finite() && l.cpus >= 0.01 && l.cpus <= ceilings::CPUS) {
+            return Err(PolicyError::OutOfRange {
+                field: "limits.cpus",
+                value: l.cpus.to_string(),
+                min: "0.01".into(),
+                max: ceilings::CPUS.to_string(),
+            });
+        }
+        range_u64(
+            "limits.stdout_bytes",
+            l.stdout_bytes,
+            0,
+            ceilings::OUTPUT_BYTES,
+        )?;
+        range_u64(
+            "limits.stderr_bytes",
+            l.stderr_bytes,
+            0,
+            ceilings::OUTPUT_BYTES,
+        )?;
+        range_u64(
+            "limits.stdin_bytes",
+            l.stdin_bytes,
+            0,
+            ceilings::STDIN_BYTES,
+        )?;
+        range_u64("limits.code_bytes", l.code_bytes, 1, ceilings::CODE_BYTES)?;
+        range_u64("limits.open_files", l.open_files, 16, ceilings::OPEN_FILES)?;
+        let f = &self.filesystem;
+        range_u64(
+            "filesystem.scratch_mib",
+            f.scratch_mib,
+            1,
+            ceilings::SCRATCH_MIB,
+        )?;
+        range_u64(
+            "filesystem.scratch_inodes",
+            f.scratch_inodes,
+            16,
+            ceilings::SCRATCH_INODES,
+        )?;
+        if f.read_only_paths.len() > ceilings::READ_ONLY_PATHS {
+            return Err(PolicyError::OutOfRange {
+                field: "filesystem.read_only_paths",
+                value: format!("{} entries", f.read_only_paths.len()),
+                min: "0".into(),
+                max: ceilings::READ_ONLY_PATHS.to_string(),
+            });
+        }
+        for p in &f.read_only_paths {
+            validate_ro_path(p)?;
+        }
+        for name in &self.syscalls.deny {
+            let ok = !name.is_empty()
+                && name.len() <= 32
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return Err(PolicyError::BadSyscallName(truncate_for_message(name)));
+            }
+        }
+        if self.env.vars.len() > ceilings::ENV_VARS {
+            return Err(PolicyError::OutOfRange {
+                field: "env.vars",
+                value: format!("{} entries", self.env.vars.len()),
+                min: "0".into(),
+                max: ceilings::ENV_VARS.to_string(),
+            });
+        }
+        for (name, value) in &self.env.vars {
+            validate_env(name, value)?;
+        }
+        Ok(())
+    }
+
+    /// The full environment the program starts with: baseline plus `vars`.
+    pub fn program_env(&self) -> Vec<(String, String)> {
+        let mut env: BTreeMap<String, String> = BASELINE_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in &self.env.vars {
+            env.insert(k.clone(), v.clone());
+        }
+        env.into_iter().collect()
+    }
+}
+
+fn range_u64(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), PolicyError> {
+    if value < min || value > max {
+        return Err(PolicyError::OutOfRange {
+            field,
+            value: value.to_string(),
+            min: min.to_string(),
+            max: max.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Paths the engine builds itself; exposing a host path over them would
+/// replace the minimal view with the host's.
+const RESERVED_PATHS: &[&str] = &["/proc", "/dev", "/tmp", "/workspace", "/etc", "/sys"];
+
+fn validate_ro_path(p: &str) -> Result<(), PolicyError> {
+    let bad = |reason| {
+        Err(PolicyError::BadPath {
+            path: truncate_for_message(p),
+            reason,
+        })
+    };
+    if p.len() > 4096 || p.contains('\0') {
+        return bad("too long or contains NUL");
+    }
+    if !p.starts_with('/') {
+        return bad("must be absolute");
+    }
+    if p == "/" {
+        return bad("the host root cannot be exposed");
+    }
+    if p.ends_with('/') || p.contains("//") {
+        return bad("must be normalised (no trailing or double slash)");
+    }
+    if p.split('/').any(|c| c == "." || c == "..") {
+        return bad("must not contain . or .. components");
+    }
+    for r in RESERVED_PATHS {
+        if p == *r || p.starts_with(&format!("{r}/")) {
+            return bad("lies under a path the sandbox builds itself");
+        }
+    }
+    Ok(())
+}
+
+fn validate_env(name: &str, value: &str) -> Result<(), PolicyError> {
+    let bad = |reason| {
+        Err(PolicyError::BadEnv {
+            name: truncate_for_message(name),
+            reason,
+        })
+    };
+    let mut bytes = name.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_');
+    if !first_ok || !bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_') || name.len() > 128 {
+        return bad("name must match [A-Za-z_][A-Za-z0-9_]{0,127}");
+    }
+    for f in FORBIDDEN_ENV {
+        let hit = match f.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == *f,
+        };
+        if hit {
+            return bad("this variable can inject code or override the sandbox layout");
+        }
+    }
+    if value.len() > ceilings::ENV_VALUE_BYTES || value.contains('\0') {
+        return bad("value too long or contains NUL");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_secure() {
+        let p = Policy::default();
+        p.validate().unwrap();
+        assert_eq!(p.network, Network::None);
+        assert_eq!(p.isolation.landlock, LandlockMode::Strict);
+        assert!(!p.syscalls.deny_execve);
+        assert!(p.filesystem.read_only_paths.is_empty());
+    }
+
+    #[test]
+    fn empty_toml_is_the_default() {
+        assert_eq!(Policy::from_toml("").unwrap(), Policy::default());
+    }
+
+    #[test]
+    fn unknown_field_is_rejected_with_location() {
+        let err = Policy::from_toml("[limits]\nwall_time_ms = 5\nmemroy_mib = 3\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("memroy_mib"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn unknown_section_is_rejected() {
+        assert!(Policy::from_toml("[egress]\nallow = []\n").is_err());
+    }
+
+    #[test]
+    fn wrong_type_is_rejected() {
+        let err = Policy::from_toml("[limits]\npids = \"many\"\n").unwrap_err();
+        assert!(matches!(err, PolicyError::Parse(_)));
+    }
+
+    #[test]
+    fn out_of_range_names_field() {
+        let err = Policy::from_toml("[limits]\nmemory_mib = 1\n").unwrap_err();
+        assert_eq!(
+            err,
+            PolicyError::OutOfRange {
+                field: "limits.memory_mib",
+                value: "1".into(),
+                min: "8".into(),
+                max: ceilings::MEMORY_MIB.to_string()
+            }
+        );
+        assert!(Policy::from_toml("[limits]\ncpus = nan\n").is_err());
+        assert!(Policy::from_toml("[limits]\ncpus = -1.0\n").is_err());
+        assert!(Policy::from_toml("[limits]\nwall_time_ms = 0\n").is_err());
+    }
+
+    #[test]
+    fn network_modes() {
+        assert_eq!(
+            Policy::from_toml("[network]\nmode = \"none\"\n")
+                .unwrap()
+                .network,
+            Network::None
+        );
+        assert!(Policy::from_toml("[network]\nmode = \"host\"\n").is_err());
+    }
+
+    #[test]
+    fn landlock_mode_names_the_danger() {
+        let p = Policy::from_toml("[isolation]\nlandlock = \"best_effort_dangerous\"\n").unwrap();
+        assert_eq!(p.isolation.landlock, LandlockMode::BestEffortDangerous);
+        assert!(Policy::from_toml("[isolation]\nlandlock = \"off\"\n").is_err());
+    }
+
+    #[test]
+    fn hostile_read_only_paths_are_rejected() {
+        for p in [
+            "relative",
+            "/",
+            "/proc",
+            "/proc/1",
+            "/etc",
+            "/usr/../etc",
+            "/a//b",
+            "/a/",
+            "/tmp/x",
+            "/a\0b",
+        ] {
+            let text = format!("[filesystem]\nread_only_paths = [{p:?}]\n");
+            assert!(Policy::from_toml(&text).is_err(), "{p:?} accepted");
+        }
+        Policy::from_toml("[filesystem]\nread_only_paths = [\"/opt/data\"]\n").unwrap();
+    }
+
+    #[test]
+    fn injection_env_vars_are_rejected() {
+        for name in [
+            "LD_PRELOAD",
+            "LD_LIBRARY_PATH",
+            "NODE_OPTIONS",
+            "PYTHONSTARTUP",
+            "PATH",
+            "1X",
+            "A-B",
+            "",
+        ] {
+            let mut p = Policy::default();
+            p.env.vars.insert(name.into(), "x".into());
+            assert!(p.validate().is_err(), "{name:?} accepted");
+        }
+        let mut p = Policy::default();
+        p.env.vars.insert("GREETING".into(), "hi".into());
+        p.validate().unwrap();
+        assert!(p.program_env().contains(&("GREETING".into(), "hi".into())));
+        assert!(p.program_env().iter().any(|(k, _)| k == "PATH"));
+    }
+
+    #[test]
+    fn syscall_names_are_checked() {
+        assert!(Policy::from_toml("[syscalls]\ndeny = [\"../x\"]\n").is_err());
+        Policy::from_toml("[syscalls]\ndeny = [\"getpid\"]\ndeny_execve = true\n").unwrap();
+    }
+
+    #[test]
+    fn language_detection() {
+        assert_eq!(Language::from_file_name("a/b.py"), Some(Language::Python));
+        assert_eq!(
+            Language::from_file_name("x.mjs"),
+            Some(Language::Javascript)
+        );
+        assert_eq!(Language::from_file_name("run.sh"), Some(Language::Shell));
+        assert_eq!(Language::from_file_name("README"), None);
+        assert!(Language::parse("cobol").is_err());
+        assert_eq!(Language::parse("JS").unwrap(), Language::Javascript);
+    }
+}

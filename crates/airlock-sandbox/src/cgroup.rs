@@ -1,0 +1,441 @@
+//! cgroups v1 and v2 behind one type.
+//!
+//! One cgroup per sandbox, created by the engine before the sandbox's first
+//! process runs anything, limited (memory without swap, pids, CPU quota),
+//! read for accounting, killed as a whole and removed at the end.
+//!
+//! v2: `<mount>/<own cgroup>/airlock/<id>`, or `<mount>/airlock/<id>` when
+//! the own cgroup cannot delegate (the no-internal-processes rule).
+//! v1: `<controller mount>/<own cgroup>/airlock/<id>` for memory, pids, cpu
+//! and cpuacct (which may share a hierarchy or not).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::error::SandboxError;
+
+/// Which cgroup version a sandbox uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupVersion {
+    /// Legacy per-controller hierarchies.
+    V1,
+    /// The unified hierarchy.
+    V2,
+}
+
+/// Limits applied to a sandbox cgroup.
+#[derive(Debug, Clone, Copy)]
+pub struct CgroupLimits {
+    /// Memory cap in bytes (swap is always 0).
+    pub memory_bytes: u64,
+    /// Max tasks.
+    pub pids: u64,
+    /// CPU bandwidth in cores.
+    pub cpus: f64,
+}
+
+/// What the host offers, detected from /proc/self/mountinfo and /proc/self/cgroup.
+#[derive(Debug, Clone)]
+pub enum Layout {
+    /// Unified hierarchy with memory and pids controllers available.
+    V2 {
+        /// Mount point.
+        mount: PathBuf,
+        /// Our own cgroup path (relative).
+        own: String,
+    },
+    /// v1 controllers: (controller, directory that holds our own cgroup).
+    V1 {
+        /// memory, pids, cpu, cpuacct → own cgroup dir in that hierarchy.
+        dirs: Vec<(&'static str, PathBuf)>,
+    },
+}
+
+const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuacct"];
+
+/// Detects the cgroup layout. `None` when neither a usable v2 nor v1
+/// memory+pids exists.
+pub fn detect() -> Option<Layout> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut v2_mount = None;
+    let mut v1: Vec<(&'static str, PathBuf)> = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        let (Some(mnt), Some(root), Some(fstype)) = (pre.get(4), pre.get(3), post.first()) else {
+            continue;
+        };
+        if *root != "/" {
+            continue;
+        }
+        match *fstype {
+            "cgroup2" => v2_mount = Some(PathBuf::from(mnt)),
+            "cgroup" => {
+                let opts = post.get(2).copied().unwrap_or("");
+                for c in V1_CONTROLLERS {
+                    if opts.split(',').any(|o| o == c) && !v1.iter().any(|(n, _)| *n == c) {
+                        v1.push((c, PathBuf::from(mnt)));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(mount) = v2_mount {
+        let controllers = fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+        let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+        if has("memory") && has("pids") {
+            let own = own
+                .lines()
+                .find_map(|l| l.strip_prefix("0::"))
+                .unwrap_or("/")
+                .trim_start_matches('/')
+                .to_string();
+            return Some(Layout::V2 { mount, own });
+        }
+    }
+    let have = |c: &str| v1.iter().any(|(n, _)| *n == c);
+    if have("memory") && have("pids") {
+        let dirs = v1
+            .into_iter()
+            .map(|(c, mnt)| {
+                let path = own
+                    .lines()
+                    .find_map(|l| {
+                        let mut parts = l.splitn(3, ':');
+                        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+                        ctrls
+                            .split(',')
+                            .any(|x| x == c)
+                            .then(|| path.trim_start_matches('/').to_string())
+                    })
+                    .unwrap_or_default();
+                (c, mnt.join(path))
+            })
+            .collect();
+        return Some(Layout::V1 { dirs });
+    }
+    None
+}
+
+/// A live sandbox cgroup.
+#[derive(Debug)]
+pub struct Cgroup {
+    version: CgroupVersion,
+    /// v2: one dir; v1: one per controller (name, dir).
+    dirs: Vec<(&'static str, PathBuf)>,
+}
+
+/// Counters read at the end of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CgroupStats {
+    /// OOM kills inside the cgroup.
+    pub oom_kills: u64,
+    /// Times the pids limit refused a fork.
+    pub pids_max_hits: u64,
+    /// User CPU ns.
+    pub cpu_user_ns: Option<u64>,
+    /// System CPU ns.
+    pub cpu_sys_ns: Option<u64>,
+    /// Peak memory bytes.
+    pub peak_memory: Option<u64>,
+}
+
+fn write(path: &Path, value: &str, step: &'static str) -> Result<(), SandboxError> {
+    fs::write(path, value).map_err(|source| SandboxError::Cgroup { step, source })
+}
+
+fn read_kv(path: &Path, key: &str) -> Option<u64> {
+    let text = fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == key).then(|| it.next()?.parse().ok())?
+    })
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl Cgroup {
+    /// Creates and limits the cgroup `name` (unique per sandbox).
+    pub fn create(
+        layout: &Layout,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<Cgroup, SandboxError> {
+        let mk = |p: &Path| {
+            fs::create_dir_all(p).map_err(|source| SandboxError::Cgroup {
+                step: "create",
+                source,
+            })
+        };
+        match layout {
+            Layout::V2 { mount, own } => {
+                let base = Self::v2_base(mount, own)?;
+                let dir = base.join(name);
+                mk(&dir)?;
+                let cg = Cgroup {
+                    version: CgroupVersion::V2,
+                    dirs: vec![("unified", dir.clone())],
+                };
+                let r = (|| {
+                    write(
+                        &dir.join("memory.max"),
+                        &limits.memory_bytes.to_string(),
+                        "memory.max",
+                    )?;
+                    if dir.join("memory.swap.max").exists() {
+                        write(&dir.join("memory.swap.max"), "0", "memory.swap.max")?;
+                    }
+                    write(&dir.join("memory.oom.group"), "1", "memory.oom.group")?;
+                    write(&dir.join("pids.max"), &limits.pids.to_string(), "pids.max")?;
+                    if dir.join("cpu.max").exists() {
+                        let quota = (limits.cpus * 100_000.0).round().max(1000.0) as u64;
+                        write(&dir.join("cpu.max"), &format!("{quota} 100000"), "cpu.max")?;
+                    }
+                    Ok(())
+                })();
+                r.map(|_| cg).map_err(|e| e)
+            }
+            Layout::V1 { dirs } => {
+                let mut cg = Cgroup {
+                    version: CgroupVersion::V1,
+                    dirs: Vec::new(),
+                };
+                for (c, own) in dirs {
+                    let dir = own.join("airlock").join(name);
+                    if let Err(e) = mk(&dir) {
+                        cg.remove();
+                        return Err(e);
+                    }
+                    cg.dirs.push((c, dir));
+                }
+                let r = (|| {
+                    let mem = cg.dir("memory").ok_or_else(missing)?;
+                    write(
+                        &mem.join("memory.limit_in_bytes"),
+                        &limits.memory_bytes.to_string(),
+                        "memory.limit_in_bytes",
+                    )?;
+                    if mem.join("memory.memsw.limit_in_bytes").exists() {
+                        write(
+                            &mem.join("memory.memsw.limit_in_bytes"),
+                            &limits.memory_bytes.to_string(),
+                            "memory.memsw.limit_in_bytes",
+                        )?;
+                    }
+                    let _ = fs::write(mem.join("memory.swappiness"), "0");
+                    let pids = cg.dir("pids").ok_or_else(missing)?;
+                    write(&pids.join("pids.max"), &limits.pids.to_string(), "pids.max")?;
+                    if let Some(cpu) = cg.dir("cpu") {
+                        let quota = (limits.cpus * 100_000.0).round().max(1000.0) as u64;
+                        write(
+                            &cpu.join("cpu.cfs_period_us"),
+                            "100000",
+                            "cpu.cfs_period_us",
+                        )?;
+                        write(
+                            &cpu.join("cpu.cfs_quota_us"),
+                            &quota.to_string(),
+                            "cpu.cfs_quota_us",
+                        )?;
+                    }
+                    Ok(())
+                })();
+                match r {
+                    Ok(()) => Ok(cg),
+                    Err(e) => {
+                        cg.remove();
+                        Err(e)
+                    }
+                }
+            }
+        }
+    }
+
+    fn v2_base(mount: &Path, own: &str) -> Result<PathBuf, SandboxError> {
+        let enable = |dir: &Path| -> io::Result<()> {
+            let avail = fs::read_to_string(dir.join("cgroup.controllers"))?;
+            let want: Vec<String> = ["memory", "pids", "cpu"]
+                .iter()
+                .filter(|c| avail.split_whitespace().any(|a| a == **c))
+                .map(|c| format!("+{c}"))
+                .collect();
+            fs::write(dir.join("cgroup.subtree_control"), want.join(" "))
+        };
+        let try_base = |parent: PathBuf| -> io::Result<PathBuf> {
+            enable(&parent)?;
+            let base = parent.join("airlock");
+            fs::create_dir_all(&base)?;
+            enable(&base)?;
+            Ok(base)
+        };
+        let own_dir = mount.join(own);
+        match try_base(own_dir) {
+            Ok(b) => Ok(b),
+            Err(_) => try_base(mount.to_path_buf()).map_err(|source| SandboxError::Cgroup {
+                step: "delegate",
+                source,
+            }),
+        }
+    }
+
+    fn dir(&self, controller: &str) -> Option<&Path> {
+        match self.version {
+            CgroupVersion::V2 => self.dirs.first().map(|(_, d)| d.as_path()),
+            CgroupVersion::V1 => self
+                .dirs
+                .iter()
+                .find(|(c, _)| *c == controller)
+                .map(|(_, d)| d.as_path()),
+        }
+    }
+
+    /// The cgroup version.
+    pub fn version(&self) -> CgroupVersion {
+        self.version
+    }
+
+    /// Moves a process into the cgroup (every hierarchy for v1).
+    pub fn add(&self, pid: i32) -> Result<(), SandboxError> {
+        for (_, d) in &self.dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string(), "attach")?;
+        }
+        Ok(())
+    }
+
+    /// Total CPU time used so far, ns.
+    pub fn cpu_usage_ns(&self) -> Option<u64> {
+        match self.version {
+            CgroupVersion::V2 => {
+                read_kv(&self.dir("cpu")?.join("cpu.stat"), "usage_usec").map(|u| u * 1000)
+            }
+            CgroupVersion::V1 => read_u64(&self.dir("cpuacct")?.join("cpuacct.usage")),
+        }
+    }
+
+    /// Reads the end-of-run counters.
+    pub fn stats(&self) -> CgroupStats {
+        match self.version {
+            CgroupVersion::V2 => {
+                let d = self
+                    .dirs
+                    .first()
+                    .map(|(_, d)| d.clone())
+                    .unwrap_or_default();
+                CgroupStats {
+                    oom_kills: read_kv(&d.join("memory.events"), "oom_kill").unwrap_or(0),
+                    pids_max_hits: read_kv(&d.join("pids.events"), "max").unwrap_or(0),
+                    cpu_user_ns: read_kv(&d.join("cpu.stat"), "user_usec").map(|u| u * 1000),
+                    cpu_sys_ns: read_kv(&d.join("cpu.stat"), "system_usec").map(|u| u * 1000),
+                    peak_memory: read_u64(&d.join("memory.peak")),
+                }
+            }
+            CgroupVersion::V1 => {
+                let mem = self
+                    .dir("memory")
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                let pids = self.dir("pids").map(Path::to_path_buf).unwrap_or_default();
+                let acct = self.dir("cpuacct").map(Path::to_path_buf);
+                CgroupStats {
+                    oom_kills: read_kv(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
+                    pids_max_hits: read_kv(&pids.join("pids.events"), "max").unwrap_or(0),
+                    cpu_user_ns: acct
+                        .as_ref()
+                        .and_then(|a| read_u64(&a.join("cpuacct.usage_user"))),
+                    cpu_sys_ns: acct
+                        .as_ref()
+                        .and_then(|a| read_u64(&a.join("cpuacct.usage_sys"))),
+                    peak_memory: read_u64(&mem.join("memory.max_usage_in_bytes")),
+                }
+            }
+        }
+    }
+
+    fn procs(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for (_, d) in &self.dirs {
+            if let Ok(text) = fs::read_to_string(d.join("cgroup.procs")) {
+                out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// SIGKILLs every process in the cgroup until it is empty (stopped,
+    /// SIGTERM-ignoring and freshly forked processes included). Returns
+    /// whether it became empty within the deadline.
+    pub fn kill_all(&self) -> bool {
+        if self.version == CgroupVersion::V2 {
+            if let Some(d) = self.dir("") {
+                let _ = fs::write(d.join("cgroup.kill"), "1");
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let procs = self.procs();
+            if procs.is_empty() {
+                return true;
+            }
+            for pid in procs {
+                let _ = crate::sys::kill(pid, libc::SIGKILL);
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Kills everything and removes the cgroup directories.
+    pub fn remove(&mut self) {
+        if self.dirs.is_empty() {
+            return;
+        }
+        self.kill_all();
+        for (_, d) in self.dirs.drain(..) {
+            for _ in 0..200 {
+                match fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+fn missing() -> SandboxError {
+    SandboxError::Cgroup {
+        step: "controller",
+        source: io::Error::from(io::ErrorKind::NotFound),
+    }
+}
+
+/// Can this process create a cgroup here? (for `doctor`)
+pub fn probe_create(layout: &Layout) -> Result<(), SandboxError> {
+    let name = format!("doctor-{}", std::process::id());
+    let limits = CgroupLimits {
+        memory_bytes: 64 << 20,
+        pids: 8,
+        cpus: 1.0,
+    };
+    Cgroup::create(layout, &name, &limits).map(drop)
+}

@@ -1,0 +1,840 @@
+//! The host side: creates a sandbox, hands it one job, supervises it and
+//! tears every trace of it down.
+//!
+//! The spawn path has two halves so a warm pool can sit between them:
+//! [`Engine::prepare`] returns a [`Sandbox`] with every layer applied and
+//! nothing tenant-specific inside; [`Sandbox::execute`] binds one job to it,
+//! runs it and destroys it. [`Engine::run`] does both.
+//!
+//! Thread note: the sandbox's init has PR_SET_PDEATHSIG tied to the *thread*
+//! that spawned it, so callers must keep that thread alive until the
+//! sandbox ends (a dedicated spawner thread in a server).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use airlock_policy::{LandlockMode, Language, Policy};
+
+use crate::cgroup::{self, Cgroup, CgroupLimits, Layout};
+use crate::error::SandboxError;
+use crate::init::{CONTROL_FD, INIT_ARG, SANDBOX_GID, SANDBOX_UID};
+use crate::proto::{self, FromInit, InitConfig, Job, ToInit};
+use crate::result::{Enforced, LandlockReport, RunResult, SeccompReport, TerminationReason};
+use crate::runtime::{self, Runtime};
+use crate::{seccomp, sys};
+
+/// Engine settings that belong to the host, not to a policy.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The binary that acts as sandbox init (`airlock` itself by default).
+    pub init_path: PathBuf,
+    /// Interpreter overrides per language.
+    pub interpreters: BTreeMap<Language, PathBuf>,
+    /// Host uid/gid sandboxes run as when the engine runs as root. Default
+    /// 65534 (nobody): never root, never a real user.
+    pub root_host_ids: (u32, u32),
+    /// Use cgroups when available. Default true.
+    pub use_cgroups: bool,
+}
+
+impl EngineConfig {
+    /// Defaults: this executable as init, default interpreters, nobody.
+    pub fn from_current_exe() -> io::Result<Self> {
+        Ok(EngineConfig {
+            init_path: std::env::current_exe()?,
+            interpreters: BTreeMap::new(),
+            root_host_ids: (65534, 65534),
+            use_cgroups: true,
+        })
+    }
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The program's stdout.
+    Stdout,
+    /// The program's stderr.
+    Stderr,
+}
+
+/// The sandbox engine. Cheap to share by reference across threads.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    cgroups: Option<Layout>,
+}
+
+/// One execution request.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Language.
+    pub language: Language,
+    /// Code bytes (copied into the sandbox, never bind-mounted).
+    pub code: &'a [u8],
+    /// Preferred script file name (a basename; replaced by `main.<ext>` when
+    /// it is not a plain safe name).
+    pub file_name: Option<&'a str>,
+    /// Bytes fed to the program's stdin.
+    pub stdin: &'a [u8],
+    /// The policy.
+    pub policy: &'a Policy,
+}
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Engine {
+    /// Creates an engine, detecting the cgroup layout once.
+    pub fn new(cfg: EngineConfig) -> Self {
+        let cgroups = if cfg.use_cgroups {
+            cgroup::detect()
+        } else {
+            None
+        };
+        Engine { cfg, cgroups }
+    }
+
+    /// The detected cgroup layout.
+    pub fn cgroup_layout(&self) -> Option<&Layout> {
+        self.cgroups.as_ref()
+    }
+
+    /// Resolves a language runtime (honouring overrides).
+    pub fn runtime(&self, lang: Language) -> Result<Runtime, SandboxError> {
+        runtime::resolve(lang, self.cfg.interpreters.get(&lang).map(PathBuf::as_path))
+    }
+
+    /// Checks a request against its policy without starting anything.
+    pub fn validate(&self, req: &Request<'_>) -> Result<(), SandboxError> {
+        req.policy
+            .validate()
+            .map_err(|e| SandboxError::InvalidRequest(e.to_string()))?;
+        if req.code.len() as u64 > req.policy.limits.code_bytes {
+            return Err(SandboxError::InvalidRequest(format!(
+                "code is {} bytes, over the limit of {} (limits.code_bytes)",
+                req.code.len(),
+                req.policy.limits.code_bytes
+            )));
+        }
+        if req.stdin.len() as u64 > req.policy.limits.stdin_bytes {
+            return Err(SandboxError::InvalidRequest(format!(
+                "stdin is {} bytes, over the limit of {} (limits.stdin_bytes)",
+                req.stdin.len(),
+                req.policy.limits.stdin_bytes
+            )));
+        }
+        seccomp::programs_for(&req.policy.syscalls.deny)?;
+        self.runtime(req.language)?;
+        Ok(())
+    }
+
+    /// Runs one request in a fresh sandbox. `on_output` sees every captured
+    /// chunk as it arrives (for pass-through); it must not block for long.
+    pub fn run(
+        &self,
+        req: &Request<'_>,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> Result<RunResult, SandboxError> {
+        self.validate(req)?;
+        let sandbox = self.prepare(req.policy, req.language)?;
+        Ok(sandbox.execute(req.code, req.file_name, req.stdin, on_output))
+    }
+
+    /// Builds a fully isolated sandbox for `policy` and `lang`, waiting for
+    /// a job. Nothing tenant-specific is inside yet.
+    pub fn prepare(&self, policy: &Policy, lang: Language) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let runtime = self.runtime(lang)?;
+        let mut programs = seccomp::programs_for(&policy.syscalls.deny)?;
+        let init_cfg = InitConfig {
+            mounts: {
+                let mut m = runtime.mounts.clone();
+                m.extend(
+                    policy
+                        .filesystem
+                        .read_only_paths
+                        .iter()
+                        .filter(|p| std::path::Path::new(p).exists())
+                        .map(|p| proto::RoMount {
+                            host: p.clone(),
+                            target: p.clone(),
+                        }),
+                );
+                m
+            },
+            symlinks: runtime.symlinks.clone(),
+            scratch_bytes: policy.filesystem.scratch_mib << 20,
+            scratch_inodes: policy.filesystem.scratch_inodes,
+            landlock_strict: policy.isolation.landlock == LandlockMode::Strict,
+            seccomp: std::mem::take(&mut programs),
+        };
+        let filters = init_cfg.seccomp.len();
+
+        let (host_ctrl, child_ctrl) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
+        let child_fd = child_ctrl.as_raw_fd();
+        let mut cmd = Command::new(&self.cfg.init_path);
+        cmd.arg(INIT_ARG)
+            .arg(std::process::id().to_string())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs between fork and exec and only calls
+        // dup2 or fcntl, which are async-signal-safe; `child_fd` stays open in the
+        // parent until after spawn returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if child_fd == CONTROL_FD {
+                    sys::clear_cloexec(child_fd)
+                } else {
+                    sys::dup2(child_fd, CONTROL_FD)
+                }
+            });
+        }
+        let mut child = cmd.spawn().map_err(SandboxError::SpawnInit)?;
+        drop(child_ctrl);
+        let stdin_w = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
+        let stdout_r = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
+        let stderr_r = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
+        let pid = child.id() as i32;
+
+        let mut unavailable = Vec::new();
+        let euid = sys::geteuid();
+        let cg = match &self.cgroups {
+            Some(layout) => {
+                let name = format!(
+                    "{}-{}",
+                    std::process::id(),
+                    SEQ.fetch_add(1, Ordering::Relaxed)
+                );
+                let limits = CgroupLimits {
+                    memory_bytes: policy.limits.memory_mib << 20,
+                    pids: policy.limits.pids,
+                    cpus: policy.limits.cpus,
+                };
+                match Cgroup::create(layout, &name, &limits).and_then(|cg| cg.add(pid).map(|_| cg))
+                {
+                    Ok(cg) => Some(cg),
+                    Err(e) if euid == 0 => {
+                        kill_child(&mut child);
+                        return Err(e);
+                    }
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        if cg.is_none() {
+            unavailable.push(
+                "memory: no cgroup, RLIMIT_DATA used (no swap control, no tmpfs accounting)".into(),
+            );
+            unavailable.push("pids: no cgroup, RLIMIT_NPROC used".into());
+            unavailable.push(
+                "cpu quota: no cgroup, not enforced (CPU time still limited by RLIMIT_CPU)".into(),
+            );
+        }
+        let (host_uid, host_gid) = if euid == 0 {
+            self.cfg.root_host_ids
+        } else {
+            (euid, sys::getegid())
+        };
+
+        let mut sb = Sandbox {
+            child: Some(child),
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+            ctrl: host_ctrl,
+            pid1: None,
+            cgroup: cg,
+            runtime,
+            policy: policy.clone(),
+            enforced: Enforced {
+                namespaces: ["user", "pid", "mount", "network", "ipc", "uts", "cgroup"]
+                    .map(String::from)
+                    .to_vec(),
+                pivot_root: true,
+                landlock: LandlockReport {
+                    mode: String::new(),
+                    abi: 0,
+                    fully_enforced: false,
+                },
+                seccomp: SeccompReport {
+                    filters: filters + usize::from(policy.syscalls.deny_execve),
+                    deny_execve: policy.syscalls.deny_execve,
+                    default_action: "errno(EPERM)".into(),
+                },
+                capabilities_dropped: true,
+                cgroup: None,
+                unavailable_limits: unavailable,
+                host_uid,
+            },
+            setup_time: Duration::ZERO,
+        };
+        sb.enforced.cgroup = sb.cgroup.as_ref().map(Cgroup::version);
+        sb.enforced.landlock.mode = match policy.isolation.landlock {
+            LandlockMode::Strict => "strict".into(),
+            LandlockMode::BestEffortDangerous => "best_effort_dangerous".into(),
+        };
+        sb.handshake(pid, &init_cfg, host_uid, host_gid)?;
+        sb.setup_time = started.elapsed();
+        Ok(sb)
+    }
+}
+
+fn kill_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A sandbox with every layer applied, waiting for exactly one job.
+#[derive(Debug)]
+pub struct Sandbox {
+    child: Option<Child>,
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    ctrl: UnixStream,
+    pid1: Option<OwnedFd>,
+    cgroup: Option<Cgroup>,
+    runtime: Runtime,
+    policy: Policy,
+    enforced: Enforced,
+    setup_time: Duration,
+}
+
+fn control_err(what: &str) -> impl Fn(io::Error) -> SandboxError + '_ {
+    move |e| SandboxError::Control(format!("{what}: {e}"))
+}
+
+impl Sandbox {
+    fn recv(&mut self) -> Result<FromInit, SandboxError> {
+        let msg: FromInit = proto::read_msg(&mut self.ctrl, proto::MAX_FROM_INIT)
+            .map_err(control_err("receive"))?;
+        if let FromInit::Failed { step, errno } = &msg {
+            return Err(SandboxError::Isolation {
+                step: step.chars().take(64).collect(),
+                detail: io::Error::from_raw_os_error(*errno).to_string(),
+            });
+        }
+        Ok(msg)
+    }
+
+    fn handshake(
+        &mut self,
+        pid: i32,
+        cfg: &InitConfig,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), SandboxError> {
+        self.ctrl
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(control_err("timeout"))?;
+        proto::write_msg(&mut self.ctrl, &ToInit::Config(Box::new(cfg.clone())))
+            .map_err(control_err("send config"))?;
+        match self.recv()? {
+            FromInit::Unshared => {}
+            other => return Err(SandboxError::Control(format!("unexpected {other:?}"))),
+        }
+        let proc_dir = format!("/proc/{pid}");
+        std::fs::write(format!("{proc_dir}/setgroups"), "deny").map_err(SandboxError::IdMap)?;
+        std::fs::write(
+            format!("{proc_dir}/gid_map"),
+            format!("{SANDBOX_GID} {gid} 1\n"),
+        )
+        .map_err(SandboxError::IdMap)?;
+        std::fs::write(
+            format!("{proc_dir}/uid_map"),
+            format!("{SANDBOX_UID} {uid} 1\n"),
+        )
+        .map_err(SandboxError::IdMap)?;
+        proto::write_msg(&mut self.ctrl, &ToInit::Mapped).map_err(control_err("send mapped"))?;
+        match self.recv()? {
+            FromInit::Pid1 { pid } if pid > 0 => {
+                self.pid1 = sys::pidfd_open(pid).ok();
+            }
+            other => return Err(SandboxError::Control(format!("unexpected {other:?}"))),
+        }
+        match self.recv()? {
+            FromInit::Ready {
+                landlock_abi,
+                landlock_full,
+            } => {
+                self.enforced.landlock.abi = landlock_abi.min(crate::init::LANDLOCK_ABI_NUM);
+                self.enforced.landlock.fully_enforced = landlock_full;
+            }
+            other => return Err(SandboxError::Control(format!("unexpected {other:?}"))),
+        }
+        Ok(())
+    }
+
+    /// What this sandbox enforces.
+    pub fn enforced(&self) -> &Enforced {
+        &self.enforced
+    }
+
+    /// Binds the job, runs it to the end and destroys the sandbox.
+    pub fn execute(
+        mut self,
+        code: &[u8],
+        file_name: Option<&str>,
+        stdin: &[u8],
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> RunResult {
+        let started = Instant::now();
+        let mut sup = Supervision::default();
+        if let Err(e) = self.supervise(code, file_name, stdin, on_output, &mut sup, started) {
+            sup.internal = Some(e);
+        }
+        let wall = started.elapsed();
+        self.destroy();
+        // Drain what is left in the pipes after every process is gone.
+        self.drain(&mut sup, on_output);
+        self.finish(sup, wall)
+    }
+
+    fn job(&self, code_len: usize, file_name: Option<&str>) -> Job {
+        let l = &self.policy.limits;
+        let name = match file_name {
+            Some(n) if safe_file_name(n) => n.to_string(),
+            _ => format!("main.{}", self.runtime.extension),
+        };
+        let mut argv = vec![self.runtime.interpreter.clone()];
+        argv.extend(self.runtime.args.iter().cloned());
+        argv.push(format!("/workspace/{name}"));
+        let have_cg = self.cgroup.is_some();
+        Job {
+            file_name: name,
+            code_len: code_len as u64,
+            argv,
+            env: self
+                .policy
+                .program_env()
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect(),
+            cpu_seconds: l.cpu_time_ms.div_ceil(1000),
+            open_files: l.open_files,
+            file_size: self.policy.filesystem.scratch_mib << 20,
+            nproc: (!have_cg).then_some(l.pids),
+            data_bytes: (!have_cg).then_some(l.memory_mib << 20),
+            deny_execve: self.policy.syscalls.deny_execve,
+        }
+    }
+
+    fn supervise(
+        &mut self,
+        code: &[u8],
+        file_name: Option<&str>,
+        stdin: &[u8],
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+        sup: &mut Supervision,
+        started: Instant,
+    ) -> Result<(), SandboxError> {
+        let job = self.job(code.len(), file_name);
+        proto::write_msg(&mut self.ctrl, &ToInit::Job(Box::new(job)))
+            .map_err(control_err("send job"))?;
+        proto::write_frame(&mut self.ctrl, code).map_err(control_err("send code"))?;
+
+        let mut stdin_w = self.stdin.take();
+        let mut stdout = self.stdout.take();
+        let mut stderr = self.stderr.take();
+        let r = self.pump(
+            stdin,
+            &mut stdin_w,
+            &mut stdout,
+            &mut stderr,
+            on_output,
+            sup,
+            started,
+        );
+        // Give the readers back for the final drain.
+        self.stdout = stdout;
+        self.stderr = stderr;
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn pump(
+        &mut self,
+        stdin: &[u8],
+        stdin_w: &mut Option<File>,
+        stdout: &mut Option<File>,
+        stderr: &mut Option<File>,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+        sup: &mut Supervision,
+        started: Instant,
+    ) -> Result<(), SandboxError> {
+        for fd in [
+            stdout.as_ref().map(|s| s.as_raw_fd()),
+            stderr.as_ref().map(|s| s.as_raw_fd()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            sys::set_nonblocking(fd).map_err(SandboxError::Supervise)?;
+        }
+        if let Some(w) = &stdin_w {
+            sys::set_nonblocking(w.as_raw_fd()).map_err(SandboxError::Supervise)?;
+        }
+        self.ctrl
+            .set_nonblocking(true)
+            .map_err(SandboxError::Supervise)?;
+        if stdin.is_empty() {
+            *stdin_w = None;
+        }
+        let mut stdin_off = 0usize;
+        let deadline = started + Duration::from_millis(self.policy.limits.wall_time_ms);
+        let cpu_limit_ns = self.policy.limits.cpu_time_ms.saturating_mul(1_000_000);
+        let mut ctrl_buf: Vec<u8> = Vec::new();
+        let mut ctrl_open = true;
+        let mut exit_seen: Option<Instant> = None;
+        let mut buf = vec![0u8; 64 * 1024];
+
+        loop {
+            if (sup.exit.is_some() && stdout.is_none() && stderr.is_none()) || !ctrl_open {
+                return Ok(());
+            }
+            if sup.exit.is_some()
+                && exit_seen.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(500)
+            {
+                // The program is gone; descendants holding the pipes are
+                // killed by destroy() and drained afterwards.
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                sup.engine_reason.get_or_insert(TerminationReason::Timeout);
+                return Ok(());
+            }
+            if let Some(cg) = &self.cgroup {
+                if cg.cpu_usage_ns().is_some_and(|u| u >= cpu_limit_ns) {
+                    sup.engine_reason.get_or_insert(TerminationReason::CpuLimit);
+                    return Ok(());
+                }
+            }
+            let mut fds: Vec<(i32, i16)> = vec![(self.ctrl.as_raw_fd(), libc::POLLIN)];
+            let out_fd = stdout.as_ref().map(|s| s.as_raw_fd());
+            let err_fd = stderr.as_ref().map(|s| s.as_raw_fd());
+            let in_fd = stdin_w.as_ref().map(|s| s.as_raw_fd());
+            for fd in [out_fd, err_fd].into_iter().flatten() {
+                fds.push((fd, libc::POLLIN));
+            }
+            if let Some(fd) = in_fd {
+                fds.push((fd, libc::POLLOUT));
+            }
+            let wait = deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(50));
+            let revents =
+                sys::poll(&fds, wait.as_millis().max(1) as i32).map_err(SandboxError::Supervise)?;
+            for (i, &(fd, _)) in fds.iter().enumerate() {
+                let rev = revents[i];
+                if rev == 0 {
+                    continue;
+                }
+                if fd == self.ctrl.as_raw_fd() {
+                    match self.ctrl.read(&mut buf) {
+                        Ok(0) => ctrl_open = false,
+                        Ok(n) => {
+                            ctrl_buf.extend_from_slice(&buf[..n]);
+                            if ctrl_buf.len() > proto::MAX_FROM_INIT + 4 {
+                                return Err(SandboxError::Control(
+                                    "oversized message from sandbox".into(),
+                                ));
+                            }
+                            let mut cursor = ctrl_buf.as_slice();
+                            if ctrl_buf.len() >= 4 {
+                                let len = u32::from_le_bytes([
+                                    ctrl_buf[0],
+                                    ctrl_buf[1],
+                                    ctrl_buf[2],
+                                    ctrl_buf[3],
+                                ]) as usize;
+                                if len > proto::MAX_FROM_INIT {
+                                    return Err(SandboxError::Control(
+                                        "oversized message from sandbox".into(),
+                                    ));
+                                }
+                                if ctrl_buf.len() >= 4 + len {
+                                    let msg: FromInit =
+                                        proto::read_msg(&mut cursor, proto::MAX_FROM_INIT)
+                                            .map_err(control_err("decode"))?;
+                                    match msg {
+                                        FromInit::Exited { .. } => sup.exit = Some(msg),
+                                        FromInit::Failed { step, errno } => {
+                                            return Err(SandboxError::Isolation {
+                                                step: step.chars().take(64).collect(),
+                                                detail: io::Error::from_raw_os_error(errno)
+                                                    .to_string(),
+                                            });
+                                        }
+                                        other => {
+                                            return Err(SandboxError::Control(format!(
+                                                "unexpected {other:?}"
+                                            )));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        Err(e)
+                            if e.kind() == io::ErrorKind::WouldBlock
+                                || e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => ctrl_open = false,
+                    }
+                } else if Some(fd) == in_fd {
+                    let Some(w) = stdin_w.as_mut() else { continue };
+                    if rev & (libc::POLLERR | libc::POLLHUP) != 0 {
+                        *stdin_w = None;
+                        continue;
+                    }
+                    match w.write(&stdin[stdin_off..]) {
+                        Ok(n) => {
+                            stdin_off += n;
+                            if stdin_off >= stdin.len() {
+                                *stdin_w = None;
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => *stdin_w = None,
+                    }
+                } else {
+                    let (stream, reader) = if Some(fd) == out_fd {
+                        (Stream::Stdout, &mut *stdout)
+                    } else {
+                        (Stream::Stderr, &mut *stderr)
+                    };
+                    let Some(r) = reader.as_mut() else { continue };
+                    match r.read(&mut buf) {
+                        Ok(0) => *reader = None,
+                        Ok(n) => {
+                            if sup.capture(stream, &buf[..n], &self.policy, on_output) {
+                                sup.engine_reason
+                                    .get_or_insert(TerminationReason::OutputLimit);
+                                return Ok(());
+                            }
+                        }
+                        Err(e)
+                            if e.kind() == io::ErrorKind::WouldBlock
+                                || e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(_) => *reader = None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Kills every process of the sandbox and reaps init. Idempotent.
+    fn destroy(&mut self) {
+        if let Some(pidfd) = self.pid1.take() {
+            let _ = sys::pidfd_kill(&pidfd);
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.kill_all();
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn drain(&mut self, sup: &mut Supervision, on_output: &mut dyn FnMut(Stream, &[u8])) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut buf = vec![0u8; 64 * 1024];
+        for (stream, reader) in [
+            (Stream::Stdout, self.stdout.take()),
+            (Stream::Stderr, self.stderr.take()),
+        ] {
+            let Some(mut f) = reader else { continue };
+            while Instant::now() < deadline {
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if sup.capture(stream, &buf[..n], &self.policy, on_output) {
+                            sup.engine_reason
+                                .get_or_insert(TerminationReason::OutputLimit);
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let _ = sys::poll(&[(f.as_raw_fd(), libc::POLLIN)], 20);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn finish(mut self, sup: Supervision, wall: Duration) -> RunResult {
+        let stats = self.cgroup.as_ref().map(Cgroup::stats).unwrap_or_default();
+        if let Some(mut cg) = self.cgroup.take() {
+            cg.remove();
+        }
+        let (
+            mut code,
+            mut signal,
+            mut user_us,
+            mut sys_us,
+            mut rss_kib,
+            mut scratch_full,
+            mut exec_errno,
+        ) = (None, None, 0, 0, 0, false, None);
+        if let Some(FromInit::Exited {
+            code: c,
+            signal: s,
+            user_us: u,
+            sys_us: sy,
+            maxrss_kib,
+            scratch_full: f,
+            exec_errno: x,
+        }) = sup.exit
+        {
+            (
+                code,
+                signal,
+                user_us,
+                sys_us,
+                rss_kib,
+                scratch_full,
+                exec_errno,
+            ) = (c, s, u, sy, maxrss_kib, f, x);
+        }
+        let cpu_user_ms = stats
+            .cpu_user_ns
+            .map_or(user_us as f64 / 1000.0, |n| n as f64 / 1e6);
+        let cpu_sys_ms = stats
+            .cpu_sys_ns
+            .map_or(sys_us as f64 / 1000.0, |n| n as f64 / 1e6);
+        let cpu_total_ms = cpu_user_ms + cpu_sys_ms;
+        let mut error = None;
+        let reason = if let Some(e) = &sup.internal {
+            error = Some(e.public_message());
+            TerminationReason::InternalError
+        } else if signal == Some(libc::SIGSYS) {
+            TerminationReason::PolicyViolation
+        } else if stats.oom_kills > 0 {
+            TerminationReason::MemoryLimit
+        } else if let Some(r) = sup.engine_reason {
+            r
+        } else if sup.exit.is_none() {
+            error = Some("sandbox init ended without a report".into());
+            TerminationReason::InternalError
+        } else if let Some(errno) = exec_errno {
+            error = Some(format!(
+                "the interpreter could not start: {}",
+                io::Error::from_raw_os_error(errno)
+            ));
+            TerminationReason::InternalError
+        } else if signal == Some(libc::SIGXCPU)
+            || (signal == Some(libc::SIGKILL)
+                && cpu_total_ms >= self.policy.limits.cpu_time_ms as f64)
+        {
+            TerminationReason::CpuLimit
+        } else if signal == Some(libc::SIGXFSZ) || (scratch_full && code != Some(0)) {
+            TerminationReason::DiskLimit
+        } else if stats.pids_max_hits > 0 && code != Some(0) {
+            TerminationReason::PidsLimit
+        } else {
+            TerminationReason::Exited
+        };
+        if matches!(sup.engine_reason, Some(_))
+            && reason != TerminationReason::Exited
+            && sup.exit.is_none()
+        {
+            signal = Some(libc::SIGKILL);
+            code = None;
+        }
+        RunResult {
+            exit_code: code,
+            signal,
+            reason,
+            wall_time_ms: wall.as_secs_f64() * 1000.0,
+            setup_time_ms: self.setup_time.as_secs_f64() * 1000.0,
+            cpu_user_ms,
+            cpu_sys_ms,
+            peak_memory_bytes: stats
+                .peak_memory
+                .or((rss_kib > 0).then_some(rss_kib * 1024)),
+            stdout: String::from_utf8_lossy(&sup.out).into_owned(),
+            stderr: String::from_utf8_lossy(&sup.err).into_owned(),
+            stdout_truncated: sup.out_truncated,
+            stderr_truncated: sup.err_truncated,
+            enforced: self.enforced.clone(),
+            error,
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.destroy();
+        if let Some(mut cg) = self.cgroup.take() {
+            cg.remove();
+        }
+    }
+}
+
+#[derive(Default)]
+struct Supervision {
+    out: Vec<u8>,
+    err: Vec<u8>,
+    out_truncated: bool,
+    err_truncated: bool,
+    exit: Option<FromInit>,
+    engine_reason: Option<TerminationReason>,
+    internal: Option<SandboxError>,
+}
+
+impl Supervision {
+    /// Appends within the cap; returns true when the cap was exceeded.
+    fn capture(
+        &mut self,
+        stream: Stream,
+        data: &[u8],
+        policy: &Policy,
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+    ) -> bool {
+        let (buf, cap, truncated) = match stream {
+            Stream::Stdout => (
+                &mut self.out,
+                policy.limits.stdout_bytes as usize,
+                &mut self.out_truncated,
+            ),
+            Stream::Stderr => (
+                &mut self.err,
+                policy.limits.stderr_bytes as usize,
+                &mut self.err_truncated,
+            ),
+        };
+        let room = cap.saturating_sub(buf.len());
+        let take = room.min(data.len());
+        if take > 0 {
+            buf.extend_from_slice(&data[..take]);
+            on_output(stream, &data[..take]);
+        }
+        if take < data.len() {
+            *truncated = true;
+            return true;
+        }
+        false
+    }
+}
+
+/// A plain basename: letters, digits, `.`, `_`, `-`; not hidden; at most 128 bytes.
+pub fn safe_file_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && !n.starts_with('.')
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}

@@ -1,0 +1,37 @@
+//! airlock-sandbox: the Linux process isolation backend.
+//!
+//! Owns: namespaces, the new root (pivot_root), Landlock, seccomp-BPF,
+//! capabilities, cgroups v1/v2, rlimits, spawning, supervising, killing and
+//! accounting one sandbox. This is the one crate where syscall-level
+//! `unsafe` lives (in [`sys`], plus the pre-exec hook in [`engine`]).
+//!
+//! Must never: depend on tokio, a database or HTTP; run untrusted code before
+//! every layer is applied; return host paths in tenant-facing messages
+//! ([`SandboxError::public_message`]); fail open when a layer cannot be
+//! applied (the only relaxation is Landlock's explicitly named
+//! `best_effort_dangerous` mode, and missing cgroups when unprivileged, both
+//! recorded in the result).
+//!
+//! Layer order (see [`init::Step`]): user+pid namespaces → id maps →
+//! unprivileged ids → mount/net/ipc/uts/cgroup namespaces → new root
+//! (read-only runtime binds, generated /etc, minimal /dev, fresh masked
+//! /proc, capped scratch) → pivot_root + detach → read-only root → hostname,
+//! loopback → setsid, close fds, non-dumpable, RLIMIT_CORE 0 → drop all
+//! capabilities → no_new_privs → Landlock → seccomp → (job) → rlimits →
+//! optional execve lock → exec. The cgroup is created and joined by the
+//! engine before init reads its configuration.
+
+pub mod cgroup;
+pub mod engine;
+pub mod error;
+pub mod init;
+pub mod kvm;
+pub mod proto;
+pub mod result;
+pub mod runtime;
+pub mod seccomp;
+pub mod sys;
+
+pub use engine::{Engine, EngineConfig, Request, Sandbox, Stream};
+pub use error::SandboxError;
+pub use result::{Enforced, RunResult, TerminationReason};

@@ -1,0 +1,565 @@
+//! Thin, safe wrappers over the Linux system calls the sandbox needs and
+//! that `rustix` does not cover (or covers with a different shape). Every
+//! `unsafe` block of the crate that talks to the kernel lives here, each with
+//! the invariant that makes it sound.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Converts a libc `-1 + errno` return into `io::Result`.
+fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cvt_i(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Result of `fork`.
+#[derive(Debug)]
+pub enum Forked {
+    /// In the parent, with the child's pid.
+    Parent(libc::pid_t),
+    /// In the child.
+    Child,
+}
+
+/// `fork(2)`.
+///
+/// # Safety
+/// The calling process must be single-threaded (the sandbox init always is:
+/// it is a freshly exec'd binary that never starts threads), so the child
+/// does not inherit locks held by threads that do not exist in it.
+pub unsafe fn fork() -> io::Result<Forked> {
+    // SAFETY: the caller guarantees the process is single-threaded, which is
+    // the condition under which everything remains usable in the child.
+    let pid = cvt_i(unsafe { libc::fork() })?;
+    Ok(if pid == 0 {
+        Forked::Child
+    } else {
+        Forked::Parent(pid)
+    })
+}
+
+/// `execve(2)`; returns only on failure.
+pub fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: `path` and every element are NUL-terminated C strings that
+    // outlive the call, and both pointer arrays are NULL-terminated.
+    unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// Closes every descriptor numbered `first` and above.
+pub fn close_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range only closes descriptors; no Rust object in this
+    // process owns a descriptor >= `first` at the call sites (init holds only
+    // 0-3 and the engine never calls this).
+    cvt(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) }).map(|_| ())
+}
+
+/// `prctl` with integer arguments.
+fn prctl(op: libc::c_int, a: libc::c_ulong, b: libc::c_ulong) -> io::Result<libc::c_int> {
+    // SAFETY: every option used by this module takes integer arguments only,
+    // so no pointer is passed to the kernel.
+    cvt_i(unsafe { libc::prctl(op, a, b, 0 as libc::c_ulong, 0 as libc::c_ulong) })
+}
+
+/// Ask the kernel to SIGKILL this process when its parent thread dies.
+pub fn set_parent_death_kill() -> io::Result<()> {
+    prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0).map(|_| ())
+}
+
+/// Marks the process non-dumpable: no core dumps, and `/proc/<pid>` of this
+/// process becomes inaccessible to processes without CAP_SYS_PTRACE.
+pub fn set_not_dumpable() -> io::Result<()> {
+    set_dumpable(false)
+}
+
+/// `PR_SET_DUMPABLE`.
+pub fn set_dumpable(on: bool) -> io::Result<()> {
+    prctl(libc::PR_SET_DUMPABLE, libc::c_ulong::from(on), 0).map(|_| ())
+}
+
+/// `PR_SET_NO_NEW_PRIVS`.
+pub fn set_no_new_privs() -> io::Result<()> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map(|_| ())
+}
+
+/// Drops every capability from the bounding set, clears the ambient set and
+/// locks securebits so no later exec or uid change can regain privileges.
+pub fn drop_bounding_and_ambient() -> io::Result<()> {
+    for cap in 0..64 {
+        match prctl(libc::PR_CAPBSET_DROP, cap, 0) {
+            Ok(_) => {}
+            // EINVAL: past the kernel's last capability.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        0,
+    )?;
+    // SECBIT_NOROOT | _LOCKED, SECBIT_NO_SETUID_FIXUP | _LOCKED,
+    // SECBIT_KEEP_CAPS_LOCKED, SECBIT_NO_CAP_AMBIENT_RAISE | _LOCKED.
+    let bits: libc::c_ulong = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80;
+    prctl(libc::PR_SET_SECUREBITS, bits, 0).map(|_| ())
+}
+
+/// Clears the effective, permitted and inheritable capability sets.
+pub fn clear_capabilities() -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    }; // _LINUX_CAPABILITY_VERSION_3
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: header and data are valid, properly laid out
+    // `__user_cap_header_struct` / two `__user_cap_data_struct` as version 3
+    // requires, alive for the duration of the call.
+    cvt(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) })
+        .map(|_| ())
+}
+
+/// Reads the effective capability mask of this process (for self-checks).
+pub fn effective_caps_zero() -> io::Result<bool> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    Ok(status
+        .lines()
+        .filter(|l| l.starts_with("CapEff:") || l.starts_with("CapPrm:"))
+        .all(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|v| v.trim_start_matches('0').is_empty())
+        }))
+}
+
+/// `setgroups(0, NULL)`: drop every supplementary group.
+pub fn clear_groups() -> io::Result<()> {
+    // SAFETY: a zero-length list with a null pointer is the documented way to
+    // clear supplementary groups; the kernel reads nothing.
+    cvt(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) })
+        .map(|_| ())
+}
+
+/// Sets real, effective and saved uid and gid for the (single) thread.
+pub fn set_ids(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: integer-only syscalls. The raw syscall (not the libc wrapper)
+    // is used on purpose: init is single-threaded, so there are no other
+    // threads whose credentials glibc would need to synchronise.
+    cvt(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }).map(|_| ())
+}
+
+/// `unshare(2)`.
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: integer-only syscall; init is single-threaded, as CLONE_NEWUSER
+    // requires.
+    cvt_i(unsafe { libc::unshare(flags) }).map(|_| ())
+}
+
+/// `sethostname(2)`.
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: pointer and length describe `name`'s bytes, valid for the call.
+    cvt_i(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(|_| ())
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket creation with constant arguments.
+    let fd =
+        cvt_i(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads/writes an ifreq we own and that lives across the call.
+    cvt_i(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr) })?;
+    // SAFETY: the union member ifru_flags is the one SIOCGIFFLAGS filled in.
+    unsafe {
+        ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: as above, SIOCSIFFLAGS reads the ifreq we own.
+    cvt_i(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr) }).map(|_| ())
+}
+
+/// Sets soft and hard values of one rlimit.
+pub fn set_rlimit(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard.max(soft),
+    };
+    // SAFETY: `lim` is a valid rlimit that outlives the call.
+    cvt_i(unsafe { libc::setrlimit(resource, &lim) }).map(|_| ())
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildStatus {
+    /// Exited with this code.
+    Exited(i32),
+    /// Killed by this signal.
+    Signaled(i32),
+}
+
+/// Waits for any child; returns its pid and status. Retries on EINTR.
+pub fn wait_any() -> io::Result<(libc::pid_t, ChildStatus)> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid out-pointer for the call's duration.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid == -1 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        let st = if libc::WIFEXITED(status) {
+            ChildStatus::Exited(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            ChildStatus::Signaled(libc::WTERMSIG(status))
+        } else {
+            continue;
+        };
+        return Ok((pid, st));
+    }
+}
+
+/// Waits for one specific child, retrying on EINTR.
+pub fn wait_pid(pid: libc::pid_t) -> io::Result<ChildStatus> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid out-pointer for the call's duration.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == -1 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err);
+        }
+        if libc::WIFEXITED(status) {
+            return Ok(ChildStatus::Exited(libc::WEXITSTATUS(status)));
+        }
+        if libc::WIFSIGNALED(status) {
+            return Ok(ChildStatus::Signaled(libc::WTERMSIG(status)));
+        }
+    }
+}
+
+/// CPU times (µs) and peak RSS (KiB) of all waited-for children.
+pub fn children_usage() -> (u64, u64, u64) {
+    // SAFETY: rusage is plain old data; all-zero is valid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid out-pointer for the call's duration.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let us = |tv: libc::timeval| (tv.tv_sec as u64) * 1_000_000 + tv.tv_usec as u64;
+    (us(ru.ru_utime), us(ru.ru_stime), ru.ru_maxrss as u64)
+}
+
+/// Sends a signal to a process.
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: integer-only syscall.
+    cvt_i(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+/// True when the filesystem at `path` has no free blocks or no free inodes.
+pub fn fs_full(path: &CStr) -> bool {
+    // SAFETY: statvfs is plain old data; all-zero is valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return false;
+    }
+    st.f_bfree == 0 || st.f_ffree == 0
+}
+
+/// Mount flags (`ST_*`) of the filesystem at `path`.
+pub fn mount_flags(path: &CStr) -> io::Result<u64> {
+    // SAFETY: statvfs is plain old data; all-zero is valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` a valid out-pointer.
+    cvt_i(unsafe { libc::statvfs(path.as_ptr(), &mut st) })?;
+    Ok(st.f_flag)
+}
+
+/// Maps one page at a random address hint and returns a pointer to a copy of
+/// `bytes` (NUL-terminated) placed at a random offset in it. The memory is
+/// intentionally leaked: it must stay valid until `execve`.
+pub fn place_at_random_address(bytes: &CStr) -> io::Result<*const libc::c_char> {
+    let mut rnd = [0u8; 16];
+    getrandom(&mut rnd)?;
+    let r0 = u64::from_ne_bytes(rnd[..8].try_into().unwrap_or([0; 8]));
+    let r1 = u64::from_ne_bytes(rnd[8..].try_into().unwrap_or([0; 8]));
+    let len = bytes.to_bytes_with_nul().len();
+    if len > 2048 {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    // A page-aligned hint in [16 TiB, 112 TiB): far from the usual mmap base.
+    let hint = ((r0 % (96 << 28)) + (16 << 28)) << 12;
+    // SAFETY: an anonymous private mapping with a hint (no MAP_FIXED) cannot
+    // replace existing mappings; the kernel picks another address if the hint
+    // is taken.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut libc::c_void,
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let offset = (r1 as usize) % (4096 - len);
+    // SAFETY: the mapping is 4096 bytes, writable, and offset + len <= 4096.
+    unsafe {
+        let dst = (p as *mut u8).add(offset);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr().cast::<u8>(), dst, len);
+        Ok(dst as *const libc::c_char)
+    }
+}
+
+/// `execve` with a caller-supplied path pointer (see
+/// [`place_at_random_address`]); returns only on failure.
+///
+/// # Safety
+/// `path` must point to a NUL-terminated string valid for the call.
+pub unsafe fn execve_raw(
+    path: *const libc::c_char,
+    argv: &[CString],
+    envp: &[CString],
+) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: the caller guarantees `path`; argv/envp arrays are
+    // NULL-terminated and their strings outlive the call.
+    unsafe { libc::execve(path, argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// Fills `buf` from the kernel CSPRNG.
+pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the pointer/length pair describes the unfilled tail of `buf`.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// `dup2(old, new)`; the new descriptor does not have CLOEXEC.
+pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
+    // SAFETY: integer-only syscall; callers use it only on descriptors they
+    // own, in a child between fork and exec or in the single-threaded init.
+    cvt_i(unsafe { libc::dup2(old, new) }).map(|_| ())
+}
+
+/// Takes ownership of a raw descriptor number inherited at exec.
+///
+/// # Safety
+/// `fd` must be open and not owned by any other object in this process.
+pub unsafe fn owned(fd: RawFd) -> OwnedFd {
+    // SAFETY: forwarded from the caller's guarantee.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Parent pid.
+pub fn getppid() -> libc::pid_t {
+    // SAFETY: getppid has no arguments and cannot fail.
+    unsafe { libc::getppid() }
+}
+
+/// Effective uid.
+pub fn geteuid() -> u32 {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Effective gid.
+pub fn getegid() -> u32 {
+    // SAFETY: getegid has no arguments and cannot fail.
+    unsafe { libc::getegid() }
+}
+
+/// Immediately terminates the process without running destructors.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and is always safe to call.
+    unsafe { libc::_exit(code) }
+}
+
+/// Creates a pipe with CLOEXEC on both ends.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid two-element out-array.
+    cvt_i(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two fresh descriptors that nobody else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `mount(2)` with optional source, type and data.
+pub fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> io::Result<()> {
+    let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is either null (allowed for source, type and
+    // data) or a NUL-terminated string alive for the duration of the call.
+    cvt_i(unsafe { libc::mount(p(source), target.as_ptr(), p(fstype), flags, p(data).cast()) })
+        .map(|_| ())
+}
+
+/// `umount2(2)`.
+pub fn umount2(target: &CStr, flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: `target` is NUL-terminated and alive for the call.
+    cvt_i(unsafe { libc::umount2(target.as_ptr(), flags) }).map(|_| ())
+}
+
+/// `pivot_root(2)`.
+pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> io::Result<()> {
+    // SAFETY: both arguments are NUL-terminated strings alive for the call.
+    cvt(unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) })
+        .map(|_| ())
+}
+
+/// `setsid(2)`.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: no arguments.
+    cvt_i(unsafe { libc::setsid() }).map(|_| ())
+}
+
+/// Current (soft, hard) of an rlimit.
+pub fn get_rlimit(resource: libc::__rlimit_resource_t) -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer for the call.
+    cvt_i(unsafe { libc::getrlimit(resource, &mut lim) })?;
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// The kernel's Landlock ABI version, or 0 when Landlock is unavailable.
+pub fn landlock_abi() -> u32 {
+    // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a null attribute pointer
+    // and size 0 is the documented version query; no memory is accessed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
+    if r < 0 { 0 } else { r as u32 }
+}
+
+/// Sets O_NONBLOCK on a descriptor.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL take and return integers only.
+    let flags = cvt_i(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt_i(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
+}
+
+/// `pidfd_open(2)`: a descriptor that names exactly this process, immune to
+/// pid reuse.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: integer-only syscall.
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) })?;
+    // SAFETY: the kernel returned a fresh descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// SIGKILL through a pidfd.
+pub fn pidfd_kill(pidfd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: a valid pidfd, a signal number, a null siginfo and no flags.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<u8>(),
+            0u32,
+        )
+    })
+    .map(|_| ())
+}
+
+/// `poll(2)` over (fd, events) pairs; returns revents per entry. EINTR is
+/// reported as "nothing ready".
+pub fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `pfds` is a valid array of pollfd of the given length.
+    let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(vec![0; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(pfds.iter().map(|p| p.revents).collect())
+}
+
+/// Clears FD_CLOEXEC on a descriptor.
+pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD takes an integer argument only.
+    cvt_i(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(|_| ())
+}
