@@ -46,7 +46,7 @@ struct RunArgs {
     #[arg(long = "lang")]
     lang: Option<String>,
     /// Wall-clock limit in seconds (overrides the policy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     timeout: Option<f64>,
     /// Memory limit in MiB (overrides the policy).
     #[arg(long)]

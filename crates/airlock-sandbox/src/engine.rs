@@ -424,7 +424,8 @@ impl Sandbox {
                 .collect(),
             cpu_seconds: l.cpu_time_ms.div_ceil(1000),
             open_files: l.open_files,
-            file_size: self.policy.filesystem.scratch_mib << 20,
+            // Above the scratch cap, so a full tmpfs reports ENOSPC first.
+            file_size: (self.policy.filesystem.scratch_mib + 1) << 20,
             nproc: (!have_cg).then_some(l.pids),
             data_bytes: (!have_cg).then_some(l.memory_mib << 20),
             deny_execve: self.policy.syscalls.deny_execve,

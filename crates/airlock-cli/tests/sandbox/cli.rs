@@ -1,0 +1,116 @@
+//! The command line: languages, exit codes, bad input, unprivileged use.
+
+use super::*;
+
+fn bad(args: &[&str]) -> String {
+    let out = airlock().args(args).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    err
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line_and_starts_nothing() {
+    assert!(bad(&["run", "/nonexistent/prog.py"]).contains("cannot read /nonexistent/prog.py"));
+    assert!(bad(&["run", "--lang", "cobol", "-c", "x"]).contains("unknown language"));
+    assert!(bad(&["run", "--memory", "1", "-c", "pass", "--lang", "python"]).contains("limits.memory_mib"));
+    assert!(bad(&["run", "--timeout", "-1", "-c", "pass", "--lang", "python"]).contains("--timeout"));
+    assert!(bad(&["run", "--pids", "0", "-c", "pass", "--lang", "python"]).contains("limits.pids"));
+    assert!(bad(&["run", "-c", "pass"]).contains("--lang"));
+    assert!(bad(&["run", "--bogus"]).contains("--bogus"));
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.py");
+    std::fs::write(&big, vec![b'#'; (1 << 20) + 1]).unwrap();
+    assert!(bad(&["run", big.to_str().unwrap()]).contains("code limit"));
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "[limits]\nwall_time_ms = 10\nbogus = 1\n").unwrap();
+    let err = bad(&["run", "--policy", policy.to_str().unwrap(), "-c", "pass", "--lang", "python"]);
+    assert!(err.contains("bogus") && err.contains("line 3"), "{err}");
+    std::fs::write(&policy, "[syscalls]\ndeny = [\"not_a_syscall\"]\n").unwrap();
+    assert!(bad(&["run", "--policy", policy.to_str().unwrap(), "-c", "pass", "--lang", "python"]).contains("not_a_syscall"));
+}
+
+#[test]
+fn missing_runtime_is_a_clear_error() {
+    let out = airlock()
+        .env("AIRLOCK_NODE", "/nonexistent/node")
+        .args(["run", "--lang", "js", "-c", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "airlock: the javascript runtime is not installed on this host");
+}
+
+#[test]
+fn all_three_languages_run() {
+    let py = run_json("python", "print(6 * 7)", "", &[]);
+    assert_eq!(py["stdout"], "42\n", "{py}");
+    let js = run_json("javascript", "console.log(6 * 7)", "", &[]);
+    assert_eq!(js["stdout"], "42\n", "{js}");
+    let sh = run_json("shell", "echo $((6 * 7))", "", &[]);
+    assert_eq!(sh["stdout"], "42\n", "{sh}");
+    for r in [&py, &js, &sh] {
+        assert_eq!(r["enforced"]["landlock"]["fully_enforced"], true, "{r}");
+        assert_eq!(r["enforced"]["landlock"]["abi"], 5);
+        assert_eq!(r["enforced"]["seccomp"]["filters"], 3);
+        assert_eq!(r["enforced"]["namespaces"].as_array().unwrap().len(), 7);
+    }
+}
+
+#[test]
+fn pass_through_mode_mirrors_exit_codes_and_names_the_limit() {
+    let out = airlock().args(["run", "--lang", "sh", "-c", "echo out; echo err >&2; exit 3"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let out = airlock().args(["run", "--timeout", "0.5", "--lang", "sh", "-c", "sleep 5"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGKILL));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "airlock: timeout: wall-clock limit of 500 ms reached");
+    let out = airlock().args(["run", "--lang", "sh", "-c", "kill -TERM $$"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+}
+
+#[test]
+fn json_mode_prints_only_the_result() {
+    let out = airlock().args(["run", "--json", "--lang", "sh", "-c", "echo hi; echo oops >&2; exit 4"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stderr.is_empty());
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["exit_code"], 4);
+    assert_eq!(r["stdout"], "hi\n");
+    assert_eq!(r["stderr"], "oops\n");
+    for key in ["signal", "reason", "wall_time_ms", "cpu_user_ms", "cpu_sys_ms", "peak_memory_bytes", "stdout_truncated", "stderr_truncated", "enforced"] {
+        assert!(r.get(key).is_some(), "missing {key}");
+    }
+}
+
+#[test]
+fn works_as_an_unprivileged_user_with_rlimits_instead_of_cgroups() {
+    if !is_root() {
+        return;
+    }
+    // Copy the binary somewhere the unprivileged user can execute it.
+    let dir = tempfile::Builder::new().prefix("airlock-unpriv").tempdir_in("/tmp").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("airlock");
+    std::fs::copy(env!("CARGO_BIN_EXE_airlock"), &bin).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .args(["run", "--json", "--lang", "python", "-c", "import os; print(os.getuid())"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["stdout"], "1000\n", "{r}");
+    assert!(r["enforced"]["cgroup"].is_null(), "{r}");
+    let unavailable = r["enforced"]["unavailable_limits"].to_string();
+    assert!(unavailable.contains("RLIMIT_NPROC") && unavailable.contains("RLIMIT_DATA"), "{unavailable}");
+    assert_eq!(r["enforced"]["landlock"]["fully_enforced"], true);
+    assert_eq!(r["enforced"]["host_uid"], 65534);
+}
