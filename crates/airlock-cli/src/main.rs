@@ -216,7 +216,6 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         stdin: &stdin,
         policy: &policy,
     };
-    engine.validate(&req).map_err(|e| Usage(e.to_string()))?;
 
     let json = args.json;
     let mut out = std::io::stdout();

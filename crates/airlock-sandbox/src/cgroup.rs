@@ -203,7 +203,7 @@ impl Cgroup {
                     }
                     Ok(())
                 })();
-                r.map(|_| cg).map_err(|e| e)
+                r.map(|_| cg)
             }
             Layout::V1 { dirs } => {
                 let mut cg = Cgroup {

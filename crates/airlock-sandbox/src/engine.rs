@@ -18,6 +18,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,8 @@ pub enum Stream {
 pub struct Engine {
     cfg: EngineConfig,
     cgroups: Option<Layout>,
+    /// Resolved runtimes; the host's interpreters do not move while it runs.
+    runtimes: Mutex<BTreeMap<Language, Runtime>>,
 }
 
 /// One execution request.
@@ -99,7 +102,11 @@ impl Engine {
         } else {
             None
         };
-        Engine { cfg, cgroups }
+        Engine {
+            cfg,
+            cgroups,
+            runtimes: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// The detected cgroup layout.
@@ -109,7 +116,13 @@ impl Engine {
 
     /// Resolves a language runtime (honouring overrides).
     pub fn runtime(&self, lang: Language) -> Result<Runtime, SandboxError> {
-        runtime::resolve(lang, self.cfg.interpreters.get(&lang).map(PathBuf::as_path))
+        let mut cache = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rt) = cache.get(&lang) {
+            return Ok(rt.clone());
+        }
+        let rt = runtime::resolve(lang, self.cfg.interpreters.get(&lang).map(PathBuf::as_path))?;
+        cache.insert(lang, rt.clone());
+        Ok(rt)
     }
 
     /// Checks a request against its policy without starting anything.
@@ -748,9 +761,7 @@ impl Sandbox {
         } else {
             TerminationReason::Exited
         };
-        if matches!(sup.engine_reason, Some(_))
-            && reason != TerminationReason::Exited
-            && sup.exit.is_none()
+        if sup.engine_reason.is_some() && reason != TerminationReason::Exited && sup.exit.is_none()
         {
             signal = Some(libc::SIGKILL);
             code = None;

@@ -194,10 +194,7 @@ fn cstr(s: &str) -> CString {
 /// Entry point for the init process. `args` are the process arguments after
 /// [`INIT_ARG`]: the engine's pid.
 pub fn main(args: &[String]) -> ! {
-    let code = match stage1(args) {
-        Ok(code) => code,
-        Err(()) => 1,
-    };
+    let code = stage1(args).unwrap_or(1);
     sys::exit_now(code)
 }
 
@@ -867,6 +864,9 @@ fn exec_program(job: &Job, argv: &[CString], envp: &[CString]) -> i32 {
     // SAFETY: descriptor 3 is the control socket, owned by the parent's
     // UnixStream; in this forked child that object is never used again.
     drop(unsafe { sys::owned(CONTROL_FD) });
+    if let Err(err) = sys::reset_signals() {
+        return e(err);
+    }
     if let Err(err) = sys::setsid() {
         // Already a group leader is impossible for a fresh child; anything else is fatal.
         return e(err);

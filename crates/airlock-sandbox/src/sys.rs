@@ -563,3 +563,29 @@ pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_SETFD takes an integer argument only.
     cvt_i(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(|_| ())
 }
+
+/// Restores every catchable signal to its default action and unblocks all
+/// signals. Ignored signals survive execve, and the Rust runtime ignores
+/// SIGPIPE, so without this the program would start with SIGPIPE ignored.
+pub fn reset_signals() -> io::Result<()> {
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP || (32..libc::SIGRTMIN()).contains(&sig) {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL for a valid, catchable signal number
+        // involves no Rust handler and no shared state.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    // SAFETY: sigset_t is plain old data; sigemptyset initialises it and
+    // sigprocmask reads it; the old-set pointer is null.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        cvt_i(libc::sigprocmask(
+            libc::SIG_SETMASK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+    }
+    Ok(())
+}

@@ -15,8 +15,13 @@ fn bad(args: &[&str]) -> String {
 fn bad_input_exits_2_with_one_line_and_starts_nothing() {
     assert!(bad(&["run", "/nonexistent/prog.py"]).contains("cannot read /nonexistent/prog.py"));
     assert!(bad(&["run", "--lang", "cobol", "-c", "x"]).contains("unknown language"));
-    assert!(bad(&["run", "--memory", "1", "-c", "pass", "--lang", "python"]).contains("limits.memory_mib"));
-    assert!(bad(&["run", "--timeout", "-1", "-c", "pass", "--lang", "python"]).contains("--timeout"));
+    assert!(
+        bad(&["run", "--memory", "1", "-c", "pass", "--lang", "python"])
+            .contains("limits.memory_mib")
+    );
+    assert!(
+        bad(&["run", "--timeout", "-1", "-c", "pass", "--lang", "python"]).contains("--timeout")
+    );
     assert!(bad(&["run", "--pids", "0", "-c", "pass", "--lang", "python"]).contains("limits.pids"));
     assert!(bad(&["run", "-c", "pass"]).contains("--lang"));
     assert!(bad(&["run", "--bogus"]).contains("--bogus"));
@@ -26,10 +31,29 @@ fn bad_input_exits_2_with_one_line_and_starts_nothing() {
     assert!(bad(&["run", big.to_str().unwrap()]).contains("code limit"));
     let policy = dir.path().join("p.toml");
     std::fs::write(&policy, "[limits]\nwall_time_ms = 10\nbogus = 1\n").unwrap();
-    let err = bad(&["run", "--policy", policy.to_str().unwrap(), "-c", "pass", "--lang", "python"]);
+    let err = bad(&[
+        "run",
+        "--policy",
+        policy.to_str().unwrap(),
+        "-c",
+        "pass",
+        "--lang",
+        "python",
+    ]);
     assert!(err.contains("bogus") && err.contains("line 3"), "{err}");
     std::fs::write(&policy, "[syscalls]\ndeny = [\"not_a_syscall\"]\n").unwrap();
-    assert!(bad(&["run", "--policy", policy.to_str().unwrap(), "-c", "pass", "--lang", "python"]).contains("not_a_syscall"));
+    assert!(
+        bad(&[
+            "run",
+            "--policy",
+            policy.to_str().unwrap(),
+            "-c",
+            "pass",
+            "--lang",
+            "python"
+        ])
+        .contains("not_a_syscall")
+    );
 }
 
 #[test]
@@ -41,7 +65,10 @@ fn missing_runtime_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "airlock: the javascript runtime is not installed on this host");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "airlock: the javascript runtime is not installed on this host"
+    );
 }
 
 #[test]
@@ -62,27 +89,69 @@ fn all_three_languages_run() {
 
 #[test]
 fn pass_through_mode_mirrors_exit_codes_and_names_the_limit() {
-    let out = airlock().args(["run", "--lang", "sh", "-c", "echo out; echo err >&2; exit 3"]).stdin(Stdio::null()).output().unwrap();
+    let out = airlock()
+        .args([
+            "run",
+            "--lang",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
-    let out = airlock().args(["run", "--timeout", "0.5", "--lang", "sh", "-c", "sleep 5"]).stdin(Stdio::null()).output().unwrap();
+    let out = airlock()
+        .args(["run", "--timeout", "0.5", "--lang", "sh", "-c", "sleep 5"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(128 + libc::SIGKILL));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "airlock: timeout: wall-clock limit of 500 ms reached");
-    let out = airlock().args(["run", "--lang", "sh", "-c", "kill -TERM $$"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "airlock: timeout: wall-clock limit of 500 ms reached"
+    );
+    let out = airlock()
+        .args(["run", "--lang", "sh", "-c", "kill -TERM $$"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
 }
 
 #[test]
 fn json_mode_prints_only_the_result() {
-    let out = airlock().args(["run", "--json", "--lang", "sh", "-c", "echo hi; echo oops >&2; exit 4"]).stdin(Stdio::null()).output().unwrap();
+    let out = airlock()
+        .args([
+            "run",
+            "--json",
+            "--lang",
+            "sh",
+            "-c",
+            "echo hi; echo oops >&2; exit 4",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(out.stderr.is_empty());
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["exit_code"], 4);
     assert_eq!(r["stdout"], "hi\n");
     assert_eq!(r["stderr"], "oops\n");
-    for key in ["signal", "reason", "wall_time_ms", "cpu_user_ms", "cpu_sys_ms", "peak_memory_bytes", "stdout_truncated", "stderr_truncated", "enforced"] {
+    for key in [
+        "signal",
+        "reason",
+        "wall_time_ms",
+        "cpu_user_ms",
+        "cpu_sys_ms",
+        "peak_memory_bytes",
+        "stdout_truncated",
+        "stderr_truncated",
+        "enforced",
+    ] {
         assert!(r.get(key).is_some(), "missing {key}");
     }
 }
@@ -93,7 +162,10 @@ fn works_as_an_unprivileged_user_with_rlimits_instead_of_cgroups() {
         return;
     }
     // Copy the binary somewhere the unprivileged user can execute it.
-    let dir = tempfile::Builder::new().prefix("airlock-unpriv").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-unpriv")
+        .tempdir_in("/tmp")
+        .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.path().join("airlock");
@@ -101,16 +173,30 @@ fn works_as_an_unprivileged_user_with_rlimits_instead_of_cgroups() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&bin)
-        .args(["run", "--json", "--lang", "python", "-c", "import os; print(os.getuid())"])
+        .args([
+            "run",
+            "--json",
+            "--lang",
+            "python",
+            "-c",
+            "import os; print(os.getuid())",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["stdout"], "1000\n", "{r}");
     assert!(r["enforced"]["cgroup"].is_null(), "{r}");
     let unavailable = r["enforced"]["unavailable_limits"].to_string();
-    assert!(unavailable.contains("RLIMIT_NPROC") && unavailable.contains("RLIMIT_DATA"), "{unavailable}");
+    assert!(
+        unavailable.contains("RLIMIT_NPROC") && unavailable.contains("RLIMIT_DATA"),
+        "{unavailable}"
+    );
     assert_eq!(r["enforced"]["landlock"]["fully_enforced"], true);
     assert_eq!(r["enforced"]["host_uid"], 65534);
 }

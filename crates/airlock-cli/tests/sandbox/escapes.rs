@@ -4,7 +4,10 @@ use super::*;
 
 /// A host file with a secret, in a directory the sandbox never mounts.
 fn host_secret() -> (tempfile::TempDir, String) {
-    let dir = tempfile::Builder::new().prefix("airlock-host-secret").tempdir_in("/var/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-host-secret")
+        .tempdir_in("/var/tmp")
+        .unwrap();
     let path = dir.path().join("secret.txt");
     std::fs::write(&path, "top secret").unwrap();
     (dir, path.to_str().unwrap().to_string())
@@ -21,7 +24,13 @@ fn host_file_read_is_impossible() {
     }
     assert_eq!(inside_ok("read /etc/shadow")["errno"], ENOENT);
     let passwd = run_json("shell", "cat /etc/passwd", "", &[]);
-    assert!(!passwd["stdout"].as_str().unwrap().contains("/root:/bin/bash"), "{passwd}");
+    assert!(
+        !passwd["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("/root:/bin/bash"),
+        "{passwd}"
+    );
 }
 
 #[test]
@@ -29,8 +38,14 @@ fn host_file_write_into_runtime_mount_is_read_only() {
     if is_root() {
         assert_eq!(outside("write /usr/lib/airlock-probe-write")["errno"], 0);
     }
-    assert_eq!(inside_ok("write /usr/lib/airlock-probe-write")["errno"], libc::EROFS);
-    assert_eq!(inside_ok("write /airlock-probe-write")["errno"], libc::EROFS);
+    assert_eq!(
+        inside_ok("write /usr/lib/airlock-probe-write")["errno"],
+        libc::EROFS
+    );
+    assert_eq!(
+        inside_ok("write /airlock-probe-write")["errno"],
+        libc::EROFS
+    );
     assert_eq!(inside_ok("write /etc/passwd")["errno"], libc::EROFS);
     // Scratch is writable.
     assert_eq!(inside_ok("write /tmp/ok")["errno"], 0);
@@ -41,9 +56,15 @@ fn host_file_write_into_runtime_mount_is_read_only() {
 fn symlink_escape_to_host_path_is_impossible() {
     let (_d, secret) = host_secret();
     assert_eq!(outside(&format!("symlink_read {secret}"))["errno"], 0);
-    assert_eq!(inside_ok(&format!("symlink_read {secret}"))["errno"], ENOENT);
+    assert_eq!(
+        inside_ok(&format!("symlink_read {secret}"))["errno"],
+        ENOENT
+    );
     // /proc/1/root would lead to init's root; init is invisible (hidepid) and non-dumpable.
-    assert_eq!(inside_ok("symlink_read /proc/1/root/etc/passwd")["errno"], ENOENT);
+    assert_eq!(
+        inside_ok("symlink_read /proc/1/root/etc/passwd")["errno"],
+        ENOENT
+    );
 }
 
 #[test]
@@ -54,7 +75,10 @@ fn hardlink_escape_from_runtime_into_scratch_is_impossible() {
     std::fs::write(&f, "x").unwrap();
     assert_eq!(outside(&format!("hardlink {}", f.display()))["errno"], 0);
     // Inside, linking a runtime file into scratch crosses mounts.
-    assert_eq!(inside_ok("hardlink /usr/bin/python3.11")["errno"], libc::EXDEV);
+    assert_eq!(
+        inside_ok("hardlink /usr/bin/python3.11")["errno"],
+        libc::EXDEV
+    );
 }
 
 #[test]
@@ -67,7 +91,17 @@ fn mknod_device_node_is_denied() {
 
 #[test]
 fn mount_unshare_setns_chroot_are_denied() {
-    for name in ["mount", "unshare", "setns", "chroot", "pivot_root", "umount2", "open_tree", "fsopen", "move_mount"] {
+    for name in [
+        "mount",
+        "unshare",
+        "setns",
+        "chroot",
+        "pivot_root",
+        "umount2",
+        "open_tree",
+        "fsopen",
+        "move_mount",
+    ] {
         let out = outside(&format!("syscall {name}"));
         let inn = inside_ok(&format!("syscall {name}"));
         assert_eq!(inn["errno"], EPERM, "{name}: {inn}");
@@ -80,21 +114,35 @@ fn proc_sys_write_is_read_only() {
     if is_root() {
         assert_eq!(outside("write_same /proc/sys/kernel/hostname")["errno"], 0);
     }
-    assert_eq!(inside_ok("write_same /proc/sys/kernel/hostname")["errno"], libc::EROFS);
-    assert_eq!(inside_ok("write_same /proc/sys/vm/overcommit_memory")["errno"], libc::EROFS);
+    assert_eq!(
+        inside_ok("write_same /proc/sys/kernel/hostname")["errno"],
+        libc::EROFS
+    );
+    assert_eq!(
+        inside_ok("write_same /proc/sys/vm/overcommit_memory")["errno"],
+        libc::EROFS
+    );
 }
 
 #[test]
 fn sys_is_absent() {
     assert_eq!(outside("stat /sys/kernel")["errno"], 0);
     assert_eq!(inside_ok("stat /sys/kernel")["errno"], ENOENT);
-    assert_eq!(inside_ok("write /sys/kernel/uevent_helper")["errno"], ENOENT);
+    assert_eq!(
+        inside_ok("write /sys/kernel/uevent_helper")["errno"],
+        ENOENT
+    );
 }
 
 #[test]
 fn sensitive_proc_files_are_masked() {
     if is_root() {
-        assert!(outside("read /proc/timer_list")["len"].as_i64().unwrap_or(0) > 0);
+        assert!(
+            outside("read /proc/timer_list")["len"]
+                .as_i64()
+                .unwrap_or(0)
+                > 0
+        );
     }
     for f in ["kcore", "keys", "timer_list", "sysrq-trigger"] {
         let path = format!("/proc/{f}");
@@ -111,10 +159,17 @@ fn sensitive_proc_files_are_masked() {
 
 #[test]
 fn code_is_copied_so_no_host_path_shows_in_mountinfo() {
-    let dir = tempfile::Builder::new().prefix("airlock-secret-project").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-secret-project")
+        .tempdir()
+        .unwrap();
     let file = dir.path().join("prog.py");
     std::fs::write(&file, "print(open('/proc/self/mountinfo').read())\nprint(open('/workspace/prog.py').read()[:5])\n").unwrap();
-    let out = airlock().args(["run", "--json"]).arg(&file).output().unwrap();
+    let out = airlock()
+        .args(["run", "--json"])
+        .arg(&file)
+        .output()
+        .unwrap();
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = r["stdout"].as_str().unwrap();
     assert!(text.contains("print"), "{r}");

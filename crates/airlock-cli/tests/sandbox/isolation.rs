@@ -17,11 +17,19 @@ fn leaked_fds_are_closed() {
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lines = text.lines();
     let outside: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
-    assert!(outside["fds"].as_array().unwrap().contains(&Value::from(7)), "{outside}");
+    assert!(
+        outside["fds"].as_array().unwrap().contains(&Value::from(7)),
+        "{outside}"
+    );
     let r: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
     let inside: Value = serde_json::from_str(r["stdout"].as_str().unwrap().trim()).unwrap();
     // 0, 1, 2 and the descriptor listdir itself uses.
-    let fds: Vec<i64> = inside["fds"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    let fds: Vec<i64> = inside["fds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
     assert_eq!(&fds[..3], &[0, 1, 2], "{inside}");
     assert!(fds.len() <= 4 && !fds.contains(&7), "{inside}");
 }
@@ -29,13 +37,24 @@ fn leaked_fds_are_closed() {
 #[test]
 fn host_environment_does_not_leak() {
     let mut cmd = airlock();
-    cmd.env("AIRLOCK_TEST_SECRET", "hunter2").args(["run", "--json", "--lang", "python", "-c", PROBE]);
+    cmd.env("AIRLOCK_TEST_SECRET", "hunter2")
+        .args(["run", "--json", "--lang", "python", "-c", PROBE]);
     let out = output_with_stdin(cmd, b"env\n");
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     let v: Value = serde_json::from_str(r["stdout"].as_str().unwrap().trim()).unwrap();
     let env = v["env"].as_object().unwrap();
     assert!(!env.contains_key("AIRLOCK_TEST_SECRET"), "{v}");
-    let allowed = ["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED", "LC_CTYPE"];
+    let allowed = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "TMPDIR",
+        "USER",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+        "LC_CTYPE",
+    ];
     for k in env.keys() {
         assert!(allowed.contains(&k.as_str()), "unexpected variable {k}");
     }
@@ -43,7 +62,8 @@ fn host_environment_does_not_leak() {
     assert_eq!(v["proc1_environ_errno"], ENOENT, "{v}");
     // Positive control: the same variable is visible to a process outside.
     let mut cmd = Command::new(PYTHON);
-    cmd.env("AIRLOCK_TEST_SECRET", "hunter2").args(["-c", PROBE]);
+    cmd.env("AIRLOCK_TEST_SECRET", "hunter2")
+        .args(["-c", PROBE]);
     let o = output_with_stdin(cmd, b"env\n");
     assert!(String::from_utf8_lossy(&o.stdout).contains("hunter2"));
 }
@@ -81,7 +101,10 @@ fn network_has_only_loopback_and_host_loopback_is_unreachable() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     assert_eq!(outside(&format!("connect_tcp {port}"))["errno"], 0);
-    assert_eq!(inside_ok(&format!("connect_tcp {port}"))["errno"], libc::ECONNREFUSED);
+    assert_eq!(
+        inside_ok(&format!("connect_tcp {port}"))["errno"],
+        libc::ECONNREFUSED
+    );
 }
 
 #[test]
@@ -91,7 +114,10 @@ fn host_abstract_unix_socket_is_unreachable() {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
     let _l = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
     assert_eq!(outside(&format!("connect_abstract {name}"))["errno"], 0);
-    assert_eq!(inside_ok(&format!("connect_abstract {name}"))["errno"], libc::ECONNREFUSED);
+    assert_eq!(
+        inside_ok(&format!("connect_abstract {name}"))["errno"],
+        libc::ECONNREFUSED
+    );
 }
 
 #[test]
@@ -102,7 +128,10 @@ fn no_residue_between_two_consecutive_sandboxes() {
         "",
         &[],
     );
-    assert!(first["stdout"].as_str().unwrap().contains("marker"), "{first}");
+    assert!(
+        first["stdout"].as_str().unwrap().contains("marker"),
+        "{first}"
+    );
     let second = run_json("shell", "ls -A /tmp /dev/shm; ls -A /workspace", "", &[]);
     let text = second["stdout"].as_str().unwrap();
     assert!(!text.contains("marker"), "{text}");
@@ -110,6 +139,27 @@ fn no_residue_between_two_consecutive_sandboxes() {
 
 #[test]
 fn stdin_reaches_the_program() {
-    let r = run_json("python", "import sys; print(sys.stdin.read().upper())", "hello", &[]);
+    let r = run_json(
+        "python",
+        "import sys; print(sys.stdin.read().upper())",
+        "hello",
+        &[],
+    );
     assert_eq!(r["stdout"], "HELLO\n");
+}
+
+#[test]
+fn the_program_starts_with_default_signal_dispositions() {
+    // The engine ignores SIGPIPE (Rust runtime); ignored signals survive
+    // execve, so without a reset `yes` would print EPIPE errors forever.
+    let r = run_json(
+        "shell",
+        "yes | head -n 1; grep -E 'SigIgn|SigBlk' /proc/self/status",
+        "",
+        &[],
+    );
+    assert_eq!(r["stderr"], "", "{r}");
+    let out = r["stdout"].as_str().unwrap();
+    assert!(out.starts_with("y\n"), "{out}");
+    assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
 }

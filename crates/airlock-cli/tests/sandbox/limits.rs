@@ -29,9 +29,19 @@ fn fork_bomb_hits_pids_limit() {
 #[test]
 fn memory_bomb_is_killed_with_memory_limit() {
     // Positive control: a small allocation succeeds under the same limit.
-    let ok = run_json("python", "b = bytearray(8 << 20); print(len(b))", "", &["--memory", "64"]);
+    let ok = run_json(
+        "python",
+        "b = bytearray(8 << 20); print(len(b))",
+        "",
+        &["--memory", "64"],
+    );
     assert_eq!(ok["reason"], "exited", "{ok}");
-    let r = run_json("python", "b = bytearray(1 << 30)\nb[::4096] = b'x' * len(b[::4096])\nprint('survived')", "", &["--memory", "64"]);
+    let r = run_json(
+        "python",
+        "b = bytearray(1 << 30)\nb[::4096] = b'x' * len(b[::4096])\nprint('survived')",
+        "",
+        &["--memory", "64"],
+    );
     if r["enforced"]["cgroup"].is_null() {
         assert_eq!(r["exit_code"], 1, "{r}"); // MemoryError under RLIMIT_DATA
         return;
@@ -55,18 +65,31 @@ fn cpu_spin_ignoring_sigterm_is_killed_at_the_timeout() {
 fn cpu_time_limit_ends_a_spinning_program() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("p.toml");
-    std::fs::write(&policy, "[limits]\ncpu_time_ms = 500\nwall_time_ms = 20000\n").unwrap();
-    let r = run_json("python", "while True: pass", "", &["--policy", policy.to_str().unwrap()]);
+    std::fs::write(
+        &policy,
+        "[limits]\ncpu_time_ms = 500\nwall_time_ms = 20000\n",
+    )
+    .unwrap();
+    let r = run_json(
+        "python",
+        "while True: pass",
+        "",
+        &["--policy", policy.to_str().unwrap()],
+    );
     assert_eq!(r["reason"], "cpu_limit", "{r}");
     assert!(r["wall_time_ms"].as_f64().unwrap() < 5000.0, "{r}");
 }
 
 #[test]
 fn disk_fill_hits_disk_limit() {
-    let code = "f = open('/tmp/fill', 'wb')\nwhile True:\n    f.write(b'x' * 65536)\n    f.flush()\n";
+    let code =
+        "f = open('/tmp/fill', 'wb')\nwhile True:\n    f.write(b'x' * 65536)\n    f.flush()\n";
     let r = run_json("python", code, "", &[]);
     assert_eq!(r["reason"], "disk_limit", "{r}");
-    assert!(r["stderr"].as_str().unwrap().contains("No space left"), "{r}");
+    assert!(
+        r["stderr"].as_str().unwrap().contains("No space left"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -74,7 +97,10 @@ fn inode_fill_hits_disk_limit() {
     let code = "import os\ni = 0\nwhile True:\n    open('/tmp/f%d' % i, 'w').close()\n    i += 1\n";
     let r = run_json("python", code, "", &[]);
     assert_eq!(r["reason"], "disk_limit", "{r}");
-    assert!(r["stderr"].as_str().unwrap().contains("No space left"), "{r}");
+    assert!(
+        r["stderr"].as_str().unwrap().contains("No space left"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -102,16 +128,24 @@ fn one_gib_of_stdout_is_capped_without_growing_the_engine() {
          'maxrss_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}}))\n"
     );
     let out = Command::new(PYTHON).args(["-c", &driver]).output().unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(v["reason"], "output_limit", "{v}");
     assert_eq!(v["trunc"], true);
     assert_eq!(v["len"], 1 << 20, "{v}");
-    assert!(v["maxrss_kib"].as_u64().unwrap() < 64 * 1024, "engine grew: {v}");
+    assert!(
+        v["maxrss_kib"].as_u64().unwrap() < 64 * 1024,
+        "engine grew: {v}"
+    );
 }
 
 #[test]
 fn orphaned_double_forked_stopped_and_sigterm_ignoring_processes_all_die() {
-    let marker = format!("{}.{}", 1000 + std::process::id() % 1000, std::process::id());
+    let marker = format!(
+        "{}.{}",
+        1000 + std::process::id() % 1000,
+        std::process::id()
+    );
     let code = format!(
         "trap '' TERM\n\
          (sleep {marker} &) \n\
@@ -135,7 +169,14 @@ fn the_sandbox_cgroup_is_removed_afterwards() {
         return;
     }
     // Inside, the cgroup namespace shows the sandbox cgroup as its root.
-    assert!(r["stdout"].as_str().unwrap().lines().all(|l| l.ends_with(":/")), "{r}");
+    assert!(
+        r["stdout"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .all(|l| l.ends_with(":/")),
+        "{r}"
+    );
     // No leftover airlock cgroups of finished sandboxes of this test process tree.
     let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/pids")
         .into_iter()

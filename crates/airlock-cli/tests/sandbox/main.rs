@@ -6,6 +6,9 @@
 //! test then asserts the exact errno, signal or termination reason inside.
 //! No test sends traffic anywhere but this machine's own loopback.
 
+// Test helpers may panic: a panic is a test failure with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod cli;
 mod escapes;
 mod isolation;
@@ -25,7 +28,9 @@ pub fn airlock() -> Command {
 }
 
 pub fn output_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawn");
     let mut w = child.stdin.take().expect("stdin");
     let data = stdin.to_vec();
@@ -40,7 +45,9 @@ pub fn output_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {
 /// Runs code in a sandbox with `--json` and returns the parsed result.
 pub fn run_json(lang: &str, code: &str, stdin: &str, extra: &[&str]) -> Value {
     let mut cmd = airlock();
-    cmd.args(["run", "--json", "--lang", lang]).args(extra).args(["-c", code]);
+    cmd.args(["run", "--json", "--lang", lang])
+        .args(extra)
+        .args(["-c", code]);
     let out = output_with_stdin(cmd, stdin.as_bytes());
     assert!(
         out.status.code() == Some(0),
@@ -56,14 +63,21 @@ pub fn run_json(lang: &str, code: &str, stdin: &str, extra: &[&str]) -> Value {
 pub fn inside(probe: &str, extra: &[&str]) -> (Value, Value) {
     let r = run_json("python", PROBE, &format!("{probe}\n"), extra);
     let stdout = r["stdout"].as_str().unwrap_or("").trim().to_string();
-    let v = stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or(Value::Null);
+    let v = stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
     (r, v)
 }
 
 /// Runs the probe inside and insists the program exited normally.
 pub fn inside_ok(probe: &str) -> Value {
     let (r, v) = inside(probe, &[]);
-    assert_eq!(r["reason"], "exited", "probe {probe} did not exit normally: {r}");
+    assert_eq!(
+        r["reason"], "exited",
+        "probe {probe} did not exit normally: {r}"
+    );
     assert!(!v.is_null(), "probe {probe} printed nothing: {r}");
     v
 }
@@ -73,7 +87,11 @@ pub fn outside(probe: &str) -> Value {
     let mut cmd = Command::new(PYTHON);
     cmd.args(["-c", PROBE]);
     let out = output_with_stdin(cmd, format!("{probe}\n").as_bytes());
-    assert!(out.status.success(), "outside probe {probe} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "outside probe {probe} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim().lines().last().unwrap_or("null")).expect("probe JSON")
 }

@@ -9,12 +9,20 @@ fn every_denied_syscall_returns_eperm_inside_and_reaches_the_kernel_outside() {
     let map = inn.as_object().expect("map");
     assert!(map.len() >= 50, "{inn}");
     for (name, errno) in map {
-        let want = if name == "clone3" { libc::ENOSYS as i64 } else { EPERM };
+        let want = if name == "clone3" {
+            libc::ENOSYS as i64
+        } else {
+            EPERM
+        };
         assert_eq!(errno.as_i64(), Some(want), "{name} inside: {inn}");
         // Outside, the same call is answered by the kernel itself (success
         // or an argument error), proving the EPERM inside comes from the filter.
         if is_root() {
-            assert_ne!(out[name].as_i64(), Some(want), "{name} outside already gives {want}: {out}");
+            assert_ne!(
+                out[name].as_i64(),
+                Some(want),
+                "{name} outside already gives {want}: {out}"
+            );
         }
     }
 }
@@ -61,7 +69,11 @@ fn vsock_packet_alg_raw_and_netlink_sockets_are_denied() {
     }
     if is_root() {
         for fam in ["packet", "raw", "netlink"] {
-            assert_eq!(outside(&format!("socket {fam}"))["errno"], 0, "{fam} outside");
+            assert_eq!(
+                outside(&format!("socket {fam}"))["errno"],
+                0,
+                "{fam} outside"
+            );
         }
     }
     // Ordinary sockets still work inside.
@@ -98,7 +110,10 @@ fn status_shows_no_capabilities_no_new_privs_and_seccomp_filter() {
     }
     assert_eq!(inn["NoNewPrivs"], "1");
     assert_eq!(inn["Seccomp"], "2");
-    assert!(inn["Uid"].as_str().unwrap_or("").starts_with("1000"), "{inn}");
+    assert!(
+        inn["Uid"].as_str().unwrap_or("").starts_with("1000"),
+        "{inn}"
+    );
 }
 
 #[test]
@@ -121,6 +136,15 @@ fn policy_extra_deny_adds_eperm() {
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("p.toml");
     std::fs::write(&policy, "[syscalls]\ndeny = [\"uname\"]\n").unwrap();
-    let r = run_json("python", "import os\ntry:\n    os.uname(); print('allowed')\nexcept OSError as e:\n    print(e.errno)\n", "", &["--policy", policy.to_str().unwrap()]);
-    assert_eq!(r["stdout"].as_str().unwrap().trim(), libc::EPERM.to_string(), "{r}");
+    let r = run_json(
+        "python",
+        "import os\ntry:\n    os.uname(); print('allowed')\nexcept OSError as e:\n    print(e.errno)\n",
+        "",
+        &["--policy", policy.to_str().unwrap()],
+    );
+    assert_eq!(
+        r["stdout"].as_str().unwrap().trim(),
+        libc::EPERM.to_string(),
+        "{r}"
+    );
 }
