@@ -220,41 +220,26 @@ impl Engine {
         let stderr_r = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
         let pid = child.id() as i32;
 
-        let mut unavailable = Vec::new();
         let euid = sys::geteuid();
-        let cg = match &self.cgroups {
-            Some(layout) => {
-                let name = format!(
-                    "{}-{}",
-                    std::process::id(),
-                    SEQ.fetch_add(1, Ordering::Relaxed)
-                );
-                let limits = CgroupLimits {
-                    memory_bytes: policy.limits.memory_mib << 20,
-                    pids: policy.limits.pids,
-                    cpus: policy.limits.cpus,
-                };
-                match Cgroup::create(layout, &name, &limits).and_then(|cg| cg.add(pid).map(|_| cg))
-                {
-                    Ok(cg) => Some(cg),
-                    Err(e) if euid == 0 => {
-                        kill_child(&mut child);
-                        return Err(e);
-                    }
-                    Err(_) => None,
-                }
-            }
-            None => None,
-        };
-        if cg.is_none() {
-            unavailable.push(
-                "memory: no cgroup, RLIMIT_DATA used (no swap control, no tmpfs accounting)".into(),
+        // Attaching a task to a v1 cgroup can wait for an RCU grace period
+        // (milliseconds); do it on a helper thread while init reads its
+        // configuration and creates its namespaces. It is joined before the
+        // id maps are written, and init forks nothing before that.
+        let cgroup_job = self.cgroups.clone().map(|layout| {
+            let name = format!(
+                "{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
             );
-            unavailable.push("pids: no cgroup, RLIMIT_NPROC used".into());
-            unavailable.push(
-                "cpu quota: no cgroup, not enforced (CPU time still limited by RLIMIT_CPU)".into(),
-            );
-        }
+            let limits = CgroupLimits {
+                memory_bytes: policy.limits.memory_mib << 20,
+                pids: policy.limits.pids,
+                cpus: policy.limits.cpus,
+            };
+            std::thread::spawn(move || {
+                Cgroup::create(&layout, &name, &limits).and_then(|cg| cg.add(pid).map(|_| cg))
+            })
+        });
         let (host_uid, host_gid) = if euid == 0 {
             self.cfg.root_host_ids
         } else {
@@ -268,7 +253,7 @@ impl Engine {
             stderr: stderr_r,
             ctrl: host_ctrl,
             pid1: None,
-            cgroup: cg,
+            cgroup: None,
             runtime,
             policy: policy.clone(),
             enforced: Enforced {
@@ -288,25 +273,41 @@ impl Engine {
                 },
                 capabilities_dropped: true,
                 cgroup: None,
-                unavailable_limits: unavailable,
+                unavailable_limits: Vec::new(),
                 host_uid,
             },
             setup_time: Duration::ZERO,
         };
-        sb.enforced.cgroup = sb.cgroup.as_ref().map(Cgroup::version);
         sb.enforced.landlock.mode = match policy.isolation.landlock {
             LandlockMode::Strict => "strict".into(),
             LandlockMode::BestEffortDangerous => "best_effort_dangerous".into(),
         };
-        sb.handshake(pid, &init_cfg, host_uid, host_gid)?;
+        let unshared = sb.send_config(&init_cfg);
+        let cg = match cgroup_job.map(|j| j.join()) {
+            Some(Ok(Ok(cg))) => Some(cg),
+            Some(Ok(Err(e))) if euid == 0 => return Err(e),
+            Some(Err(_)) if euid == 0 => {
+                return Err(SandboxError::Cgroup {
+                    step: "create",
+                    source: io::Error::other("cgroup thread panicked"),
+                });
+            }
+            _ => None,
+        };
+        unshared?;
+        if cg.is_none() {
+            sb.enforced.unavailable_limits = vec![
+                "memory: no cgroup, RLIMIT_DATA used (no swap control, no tmpfs accounting)".into(),
+                "pids: no cgroup, RLIMIT_NPROC used".into(),
+                "cpu quota: no cgroup, not enforced (CPU time still limited by RLIMIT_CPU)".into(),
+            ];
+        }
+        sb.enforced.cgroup = cg.as_ref().map(Cgroup::version);
+        sb.cgroup = cg;
+        sb.finish_handshake(pid, host_uid, host_gid)?;
         sb.setup_time = started.elapsed();
         Ok(sb)
     }
-}
-
-fn kill_child(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A sandbox with every layer applied, waiting for exactly one job.
@@ -342,22 +343,22 @@ impl Sandbox {
         Ok(msg)
     }
 
-    fn handshake(
-        &mut self,
-        pid: i32,
-        cfg: &InitConfig,
-        uid: u32,
-        gid: u32,
-    ) -> Result<(), SandboxError> {
+    /// Sends the configuration and waits until init has created its user
+    /// and pid namespaces.
+    fn send_config(&mut self, cfg: &InitConfig) -> Result<(), SandboxError> {
         self.ctrl
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(control_err("timeout"))?;
         proto::write_msg(&mut self.ctrl, &ToInit::Config(Box::new(cfg.clone())))
             .map_err(control_err("send config"))?;
         match self.recv()? {
-            FromInit::Unshared => {}
-            other => return Err(SandboxError::Control(format!("unexpected {other:?}"))),
+            FromInit::Unshared => Ok(()),
+            other => Err(SandboxError::Control(format!("unexpected {other:?}"))),
         }
+    }
+
+    /// Writes the id maps and waits until every layer is applied.
+    fn finish_handshake(&mut self, pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
         let proc_dir = format!("/proc/{pid}");
         std::fs::write(format!("{proc_dir}/setgroups"), "deny").map_err(SandboxError::IdMap)?;
         std::fs::write(
