@@ -1,0 +1,108 @@
+"""Cold-start benchmark: trivial python program, every peer, one run.
+
+Peers run round-robin within each iteration so machine noise hits them all
+alike. Every run's exit status is checked; a failing run aborts the benchmark.
+"""
+import argparse, os, platform, shutil, statistics, subprocess, sys, time
+
+PY = "/usr/bin/python3"
+
+
+def bwrap_cmd():
+    if not shutil.which("bwrap"):
+        return None
+    cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
+           "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/lib", "/lib64", "/sbin"):
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--cap-drop", "ALL", PY, "-c", "pass"]
+    return cmd
+
+
+def runsc_cmd():
+    if not shutil.which("runsc"):
+        return None, "not installed"
+    for cmd in (["runsc", "--rootless", "--network=none", "do", PY, "-c", "pass"],
+                ["runsc", "--network=none", "do", PY, "-c", "pass"]):
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        if p.returncode == 0:
+            return cmd, None
+        err = (p.stderr.decode(errors="replace").strip().splitlines() or ["?"])[-1]
+    return None, err
+
+
+def time_once(cmd):
+    t = time.perf_counter()
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = (time.perf_counter() - t) * 1000
+    if p.returncode != 0:
+        sys.exit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.decode(errors='replace')}")
+    return dt
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def machine():
+    cpu = "unknown cpu"
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, {time.strftime('%Y-%m-%d')}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--airlock", required=True)
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--markdown-out")
+    a = ap.parse_args()
+
+    peers = [("bare python3", [PY, "-c", "pass"])]
+    skipped = []
+    b = bwrap_cmd()
+    peers.append(("bwrap", b)) if b else skipped.append(("bwrap", "not installed"))
+    r, why = runsc_cmd()
+    peers.append(("runsc (gVisor, ptrace)", r)) if r else skipped.append(("runsc", why))
+    peers.append(("airlock run (cold)", [a.airlock, "run", "--lang", "python", "-c", "pass"]))
+    # The same run as an unprivileged user: no cgroup (rlimits instead), which
+    # isolates the cost of creating and joining a cgroup from the rest.
+    if os.geteuid() == 0 and shutil.which("setpriv") and os.access(a.airlock, os.X_OK):
+        peers.append(("airlock run (unprivileged: rlimits, no cgroup)",
+                      ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                       a.airlock, "run", "--lang", "python", "-c", "pass"]))
+
+    times = {name: [] for name, _ in peers}
+    for i in range(a.warmup + a.iterations):
+        for name, cmd in peers:
+            dt = time_once(cmd)
+            if i >= a.warmup:
+                times[name].append(dt)
+
+    base = statistics.median(times["bare python3"])
+    lines = ["| peer | median ms | p99 ms | mean ms | median vs bare | overhead over bare |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, _ in peers:
+        xs = times[name]
+        med = statistics.median(xs)
+        lines.append(f"| {name} | {med:.2f} | {pct(xs, 99):.2f} | {statistics.mean(xs):.2f} | "
+                     f"{med / base:.2f}x | {med - base:+.2f} ms |")
+    for name, why in skipped:
+        lines.append(f"| {name} | skipped: {why} | | | | |")
+    out = "\n".join(lines) + f"\n\n{a.iterations} iterations per peer (+{a.warmup} warm-up), " \
+          f"interleaved; machine: {machine()}\n"
+    print(out)
+    if a.markdown_out:
+        with open(a.markdown_out, "w") as f:
+            f.write(out)
+
+
+if __name__ == "__main__":
+    main()
