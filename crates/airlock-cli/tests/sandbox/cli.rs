@@ -200,3 +200,41 @@ fn works_as_an_unprivileged_user_with_rlimits_instead_of_cgroups() {
     assert_eq!(r["enforced"]["landlock"]["fully_enforced"], true);
     assert_eq!(r["enforced"]["host_uid"], 65534);
 }
+
+#[test]
+fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
+    let out = airlock()
+        .args(["doctor", "--json"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let checks: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |name: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .clone()
+    };
+    for name in [
+        "user_namespaces",
+        "landlock",
+        "seccomp",
+        "cgroups",
+        "runsc",
+        "qemu_system_x86_64",
+        "kvm",
+        "runtime_python",
+    ] {
+        let c = get(name);
+        assert!(c["detail"].as_str().is_some_and(|d| !d.is_empty()), "{c}");
+        if c["ok"] == false {
+            assert!(
+                c["fix"].as_str().is_some_and(|f| !f.is_empty()),
+                "no fix for {c}"
+            );
+        }
+    }
+    assert_eq!(get("sandbox_end_to_end")["ok"], true);
+    assert_eq!(out.status.code(), Some(0));
+}
