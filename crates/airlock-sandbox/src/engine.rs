@@ -221,25 +221,6 @@ impl Engine {
         let pid = child.id() as i32;
 
         let euid = sys::geteuid();
-        // Attaching a task to a v1 cgroup can wait for an RCU grace period
-        // (milliseconds); do it on a helper thread while init reads its
-        // configuration and creates its namespaces. It is joined before the
-        // id maps are written, and init forks nothing before that.
-        let cgroup_job = self.cgroups.clone().map(|layout| {
-            let name = format!(
-                "{}-{}",
-                std::process::id(),
-                SEQ.fetch_add(1, Ordering::Relaxed)
-            );
-            let limits = CgroupLimits {
-                memory_bytes: policy.limits.memory_mib << 20,
-                pids: policy.limits.pids,
-                cpus: policy.limits.cpus,
-            };
-            std::thread::spawn(move || {
-                Cgroup::create(&layout, &name, &limits).and_then(|cg| cg.add(pid).map(|_| cg))
-            })
-        });
         let (host_uid, host_gid) = if euid == 0 {
             self.cfg.root_host_ids
         } else {
@@ -282,7 +263,28 @@ impl Engine {
             LandlockMode::Strict => "strict".into(),
             LandlockMode::BestEffortDangerous => "best_effort_dangerous".into(),
         };
-        let unshared = sb.send_config(&init_cfg);
+        sb.send_config(&init_cfg)?;
+        let pid1 = sb.write_id_maps(pid, host_uid, host_gid)?;
+        // Joining a v1 cgroup can wait for an RCU grace period (several ms).
+        // A helper thread creates the cgroup and moves pid 1 into it while
+        // pid 1 builds the sandbox; pid 1 waits for `Attached` before it
+        // creates its cgroup namespace and before anything untrusted runs.
+        let cgroup_job = self.cgroups.clone().map(|layout| {
+            let name = format!(
+                "{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::Relaxed)
+            );
+            let limits = CgroupLimits {
+                memory_bytes: policy.limits.memory_mib << 20,
+                pids: policy.limits.pids,
+                cpus: policy.limits.cpus,
+            };
+            std::thread::spawn(move || {
+                Cgroup::create(&layout, &name, &limits).and_then(|cg| cg.add(pid1).map(|_| cg))
+            })
+        });
+        let built = sb.expect_built();
         let cg = match cgroup_job.map(|j| j.join()) {
             Some(Ok(Ok(cg))) => Some(cg),
             Some(Ok(Err(e))) if euid == 0 => return Err(e),
@@ -294,7 +296,6 @@ impl Engine {
             }
             _ => None,
         };
-        unshared?;
         if cg.is_none() {
             sb.enforced.unavailable_limits = vec![
                 "memory: no cgroup, RLIMIT_DATA used (no swap control, no tmpfs accounting)".into(),
@@ -304,7 +305,8 @@ impl Engine {
         }
         sb.enforced.cgroup = cg.as_ref().map(Cgroup::version);
         sb.cgroup = cg;
-        sb.finish_handshake(pid, host_uid, host_gid)?;
+        built?;
+        sb.expect_ready()?;
         sb.setup_time = started.elapsed();
         Ok(sb)
     }
@@ -358,7 +360,9 @@ impl Sandbox {
     }
 
     /// Writes the id maps and waits until every layer is applied.
-    fn finish_handshake(&mut self, pid: i32, uid: u32, gid: u32) -> Result<(), SandboxError> {
+    /// Writes the id maps of stage 1's user namespace and returns the host
+    /// pid of the sandbox's pid 1 (held as a pidfd from then on).
+    fn write_id_maps(&mut self, pid: i32, uid: u32, gid: u32) -> Result<i32, SandboxError> {
         let proc_dir = format!("/proc/{pid}");
         std::fs::write(format!("{proc_dir}/setgroups"), "deny").map_err(SandboxError::IdMap)?;
         std::fs::write(
@@ -374,10 +378,27 @@ impl Sandbox {
         proto::write_msg(&mut self.ctrl, &ToInit::Mapped).map_err(control_err("send mapped"))?;
         match self.recv()? {
             FromInit::Pid1 { pid } if pid > 0 => {
-                self.pid1 = sys::pidfd_open(pid).ok();
+                // Without a pidfd the sandbox could not be killed reliably: fail closed.
+                self.pid1 = Some(sys::pidfd_open(pid).map_err(SandboxError::Supervise)?);
+                Ok(pid)
             }
-            other => return Err(SandboxError::Control(format!("unexpected {other:?}"))),
+            other => Err(SandboxError::Control(format!("unexpected {other:?}"))),
         }
+    }
+
+    /// Waits until pid 1 has built the filesystem view and network.
+    fn expect_built(&mut self) -> Result<(), SandboxError> {
+        match self.recv()? {
+            FromInit::Built => Ok(()),
+            other => Err(SandboxError::Control(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// Releases pid 1 (its cgroup is in place) and waits until every layer
+    /// is applied.
+    fn expect_ready(&mut self) -> Result<(), SandboxError> {
+        proto::write_msg(&mut self.ctrl, &ToInit::Attached)
+            .map_err(control_err("send attached"))?;
         match self.recv()? {
             FromInit::Ready {
                 landlock_abi,
@@ -385,10 +406,10 @@ impl Sandbox {
             } => {
                 self.enforced.landlock.abi = landlock_abi.min(crate::init::LANDLOCK_ABI_NUM);
                 self.enforced.landlock.fully_enforced = landlock_full;
+                Ok(())
             }
-            other => return Err(SandboxError::Control(format!("unexpected {other:?}"))),
+            other => Err(SandboxError::Control(format!("unexpected {other:?}"))),
         }
-        Ok(())
     }
 
     /// What this sandbox enforces.

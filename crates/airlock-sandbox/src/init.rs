@@ -67,9 +67,8 @@ pub enum Step {
     ParentDeath,
     /// Fork pid 1 of the new pid namespace.
     ForkPid1,
-    /// New mount, network, IPC, UTS and cgroup namespaces: private mount
-    /// table, no network but loopback, private SysV IPC, own hostname, and
-    /// no view of the host cgroup tree.
+    /// New mount, network, IPC and UTS namespaces: private mount table, no
+    /// network but loopback, private SysV IPC, own hostname.
     Namespaces,
     /// Stop mount propagation to and from the host.
     MakePrivate,
@@ -99,6 +98,9 @@ pub enum Step {
     Hostname,
     /// Bring loopback up (the only interface).
     Loopback,
+    /// Wait until the engine has put this process into the sandbox cgroup,
+    /// then root a new cgroup namespace there: no view of the host cgroup tree.
+    CgroupNamespace,
     /// New session: no controlling terminal (defeats TIOCSTI-style injection).
     Setsid,
     /// Close every descriptor but stdio and the control socket.
@@ -151,6 +153,7 @@ impl Step {
             Step::RootReadOnly => "root_read_only",
             Step::Hostname => "hostname",
             Step::Loopback => "loopback",
+            Step::CgroupNamespace => "cgroup_namespace",
             Step::Setsid => "setsid",
             Step::CloseFds => "close_fds",
             Step::Dumpable => "not_dumpable",
@@ -297,7 +300,7 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
 }
 
 fn stage2(mut ctrl: UnixStream, cfg: &InitConfig) -> ! {
-    let (abi, full) = match build(cfg) {
+    let (abi, full) = match build(cfg, &mut ctrl) {
         Ok(v) => v,
         Err(e) => {
             report(&mut ctrl, e);
@@ -342,15 +345,11 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig) -> ! {
 }
 
 /// Applies every isolation layer in order. Returns (Landlock ABI, fully enforced).
-fn build(cfg: &InitConfig) -> StepResult<(u32, bool)> {
+fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     at(
         Step::Namespaces,
         sys::unshare(
-            libc::CLONE_NEWNS
-                | libc::CLONE_NEWNET
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWCGROUP,
+            libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
         ),
     )?;
     at(
@@ -545,6 +544,18 @@ fn build(cfg: &InitConfig) -> StepResult<(u32, bool)> {
 
     at(Step::Hostname, sys::sethostname("airlock"))?;
     at(Step::Loopback, sys::loopback_up())?;
+
+    // The engine moves this process into the sandbox cgroup while the view
+    // above is built; the cgroup namespace must be rooted there.
+    at(
+        Step::CgroupNamespace,
+        proto::write_msg(ctrl, &FromInit::Built),
+    )?;
+    match proto::read_msg::<_, ToInit>(ctrl, 1024) {
+        Ok(ToInit::Attached) => {}
+        _ => return Err((Step::CgroupNamespace, 0)),
+    }
+    at(Step::CgroupNamespace, sys::unshare(libc::CLONE_NEWCGROUP))?;
 
     at(Step::Setsid, sys::setsid())?;
     at(Step::CloseFds, sys::close_from(CONTROL_FD as u32 + 1))?;

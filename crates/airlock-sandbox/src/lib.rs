@@ -13,13 +13,13 @@
 //! recorded in the result).
 //!
 //! Layer order (see [`init::Step`]): user+pid namespaces → id maps →
-//! unprivileged ids → mount/net/ipc/uts/cgroup namespaces → new root
-//! (read-only runtime binds, generated /etc, minimal /dev, fresh masked
-//! /proc, capped scratch) → pivot_root + detach → read-only root → hostname,
-//! loopback → setsid, close fds, non-dumpable, RLIMIT_CORE 0 → drop all
-//! capabilities → no_new_privs → Landlock → seccomp → (job) → rlimits →
-//! optional execve lock → exec. The cgroup is created and joined by the
-//! engine before init reads its configuration.
+//! unprivileged ids → mount/net/ipc/uts namespaces → new root (read-only
+//! runtime binds, generated /etc, minimal /dev, fresh masked /proc, capped
+//! scratch) → pivot_root + detach → read-only root → hostname, loopback →
+//! (engine has moved pid 1 into the sandbox cgroup) cgroup namespace →
+//! setsid, close fds, non-dumpable, RLIMIT_CORE 0 → drop all capabilities →
+//! no_new_privs → Landlock → seccomp → (job) → rlimits → optional execve
+//! lock → exec.
 
 pub mod cgroup;
 pub mod engine;

@@ -13,6 +13,9 @@
 //!   (writes setgroups/gid_map/uid_map)
 //!   ── Mapped ───────────────────────────────▶
 //!   ◀────────────────────────────── Pid1{pid}    stage 2 = pid 1 of the sandbox
+//!   (moves pid 1 into the cgroup meanwhile)       builds mounts, pivot_root, net
+//!   ◀──────────────────────────────────── Built
+//!   ── Attached ─────────────────────────────▶   cgroup ns, caps, Landlock, seccomp
 //!   ◀───────────────────── Ready | Failed{step}  every layer applied
 //!   ── Job + code bytes ─────────────────────▶   (a pool hands the job over here)
 //!   ◀───────────────────── Exited{..} | Failed
@@ -93,6 +96,9 @@ pub enum FromInit {
         /// Host pid.
         pid: i32,
     },
+    /// Pid 1 has built the filesystem view and network and waits for
+    /// `Attached` (its cgroup) before the remaining layers.
+    Built,
     /// Every layer is applied; waiting for a job.
     Ready {
         /// Landlock ABI in force (0 = none).
@@ -134,6 +140,8 @@ pub enum ToInit {
     Config(Box<InitConfig>),
     /// Id maps are written.
     Mapped,
+    /// Pid 1 is in its cgroup (or none could be created without root).
+    Attached,
     /// Run this job; a raw frame of `code_len` bytes follows.
     Job(Box<Job>),
 }
