@@ -144,6 +144,13 @@ impl Engine {
                 req.policy.limits.stdin_bytes
             )));
         }
+        for p in &req.policy.filesystem.read_only_paths {
+            if !std::path::Path::new(p).exists() {
+                return Err(SandboxError::InvalidRequest(format!(
+                    "filesystem.read_only_paths entry {p:?} does not exist on this host"
+                )));
+            }
+        }
         seccomp::programs_for(&req.policy.syscalls.deny)?;
         self.runtime(req.language)?;
         Ok(())

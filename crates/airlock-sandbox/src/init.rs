@@ -766,18 +766,8 @@ fn apply_landlock(strict: bool) -> StepResult<(u32, bool)> {
     Ok((abi, full))
 }
 
-fn valid_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 fn run_job(ctrl: &mut UnixStream, job: &Job, code: &[u8]) -> StepResult<()> {
-    if !valid_file_name(&job.file_name) || job.argv.is_empty() {
+    if !crate::engine::safe_file_name(&job.file_name) || job.argv.is_empty() {
         return Err((Step::ReadJob, libc::EINVAL));
     }
     let path = format!("/workspace/{}", job.file_name);

@@ -176,3 +176,44 @@ fn code_is_copied_so_no_host_path_shows_in_mountinfo() {
     assert!(!text.contains("airlock-secret-project"), "{text}");
     assert!(!text.contains(dir.path().to_str().unwrap()), "{text}");
 }
+
+#[test]
+fn read_only_paths_expose_a_host_dir_without_write_access() {
+    let data = tempfile::Builder::new()
+        .prefix("airlock-ro-data")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    std::fs::write(data.path().join("input.txt"), "shared data").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[filesystem]\nread_only_paths = [{:?}]\n",
+            data.path().to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let p = policy.to_str().unwrap();
+    let file = data.path().join("input.txt");
+    let (r, v) = inside(&format!("read {}", file.display()), &["--policy", p]);
+    assert_eq!(r["reason"], "exited");
+    assert_eq!(v["len"], 11, "{v}");
+    let (_, v) = inside(
+        &format!("write {}/new", data.path().display()),
+        &["--policy", p],
+    );
+    assert_eq!(v["errno"], libc::EROFS, "{v}");
+    // A path that does not exist is bad input, not a silently smaller view.
+    std::fs::write(
+        &policy,
+        "[filesystem]\nread_only_paths = [\"/var/tmp/airlock-does-not-exist\"]\n",
+    )
+    .unwrap();
+    let out = airlock()
+        .args(["run", "--policy", p, "--lang", "python", "-c", "pass"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
