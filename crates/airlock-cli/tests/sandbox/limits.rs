@@ -191,3 +191,45 @@ fn the_sandbox_cgroup_is_removed_afterwards() {
     // every existing one to be recent (the suite runs in parallel).
     assert!(leftovers.len() < 64, "{} cgroups left", leftovers.len());
 }
+
+#[test]
+fn sandbox_dies_with_a_killed_engine() {
+    let marker = format!(
+        "{}.{}",
+        2000 + std::process::id() % 1000,
+        std::process::id()
+    );
+    let mut child = airlock()
+        .args([
+            "run",
+            "--lang",
+            "sh",
+            "-c",
+            &format!("trap '' TERM; sleep {marker} & sleep {marker}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The marker is also in airlock's own command line; count the sleeps only.
+    let engine = format!("{}:", child.id());
+    let sleeps = |m: &str| {
+        host_processes_with(m)
+            .into_iter()
+            .filter(|p| !p.starts_with(&engine))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while sleeps(&marker) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let started = sleeps(&marker);
+    child.kill().unwrap(); // SIGKILL: the engine gets no chance to clean up
+    child.wait().unwrap();
+    assert_eq!(started, 2, "sandbox did not start");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !host_processes_with(&marker).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(host_processes_with(&marker), Vec::<String>::new());
+}
