@@ -163,3 +163,25 @@ fn the_program_starts_with_default_signal_dispositions() {
     assert!(out.starts_with("y\n"), "{out}");
     assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
 }
+
+#[test]
+fn core_dumps_are_disabled_and_no_terminal_is_reachable() {
+    let r = run_json(
+        "shell",
+        "ulimit -c; echo --; ls /dev; echo --; test -e /dev/tty && echo tty; test -e /dev/console && echo console; true",
+        "",
+        &[],
+    );
+    let out = r["stdout"].as_str().unwrap();
+    let parts: Vec<&str> = out.split("--\n").collect();
+    assert_eq!(parts[0], "0\n", "{out}");
+    let devs: Vec<&str> = parts[1].lines().collect();
+    assert_eq!(
+        devs,
+        [
+            "fd", "full", "null", "random", "shm", "stderr", "stdin", "stdout", "urandom", "zero"
+        ],
+        "{out}"
+    );
+    assert_eq!(parts[2], "", "{out}");
+}
