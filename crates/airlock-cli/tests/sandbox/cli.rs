@@ -238,3 +238,23 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
     assert_eq!(get("sandbox_end_to_end")["ok"], true);
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn landlock_mode_is_recorded_in_the_result() {
+    let strict = run_json("shell", "true", "", &[]);
+    assert_eq!(strict["enforced"]["landlock"]["mode"], "strict");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        "[isolation]\nlandlock = \"best_effort_dangerous\"\n",
+    )
+    .unwrap();
+    let r = run_json("shell", "true", "", &["--policy", policy.to_str().unwrap()]);
+    assert_eq!(
+        r["enforced"]["landlock"]["mode"], "best_effort_dangerous",
+        "{r}"
+    );
+    // This kernel supports the pinned ABI, so best effort still enforces it fully.
+    assert_eq!(r["enforced"]["landlock"]["fully_enforced"], true, "{r}");
+}
