@@ -243,14 +243,8 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
 fn landlock_mode_is_recorded_in_the_result() {
     let strict = run_json("shell", "true", "", &[]);
     assert_eq!(strict["enforced"]["landlock"]["mode"], "strict");
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.toml");
-    std::fs::write(
-        &policy,
-        "[isolation]\nlandlock = \"best_effort_dangerous\"\n",
-    )
-    .unwrap();
-    let r = run_json("shell", "true", "", &["--policy", policy.to_str().unwrap()]);
+    let (_dir, policy) = policy_file("[isolation]\nlandlock = \"best_effort_dangerous\"\n");
+    let r = run_json("shell", "true", "", &["--policy", &policy]);
     assert_eq!(
         r["enforced"]["landlock"]["mode"], "best_effort_dangerous",
         "{r}"

@@ -184,17 +184,11 @@ fn read_only_paths_expose_a_host_dir_without_write_access() {
         .tempdir_in("/var/tmp")
         .unwrap();
     std::fs::write(data.path().join("input.txt"), "shared data").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.toml");
-    std::fs::write(
-        &policy,
-        format!(
-            "[filesystem]\nread_only_paths = [{:?}]\n",
-            data.path().to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    let p = policy.to_str().unwrap();
+    let (_dir, policy) = policy_file(&format!(
+        "[filesystem]\nread_only_paths = [{:?}]\n",
+        data.path().to_str().unwrap()
+    ));
+    let p = &policy;
     let file = data.path().join("input.txt");
     let (r, v) = inside(&format!("read {}", file.display()), &["--policy", p]);
     assert_eq!(r["reason"], "exited");

@@ -63,19 +63,8 @@ fn cpu_spin_ignoring_sigterm_is_killed_at_the_timeout() {
 
 #[test]
 fn cpu_time_limit_ends_a_spinning_program() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.toml");
-    std::fs::write(
-        &policy,
-        "[limits]\ncpu_time_ms = 500\nwall_time_ms = 20000\n",
-    )
-    .unwrap();
-    let r = run_json(
-        "python",
-        "while True: pass",
-        "",
-        &["--policy", policy.to_str().unwrap()],
-    );
+    let (_dir, policy) = policy_file("[limits]\ncpu_time_ms = 500\nwall_time_ms = 20000\n");
+    let r = run_json("python", "while True: pass", "", &["--policy", &policy]);
     assert_eq!(r["reason"], "cpu_limit", "{r}");
     assert!(r["wall_time_ms"].as_f64().unwrap() < 5000.0, "{r}");
 }

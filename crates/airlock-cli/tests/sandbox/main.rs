@@ -96,6 +96,15 @@ pub fn outside(probe: &str) -> Value {
     serde_json::from_str(text.trim().lines().last().unwrap_or("null")).expect("probe JSON")
 }
 
+/// Writes a policy file; keep the returned directory alive while it is used.
+pub fn policy_file(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, toml).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    (dir, path)
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

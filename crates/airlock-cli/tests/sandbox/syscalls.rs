@@ -118,14 +118,12 @@ fn status_shows_no_capabilities_no_new_privs_and_seccomp_filter() {
 
 #[test]
 fn execve_after_start_is_denied_by_policy_switch() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.toml");
-    std::fs::write(&policy, "[syscalls]\ndeny_execve = true\n").unwrap();
+    let (_dir, policy) = policy_file("[syscalls]\ndeny_execve = true\n");
     // Without the switch, the child's execve works (exit 7).
     let (r, v) = inside("exec", &[]);
     assert_eq!(r["reason"], "exited");
     assert_eq!(v["status"], 7, "{v}");
-    let (r, v) = inside("exec", &["--policy", policy.to_str().unwrap()]);
+    let (r, v) = inside("exec", &["--policy", &policy]);
     assert_eq!(r["reason"], "exited", "{r}");
     assert_eq!(r["enforced"]["seccomp"]["deny_execve"], true);
     assert_eq!(v["status"], 100 + libc::EPERM, "{v}");
@@ -133,14 +131,12 @@ fn execve_after_start_is_denied_by_policy_switch() {
 
 #[test]
 fn policy_extra_deny_adds_eperm() {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("p.toml");
-    std::fs::write(&policy, "[syscalls]\ndeny = [\"uname\"]\n").unwrap();
+    let (_dir, policy) = policy_file("[syscalls]\ndeny = [\"uname\"]\n");
     let r = run_json(
         "python",
         "import os\ntry:\n    os.uname(); print('allowed')\nexcept OSError as e:\n    print(e.errno)\n",
         "",
-        &["--policy", policy.to_str().unwrap()],
+        &["--policy", &policy],
     );
     assert_eq!(
         r["stdout"].as_str().unwrap().trim(),
