@@ -265,6 +265,16 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
         }
         Ok(Forked::Parent(pid)) => {
             drop(go_r);
+            // Stage 1 only waits from here on: it gives up the capabilities
+            // it holds in the sandbox's user namespace (defence in depth; the
+            // program cannot see it, it lives in the parent pid namespace).
+            let dropped = sys::drop_bounding_and_ambient()
+                .and_then(|_| sys::clear_capabilities())
+                .and_then(|_| sys::set_no_new_privs());
+            if dropped.is_err() {
+                let _ = sys::kill(pid, libc::SIGKILL);
+                return Err(());
+            }
             let sent = proto::write_msg(&mut ctrl, &FromInit::Pid1 { pid });
             drop(ctrl);
             // Release pid 1 only after the engine knows its host pid.

@@ -222,3 +222,52 @@ fn sandbox_dies_with_a_killed_engine() {
     }
     assert_eq!(host_processes_with(&marker), Vec::<String>::new());
 }
+
+#[test]
+fn init_processes_hold_no_capabilities_while_the_program_runs() {
+    let marker = format!(
+        "{}.{}",
+        3000 + std::process::id() % 1000,
+        std::process::id()
+    );
+    let mut child = airlock()
+        .args(["run", "--lang", "sh", "-c", &format!("sleep {marker}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let engine = format!("{}:", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while host_processes_with(&marker)
+        .iter()
+        .all(|p| p.starts_with(&engine))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Both init stages of this sandbox carry the engine's pid in argv.
+    let inits = host_processes_with(&format!("__airlock-init {}", child.id()));
+    let statuses: Vec<String> = inits
+        .iter()
+        .filter_map(|p| p.split(':').next())
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .collect();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(statuses.len(), 2, "{inits:?}");
+    for st in statuses {
+        let field = |k: &str| {
+            st.lines()
+                .find(|l| l.starts_with(k))
+                .unwrap_or("")
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(field("CapEff:"), "0000000000000000", "{st}");
+        assert_eq!(field("CapPrm:"), "0000000000000000", "{st}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{st}");
+        assert_ne!(field("Uid:"), "0", "{st}");
+    }
+}
