@@ -328,7 +328,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig) -> ! {
     {
         sys::exit_now(1);
     }
-    let job = match proto::read_msg::<_, ToInit>(&mut ctrl, 64 * 1024) {
+    let job = match proto::read_msg::<_, ToInit>(&mut ctrl, proto::MAX_TO_INIT) {
         Ok(ToInit::Job(job)) => job,
         _ => {
             report(&mut ctrl, (Step::ReadJob, 0));

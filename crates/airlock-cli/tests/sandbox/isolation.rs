@@ -185,3 +185,18 @@ fn core_dumps_are_disabled_and_no_terminal_is_reachable() {
     );
     assert_eq!(parts[2], "", "{out}");
 }
+
+#[test]
+fn policy_env_vars_reach_the_program_even_when_large() {
+    let big = "v".repeat(30 * 1024);
+    let (_dir, policy) = policy_file(&format!(
+        "[env.vars]\nGREETING = \"hello\"\nBIG1 = \"{big}\"\nBIG2 = \"{big}\"\nBIG3 = \"{big}\"\n"
+    ));
+    let r = run_json(
+        "python",
+        "import os; print(os.environ['GREETING'], len(os.environ['BIG1']) + len(os.environ['BIG3']))",
+        "",
+        &["--policy", &policy],
+    );
+    assert_eq!(r["stdout"], format!("hello {}\n", 2 * big.len()), "{r}");
+}
