@@ -2,7 +2,7 @@
 //! minimal set of read-only mounts it needs inside the sandbox.
 //!
 //! Every sandbox gets the interpreter binary (with its symlink chain), the
-//! system library directories and `/etc/ld.so.cache`; the shell additionally
+//! system library directories, `/usr/share/zoneinfo` and `/etc/ld.so.cache`; the shell additionally
 //! gets `/usr/bin` so that coreutils exist. An interpreter outside `/usr`
 //! (for example `/opt/python/bin/python3`) brings its prefix along. Nothing
 //! else of the host's filesystem is visible.
@@ -89,6 +89,13 @@ pub fn resolve(lang: Language, interpreter: Option<&Path>) -> Result<Runtime, Sa
                 target: d.into(),
             });
         }
+    }
+    // Time zone data: harmless, and programs expect it (python's zoneinfo).
+    if Path::new("/usr/share/zoneinfo").is_dir() {
+        mounts.push(RoMount {
+            host: "/usr/share/zoneinfo".into(),
+            target: "/usr/share/zoneinfo".into(),
+        });
     }
     if lang == Language::Shell {
         mounts.push(RoMount {

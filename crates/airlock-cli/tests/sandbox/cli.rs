@@ -252,3 +252,14 @@ fn landlock_mode_is_recorded_in_the_result() {
     // This kernel supports the pinned ABI, so best effort still enforces it fully.
     assert_eq!(r["enforced"]["landlock"]["fully_enforced"], true, "{r}");
 }
+
+#[test]
+fn time_zone_data_is_available() {
+    let r = run_json(
+        "python",
+        "import zoneinfo, datetime\nprint(datetime.datetime(2026, 7, 1, tzinfo=zoneinfo.ZoneInfo('Europe/Paris')).utcoffset())",
+        "",
+        &[],
+    );
+    assert_eq!(r["stdout"], "2:00:00\n", "{r}");
+}
