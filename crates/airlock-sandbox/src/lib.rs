@@ -3,7 +3,8 @@
 //! Owns: namespaces, the new root (pivot_root), Landlock, seccomp-BPF,
 //! capabilities, cgroups v1/v2, rlimits, spawning, supervising, killing and
 //! accounting one sandbox. This is the one crate where syscall-level
-//! `unsafe` lives (in [`sys`], plus the pre-exec hook in [`engine`]).
+//! `unsafe` lives: raw calls in [`sys`] and [`kvm`]; [`init`] and [`engine`]
+//! only call its documented unsafe fns (fork, fd adoption, the pre-exec hook).
 //!
 //! Must never: depend on tokio, a database or HTTP; run untrusted code before
 //! every layer is applied; return host paths in tenant-facing messages
