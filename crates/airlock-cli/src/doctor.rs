@@ -94,17 +94,6 @@ pub fn run(json: bool) -> ExitCode {
                 cgroup::Layout::V2 { .. } => "v2",
             };
             let created = cgroup::probe_create(&layout);
-            if version == "v1" {
-                // Joining a v1 cgroup waits for an RCU grace period (several
-                // ms per cold sandbox) unless RCU is expedited.
-                let expedited = read("/sys/kernel/rcu_expedited").is_some_and(|v| v == "1");
-                checks.push(Check {
-                    name: "cgroup_v1_attach_latency",
-                    ok: expedited,
-                    detail: format!("rcu_expedited={}", if expedited { 1 } else { 0 }),
-                    fix: Some("echo 1 > /sys/kernel/rcu_expedited (or boot with rcupdate.rcu_expedited=1): joining a v1 cgroup otherwise waits for an RCU grace period, 4-16 ms per cold sandbox; or use cgroup v2".into()),
-                });
-            }
             checks.push(Check {
                 name: "cgroups",
                 ok: created.is_ok(),

@@ -304,6 +304,19 @@ impl Cgroup {
         self.version
     }
 
+    /// v1: the `tasks` files through which a single-threaded process moves
+    /// itself in (writing "0"); v2: none (the engine attaches).
+    pub fn self_join_files(&self) -> Vec<String> {
+        match self.version {
+            CgroupVersion::V1 => self
+                .dirs
+                .iter()
+                .filter_map(|(_, d)| d.join("tasks").to_str().map(String::from))
+                .collect(),
+            CgroupVersion::V2 => Vec::new(),
+        }
+    }
+
     /// Moves a process into the cgroup (every hierarchy for v1).
     pub fn add(&self, pid: i32) -> Result<(), SandboxError> {
         for (_, d) in &self.dirs {

@@ -52,6 +52,9 @@ const NEW_ROOT: &str = "/tmp";
 pub enum Step {
     /// Read the configuration frame: without it nothing is known.
     ReadConfig,
+    /// Join the sandbox cgroup (v1: the process moves itself, which avoids
+    /// the kernel's global migration lock); every later process inherits it.
+    CgroupJoin,
     /// Drop host supplementary groups (root's group 0 would otherwise stay
     /// attached to the sandbox's credentials).
     ClearGroups,
@@ -132,6 +135,7 @@ impl Step {
     pub fn name(self) -> &'static str {
         match self {
             Step::ReadConfig => "read_config",
+            Step::CgroupJoin => "cgroup_join",
             Step::ClearGroups => "clear_groups",
             Step::UserPidNamespace => "user_pid_namespace",
             Step::IdMaps => "id_maps",
@@ -230,6 +234,9 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
         }
     };
     let r = (|| -> StepResult<()> {
+        for tasks in &cfg.cgroup_tasks {
+            at(Step::CgroupJoin, fs::write(tasks, "0"))?;
+        }
         if sys::geteuid() == 0 {
             at(Step::ClearGroups, sys::clear_groups())?;
         }

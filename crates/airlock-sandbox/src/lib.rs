@@ -13,11 +13,12 @@
 //! `best_effort_dangerous` mode, and missing cgroups when unprivileged, both
 //! recorded in the result).
 //!
-//! Layer order (see [`init::Step`]): user+pid namespaces → id maps →
+//! Layer order (see [`init::Step`]): cgroup join (v1: stage 1 moves itself
+//! in) → user+pid namespaces → id maps →
 //! unprivileged ids → mount/net/ipc/uts namespaces → new root (read-only
 //! runtime binds, generated /etc, minimal /dev, fresh masked /proc, capped
 //! scratch) → pivot_root + detach → read-only root → hostname, loopback →
-//! (engine has moved pid 1 into the sandbox cgroup) cgroup namespace →
+//! (v2: the engine has moved pid 1 into its cgroup) cgroup namespace →
 //! setsid, close fds, non-dumpable, RLIMIT_CORE 0 → drop all capabilities →
 //! no_new_privs → Landlock → seccomp → (job) → rlimits → optional execve
 //! lock → exec.

@@ -45,6 +45,10 @@ pub struct RoMount {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
+    /// cgroup v1 `tasks` files stage 1 writes "0" to (joining its cgroup
+    /// before it creates anything); empty when the engine attaches (v2) or
+    /// there is no cgroup.
+    pub cgroup_tasks: Vec<String>,
     /// Read-only bind mounts.
     pub mounts: Vec<RoMount>,
     /// Symlinks to create inside: (path, target).
