@@ -100,7 +100,8 @@ pub struct Limits {
     /// Memory (RAM + tmpfs pages charged to the sandbox; swap is never
     /// allowed). Default 256 MiB.
     pub memory_mib: u64,
-    /// Maximum number of tasks (processes + threads). Default 64.
+    /// Maximum number of tasks (processes + threads, including the two
+    /// airlock init processes of the sandbox). Default 64.
     pub pids: u64,
     /// CPU bandwidth in cores (cgroup quota). Default 1.0.
     pub cpus: f64,
