@@ -1,0 +1,306 @@
+//! airlock-store: everything airlock keeps across restarts.
+//!
+//! Owns: the [`Store`] trait (the one interface callers use), its SQLite
+//! implementation with embedded migrations, envelope encryption of secrets,
+//! API-key hashing, and the hash-chained audit log with its verifier.
+//!
+//! Must never: write a secret's plaintext or an API key's plaintext to the
+//! database, log either, or let an audit record be appended outside the
+//! chain. Every mutation that needs evidence writes its audit record in the
+//! same transaction as the change itself.
+
+pub mod audit;
+pub mod crypto;
+mod sqlite;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+pub use audit::{AuditEvent, NewAudit, VerifyReport};
+pub use crypto::{Keyring, MasterKey, NewApiKey};
+pub use sqlite::SqliteStore;
+
+/// Store errors. `Display` is for operators' logs; the server maps each
+/// variant to a tenant-safe problem without echoing internals.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening the database failed.
+    #[error("open database: {0}")]
+    Open(String),
+    /// Applying migrations failed.
+    #[error("migrate database: {0}")]
+    Migrate(String),
+    /// A query failed.
+    #[error("database: {0}")]
+    Db(String),
+    /// Key handling failed.
+    #[error(transparent)]
+    Crypto(#[from] crypto::CryptoError),
+    /// A unique name is taken.
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    /// A referenced row does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A stored row is not what this version wrote.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// A tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tenant {
+    /// Opaque id (`tn_...`).
+    pub id: String,
+    /// Unique human name.
+    pub name: String,
+    /// Creation time, Unix ms.
+    pub created_at_ms: i64,
+}
+
+/// An API key as stored (never its plaintext).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    /// Public key id.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Creation time, Unix ms.
+    pub created_at_ms: i64,
+    /// Revocation time, Unix ms.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A key row with its hash, for authentication only.
+#[derive(Debug, Clone)]
+pub struct ApiKeyAuth {
+    /// The key's metadata.
+    pub info: ApiKeyInfo,
+    /// Keyed hash of the whole key.
+    pub hash: Vec<u8>,
+}
+
+/// Secret metadata (never the value).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SecretMeta {
+    /// Name.
+    pub name: String,
+    /// Version, starting at 1, bumped on every write.
+    pub version: i64,
+    /// First write, Unix ms.
+    pub created_at_ms: i64,
+    /// Last write, Unix ms.
+    pub updated_at_ms: i64,
+}
+
+/// Lifecycle of an execution record.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecStatus {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A sandbox is being built or runs the code.
+    Running,
+    /// The engine returned a result (see `reason`).
+    Finished,
+    /// No result: the sandbox could not run or the server stopped first.
+    Failed,
+}
+
+impl ExecStatus {
+    /// snake_case name as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecStatus::Queued => "queued",
+            ExecStatus::Running => "running",
+            ExecStatus::Finished => "finished",
+            ExecStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "queued" => ExecStatus::Queued,
+            "running" => ExecStatus::Running,
+            "finished" => ExecStatus::Finished,
+            "failed" => ExecStatus::Failed,
+            other => return Err(StoreError::Corrupt(format!("status {other:?}"))),
+        })
+    }
+
+    /// Whether the record is final.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, ExecStatus::Finished | ExecStatus::Failed)
+    }
+}
+
+/// One execution as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ExecutionRecord {
+    /// Opaque id (`ex_...`).
+    pub id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Status.
+    pub status: ExecStatus,
+    /// Language name.
+    pub language: String,
+    /// Request id of the creating request.
+    pub request_id: String,
+    /// W3C trace id (32 hex).
+    pub trace_id: String,
+    /// Accepted, Unix ms.
+    pub created_at_ms: i64,
+    /// Sandbox start, Unix ms.
+    pub started_at_ms: Option<i64>,
+    /// End, Unix ms.
+    pub finished_at_ms: Option<i64>,
+    /// Termination reason (`exited`, `timeout`, ..., `cancelled`,
+    /// `server_shutdown`, `server_restart`).
+    pub reason: Option<String>,
+    /// The engine's result document, when there is one.
+    pub result: Option<serde_json::Value>,
+    /// Host-side resources the execution holds while it runs (cgroup
+    /// names), for reaping after a crash. Never shown to tenants.
+    pub host_state: Option<String>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// Items, newest first.
+    pub items: Vec<T>,
+    /// Cursor for the next (older) page.
+    pub next: Option<i64>,
+}
+
+/// Who did something, for audit records.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// `key:<id>`, `admin`, `server`, `client:<addr>`.
+    pub actor: String,
+    /// Request id, when there is one.
+    pub request_id: Option<String>,
+}
+
+/// The storage interface. Every implementation keeps the same guarantees:
+/// secrets sealed before they are written, audit records chained inside the
+/// transaction that made the change, tenant scoping in every query.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Creates a tenant with a fresh data key.
+    async fn create_tenant(&self, name: &str, actor: &Actor) -> Result<Tenant, StoreError>;
+    /// Looks a tenant up by name.
+    async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError>;
+    /// Lists tenants.
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
+
+    /// Stores a new key's hash for a tenant.
+    async fn create_api_key(
+        &self,
+        tenant_id: &str,
+        actor: &Actor,
+    ) -> Result<(ApiKeyInfo, NewApiKey), StoreError>;
+    /// Fetches a key row for authentication.
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyAuth>, StoreError>;
+    /// Revokes a key; false when it does not exist or was revoked already.
+    async fn revoke_api_key(&self, id: &str, actor: &Actor) -> Result<bool, StoreError>;
+    /// Lists a tenant's keys.
+    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyInfo>, StoreError>;
+
+    /// Creates or replaces a secret (version bumped), sealed at rest.
+    async fn put_secret(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        value: &[u8],
+        actor: &Actor,
+    ) -> Result<SecretMeta, StoreError>;
+    /// Reads and opens a secret; the read is audited by name.
+    async fn get_secret(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<Option<(SecretMeta, Zeroizing<Vec<u8>>)>, StoreError>;
+    /// Lists a tenant's secrets (metadata only).
+    async fn list_secrets(&self, tenant_id: &str) -> Result<Vec<SecretMeta>, StoreError>;
+    /// Deletes a secret; false when absent.
+    async fn delete_secret(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<bool, StoreError>;
+
+    /// Inserts a new (queued) execution and audits its acceptance.
+    async fn insert_execution(
+        &self,
+        rec: &ExecutionRecord,
+        actor: &Actor,
+    ) -> Result<(), StoreError>;
+    /// Marks an execution running; `host_state` names what to reap after a
+    /// crash. Audits `execution.started`.
+    async fn mark_running(
+        &self,
+        id: &str,
+        at_ms: i64,
+        host_state: &str,
+    ) -> Result<(), StoreError>;
+    /// Stores the final state and audits `execution.finished`.
+    async fn finish_execution(
+        &self,
+        id: &str,
+        status: ExecStatus,
+        reason: &str,
+        result: Option<&serde_json::Value>,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// One execution of one tenant.
+    async fn execution(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<ExecutionRecord>, StoreError>;
+    /// A tenant's executions, newest first; `before` is a cursor.
+    async fn list_executions(
+        &self,
+        tenant_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<ExecutionRecord>, StoreError>;
+    /// Every execution not in a terminal state (after a crash).
+    async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError>;
+
+    /// Appends an audit record to the chain.
+    async fn append_audit(&self, ev: NewAudit) -> Result<AuditEvent, StoreError>;
+    /// A tenant's audit records after `after` (seq), oldest first.
+    async fn list_audit(
+        &self,
+        tenant_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Walks the whole chain and reports the first broken record.
+    async fn verify_audit(&self) -> Result<VerifyReport, StoreError>;
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A fresh opaque id with a type prefix: UUIDv7 (time-ordered) in hex.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}

@@ -1,0 +1,878 @@
+//! The embedded SQLite store (WAL, foreign keys on, `BEGIN IMMEDIATE` for
+//! every read-then-write transaction so the audit chain cannot fork when
+//! the server and an admin command write at the same time).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use zeroize::Zeroizing;
+
+use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport};
+use crate::crypto::{self, Keyring, NewApiKey};
+use crate::{
+    Actor, ApiKeyAuth, ApiKeyInfo, ExecStatus, ExecutionRecord, Page, SecretMeta, Store,
+    StoreError, Tenant, new_id, now_ms,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// SQLite-backed [`Store`].
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    keys: Arc<Keyring>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+type Conn = SqliteConnection;
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `path` and applies
+    /// pending migrations.
+    pub async fn open(path: &Path, keys: Keyring) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|e| StoreError::Open(e.to_string()))?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await
+            .map_err(|e| StoreError::Open(e.to_string()))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Migrate(e.to_string()))?;
+        Ok(SqliteStore {
+            pool,
+            keys: Arc::new(keys),
+        })
+    }
+
+    /// Closes the pool, flushing the WAL.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Runs `f` inside `BEGIN IMMEDIATE` ... `COMMIT` (rolled back on error).
+    async fn write_tx<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(
+                &'c mut Conn,
+                &'c Keyring,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
+            > + Send,
+        T: Send,
+    {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+        let out = f(&mut tx, &self.keys).await;
+        match out {
+            Ok(v) => {
+                tx.commit().await?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Appends one record to the chain on a connection that holds the write
+/// lock (inside a `BEGIN IMMEDIATE` transaction).
+async fn append_in(conn: &mut Conn, keys: &Keyring, ev: &NewAudit) -> Result<AuditEvent, StoreError> {
+    let last = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        .fetch_optional(&mut *conn)
+        .await?;
+    let (seq, prev): (i64, Vec<u8>) = match last {
+        Some(r) => (r.try_get::<i64, _>(0)? + 1, r.try_get(1)?),
+        None => (1, vec![0u8; 32]),
+    };
+    let ts = now_ms();
+    let detail = serde_json::to_string(&ev.detail).map_err(|e| StoreError::Db(e.to_string()))?;
+    let enc = audit::encode(
+        seq,
+        ts,
+        ev.tenant_id.as_deref(),
+        &ev.kind,
+        &ev.actor,
+        &ev.subject,
+        ev.request_id.as_deref(),
+        &detail,
+    );
+    let hash = keys.audit_hash(&prev, &enc);
+    sqlx::query(
+        "INSERT INTO audit (seq, ts, tenant_id, kind, actor, subject, request_id, detail, prev_hash, hash)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(seq)
+    .bind(ts)
+    .bind(ev.tenant_id.as_deref())
+    .bind(&ev.kind)
+    .bind(&ev.actor)
+    .bind(&ev.subject)
+    .bind(ev.request_id.as_deref())
+    .bind(&detail)
+    .bind(&prev)
+    .bind(hash.as_slice())
+    .execute(&mut *conn)
+    .await?;
+    Ok(AuditEvent {
+        seq,
+        ts_ms: ts,
+        tenant_id: ev.tenant_id.clone(),
+        kind: ev.kind.clone(),
+        actor: ev.actor.clone(),
+        subject: ev.subject.clone(),
+        request_id: ev.request_id.clone(),
+        detail,
+        hash: crypto::hex(&hash),
+    })
+}
+
+fn tenant_row(r: &sqlx::sqlite::SqliteRow) -> Result<Tenant, StoreError> {
+    Ok(Tenant {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        created_at_ms: r.try_get("created_at")?,
+    })
+}
+
+fn key_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiKeyInfo, StoreError> {
+    Ok(ApiKeyInfo {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        created_at_ms: r.try_get("created_at")?,
+        revoked_at_ms: r.try_get("revoked_at")?,
+    })
+}
+
+fn secret_row(r: &sqlx::sqlite::SqliteRow) -> Result<SecretMeta, StoreError> {
+    Ok(SecretMeta {
+        name: r.try_get("name")?,
+        version: r.try_get("version")?,
+        created_at_ms: r.try_get("created_at")?,
+        updated_at_ms: r.try_get("updated_at")?,
+    })
+}
+
+fn exec_row(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord, StoreError> {
+    let result: Option<String> = r.try_get("result")?;
+    let status: String = r.try_get("status")?;
+    Ok(ExecutionRecord {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        status: ExecStatus::parse(&status)?,
+        language: r.try_get("language")?,
+        request_id: r.try_get("request_id")?,
+        trace_id: r.try_get("trace_id")?,
+        created_at_ms: r.try_get("created_at")?,
+        started_at_ms: r.try_get("started_at")?,
+        finished_at_ms: r.try_get("finished_at")?,
+        reason: r.try_get("reason")?,
+        result: match result {
+            Some(s) => Some(
+                serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("result: {e}")))?,
+            ),
+            None => None,
+        },
+        host_state: r.try_get("host_state")?,
+    })
+}
+
+fn audit_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredRow, StoreError> {
+    let hash: Vec<u8> = r.try_get("hash")?;
+    Ok(StoredRow {
+        event: AuditEvent {
+            seq: r.try_get("seq")?,
+            ts_ms: r.try_get("ts")?,
+            tenant_id: r.try_get("tenant_id")?,
+            kind: r.try_get("kind")?,
+            actor: r.try_get("actor")?,
+            subject: r.try_get("subject")?,
+            request_id: r.try_get("request_id")?,
+            detail: r.try_get("detail")?,
+            hash: crypto::hex(&hash),
+        },
+        prev_hash: r.try_get("prev_hash")?,
+        hash,
+    })
+}
+
+async fn tenant_dek(
+    conn: &mut Conn,
+    keys: &Keyring,
+    tenant_id: &str,
+) -> Result<crypto::DataKey, StoreError> {
+    let wrapped: Vec<u8> = sqlx::query_scalar("SELECT wrapped_dek FROM tenants WHERE id = ?")
+        .bind(tenant_id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or(StoreError::NotFound("tenant"))?;
+    Ok(keys.unwrap_dek(tenant_id, &wrapped)?)
+}
+
+const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
+                         started_at, finished_at, reason, result, host_state";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_tenant(&self, name: &str, actor: &Actor) -> Result<Tenant, StoreError> {
+        let name = name.to_string();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let exists: Option<String> =
+                    sqlx::query_scalar("SELECT id FROM tenants WHERE name = ?")
+                        .bind(&name)
+                        .fetch_optional(&mut *c)
+                        .await?;
+                if exists.is_some() {
+                    return Err(StoreError::Conflict("tenant"));
+                }
+                let t = Tenant {
+                    id: new_id("tn"),
+                    name: name.clone(),
+                    created_at_ms: now_ms(),
+                };
+                let wrapped = keys.new_wrapped_dek(&t.id)?;
+                sqlx::query(
+                    "INSERT INTO tenants (id, name, wrapped_dek, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&t.id)
+                .bind(&t.name)
+                .bind(&wrapped)
+                .bind(t.created_at_ms)
+                .execute(&mut *c)
+                .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&t.id),
+                        "tenant.create",
+                        &actor.actor,
+                        &t.name,
+                        actor.request_id.as_deref(),
+                    ),
+                )
+                .await?;
+                Ok(t)
+            })
+        })
+        .await
+    }
+
+    async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
+        let r = sqlx::query("SELECT id, name, created_at FROM tenants WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        r.as_ref().map(tenant_row).transpose()
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
+        let rows = sqlx::query("SELECT id, name, created_at FROM tenants ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(tenant_row).collect()
+    }
+
+    async fn create_api_key(
+        &self,
+        tenant_id: &str,
+        actor: &Actor,
+    ) -> Result<(ApiKeyInfo, NewApiKey), StoreError> {
+        let tenant_id = tenant_id.to_string();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let known: Option<String> =
+                    sqlx::query_scalar("SELECT id FROM tenants WHERE id = ?")
+                        .bind(&tenant_id)
+                        .fetch_optional(&mut *c)
+                        .await?;
+                if known.is_none() {
+                    return Err(StoreError::NotFound("tenant"));
+                }
+                let new = crypto::generate_api_key()?;
+                let info = ApiKeyInfo {
+                    id: new.id.clone(),
+                    tenant_id: tenant_id.clone(),
+                    created_at_ms: now_ms(),
+                    revoked_at_ms: None,
+                };
+                let hash = keys.api_key_hash(&new.key);
+                sqlx::query(
+                    "INSERT INTO api_keys (id, tenant_id, hash, created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&info.id)
+                .bind(&info.tenant_id)
+                .bind(hash.as_slice())
+                .bind(info.created_at_ms)
+                .execute(&mut *c)
+                .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&tenant_id),
+                        "api_key.create",
+                        &actor.actor,
+                        &info.id,
+                        actor.request_id.as_deref(),
+                    ),
+                )
+                .await?;
+                Ok((info, new))
+            })
+        })
+        .await
+    }
+
+    async fn api_key(&self, id: &str) -> Result<Option<ApiKeyAuth>, StoreError> {
+        let r = sqlx::query(
+            "SELECT id, tenant_id, hash, created_at, revoked_at FROM api_keys WHERE id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match r {
+            None => Ok(None),
+            Some(r) => Ok(Some(ApiKeyAuth {
+                info: key_row(&r)?,
+                hash: r.try_get("hash")?,
+            })),
+        }
+    }
+
+    async fn revoke_api_key(&self, id: &str, actor: &Actor) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let tenant: Option<String> = sqlx::query_scalar(
+                    "SELECT tenant_id FROM api_keys WHERE id = ? AND revoked_at IS NULL",
+                )
+                .bind(&id)
+                .fetch_optional(&mut *c)
+                .await?;
+                let Some(tenant) = tenant else {
+                    return Ok(false);
+                };
+                sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ?")
+                    .bind(now_ms())
+                    .bind(&id)
+                    .execute(&mut *c)
+                    .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&tenant),
+                        "api_key.revoke",
+                        &actor.actor,
+                        &id,
+                        actor.request_id.as_deref(),
+                    ),
+                )
+                .await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, tenant_id, created_at, revoked_at FROM api_keys WHERE tenant_id = ? ORDER BY created_at",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_row).collect()
+    }
+
+    async fn put_secret(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        value: &[u8],
+        actor: &Actor,
+    ) -> Result<SecretMeta, StoreError> {
+        let tenant_id = tenant_id.to_string();
+        let name = name.to_string();
+        let value = Zeroizing::new(value.to_vec());
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let dek = tenant_dek(c, keys, &tenant_id).await?;
+                let prev = sqlx::query(
+                    "SELECT name, version, created_at, updated_at FROM secrets WHERE tenant_id = ? AND name = ?",
+                )
+                .bind(&tenant_id)
+                .bind(&name)
+                .fetch_optional(&mut *c)
+                .await?;
+                let now = now_ms();
+                let meta = match prev.as_ref().map(secret_row).transpose()? {
+                    Some(p) => SecretMeta {
+                        version: p.version + 1,
+                        updated_at_ms: now,
+                        ..p
+                    },
+                    None => SecretMeta {
+                        name: name.clone(),
+                        version: 1,
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                    },
+                };
+                let sealed = Keyring::seal_secret(&dek, &tenant_id, &name, meta.version, &value)?;
+                sqlx::query(
+                    "INSERT INTO secrets (tenant_id, name, version, sealed, created_at, updated_at)
+                     VALUES (?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (tenant_id, name) DO UPDATE SET
+                       version = excluded.version, sealed = excluded.sealed, updated_at = excluded.updated_at",
+                )
+                .bind(&tenant_id)
+                .bind(&name)
+                .bind(meta.version)
+                .bind(&sealed)
+                .bind(meta.created_at_ms)
+                .bind(meta.updated_at_ms)
+                .execute(&mut *c)
+                .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&tenant_id),
+                        "secret.write",
+                        &actor.actor,
+                        &name,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({ "version": meta.version })),
+                )
+                .await?;
+                Ok(meta)
+            })
+        })
+        .await
+    }
+
+    async fn get_secret(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<Option<(SecretMeta, Zeroizing<Vec<u8>>)>, StoreError> {
+        let tenant_id = tenant_id.to_string();
+        let name = name.to_string();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let row = sqlx::query(
+                    "SELECT name, version, created_at, updated_at, sealed FROM secrets WHERE tenant_id = ? AND name = ?",
+                )
+                .bind(&tenant_id)
+                .bind(&name)
+                .fetch_optional(&mut *c)
+                .await?;
+                let out = match row {
+                    None => None,
+                    Some(r) => {
+                        let meta = secret_row(&r)?;
+                        let sealed: Vec<u8> = r.try_get("sealed")?;
+                        let dek = tenant_dek(c, keys, &tenant_id).await?;
+                        let value =
+                            Keyring::open_secret(&dek, &tenant_id, &name, meta.version, &sealed)?;
+                        Some((meta, value))
+                    }
+                };
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&tenant_id),
+                        "secret.read",
+                        &actor.actor,
+                        &name,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({ "found": out.is_some() })),
+                )
+                .await?;
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    async fn list_secrets(&self, tenant_id: &str) -> Result<Vec<SecretMeta>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, version, created_at, updated_at FROM secrets WHERE tenant_id = ? ORDER BY name",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(secret_row).collect()
+    }
+
+    async fn delete_secret(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        actor: &Actor,
+    ) -> Result<bool, StoreError> {
+        let tenant_id = tenant_id.to_string();
+        let name = name.to_string();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let n = sqlx::query("DELETE FROM secrets WHERE tenant_id = ? AND name = ?")
+                    .bind(&tenant_id)
+                    .bind(&name)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected();
+                if n > 0 {
+                    append_in(
+                        c,
+                        keys,
+                        &NewAudit::new(
+                            Some(&tenant_id),
+                            "secret.delete",
+                            &actor.actor,
+                            &name,
+                            actor.request_id.as_deref(),
+                        ),
+                    )
+                    .await?;
+                }
+                Ok(n > 0)
+            })
+        })
+        .await
+    }
+
+    async fn insert_execution(
+        &self,
+        rec: &ExecutionRecord,
+        actor: &Actor,
+    ) -> Result<(), StoreError> {
+        let rec = rec.clone();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&rec.id)
+                .bind(&rec.tenant_id)
+                .bind(rec.status.as_str())
+                .bind(&rec.language)
+                .bind(&rec.request_id)
+                .bind(&rec.trace_id)
+                .bind(rec.created_at_ms)
+                .execute(&mut *c)
+                .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&rec.tenant_id),
+                        "execution.accept",
+                        &actor.actor,
+                        &rec.id,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({
+                        "language": rec.language, "trace_id": rec.trace_id,
+                    })),
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn mark_running(&self, id: &str, at_ms: i64, host_state: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let host_state = host_state.to_string();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE executions SET status = 'running', started_at = ?, host_state = ?
+                     WHERE id = ? AND status = 'queued' RETURNING tenant_id, request_id",
+                )
+                .bind(at_ms)
+                .bind(&host_state)
+                .bind(&id)
+                .fetch_optional(&mut *c)
+                .await?
+                .ok_or(StoreError::NotFound("queued execution"))?;
+                let tenant: String = r.try_get(0)?;
+                let req: String = r.try_get(1)?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(Some(&tenant), "execution.start", "server", &id, Some(&req)),
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn finish_execution(
+        &self,
+        id: &str,
+        status: ExecStatus,
+        reason: &str,
+        result: Option<&serde_json::Value>,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let reason = reason.to_string();
+        let result = result
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Db(e.to_string()))?;
+        let exit_code = result
+            .as_ref()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+            .and_then(|v| v.get("exit_code").cloned())
+            .unwrap_or(serde_json::Value::Null);
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let r = sqlx::query(
+                    "UPDATE executions SET status = ?, reason = ?, result = ?, finished_at = ?, host_state = NULL
+                     WHERE id = ? AND status IN ('queued', 'running') RETURNING tenant_id, request_id",
+                )
+                .bind(status.as_str())
+                .bind(&reason)
+                .bind(result.as_deref())
+                .bind(at_ms)
+                .bind(&id)
+                .fetch_optional(&mut *c)
+                .await?
+                .ok_or(StoreError::NotFound("unfinished execution"))?;
+                let tenant: String = r.try_get(0)?;
+                let req: String = r.try_get(1)?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(Some(&tenant), "execution.finish", "server", &id, Some(&req))
+                        .with_detail(serde_json::json!({
+                            "status": status.as_str(), "reason": reason, "exit_code": exit_code,
+                        })),
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn execution(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<ExecutionRecord>, StoreError> {
+        let q = format!("SELECT {EXEC_COLS} FROM executions WHERE id = ? AND tenant_id = ?");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(id)
+            .bind(tenant_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        r.as_ref().map(exec_row).transpose()
+    }
+
+    async fn list_executions(
+        &self,
+        tenant_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Page<ExecutionRecord>, StoreError> {
+        let q = format!(
+            "SELECT {EXEC_COLS} FROM executions WHERE tenant_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant_id)
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit) + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut seqs = Vec::with_capacity(rows.len());
+        for r in &rows {
+            items.push(exec_row(r)?);
+            seqs.push(r.try_get::<i64, _>("seq")?);
+        }
+        let next = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            seqs.get(limit as usize - 1).copied()
+        } else {
+            None
+        };
+        Ok(Page { items, next })
+    }
+
+    async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError> {
+        let q = format!(
+            "SELECT {EXEC_COLS} FROM executions WHERE status IN ('queued', 'running') ORDER BY seq"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(exec_row).collect()
+    }
+
+    async fn append_audit(&self, ev: NewAudit) -> Result<AuditEvent, StoreError> {
+        self.write_tx(move |c, keys| Box::pin(async move { append_in(c, keys, &ev).await }))
+            .await
+    }
+
+    async fn list_audit(
+        &self,
+        tenant_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, ts, tenant_id, kind, actor, subject, request_id, detail, prev_hash, hash
+             FROM audit WHERE tenant_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(tenant_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(audit_row(r)?.event)).collect()
+    }
+
+    async fn verify_audit(&self) -> Result<VerifyReport, StoreError> {
+        let mut v = Verifier::new(&self.keys);
+        let mut after = 0i64;
+        // Pages ordered by rowid, not by `seq`: a reordered chain must be
+        // seen in storage order, and a renumbered row shows up as a gap.
+        loop {
+            let rows = sqlx::query(
+                "SELECT rowid AS r, seq, ts, tenant_id, kind, actor, subject, request_id, detail, prev_hash, hash
+                 FROM audit WHERE rowid > ? ORDER BY rowid LIMIT 1000",
+            )
+            .bind(after)
+            .fetch_all(&self.pool)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for r in &rows {
+                after = r.try_get("r")?;
+                if !v.feed(&audit_row(r)?) {
+                    return Ok(v.finish());
+                }
+            }
+        }
+        Ok(v.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MasterKey;
+
+    fn keys() -> Keyring {
+        Keyring::new(&MasterKey::from_hex(&"11".repeat(32)).unwrap())
+    }
+
+    fn admin() -> Actor {
+        Actor {
+            actor: "admin".into(),
+            request_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn secrets_sealed_scoped_and_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let s = SqliteStore::open(&db, keys()).await.unwrap();
+        let a = s.create_tenant("a", &admin()).await.unwrap();
+        let b = s.create_tenant("b", &admin()).await.unwrap();
+        assert!(matches!(
+            s.create_tenant("a", &admin()).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let m = s
+            .put_secret(&a.id, "token", b"plaintext-canary-7731", &admin())
+            .await
+            .unwrap();
+        assert_eq!(m.version, 1);
+        let m2 = s
+            .put_secret(&a.id, "token", b"plaintext-canary-7732", &admin())
+            .await
+            .unwrap();
+        assert_eq!(m2.version, 2);
+        let (_, v) = s.get_secret(&a.id, "token", &admin()).await.unwrap().unwrap();
+        assert_eq!(&v[..], b"plaintext-canary-7732");
+        assert!(s.get_secret(&b.id, "token", &admin()).await.unwrap().is_none());
+        let report = s.verify_audit().await.unwrap();
+        assert_eq!(report.first_broken, None);
+        assert_eq!(report.records, 6);
+        s.close().await;
+        // With a different master key, the data key does not unwrap.
+        let other = Keyring::new(&MasterKey::from_hex(&"22".repeat(32)).unwrap());
+        let s2 = SqliteStore::open(&db, other).await.unwrap();
+        assert!(s2.get_secret(&a.id, "token", &admin()).await.is_err());
+        assert!(s2.verify_audit().await.unwrap().first_broken.is_some());
+    }
+
+    #[tokio::test]
+    async fn audit_chain_is_serialised_across_concurrent_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("a.db"), keys())
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.append_audit(NewAudit::new(None, "test", "t", &i.to_string(), None))
+                    .await
+                    .unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let r = s.verify_audit().await.unwrap();
+        assert_eq!((r.records, r.first_broken), (40, None));
+    }
+}
