@@ -271,6 +271,9 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         TerminationReason::PolicyViolation => {
             Some("killed for a forbidden system call (seccomp)".into())
         }
+        TerminationReason::Cancelled
+        | TerminationReason::ServerShutdown
+        | TerminationReason::ServerRestart => Some("stopped before the program ended".into()),
         TerminationReason::InternalError => {
             eprintln!(
                 "airlock: sandbox failed: {}",

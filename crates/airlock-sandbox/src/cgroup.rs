@@ -288,6 +288,11 @@ impl Cgroup {
         }
     }
 
+    /// The cgroup's directories (one per v1 hierarchy, one on v2).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, d)| d.clone()).collect()
+    }
+
     fn dir(&self, controller: &str) -> Option<&Path> {
         match self.version {
             CgroupVersion::V2 => self.dirs.first().map(|(_, d)| d.as_path()),
@@ -440,6 +445,63 @@ fn missing() -> SandboxError {
         step: "controller",
         source: io::Error::from(io::ErrorKind::NotFound),
     }
+}
+
+/// Kills every process in the cgroup directory `dir` (one hierarchy) and
+/// removes it. Used after a crash, for cgroups no live engine owns.
+pub fn reap_dir(version: CgroupVersion, dir: &Path) -> bool {
+    let mut cg = Cgroup {
+        version,
+        dirs: vec![("", dir.to_path_buf())],
+    };
+    cg.remove();
+    !dir.exists()
+}
+
+/// The `airlock/` directories this process's sandboxes are created under.
+pub fn sandbox_parents(layout: &Layout) -> Vec<(CgroupVersion, PathBuf)> {
+    match layout {
+        Layout::V2 { mount, own } => vec![
+            (CgroupVersion::V2, mount.join(own).join("airlock")),
+            (CgroupVersion::V2, mount.join("airlock")),
+        ],
+        Layout::V1 { dirs } => dirs
+            .iter()
+            .map(|(_, own)| (CgroupVersion::V1, own.join("airlock")))
+            .collect(),
+    }
+}
+
+/// Reaps sandbox cgroups (`airlock/<pid>-<n>`) left by an engine that is
+/// gone: its owner pid is `previous_owner` (a crashed server whose pid was
+/// recorded) or no longer exists. Cgroups of live engines are untouched.
+/// Returns the directories removed.
+pub fn reap_stale(layout: &Layout, previous_owner: Option<u32>) -> Vec<PathBuf> {
+    let me = std::process::id();
+    let mut reaped = Vec::new();
+    for (version, parent) in sandbox_parents(layout) {
+        let Ok(entries) = fs::read_dir(&parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(owner) = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let gone = !Path::new(&format!("/proc/{owner}")).exists();
+            if owner != me && (previous_owner == Some(owner) || gone) {
+                let dir = e.path();
+                if reap_dir(version, &dir) {
+                    reaped.push(dir);
+                }
+            }
+        }
+    }
+    reaped
 }
 
 /// Can this process create a cgroup here? (for `doctor`)

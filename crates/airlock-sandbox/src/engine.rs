@@ -18,8 +18,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use airlock_policy::{LandlockMode, Language, Policy};
@@ -93,6 +93,41 @@ pub struct Request<'a> {
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Lets another thread stop a running execution. The supervising loop
+/// checks it at least every 50 ms and kills the whole sandbox; the result
+/// carries the reason given here.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicU8>);
+
+impl CancelToken {
+    /// A token nobody has triggered yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests the kill. The first reason wins. Only `Cancelled` and
+    /// `ServerShutdown` are meaningful here; others are mapped to
+    /// `Cancelled`.
+    pub fn cancel(&self, reason: TerminationReason) {
+        let code = match reason {
+            TerminationReason::ServerShutdown => 2,
+            _ => 1,
+        };
+        let _ = self
+            .0
+            .compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The requested reason, if any.
+    pub fn reason(&self) -> Option<TerminationReason> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            2 => Some(TerminationReason::ServerShutdown),
+            _ => Some(TerminationReason::Cancelled),
+        }
+    }
+}
 
 impl Engine {
     /// Creates an engine, detecting the cgroup layout once.
@@ -443,16 +478,37 @@ impl Sandbox {
         &self.enforced
     }
 
+    /// Host cgroup directories of this sandbox (what a crashed server
+    /// must reap on restart).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.cgroup.as_ref().map(Cgroup::dirs).unwrap_or_default()
+    }
+
     /// Binds the job, runs it to the end and destroys the sandbox.
     pub fn execute(
-        mut self,
+        self,
         code: &[u8],
         file_name: Option<&str>,
         stdin: &[u8],
         on_output: &mut dyn FnMut(Stream, &[u8]),
     ) -> RunResult {
+        self.execute_cancellable(code, file_name, stdin, on_output, &CancelToken::new())
+    }
+
+    /// [`Sandbox::execute`], stoppable from another thread through `cancel`.
+    pub fn execute_cancellable(
+        mut self,
+        code: &[u8],
+        file_name: Option<&str>,
+        stdin: &[u8],
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+        cancel: &CancelToken,
+    ) -> RunResult {
         let started = Instant::now();
-        let mut sup = Supervision::default();
+        let mut sup = Supervision {
+            cancel: Some(cancel.clone()),
+            ..Supervision::default()
+        };
         if let Err(e) = self.supervise(code, file_name, stdin, on_output, &mut sup, started) {
             sup.internal = Some(e);
         }
@@ -571,6 +627,10 @@ impl Sandbox {
             {
                 // The program is gone; descendants holding the pipes are
                 // killed by destroy() and drained afterwards.
+                return Ok(());
+            }
+            if let Some(r) = sup.cancel.as_ref().and_then(CancelToken::reason) {
+                sup.engine_reason.get_or_insert(r);
                 return Ok(());
             }
             let now = Instant::now();
@@ -853,6 +913,7 @@ struct Supervision {
     exit: Option<FromInit>,
     engine_reason: Option<TerminationReason>,
     internal: Option<SandboxError>,
+    cancel: Option<CancelToken>,
 }
 
 impl Supervision {

@@ -26,6 +26,13 @@ pub enum TerminationReason {
     PolicyViolation,
     /// The sandbox itself failed; see `error`.
     InternalError,
+    /// A client cancelled the execution.
+    Cancelled,
+    /// The server shut down before the program ended.
+    ServerShutdown,
+    /// The server crashed while the execution ran; recorded on restart
+    /// (never produced by the engine itself).
+    ServerRestart,
 }
 
 impl TerminationReason {
@@ -41,6 +48,9 @@ impl TerminationReason {
             TerminationReason::DiskLimit => "disk_limit",
             TerminationReason::PolicyViolation => "policy_violation",
             TerminationReason::InternalError => "internal_error",
+            TerminationReason::Cancelled => "cancelled",
+            TerminationReason::ServerShutdown => "server_shutdown",
+            TerminationReason::ServerRestart => "server_restart",
         }
     }
 }

@@ -1,5 +1,12 @@
 -- airlock schema v1. Times are Unix milliseconds.
 
+-- Key check value: proves the master key in use is the one this data
+-- directory was created with (a wrong key fails closed at start-up).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) STRICT;
+
 CREATE TABLE tenants (
     id          TEXT PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
@@ -42,6 +49,7 @@ CREATE TABLE executions (
     finished_at INTEGER,
     reason      TEXT,
     result      TEXT,
+    error       TEXT,
     host_state  TEXT
 ) STRICT;
 CREATE INDEX executions_tenant ON executions(tenant_id, seq DESC);

@@ -212,7 +212,10 @@ impl Keyring {
     pub fn new(master: &MasterKey) -> Self {
         let m = &master.0[..];
         Keyring {
-            kek: Zeroizing::new(blake3::derive_key("airlock v1 tenant key-encryption key", m)),
+            kek: Zeroizing::new(blake3::derive_key(
+                "airlock v1 tenant key-encryption key",
+                m,
+            )),
             api_key_mac: Zeroizing::new(blake3::derive_key("airlock v1 api key hash", m)),
             audit_mac: Zeroizing::new(blake3::derive_key("airlock v1 audit chain", m)),
         }
@@ -252,6 +255,11 @@ impl Keyring {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         open(&dek.0, &secret_aad(tenant_id, name, version), sealed)
+    }
+
+    /// A value that identifies the master key without revealing it.
+    pub fn key_check_value(&self) -> [u8; 32] {
+        *blake3::keyed_hash(&self.kek, b"airlock v1 key check value").as_bytes()
     }
 
     /// Keyed hash of a whole API key.
@@ -297,7 +305,9 @@ pub fn parse_api_key(presented: &str) -> Option<&str> {
     let rest = presented.strip_prefix("alk_")?;
     let (id, secret) = rest.split_once('_')?;
     let is_hex = |s: &str, n: usize| {
-        s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     (is_hex(id, 16) && is_hex(secret, 64)).then_some(id)
 }
@@ -315,7 +325,10 @@ mod tests {
         let k = ring();
         let wrapped = k.new_wrapped_dek("t1").unwrap();
         let dek = k.unwrap_dek("t1", &wrapped).unwrap();
-        assert!(k.unwrap_dek("t2", &wrapped).is_err(), "DEK bound to its tenant");
+        assert!(
+            k.unwrap_dek("t2", &wrapped).is_err(),
+            "DEK bound to its tenant"
+        );
         let sealed = Keyring::seal_secret(&dek, "t1", "db", 1, b"hunter2").unwrap();
         assert_eq!(
             &Keyring::open_secret(&dek, "t1", "db", 1, &sealed).unwrap()[..],

@@ -43,6 +43,9 @@ pub enum StoreError {
     /// A referenced row does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The master key is not the one this data directory was created with.
+    #[error("the master key does not match this data directory")]
+    WrongMasterKey,
     /// A stored row is not what this version wrote.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -167,6 +170,8 @@ pub struct ExecutionRecord {
     pub reason: Option<String>,
     /// The engine's result document, when there is one.
     pub result: Option<serde_json::Value>,
+    /// Tenant-safe error message for failed executions.
+    pub error: Option<String>,
     /// Host-side resources the execution holds while it runs (cgroup
     /// names), for reaping after a crash. Never shown to tenants.
     pub host_state: Option<String>,
@@ -181,6 +186,29 @@ pub struct Page<T> {
     pub next: Option<i64>,
 }
 
+/// The outcome of checking a presented API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// A live key of this tenant.
+    Valid {
+        /// Tenant.
+        tenant_id: String,
+        /// Key id.
+        key_id: String,
+    },
+    /// Not the shape airlock issues.
+    Malformed,
+    /// Well-formed, but no such key or the secret part does not match.
+    Unknown,
+    /// A revoked key.
+    Revoked {
+        /// Tenant.
+        tenant_id: String,
+        /// Key id.
+        key_id: String,
+    },
+}
+
 /// Who did something, for audit records.
 #[derive(Debug, Clone)]
 pub struct Actor {
@@ -188,6 +216,21 @@ pub struct Actor {
     pub actor: String,
     /// Request id, when there is one.
     pub request_id: Option<String>,
+}
+
+/// The final state of an execution.
+#[derive(Debug, Clone)]
+pub struct Finish<'a> {
+    /// `Finished` or `Failed`.
+    pub status: ExecStatus,
+    /// Termination reason.
+    pub reason: &'a str,
+    /// The engine's result document.
+    pub result: Option<&'a serde_json::Value>,
+    /// Tenant-safe error message.
+    pub error: Option<&'a str>,
+    /// End time, Unix ms.
+    pub at_ms: i64,
 }
 
 /// The storage interface. Every implementation keeps the same guarantees:
@@ -210,6 +253,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<(ApiKeyInfo, NewApiKey), StoreError>;
     /// Fetches a key row for authentication.
     async fn api_key(&self, id: &str) -> Result<Option<ApiKeyAuth>, StoreError>;
+    /// Checks a presented key: shape, keyed hash compared in constant time,
+    /// revocation.
+    async fn authenticate(&self, presented: &str) -> Result<AuthOutcome, StoreError>;
     /// Revokes a key; false when it does not exist or was revoked already.
     async fn revoke_api_key(&self, id: &str, actor: &Actor) -> Result<bool, StoreError>;
     /// Lists a tenant's keys.
@@ -248,21 +294,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<(), StoreError>;
     /// Marks an execution running; `host_state` names what to reap after a
     /// crash. Audits `execution.started`.
-    async fn mark_running(
-        &self,
-        id: &str,
-        at_ms: i64,
-        host_state: &str,
-    ) -> Result<(), StoreError>;
-    /// Stores the final state and audits `execution.finished`.
-    async fn finish_execution(
-        &self,
-        id: &str,
-        status: ExecStatus,
-        reason: &str,
-        result: Option<&serde_json::Value>,
-        at_ms: i64,
-    ) -> Result<(), StoreError>;
+    async fn mark_running(&self, id: &str, at_ms: i64, host_state: &str) -> Result<(), StoreError>;
+    /// Stores the final state and audits `execution.finish`.
+    async fn finish_execution(&self, id: &str, fin: &Finish<'_>) -> Result<(), StoreError>;
     /// One execution of one tenant.
     async fn execution(
         &self,

@@ -18,8 +18,8 @@ use zeroize::Zeroizing;
 use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport};
 use crate::crypto::{self, Keyring, NewApiKey};
 use crate::{
-    Actor, ApiKeyAuth, ApiKeyInfo, ExecStatus, ExecutionRecord, Page, SecretMeta, Store,
-    StoreError, Tenant, new_id, now_ms,
+    Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, Page,
+    SecretMeta, Store, StoreError, Tenant, new_id, now_ms,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -60,6 +60,22 @@ impl SqliteStore {
             .run(&pool)
             .await
             .map_err(|e| StoreError::Migrate(e.to_string()))?;
+        // Fail closed on a master key that is not this directory's.
+        let kcv = keys.key_check_value();
+        sqlx::query("INSERT OR IGNORE INTO meta (key, value) VALUES ('kcv', ?)")
+            .bind(kcv.as_slice())
+            .execute(&pool)
+            .await?;
+        let stored: Vec<u8> = sqlx::query_scalar("SELECT value FROM meta WHERE key = 'kcv'")
+            .fetch_one(&pool)
+            .await?;
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            stored.as_slice(),
+            kcv.as_slice(),
+        )) {
+            pool.close().await;
+            return Err(StoreError::WrongMasterKey);
+        }
         Ok(SqliteStore {
             pool,
             keys: Arc::new(keys),
@@ -100,7 +116,11 @@ impl SqliteStore {
 
 /// Appends one record to the chain on a connection that holds the write
 /// lock (inside a `BEGIN IMMEDIATE` transaction).
-async fn append_in(conn: &mut Conn, keys: &Keyring, ev: &NewAudit) -> Result<AuditEvent, StoreError> {
+async fn append_in(
+    conn: &mut Conn,
+    keys: &Keyring,
+    ev: &NewAudit,
+) -> Result<AuditEvent, StoreError> {
     let last = sqlx::query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         .fetch_optional(&mut *conn)
         .await?;
@@ -190,9 +210,11 @@ fn exec_row(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord, StoreError> 
         started_at_ms: r.try_get("started_at")?,
         finished_at_ms: r.try_get("finished_at")?,
         reason: r.try_get("reason")?,
+        error: r.try_get("error")?,
         result: match result {
             Some(s) => Some(
-                serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("result: {e}")))?,
+                serde_json::from_str(&s)
+                    .map_err(|e| StoreError::Corrupt(format!("result: {e}")))?,
             ),
             None => None,
         },
@@ -233,7 +255,7 @@ async fn tenant_dek(
 }
 
 const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
-                         started_at, finished_at, reason, result, host_state";
+                         started_at, finished_at, reason, result, error, host_state";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -364,6 +386,29 @@ impl Store for SqliteStore {
                 hash: r.try_get("hash")?,
             })),
         }
+    }
+
+    async fn authenticate(&self, presented: &str) -> Result<AuthOutcome, StoreError> {
+        let Some(id) = crypto::parse_api_key(presented) else {
+            return Ok(AuthOutcome::Malformed);
+        };
+        // Hash first, so a known and an unknown id cost the same work.
+        let want = self.keys.api_key_hash(presented);
+        let Some(row) = self.api_key(id).await? else {
+            return Ok(AuthOutcome::Unknown);
+        };
+        if !bool::from(subtle::ConstantTimeEq::ct_eq(
+            row.hash.as_slice(),
+            want.as_slice(),
+        )) {
+            return Ok(AuthOutcome::Unknown);
+        }
+        let (tenant_id, key_id) = (row.info.tenant_id, row.info.id);
+        Ok(if row.info.revoked_at_ms.is_some() {
+            AuthOutcome::Revoked { tenant_id, key_id }
+        } else {
+            AuthOutcome::Valid { tenant_id, key_id }
+        })
     }
 
     async fn revoke_api_key(&self, id: &str, actor: &Actor) -> Result<bool, StoreError> {
@@ -649,34 +694,30 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn finish_execution(
-        &self,
-        id: &str,
-        status: ExecStatus,
-        reason: &str,
-        result: Option<&serde_json::Value>,
-        at_ms: i64,
-    ) -> Result<(), StoreError> {
+    async fn finish_execution(&self, id: &str, fin: &Finish<'_>) -> Result<(), StoreError> {
         let id = id.to_string();
-        let reason = reason.to_string();
-        let result = result
+        let (status, at_ms) = (fin.status, fin.at_ms);
+        let reason = fin.reason.to_string();
+        let error = fin.error.map(str::to_string);
+        let exit_code = fin
+            .result
+            .and_then(|v| v.get("exit_code").cloned())
+            .unwrap_or(serde_json::Value::Null);
+        let result = fin
+            .result
             .map(serde_json::to_string)
             .transpose()
             .map_err(|e| StoreError::Db(e.to_string()))?;
-        let exit_code = result
-            .as_ref()
-            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-            .and_then(|v| v.get("exit_code").cloned())
-            .unwrap_or(serde_json::Value::Null);
         self.write_tx(move |c, keys| {
             Box::pin(async move {
                 let r = sqlx::query(
-                    "UPDATE executions SET status = ?, reason = ?, result = ?, finished_at = ?, host_state = NULL
+                    "UPDATE executions SET status = ?, reason = ?, result = ?, error = ?, finished_at = ?, host_state = NULL
                      WHERE id = ? AND status IN ('queued', 'running') RETURNING tenant_id, request_id",
                 )
                 .bind(status.as_str())
                 .bind(&reason)
                 .bind(result.as_deref())
+                .bind(error.as_deref())
                 .bind(at_ms)
                 .bind(&id)
                 .fetch_optional(&mut *c)
@@ -840,18 +881,52 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(m2.version, 2);
-        let (_, v) = s.get_secret(&a.id, "token", &admin()).await.unwrap().unwrap();
+        let (_, v) = s
+            .get_secret(&a.id, "token", &admin())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(&v[..], b"plaintext-canary-7732");
-        assert!(s.get_secret(&b.id, "token", &admin()).await.unwrap().is_none());
+        assert!(
+            s.get_secret(&b.id, "token", &admin())
+                .await
+                .unwrap()
+                .is_none()
+        );
         let report = s.verify_audit().await.unwrap();
         assert_eq!(report.first_broken, None);
         assert_eq!(report.records, 6);
         s.close().await;
-        // With a different master key, the data key does not unwrap.
+        // A different master key is refused before anything is read.
         let other = Keyring::new(&MasterKey::from_hex(&"22".repeat(32)).unwrap());
-        let s2 = SqliteStore::open(&db, other).await.unwrap();
-        assert!(s2.get_secret(&a.id, "token", &admin()).await.is_err());
-        assert!(s2.verify_audit().await.unwrap().first_broken.is_some());
+        assert!(matches!(
+            SqliteStore::open(&db, other).await,
+            Err(StoreError::WrongMasterKey)
+        ));
+        // Authentication: the issued key, a flipped secret, a revoked key.
+        let s = SqliteStore::open(&db, keys()).await.unwrap();
+        let (info, new) = s.create_api_key(&a.id, &admin()).await.unwrap();
+        assert_eq!(
+            s.authenticate(&new.key).await.unwrap(),
+            AuthOutcome::Valid {
+                tenant_id: a.id.clone(),
+                key_id: info.id.clone()
+            }
+        );
+        let mut forged = new.key.to_string();
+        let last = if forged.ends_with('0') { "1" } else { "0" };
+        forged.replace_range(forged.len() - 1.., last);
+        assert_eq!(s.authenticate(&forged).await.unwrap(), AuthOutcome::Unknown);
+        assert_eq!(
+            s.authenticate("Bearer x").await.unwrap(),
+            AuthOutcome::Malformed
+        );
+        assert!(s.revoke_api_key(&info.id, &admin()).await.unwrap());
+        assert!(!s.revoke_api_key(&info.id, &admin()).await.unwrap());
+        assert!(matches!(
+            s.authenticate(&new.key).await.unwrap(),
+            AuthOutcome::Revoked { .. }
+        ));
     }
 
     #[tokio::test]
