@@ -1,4 +1,5 @@
-//! The `airlock` binary: `run`, `doctor`, and (hidden) the sandbox init.
+//! The `airlock` binary: `run`, `serve`, `admin`, `doctor`, and (hidden)
+//! the sandbox init.
 //!
 //! Owns: argument parsing, reading the user's files, mapping results to exit
 //! codes. Must never: apply isolation itself (that is airlock-sandbox), or
@@ -8,6 +9,7 @@
 //! bad input (nothing was started); 125 when the sandbox itself failed.
 
 mod doctor;
+mod server;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -32,6 +34,10 @@ struct Cli {
 enum Command {
     /// Run one program in a fresh sandbox.
     Run(RunArgs),
+    /// Serve the multi-tenant HTTP API.
+    Serve(server::ServeArgs),
+    /// Administer tenants, API keys and the audit log of a data directory.
+    Admin(server::AdminArgs),
     /// Report which isolation layers this host supports.
     Doctor {
         /// Print JSON instead of text.
@@ -121,10 +127,16 @@ fn main() -> ExitCode {
             }
         },
         Command::Doctor { json } => doctor::run(json),
+        Command::Serve(args) => server::serve(args, engine_config()),
+        Command::Admin(args) => server::admin(args),
     }
 }
 
 fn engine() -> Engine {
+    Engine::new(engine_config())
+}
+
+fn engine_config() -> EngineConfig {
     let mut cfg = match EngineConfig::from_current_exe() {
         Ok(c) => c,
         Err(_) => EngineConfig {
@@ -143,7 +155,7 @@ fn engine() -> Engine {
             cfg.interpreters.insert(lang, PathBuf::from(p));
         }
     }
-    Engine::new(cfg)
+    cfg
 }
 
 fn load_policy(args: &RunArgs) -> Result<Policy, Usage> {

@@ -1,1 +1,292 @@
-//! placeholder
+//! airlock-server: the multi-tenant HTTP API (`airlock serve`).
+//!
+//! Owns: authentication at the edge (API key → tenant before anything
+//! else), request hygiene (size, content type, nesting, unknown fields),
+//! the execution lifecycle (admission, queue, workers, cancel, drain),
+//! crash recovery, metrics and the OpenAPI document.
+//!
+//! Must never: show one tenant anything of another (every lookup is scoped
+//! by the authenticated tenant and a miss is 404, never 403), return a host
+//! path or internal error text, log a request body, or run a sandbox from a
+//! short-lived thread (see `exec`).
+
+pub mod api;
+pub mod body;
+pub mod config;
+pub mod exec;
+pub mod live;
+pub mod metrics;
+pub mod problem;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use airlock_sandbox::cgroup::{self, CgroupVersion, Layout};
+use airlock_sandbox::{Engine, EngineConfig, TerminationReason};
+use airlock_store::{ExecStatus, Finish, Keyring, NewAudit, SqliteStore, Store, now_ms};
+
+pub use config::ServerConfig;
+
+/// Shared state of all handlers.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Configuration.
+    pub cfg: Arc<ServerConfig>,
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// The sandbox engine.
+    pub engine: Arc<Engine>,
+    /// Admission and workers.
+    pub exec: Arc<exec::Executor>,
+    /// Metrics.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Failed-auth throttle.
+    pub limiter: Arc<api::AuthLimiter>,
+    /// Set once SIGTERM arrives.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// Why the server could not start or stop cleanly. One line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// Data directory or master key problem.
+    #[error("{0}")]
+    Setup(String),
+    /// Another server holds the data directory.
+    #[error("another airlock server is using the data directory {0}")]
+    Locked(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] airlock_store::StoreError),
+    /// Binding or serving failed.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// Database file inside the data directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("airlock.db")
+}
+
+/// Opens the data directory's store (for the server and admin commands).
+pub async fn open_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
+    config::prepare_data_dir(data_dir).map_err(ServeError::Setup)?;
+    let (key, source) = config::master_key(data_dir).map_err(ServeError::Setup)?;
+    if let config::MasterKeySource::Generated(p) = &source {
+        tracing::warn!(
+            path = %p.display(),
+            "no AIRLOCK_MASTER_KEY or AIRLOCK_MASTER_KEY_FILE given: generated a master key \
+             in the data directory (mode 0600); keep it apart from backups of the database"
+        );
+        eprintln!(
+            "airlock: warning: generated a new master key at {} (set AIRLOCK_MASTER_KEY_FILE to keep keys apart from data)",
+            p.display()
+        );
+    }
+    Ok(SqliteStore::open(&db_path(data_dir), Keyring::new(&key)).await?)
+}
+
+#[derive(serde::Deserialize)]
+struct HostState {
+    cgroups: Vec<PathBuf>,
+}
+
+/// Marks executions a crashed server left unfinished as failed
+/// (`server_restart`) and reaps their cgroups (killing whatever is left in
+/// them), then sweeps cgroups of engines that are gone. Sandboxes have no
+/// host mounts or scratch directories: their mounts and tmpfs scratch
+/// live in their own mount namespace and vanish with their last process.
+pub async fn recover(
+    store: &dyn Store,
+    layout: Option<&Layout>,
+    previous_pid: Option<u32>,
+) -> Result<(usize, usize), ServeError> {
+    let version = match layout {
+        Some(Layout::V2 { .. }) => CgroupVersion::V2,
+        _ => CgroupVersion::V1,
+    };
+    let mut reaped = 0;
+    let leftovers = store.unfinished_executions().await?;
+    for rec in &leftovers {
+        if let Some(hs) = rec
+            .host_state
+            .as_deref()
+            .and_then(|s| serde_json::from_str::<HostState>(s).ok())
+        {
+            for dir in hs.cgroups {
+                // Only ever touch directories under a sandbox parent.
+                let ours = layout.is_some_and(|l| {
+                    cgroup::sandbox_parents(l)
+                        .iter()
+                        .any(|(_, p)| dir.parent() == Some(p.as_path()))
+                });
+                if ours && dir.exists() && cgroup::reap_dir(version, &dir) {
+                    reaped += 1;
+                }
+            }
+        }
+        store
+            .finish_execution(
+                &rec.id,
+                &Finish {
+                    status: ExecStatus::Failed,
+                    reason: TerminationReason::ServerRestart.as_str(),
+                    result: None,
+                    error: Some("the server stopped unexpectedly while this execution ran"),
+                    at_ms: now_ms(),
+                },
+            )
+            .await?;
+    }
+    if let Some(l) = layout {
+        reaped += cgroup::reap_stale(l, previous_pid).len();
+    }
+    if !leftovers.is_empty() || reaped > 0 {
+        store
+            .append_audit(
+                NewAudit::new(None, "server.recovered", "server", "", None).with_detail(
+                    serde_json::json!({ "executions": leftovers.len(), "cgroups_reaped": reaped }),
+                ),
+            )
+            .await?;
+    }
+    Ok((leftovers.len(), reaped))
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains.
+pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), ServeError> {
+    cfg.validate()?;
+    config::prepare_data_dir(&cfg.data_dir).map_err(ServeError::Setup)?;
+    // One server per data directory: a second one would mark the first
+    // one's running executions as crashed.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cfg.data_dir.join("server.lock"))
+        .map_err(|e| ServeError::Setup(format!("lock file: {e}")))?;
+    lock.try_lock()
+        .map_err(|_| ServeError::Locked(cfg.data_dir.display().to_string()))?;
+
+    let store = open_store(&cfg.data_dir).await?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let engine = Arc::new(Engine::new(engine_cfg));
+
+    let pid_file = cfg.data_dir.join("server.pid");
+    let previous_pid = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|p| *p != std::process::id());
+    let (recovered, reaped) = recover(store.as_ref(), engine.cgroup_layout(), previous_pid).await?;
+    if recovered > 0 || reaped > 0 {
+        tracing::warn!(
+            executions = recovered,
+            cgroups = reaped,
+            "recovered from an unclean stop"
+        );
+    }
+    std::fs::write(&pid_file, format!("{}\n", std::process::id()))
+        .map_err(|e| ServeError::Setup(format!("pid file: {e}")))?;
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let exec = exec::Executor::start(
+        cfg.max_concurrent,
+        cfg.queue_size,
+        store.clone(),
+        engine.clone(),
+        metrics.clone(),
+        Box::new(api::render_record),
+    )
+    .map_err(|e| ServeError::Setup(format!("worker threads: {e}")))?;
+    let cfg = Arc::new(cfg);
+    let state = AppState {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        engine,
+        exec: exec.clone(),
+        metrics,
+        limiter: Arc::new(api::AuthLimiter::default()),
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
+    store
+        .append_audit(
+            NewAudit::new(None, "server.start", "server", "", None)
+                .with_detail(serde_json::json!({ "pid": std::process::id() })),
+        )
+        .await?;
+    tracing::info!(addr = %local, data_dir = %cfg.data_dir.display(), "airlock serving");
+    // A line for scripts (and tests) that start the server on port 0.
+    println!("airlock: listening on http://{local}");
+
+    let app = api::router(state.clone());
+    let drain_state = state.clone();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { drain(drain_state).await })
+    .await
+    .map_err(|source| ServeError::Listen {
+        addr: local,
+        source,
+    })?;
+
+    exec.stop();
+    store
+        .append_audit(NewAudit::new(None, "server.stop", "server", "", None))
+        .await?;
+    let _ = std::fs::remove_file(&pid_file);
+    tracing::info!("airlock stopped");
+    Ok(())
+}
+
+/// Waits for SIGTERM/SIGINT, then: refuse new executions, stop queued
+/// ones, give running ones the grace period, kill the rest with
+/// `server_shutdown`, and wait until every record is final.
+async fn drain(st: AppState) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will not drain");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    st.draining.store(true, Ordering::SeqCst);
+    let in_flight = st.exec.in_flight();
+    tracing::info!(in_flight, "draining");
+    st.exec.cancel_queued(TerminationReason::ServerShutdown);
+    let grace = Duration::from_millis(st.cfg.shutdown_grace_ms);
+    if !st.exec.wait_idle(grace).await {
+        tracing::warn!("grace period over: killing running executions");
+        st.exec.cancel_all(TerminationReason::ServerShutdown);
+        if !st.exec.wait_idle(Duration::from_secs(30)).await {
+            tracing::error!("executions did not stop within 30 s of being killed");
+        }
+    }
+}

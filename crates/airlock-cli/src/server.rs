@@ -1,0 +1,298 @@
+//! `airlock serve` and `airlock admin`: argument structs and their bodies.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use airlock_server::ServerConfig;
+use airlock_store::{Actor, Store};
+use clap::Subcommand;
+
+/// Flags shared by `serve` and `admin`: where the configuration and the
+/// data live. Precedence: flag, then environment, then config file, then
+/// the built-in default.
+#[derive(clap::Args, Debug)]
+pub struct Common {
+    /// Config file (TOML; see docs/server.md).
+    #[arg(long, env = "AIRLOCK_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory (database, master key, pid file). Default:
+    /// /var/lib/airlock as root, else $XDG_DATA_HOME/airlock.
+    #[arg(long, env = "AIRLOCK_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+}
+
+/// `airlock serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Listen address (default 127.0.0.1:7070).
+    #[arg(long, env = "AIRLOCK_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Executions running at once.
+    #[arg(long, env = "AIRLOCK_MAX_CONCURRENT")]
+    max_concurrent: Option<usize>,
+    /// Executions waiting beyond that; more get 429.
+    #[arg(long, env = "AIRLOCK_QUEUE_SIZE")]
+    queue_size: Option<usize>,
+    /// On SIGTERM, ms running executions may continue before being killed.
+    #[arg(long, env = "AIRLOCK_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
+}
+
+/// `airlock admin`.
+#[derive(clap::Args, Debug)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Tenants.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantCommand {
+    /// Create a tenant.
+    Create {
+        /// Unique name: [a-z0-9][a-z0-9_-]{0,62}.
+        name: String,
+    },
+    /// List tenants.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Create an API key for a tenant; the key is printed once, on stdout.
+    Create {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// Key id (the 16 hex digits after `alk_`).
+        id: String,
+    },
+    /// List a tenant's keys (ids only).
+    List {
+        /// Tenant name.
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify the whole hash chain; exit 1 and name the first broken record.
+    Verify,
+}
+
+/// Failure of a command: `Usage` exits 2, `Failed` exits 1.
+pub enum Fail {
+    /// Bad input; nothing changed.
+    Usage(String),
+    /// The operation failed.
+    Failed(String),
+}
+
+impl Fail {
+    fn exit(self) -> ExitCode {
+        match self {
+            Fail::Usage(m) => {
+                eprintln!("airlock: {m}");
+                ExitCode::from(2)
+            }
+            Fail::Failed(m) => {
+                eprintln!("airlock: {m}");
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn load_config(common: &Common) -> Result<ServerConfig, Fail> {
+    let mut cfg = match &common.config {
+        Some(p) => ServerConfig::from_file(p).map_err(|e| Fail::Usage(e.to_string()))?,
+        None => ServerConfig::default(),
+    };
+    if let Some(d) = &common.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    Ok(cfg)
+}
+
+fn runtime(multi: bool) -> Result<tokio::runtime::Runtime, Fail> {
+    let mut b = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all()
+        .build()
+        .map_err(|e| Fail::Failed(format!("cannot start the async runtime: {e}")))
+}
+
+/// `airlock serve`.
+pub fn serve(args: ServeArgs, engine: airlock_sandbox::EngineConfig) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let r = (|| {
+        let mut cfg = load_config(&args.common)?;
+        if let Some(v) = args.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = args.max_concurrent {
+            cfg.max_concurrent = v;
+        }
+        if let Some(v) = args.queue_size {
+            cfg.queue_size = v;
+        }
+        if let Some(v) = args.shutdown_grace_ms {
+            cfg.shutdown_grace_ms = v;
+        }
+        cfg.validate().map_err(|e| Fail::Usage(e.to_string()))?;
+        runtime(true)?
+            .block_on(airlock_server::serve(cfg, engine))
+            .map_err(|e| Fail::Failed(e.to_string()))
+    })();
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => f.exit(),
+    }
+}
+
+fn valid_tenant_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    (1..=63).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+/// `airlock admin ...`.
+pub fn admin(args: AdminArgs) -> ExitCode {
+    let r = (|| {
+        let cfg = load_config(&args.common)?;
+        runtime(false)?.block_on(async move {
+            let store = airlock_server::open_store(&cfg.data_dir)
+                .await
+                .map_err(|e| Fail::Failed(e.to_string()))?;
+            let r = admin_body(&store, args.command).await;
+            store.close().await;
+            r
+        })
+    })();
+    match r {
+        Ok(code) => code,
+        Err(f) => f.exit(),
+    }
+}
+
+async fn admin_body(
+    store: &airlock_store::SqliteStore,
+    cmd: AdminCommand,
+) -> Result<ExitCode, Fail> {
+    let actor = Actor {
+        actor: "admin".into(),
+        request_id: None,
+    };
+    let db = |e: airlock_store::StoreError| Fail::Failed(e.to_string());
+    let tenant = |name: String| async move {
+        store
+            .tenant_by_name(&name)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| Fail::Usage(format!("no tenant named {name:?}")))
+    };
+    match cmd {
+        AdminCommand::Tenant(TenantCommand::Create { name }) => {
+            if !valid_tenant_name(&name) {
+                return Err(Fail::Usage(
+                    "tenant names match [a-z0-9][a-z0-9_-]{0,62}".into(),
+                ));
+            }
+            let t = store
+                .create_tenant(&name, &actor)
+                .await
+                .map_err(|e| match e {
+                    airlock_store::StoreError::Conflict(_) => {
+                        Fail::Usage(format!("tenant {name:?} already exists"))
+                    }
+                    e => db(e),
+                })?;
+            println!("{}\t{}", t.id, t.name);
+        }
+        AdminCommand::Tenant(TenantCommand::List) => {
+            for t in store.list_tenants().await.map_err(db)? {
+                println!("{}\t{}", t.id, t.name);
+            }
+        }
+        AdminCommand::Key(KeyCommand::Create { tenant: name }) => {
+            let t = tenant(name).await?;
+            let (info, key) = store.create_api_key(&t.id, &actor).await.map_err(db)?;
+            println!("{}", &*key.key);
+            eprintln!(
+                "airlock: created key {} for tenant {}; it is shown only this once",
+                info.id, t.name
+            );
+        }
+        AdminCommand::Key(KeyCommand::Revoke { id }) => {
+            if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Fail::Usage("key ids are 16 hex digits".into()));
+            }
+            if !store.revoke_api_key(&id, &actor).await.map_err(db)? {
+                return Err(Fail::Usage(format!(
+                    "no active key with id {id} (unknown or already revoked)"
+                )));
+            }
+            println!("revoked {id}");
+        }
+        AdminCommand::Key(KeyCommand::List { tenant: name }) => {
+            let t = tenant(name).await?;
+            for k in store.list_api_keys(&t.id).await.map_err(db)? {
+                println!(
+                    "{}\t{}",
+                    k.id,
+                    if k.revoked_at_ms.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    }
+                );
+            }
+        }
+        AdminCommand::Audit(AuditCommand::Verify) => {
+            let r = store.verify_audit().await.map_err(db)?;
+            if let Some((seq, why)) = r.first_broken {
+                eprintln!("airlock: audit log broken at record {seq}: {why}");
+                return Ok(ExitCode::from(1));
+            }
+            match r.head {
+                Some((seq, hash)) => {
+                    println!("audit log intact: {} records, head {seq} {hash}", r.records)
+                }
+                None => println!("audit log intact: empty"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

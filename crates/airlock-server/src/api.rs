@@ -1,0 +1,1072 @@
+//! Routes: tenant API, health, metrics, OpenAPI. Handlers stay thin: they
+//! authenticate, parse, call the store or the executor, and render.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use airlock_policy::{Language, Policy};
+use airlock_sandbox::{Request as EngineRequest, SandboxError, TerminationReason};
+use airlock_store::{
+    Actor, AuthOutcome, ExecStatus, ExecutionRecord, Finish, NewAudit, SecretMeta, new_id, now_ms,
+};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use futures_util::stream::{self, Stream};
+use serde::{Deserialize, Serialize};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::AppState;
+use crate::body;
+use crate::exec::Submission;
+use crate::problem::{ApiError, Problem};
+
+// ---------------------------------------------------------------- context
+
+/// Per-request identity, set by [`request_context`].
+#[derive(Debug, Clone)]
+pub struct ReqCtx {
+    /// `req_...`, or the caller's `X-Request-Id` when it is well-formed.
+    pub request_id: String,
+    /// W3C trace id from `traceparent`, or a fresh one.
+    pub trace_id: String,
+}
+
+fn valid_request_id(v: &str) -> bool {
+    (1..=64).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Parses a W3C `traceparent` (version 00 layout) and returns its trace id.
+pub fn parse_traceparent(v: &str) -> Option<String> {
+    let parts: Vec<&str> = v.trim().split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    if parts.len() < 4 || !hex(parts[0], 2) || parts[0] == "ff" {
+        return None;
+    }
+    if parts[0] == "00" && parts.len() != 4 {
+        return None;
+    }
+    let (trace, span) = (parts[1], parts[2]);
+    if !hex(trace, 32) || !hex(span, 16) || !hex(parts[3], 2) {
+        return None;
+    }
+    if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    Some(trace.to_string())
+}
+
+fn new_trace_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// Middleware: request id and trace id for every request, echoed back.
+pub async fn request_context(mut req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| valid_request_id(v))
+        .map_or_else(|| new_id("req"), str::to_string);
+    let trace_id = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent)
+        .unwrap_or_else(new_trace_id);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    req.extensions_mut().insert(ReqCtx {
+        request_id: request_id.clone(),
+        trace_id: trace_id.clone(),
+    });
+    let started = Instant::now();
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        %method, path = %path.chars().take(200).collect::<String>(), status = resp.status().as_u16(),
+        request_id = %request_id, trace_id = %trace_id,
+        ms = started.elapsed().as_secs_f64() * 1000.0, "request"
+    );
+    resp
+}
+
+// ---------------------------------------------------------------- auth
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Key id.
+    pub key_id: String,
+}
+
+impl Principal {
+    fn actor(&self, ctx: &ReqCtx) -> Actor {
+        Actor {
+            actor: format!("key:{}", self.key_id),
+            request_id: Some(ctx.request_id.clone()),
+        }
+    }
+}
+
+/// Failed authentications per client address, in fixed windows.
+#[derive(Debug, Default)]
+pub struct AuthLimiter {
+    map: std::sync::Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+const LIMITER_MAX_CLIENTS: usize = 100_000;
+
+impl AuthLimiter {
+    /// Seconds until `ip` may try again, when it is over the limit.
+    fn blocked(&self, ip: IpAddr, limit: u32, window: Duration) -> Option<u64> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, n) = *map.get(&ip)?;
+        let age = start.elapsed();
+        (age < window && n >= limit).then(|| (window - age).as_secs().max(1))
+    }
+
+    /// Counts a failure; returns true when this one crossed the limit.
+    fn fail(&self, ip: IpAddr, limit: u32, window: Duration) -> bool {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= LIMITER_MAX_CLIENTS {
+            map.retain(|_, (s, _)| s.elapsed() < window);
+            if map.len() >= LIMITER_MAX_CLIENTS {
+                // Under a distributed flood, forget the oldest half rather
+                // than grow without bound.
+                let mut ages: Vec<_> = map.iter().map(|(k, (s, _))| (*s, *k)).collect();
+                ages.sort();
+                for (_, k) in ages.into_iter().take(LIMITER_MAX_CLIENTS / 2) {
+                    map.remove(&k);
+                }
+            }
+        }
+        let e = map.entry(ip).or_insert((Instant::now(), 0));
+        if e.0.elapsed() >= window {
+            *e = (Instant::now(), 0);
+        }
+        e.1 += 1;
+        e.1 == limit
+    }
+}
+
+/// Authenticates the caller or refuses with one identical 401 body.
+pub async fn authenticate(
+    st: &AppState,
+    headers: &HeaderMap,
+    peer: IpAddr,
+    ctx: &ReqCtx,
+) -> Result<Principal, ApiError> {
+    let limit = st.cfg.auth_failure_limit;
+    let window = Duration::from_secs(st.cfg.auth_failure_window_secs);
+    if let Some(retry_after) = st.limiter.blocked(peer, limit, window) {
+        st.metrics.auth_failures.inc();
+        return Err(ApiError::AuthThrottled { retry_after });
+    }
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        })
+        .filter(|k| k.len() <= 256);
+    let outcome = match presented {
+        None => None,
+        Some(k) => Some(st.store.authenticate(k).await?),
+    };
+    let (why, tenant) = match outcome {
+        Some(AuthOutcome::Valid { tenant_id, key_id }) => {
+            return Ok(Principal { tenant_id, key_id });
+        }
+        None => ("missing", None),
+        Some(AuthOutcome::Malformed) => ("malformed", None),
+        Some(AuthOutcome::Unknown) => ("unknown", None),
+        Some(AuthOutcome::Revoked { tenant_id, key_id }) => ("revoked", Some((tenant_id, key_id))),
+    };
+    st.metrics.auth_failures.inc();
+    let crossed = st.limiter.fail(peer, limit, window);
+    let ev = NewAudit::new(
+        tenant.as_ref().map(|(t, _)| t.as_str()),
+        if crossed {
+            "auth.throttled"
+        } else {
+            "auth.failure"
+        },
+        &format!("client:{peer}"),
+        tenant.as_ref().map_or("", |(_, k)| k.as_str()),
+        Some(&ctx.request_id),
+    )
+    .with_detail(serde_json::json!({ "reason": why }));
+    st.store.append_audit(ev).await?;
+    Err(ApiError::Unauthorized)
+}
+
+// ---------------------------------------------------------------- views
+
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// An execution as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecutionView {
+    /// Execution id.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// `queued`, `running`, `finished` or `failed`.
+    pub status: String,
+    /// Language.
+    pub language: String,
+    /// Termination reason once final: `exited`, `timeout`, `cpu_limit`,
+    /// `memory_limit`, `pids_limit`, `output_limit`, `disk_limit`,
+    /// `policy_violation`, `internal_error`, `cancelled`, `server_shutdown`,
+    /// `server_restart`.
+    pub reason: Option<String>,
+    /// Why a failed execution has no result.
+    pub error: Option<String>,
+    /// Request id of the creating request.
+    pub request_id: String,
+    /// W3C trace id.
+    pub trace_id: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub started_at: Option<String>,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    /// The engine's result: exit_code, signal, reason, stdout, stderr,
+    /// usage and the isolation layers enforced.
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+}
+
+impl From<&ExecutionRecord> for ExecutionView {
+    fn from(r: &ExecutionRecord) -> Self {
+        ExecutionView {
+            id: r.id.clone(),
+            tenant_id: r.tenant_id.clone(),
+            status: r.status.as_str().into(),
+            language: r.language.clone(),
+            reason: r.reason.clone(),
+            error: r.error.clone(),
+            request_id: r.request_id.clone(),
+            trace_id: r.trace_id.clone(),
+            created_at: rfc3339(r.created_at_ms),
+            started_at: r.started_at_ms.map(rfc3339),
+            finished_at: r.finished_at_ms.map(rfc3339),
+            result: r.result.clone(),
+        }
+    }
+}
+
+/// Renders a record as the `finished` event's JSON.
+pub fn render_record(r: &ExecutionRecord) -> String {
+    serde_json::to_string(&ExecutionView::from(r)).unwrap_or_default()
+}
+
+/// A page of executions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecutionList {
+    /// Newest first.
+    pub executions: Vec<ExecutionView>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Secret metadata (never a value).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretView {
+    /// Name.
+    pub name: String,
+    /// Version (1 on first write).
+    pub version: i64,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+impl From<&SecretMeta> for SecretView {
+    fn from(m: &SecretMeta) -> Self {
+        SecretView {
+            name: m.name.clone(),
+            version: m.version,
+            created_at: rfc3339(m.created_at_ms),
+            updated_at: rfc3339(m.updated_at_ms),
+        }
+    }
+}
+
+/// The tenant's secrets.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretList {
+    /// By name.
+    pub secrets: Vec<SecretView>,
+}
+
+/// One audit record.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditView {
+    /// Position in the global chain.
+    pub seq: i64,
+    /// RFC 3339.
+    pub time: String,
+    /// e.g. `execution.finish`, `secret.write`, `auth.failure`, `policy.denied`.
+    pub kind: String,
+    /// `key:<id>`, `admin`, `server`, `client:<addr>`.
+    pub actor: String,
+    /// Execution id, secret name or key id.
+    pub subject: String,
+    /// Request id.
+    pub request_id: Option<String>,
+    /// Details.
+    #[schema(value_type = Object)]
+    pub detail: serde_json::Value,
+    /// This record's chain link (hex).
+    pub hash: String,
+}
+
+/// A page of audit records.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditList {
+    /// Oldest first.
+    pub events: Vec<AuditView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<i64>,
+}
+
+// ---------------------------------------------------------------- requests
+
+/// Limits a request may set; each at most the server's ceiling.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// ms.
+    pub wall_time_ms: Option<u64>,
+    /// ms.
+    pub cpu_time_ms: Option<u64>,
+    /// MiB.
+    pub memory_mib: Option<u64>,
+    /// Tasks.
+    pub pids: Option<u64>,
+    /// Cores.
+    pub cpus: Option<f64>,
+    /// Bytes.
+    pub stdout_bytes: Option<u64>,
+    /// Bytes.
+    pub stderr_bytes: Option<u64>,
+    /// Files.
+    pub open_files: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `POST /v1/executions`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateExecution {
+    /// `python`, `javascript` or `shell`.
+    pub language: String,
+    /// Source code.
+    pub code: String,
+    /// Bytes for the program's stdin.
+    #[serde(default)]
+    pub stdin: String,
+    /// Tighter (or, up to the ceilings, looser) limits.
+    #[serde(default)]
+    pub limits: Option<LimitsRequest>,
+    /// Wait for the result (default) or return 202 at once.
+    #[serde(default = "default_true")]
+    pub wait: bool,
+}
+
+/// `PUT /v1/secrets/{name}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutSecret {
+    /// The value (UTF-8, at most 64 KiB).
+    pub value: String,
+}
+
+const MAX_SECRET_BYTES: usize = 64 << 10;
+
+fn valid_secret_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    (1..=128).contains(&b.len())
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
+/// Applies request limits to the base policy. Above a ceiling: denial.
+fn resolve_policy(st: &AppState, req: Option<&LimitsRequest>) -> Result<Policy, ApiError> {
+    let mut p = st.cfg.policy.clone();
+    let c = &st.cfg.ceilings;
+    let Some(r) = req else { return Ok(p) };
+    let mut deny = Vec::new();
+    let mut set = |name: &str, v: Option<u64>, max: u64, slot: &mut u64| {
+        if let Some(v) = v {
+            if v > max {
+                deny.push(format!(
+                    "limits.{name} = {v} exceeds the allowed maximum {max}"
+                ));
+            } else {
+                *slot = v;
+            }
+        }
+    };
+    let l = &mut p.limits;
+    set(
+        "wall_time_ms",
+        r.wall_time_ms,
+        c.wall_time_ms,
+        &mut l.wall_time_ms,
+    );
+    set(
+        "cpu_time_ms",
+        r.cpu_time_ms,
+        c.cpu_time_ms,
+        &mut l.cpu_time_ms,
+    );
+    set("memory_mib", r.memory_mib, c.memory_mib, &mut l.memory_mib);
+    set("pids", r.pids, c.pids, &mut l.pids);
+    set(
+        "stdout_bytes",
+        r.stdout_bytes,
+        c.stdout_bytes,
+        &mut l.stdout_bytes,
+    );
+    set(
+        "stderr_bytes",
+        r.stderr_bytes,
+        c.stderr_bytes,
+        &mut l.stderr_bytes,
+    );
+    set("open_files", r.open_files, c.open_files, &mut l.open_files);
+    if let Some(v) = r.cpus {
+        if !v.is_finite() || v > c.cpus {
+            deny.push(format!(
+                "limits.cpus = {v} exceeds the allowed maximum {}",
+                c.cpus
+            ));
+        } else {
+            l.cpus = v;
+        }
+    }
+    if !deny.is_empty() {
+        return Err(ApiError::PolicyDenied(deny.join("; ")));
+    }
+    p.validate()
+        .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    Ok(p)
+}
+
+// ---------------------------------------------------------------- handlers
+
+type Peer = ConnectInfo<SocketAddr>;
+
+async fn fallback() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "alive")))]
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Readiness: false while draining.
+#[utoipa::path(get, path = "/readyz", responses((status = 200, description = "ready"), (status = 503, body = Problem)))]
+async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if st.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::ShuttingDown);
+    }
+    Ok(Json(serde_json::json!({ "status": "ready" })))
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3.1 document")))]
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_json().unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// Runs code in a fresh sandbox.
+#[utoipa::path(post, path = "/v1/executions", request_body = CreateExecution,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "finished (wait: true)", body = ExecutionView),
+        (status = 202, description = "accepted (wait: false)", body = ExecutionView),
+        (status = 400, body = Problem), (status = 401, body = Problem), (status = 413, body = Problem),
+        (status = 415, body = Problem), (status = 422, body = Problem), (status = 429, body = Problem),
+        (status = 503, body = Problem)))]
+async fn create_execution(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    if st.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::ShuttingDown);
+    }
+    let req: CreateExecution = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
+    let language =
+        Language::parse(&req.language).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    let policy = match resolve_policy(&st, req.limits.as_ref()) {
+        Ok(p) => p,
+        Err(ApiError::PolicyDenied(why)) => {
+            let ev = NewAudit::new(
+                Some(&who.tenant_id),
+                "policy.denied",
+                &who.actor(&ctx).actor,
+                "execution",
+                Some(&ctx.request_id),
+            )
+            .with_detail(serde_json::json!({ "reason": why }));
+            st.store.append_audit(ev).await?;
+            return Err(ApiError::PolicyDenied(why));
+        }
+        Err(e) => return Err(e),
+    };
+    let code = req.code.into_bytes();
+    let stdin = req.stdin.into_bytes();
+    st.engine
+        .validate(&EngineRequest {
+            language,
+            code: &code,
+            file_name: None,
+            stdin: &stdin,
+            policy: &policy,
+        })
+        .map_err(|e| match e {
+            SandboxError::RuntimeMissing(_) => ApiError::RuntimeUnavailable(e.public_message()),
+            SandboxError::InvalidRequest(m) => ApiError::InvalidRequest(m),
+            other => {
+                tracing::error!(error = %other, "request validation failed");
+                ApiError::Internal
+            }
+        })?;
+    let Some(slot) = st.exec.try_admit() else {
+        st.metrics.rejected.inc();
+        return Err(ApiError::QueueFull);
+    };
+    let rec = ExecutionRecord {
+        id: new_id("ex"),
+        tenant_id: who.tenant_id.clone(),
+        status: ExecStatus::Queued,
+        language: language.as_str().into(),
+        request_id: ctx.request_id.clone(),
+        trace_id: ctx.trace_id.clone(),
+        created_at_ms: now_ms(),
+        started_at_ms: None,
+        finished_at_ms: None,
+        reason: None,
+        result: None,
+        error: None,
+        host_state: None,
+    };
+    st.store.insert_execution(&rec, &who.actor(&ctx)).await?;
+    let sub = Submission {
+        id: rec.id.clone(),
+        tenant_id: who.tenant_id.clone(),
+        request_id: ctx.request_id.clone(),
+        language,
+        code,
+        stdin,
+        policy,
+    };
+    let entry = match st.exec.submit(slot, sub) {
+        Ok(e) => e,
+        Err(_) => {
+            st.store
+                .finish_execution(
+                    &rec.id,
+                    &Finish {
+                        status: ExecStatus::Failed,
+                        reason: TerminationReason::ServerShutdown.as_str(),
+                        result: None,
+                        error: Some("the server is shutting down"),
+                        at_ms: now_ms(),
+                    },
+                )
+                .await?;
+            return Err(ApiError::ShuttingDown);
+        }
+    };
+    let location = format!("/v1/executions/{}", rec.id);
+    if !req.wait {
+        let mut resp = (StatusCode::ACCEPTED, Json(ExecutionView::from(&rec))).into_response();
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return Ok(resp);
+    }
+    let mut rx = entry.live.subscribe();
+    while !entry.live.is_done() {
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+    let rec = st
+        .store
+        .execution(&who.tenant_id, &rec.id)
+        .await?
+        .ok_or(ApiError::Internal)?;
+    Ok(Json(ExecutionView::from(&rec)).into_response())
+}
+
+/// One execution.
+#[utoipa::path(get, path = "/v1/executions/{id}", security(("bearer" = [])),
+    params(("id" = String, Path, description = "execution id")),
+    responses((status = 200, body = ExecutionView), (status = 404, body = Problem)))]
+async fn get_execution(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<ExecutionView>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let rec = st
+        .store
+        .execution(&who.tenant_id, &id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(ExecutionView::from(&rec)))
+}
+
+fn query_params(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let mut out = HashMap::new();
+    for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if !allowed.contains(&k) {
+            return Err(ApiError::InvalidRequest(format!(
+                "unknown query parameter {:?}",
+                k.chars().take(32).collect::<String>()
+            )));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn parse_num(
+    q: &HashMap<String, String>,
+    key: &str,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, ApiError> {
+    match q.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(format!("{key} must be an integer in {min}..={max}"))
+            }),
+    }
+}
+
+/// The tenant's executions, newest first.
+#[utoipa::path(get, path = "/v1/executions", security(("bearer" = [])),
+    params(("limit" = Option<u32>, Query, description = "1..=100, default 20"),
+           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+    responses((status = 200, body = ExecutionList), (status = 400, body = Problem)))]
+async fn list_executions(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<ExecutionList>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let q = query_params(raw.as_deref(), &["limit", "cursor"])?;
+    let limit = parse_num(&q, "limit", 1, 100)?.unwrap_or(20) as u32;
+    let cursor = parse_num(&q, "cursor", 1, i64::MAX)?;
+    let page = st
+        .store
+        .list_executions(&who.tenant_id, cursor, limit)
+        .await?;
+    Ok(Json(ExecutionList {
+        executions: page.items.iter().map(ExecutionView::from).collect(),
+        next_cursor: page.next.map(|n| n.to_string()),
+    }))
+}
+
+/// Cancels a queued or running execution.
+#[utoipa::path(post, path = "/v1/executions/{id}/cancel", security(("bearer" = [])),
+    params(("id" = String, Path, description = "execution id")),
+    responses((status = 202, body = ExecutionView), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn cancel_execution(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let rec = st
+        .store
+        .execution(&who.tenant_id, &id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if rec.status.is_terminal() {
+        return Err(ApiError::NotCancellable);
+    }
+    match st.exec.entry(&id) {
+        Some(e) if e.tenant_id == who.tenant_id => e.cancel.cancel(TerminationReason::Cancelled),
+        _ => return Err(ApiError::NotCancellable),
+    }
+    st.store
+        .append_audit(NewAudit::new(
+            Some(&who.tenant_id),
+            "execution.cancel",
+            &who.actor(&ctx).actor,
+            &id,
+            Some(&ctx.request_id),
+        ))
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(ExecutionView::from(&rec))).into_response())
+}
+
+/// Events of an execution as Server-Sent Events: `started`, `stdout`,
+/// `stderr` (data `{"data": text}`), `finished` (the record). Live while it
+/// runs, replayed from the record afterwards.
+#[utoipa::path(get, path = "/v1/executions/{id}/events", security(("bearer" = [])),
+    params(("id" = String, Path, description = "execution id")),
+    responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"), (status = 404, body = Problem)))]
+async fn execution_events(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let rec = st
+        .store
+        .execution(&who.tenant_id, &id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let live = st
+        .exec
+        .entry(&id)
+        .filter(|e| e.tenant_id == who.tenant_id)
+        .map(|e| e.live.clone());
+    let stream: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> = match live
+    {
+        Some(live) => Box::pin(live_stream(live)),
+        None => {
+            // Finished (or finished between the two reads): replay.
+            let rec = if rec.status.is_terminal() {
+                rec
+            } else {
+                st.store
+                    .execution(&who.tenant_id, &id)
+                    .await?
+                    .ok_or(ApiError::NotFound)?
+            };
+            Box::pin(stream::iter(replay(&rec).into_iter().map(Ok)))
+        }
+    };
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn live_stream(live: Arc<crate::live::Live>) -> impl Stream<Item = Result<Event, Infallible>> {
+    let rx = live.subscribe();
+    stream::unfold((live, rx, 0usize), |(live, mut rx, i)| async move {
+        loop {
+            match live.get(i) {
+                Ok(ev) => {
+                    let e = Event::default()
+                        .event(ev.kind)
+                        .id(i.to_string())
+                        .data(ev.data);
+                    return Some((Ok(e), (live, rx, i + 1)));
+                }
+                Err(true) => return None,
+                Err(false) => {
+                    if rx.changed().await.is_err() && live.get(i).is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn replay(rec: &ExecutionRecord) -> Vec<Event> {
+    let mut out = Vec::new();
+    if let Some(at) = rec.started_at_ms {
+        out.push((
+            "started",
+            serde_json::json!({ "id": rec.id, "started_at_ms": at }).to_string(),
+        ));
+    }
+    if let Some(r) = &rec.result {
+        for k in ["stdout", "stderr"] {
+            if let Some(t) = r.get(k).and_then(|v| v.as_str()).filter(|t| !t.is_empty()) {
+                out.push((k, serde_json::json!({ "data": t }).to_string()));
+            }
+        }
+    }
+    if rec.status.is_terminal() {
+        out.push(("finished", render_record(rec)));
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, (k, d))| Event::default().event(k).id(i.to_string()).data(d))
+        .collect()
+}
+
+/// Creates or replaces a secret. The value is sealed at rest and never
+/// returned by any endpoint.
+#[utoipa::path(put, path = "/v1/secrets/{name}", security(("bearer" = [])),
+    params(("name" = String, Path, description = "[A-Za-z_][A-Za-z0-9_.-]{0,127}")),
+    request_body = PutSecret,
+    responses((status = 200, body = SecretView), (status = 400, body = Problem)))]
+async fn put_secret(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Json<SecretView>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    if !valid_secret_name(&name) {
+        return Err(ApiError::InvalidRequest(
+            "secret names match [A-Za-z_][A-Za-z0-9_.-]{0,127}".into(),
+        ));
+    }
+    let req: PutSecret = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
+    let value = zeroize::Zeroizing::new(req.value.into_bytes());
+    if value.len() > MAX_SECRET_BYTES {
+        return Err(ApiError::InvalidRequest(format!(
+            "secret values are at most {MAX_SECRET_BYTES} bytes"
+        )));
+    }
+    let meta = st
+        .store
+        .put_secret(&who.tenant_id, &name, &value, &who.actor(&ctx))
+        .await?;
+    Ok(Json(SecretView::from(&meta)))
+}
+
+/// Lists secret names and versions.
+#[utoipa::path(get, path = "/v1/secrets", security(("bearer" = [])),
+    responses((status = 200, body = SecretList)))]
+async fn list_secrets(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+) -> Result<Json<SecretList>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let list = st.store.list_secrets(&who.tenant_id).await?;
+    Ok(Json(SecretList {
+        secrets: list.iter().map(SecretView::from).collect(),
+    }))
+}
+
+/// Deletes a secret.
+#[utoipa::path(delete, path = "/v1/secrets/{name}", security(("bearer" = [])),
+    params(("name" = String, Path, description = "secret name")),
+    responses((status = 204, description = "deleted"), (status = 404, body = Problem)))]
+async fn delete_secret(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    if !valid_secret_name(&name) {
+        return Err(ApiError::NotFound);
+    }
+    if st
+        .store
+        .delete_secret(&who.tenant_id, &name, &who.actor(&ctx))
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
+/// The tenant's audit records, oldest first.
+#[utoipa::path(get, path = "/v1/audit", security(("bearer" = [])),
+    params(("after" = Option<i64>, Query, description = "seq to start after"),
+           ("limit" = Option<u32>, Query, description = "1..=500, default 100")),
+    responses((status = 200, body = AuditList)))]
+async fn list_audit(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<AuditList>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let q = query_params(raw.as_deref(), &["after", "limit"])?;
+    let after = parse_num(&q, "after", 0, i64::MAX)?.unwrap_or(0);
+    let limit = parse_num(&q, "limit", 1, 500)?.unwrap_or(100) as u32;
+    let events = st.store.list_audit(&who.tenant_id, after, limit).await?;
+    let next_after = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| e.seq))
+        .flatten();
+    Ok(Json(AuditList {
+        events: events
+            .into_iter()
+            .map(|e| AuditView {
+                seq: e.seq,
+                time: rfc3339(e.ts_ms),
+                detail: serde_json::from_str(&e.detail).unwrap_or(serde_json::Value::Null),
+                kind: e.kind,
+                actor: e.actor,
+                subject: e.subject,
+                request_id: e.request_id,
+                hash: e.hash,
+            })
+            .collect(),
+        next_after,
+    }))
+}
+
+// ---------------------------------------------------------------- router
+
+struct SecurityAddon;
+
+impl Modify for SecurityAddon {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document, generated from the handlers and types above.
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "airlock", description = "Multi-tenant sandboxed code execution"),
+    paths(healthz, readyz, metrics, openapi, create_execution, get_execution, list_executions,
+          cancel_execution, execution_events, put_secret, list_secrets, delete_secret, list_audit),
+    components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest,
+                       SecretView, SecretList, PutSecret, AuditView, AuditList)),
+    modifiers(&SecurityAddon)
+)]
+pub struct ApiDoc;
+
+/// All routes.
+pub fn router(st: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route(
+            "/v1/executions",
+            post(create_execution).get(list_executions),
+        )
+        .route("/v1/executions/{id}", get(get_execution))
+        .route("/v1/executions/{id}/cancel", post(cancel_execution))
+        .route("/v1/executions/{id}/events", get(execution_events))
+        .route("/v1/secrets", get(list_secrets))
+        .route("/v1/secrets/{name}", put(put_secret).delete(delete_secret))
+        .route("/v1/audit", get(list_audit))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(request_context))
+        .with_state(st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_parsing() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            parse_traceparent(ok).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        for bad in [
+            "",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn secret_names() {
+        assert!(valid_secret_name("DB_PASSWORD"));
+        assert!(valid_secret_name("a.b-c"));
+        for bad in ["", "../x", "a/b", "1abc", "a\0b", &"a".repeat(129)] {
+            assert!(!valid_secret_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Reading hostile request bodies: content type, size cap, nesting depth,
+//! then strict deserialisation (unknown fields rejected by the types).
+
+use axum::body::Body;
+use axum::http::{HeaderMap, header};
+use serde::de::DeserializeOwned;
+
+use crate::problem::ApiError;
+
+/// Deepest JSON nesting accepted. Our request types nest at most 3 deep.
+pub const MAX_DEPTH: usize = 16;
+
+/// Reads and parses a JSON body.
+pub async fn json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > limit as u64 {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+    }
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    parse(&bytes)
+}
+
+/// Parses bytes already read.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    check_depth(bytes)?;
+    serde_json::from_slice(bytes).map_err(|e| {
+        use serde_json::error::Category;
+        // serde_json's messages name fields and positions, never anything
+        // of the host.
+        let msg = e.to_string();
+        match e.classify() {
+            Category::Data => ApiError::InvalidRequest(msg),
+            Category::Syntax | Category::Eof | Category::Io => ApiError::InvalidJson(msg),
+        }
+    })
+}
+
+/// Rejects nesting deeper than [`MAX_DEPTH`] before any parser recursion.
+fn check_depth(bytes: &[u8]) -> Result<(), ApiError> {
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    for &b in bytes {
+        if in_str {
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(ApiError::JsonTooDeep(MAX_DEPTH));
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct T {
+        a: u32,
+    }
+
+    #[test]
+    fn hostile_bodies() {
+        assert!(parse::<T>(br#"{"a":1}"#).is_ok());
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(matches!(
+            parse::<T>(deep.as_bytes()),
+            Err(ApiError::JsonTooDeep(_))
+        ));
+        // Brackets inside strings do not count.
+        let s = format!(r#"{{"a":1,"b":"{}"}}"#, "[".repeat(100));
+        assert!(matches!(
+            parse::<T>(s.as_bytes()),
+            Err(ApiError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            parse::<T>(br#"{"a":"x"}"#),
+            Err(ApiError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            parse::<T>(br#"{"a":1,"z":2}"#),
+            Err(ApiError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            parse::<T>(b"{\"a\":1"),
+            Err(ApiError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse::<T>(b"{\"a\":\"\xff\"}"),
+            Err(ApiError::InvalidJson(_))
+        ));
+    }
+}

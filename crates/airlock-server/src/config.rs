@@ -1,0 +1,259 @@
+//! Server configuration: defaults, the TOML file, and the master key.
+//!
+//! Precedence (highest first): command-line flag, environment variable,
+//! config file, built-in default. The CLI resolves flags and environment;
+//! this module owns the file format and the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use airlock_policy::Policy;
+use airlock_store::MasterKey;
+use serde::Deserialize;
+
+/// Ceilings on what a tenant request may ask for in `limits`. A request can
+/// lower any limit freely; raising one above its ceiling is a policy
+/// denial (422, audited).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitCeilings {
+    /// Default 60 000 ms.
+    pub wall_time_ms: u64,
+    /// Default 60 000 ms.
+    pub cpu_time_ms: u64,
+    /// Default 1024 MiB.
+    pub memory_mib: u64,
+    /// Default 256 tasks.
+    pub pids: u64,
+    /// Default 2 cores.
+    pub cpus: f64,
+    /// Default 8 MiB.
+    pub stdout_bytes: u64,
+    /// Default 8 MiB.
+    pub stderr_bytes: u64,
+    /// Default 1024.
+    pub open_files: u64,
+}
+
+impl Default for LimitCeilings {
+    fn default() -> Self {
+        LimitCeilings {
+            wall_time_ms: 60_000,
+            cpu_time_ms: 60_000,
+            memory_mib: 1024,
+            pids: 256,
+            cpus: 2.0,
+            stdout_bytes: 8 << 20,
+            stderr_bytes: 8 << 20,
+            open_files: 1024,
+        }
+    }
+}
+
+/// Everything `airlock serve` needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address. Default 127.0.0.1:7070 (loopback: exposing the API
+    /// is a deliberate choice).
+    pub listen: SocketAddr,
+    /// Data directory (database, master key file, pid file).
+    pub data_dir: PathBuf,
+    /// Executions running at once. Default: twice the CPU count, at least 2.
+    pub max_concurrent: usize,
+    /// Accepted executions waiting for a slot; beyond it, 429. Default 64.
+    pub queue_size: usize,
+    /// Largest request body in bytes. Default 2 MiB (code is capped at 1 MiB).
+    pub body_limit_bytes: usize,
+    /// On SIGTERM, how long running executions may continue before they
+    /// are killed with `server_shutdown`. Default 10 000 ms.
+    pub shutdown_grace_ms: u64,
+    /// Failed authentications per client address within the window before
+    /// that address gets 429. Default 20.
+    pub auth_failure_limit: u32,
+    /// The window, seconds. Default 60.
+    pub auth_failure_window_secs: u64,
+    /// The base policy every execution starts from (same schema as
+    /// `airlock run --policy`).
+    pub policy: Policy,
+    /// What requests may raise limits to.
+    pub ceilings: LimitCeilings,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: default_data_dir(),
+            max_concurrent: (cores * 2).max(2),
+            queue_size: 64,
+            body_limit_bytes: 2 << 20,
+            shutdown_grace_ms: 10_000,
+            auth_failure_limit: 20,
+            auth_failure_window_secs: 60,
+            policy: Policy::default(),
+            ceilings: LimitCeilings::default(),
+        }
+    }
+}
+
+/// Errors loading configuration. One line each.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// Path given by the operator.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file did not parse or had unknown fields.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// Path given by the operator.
+        path: String,
+        /// One-line reason with location.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// `/var/lib/airlock` for root, else `$XDG_DATA_HOME/airlock` or
+/// `~/.local/share/airlock`.
+pub fn default_data_dir() -> PathBuf {
+    // /proc/self is owned by the effective uid.
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if is_root {
+        return PathBuf::from("/var/lib/airlock");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("airlock");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/airlock"),
+        None => PathBuf::from("airlock-data"),
+    }
+}
+
+impl ServerConfig {
+    /// Loads a TOML config file (unknown keys rejected).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cfg: ServerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string().lines().next().unwrap_or("").to_string()
+                + &e.span()
+                    .map(|s| {
+                        let line = text[..s.start].matches('\n').count() + 1;
+                        format!(" (line {line})")
+                    })
+                    .unwrap_or_default(),
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent == 0 || self.max_concurrent > 1024 {
+            return Err(ConfigError::Invalid(
+                "max_concurrent must be in 1..=1024".into(),
+            ));
+        }
+        if self.queue_size > 100_000 {
+            return Err(ConfigError::Invalid(
+                "queue_size must be at most 100000".into(),
+            ));
+        }
+        if self.body_limit_bytes < 1024 || self.body_limit_bytes > (256 << 20) {
+            return Err(ConfigError::Invalid(
+                "body_limit_bytes must be in 1024..=268435456".into(),
+            ));
+        }
+        if !self.policy.filesystem.read_only_paths.is_empty() {
+            // Grants are an operator's choice per run, not a server-wide
+            // hole every tenant inherits.
+            return Err(ConfigError::Invalid(
+                "policy.filesystem.read_only_paths is not allowed in the server policy".into(),
+            ));
+        }
+        self.policy
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+/// Where the master key came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeySource {
+    /// `AIRLOCK_MASTER_KEY`.
+    Env,
+    /// `AIRLOCK_MASTER_KEY_FILE`.
+    File(PathBuf),
+    /// `<data dir>/master.key`, existing.
+    DataDir(PathBuf),
+    /// `<data dir>/master.key`, just generated.
+    Generated(PathBuf),
+}
+
+/// Resolves the master key: `AIRLOCK_MASTER_KEY` (64 hex), else
+/// `AIRLOCK_MASTER_KEY_FILE`, else `<data dir>/master.key`, generated
+/// (mode 0600) when missing.
+pub fn master_key(data_dir: &Path) -> Result<(MasterKey, MasterKeySource), String> {
+    if let Ok(v) = std::env::var("AIRLOCK_MASTER_KEY") {
+        return MasterKey::from_hex(&v)
+            .map(|k| (k, MasterKeySource::Env))
+            .map_err(|e| format!("AIRLOCK_MASTER_KEY: {e}"));
+    }
+    if let Some(p) = std::env::var_os("AIRLOCK_MASTER_KEY_FILE") {
+        let p = PathBuf::from(p);
+        return MasterKey::from_file(&p)
+            .map(|k| (k, MasterKeySource::File(p.clone())))
+            .map_err(|e| format!("AIRLOCK_MASTER_KEY_FILE {}: {e}", p.display()));
+    }
+    let p = data_dir.join("master.key");
+    if p.exists() {
+        return MasterKey::from_file(&p)
+            .map(|k| (k, MasterKeySource::DataDir(p.clone())))
+            .map_err(|e| format!("{}: {e}", p.display()));
+    }
+    MasterKey::generate_into(&p)
+        .map(|k| (k, MasterKeySource::Generated(p.clone())))
+        .map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// Creates the data directory (mode 0700) if needed and refuses one that
+/// other users can enter.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
+    }
+    let meta =
+        std::fs::metadata(dir).map_err(|e| format!("data directory {}: {e}", dir.display()))?;
+    if !meta.is_dir() {
+        return Err(format!(
+            "data directory {} is not a directory",
+            dir.display()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "data directory {} is accessible to group or others (chmod 700)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,413 @@
+//! The executor: admission (bounded concurrency + bounded queue), worker
+//! threads that own the sandboxes, cancellation and drain.
+//!
+//! Workers are long-lived OS threads, not tokio tasks: the engine is
+//! synchronous, and `PR_SET_PDEATHSIG` (which kills a sandbox when the
+//! thread that spawned it dies) follows the spawning *thread*, so sandboxes
+//! must be spawned from threads that live as long as the server.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use airlock_policy::{Language, Policy};
+use airlock_sandbox::{CancelToken, Engine, Stream, TerminationReason};
+use airlock_store::{ExecStatus, Finish, NewAudit, Store, now_ms};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use crate::live::{Live, Utf8Carry};
+use crate::metrics::{Metrics, ReasonLabel};
+
+/// What a worker needs to run one execution.
+#[derive(Debug)]
+pub struct Submission {
+    /// Execution id.
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Request id (audit).
+    pub request_id: String,
+    /// Language.
+    pub language: Language,
+    /// Code.
+    pub code: Vec<u8>,
+    /// stdin.
+    pub stdin: Vec<u8>,
+    /// Resolved policy.
+    pub policy: Policy,
+}
+
+/// A running or queued execution, as the API sees it.
+#[derive(Debug)]
+pub struct Entry {
+    /// Owning tenant (checked before anything is shown or cancelled).
+    pub tenant_id: String,
+    /// Event log.
+    pub live: Arc<Live>,
+    /// Kill switch.
+    pub cancel: CancelToken,
+}
+
+struct Job {
+    sub: Submission,
+    entry: Arc<Entry>,
+    accepted: Instant,
+    _slot: Slot,
+}
+
+/// One admitted execution's place; released when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    exec: Arc<Executor>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let n = self.exec.admitted.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.exec.idle.send_replace(n);
+    }
+}
+
+/// Renders a finished record for the `finished` event (set by the API).
+pub type RecordRenderer = dyn Fn(&airlock_store::ExecutionRecord) -> String + Send + Sync;
+
+/// Admission, workers and the registry of live executions.
+pub struct Executor {
+    tx: Mutex<Option<Sender<Job>>>,
+    capacity: usize,
+    admitted: AtomicUsize,
+    idle: watch::Sender<usize>,
+    registry: Mutex<HashMap<String, Arc<Entry>>>,
+    store: Arc<dyn Store>,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    rt: Handle,
+    render: Box<RecordRenderer>,
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("capacity", &self.capacity)
+            .field("admitted", &self.admitted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor {
+    /// Starts `workers` worker threads; at most `workers + queue` executions
+    /// are admitted at once.
+    pub fn start(
+        workers: usize,
+        queue: usize,
+        store: Arc<dyn Store>,
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        render: Box<RecordRenderer>,
+    ) -> std::io::Result<Arc<Self>> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let exec = Arc::new(Executor {
+            tx: Mutex::new(Some(tx)),
+            capacity: workers + queue,
+            admitted: AtomicUsize::new(0),
+            idle: watch::channel(0).0,
+            registry: Mutex::new(HashMap::new()),
+            store,
+            engine,
+            metrics,
+            rt: Handle::current(),
+            render,
+            workers: Mutex::new(Vec::new()),
+        });
+        let rx = Arc::new(Mutex::new(rx));
+        let mut handles = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let (e, rx) = (exec.clone(), rx.clone());
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("airlock-worker-{i}"))
+                    .spawn(move || e.worker(&rx))?,
+            );
+        }
+        *exec.workers.lock().unwrap_or_else(|p| p.into_inner()) = handles;
+        Ok(exec)
+    }
+
+    /// Reserves a place, or `None` when running + queued is at capacity.
+    pub fn try_admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut cur = self.admitted.load(Ordering::SeqCst);
+        loop {
+            if cur >= self.capacity {
+                return None;
+            }
+            match self
+                .admitted
+                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => {
+                    self.idle.send_replace(cur + 1);
+                    return Some(Slot { exec: self.clone() });
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Queues an admitted execution (its record already exists).
+    pub fn submit(&self, slot: Slot, sub: Submission) -> Result<Arc<Entry>, Submission> {
+        let entry = Arc::new(Entry {
+            tenant_id: sub.tenant_id.clone(),
+            live: Arc::new(Live::default()),
+            cancel: CancelToken::new(),
+        });
+        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = guard.as_ref() else {
+            return Err(sub);
+        };
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sub.id.clone(), entry.clone());
+        self.metrics.queue_depth.inc();
+        let job = Job {
+            sub,
+            entry: entry.clone(),
+            accepted: Instant::now(),
+            _slot: slot,
+        };
+        if let Err(mpsc::SendError(job)) = tx.send(job) {
+            self.metrics.queue_depth.dec();
+            self.registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&job.sub.id);
+            return Err(job.sub);
+        }
+        Ok(entry)
+    }
+
+    /// The live entry of a queued or running execution.
+    pub fn entry(&self, id: &str) -> Option<Arc<Entry>> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Cancels every queued and running execution with `reason`.
+    pub fn cancel_all(&self, reason: TerminationReason) {
+        for e in self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            e.cancel.cancel(reason);
+        }
+    }
+
+    /// Cancels executions that have not started yet.
+    pub fn cancel_queued(&self, reason: TerminationReason) {
+        for e in self
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            if e.live.get(0).is_err() {
+                e.cancel.cancel(reason);
+            }
+        }
+    }
+
+    /// Executions admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.admitted.load(Ordering::SeqCst)
+    }
+
+    /// Waits until nothing is in flight or `timeout` passes; true if idle.
+    pub async fn wait_idle(&self, timeout: Duration) -> bool {
+        let mut rx = self.idle.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops taking jobs and joins the workers (call once idle).
+    pub fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+
+    fn worker(&self, rx: &Mutex<Receiver<Job>>) {
+        loop {
+            let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            self.metrics.queue_depth.dec();
+            let id = job.sub.id.clone();
+            self.run(job);
+            self.registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
+    }
+
+    fn finish(&self, job: &Job, fin: Finish<'_>) {
+        let sub = &job.sub;
+        if let Err(e) = self.rt.block_on(self.store.finish_execution(&sub.id, &fin)) {
+            tracing::error!(execution = %sub.id, error = %e, "storing the final record failed");
+        }
+        if fin.reason == TerminationReason::PolicyViolation.as_str() {
+            let ev = NewAudit::new(
+                Some(&sub.tenant_id),
+                "policy.violation",
+                "server",
+                &sub.id,
+                Some(&sub.request_id),
+            )
+            .with_detail(serde_json::json!({ "reason": fin.reason }));
+            if let Err(e) = self.rt.block_on(self.store.append_audit(ev)) {
+                tracing::error!(execution = %sub.id, error = %e, "audit append failed");
+            }
+        }
+        self.metrics
+            .executions
+            .get_or_create(&ReasonLabel {
+                reason: fin.reason.to_string(),
+            })
+            .inc();
+        self.metrics
+            .latency
+            .observe(job.accepted.elapsed().as_secs_f64());
+        let rec = self
+            .rt
+            .block_on(self.store.execution(&sub.tenant_id, &sub.id))
+            .ok()
+            .flatten();
+        let data = rec.as_ref().map_or_else(
+            || serde_json::json!({ "id": sub.id, "status": fin.status.as_str(), "reason": fin.reason }).to_string(),
+            |r| (self.render)(r),
+        );
+        job.entry.live.finish(data);
+        tracing::info!(
+            execution = %sub.id, tenant = %sub.tenant_id, request_id = %sub.request_id,
+            status = fin.status.as_str(), reason = fin.reason, "execution finished"
+        );
+    }
+
+    fn run(&self, job: Job) {
+        let sub = &job.sub;
+        if let Some(r) = job.entry.cancel.reason() {
+            self.finish(
+                &job,
+                Finish {
+                    status: ExecStatus::Failed,
+                    reason: r.as_str(),
+                    result: None,
+                    error: Some("stopped before it started"),
+                    at_ms: now_ms(),
+                },
+            );
+            return;
+        }
+        let sandbox = match self.engine.prepare(&sub.policy, sub.language) {
+            Ok(sb) => sb,
+            Err(e) => {
+                tracing::error!(execution = %sub.id, error = %e, "sandbox creation failed");
+                let msg = e.public_message();
+                self.finish(
+                    &job,
+                    Finish {
+                        status: ExecStatus::Failed,
+                        reason: TerminationReason::InternalError.as_str(),
+                        result: None,
+                        error: Some(&msg),
+                        at_ms: now_ms(),
+                    },
+                );
+                return;
+            }
+        };
+        let host_state = serde_json::json!({
+            "cgroups": sandbox
+                .cgroup_dirs()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>(),
+        })
+        .to_string();
+        let started = now_ms();
+        if let Err(e) = self
+            .rt
+            .block_on(self.store.mark_running(&sub.id, started, &host_state))
+        {
+            // Without the record saying where its cgroups are, a crash could
+            // leave them behind: do not run.
+            tracing::error!(execution = %sub.id, error = %e, "marking running failed");
+            drop(sandbox);
+            self.finish(
+                &job,
+                Finish {
+                    status: ExecStatus::Failed,
+                    reason: TerminationReason::InternalError.as_str(),
+                    result: None,
+                    error: Some("the execution could not be recorded"),
+                    at_ms: now_ms(),
+                },
+            );
+            return;
+        }
+        let live = job.entry.live.clone();
+        live.push(
+            "started",
+            serde_json::json!({ "id": sub.id, "started_at_ms": started }).to_string(),
+        );
+        self.metrics.running.inc();
+        let (mut out, mut err) = (Utf8Carry::default(), Utf8Carry::default());
+        let mut on_output = |stream: Stream, chunk: &[u8]| {
+            let (kind, carry) = match stream {
+                Stream::Stdout => ("stdout", &mut out),
+                Stream::Stderr => ("stderr", &mut err),
+            };
+            let text = carry.push(chunk);
+            if !text.is_empty() {
+                live.push(kind, serde_json::json!({ "data": text }).to_string());
+            }
+        };
+        let result = sandbox.execute_cancellable(
+            &sub.code,
+            None,
+            &sub.stdin,
+            &mut on_output,
+            &job.entry.cancel,
+        );
+        self.metrics.running.dec();
+        let doc = serde_json::to_value(&result).ok();
+        let status = if result.reason == TerminationReason::InternalError {
+            ExecStatus::Failed
+        } else {
+            ExecStatus::Finished
+        };
+        self.finish(
+            &job,
+            Finish {
+                status,
+                reason: result.reason.as_str(),
+                result: doc.as_ref(),
+                error: result.error.as_deref(),
+                at_ms: now_ms(),
+            },
+        );
+    }
+}

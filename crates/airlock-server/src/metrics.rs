@@ -1,0 +1,100 @@
+//! Prometheus metrics (text exposition at `/metrics`).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Label: termination reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `exited`, `timeout`, ...
+    pub reason: String,
+}
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Finished executions by reason.
+    pub executions: Family<ReasonLabel, Counter>,
+    /// Accept-to-finish latency, seconds.
+    pub latency: Histogram,
+    /// Accepted executions waiting for a worker.
+    pub queue_depth: Gauge,
+    /// Executions running now.
+    pub running: Gauge,
+    /// Failed authentications.
+    pub auth_failures: Counter,
+    /// Requests refused with 429 because the queue was full.
+    pub rejected: Counter,
+}
+
+impl Metrics {
+    /// Registers everything.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("airlock");
+        let executions = Family::<ReasonLabel, Counter>::default();
+        let latency = Histogram::new(exponential_buckets(0.002, 2.0, 16));
+        let queue_depth = Gauge::default();
+        let running = Gauge::default();
+        let auth_failures = Counter::default();
+        let rejected = Counter::default();
+        registry.register(
+            "executions",
+            "Finished executions by termination reason",
+            executions.clone(),
+        );
+        registry.register(
+            "execution_duration_seconds",
+            "Time from acceptance to the final record",
+            latency.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Accepted executions waiting for a worker",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "running_executions",
+            "Executions running now",
+            running.clone(),
+        );
+        registry.register(
+            "auth_failures",
+            "Requests refused for a missing, malformed, unknown or revoked key",
+            auth_failures.clone(),
+        );
+        registry.register(
+            "queue_rejections",
+            "Executions refused because the queue was full",
+            rejected.clone(),
+        );
+        Metrics {
+            registry,
+            executions,
+            latency,
+            queue_depth,
+            running,
+            auth_failures,
+            rejected,
+        }
+    }
+
+    /// Text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

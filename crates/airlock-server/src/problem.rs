@@ -1,0 +1,223 @@
+//! Errors as RFC 9457 problem documents with a stable `code`.
+//!
+//! The one place where errors become HTTP. Messages are written for the
+//! tenant: no host paths, no database text, no internals (those go to the
+//! server log under the request id).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// A problem document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// `urn:airlock:problem:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short summary for the code.
+    pub title: &'static str,
+    /// HTTP status.
+    pub status: u16,
+    /// What went wrong in this request.
+    pub detail: String,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+}
+
+/// Every error the API returns.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Missing, malformed, unknown or revoked API key (one body for all).
+    #[error("unauthorized")]
+    Unauthorized,
+    /// Too many failed authentications from this client.
+    #[error("too many failed authentications")]
+    AuthThrottled {
+        /// Seconds until the window resets.
+        retry_after: u64,
+    },
+    /// No such resource for this tenant.
+    #[error("not found")]
+    NotFound,
+    /// Unknown route method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Body over the limit.
+    #[error("payload too large")]
+    PayloadTooLarge(usize),
+    /// Not `application/json`.
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    /// Not JSON at all (syntax, encoding, truncation).
+    #[error("invalid json: {0}")]
+    InvalidJson(String),
+    /// Nesting deeper than allowed.
+    #[error("json too deep")]
+    JsonTooDeep(usize),
+    /// Well-formed JSON with wrong types, unknown or missing fields, or
+    /// values out of range.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// A request asked for more than the tenant is allowed.
+    #[error("policy denied: {0}")]
+    PolicyDenied(String),
+    /// The language's runtime is not installed on this host.
+    #[error("runtime unavailable: {0}")]
+    RuntimeUnavailable(String),
+    /// Queue full.
+    #[error("queue full")]
+    QueueFull,
+    /// The execution is already final.
+    #[error("not cancellable")]
+    NotCancellable,
+    /// The server is draining.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// Anything else; details only in the server log.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    /// (status, code, title)
+    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use ApiError::*;
+        match self {
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            AuthThrottled { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "auth_throttled",
+                "Too many failed authentications",
+            ),
+            NotFound => (StatusCode::NOT_FOUND, "not_found", "Not found"),
+            MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+            ),
+            PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+            ),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Unsupported media type",
+            ),
+            InvalidJson(_) => (StatusCode::BAD_REQUEST, "invalid_json", "Invalid JSON"),
+            JsonTooDeep(_) => (
+                StatusCode::BAD_REQUEST,
+                "json_too_deep",
+                "JSON nested too deeply",
+            ),
+            InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Invalid request",
+            ),
+            PolicyDenied(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "policy_denied",
+                "Denied by policy",
+            ),
+            RuntimeUnavailable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "runtime_unavailable",
+                "Runtime unavailable",
+            ),
+            QueueFull => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                "Execution queue full",
+            ),
+            NotCancellable => (StatusCode::CONFLICT, "not_cancellable", "Already finished"),
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "Server shutting down",
+            ),
+            Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal error",
+            ),
+        }
+    }
+
+    fn detail(&self) -> String {
+        use ApiError::*;
+        match self {
+            Unauthorized => "a valid API key is required (Authorization: Bearer <key>)".into(),
+            AuthThrottled { retry_after } => {
+                format!(
+                    "too many failed authentications from this client; retry in {retry_after} s"
+                )
+            }
+            NotFound => "no such resource".into(),
+            MethodNotAllowed => "method not allowed on this resource".into(),
+            PayloadTooLarge(limit) => format!("request body exceeds {limit} bytes"),
+            UnsupportedMediaType => "the body must be application/json".into(),
+            JsonTooDeep(max) => format!("JSON nesting exceeds depth {max}"),
+            InvalidJson(m) | InvalidRequest(m) | PolicyDenied(m) | RuntimeUnavailable(m) => {
+                m.clone()
+            }
+            QueueFull => "too many executions are queued; retry later".into(),
+            NotCancellable => "the execution has already finished".into(),
+            ShuttingDown => "the server is shutting down".into(),
+            Internal => "internal error; the request id identifies it in the server log".into(),
+        }
+    }
+
+    /// The problem document.
+    pub fn problem(&self) -> Problem {
+        let (status, code, title) = self.parts();
+        Problem {
+            kind: format!("urn:airlock:problem:{code}"),
+            title,
+            status: status.as_u16(),
+            detail: self.detail(),
+            code,
+        }
+    }
+}
+
+impl From<airlock_store::StoreError> for ApiError {
+    fn from(e: airlock_store::StoreError) -> Self {
+        tracing::error!(error = %e, "store error");
+        ApiError::Internal
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let p = self.problem();
+        let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&p).unwrap_or_default();
+        let mut resp = (status, body).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match &self {
+            ApiError::Unauthorized => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"airlock\""),
+                );
+            }
+            ApiError::AuthThrottled { retry_after } => {
+                if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
+                    h.insert(header::RETRY_AFTER, v);
+                }
+            }
+            ApiError::QueueFull => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
