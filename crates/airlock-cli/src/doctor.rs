@@ -201,10 +201,10 @@ pub fn run(json: bool) -> ExitCode {
                 c.name,
                 c.detail
             );
-            if !c.ok {
-                if let Some(f) = &c.fix {
-                    println!("     {:<24} fix: {f}", "");
-                }
+            if !c.ok
+                && let Some(f) = &c.fix
+            {
+                println!("     {:<24} fix: {f}", "");
             }
         }
     }

@@ -395,10 +395,10 @@ impl Cgroup {
     /// SIGTERM-ignoring and freshly forked processes included). Returns
     /// whether it became empty within the deadline.
     pub fn kill_all(&self) -> bool {
-        if self.version == CgroupVersion::V2 {
-            if let Some(d) = self.dir("") {
-                let _ = fs::write(d.join("cgroup.kill"), "1");
-            }
+        if self.version == CgroupVersion::V2
+            && let Some(d) = self.dir("")
+        {
+            let _ = fs::write(d.join("cgroup.kill"), "1");
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {

@@ -638,11 +638,11 @@ impl Sandbox {
                 sup.engine_reason.get_or_insert(TerminationReason::Timeout);
                 return Ok(());
             }
-            if let Some(cg) = &self.cgroup {
-                if cg.cpu_usage_ns().is_some_and(|u| u >= cpu_limit_ns) {
-                    sup.engine_reason.get_or_insert(TerminationReason::CpuLimit);
-                    return Ok(());
-                }
+            if let Some(cg) = &self.cgroup
+                && cg.cpu_usage_ns().is_some_and(|u| u >= cpu_limit_ns)
+            {
+                sup.engine_reason.get_or_insert(TerminationReason::CpuLimit);
+                return Ok(());
             }
             let mut fds: Vec<(i32, i16)> = vec![(self.ctrl.as_raw_fd(), libc::POLLIN)];
             let out_fd = stdout.as_ref().map(|s| s.as_raw_fd());

@@ -75,10 +75,10 @@ pub fn resolve(lang: Language, interpreter: Option<&Path>) -> Result<Runtime, Sa
 
     // Top-level symlinks first (merged /usr: /lib -> usr/lib, /bin -> usr/bin).
     for top in ["/bin", "/sbin", "/lib", "/lib64", "/lib32"] {
-        if let Ok(target) = fs::read_link(top) {
-            if let Some(t) = target.to_str() {
-                symlinks.push((top.to_string(), t.to_string()));
-            }
+        if let Ok(target) = fs::read_link(top)
+            && let Some(t) = target.to_str()
+        {
+            symlinks.push((top.to_string(), t.to_string()));
         }
     }
     for d in SYSTEM_LIB_DIRS {

@@ -28,10 +28,9 @@ pub async fn json<T: DeserializeOwned>(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
     {
-        if len > limit as u64 {
-            return Err(ApiError::PayloadTooLarge(limit));
-        }
+        return Err(ApiError::PayloadTooLarge(limit));
     }
     let bytes = axum::body::to_bytes(body, limit)
         .await

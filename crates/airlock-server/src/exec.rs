@@ -40,6 +40,10 @@ pub struct Submission {
     pub policy: Policy,
 }
 
+/// The executor no longer takes jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Stopped;
+
 /// A running or queued execution, as the API sees it.
 #[derive(Debug)]
 pub struct Entry {
@@ -157,8 +161,9 @@ impl Executor {
         }
     }
 
-    /// Queues an admitted execution (its record already exists).
-    pub fn submit(&self, slot: Slot, sub: Submission) -> Result<Arc<Entry>, Submission> {
+    /// Queues an admitted execution (its record already exists). Fails only
+    /// once the executor is stopping.
+    pub fn submit(&self, slot: Slot, sub: Submission) -> Result<Arc<Entry>, Stopped> {
         let entry = Arc::new(Entry {
             tenant_id: sub.tenant_id.clone(),
             live: Arc::new(Live::default()),
@@ -166,7 +171,7 @@ impl Executor {
         });
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = guard.as_ref() else {
-            return Err(sub);
+            return Err(Stopped);
         };
         self.registry
             .lock()
@@ -185,7 +190,7 @@ impl Executor {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&job.sub.id);
-            return Err(job.sub);
+            return Err(Stopped);
         }
         Ok(entry)
     }
