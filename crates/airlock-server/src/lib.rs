@@ -256,6 +256,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     store
         .append_audit(NewAudit::new(None, "server.stop", "server", "", None))
         .await?;
+    store.close().await;
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("airlock stopped");
     Ok(())

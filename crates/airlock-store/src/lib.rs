@@ -324,6 +324,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Vec<AuditEvent>, StoreError>;
     /// Walks the whole chain and reports the first broken record.
     async fn verify_audit(&self) -> Result<VerifyReport, StoreError>;
+
+    /// Flushes and closes (after this, every call fails).
+    async fn close(&self);
 }
 
 /// Current time in Unix milliseconds.

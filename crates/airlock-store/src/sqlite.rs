@@ -82,11 +82,6 @@ impl SqliteStore {
         })
     }
 
-    /// Closes the pool, flushing the WAL.
-    pub async fn close(&self) {
-        self.pool.close().await;
-    }
-
     /// Runs `f` inside `BEGIN IMMEDIATE` ... `COMMIT` (rolled back on error).
     async fn write_tx<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -841,6 +836,10 @@ impl Store for SqliteStore {
             }
         }
         Ok(v.finish())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 }
 

@@ -1,0 +1,335 @@
+//! Hostile requests: each gets a problem+json with a stable code, nothing
+//! about the host leaks, and the server keeps serving.
+
+use serde_json::json;
+
+use crate::{Server, raw};
+
+#[test]
+fn malformed_requests_table() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let auth = format!("Bearer {key}");
+    let data_dir = s.data().display().to_string();
+    let json_ct = ("Content-Type", "application/json");
+    let a = ("Authorization", auth.as_str());
+
+    let deep = format!(
+        r#"{{"language":"python","code":"pass","limits":{}{}}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
+    let huge = format!(
+        r#"{{"language":"python","code":"{}"}}"#,
+        "x".repeat(3 << 20)
+    );
+    let mut invalid_utf8 = br#"{"language":"python","code":"print(1) # "#.to_vec();
+    invalid_utf8.extend_from_slice(&[0xff, 0xfe, 0xc3]);
+    invalid_utf8.extend_from_slice(br#""}"#);
+
+    #[allow(clippy::type_complexity)]
+    let cases: Vec<(&str, &str, &str, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+        (
+            "oversized body",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            huge.into_bytes(),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "deep nesting",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            deep.into_bytes(),
+            400,
+            "json_too_deep",
+        ),
+        (
+            "wrong type",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python","code":42}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "wrong type in limits",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python","code":"","limits":{"memory_mib":"lots"}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "negative limit",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python","code":"","limits":{"pids":-1}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown field",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python","code":"","tenant_id":"someone-else"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown limit",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python","code":"","limits":{"read_only_paths":["/etc"]}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "missing field",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "invalid utf-8",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            invalid_utf8,
+            400,
+            "invalid_json",
+        ),
+        (
+            "truncated json",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"pyth"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "empty body",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            Vec::new(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "wrong content type",
+            "POST",
+            "/v1/executions",
+            vec![a, ("Content-Type", "text/plain")],
+            br#"{"language":"python","code":""}"#.to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "form content type",
+            "POST",
+            "/v1/executions",
+            vec![a, ("Content-Type", "application/x-www-form-urlencoded")],
+            b"language=python".to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            "POST",
+            "/v1/executions",
+            vec![a],
+            br#"{"language":"python","code":""}"#.to_vec(),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "unknown language",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"cobol","code":""}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "limit above ceiling",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python","code":"","limits":{"wall_time_ms":86400000}}"#.to_vec(),
+            422,
+            "policy_denied",
+        ),
+        (
+            "limit below minimum",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            br#"{"language":"python","code":"","limits":{"memory_mib":0}}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "code over limit",
+            "POST",
+            "/v1/executions",
+            vec![a, json_ct],
+            format!(
+                r#"{{"language":"python","code":"{}"}}"#,
+                "#".repeat((1 << 20) + 1)
+            )
+            .into_bytes(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "bad secret name",
+            "PUT",
+            "/v1/secrets/..%2f..%2fetc",
+            vec![a, json_ct],
+            br#"{"value":"x"}"#.to_vec(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "secret value too large",
+            "PUT",
+            "/v1/secrets/big",
+            vec![a, json_ct],
+            format!(r#"{{"value":"{}"}}"#, "v".repeat(65 << 10)).into_bytes(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown query parameter",
+            "GET",
+            "/v1/executions?tenant=other",
+            vec![a],
+            Vec::new(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "bad cursor",
+            "GET",
+            "/v1/executions?cursor=abc",
+            vec![a],
+            Vec::new(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "limit out of range",
+            "GET",
+            "/v1/executions?limit=100000",
+            vec![a],
+            Vec::new(),
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown execution",
+            "GET",
+            "/v1/executions/ex_doesnotexist",
+            vec![a],
+            Vec::new(),
+            404,
+            "not_found",
+        ),
+        (
+            "path traversal id",
+            "GET",
+            "/v1/executions/..%2f..%2fetc%2fpasswd",
+            vec![a],
+            Vec::new(),
+            404,
+            "not_found",
+        ),
+        (
+            "unknown route",
+            "GET",
+            "/v1/nothing",
+            vec![a],
+            Vec::new(),
+            404,
+            "not_found",
+        ),
+        (
+            "wrong method",
+            "DELETE",
+            "/v1/executions",
+            vec![a],
+            Vec::new(),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (name, method, path, headers, body, status, code) in cases {
+        let r = raw(s.addr, method, path, &headers, Some(&body));
+        assert_eq!(r.status, status, "{name}: {}", r.text());
+        let p = r.problem(status, code);
+        let detail = p["detail"].as_str().unwrap();
+        assert!(
+            !detail.contains(&data_dir) && !detail.contains("/tmp") && !detail.contains("/proc"),
+            "{name}: detail leaks a host path: {detail}"
+        );
+        assert!(detail.len() < 400, "{name}: detail too long");
+    }
+    // Nothing was lost and the server still works.
+    let v = s.run(&key, "shell", "echo still-up");
+    assert_eq!(v["result"]["stdout"], "still-up\n");
+    let list = s.get("/v1/executions", &key).json();
+    assert_eq!(list["executions"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn queue_full_gets_429() {
+    let s = Server::start_with(&["--max-concurrent", "1", "--queue-size", "1"]);
+    let key = s.tenant("acme");
+    let slow = json!({"language": "shell", "code": "sleep 2", "wait": false});
+    let a = s.post("/v1/executions", &key, slow.clone());
+    let b = s.post("/v1/executions", &key, slow.clone());
+    assert_eq!(
+        (a.status, b.status),
+        (202, 202),
+        "{} {}",
+        a.text(),
+        b.text()
+    );
+    let c = s.post("/v1/executions", &key, slow.clone());
+    c.problem(429, "queue_full");
+    assert!(c.header("retry-after").is_some());
+    let first = a.json()["id"].as_str().unwrap().to_string();
+    s.wait_status(&key, &first, &["running"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let m = loop {
+        let m = s.req("GET", "/metrics", None, None).text();
+        if m.contains("airlock_running_executions 1") || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(m.contains("airlock_queue_depth 1"), "{m}");
+    assert!(m.contains("airlock_running_executions 1"), "{m}");
+    assert!(m.contains("airlock_queue_rejections_total 1"), "{m}");
+    // Both accepted ones finish, in order.
+    for r in [a, b] {
+        let id = r.json()["id"].as_str().unwrap().to_string();
+        assert_eq!(s.wait_status(&key, &id, &["finished"])["reason"], "exited");
+    }
+    // Capacity is back.
+    assert_eq!(s.post("/v1/executions", &key, slow).status, 202);
+}

@@ -1,0 +1,252 @@
+//! Crash recovery and graceful shutdown, with leftovers checked on the host.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{Server, admin, is_root};
+
+/// Host pids whose command line is exactly `argv`.
+fn pids_with_cmdline(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Sandbox cgroup directories of the engine with pid `owner`: every
+/// `airlock/<owner>-<n>` under the owner's own cgroup in each hierarchy.
+fn sandbox_cgroups(owner: u32, own_cgroup_of: u32) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{own_cgroup_of}/cgroup")).unwrap();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrls, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or("/"));
+        let mounts: Vec<PathBuf> = if ctrls.is_empty() {
+            vec!["/sys/fs/cgroup/unified".into(), "/sys/fs/cgroup".into()]
+        } else {
+            vec![format!("/sys/fs/cgroup/{ctrls}").into()]
+        };
+        for m in mounts {
+            for base in [
+                m.join(path.trim_start_matches('/')).join("airlock"),
+                m.join("airlock"),
+            ] {
+                if let Ok(rd) = std::fs::read_dir(&base) {
+                    for e in rd.flatten() {
+                        if e.file_name()
+                            .to_string_lossy()
+                            .starts_with(&format!("{owner}-"))
+                        {
+                            out.push(e.path());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn restart_after_kill_9_fails_running_executions_and_reaps_leftovers() {
+    let mut s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let marker = ["sleep", "987654"];
+    assert!(
+        pids_with_cmdline(&marker).is_empty(),
+        "stale marker process"
+    );
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "shell", "code": "sleep 987654", "wait": false, "limits": {"wall_time_ms": 60000}}),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    s.wait_status(&key, &id, &["running"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pids_with_cmdline(&marker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandboxed program never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let server_pid = s.pid();
+    // Positive control: the sandbox's process and cgroups exist on the host.
+    let cgroups = sandbox_cgroups(server_pid, server_pid);
+    if is_root() {
+        assert!(
+            !cgroups.is_empty(),
+            "no sandbox cgroup found for the running execution"
+        );
+    }
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+
+    s.crash();
+    // The crash itself leaves the cgroups behind (this is what restart must
+    // clean up); the processes die with their supervisor (PDEATHSIG).
+    for c in &cgroups {
+        assert!(c.exists(), "{} vanished before restart", c.display());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pids_with_cmdline(&marker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox outlived its server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    s.start();
+    let v = s.wait_status(&key, &id, &["failed"]);
+    assert_eq!(v["reason"], "server_restart", "{v}");
+    assert!(v["finished_at"].is_string());
+    for c in &cgroups {
+        assert!(
+            !c.exists(),
+            "leftover cgroup {} was not reaped",
+            c.display()
+        );
+    }
+    assert!(sandbox_cgroups(server_pid, s.pid()).is_empty());
+    assert!(pids_with_cmdline(&marker).is_empty());
+    // No mount of the sandbox ever appeared in the host's namespace.
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(mounts_before.lines().count(), mounts_after.lines().count());
+    assert!(s.log().contains("recovered from an unclean stop"));
+    let audit = s.get("/v1/audit?limit=500", &key).json();
+    let fin = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "execution.finish" && e["subject"] == id.as_str())
+        .expect("finish audited");
+    assert_eq!(fin["detail"]["reason"], "server_restart");
+    // And the restarted server works.
+    assert_eq!(s.run(&key, "shell", "echo ok")["result"]["stdout"], "ok\n");
+    let (st, _) = s.terminate();
+    assert!(st.success());
+    assert_eq!(
+        admin(&s.data(), &["audit", "verify"]).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn sigterm_drains_then_kills_with_server_shutdown() {
+    let mut s = Server::start_with(&["--max-concurrent", "1", "--shutdown-grace-ms", "500"]);
+    let key = s.tenant("acme");
+    let long = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "shell", "code": "sleep 50", "wait": false, "limits": {"wall_time_ms": 60000}}),
+    );
+    let long_id = long.json()["id"].as_str().unwrap().to_string();
+    s.wait_status(&key, &long_id, &["running"]);
+    let queued = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "shell", "code": "echo never", "wait": false}),
+    );
+    let queued_id = queued.json()["id"].as_str().unwrap().to_string();
+    let (st, took) = s.terminate();
+    assert!(st.success(), "exit status {st:?}: {}", s.log());
+    assert!(took < Duration::from_secs(10), "drain took {took:?}");
+    assert!(s.log().contains("grace period over"));
+
+    s.start();
+    assert!(
+        !s.log().contains("recovered from an unclean stop"),
+        "drain left work unfinished"
+    );
+    let v = s.get(&format!("/v1/executions/{long_id}"), &key).json();
+    assert_eq!(
+        (v["status"].as_str(), v["reason"].as_str()),
+        (Some("finished"), Some("server_shutdown")),
+        "{v}"
+    );
+    assert_eq!(v["result"]["signal"], 9);
+    let v = s.get(&format!("/v1/executions/{queued_id}"), &key).json();
+    assert_eq!(
+        (v["status"].as_str(), v["reason"].as_str()),
+        (Some("failed"), Some("server_shutdown")),
+        "{v}"
+    );
+    assert!(
+        v["started_at"].is_null(),
+        "the queued one must never have started"
+    );
+    // Every step is in the audit log, and the chain is intact.
+    let audit = s.get("/v1/audit?limit=500", &key).text();
+    assert_eq!(audit.matches("\"execution.finish\"").count(), 2, "{audit}");
+    let (st, _) = s.terminate();
+    assert!(st.success());
+    let out = admin(&s.data(), &["audit", "verify"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn sigterm_lets_running_executions_finish_within_grace() {
+    let mut s = Server::start_with(&["--shutdown-grace-ms", "10000"]);
+    let key = s.tenant("acme");
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "shell", "code": "sleep 1; echo finished-in-grace", "wait": false}),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    s.wait_status(&key, &id, &["running"]);
+    let (st, took) = s.terminate();
+    assert!(st.success());
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    s.start();
+    let v = s.get(&format!("/v1/executions/{id}"), &key).json();
+    assert_eq!(v["reason"], "exited", "{v}");
+    assert_eq!(v["result"]["stdout"], "finished-in-grace\n");
+}
+
+#[test]
+fn one_server_per_data_directory_and_wrong_master_key_refused() {
+    let s = Server::start_with(&[]);
+    let _key = s.tenant("acme");
+    let out = std::process::Command::new(crate::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(s.data())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another airlock server"));
+    // Admin commands with another master key fail closed.
+    let out = std::process::Command::new(crate::BIN)
+        .args(["admin", "--data-dir"])
+        .arg(s.data())
+        .args(["tenant", "list"])
+        .env("AIRLOCK_MASTER_KEY", "ab".repeat(32))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("master key does not match"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

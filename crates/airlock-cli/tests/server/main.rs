@@ -1,0 +1,395 @@
+//! Integration tests of `airlock serve` and `airlock admin`: a real server
+//! process, a real SQLite file, real sockets. The HTTP client here is
+//! deliberately raw (std TcpStream) so tests can send exactly the bytes a
+//! hostile client would.
+
+// Test helpers may panic: a panic is a test failure with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod audit;
+mod hygiene;
+mod lifecycle;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_airlock");
+
+pub fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// A data directory with tenants and keys, and optionally a running server.
+#[derive(Debug)]
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub extra_args: Vec<String>,
+    pub stderr_path: PathBuf,
+}
+
+pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("admin")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env_remove("AIRLOCK_MASTER_KEY")
+        .env_remove("AIRLOCK_MASTER_KEY_FILE")
+        .output()
+        .expect("run airlock admin")
+}
+
+impl Server {
+    /// A fresh data directory (not started).
+    pub fn new(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stderr_path = dir.path().join("server.log");
+        Server {
+            dir,
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            stderr_path,
+        }
+    }
+
+    /// Starts with defaults plus `extra` flags.
+    pub fn start_with(extra: &[&str]) -> Server {
+        let mut s = Server::new(extra);
+        s.start();
+        s
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Creates a tenant and returns a key for it.
+    pub fn tenant(&self, name: &str) -> String {
+        let out = admin(&self.data(), &["tenant", "create", name]);
+        assert!(
+            out.status.success(),
+            "tenant create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.key(name)
+    }
+
+    pub fn key(&self, tenant: &str) -> String {
+        let out = admin(&self.data(), &["key", "create", "--tenant", tenant]);
+        assert!(out.status.success(), "key create");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr_path)
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(self.data())
+            .args(&self.extra_args)
+            .env_remove("AIRLOCK_MASTER_KEY")
+            .env_remove("AIRLOCK_MASTER_KEY_FILE")
+            .env_remove("AIRLOCK_CONFIG")
+            .env("AIRLOCK_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn airlock serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("airlock: listening on http://")
+            .unwrap_or_else(|| panic!("server did not start: {line:?} {}", self.log()));
+        self.addr = addr.parse().unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn crash(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    /// SIGTERM and wait; returns the exit status and how long it took.
+    pub fn terminate(&mut self) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.child.take().unwrap();
+        let t = Instant::now();
+        let pid = libc::pid_t::try_from(c.id()).unwrap();
+        // SAFETY: `pid` is our own child, not yet waited for, so the pid
+        // cannot have been reused by another process; kill has no memory
+        // effects.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(rc, 0);
+        let st = c.wait().unwrap();
+        (st, t.elapsed())
+    }
+
+    pub fn req(&self, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> Resp {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut h: Vec<(&str, &str)> = Vec::new();
+        if let Some(a) = &auth {
+            h.push(("Authorization", a));
+        }
+        let text = body.map(|b| b.to_string());
+        if text.is_some() {
+            h.push(("Content-Type", "application/json"));
+        }
+        raw(
+            self.addr,
+            method,
+            path,
+            &h,
+            text.as_deref().map(str::as_bytes),
+        )
+    }
+
+    pub fn get(&self, path: &str, key: &str) -> Resp {
+        self.req("GET", path, Some(key), None)
+    }
+
+    pub fn post(&self, path: &str, key: &str, body: Value) -> Resp {
+        self.req("POST", path, Some(key), Some(&body))
+    }
+
+    /// Runs code and waits for the record.
+    pub fn run(&self, key: &str, lang: &str, code: &str) -> Value {
+        let r = self.post(
+            "/v1/executions",
+            key,
+            serde_json::json!({"language": lang, "code": code}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    /// Polls until the execution's status is one of `want`.
+    pub fn wait_status(&self, key: &str, id: &str, want: &[&str]) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.get(&format!("/v1/executions/{id}"), key).json();
+            if want.contains(&v["status"].as_str().unwrap_or("")) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "status stayed {}", v["status"]);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts a problem+json with this status and code.
+    pub fn problem(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{}",
+            self.text()
+        );
+        let v = self.json();
+        assert_eq!(v["code"], code, "{v}");
+        assert_eq!(v["status"], status);
+        assert_eq!(v["type"], format!("urn:airlock:problem:{code}"));
+        v
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(pos) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size_line = std::str::from_utf8(&b[..pos]).unwrap_or("0");
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("0").trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        let start = pos + 2;
+        out.extend_from_slice(&b[start..(start + size).min(b.len())]);
+        b = &b[(start + size + 2).min(b.len())..];
+    }
+}
+
+/// Sends exactly these bytes as one HTTP/1.1 request and reads the response.
+pub fn raw(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("send head");
+    // The body goes out from another thread: the server may answer (413)
+    // without reading all of a huge body, and the answer must be read.
+    let writer = body.map(|b| {
+        let mut w = s.try_clone().unwrap();
+        let b = b.to_vec();
+        std::thread::spawn(move || {
+            let _ = w.write_all(&b);
+        })
+    });
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => break,
+        }
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    parse_response(&buf)
+}
+
+pub fn parse_response(buf: &[u8]) -> Resp {
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head: {:?}", String::from_utf8_lossy(buf)));
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"))
+    {
+        body = dechunk(&body);
+    }
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Follows an SSE stream to its end, noting when each event arrived.
+pub fn follow_sse(addr: SocketAddr, path: &str, key: &str) -> Vec<(Instant, String, Value)> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {key}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw_text = String::new();
+    let mut events = Vec::new();
+    let mut seen = 0;
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        let now = Instant::now();
+        raw_text.push_str(&String::from_utf8_lossy(&buf[..n]));
+        // Events are "event: X\nid: N\ndata: {...}\n\n"; chunk-size lines
+        // of the transfer encoding sit between events, never inside one
+        // small event.
+        while let Some(start) = raw_text[seen..].find("event: ") {
+            let at = seen + start;
+            let Some(end) = raw_text[at..].find("\n\n") else {
+                break;
+            };
+            let block = &raw_text[at..at + end];
+            let kind = block
+                .lines()
+                .next()
+                .unwrap()
+                .trim_start_matches("event: ")
+                .to_string();
+            let data = block
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .unwrap_or("null");
+            events.push((now, kind, serde_json::from_str(data).unwrap_or(Value::Null)));
+            seen = at + end + 2;
+        }
+    }
+    events
+}
