@@ -100,7 +100,7 @@ def main():
           f"interleaved; machine: {machine()}\n"
     print(out)
     if a.markdown_out:
-        with open(a.markdown_out, "w") as f:
+        with open(a.markdown_out, "a") as f:
             f.write(out)
 
 

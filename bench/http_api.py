@@ -1,0 +1,139 @@
+"""HTTP API benchmark: a trivial python program (`pass`) through
+`airlock serve`, sequentially and with concurrent clients, in one run with
+its baselines (bare `python3 -c pass` and `airlock run` cold).
+
+Each request is POST /v1/executions with wait=true on a kept-alive
+connection; every response is checked (200, finished, exited, exit 0) and a
+failing one aborts the benchmark. Latency is client-side, end to end.
+"""
+import argparse, http.client, json, os, statistics, subprocess, sys, tempfile, threading, time
+
+from cold_start import PY, machine, pct, time_once
+
+
+def start_server(airlock, data, workers):
+    def admin(*args):
+        p = subprocess.run([airlock, "admin", "--data-dir", data, *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"airlock admin {' '.join(args)} failed: {p.stderr}")
+        return p.stdout.strip()
+
+    admin("tenant", "create", "bench")
+    key = admin("key", "create", "--tenant", "bench")
+    log = open(os.path.join(data, "..", "server.log"), "w")
+    cmd = [airlock, "serve", "--listen", "127.0.0.1:0", "--data-dir", data]
+    if workers:
+        cmd += ["--max-concurrent", str(workers)]
+    srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                           env={**os.environ, "AIRLOCK_LOG": "warn"})
+    line = srv.stdout.readline().strip()
+    prefix = "airlock: listening on http://"
+    if not line.startswith(prefix):
+        srv.kill()
+        sys.exit(f"server did not start: {line!r}")
+    host, port = line[len(prefix):].rsplit(":", 1)
+    return srv, host, int(port), key
+
+
+class Client:
+    def __init__(self, host, port, key):
+        self.conn = http.client.HTTPConnection(host, port, timeout=60)
+        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self.body = json.dumps({"language": "python", "code": "pass"})
+
+    def run(self):
+        t = time.perf_counter()
+        self.conn.request("POST", "/v1/executions", self.body, self.headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        dt = (time.perf_counter() - t) * 1000
+        if resp.status != 200:
+            sys.exit(f"HTTP {resp.status}: {data[:300]!r}")
+        rec = json.loads(data)
+        if rec["status"] != "finished" or rec["reason"] != "exited" or rec["result"]["exit_code"] != 0:
+            sys.exit(f"execution failed: {json.dumps(rec)[:500]}")
+        return dt
+
+
+def concurrent(host, port, key, clients, per_client):
+    lat, errors = [], []
+    lock = threading.Lock()
+
+    def worker():
+        c = Client(host, port, key)
+        mine = []
+        try:
+            for _ in range(per_client):
+                mine.append(c.run())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    if errors:
+        sys.exit(f"concurrent run failed: {errors[0]}")
+    return lat, wall
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--airlock", required=True)
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=0, help="--max-concurrent (default: the server's)")
+    ap.add_argument("--markdown-out")
+    a = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        srv, host, port, key = start_server(a.airlock, data, a.workers)
+        try:
+            bare = [time_once([PY, "-c", "pass"]) for _ in range(a.iterations // 2)]
+            cold = [time_once([a.airlock, "run", "--lang", "python", "-c", "pass"])
+                    for _ in range(a.iterations // 2)]
+            c = Client(host, port, key)
+            for _ in range(a.warmup):
+                c.run()
+            t = time.perf_counter()
+            seq = [c.run() for _ in range(a.iterations)]
+            seq_wall = time.perf_counter() - t
+            per = max(1, a.iterations // a.clients)
+            conc, conc_wall = concurrent(host, port, key, a.clients, per)
+        finally:
+            srv.terminate()
+            srv.wait(timeout=60)
+
+    base = statistics.median(bare)
+    rows = [
+        ("bare python3 -c pass (sequential)", bare, None),
+        ("airlock run, cold (CLI, sequential)", cold, None),
+        ("HTTP API, 1 client (sequential)", seq, len(seq) / seq_wall),
+        (f"HTTP API, {a.clients} concurrent clients", conc, len(conc) / conc_wall),
+    ]
+    lines = ["| path | p50 ms | p99 ms | executions/s | p50 vs bare python |",
+             "|---|---:|---:|---:|---:|"]
+    for name, xs, rate in rows:
+        r = f"{rate:.1f}" if rate else f"{1000 / statistics.mean(xs):.1f} (1/mean)"
+        lines.append(f"| {name} | {statistics.median(xs):.2f} | {pct(xs, 99):.2f} | {r} | "
+                     f"{statistics.median(xs) / base:.2f}x |")
+    workers = a.workers or f"default ({2 * os.cpu_count()})"
+    out = "\n".join(lines) + (
+        f"\n\nTrivial python program through `airlock serve` (wait=true, kept-alive connections, "
+        f"SQLite store, audit chain on), max_concurrent={workers}; {a.iterations} sequential "
+        f"requests (+{a.warmup} warm-up), {a.clients}x{per} concurrent; machine: {machine()}\n")
+    print(out)
+    if a.markdown_out:
+        with open(a.markdown_out, "a") as f:
+            f.write(out)
+
+
+if __name__ == "__main__":
+    main()
