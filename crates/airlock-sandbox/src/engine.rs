@@ -26,7 +26,7 @@ use airlock_policy::{LandlockMode, Language, Policy};
 
 use crate::cgroup::{self, Cgroup, CgroupLimits, Layout};
 use crate::error::SandboxError;
-use crate::init::{CONTROL_FD, INIT_ARG, SANDBOX_GID, SANDBOX_UID};
+use crate::init::{BROKER_FD, CONTROL_FD, INIT_ARG, SANDBOX_GID, SANDBOX_UID};
 use crate::proto::{self, FromInit, InitConfig, Job, ToInit};
 use crate::result::{Enforced, LandlockReport, RunResult, SeccompReport, TerminationReason};
 use crate::runtime::{self, Runtime};
@@ -94,6 +94,31 @@ pub struct Request<'a> {
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// What a platform adds to a sandbox beyond its policy. Nothing here is
+/// tenant-specific: identity, code and input arrive later.
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    /// Extra read-only bind mounts: (host directory, absolute target
+    /// inside), e.g. the guest SDKs.
+    pub mounts: Vec<(PathBuf, String)>,
+    /// Give the program a broker channel: one end of a socketpair at
+    /// descriptor [`BROKER_FD`] (named by `AIRLOCK_BROKER_FD`); the other
+    /// end is returned by [`Sandbox::take_broker`].
+    pub broker: bool,
+    /// Run this script (a path inside the sandbox) with the code file as its
+    /// argument, instead of running the code file directly.
+    pub entry: Option<String>,
+    /// Extra environment for the program; names must start with `AIRLOCK_`
+    /// (the policy's environment rules cannot be bypassed through here).
+    pub env: Vec<(String, String)>,
+}
+
+fn valid_target(t: &str) -> bool {
+    t.starts_with('/')
+        && t.len() > 1
+        && t.split('/').all(|c| c != ".." && c != ".")
+        && !t.contains('\0')
+}
 /// Lets another thread stop a running execution. The supervising loop
 /// checks it at least every 50 ms and kills the whole sandbox; the result
 /// carries the reason given here.
@@ -206,7 +231,43 @@ impl Engine {
     /// Builds a fully isolated sandbox for `policy` and `lang`, waiting for
     /// a job. Nothing tenant-specific is inside yet.
     pub fn prepare(&self, policy: &Policy, lang: Language) -> Result<Sandbox, SandboxError> {
+        self.prepare_with(policy, lang, &Extras::default())
+    }
+
+    /// [`Engine::prepare`] with platform extras (guest mounts, a broker
+    /// channel, an entry script).
+    pub fn prepare_with(
+        &self,
+        policy: &Policy,
+        lang: Language,
+        extras: &Extras,
+    ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
+        for (host, target) in &extras.mounts {
+            if !host.is_absolute() || !host.is_dir() || !valid_target(target) {
+                return Err(SandboxError::InvalidRequest(
+                    "extra mounts need an existing absolute host directory and an absolute target"
+                        .into(),
+                ));
+            }
+        }
+        if extras.env.iter().any(|(k, v)| {
+            !k.starts_with("AIRLOCK_")
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                || v.contains('\0')
+                || v.len() > 4096
+        }) {
+            return Err(SandboxError::InvalidRequest(
+                "extra environment names must be AIRLOCK_[A-Z0-9_]*".into(),
+            ));
+        }
+        if extras.entry.as_deref().is_some_and(|e| !valid_target(e)) {
+            return Err(SandboxError::InvalidRequest(
+                "entry must be an absolute path".into(),
+            ));
+        }
         let runtime = self.runtime(lang)?;
         let mut programs = seccomp::programs_for(&policy.syscalls.deny)?;
         let euid = sys::geteuid();
@@ -250,6 +311,10 @@ impl Engine {
                             target: p.clone(),
                         }),
                 );
+                m.extend(extras.mounts.iter().map(|(h, t)| proto::RoMount {
+                    host: h.display().to_string(),
+                    target: t.clone(),
+                }));
                 m
             },
             symlinks: runtime.symlinks.clone(),
@@ -257,11 +322,19 @@ impl Engine {
             scratch_inodes: policy.filesystem.scratch_inodes,
             landlock_strict: policy.isolation.landlock == LandlockMode::Strict,
             seccomp: std::mem::take(&mut programs),
+            broker: extras.broker,
         };
         let filters = init_cfg.seccomp.len();
 
         let (host_ctrl, child_ctrl) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
         let child_fd = child_ctrl.as_raw_fd();
+        let (host_broker, child_broker) = if extras.broker {
+            let (h, c) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
+            (Some(h), Some(c))
+        } else {
+            (None, None)
+        };
+        let child_broker_fd = child_broker.as_ref().map(|c| c.as_raw_fd());
         let mut cmd = Command::new(&self.cfg.init_path);
         cmd.arg(INIT_ARG)
             .arg(std::process::id().to_string())
@@ -271,19 +344,33 @@ impl Engine {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: the closure runs between fork and exec and only calls
-        // dup2 or fcntl, which are async-signal-safe; `child_fd` stays open in the
-        // parent until after spawn returns.
+        // dup2, fcntl or close, which are async-signal-safe; `child_fd` and
+        // `child_broker_fd` stay open in the parent until after spawn
+        // returns. The broker end is moved to 4 only after the control end
+        // sits at 3, and neither source can be 4 and 3 crosswise because
+        // both are fresh descriptors above stdio.
         unsafe {
             cmd.pre_exec(move || {
+                // Park the broker end above 4 first, so placing the control
+                // end at 3 cannot clobber it (and vice versa).
+                let parked = match child_broker_fd {
+                    Some(fd) => Some(sys::dup_above(fd, 16)?),
+                    None => None,
+                };
                 if child_fd == CONTROL_FD {
-                    sys::clear_cloexec(child_fd)
+                    sys::clear_cloexec(child_fd)?;
                 } else {
-                    sys::dup2(child_fd, CONTROL_FD)
+                    sys::dup2(child_fd, CONTROL_FD)?;
+                }
+                match parked {
+                    Some(fd) => sys::dup2(fd, BROKER_FD),
+                    None => Ok(()),
                 }
             });
         }
         let mut child = cmd.spawn().map_err(SandboxError::SpawnInit)?;
         drop(child_ctrl);
+        drop(child_broker);
         let stdin_w = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
         let stdout_r = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
         let stderr_r = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
@@ -301,6 +388,10 @@ impl Engine {
             stdout: stdout_r,
             stderr: stderr_r,
             ctrl: host_ctrl,
+            broker: host_broker,
+            init_broker: extras.broker,
+            entry: extras.entry.clone(),
+            extra_env: extras.env.clone(),
             pid1: None,
             cgroup: None,
             runtime,
@@ -381,6 +472,10 @@ pub struct Sandbox {
     stdout: Option<File>,
     stderr: Option<File>,
     ctrl: UnixStream,
+    broker: Option<UnixStream>,
+    init_broker: bool,
+    entry: Option<String>,
+    extra_env: Vec<(String, String)>,
     pid1: Option<OwnedFd>,
     cgroup: Option<Cgroup>,
     runtime: Runtime,
@@ -478,6 +573,11 @@ impl Sandbox {
         &self.enforced
     }
 
+    /// The host end of the broker channel (once).
+    pub fn take_broker(&mut self) -> Option<UnixStream> {
+        self.broker.take()
+    }
+
     /// Host cgroup directories of this sandbox (what a crashed server
     /// must reap on restart).
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
@@ -527,6 +627,9 @@ impl Sandbox {
         };
         let mut argv = vec![self.runtime.interpreter.clone()];
         argv.extend(self.runtime.args.iter().cloned());
+        if let Some(entry) = &self.entry {
+            argv.push(entry.clone());
+        }
         argv.push(format!("/workspace/{name}"));
         let have_cg = self.cgroup.is_some();
         Job {
@@ -538,6 +641,11 @@ impl Sandbox {
                 .program_env()
                 .into_iter()
                 .map(|(k, v)| format!("{k}={v}"))
+                .chain(
+                    self.init_broker
+                        .then(|| format!("AIRLOCK_BROKER_FD={BROKER_FD}")),
+                )
+                .chain(self.extra_env.iter().map(|(k, v)| format!("{k}={v}")))
                 .collect(),
             cpu_seconds: l.cpu_time_ms.div_ceil(1000),
             open_files: l.open_files,

@@ -38,6 +38,9 @@ pub const SANDBOX_UID: u32 = 1000;
 pub const SANDBOX_GID: u32 = 1000;
 /// The control socket's descriptor number in init.
 pub const CONTROL_FD: RawFd = 3;
+/// Descriptor of the broker channel, when the engine gives one. The program
+/// inherits it (and `AIRLOCK_BROKER_FD` names it); init never reads it.
+pub const BROKER_FD: RawFd = 4;
 /// The Landlock ABI airlock pins. Strict mode requires every access right of
 /// this ABI to be enforced (Linux 6.10+).
 pub const LANDLOCK_ABI: ABI = ABI::V5;
@@ -216,8 +219,9 @@ fn report(ctrl: &mut UnixStream, (step, errno): (Step, i32)) {
 }
 
 fn stage1(args: &[String]) -> Result<i32, ()> {
-    // Anything inherited beyond stdio and the control socket is a leak.
-    sys::close_from(CONTROL_FD as u32 + 1).map_err(|_| ())?;
+    // Anything inherited beyond stdio, the control socket and the broker
+    // channel is a leak.
+    sys::close_from(BROKER_FD as u32 + 1).map_err(|_| ())?;
     let expected_parent: i32 = args.first().and_then(|a| a.parse().ok()).ok_or(())?;
     sys::set_parent_death_kill().map_err(|_| ())?;
     if sys::getppid() != expected_parent {
@@ -233,6 +237,14 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
             return Err(());
         }
     };
+    // Without a broker, descriptor 4 is whatever leaked in: close it. With
+    // one, it must be the socket the engine passed.
+    if !cfg.broker {
+        sys::close_unowned(BROKER_FD);
+    } else if !sys::is_socket(BROKER_FD) {
+        report(&mut ctrl, (Step::CloseFds, libc::EBADF));
+        return Err(());
+    }
     let r = (|| -> StepResult<()> {
         for tasks in &cfg.cgroup_tasks {
             at(Step::CgroupJoin, fs::write(tasks, "0"))?;
@@ -272,6 +284,8 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
         }
         Ok(Forked::Parent(pid)) => {
             drop(go_r);
+            // Stage 1 keeps no copy of the broker channel.
+            sys::close_unowned(BROKER_FD);
             // Stage 1 only waits from here on: it gives up the capabilities
             // it holds in the sandbox's user namespace (defence in depth; the
             // program cannot see it, it lives in the parent pid namespace).
@@ -352,7 +366,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig) -> ! {
             sys::exit_now(1)
         }
     };
-    match run_job(&mut ctrl, &job, &code) {
+    match run_job(&mut ctrl, &job, &code, cfg.broker) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             report(&mut ctrl, e);
@@ -379,6 +393,18 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
             None,
         ),
     )?;
+    // Pin every bind source before the new root's tmpfs covers NEW_ROOT
+    // (a source under it would vanish); the binds then go through
+    // /proc/self/fd, so they also cannot be redirected by a path swap.
+    let mut sources = Vec::with_capacity(cfg.mounts.len());
+    for m in &cfg.mounts {
+        let fd = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(&m.host)
+            .map_err(|e| (Step::BindRuntime, e.raw_os_error().unwrap_or(0)))?;
+        sources.push(fd);
+    }
     at(
         Step::RootTmpfs,
         sys::mount(
@@ -391,9 +417,11 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     )?;
     let nr = |p: &str| format!("{NEW_ROOT}{p}");
 
-    for m in &cfg.mounts {
-        bind_ro(&m.host, &nr(&m.target), false).map_err(|e| (Step::BindRuntime, e))?;
+    for (m, src) in cfg.mounts.iter().zip(&sources) {
+        let via = format!("/proc/self/fd/{}", src.as_raw_fd());
+        bind_ro(&via, &nr(&m.target), false).map_err(|e| (Step::BindRuntime, e))?;
     }
+    drop(sources);
     for (path, target) in &cfg.symlinks {
         let p = nr(path);
         if let Some(parent) = std::path::Path::new(&p).parent() {
@@ -575,7 +603,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     at(Step::CgroupNamespace, sys::unshare(libc::CLONE_NEWCGROUP))?;
 
     at(Step::Setsid, sys::setsid())?;
-    at(Step::CloseFds, sys::close_from(CONTROL_FD as u32 + 1))?;
+    at(Step::CloseFds, sys::close_from(BROKER_FD as u32 + 1))?;
     // The uid change above made the process non-dumpable, which makes its
     // /proc files root-owned; lift that for one write, then lock it again.
     at(Step::OomScore, sys::set_dumpable(true))?;
@@ -783,7 +811,7 @@ fn apply_landlock(strict: bool) -> StepResult<(u32, bool)> {
     Ok((abi, full))
 }
 
-fn run_job(ctrl: &mut UnixStream, job: &Job, code: &[u8]) -> StepResult<()> {
+fn run_job(ctrl: &mut UnixStream, job: &Job, code: &[u8], broker: bool) -> StepResult<()> {
     if !crate::engine::safe_file_name(&job.file_name) || job.argv.is_empty() {
         return Err((Step::ReadJob, libc::EINVAL));
     }
@@ -821,6 +849,10 @@ fn run_job(ctrl: &mut UnixStream, job: &Job, code: &[u8]) -> StepResult<()> {
         }
         Forked::Parent(pid) => {
             drop(err_w);
+            if broker {
+                // The channel is the program's; init keeps no copy.
+                sys::close_unowned(BROKER_FD);
+            }
             let mut buf = [0u8; 4];
             let mut r = fs::File::from(err_r);
             let exec_errno = match r.read(&mut buf) {

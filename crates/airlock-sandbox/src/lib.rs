@@ -34,6 +34,6 @@ pub mod runtime;
 pub mod seccomp;
 pub mod sys;
 
-pub use engine::{CancelToken, Engine, EngineConfig, Request, Sandbox, Stream};
+pub use engine::{CancelToken, Engine, EngineConfig, Extras, Request, Sandbox, Stream};
 pub use error::SandboxError;
 pub use result::{Enforced, RunResult, TerminationReason};

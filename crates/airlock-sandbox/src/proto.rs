@@ -61,6 +61,10 @@ pub struct InitConfig {
     pub landlock_strict: bool,
     /// Seccomp programs to install, in order, as (code, jt, jf, k).
     pub seccomp: Vec<Vec<(u16, u8, u8, u32)>>,
+    /// The engine passed a broker socket at [`crate::init::BROKER_FD`]; it
+    /// is handed to the program (and only to it). When false, that
+    /// descriptor is closed at once whatever it is.
+    pub broker: bool,
 }
 
 /// The per-execution job.

@@ -401,6 +401,30 @@ pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
     cvt_i(unsafe { libc::dup2(old, new) }).map(|_| ())
 }
 
+/// Duplicates `fd` to the lowest free descriptor >= `min` (F_DUPFD, no
+/// CLOEXEC). Async-signal-safe.
+pub fn dup_above(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
+    // SAFETY: fcntl(F_DUPFD) only creates a new descriptor.
+    cvt_i(unsafe { libc::fcntl(fd, libc::F_DUPFD, min) })
+}
+
+/// Closes a descriptor number that no object in this process owns (an
+/// inherited one); a descriptor that is not open is fine.
+pub fn close_unowned(fd: RawFd) {
+    // SAFETY: the caller names a descriptor no Rust object owns, so closing
+    // it cannot invalidate an OwnedFd/File; close has no memory effects.
+    unsafe { libc::close(fd) };
+}
+
+/// Whether `fd` is an open socket.
+pub fn is_socket(fd: RawFd) -> bool {
+    // SAFETY: fstat writes only into the zeroed stat buffer we pass.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; an invalid fd yields EBADF, not UB.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    rc == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK
+}
+
 /// Takes ownership of a raw descriptor number inherited at exec.
 ///
 /// # Safety

@@ -264,6 +264,17 @@ pub struct ExecutionView {
     /// usage and the isolation layers enforced.
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
+    /// Flow (memory scope).
+    pub flow_id: String,
+    /// A handler's return value.
+    #[schema(value_type = Option<Object>)]
+    pub output: Option<serde_json::Value>,
+    /// A handler's exception: type, message, traceback.
+    #[schema(value_type = Option<Object>)]
+    pub handler_error: Option<serde_json::Value>,
+    /// Why the broker closed the sandbox's channel early (malformed,
+    /// oversized or out-of-order frame), if it did.
+    pub broker_error: Option<String>,
 }
 
 impl From<&ExecutionRecord> for ExecutionView {
@@ -281,6 +292,10 @@ impl From<&ExecutionRecord> for ExecutionView {
             started_at: r.started_at_ms.map(rfc3339),
             finished_at: r.finished_at_ms.map(rfc3339),
             result: r.result.clone(),
+            flow_id: r.flow_id.clone(),
+            output: r.output.clone(),
+            handler_error: r.handler_error.clone(),
+            broker_error: r.broker_error.clone(),
         }
     }
 }
@@ -406,6 +421,24 @@ pub struct CreateExecution {
     /// Wait for the result (default) or return 202 at once.
     #[serde(default = "default_true")]
     pub wait: bool,
+    /// Flow id scoping agent memory (default `default`).
+    #[serde(default)]
+    pub flow: Option<String>,
+    /// Run `handler(ax, input)` from the code instead of the code as a
+    /// script (python and javascript).
+    #[serde(default)]
+    pub handler: bool,
+    /// The handler's input (JSON).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub input: Option<serde_json::Value>,
+    /// Secret names this execution may read through the broker.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// Config values delivered to the code at start (`ax.variables`).
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub variables: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `PUT /v1/secrets/{name}`.
@@ -578,6 +611,43 @@ async fn create_execution(
         }
         Err(e) => return Err(e),
     };
+    let flow_id = req.flow.clone().unwrap_or_else(|| "default".into());
+    if !airlock_broker::valid_flow_id(&flow_id) {
+        return Err(ApiError::InvalidRequest(
+            "flow ids are 1..=128 of [A-Za-z0-9_.-]".into(),
+        ));
+    }
+    if req.handler && language == Language::Shell {
+        return Err(ApiError::InvalidRequest(
+            "handlers are python or javascript".into(),
+        ));
+    }
+    if req.input.is_some() && !req.handler {
+        return Err(ApiError::InvalidRequest(
+            "input is for handler executions".into(),
+        ));
+    }
+    if req.secrets.len() > 64 || req.secrets.iter().any(|n| !valid_secret_name(n)) {
+        return Err(ApiError::InvalidRequest(
+            "secrets lists at most 64 valid secret names".into(),
+        ));
+    }
+    if req.variables.contains_key("secrets")
+        || req.variables.len() > 256
+        || serde_json::to_string(&req.variables).map_or(true, |t| t.len() > (64 << 10))
+    {
+        return Err(ApiError::InvalidRequest(
+            "variables: at most 256 entries and 64 KiB, and \"secrets\" is reserved".into(),
+        ));
+    }
+    let grants = airlock_broker::Grants {
+        secrets: req.secrets.iter().cloned().collect(),
+        variables: req.variables.clone(),
+        input: req
+            .handler
+            .then(|| req.input.clone().unwrap_or(serde_json::Value::Null)),
+        handler: req.handler,
+    };
     let code = req.code.into_bytes();
     let stdin = req.stdin.into_bytes();
     st.engine
@@ -614,6 +684,10 @@ async fn create_execution(
         result: None,
         error: None,
         host_state: None,
+        flow_id: flow_id.clone(),
+        output: None,
+        handler_error: None,
+        broker_error: None,
     };
     st.store.insert_execution(&rec, &who.actor(&ctx)).await?;
     let sub = Submission {
@@ -624,6 +698,9 @@ async fn create_execution(
         code,
         stdin,
         policy,
+        flow_id,
+        trace_id: ctx.trace_id.clone(),
+        grants,
     };
     let entry = match st.exec.submit(slot, sub) {
         Ok(e) => e,
@@ -632,11 +709,12 @@ async fn create_execution(
                 .finish_execution(
                     &rec.id,
                     &Finish {
-                        status: ExecStatus::Failed,
-                        reason: TerminationReason::ServerShutdown.as_str(),
-                        result: None,
                         error: Some("the server is shutting down"),
-                        at_ms: now_ms(),
+                        ..Finish::new(
+                            ExecStatus::Failed,
+                            TerminationReason::ServerShutdown.as_str(),
+                            now_ms(),
+                        )
                     },
                 )
                 .await?;
@@ -987,6 +1065,305 @@ async fn list_audit(
     }))
 }
 
+/// One log record an execution wrote through the broker.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogView {
+    /// Order within the execution.
+    pub seq: i64,
+    /// RFC 3339.
+    pub time: String,
+    /// `debug`, `info`, `warn`, `error`.
+    pub level: String,
+    /// Message (secret values redacted).
+    pub message: String,
+    /// Structured fields.
+    #[schema(value_type = Object)]
+    pub fields: serde_json::Value,
+    /// Execution id.
+    pub execution_id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Trace id.
+    pub trace_id: String,
+}
+
+/// A page of log records.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogList {
+    /// Oldest first.
+    pub logs: Vec<LogView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<i64>,
+}
+
+/// Log records of one execution.
+#[utoipa::path(get, path = "/v1/executions/{id}/logs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "execution id"),
+           ("after" = Option<i64>, Query, description = "seq to start after"),
+           ("limit" = Option<u32>, Query, description = "1..=1000, default 500")),
+    responses((status = 200, body = LogList), (status = 404, body = Problem)))]
+async fn execution_logs(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<LogList>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let q = query_params(raw.as_deref(), &["after", "limit"])?;
+    let after = parse_num(&q, "after", 0, i64::MAX)?.unwrap_or(0);
+    let limit = parse_num(&q, "limit", 1, 1000)?.unwrap_or(500) as u32;
+    let rec = st
+        .store
+        .execution(&who.tenant_id, &id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let logs = st.store.list_logs(&rec.id, after, limit).await?;
+    let next_after = (logs.len() == limit as usize)
+        .then(|| logs.last().map(|l| l.seq))
+        .flatten();
+    Ok(Json(LogList {
+        logs: logs
+            .into_iter()
+            .map(|l| LogView {
+                seq: l.seq,
+                time: rfc3339(l.ts_ms),
+                level: l.level,
+                message: l.message,
+                fields: l.fields,
+                execution_id: rec.id.clone(),
+                tenant_id: rec.tenant_id.clone(),
+                trace_id: rec.trace_id.clone(),
+            })
+            .collect(),
+        next_after,
+    }))
+}
+
+/// One agent-memory entry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemoryView {
+    /// Flow.
+    pub flow: String,
+    /// Key.
+    pub key: String,
+    /// Value.
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    /// Version (1 on first write).
+    pub version: i64,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// Keys of a flow's memory.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemoryList {
+    /// In key order.
+    pub entries: Vec<MemoryView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    pub next_after: Option<String>,
+}
+
+/// `PUT /v1/memory/{flow}/{key}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PutMemory {
+    /// Any JSON value (at most 64 KiB serialised).
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    /// Write only if the current version is this (0: must not exist).
+    #[serde(default)]
+    pub expected_version: Option<i64>,
+}
+
+fn memory_scope(flow: &str, key: Option<&str>) -> Result<(), ApiError> {
+    if !airlock_broker::valid_flow_id(flow) {
+        return Err(ApiError::InvalidRequest(
+            "flow ids are 1..=128 of [A-Za-z0-9_.-]".into(),
+        ));
+    }
+    if let Some(k) = key
+        && !airlock_broker::valid_memory_key(k, airlock_broker::Quotas::default().memory_key_bytes)
+    {
+        return Err(ApiError::InvalidRequest(
+            "memory keys are 1..=256 bytes, without control characters, '.' or '..' segments or a leading '/'"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn memory_view(flow: &str, e: airlock_store::MemoryEntry) -> MemoryView {
+    MemoryView {
+        flow: flow.to_string(),
+        key: e.key,
+        value: e.value,
+        version: e.version,
+        updated_at: rfc3339(e.updated_at_ms),
+    }
+}
+
+/// Reads one memory entry of a flow.
+#[utoipa::path(get, path = "/v1/memory/{flow}/{key}", security(("bearer" = [])),
+    params(("flow" = String, Path, description = "flow id"), ("key" = String, Path, description = "key (may contain '/')")),
+    responses((status = 200, body = MemoryView), (status = 404, body = Problem)))]
+async fn get_memory(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((flow, key)): Path<(String, String)>,
+) -> Result<Json<MemoryView>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    memory_scope(&flow, Some(&key))?;
+    let e = st
+        .store
+        .memory_get(&who.tenant_id, &flow, &key)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(memory_view(&flow, e)))
+}
+
+/// Writes (seeds) one memory entry, optionally compare-and-set.
+#[utoipa::path(put, path = "/v1/memory/{flow}/{key}", security(("bearer" = [])),
+    params(("flow" = String, Path, description = "flow id"), ("key" = String, Path, description = "key")),
+    request_body = PutMemory,
+    responses((status = 200, body = MemoryView), (status = 409, body = Problem), (status = 422, body = Problem)))]
+async fn put_memory(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((flow, key)): Path<(String, String)>,
+    body: Body,
+) -> Result<Json<MemoryView>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    memory_scope(&flow, Some(&key))?;
+    let req: PutMemory = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
+    let q = airlock_broker::Quotas::default();
+    if serde_json::to_string(&req.value).map_or(true, |t| t.len() > q.memory_value_bytes) {
+        return Err(ApiError::InvalidRequest(format!(
+            "memory values are at most {} bytes",
+            q.memory_value_bytes
+        )));
+    }
+    if req.expected_version.is_some_and(|v| v < 0) {
+        return Err(ApiError::InvalidRequest(
+            "expected_version is 0 or a version".into(),
+        ));
+    }
+    match st
+        .store
+        .memory_put(
+            &who.tenant_id,
+            &flow,
+            &key,
+            &req.value,
+            req.expected_version,
+            q.memory_keys,
+        )
+        .await?
+    {
+        airlock_store::MemoryWrite::Written(_) => {}
+        airlock_store::MemoryWrite::Conflict(v) => {
+            return Err(ApiError::VersionConflict(format!(
+                "the current version is {v}"
+            )));
+        }
+        airlock_store::MemoryWrite::QuotaExceeded => {
+            return Err(ApiError::QuotaExceeded(format!(
+                "this flow already holds {} keys",
+                q.memory_keys
+            )));
+        }
+    }
+    let e = st
+        .store
+        .memory_get(&who.tenant_id, &flow, &key)
+        .await?
+        .ok_or(ApiError::Internal)?;
+    Ok(Json(memory_view(&flow, e)))
+}
+
+/// Deletes one memory entry.
+#[utoipa::path(delete, path = "/v1/memory/{flow}/{key}", security(("bearer" = [])),
+    params(("flow" = String, Path, description = "flow id"), ("key" = String, Path, description = "key")),
+    responses((status = 204, description = "deleted"), (status = 404, body = Problem)))]
+async fn delete_memory(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path((flow, key)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    memory_scope(&flow, Some(&key))?;
+    if st.store.memory_delete(&who.tenant_id, &flow, &key).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
+/// Lists a flow's memory entries by key prefix.
+#[utoipa::path(get, path = "/v1/memory/{flow}", security(("bearer" = [])),
+    params(("flow" = String, Path, description = "flow id"),
+           ("prefix" = Option<String>, Query, description = "key prefix"),
+           ("after" = Option<String>, Query, description = "key to start after"),
+           ("limit" = Option<u32>, Query, description = "1..=1000, default 100")),
+    responses((status = 200, body = MemoryList)))]
+async fn list_memory(
+    State(st): State<AppState>,
+    ConnectInfo(peer): Peer,
+    Extension(ctx): Extension<ReqCtx>,
+    headers: HeaderMap,
+    Path(flow): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Result<Json<MemoryList>, ApiError> {
+    let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    memory_scope(&flow, None)?;
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["prefix", "after", "limit"].contains(&k.as_str()))
+    {
+        return Err(ApiError::InvalidRequest(format!(
+            "unknown query parameter {:?}",
+            k.chars().take(32).collect::<String>()
+        )));
+    }
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::InvalidRequest("limit must be in 1..=1000".into()))?,
+    };
+    let prefix = q.get("prefix").map_or("", String::as_str);
+    if prefix.len() > 256 || prefix.chars().any(char::is_control) {
+        return Err(ApiError::InvalidRequest("invalid prefix".into()));
+    }
+    let items = st
+        .store
+        .memory_list(
+            &who.tenant_id,
+            &flow,
+            prefix,
+            q.get("after").map(String::as_str),
+            limit,
+        )
+        .await?;
+    let next_after = (items.len() == limit as usize)
+        .then(|| items.last().map(|e| e.key.clone()))
+        .flatten();
+    Ok(Json(MemoryList {
+        entries: items.into_iter().map(|e| memory_view(&flow, e)).collect(),
+        next_after,
+    }))
+}
+
 // ---------------------------------------------------------------- router
 
 struct SecurityAddon;
@@ -1007,9 +1384,11 @@ impl Modify for SecurityAddon {
 #[openapi(
     info(title = "airlock", description = "Multi-tenant sandboxed code execution"),
     paths(healthz, readyz, metrics, openapi, create_execution, get_execution, list_executions,
-          cancel_execution, execution_events, put_secret, list_secrets, delete_secret, list_audit),
+          cancel_execution, execution_events, execution_logs, put_secret, list_secrets, delete_secret,
+          list_audit, get_memory, put_memory, delete_memory, list_memory),
     components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest,
-                       SecretView, SecretList, PutSecret, AuditView, AuditList)),
+                       SecretView, SecretList, PutSecret, AuditView, AuditList, LogView, LogList,
+                       MemoryView, MemoryList, PutMemory)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;
@@ -1028,6 +1407,12 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/executions/{id}", get(get_execution))
         .route("/v1/executions/{id}/cancel", post(cancel_execution))
         .route("/v1/executions/{id}/events", get(execution_events))
+        .route("/v1/executions/{id}/logs", get(execution_logs))
+        .route("/v1/memory/{flow}", get(list_memory))
+        .route(
+            "/v1/memory/{flow}/{*key}",
+            get(get_memory).put(put_memory).delete(delete_memory),
+        )
         .route("/v1/secrets", get(list_secrets))
         .route("/v1/secrets/{name}", put(put_secret).delete(delete_secret))
         .route("/v1/audit", get(list_audit))

@@ -12,8 +12,9 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use airlock_broker::{Grants, Identity, Quotas, Session, StreamRedactor};
 use airlock_policy::{Language, Policy};
-use airlock_sandbox::{CancelToken, Engine, Stream, TerminationReason};
+use airlock_sandbox::{CancelToken, Engine, Extras, Stream, TerminationReason};
 use airlock_store::{ExecStatus, Finish, NewAudit, Store, now_ms};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -38,6 +39,12 @@ pub struct Submission {
     pub stdin: Vec<u8>,
     /// Resolved policy.
     pub policy: Policy,
+    /// Flow (memory scope).
+    pub flow_id: String,
+    /// W3C trace id.
+    pub trace_id: String,
+    /// What the broker may hand out.
+    pub grants: Grants,
 }
 
 /// The executor no longer takes jobs.
@@ -91,7 +98,11 @@ pub struct Executor {
     rt: Handle,
     render: Box<RecordRenderer>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    guest: Option<std::path::PathBuf>,
 }
+
+/// Where the guest SDKs appear inside every sandbox (read-only).
+pub const GUEST_MOUNT: &str = "/opt/airlock";
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -112,6 +123,7 @@ impl Executor {
         engine: Arc<Engine>,
         metrics: Arc<Metrics>,
         render: Box<RecordRenderer>,
+        guest: Option<std::path::PathBuf>,
     ) -> std::io::Result<Arc<Self>> {
         let (tx, rx) = mpsc::channel::<Job>();
         let exec = Arc::new(Executor {
@@ -126,6 +138,7 @@ impl Executor {
             rt: Handle::current(),
             render,
             workers: Mutex::new(Vec::new()),
+            guest,
         });
         let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::with_capacity(workers);
@@ -311,39 +324,63 @@ impl Executor {
         );
     }
 
+    fn extras(&self, sub: &Submission) -> Extras {
+        let mut x = Extras {
+            broker: true,
+            ..Extras::default()
+        };
+        if let Some(g) = &self.guest {
+            x.mounts.push((g.clone(), GUEST_MOUNT.to_string()));
+            x.entry = match sub.language {
+                Language::Python => Some(format!("{GUEST_MOUNT}/python/runner.py")),
+                Language::Javascript => Some(format!("{GUEST_MOUNT}/javascript/runner.js")),
+                Language::Shell => None,
+            };
+        }
+        let mode = if sub.grants.handler {
+            "handler"
+        } else {
+            "script"
+        };
+        x.env.push(("AIRLOCK_MODE".into(), mode.into()));
+        x
+    }
+
     fn run(&self, job: Job) {
         let sub = &job.sub;
         if let Some(r) = job.entry.cancel.reason() {
             self.finish(
                 &job,
                 Finish {
-                    status: ExecStatus::Failed,
-                    reason: r.as_str(),
-                    result: None,
                     error: Some("stopped before it started"),
-                    at_ms: now_ms(),
+                    ..Finish::new(ExecStatus::Failed, r.as_str(), now_ms())
                 },
             );
             return;
         }
-        let sandbox = match self.engine.prepare(&sub.policy, sub.language) {
-            Ok(sb) => sb,
-            Err(e) => {
-                tracing::error!(execution = %sub.id, error = %e, "sandbox creation failed");
-                let msg = e.public_message();
-                self.finish(
-                    &job,
-                    Finish {
-                        status: ExecStatus::Failed,
-                        reason: TerminationReason::InternalError.as_str(),
-                        result: None,
-                        error: Some(&msg),
-                        at_ms: now_ms(),
-                    },
-                );
-                return;
-            }
-        };
+        let mut sandbox =
+            match self
+                .engine
+                .prepare_with(&sub.policy, sub.language, &self.extras(sub))
+            {
+                Ok(sb) => sb,
+                Err(e) => {
+                    tracing::error!(execution = %sub.id, error = %e, "sandbox creation failed");
+                    let msg = e.public_message();
+                    self.finish(
+                        &job,
+                        Finish {
+                            error: Some(&msg),
+                            ..Finish::new(
+                                ExecStatus::Failed,
+                                TerminationReason::InternalError.as_str(),
+                                now_ms(),
+                            )
+                        },
+                    );
+                    return;
+                }
+            };
         let host_state = serde_json::json!({
             "cgroups": sandbox
                 .cgroup_dirs()
@@ -364,40 +401,86 @@ impl Executor {
             self.finish(
                 &job,
                 Finish {
-                    status: ExecStatus::Failed,
-                    reason: TerminationReason::InternalError.as_str(),
-                    result: None,
                     error: Some("the execution could not be recorded"),
-                    at_ms: now_ms(),
+                    ..Finish::new(
+                        ExecStatus::Failed,
+                        TerminationReason::InternalError.as_str(),
+                        now_ms(),
+                    )
                 },
             );
             return;
         }
         let live = job.entry.live.clone();
+        // The broker for exactly this execution, identity fixed here.
+        let log_live = live.clone();
+        let session = Arc::new(Session::new(
+            Identity {
+                tenant_id: sub.tenant_id.clone(),
+                flow_id: sub.flow_id.clone(),
+                execution_id: sub.id.clone(),
+                trace_id: sub.trace_id.clone(),
+                request_id: sub.request_id.clone(),
+            },
+            sub.grants.clone(),
+            Quotas::default(),
+            self.store.clone(),
+            Some(Box::new(move |rec: &serde_json::Value| {
+                log_live.push("log", rec.to_string());
+            })),
+        ));
+        let broker_task = sandbox.take_broker().and_then(|std_stream| {
+            let _guard = self.rt.enter();
+            std_stream.set_nonblocking(true).ok()?;
+            let stream = tokio::net::UnixStream::from_std(std_stream).ok()?;
+            Some(self.rt.spawn(session.clone().serve(stream)))
+        });
         live.push(
             "started",
             serde_json::json!({ "id": sub.id, "started_at_ms": started }).to_string(),
         );
         self.metrics.running.inc();
-        let (mut out, mut err) = (Utf8Carry::default(), Utf8Carry::default());
+        let redactor = session.redactor.clone();
+        let mut streams = [
+            (Utf8Carry::default(), StreamRedactor::default()),
+            (Utf8Carry::default(), StreamRedactor::default()),
+        ];
         let mut on_output = |stream: Stream, chunk: &[u8]| {
-            let (kind, carry) = match stream {
-                Stream::Stdout => ("stdout", &mut out),
-                Stream::Stderr => ("stderr", &mut err),
+            let (kind, i) = match stream {
+                Stream::Stdout => ("stdout", 0),
+                Stream::Stderr => ("stderr", 1),
             };
-            let text = carry.push(chunk);
+            let (carry, red) = &mut streams[i];
+            let text = red.push(&redactor, &carry.push(chunk));
             if !text.is_empty() {
                 live.push(kind, serde_json::json!({ "data": text }).to_string());
             }
         };
-        let result = sandbox.execute_cancellable(
+        let mut result = sandbox.execute_cancellable(
             &sub.code,
             None,
             &sub.stdin,
             &mut on_output,
             &job.entry.cancel,
         );
+        for (i, kind) in [(0, "stdout"), (1, "stderr")] {
+            let (_, red) = &mut streams[i];
+            let text = red.finish(&redactor);
+            if !text.is_empty() {
+                live.push(kind, serde_json::json!({ "data": text }).to_string());
+            }
+        }
         self.metrics.running.dec();
+        // Every process of the sandbox is gone, so the channel is closed:
+        // the broker task ends at EOF.
+        if let Some(t) = broker_task {
+            let _ = self
+                .rt
+                .block_on(async move { tokio::time::timeout(Duration::from_secs(5), t).await });
+        }
+        let outcome = session.outcome();
+        result.stdout = redactor.redact(&result.stdout);
+        result.stderr = redactor.redact(&result.stderr);
         let doc = serde_json::to_value(&result).ok();
         let status = if result.reason == TerminationReason::InternalError {
             ExecStatus::Failed
@@ -412,6 +495,9 @@ impl Executor {
                 result: doc.as_ref(),
                 error: result.error.as_deref(),
                 at_ms: now_ms(),
+                output: outcome.output.as_ref(),
+                handler_error: outcome.handler_error.as_ref(),
+                broker_error: outcome.protocol_error.as_deref(),
             },
         );
     }

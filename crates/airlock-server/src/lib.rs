@@ -14,6 +14,7 @@ pub mod api;
 pub mod body;
 pub mod config;
 pub mod exec;
+pub mod guest;
 pub mod live;
 pub mod metrics;
 pub mod problem;
@@ -140,11 +141,12 @@ pub async fn recover(
             .finish_execution(
                 &rec.id,
                 &Finish {
-                    status: ExecStatus::Failed,
-                    reason: TerminationReason::ServerRestart.as_str(),
-                    result: None,
                     error: Some("the server stopped unexpectedly while this execution ran"),
-                    at_ms: now_ms(),
+                    ..Finish::new(
+                        ExecStatus::Failed,
+                        TerminationReason::ServerRestart.as_str(),
+                        now_ms(),
+                    )
                 },
             )
             .await?;
@@ -199,6 +201,8 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .map_err(|e| ServeError::Setup(format!("pid file: {e}")))?;
 
+    let guest_dir =
+        guest::install().map_err(|e| ServeError::Setup(format!("guest SDK directory: {e}")))?;
     let metrics = Arc::new(metrics::Metrics::new());
     let exec = exec::Executor::start(
         cfg.max_concurrent,
@@ -207,6 +211,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
         engine.clone(),
         metrics.clone(),
         Box::new(api::render_record),
+        Some(guest_dir.path().to_path_buf()),
     )
     .map_err(|e| ServeError::Setup(format!("worker threads: {e}")))?;
     let cfg = Arc::new(cfg);
@@ -257,6 +262,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
         .append_audit(NewAudit::new(None, "server.stop", "server", "", None))
         .await?;
     store.close().await;
+    drop(guest_dir);
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("airlock stopped");
     Ok(())

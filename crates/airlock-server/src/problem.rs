@@ -71,6 +71,12 @@ pub enum ApiError {
     /// The execution is already final.
     #[error("not cancellable")]
     NotCancellable,
+    /// A compare-and-set lost (current version in the message).
+    #[error("version conflict")]
+    VersionConflict(String),
+    /// A quota is exhausted.
+    #[error("quota exceeded")]
+    QuotaExceeded(String),
     /// The server is draining.
     #[error("shutting down")]
     ShuttingDown,
@@ -133,6 +139,12 @@ impl ApiError {
                 "Execution queue full",
             ),
             NotCancellable => (StatusCode::CONFLICT, "not_cancellable", "Already finished"),
+            VersionConflict(_) => (StatusCode::CONFLICT, "version_conflict", "Version conflict"),
+            QuotaExceeded(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "quota_exceeded",
+                "Quota exceeded",
+            ),
             ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
@@ -160,9 +172,12 @@ impl ApiError {
             PayloadTooLarge(limit) => format!("request body exceeds {limit} bytes"),
             UnsupportedMediaType => "the body must be application/json".into(),
             JsonTooDeep(max) => format!("JSON nesting exceeds depth {max}"),
-            InvalidJson(m) | InvalidRequest(m) | PolicyDenied(m) | RuntimeUnavailable(m) => {
-                m.clone()
-            }
+            InvalidJson(m)
+            | InvalidRequest(m)
+            | PolicyDenied(m)
+            | RuntimeUnavailable(m)
+            | VersionConflict(m)
+            | QuotaExceeded(m) => m.clone(),
             QueueFull => "too many executions are queued; retry later".into(),
             NotCancellable => "the execution has already finished".into(),
             ShuttingDown => "the server is shutting down".into(),

@@ -172,6 +172,14 @@ pub struct ExecutionRecord {
     pub result: Option<serde_json::Value>,
     /// Tenant-safe error message for failed executions.
     pub error: Option<String>,
+    /// Flow the execution belongs to (memory scope).
+    pub flow_id: String,
+    /// Handler output (JSON).
+    pub output: Option<serde_json::Value>,
+    /// Structured handler error (type, message, traceback).
+    pub handler_error: Option<serde_json::Value>,
+    /// Why the broker channel was closed early, if it was.
+    pub broker_error: Option<String>,
     /// Host-side resources the execution holds while it runs (cgroup
     /// names), for reaping after a crash. Never shown to tenants.
     pub host_state: Option<String>,
@@ -231,6 +239,67 @@ pub struct Finish<'a> {
     pub error: Option<&'a str>,
     /// End time, Unix ms.
     pub at_ms: i64,
+    /// Handler output.
+    pub output: Option<&'a serde_json::Value>,
+    /// Handler error.
+    pub handler_error: Option<&'a serde_json::Value>,
+    /// Broker channel error.
+    pub broker_error: Option<&'a str>,
+}
+
+impl<'a> Finish<'a> {
+    /// A final state without handler or broker details.
+    pub fn new(status: ExecStatus, reason: &'a str, at_ms: i64) -> Self {
+        Finish {
+            status,
+            reason,
+            result: None,
+            error: None,
+            at_ms,
+            output: None,
+            handler_error: None,
+            broker_error: None,
+        }
+    }
+}
+
+/// One log record of an execution.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogRecord {
+    /// Order within the execution, from 1.
+    pub seq: i64,
+    /// Time, Unix ms.
+    pub ts_ms: i64,
+    /// `debug`, `info`, `warn`, `error`.
+    pub level: String,
+    /// Message.
+    pub message: String,
+    /// Structured fields (JSON object).
+    pub fields: serde_json::Value,
+}
+
+/// One agent-memory entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemoryEntry {
+    /// Key.
+    pub key: String,
+    /// Value (JSON).
+    pub value: serde_json::Value,
+    /// Version, from 1, bumped on every write.
+    pub version: i64,
+    /// Last write, Unix ms.
+    pub updated_at_ms: i64,
+}
+
+/// Outcome of a memory write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryWrite {
+    /// Written; the new version.
+    Written(i64),
+    /// Compare-and-set lost: the current version (0 = absent).
+    Conflict(i64),
+    /// The scope already holds the maximum number of keys.
+    QuotaExceeded,
 }
 
 /// The storage interface. Every implementation keeps the same guarantees:
@@ -312,6 +381,58 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Page<ExecutionRecord>, StoreError>;
     /// Every execution not in a terminal state (after a crash).
     async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError>;
+
+    /// Appends a log record to an execution (seq assigned here).
+    async fn append_log(
+        &self,
+        execution_id: &str,
+        level: &str,
+        message: &str,
+        fields: &serde_json::Value,
+    ) -> Result<i64, StoreError>;
+    /// An execution's logs after `after` (seq), oldest first.
+    async fn list_logs(
+        &self,
+        execution_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LogRecord>, StoreError>;
+
+    /// Reads one memory entry of (tenant, flow).
+    async fn memory_get(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        key: &str,
+    ) -> Result<Option<MemoryEntry>, StoreError>;
+    /// Writes one entry. `expected`: `None` writes unconditionally;
+    /// `Some(v)` only when the current version is `v` (0 = absent).
+    /// `max_keys` bounds the number of keys in the scope.
+    async fn memory_put(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        key: &str,
+        value: &serde_json::Value,
+        expected: Option<i64>,
+        max_keys: i64,
+    ) -> Result<MemoryWrite, StoreError>;
+    /// Deletes one entry; false when absent.
+    async fn memory_delete(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        key: &str,
+    ) -> Result<bool, StoreError>;
+    /// Keys with `prefix`, in order, after `after`, at most `limit`.
+    async fn memory_list(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<MemoryEntry>, StoreError>;
 
     /// Appends an audit record to the chain.
     async fn append_audit(&self, ev: NewAudit) -> Result<AuditEvent, StoreError>;

@@ -18,8 +18,8 @@ use zeroize::Zeroizing;
 use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport};
 use crate::crypto::{self, Keyring, NewApiKey};
 use crate::{
-    Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, Page,
-    SecretMeta, Store, StoreError, Tenant, new_id, now_ms,
+    Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, LogRecord,
+    MemoryEntry, MemoryWrite, Page, SecretMeta, Store, StoreError, Tenant, new_id, now_ms,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -206,6 +206,10 @@ fn exec_row(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord, StoreError> 
         finished_at_ms: r.try_get("finished_at")?,
         reason: r.try_get("reason")?,
         error: r.try_get("error")?,
+        flow_id: r.try_get("flow_id")?,
+        output: json_col(r, "output")?,
+        handler_error: json_col(r, "handler_error")?,
+        broker_error: r.try_get("broker_error")?,
         result: match result {
             Some(s) => Some(
                 serde_json::from_str(&s)
@@ -215,6 +219,24 @@ fn exec_row(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord, StoreError> 
         },
         host_state: r.try_get("host_state")?,
     })
+}
+
+fn memory_row(r: &sqlx::sqlite::SqliteRow) -> Result<MemoryEntry, StoreError> {
+    Ok(MemoryEntry {
+        key: r.try_get("key")?,
+        value: json_col(r, "value")?.unwrap_or(serde_json::Value::Null),
+        version: r.try_get("version")?,
+        updated_at_ms: r.try_get("updated_at")?,
+    })
+}
+
+fn json_col(
+    r: &sqlx::sqlite::SqliteRow,
+    col: &str,
+) -> Result<Option<serde_json::Value>, StoreError> {
+    let text: Option<String> = r.try_get(col)?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Corrupt(format!("{col}: {e}"))))
+        .transpose()
 }
 
 fn audit_row(r: &sqlx::sqlite::SqliteRow) -> Result<StoredRow, StoreError> {
@@ -250,7 +272,7 @@ async fn tenant_dek(
 }
 
 const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
-                         started_at, finished_at, reason, result, error, host_state";
+                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -627,8 +649,8 @@ impl Store for SqliteStore {
         self.write_tx(move |c, keys| {
             Box::pin(async move {
                 sqlx::query(
-                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at)
-                     VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&rec.id)
                 .bind(&rec.tenant_id)
@@ -637,6 +659,7 @@ impl Store for SqliteStore {
                 .bind(&rec.request_id)
                 .bind(&rec.trace_id)
                 .bind(rec.created_at_ms)
+                .bind(&rec.flow_id)
                 .execute(&mut *c)
                 .await?;
                 append_in(
@@ -698,21 +721,29 @@ impl Store for SqliteStore {
             .result
             .and_then(|v| v.get("exit_code").cloned())
             .unwrap_or(serde_json::Value::Null);
-        let result = fin
-            .result
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| StoreError::Db(e.to_string()))?;
+        let to_text = |v: Option<&serde_json::Value>| {
+            v.map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| StoreError::Db(e.to_string()))
+        };
+        let result = to_text(fin.result)?;
+        let output = to_text(fin.output)?;
+        let handler_error = to_text(fin.handler_error)?;
+        let broker_error = fin.broker_error.map(str::to_string);
         self.write_tx(move |c, keys| {
             Box::pin(async move {
                 let r = sqlx::query(
-                    "UPDATE executions SET status = ?, reason = ?, result = ?, error = ?, finished_at = ?, host_state = NULL
+                    "UPDATE executions SET status = ?, reason = ?, result = ?, error = ?, output = ?,
+                       handler_error = ?, broker_error = ?, finished_at = ?, host_state = NULL
                      WHERE id = ? AND status IN ('queued', 'running') RETURNING tenant_id, request_id",
                 )
                 .bind(status.as_str())
                 .bind(&reason)
                 .bind(result.as_deref())
                 .bind(error.as_deref())
+                .bind(output.as_deref())
+                .bind(handler_error.as_deref())
+                .bind(broker_error.as_deref())
                 .bind(at_ms)
                 .bind(&id)
                 .fetch_optional(&mut *c)
@@ -787,6 +818,192 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(exec_row).collect()
+    }
+
+    async fn append_log(
+        &self,
+        execution_id: &str,
+        level: &str,
+        message: &str,
+        fields: &serde_json::Value,
+    ) -> Result<i64, StoreError> {
+        let (id, level, message) = (
+            execution_id.to_string(),
+            level.to_string(),
+            message.to_string(),
+        );
+        let fields = serde_json::to_string(fields).map_err(|e| StoreError::Db(e.to_string()))?;
+        self.write_tx(move |c, _| {
+            Box::pin(async move {
+                let seq: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM execution_logs WHERE execution_id = ?",
+                )
+                .bind(&id)
+                .fetch_one(&mut *c)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO execution_logs (execution_id, seq, ts, level, message, fields) VALUES (?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&id)
+                .bind(seq)
+                .bind(now_ms())
+                .bind(&level)
+                .bind(&message)
+                .bind(&fields)
+                .execute(&mut *c)
+                .await?;
+                Ok(seq)
+            })
+        })
+        .await
+    }
+
+    async fn list_logs(
+        &self,
+        execution_id: &str,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LogRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, ts, level, message, fields FROM execution_logs
+             WHERE execution_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(execution_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(LogRecord {
+                    seq: r.try_get("seq")?,
+                    ts_ms: r.try_get("ts")?,
+                    level: r.try_get("level")?,
+                    message: r.try_get("message")?,
+                    fields: json_col(r, "fields")?.unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    async fn memory_get(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        key: &str,
+    ) -> Result<Option<MemoryEntry>, StoreError> {
+        let r = sqlx::query(
+            "SELECT key, value, version, updated_at FROM memory WHERE tenant_id = ? AND flow_id = ? AND key = ?",
+        )
+        .bind(tenant_id)
+        .bind(flow_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        r.as_ref().map(memory_row).transpose()
+    }
+
+    async fn memory_put(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        key: &str,
+        value: &serde_json::Value,
+        expected: Option<i64>,
+        max_keys: i64,
+    ) -> Result<MemoryWrite, StoreError> {
+        let (t, f, k) = (tenant_id.to_string(), flow_id.to_string(), key.to_string());
+        let value = serde_json::to_string(value).map_err(|e| StoreError::Db(e.to_string()))?;
+        // One IMMEDIATE transaction: the version check and the write cannot
+        // interleave with another writer's (compare-and-set is atomic).
+        self.write_tx(move |c, _| {
+            Box::pin(async move {
+                let current: Option<i64> = sqlx::query_scalar(
+                    "SELECT version FROM memory WHERE tenant_id = ? AND flow_id = ? AND key = ?",
+                )
+                .bind(&t)
+                .bind(&f)
+                .bind(&k)
+                .fetch_optional(&mut *c)
+                .await?;
+                if let Some(want) = expected
+                    && current.unwrap_or(0) != want
+                {
+                    return Ok(MemoryWrite::Conflict(current.unwrap_or(0)));
+                }
+                if current.is_none() {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM memory WHERE tenant_id = ? AND flow_id = ?",
+                    )
+                    .bind(&t)
+                    .bind(&f)
+                    .fetch_one(&mut *c)
+                    .await?;
+                    if n >= max_keys {
+                        return Ok(MemoryWrite::QuotaExceeded);
+                    }
+                }
+                let version = current.unwrap_or(0) + 1;
+                sqlx::query(
+                    "INSERT INTO memory (tenant_id, flow_id, key, value, version, updated_at)
+                     VALUES (?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (tenant_id, flow_id, key) DO UPDATE SET
+                       value = excluded.value, version = excluded.version, updated_at = excluded.updated_at",
+                )
+                .bind(&t)
+                .bind(&f)
+                .bind(&k)
+                .bind(&value)
+                .bind(version)
+                .bind(now_ms())
+                .execute(&mut *c)
+                .await?;
+                Ok(MemoryWrite::Written(version))
+            })
+        })
+        .await
+    }
+
+    async fn memory_delete(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        key: &str,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query("DELETE FROM memory WHERE tenant_id = ? AND flow_id = ? AND key = ?")
+            .bind(tenant_id)
+            .bind(flow_id)
+            .bind(key)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n > 0)
+    }
+
+    async fn memory_list(
+        &self,
+        tenant_id: &str,
+        flow_id: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<MemoryEntry>, StoreError> {
+        // Prefix match by range, not LIKE: no wildcard characters to escape.
+        let rows = sqlx::query(
+            "SELECT key, value, version, updated_at FROM memory
+             WHERE tenant_id = ? AND flow_id = ? AND key >= ? AND substr(key, 1, length(?)) = ?
+               AND key > ? ORDER BY key LIMIT ?",
+        )
+        .bind(tenant_id)
+        .bind(flow_id)
+        .bind(prefix)
+        .bind(prefix)
+        .bind(prefix)
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(memory_row).collect()
     }
 
     async fn append_audit(&self, ev: NewAudit) -> Result<AuditEvent, StoreError> {
