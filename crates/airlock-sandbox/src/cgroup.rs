@@ -474,8 +474,11 @@ pub fn sandbox_parents(layout: &Layout) -> Vec<(CgroupVersion, PathBuf)> {
 
 /// Reaps sandbox cgroups (`airlock/<pid>-<n>`) left by an engine that is
 /// gone: its owner pid is `previous_owner` (a crashed server whose pid was
-/// recorded) or no longer exists. Cgroups of live engines are untouched.
-/// Returns the directories removed.
+/// recorded) or no longer exists, *and* the cgroup holds no process. (A
+/// crashed engine's sandboxes die with it through PDEATHSIG; a cgroup with
+/// live processes may belong to an engine in another pid namespace, whose
+/// pids this process cannot see, and is left alone.) Returns the
+/// directories removed.
 pub fn reap_stale(layout: &Layout, previous_owner: Option<u32>) -> Vec<PathBuf> {
     let me = std::process::id();
     let mut reaped = Vec::new();
@@ -493,7 +496,9 @@ pub fn reap_stale(layout: &Layout, previous_owner: Option<u32>) -> Vec<PathBuf> 
                 continue;
             };
             let gone = !Path::new(&format!("/proc/{owner}")).exists();
-            if owner != me && (previous_owner == Some(owner) || gone) {
+            let empty = fs::read_to_string(e.path().join("cgroup.procs"))
+                .is_ok_and(|t| t.trim().is_empty());
+            if owner != me && (previous_owner == Some(owner) || gone) && empty {
                 let dir = e.path();
                 if reap_dir(version, &dir) {
                     reaped.push(dir);

@@ -177,10 +177,15 @@ pub async fn authenticate(
 ) -> Result<Principal, ApiError> {
     let limit = st.cfg.auth_failure_limit;
     let window = Duration::from_secs(st.cfg.auth_failure_window_secs);
-    if let Some(retry_after) = st.limiter.blocked(peer, limit, window) {
-        st.metrics.auth_failures.inc();
-        return Err(ApiError::AuthThrottled { retry_after });
-    }
+    // IPv6 clients are counted per /64: one host usually holds a whole one.
+    let peer = match peer {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    };
+    let throttled = st.limiter.blocked(peer, limit, window);
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -194,8 +199,17 @@ pub async fn authenticate(
         Some(k) => Some(st.store.authenticate(k).await?),
     };
     let (why, tenant) = match outcome {
+        // A valid key is never throttled: others' failures from the same
+        // address (a NAT, a proxy) must not lock a tenant out.
         Some(AuthOutcome::Valid { tenant_id, key_id }) => {
             return Ok(Principal { tenant_id, key_id });
+        }
+        _ if throttled.is_some() => {
+            // Over the limit: refused without a database write per attempt.
+            st.metrics.auth_failures.inc();
+            return Err(ApiError::AuthThrottled {
+                retry_after: throttled.unwrap_or(1),
+            });
         }
         None => ("missing", None),
         Some(AuthOutcome::Malformed) => ("malformed", None),
@@ -308,7 +322,8 @@ pub fn render_record(r: &ExecutionRecord) -> String {
 /// A page of executions.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ExecutionList {
-    /// Newest first.
+    /// Newest first; `result` and `output` are omitted here (GET the
+    /// execution for them).
     pub executions: Vec<ExecutionView>,
     /// Pass as `cursor` for the next page; absent on the last page.
     pub next_cursor: Option<String>,
@@ -593,6 +608,10 @@ async fn create_execution(
         return Err(ApiError::ShuttingDown);
     }
     let req: CreateExecution = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
+    // The body may have taken long to arrive: check again.
+    if st.draining.load(Ordering::SeqCst) {
+        return Err(ApiError::ShuttingDown);
+    }
     let language =
         Language::parse(&req.language).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     let policy = match resolve_policy(&st, req.limits.as_ref()) {
@@ -689,7 +708,6 @@ async fn create_execution(
         handler_error: None,
         broker_error: None,
     };
-    st.store.insert_execution(&rec, &who.actor(&ctx)).await?;
     let sub = Submission {
         id: rec.id.clone(),
         tenant_id: who.tenant_id.clone(),
@@ -702,25 +720,39 @@ async fn create_execution(
         trace_id: ctx.trace_id.clone(),
         grants,
     };
-    let entry = match st.exec.submit(slot, sub) {
-        Ok(e) => e,
-        Err(_) => {
-            st.store
-                .finish_execution(
-                    &rec.id,
-                    &Finish {
-                        error: Some("the server is shutting down"),
-                        ..Finish::new(
-                            ExecStatus::Failed,
-                            TerminationReason::ServerShutdown.as_str(),
-                            now_ms(),
-                        )
-                    },
-                )
-                .await?;
-            return Err(ApiError::ShuttingDown);
+    // Recording and queueing happen in their own task: a client that
+    // disconnects now must not leave a record that nothing will run.
+    let (store, exec, actor, rec2) = (
+        st.store.clone(),
+        st.exec.clone(),
+        who.actor(&ctx),
+        rec.clone(),
+    );
+    let entry = tokio::spawn(async move {
+        store.insert_execution(&rec2, &actor).await?;
+        match exec.submit(slot, sub) {
+            Ok(e) => Ok(Some(e)),
+            Err(_) => {
+                store
+                    .finish_execution(
+                        &rec2.id,
+                        &Finish {
+                            error: Some("the server is shutting down"),
+                            ..Finish::new(
+                                ExecStatus::Failed,
+                                TerminationReason::ServerShutdown.as_str(),
+                                now_ms(),
+                            )
+                        },
+                    )
+                    .await?;
+                Ok::<_, airlock_store::StoreError>(None)
+            }
         }
-    };
+    })
+    .await
+    .map_err(|_| ApiError::Internal)??
+    .ok_or(ApiError::ShuttingDown)?;
     let location = format!("/v1/executions/{}", rec.id);
     if !req.wait {
         let mut resp = (StatusCode::ACCEPTED, Json(ExecutionView::from(&rec))).into_response();
@@ -818,7 +850,16 @@ async fn list_executions(
         .list_executions(&who.tenant_id, cursor, limit)
         .await?;
     Ok(Json(ExecutionList {
-        executions: page.items.iter().map(ExecutionView::from).collect(),
+        // Summaries: a page of full results could be 100 x 16 MiB.
+        executions: page
+            .items
+            .iter()
+            .map(|r| ExecutionView {
+                result: None,
+                output: None,
+                ..ExecutionView::from(r)
+            })
+            .collect(),
         next_cursor: page.next.map(|n| n.to_string()),
     }))
 }
@@ -844,7 +885,10 @@ async fn cancel_execution(
         return Err(ApiError::NotCancellable);
     }
     match st.exec.entry(&id) {
-        Some(e) if e.tenant_id == who.tenant_id => e.cancel.cancel(TerminationReason::Cancelled),
+        // Finished between the record read and now: nothing to cancel.
+        Some(e) if e.tenant_id == who.tenant_id && !e.live.is_done() => {
+            e.cancel.cancel(TerminationReason::Cancelled)
+        }
         _ => return Err(ApiError::NotCancellable),
     }
     st.store

@@ -60,6 +60,8 @@ pub struct Entry {
     pub live: Arc<Live>,
     /// Kill switch.
     pub cancel: CancelToken,
+    /// A worker has taken it off the queue.
+    pub dequeued: std::sync::atomic::AtomicBool,
 }
 
 struct Job {
@@ -88,6 +90,7 @@ pub type RecordRenderer = dyn Fn(&airlock_store::ExecutionRecord) -> String + Se
 /// Admission, workers and the registry of live executions.
 pub struct Executor {
     tx: Mutex<Option<Sender<Job>>>,
+    accepting: std::sync::atomic::AtomicBool,
     capacity: usize,
     admitted: AtomicUsize,
     idle: watch::Sender<usize>,
@@ -128,6 +131,7 @@ impl Executor {
         let (tx, rx) = mpsc::channel::<Job>();
         let exec = Arc::new(Executor {
             tx: Mutex::new(Some(tx)),
+            accepting: std::sync::atomic::AtomicBool::new(true),
             capacity: workers + queue,
             admitted: AtomicUsize::new(0),
             idle: watch::channel(0).0,
@@ -181,11 +185,15 @@ impl Executor {
             tenant_id: sub.tenant_id.clone(),
             live: Arc::new(Live::default()),
             cancel: CancelToken::new(),
+            dequeued: std::sync::atomic::AtomicBool::new(false),
         });
         let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let Some(tx) = guard.as_ref() else {
             return Err(Stopped);
         };
+        if !self.accepting.load(Ordering::SeqCst) {
+            return Err(Stopped);
+        }
         self.registry
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -229,7 +237,14 @@ impl Executor {
         }
     }
 
-    /// Cancels executions that have not started yet.
+    /// Refuses every later submission (taken under the queue lock, so no
+    /// submission can slip in after this returns).
+    pub fn close_intake(&self) {
+        let _guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        self.accepting.store(false, Ordering::SeqCst);
+    }
+
+    /// Cancels executions no worker has taken yet.
     pub fn cancel_queued(&self, reason: TerminationReason) {
         for e in self
             .registry
@@ -237,7 +252,7 @@ impl Executor {
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            if e.live.get(0).is_err() {
+            if !e.dequeued.load(Ordering::SeqCst) {
                 e.cancel.cancel(reason);
             }
         }
@@ -272,6 +287,7 @@ impl Executor {
                 Err(_) => return,
             };
             self.metrics.queue_depth.dec();
+            job.entry.dequeued.store(true, Ordering::SeqCst);
             let id = job.sub.id.clone();
             self.run(job);
             self.registry
@@ -452,9 +468,7 @@ impl Executor {
             };
             let (carry, red) = &mut streams[i];
             let text = red.push(&redactor, &carry.push(chunk));
-            if !text.is_empty() {
-                live.push(kind, serde_json::json!({ "data": text }).to_string());
-            }
+            live.push_output(kind, &text);
         };
         let mut result = sandbox.execute_cancellable(
             &sub.code,
@@ -465,10 +479,7 @@ impl Executor {
         );
         for (i, kind) in [(0, "stdout"), (1, "stderr")] {
             let (_, red) = &mut streams[i];
-            let text = red.finish(&redactor);
-            if !text.is_empty() {
-                live.push(kind, serde_json::json!({ "data": text }).to_string());
-            }
+            live.push_output(kind, &red.finish(&redactor));
         }
         self.metrics.running.dec();
         // Every process of the sandbox is gone, so the channel is closed:

@@ -126,12 +126,31 @@ pub async fn recover(
             .and_then(|s| serde_json::from_str::<HostState>(s).ok())
         {
             for dir in hs.cgroups {
-                // Only ever touch directories under a sandbox parent.
-                let ours = layout.is_some_and(|l| {
-                    cgroup::sandbox_parents(l)
-                        .iter()
-                        .any(|(_, p)| dir.parent() == Some(p.as_path()))
+                // Only ever touch `<sandbox parent>/<pid>-<n>`: the row is
+                // data, and data can be tampered with.
+                let plain = dir.components().all(|c| {
+                    matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )
                 });
+                let name_ok = dir
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.split_once('-'))
+                    .is_some_and(|(a, b)| {
+                        !a.is_empty()
+                            && !b.is_empty()
+                            && a.bytes().all(|c| c.is_ascii_digit())
+                            && b.bytes().all(|c| c.is_ascii_digit())
+                    });
+                let ours = plain
+                    && name_ok
+                    && layout.is_some_and(|l| {
+                        cgroup::sandbox_parents(l)
+                            .iter()
+                            .any(|(_, p)| dir.parent() == Some(p.as_path()))
+                    });
                 if ours && dir.exists() && cgroup::reap_dir(version, &dir) {
                     reaped += 1;
                 }
@@ -246,16 +265,29 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
 
     let app = api::router(state.clone());
     let drain_state = state.clone();
-    axum::serve(
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let drained_tx = drained.clone();
+    let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(async move { drain(drain_state).await })
-    .await
-    .map_err(|source| ServeError::Listen {
-        addr: local,
-        source,
-    })?;
+    .with_graceful_shutdown(async move {
+        drain(drain_state).await;
+        drained_tx.notify_one();
+    });
+    // Once drained, connections get a bounded time to finish: a client
+    // that never completes its request must not keep the server alive.
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => {
+            r.map_err(|source| ServeError::Listen { addr: local, source })?;
+        }
+        _ = async {
+            drained.notified().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        } => {
+            tracing::warn!("connections still open 5 s after the drain; closing them");
+        }
+    }
 
     exec.stop();
     store
@@ -285,6 +317,7 @@ async fn drain(st: AppState) {
         _ = int.recv() => {}
     }
     st.draining.store(true, Ordering::SeqCst);
+    st.exec.close_intake();
     let in_flight = st.exec.in_flight();
     tracing::info!(in_flight, "draining");
     st.exec.cancel_queued(TerminationReason::ServerShutdown);

@@ -1,7 +1,9 @@
 //! Live event logs of running executions, for SSE followers and waiters.
 //!
-//! Bounded by construction: output events come from the engine's capped
-//! capture (stdout/stderr limits), plus two lifecycle events.
+//! Bounded: output text is capped by the execution's limits, and the number
+//! of events is capped too: past [`SOFT_EVENT_CAP`] events, output is
+//! coalesced into events of at least [`COALESCE_BYTES`] (a program that
+//! writes one byte at a time cannot make millions of events).
 
 use std::sync::Mutex;
 
@@ -16,10 +18,24 @@ pub struct LiveEvent {
     pub data: String,
 }
 
+/// Events kept one per write before coalescing starts.
+pub const SOFT_EVENT_CAP: usize = 2048;
+/// Size of coalesced output events.
+pub const COALESCE_BYTES: usize = 64 << 10;
+
 #[derive(Debug, Default)]
 struct Inner {
     events: Vec<LiveEvent>,
+    /// Coalesced output not yet published: (stdout, stderr).
+    pending: [String; 2],
     done: bool,
+}
+
+fn output_event(kind: &'static str, text: &str) -> LiveEvent {
+    LiveEvent {
+        kind,
+        data: serde_json::json!({ "data": text }).to_string(),
+    }
 }
 
 /// The event log of one execution.
@@ -52,12 +68,42 @@ impl Live {
         self.tx.send_replace(n);
     }
 
+    /// Appends program output (`stdout` or `stderr`), coalescing once the
+    /// log is long.
+    pub fn push_output(&self, kind: &'static str, text: &str) {
+        let n = {
+            let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            if g.done || text.is_empty() {
+                return;
+            }
+            if g.events.len() < SOFT_EVENT_CAP {
+                g.events.push(output_event(kind, text));
+            } else {
+                let i = usize::from(kind == "stderr");
+                g.pending[i].push_str(text);
+                if g.pending[i].len() < COALESCE_BYTES {
+                    return;
+                }
+                let chunk = std::mem::take(&mut g.pending[i]);
+                g.events.push(output_event(kind, &chunk));
+            }
+            g.events.len()
+        };
+        self.tx.send_replace(n);
+    }
+
     /// Appends the final event and closes the log.
     pub fn finish(&self, data: String) {
         let n = {
             let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             if g.done {
                 return;
+            }
+            for (i, kind) in [(0, "stdout"), (1, "stderr")] {
+                let chunk = std::mem::take(&mut g.pending[i]);
+                if !chunk.is_empty() {
+                    g.events.push(output_event(kind, &chunk));
+                }
             }
             g.events.push(LiveEvent {
                 kind: "finished",
@@ -112,6 +158,26 @@ impl Utf8Carry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_byte_writes_are_coalesced() {
+        let l = Live::default();
+        for _ in 0..200_000 {
+            l.push_output("stdout", "x");
+        }
+        l.finish("{}".into());
+        let mut n = 0;
+        let mut text = String::new();
+        while let Ok(ev) = l.get(n) {
+            if ev.kind == "stdout" {
+                let v: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
+                text.push_str(v["data"].as_str().unwrap());
+            }
+            n += 1;
+        }
+        assert_eq!(text.len(), 200_000, "nothing lost");
+        assert!(n < SOFT_EVENT_CAP + 10, "{n} events");
+    }
 
     #[test]
     fn utf8_carry_keeps_characters_whole() {

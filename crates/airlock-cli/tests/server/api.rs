@@ -350,8 +350,8 @@ fn bad_keys_get_one_identical_401_then_429() {
         bodies.push(r.body);
     }
     assert!(bodies.windows(2).all(|w| w[0] == w[1]), "401 bodies differ");
-    // The sixth failure crosses the limit; from then on 429, even with a
-    // valid key, from this client address.
+    // The sixth failure crosses the limit; from then on bad keys from this
+    // client address get 429 (without a database write each) ...
     let r = raw(
         s.addr,
         "GET",
@@ -360,11 +360,30 @@ fn bad_keys_get_one_identical_401_then_429() {
         None,
     );
     r.problem(401, "unauthorized");
-    let r = s.get("/v1/secrets", &key);
+    let bad = format!("Bearer {forged}");
+    let r = raw(
+        s.addr,
+        "GET",
+        "/v1/secrets",
+        &[("Authorization", bad.as_str())],
+        None,
+    );
     r.problem(429, "auth_throttled");
     assert!(r.header("retry-after").is_some());
-    // Audited: failures with their reason; the revoked key's to its tenant.
+    // ... while a valid key from the same address (a NAT, a proxy) still works.
+    assert_eq!(s.get("/v1/secrets", &key).status, 200);
     let m = s.req("GET", "/metrics", None, None).text();
     assert!(m.contains("airlock_auth_failures_total 7"), "{m}");
+    // The revoked key's failure is in its tenant's audit trail with the
+    // reason; the throttled attempt added no record.
+    let audit = s.get("/v1/audit?limit=500", &key).json();
+    let fails: Vec<_> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "auth.failure")
+        .collect();
+    assert_eq!(fails.len(), 1, "{fails:?}");
+    assert_eq!(fails[0]["detail"]["reason"], "revoked");
     drop(s);
 }

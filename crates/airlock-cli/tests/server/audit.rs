@@ -136,8 +136,8 @@ fn audit_chain_detects_edit_delete_and_reorder() {
     assert_eq!(code, 1);
     assert!(err.contains("broken at record 6"), "{err}");
 
-    // Recomputing plain hashes does not help without the master key: a
-    // record rewritten with an unkeyed BLAKE3/SHA-256 chain still fails.
+    // A link not computed with the audit key (here arbitrary bytes, all
+    // that anyone without the master key can produce) is caught.
     let (_t, d) = copy_data(&s);
     let (ok, e) = sql(
         &d.join("airlock.db"),
