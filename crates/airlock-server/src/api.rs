@@ -940,7 +940,8 @@ async fn execution_events(
                     .await?
                     .ok_or(ApiError::NotFound)?
             };
-            Box::pin(stream::iter(replay(&rec).into_iter().map(Ok)))
+            let logs = st.store.list_logs(&rec.id, 0, 1000).await?;
+            Box::pin(stream::iter(replay(&rec, &logs).into_iter().map(Ok)))
         }
     };
     Ok(Sse::new(stream)
@@ -971,12 +972,21 @@ fn live_stream(live: Arc<crate::live::Live>) -> impl Stream<Item = Result<Event,
     })
 }
 
-fn replay(rec: &ExecutionRecord) -> Vec<Event> {
+fn replay(rec: &ExecutionRecord, logs: &[airlock_store::LogRecord]) -> Vec<Event> {
     let mut out = Vec::new();
     if let Some(at) = rec.started_at_ms {
         out.push((
             "started",
             serde_json::json!({ "id": rec.id, "started_at_ms": at }).to_string(),
+        ));
+    }
+    for l in logs {
+        out.push((
+            "log",
+            serde_json::json!({"seq": l.seq, "level": l.level, "message": l.message,
+                               "fields": l.fields, "execution_id": rec.id,
+                               "tenant_id": rec.tenant_id, "trace_id": rec.trace_id})
+            .to_string(),
         ));
     }
     if let Some(r) = &rec.result {

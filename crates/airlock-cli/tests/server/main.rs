@@ -8,6 +8,7 @@
 
 mod api;
 mod audit;
+mod broker;
 mod hygiene;
 mod lifecycle;
 
