@@ -77,6 +77,8 @@ pub struct Quotas {
     pub memory_keys: i64,
     /// Bytes of a handler output (as JSON).
     pub output_bytes: usize,
+    /// Log records per second (after that, `rate_limited`).
+    pub log_rate: u64,
 }
 
 impl Default for Quotas {
@@ -91,6 +93,7 @@ impl Default for Quotas {
             memory_value_bytes: 64 << 10,
             memory_keys: 10_000,
             output_bytes: 512 << 10,
+            log_rate: 200,
         }
     }
 }
@@ -113,6 +116,8 @@ struct State {
     log_bytes: u64,
     last_id: Option<u64>,
     audits: u32,
+    /// Log rate window: (start, records in it).
+    log_window: Option<(std::time::Instant, u64)>,
     outcome: Outcome,
     result_reported: bool,
 }
@@ -476,6 +481,18 @@ impl Session {
                             "log quota of this execution exhausted",
                         ));
                     }
+                    let now = std::time::Instant::now();
+                    let w = st.log_window.get_or_insert((now, 0));
+                    if now.duration_since(w.0) >= std::time::Duration::from_secs(1) {
+                        *w = (now, 0);
+                    }
+                    if w.1 >= self.quotas.log_rate {
+                        return Err(op_err(
+                            "rate_limited",
+                            format!("at most {} log records per second", self.quotas.log_rate),
+                        ));
+                    }
+                    w.1 += 1;
                     st.log_records += 1;
                     st.log_bytes += bytes;
                 }

@@ -584,26 +584,38 @@ fn log_quota_and_memory_quotas_hold() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
     let code = r#"
-import airlock
+import airlock, time
 ax = airlock.connect()
-n = 0
-try:
-    for i in range(1500):
-        ax.log.debug("line %d" % i)
-        n += 1
-except airlock.AirlockError as e:
-    print(n, e.code)
+def burst(n, msg):
+    done = 0
+    try:
+        for i in range(n):
+            ax.log.debug(msg)
+            done += 1
+    except airlock.AirlockError as e:
+        return "%d %s" % (done, e.code)
+    return "%d ok" % done
+print(burst(300, "x"))            # rate: 200 per second
+time.sleep(1.1)
+print(burst(300, "y" * 8192))     # bytes: 1 MiB per execution
 try:
     ax.agent.memory.put("big", "x" * (70 << 10))
 except airlock.AirlockError as e:
     print(e.code)
 "#;
-    let v = exec(&s, &key, json!({"language": "python", "code": code}));
+    let v = exec(
+        &s,
+        &key,
+        json!({"language": "python", "code": code, "limits": {"wall_time_ms": 20000}}),
+    );
     let out = v["result"]["stdout"].as_str().unwrap();
-    assert_eq!(out, "1000 quota_exceeded\ntoo_large\n", "{v}");
+    assert_eq!(
+        out, "200 rate_limited\n127 quota_exceeded\ntoo_large\n",
+        "{v}"
+    );
     let id = v["id"].as_str().unwrap();
     let logs = s
         .get(&format!("/v1/executions/{id}/logs?limit=1000"), &key)
         .json();
-    assert_eq!(logs["logs"].as_array().unwrap().len(), 1000);
+    assert_eq!(logs["logs"].as_array().unwrap().len(), 327);
 }
