@@ -264,30 +264,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     println!("airlock: listening on http://{local}");
 
     let app = api::router(state.clone());
-    let drain_state = state.clone();
-    let drained = Arc::new(tokio::sync::Notify::new());
-    let drained_tx = drained.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        drain(drain_state).await;
-        drained_tx.notify_one();
-    });
-    // Once drained, connections get a bounded time to finish: a client
-    // that never completes its request must not keep the server alive.
-    tokio::select! {
-        r = std::future::IntoFuture::into_future(server) => {
-            r.map_err(|source| ServeError::Listen { addr: local, source })?;
-        }
-        _ = async {
-            drained.notified().await;
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        } => {
-            tracing::warn!("connections still open 5 s after the drain; closing them");
-        }
-    }
+    accept_loop(listener, app, state.clone()).await;
 
     exec.stop();
     store
@@ -298,6 +275,63 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("airlock stopped");
     Ok(())
+}
+
+/// Most connections served at once; beyond it new connections are closed
+/// at once (they would only queue for the same workers).
+const MAX_CONNECTIONS: usize = 4096;
+/// A client must send its request head within this time (slowloris).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the drain completes, then gives open
+/// connections a bounded time to finish.
+async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: AppState) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut drained = std::pin::pin!(drain(st));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut drained => break,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Drained: every execution is final. Open connections (a slow reader,
+    // a client that never finishes its request) get a bounded time.
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open 5 s after the drain; closing them");
+    }
 }
 
 /// Waits for SIGTERM/SIGINT, then: refuse new executions, stop queued

@@ -250,3 +250,53 @@ fn one_server_per_data_directory_and_wrong_master_key_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn half_sent_requests_neither_block_shutdown_nor_slip_in_during_drain() {
+    use std::io::{Read, Write};
+    let mut s = Server::start_with(&["--shutdown-grace-ms", "1000"]);
+    let key = s.tenant("acme");
+    // A request head that never ends (slowloris) ...
+    let mut stalled = std::net::TcpStream::connect(s.addr).unwrap();
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    // ... and an execution whose body is still arriving when SIGTERM comes.
+    let body =
+        json!({"language": "shell", "code": "echo should-not-run", "wait": false}).to_string();
+    let mut late = std::net::TcpStream::connect(s.addr).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        late,
+        "POST /v1/executions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        body.len(),
+        &body[..10]
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = libc::pid_t::try_from(s.pid()).unwrap();
+    // SAFETY: our own child, not yet waited for; kill has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    late.write_all(&body.as_bytes()[10..]).unwrap();
+    let mut resp = Vec::new();
+    let _ = late.read_to_end(&mut resp);
+    let r = crate::parse_response(&resp);
+    r.problem(503, "shutting_down");
+    let t = std::time::Instant::now();
+    let st = s.child.as_mut().unwrap().wait().unwrap();
+    s.child = None;
+    assert!(st.success(), "{st:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "the stalled client held the server"
+    );
+    drop(stalled);
+    // Nothing ran.
+    s.start();
+    assert_eq!(
+        s.get("/v1/executions", &key).json()["executions"],
+        json!([])
+    );
+}
