@@ -1,35 +1,41 @@
 """Runs a python execution inside the sandbox: a plain script, or a handler
 `def handler(ax, input)` whose JSON-serialisable return value (or exception,
-with its traceback) is reported to the broker."""
-import json
+with its traceback) is reported to the broker.
+
+Kept to modules the interpreter has already loaded at start-up (sys, os):
+anything else is imported only when a handler runs, so a plain script pays
+next to nothing for the runner."""
 import os
-import runpy
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import airlock  # noqa: E402
+
+
+def _load(path, name):
+    with open(path, "rb") as f:
+        source = f.read()
+    ns = {"__name__": name, "__file__": path, "__builtins__": __builtins__}
+    exec(compile(source, path, "exec"), ns)
+    return ns
 
 
 def _error(exc, kind=None):
+    import traceback
     return {"type": kind or type(exc).__name__, "message": str(exc),
             "traceback": traceback.format_exc()}
 
 
-def main():
-    path = sys.argv[1]
-    sys.argv = [path]
-    if os.environ.get("AIRLOCK_MODE") != "handler":
-        runpy.run_path(path, run_name="__main__")
-        return 0
+def _handler(path):
+    import json
+    import airlock
     ax = airlock.connect()
     try:
-        ns = runpy.run_path(path, run_name="airlock_handler")
+        ns = _load(path, "airlock_handler")
         fn = ns.get("handler")
         if not callable(fn):
             raise NameError("the code defines no function handler(ax, input)")
     except BaseException as e:  # noqa: BLE001 - reported, not swallowed
-        ax._report(error=_error(e, "LoadError" if not isinstance(e, NameError) else "HandlerMissing"))
+        ax._report(error=_error(e, "HandlerMissing" if isinstance(e, NameError) else "LoadError"))
         return 1
     try:
         out = fn(ax, ax.input)
@@ -42,6 +48,17 @@ def main():
         ax._report(error={"type": "NotSerializable", "message": str(e), "traceback": ""})
         return 1
     ax._report(output=out)
+    return 0
+
+
+def main():
+    path = sys.argv[1]
+    sys.argv = [path]
+    if os.environ.get("AIRLOCK_MODE") == "handler":
+        return _handler(path)
+    del sys.path[0]
+    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    _load(path, "__main__")
     return 0
 
 
