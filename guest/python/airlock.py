@@ -54,8 +54,11 @@ class _Channel:
         with self._lock:
             rid = self._next
             self._next += 1
+            # Strict JSON: NaN/Infinity and lone surrogates are errors here,
+            # not a frame the broker must refuse (which would close it).
             body = json.dumps({"v": 1, "id": rid, "op": op, "args": args},
-                              separators=(",", ":")).encode()
+                              separators=(",", ":"), allow_nan=False,
+                              ensure_ascii=False).encode("utf-8")
             if len(body) > MAX_FRAME:
                 raise AirlockError("too_large", "request exceeds the frame limit")
             data = struct.pack("<I", len(body)) + body

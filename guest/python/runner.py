@@ -43,7 +43,7 @@ def _handler(path):
         ax._report(error=_error(e))
         return 1
     try:
-        json.dumps(out)
+        json.dumps(out, allow_nan=False, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as e:
         ax._report(error={"type": "NotSerializable", "message": str(e), "traceback": ""})
         return 1

@@ -79,6 +79,8 @@ pub struct Quotas {
     pub output_bytes: usize,
     /// Log records per second (after that, `rate_limited`).
     pub log_rate: u64,
+    /// Bytes of memory values one execution may write in total.
+    pub memory_write_bytes: u64,
 }
 
 impl Default for Quotas {
@@ -94,6 +96,7 @@ impl Default for Quotas {
             memory_keys: 10_000,
             output_bytes: 512 << 10,
             log_rate: 200,
+            memory_write_bytes: 8 << 20,
         }
     }
 }
@@ -116,6 +119,8 @@ struct State {
     log_bytes: u64,
     last_id: Option<u64>,
     audits: u32,
+    /// Memory bytes written by this execution.
+    memory_bytes: u64,
     /// Log rate window: (start, records in it).
     log_window: Option<(std::time::Instant, u64)>,
     outcome: Outcome,
@@ -136,7 +141,10 @@ pub struct Session {
     pub redactor: Arc<Redactor>,
     on_log: Option<LogSink>,
     state: Mutex<State>,
+    secrets: Mutex<SecretCache>,
 }
+
+type SecretCache = std::collections::HashMap<String, Option<zeroize::Zeroizing<String>>>;
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -194,6 +202,35 @@ pub fn valid_memory_key(k: &str, max: usize) -> bool {
         && !k.starts_with('/')
         && !k.chars().any(char::is_control)
         && k.split('/').all(|seg| seg != "." && seg != "..")
+}
+
+/// Secret names: `[A-Za-z_][A-Za-z0-9_.-]{0,127}`.
+pub fn valid_secret_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    (1..=128).contains(&b.len())
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
+const OPS: [&str; 9] = [
+    "hello",
+    "log",
+    "secrets.get",
+    "memory.get",
+    "memory.put",
+    "memory.cas",
+    "memory.delete",
+    "memory.list",
+    "result",
+];
+
+/// The op's name when it is one of ours (sandbox text is never recorded).
+fn known_op(op: &str) -> &'static str {
+    OPS.iter()
+        .find(|o| **o == op)
+        .copied()
+        .unwrap_or("(unknown)")
 }
 
 /// Flow ids: 1..=128 of `[A-Za-z0-9_.-]`, not `.`/`..`.
@@ -279,7 +316,12 @@ impl Session {
             redactor: Arc::new(Redactor::default()),
             on_log,
             state: Mutex::new(State::default()),
+            secrets: Mutex::new(SecretCache::new()),
         }
+    }
+
+    fn secret_cache(&self) -> std::sync::MutexGuard<'_, SecretCache> {
+        self.secrets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -347,8 +389,15 @@ impl Session {
             let req: Request = match serde_json::from_slice(&buf) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.close(&mut stream, format!("malformed frame: {e}"))
-                        .await;
+                    // A fixed category only: serde's message quotes the
+                    // frame, which may carry a secret.
+                    let what = match e.classify() {
+                        serde_json::error::Category::Data => {
+                            "malformed frame: not a valid request envelope"
+                        }
+                        _ => "malformed frame: not JSON",
+                    };
+                    self.close(&mut stream, what.into()).await;
                     return;
                 }
             };
@@ -360,11 +409,8 @@ impl Session {
                             "error": {"code": "unsupported_version", "message": format!("this broker speaks version {VERSION}")}}),
                 )
                 .await;
-                self.close(
-                    &mut stream,
-                    format!("unsupported protocol version {}", req.v),
-                )
-                .await;
+                self.close(&mut stream, "unsupported protocol version".into())
+                    .await;
                 return;
             }
             let refused = {
@@ -388,13 +434,20 @@ impl Session {
                 Err(e) => json!({"v": VERSION, "id": id, "ok": false,
                                  "error": {"code": e.code, "message": e.message}}),
             };
-            if write_frame(&mut stream, &reply).await.is_err() {
-                return;
+            match write_frame(&mut stream, &reply).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    self.close(&mut stream, "reply exceeds the frame limit".into())
+                        .await;
+                    return;
+                }
+                Err(_) => return,
             }
         }
     }
 
     async fn close(&self, stream: &mut tokio::net::UnixStream, why: String) {
+        let why = self.redactor.redact(&why);
         tracing::warn!(execution = %self.identity.execution_id, reason = %why, "broker closed the channel");
         let _ = stream.shutdown().await;
         let mut st = self.state();
@@ -413,7 +466,7 @@ impl Session {
             self.audit(
                 "broker.identity_ignored",
                 &self.identity.execution_id,
-                json!({"op": req.op.chars().take(64).collect::<String>(), "fields": forged}),
+                json!({"op": known_op(&req.op), "fields": forged}),
             )
             .await;
         }
@@ -496,7 +549,15 @@ impl Session {
                     st.log_records += 1;
                     st.log_bytes += bytes;
                 }
-                let message = self.redactor.redact(&a.message);
+                let mut message = self.redactor.redact(&a.message);
+                if message.len() > self.quotas.log_message_bytes {
+                    // Redaction markers can be longer than what they hide.
+                    let mut cut = self.quotas.log_message_bytes;
+                    while !message.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    message.truncate(cut);
+                }
                 self.redactor.redact_json(&mut fields);
                 let seq = self
                     .store
@@ -618,8 +679,20 @@ impl Session {
                         v
                     })
                 };
-                st.outcome.output = redact(a.output);
-                st.outcome.handler_error = redact(a.error);
+                let (output, error) = (redact(a.output), redact(a.error));
+                // Checked again after redaction: markers can be longer
+                // than the values they replace.
+                if size(&output) > self.quotas.output_bytes
+                    || size(&error) > self.quotas.output_bytes
+                {
+                    st.outcome.handler_error = Some(json!({
+                        "type": "OutputTooLarge",
+                        "message": format!("handler output exceeds {} bytes", self.quotas.output_bytes),
+                    }));
+                    return Err(op_err("too_large", "output too large"));
+                }
+                st.outcome.output = output;
+                st.outcome.handler_error = error;
                 Ok(json!({}))
             }
             other => Err(op_err(
@@ -663,6 +736,24 @@ impl Session {
                 ),
             ));
         }
+        {
+            let mut st = self.state();
+            if st.memory_bytes + len as u64 > self.quotas.memory_write_bytes {
+                return Err(op_err(
+                    "quota_exceeded",
+                    format!(
+                        "this execution may write at most {} bytes of memory",
+                        self.quotas.memory_write_bytes
+                    ),
+                ));
+            }
+            st.memory_bytes += len as u64;
+        }
+        // Memory outlives the execution and is readable by executions that
+        // hold no grant: secret values never go into it.
+        let mut value = value.clone();
+        self.redactor.redact_json(&mut value);
+        let value = &value;
         let id = &self.identity;
         match self
             .store
@@ -688,9 +779,16 @@ impl Session {
 
     async fn read_secret(&self, name: &str) -> Result<Option<String>, OpError> {
         if !self.grants.secrets.contains(name) {
+            // The name is sandbox input: record it only when it has a
+            // secret name's shape, and redacted.
+            let shown = if valid_secret_name(name) {
+                self.redactor.redact(name)
+            } else {
+                "(not a secret name)".to_string()
+            };
             self.audit(
                 "secret.denied",
-                &name.chars().take(128).collect::<String>(),
+                &shown,
                 json!({"execution_id": self.identity.execution_id}),
             )
             .await;
@@ -699,16 +797,27 @@ impl Session {
                 "this execution's policy does not grant that secret",
             ));
         }
+        // Each granted secret is read (and audited) once per execution;
+        // later reads come from this session's cache, so a loop cannot
+        // turn into a stream of database writes.
+        if let Some(hit) = self.secret_cache().get(name) {
+            return Ok(hit.as_ref().map(|v| v.to_string()));
+        }
         let got = self
             .store
             .get_secret(&self.identity.tenant_id, name, &self.actor())
             .await
             .map_err(internal)?;
-        Ok(got.map(|(_, v)| {
+        let value = got.map(|(_, v)| {
             let s = String::from_utf8_lossy(&v).into_owned();
             self.redactor.add(name, &s);
             s
-        }))
+        });
+        self.secret_cache().insert(
+            name.to_string(),
+            value.as_ref().map(|v| zeroize::Zeroizing::new(v.clone())),
+        );
+        Ok(value)
     }
 }
 
@@ -720,7 +829,10 @@ fn internal(e: airlock_store::StoreError) -> OpError {
 async fn write_frame(stream: &mut tokio::net::UnixStream, v: &Value) -> std::io::Result<()> {
     let body = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     if body.len() > MAX_FRAME {
-        return Err(std::io::Error::other("reply too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "reply too large",
+        ));
     }
     let mut out = Vec::with_capacity(body.len() + 4);
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());

@@ -35,10 +35,13 @@ fn spans(secrets: &[(String, Zeroizing<String>)], text: &str) -> Vec<(usize, usi
         }
     }
     all.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    // Overlapping occurrences (of two secrets, or of one with itself)
+    // merge into one redacted span, so no part of either survives.
     let mut out: Vec<(usize, usize, usize)> = Vec::new();
     for s in all {
-        if out.last().is_none_or(|l| s.0 >= l.1) {
-            out.push(s);
+        match out.last_mut() {
+            Some(l) if s.0 < l.1 => l.1 = l.1.max(s.1),
+            _ => out.push(s),
         }
     }
     out
@@ -51,9 +54,44 @@ impl Redactor {
             return;
         }
         let mut g = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
-        if !g.iter().any(|(_, v)| v.as_str() == value) {
-            g.push((name.to_string(), Zeroizing::new(value.to_string())));
+        // The value as it is, and as it appears inside a JSON string (a PEM
+        // key printed with json.dumps has its newlines escaped).
+        let escaped = serde_json::to_string(value)
+            .ok()
+            .map(|q| q[1..q.len() - 1].to_string());
+        for v in std::iter::once(value.to_string()).chain(escaped) {
+            if !g.iter().any(|(_, x)| x.as_str() == v) {
+                g.push((name.to_string(), Zeroizing::new(v)));
+            }
         }
+    }
+
+    /// Like [`Redactor::redact`], for text that was cut at a size limit:
+    /// a tail that is the start of a value is redacted too.
+    pub fn redact_truncated(&self, text: &str) -> String {
+        let mut out = self.redact(text);
+        let g = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut best: Option<(usize, usize)> = None;
+        for (i, (_, v)) in g.iter().enumerate() {
+            let max = (v.len() - 1).min(out.len());
+            for k in (MIN_REDACT_LEN.min(v.len() - 1).max(1)..=max).rev() {
+                if out.is_char_boundary(out.len() - k)
+                    && v.is_char_boundary(k)
+                    && out.ends_with(&v[..k])
+                {
+                    if best.is_none_or(|(bk, _)| k > bk) {
+                        best = Some((k, i));
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some((k, i)) = best {
+            let cut = out.len() - k;
+            out.truncate(cut);
+            out.push_str(&format!("[REDACTED:{}]", g[i].0));
+        }
+        out
     }
 
     /// Length in bytes of the longest value.
@@ -150,6 +188,23 @@ mod tests {
             v,
             serde_json::json!({"a": ["x [REDACTED:db] y"], "[REDACTED:db]": 1})
         );
+    }
+
+    #[test]
+    fn overlapping_values_and_escaped_forms_and_cut_tails() {
+        let r = Redactor::default();
+        r.add("A", "abcdXYZ1");
+        r.add("B", "XYZ1-second-secret");
+        let out = r.redact("..abcdXYZ1-second-secret..");
+        assert!(!out.contains("second") && !out.contains("abcd"), "{out}");
+        r.add("PEM", "line1\nline2");
+        let json = serde_json::to_string("line1\nline2").unwrap();
+        assert_eq!(r.redact(&json), "\"[REDACTED:PEM]\"");
+        assert_eq!(
+            r.redact_truncated("output ends with XYZ1-sec"),
+            "output ends with [REDACTED:B]"
+        );
+        assert_eq!(r.redact_truncated("harmless tail"), "harmless tail");
     }
 
     #[test]

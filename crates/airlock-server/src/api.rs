@@ -1211,11 +1211,22 @@ pub struct MemoryView {
     pub updated_at: String,
 }
 
+/// A key of a flow's memory (values are read one by one).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MemoryKeyView {
+    /// Key.
+    pub key: String,
+    /// Version.
+    pub version: i64,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
 /// Keys of a flow's memory.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MemoryList {
     /// In key order.
-    pub entries: Vec<MemoryView>,
+    pub entries: Vec<MemoryKeyView>,
     /// Pass as `after` for the next page; absent on the last page.
     pub next_after: Option<String>,
 }
@@ -1413,7 +1424,14 @@ async fn list_memory(
         .then(|| items.last().map(|e| e.key.clone()))
         .flatten();
     Ok(Json(MemoryList {
-        entries: items.into_iter().map(|e| memory_view(&flow, e)).collect(),
+        entries: items
+            .into_iter()
+            .map(|e| MemoryKeyView {
+                key: e.key,
+                version: e.version,
+                updated_at: rfc3339(e.updated_at_ms),
+            })
+            .collect(),
         next_after,
     }))
 }
@@ -1442,7 +1460,7 @@ impl Modify for SecurityAddon {
           list_audit, get_memory, put_memory, delete_memory, list_memory),
     components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest,
                        SecretView, SecretList, PutSecret, AuditView, AuditList, LogView, LogList,
-                       MemoryView, MemoryList, PutMemory)),
+                       MemoryView, MemoryKeyView, MemoryList, PutMemory)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;

@@ -104,6 +104,26 @@ pub struct Executor {
     guest: Option<std::path::PathBuf>,
 }
 
+/// Redacts captured output; a capture cut at its limit may end in the start
+/// of a value, which is redacted too. Markers can be longer than what they
+/// hide, so the result is cut back to the limit.
+fn redact_capped(r: &airlock_broker::Redactor, text: &str, truncated: bool, cap: u64) -> String {
+    let mut out = if truncated {
+        r.redact_truncated(text)
+    } else {
+        r.redact(text)
+    };
+    let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+    if out.len() > cap {
+        let mut cut = cap;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    out
+}
+
 /// Where the guest SDKs appear inside every sandbox (read-only).
 pub const GUEST_MOUNT: &str = "/opt/airlock";
 
@@ -478,20 +498,40 @@ impl Executor {
             &job.entry.cancel,
         );
         for (i, kind) in [(0, "stdout"), (1, "stderr")] {
-            let (_, red) = &mut streams[i];
+            let (carry, red) = &mut streams[i];
+            // An incomplete UTF-8 sequence at the very end, lossily.
+            let tail = carry.finish();
+            let text = red.push(&redactor, &tail);
+            live.push_output(kind, &text);
             live.push_output(kind, &red.finish(&redactor));
         }
         self.metrics.running.dec();
         // Every process of the sandbox is gone, so the channel is closed:
         // the broker task ends at EOF.
         if let Some(t) = broker_task {
-            let _ = self
+            let abort = t.abort_handle();
+            let finished = self
                 .rt
                 .block_on(async move { tokio::time::timeout(Duration::from_secs(5), t).await });
+            if finished.is_err() {
+                // Nothing may act for this execution once it is final.
+                abort.abort();
+            }
         }
         let outcome = session.outcome();
-        result.stdout = redactor.redact(&result.stdout);
-        result.stderr = redactor.redact(&result.stderr);
+        let limits = &sub.policy.limits;
+        result.stdout = redact_capped(
+            &redactor,
+            &result.stdout,
+            result.stdout_truncated,
+            limits.stdout_bytes,
+        );
+        result.stderr = redact_capped(
+            &redactor,
+            &result.stderr,
+            result.stderr_truncated,
+            limits.stderr_bytes,
+        );
         let doc = serde_json::to_value(&result).ok();
         let status = if result.reason == TerminationReason::InternalError {
             ExecStatus::Failed

@@ -137,6 +137,12 @@ impl Live {
 pub struct Utf8Carry(Vec<u8>);
 
 impl Utf8Carry {
+    /// Whatever is held (an incomplete sequence), lossily.
+    pub fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.0);
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+
     /// Returns the decodable prefix of carry + chunk; keeps an incomplete
     /// trailing sequence (at most 3 bytes) for the next call.
     pub fn push(&mut self, chunk: &[u8]) -> String {

@@ -425,6 +425,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         key: &str,
     ) -> Result<bool, StoreError>;
     /// Keys with `prefix`, in order, after `after`, at most `limit`.
+    /// Values are not loaded (`value` is null): listings stay cheap.
     async fn memory_list(
         &self,
         tenant_id: &str,

@@ -990,7 +990,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<MemoryEntry>, StoreError> {
         // Prefix match by range, not LIKE: no wildcard characters to escape.
         let rows = sqlx::query(
-            "SELECT key, value, version, updated_at FROM memory
+            "SELECT key, 'null' AS value, version, updated_at FROM memory
              WHERE tenant_id = ? AND flow_id = ? AND key >= ? AND substr(key, 1, length(?)) = ?
                AND key > ? ORDER BY key LIMIT ?",
         )

@@ -619,3 +619,72 @@ except airlock.AirlockError as e:
         .json();
     assert_eq!(logs["logs"].as_array().unwrap().len(), 327);
 }
+
+#[test]
+fn secret_values_never_escape_through_side_channels() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let secret = "sv-91b2c3d4e5-canary";
+    put_secret(&s, &key, "S", secret);
+    // Stream: the value is printed while a client follows the live stream,
+    // split across two writes.
+    let code = format!(
+        r#"{RAW}
+import time
+v = call(1, "secrets.get", name="S")["result"]["value"]
+time.sleep(0.3)
+sys.stdout.write("a:" + v[:7]); sys.stdout.flush()
+time.sleep(0.3)
+sys.stdout.write(v[7:] + "\n"); sys.stdout.flush()
+print(json.dumps(call(2, "memory.put", key="copy", value={{"k": v}})))
+print(json.dumps(call(3, "secrets.get", name=v)))
+print(json.dumps(call(4, v, tenant_id="x")))
+sys.stdout.flush()
+time.sleep(0.3)
+# Last: a malformed frame that quotes the value in serde's error text.
+os.write(FD, frame({{"v": 1, "id": 9, "op": "hello", v: 1}}))
+print(recv())
+"#
+    );
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "python", "code": code, "wait": false, "secrets": ["S"], "flow": "f"}),
+    );
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let events = follow_sse(s.addr, &format!("/v1/executions/{id}/events"), &key);
+    let live: String = events.iter().map(|e| e.2.to_string()).collect();
+    assert!(live.contains("a:[REDACTED:S]"), "{live}");
+    let rec = s.get(&format!("/v1/executions/{id}"), &key).text();
+    assert!(rec.contains("broker_error"), "{rec}");
+    let memory = s.get("/v1/memory/f/copy", &key).text();
+    assert!(memory.contains("[REDACTED:S]"), "{memory}");
+    let audit = s.get("/v1/audit?limit=500", &key).text();
+    let logs = s.get(&format!("/v1/executions/{id}/logs"), &key).text();
+    for (what, text) in [
+        ("live stream", &live),
+        ("record", &rec),
+        ("memory", &memory),
+        ("audit", &audit),
+        ("logs", &logs),
+    ] {
+        assert!(!text.contains(secret), "secret value in {what}: {text}");
+    }
+    assert!(!s.log().contains(secret), "secret value in the server log");
+    // Positive control: the program did get the value (it printed it,
+    // redacted) and the malformed frame did close the channel.
+    let v: Value = serde_json::from_str(&rec).unwrap();
+    assert!(
+        v["result"]["stdout"]
+            .as_str()
+            .unwrap()
+            .ends_with("closed\n"),
+        "{v}"
+    );
+    assert!(
+        v["broker_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed frame")
+    );
+}
