@@ -763,7 +763,10 @@ impl Session {
                 key,
                 value,
                 expected,
-                self.quotas.memory_keys,
+                airlock_store::MemoryLimits {
+                    keys: self.quotas.memory_keys,
+                    ..airlock_store::MemoryLimits::default()
+                },
             )
             .await
             .map_err(internal)?
@@ -772,7 +775,11 @@ impl Session {
             MemoryWrite::Conflict(current) => Ok(json!({"ok": false, "version": current})),
             MemoryWrite::QuotaExceeded => Err(op_err(
                 "quota_exceeded",
-                format!("this flow already holds {} keys", self.quotas.memory_keys),
+                format!(
+                    "memory quota reached ({} keys per flow, {} MiB per tenant)",
+                    self.quotas.memory_keys,
+                    airlock_store::MemoryLimits::default().tenant_bytes >> 20
+                ),
             )),
         }
     }

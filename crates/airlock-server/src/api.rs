@@ -1327,7 +1327,10 @@ async fn put_memory(
             &key,
             &req.value,
             req.expected_version,
-            q.memory_keys,
+            airlock_store::MemoryLimits {
+                keys: q.memory_keys,
+                ..airlock_store::MemoryLimits::default()
+            },
         )
         .await?
     {

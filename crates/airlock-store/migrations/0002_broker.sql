@@ -26,5 +26,7 @@ CREATE TABLE memory (
     value      TEXT NOT NULL,
     version    INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
+    -- Bytes of key + value, for the per-tenant quota.
+    size       INTEGER NOT NULL,
     PRIMARY KEY (tenant_id, flow_id, key)
 ) STRICT;

@@ -407,7 +407,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<Option<MemoryEntry>, StoreError>;
     /// Writes one entry. `expected`: `None` writes unconditionally;
     /// `Some(v)` only when the current version is `v` (0 = absent).
-    /// `max_keys` bounds the number of keys in the scope.
+    /// `limits` bounds the keys in the scope and the tenant's total bytes.
     async fn memory_put(
         &self,
         tenant_id: &str,
@@ -415,7 +415,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         key: &str,
         value: &serde_json::Value,
         expected: Option<i64>,
-        max_keys: i64,
+        limits: MemoryLimits,
     ) -> Result<MemoryWrite, StoreError>;
     /// Deletes one entry; false when absent.
     async fn memory_delete(
@@ -449,6 +449,25 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Flushes and closes (after this, every call fails).
     async fn close(&self);
+}
+
+/// Bounds on agent memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// Keys per (tenant, flow).
+    pub keys: i64,
+    /// Bytes (keys + values) per tenant over all its flows.
+    pub tenant_bytes: i64,
+}
+
+impl Default for MemoryLimits {
+    /// 10,000 keys per flow, 256 MiB per tenant.
+    fn default() -> Self {
+        MemoryLimits {
+            keys: 10_000,
+            tenant_bytes: 256 << 20,
+        }
+    }
 }
 
 /// Current time in Unix milliseconds.

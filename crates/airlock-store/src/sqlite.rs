@@ -19,7 +19,8 @@ use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport
 use crate::crypto::{self, Keyring, NewApiKey};
 use crate::{
     Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, LogRecord,
-    MemoryEntry, MemoryWrite, Page, SecretMeta, Store, StoreError, Tenant, new_id, now_ms,
+    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, Store, StoreError, Tenant, new_id,
+    now_ms,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -910,7 +911,7 @@ impl Store for SqliteStore {
         key: &str,
         value: &serde_json::Value,
         expected: Option<i64>,
-        max_keys: i64,
+        limits: MemoryLimits,
     ) -> Result<MemoryWrite, StoreError> {
         let (t, f, k) = (tenant_id.to_string(), flow_id.to_string(), key.to_string());
         let value = serde_json::to_string(value).map_err(|e| StoreError::Db(e.to_string()))?;
@@ -939,16 +940,30 @@ impl Store for SqliteStore {
                     .bind(&f)
                     .fetch_one(&mut *c)
                     .await?;
-                    if n >= max_keys {
+                    if n >= limits.keys {
                         return Ok(MemoryWrite::QuotaExceeded);
                     }
                 }
+                // One tenant's memory, over all its flows, is bounded.
+                let used: i64 = sqlx::query_scalar(
+                    "SELECT COALESCE(SUM(size), 0) FROM memory
+                     WHERE tenant_id = ? AND NOT (flow_id = ? AND key = ?)",
+                )
+                .bind(&t)
+                .bind(&f)
+                .bind(&k)
+                .fetch_one(&mut *c)
+                .await?;
+                if used + (value.len() + k.len()) as i64 > limits.tenant_bytes {
+                    return Ok(MemoryWrite::QuotaExceeded);
+                }
                 let version = current.unwrap_or(0) + 1;
                 sqlx::query(
-                    "INSERT INTO memory (tenant_id, flow_id, key, value, version, updated_at)
-                     VALUES (?, ?, ?, ?, ?, ?)
+                    "INSERT INTO memory (tenant_id, flow_id, key, value, version, updated_at, size)
+                     VALUES (?, ?, ?, ?, ?, ?, ?)
                      ON CONFLICT (tenant_id, flow_id, key) DO UPDATE SET
-                       value = excluded.value, version = excluded.version, updated_at = excluded.updated_at",
+                       value = excluded.value, version = excluded.version,
+                       updated_at = excluded.updated_at, size = excluded.size",
                 )
                 .bind(&t)
                 .bind(&f)
@@ -956,6 +971,7 @@ impl Store for SqliteStore {
                 .bind(&value)
                 .bind(version)
                 .bind(now_ms())
+                .bind((value.len() + k.len()) as i64)
                 .execute(&mut *c)
                 .await?;
                 Ok(MemoryWrite::Written(version))
@@ -1143,6 +1159,81 @@ mod tests {
             s.authenticate(&new.key).await.unwrap(),
             AuthOutcome::Revoked { .. }
         ));
+    }
+
+    fn lim(keys: i64) -> MemoryLimits {
+        MemoryLimits {
+            keys,
+            ..MemoryLimits::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn memory_quotas_and_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("a.db"), keys())
+            .await
+            .unwrap();
+        let t = s.create_tenant("t", &admin()).await.unwrap();
+        let v = serde_json::json!("x");
+        for k in ["a", "b"] {
+            assert!(matches!(
+                s.memory_put(&t.id, "f", k, &v, None, lim(2)).await.unwrap(),
+                MemoryWrite::Written(1)
+            ));
+        }
+        // Third key over a limit of 2; rewriting an existing key is fine.
+        assert_eq!(
+            s.memory_put(&t.id, "f", "c", &v, None, lim(2))
+                .await
+                .unwrap(),
+            MemoryWrite::QuotaExceeded
+        );
+        assert_eq!(
+            s.memory_put(&t.id, "f", "a", &v, Some(1), lim(2))
+                .await
+                .unwrap(),
+            MemoryWrite::Written(2)
+        );
+        assert_eq!(
+            s.memory_put(&t.id, "f", "a", &v, Some(1), lim(2))
+                .await
+                .unwrap(),
+            MemoryWrite::Conflict(2)
+        );
+        assert_eq!(
+            s.memory_put(&t.id, "g", "new", &v, Some(0), lim(2))
+                .await
+                .unwrap(),
+            MemoryWrite::Written(1)
+        );
+        // The tenant-wide byte cap, across flows.
+        let small = MemoryLimits {
+            keys: 10,
+            tenant_bytes: 256 << 10,
+        };
+        let big = serde_json::json!("y".repeat(60 << 10));
+        for i in 0..4 {
+            assert!(matches!(
+                s.memory_put(&t.id, &format!("f{i}"), "big", &big, None, small)
+                    .await
+                    .unwrap(),
+                MemoryWrite::Written(1)
+            ));
+        }
+        assert_eq!(
+            s.memory_put(&t.id, "f9", "big", &big, None, small)
+                .await
+                .unwrap(),
+            MemoryWrite::QuotaExceeded
+        );
+        // Listing by prefix returns keys without values.
+        let l = s.memory_list(&t.id, "f", "", None, 10).await.unwrap();
+        assert_eq!(
+            l.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(l[0].value.is_null());
     }
 
     #[tokio::test]
