@@ -13,6 +13,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod egress;
+
 /// Languages airlock knows how to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -160,14 +162,53 @@ impl Default for Filesystem {
     }
 }
 
-/// Network access. Only `none` exists today; egress through the host-side
-/// proxy arrives later and will be a new variant, never a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Network access. The sandbox never gets a route: either no network at
+/// all, or egress only through the host-side proxy, which admits the
+/// listed `host:port` patterns and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, tag = "mode", rename_all = "snake_case")]
 pub enum Network {
     /// A private network namespace with only loopback. The default.
     #[default]
     None,
+    /// Egress through the host-side proxy (`HTTP_PROXY`, `HTTPS_PROXY` and
+    /// `ALL_PROXY` point at a forwarder on 127.0.0.1 inside the sandbox).
+    Proxy {
+        /// `host:port`, `*.suffix:port`, `1.2.3.4:port` or `[v6]:port`.
+        /// Names may only resolve to public addresses.
+        #[serde(default)]
+        allow: Vec<String>,
+        /// Like `allow`, and these names may also resolve to loopback,
+        /// private, link-local, CGNAT or unique-local addresses.
+        #[serde(default)]
+        allow_private: Vec<String>,
+    },
+}
+
+impl Network {
+    /// The parsed allowlist (empty for `none`).
+    pub fn rules(&self) -> Result<Vec<egress::EgressRule>, PolicyError> {
+        match self {
+            Network::None => Ok(Vec::new()),
+            Network::Proxy {
+                allow,
+                allow_private,
+            } => {
+                if allow.len() + allow_private.len() > ceilings::EGRESS_RULES {
+                    return Err(PolicyError::Parse(format!(
+                        "network: at most {} egress rules",
+                        ceilings::EGRESS_RULES
+                    )));
+                }
+                allow
+                    .iter()
+                    .map(|r| egress::parse_rule(r, false))
+                    .chain(allow_private.iter().map(|r| egress::parse_rule(r, true)))
+                    .collect::<Result<_, _>>()
+                    .map_err(PolicyError::Parse)
+            }
+        }
+    }
 }
 
 /// System-call policy. The engine's baseline filter (an allowlist with a
@@ -276,6 +317,8 @@ pub mod ceilings {
     pub const ENV_VALUE_BYTES: usize = 32 << 10;
     /// Extra read-only paths.
     pub const READ_ONLY_PATHS: usize = 64;
+    /// Egress rules.
+    pub const EGRESS_RULES: usize = 256;
 }
 
 /// Why a policy was rejected. Messages name the field and the allowed range.
@@ -351,6 +394,7 @@ impl Policy {
 
     /// Checks every field against its range and rules.
     pub fn validate(&self) -> Result<(), PolicyError> {
+        self.network.rules()?;
         let l = &self.limits;
         range_u64(
             "limits.wall_time_ms",

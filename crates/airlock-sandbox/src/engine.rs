@@ -111,6 +111,11 @@ pub struct Extras {
     /// Extra environment for the program; names must start with `AIRLOCK_`
     /// (the policy's environment rules cannot be bypassed through here).
     pub env: Vec<(String, String)>,
+    /// Give the sandbox an egress forwarder on 127.0.0.1 whose
+    /// connections are handed to the host-side proxy over a socketpair
+    /// (the other end is returned by [`Sandbox::take_egress`]). Required
+    /// by, and only allowed with, `network.mode = "proxy"`.
+    pub egress: bool,
 }
 
 fn valid_target(t: &str) -> bool {
@@ -262,6 +267,16 @@ impl Engine {
             return Err(SandboxError::InvalidRequest(
                 "extra environment names must be AIRLOCK_[A-Z0-9_]*".into(),
             ));
+        }
+        let wants_proxy = matches!(policy.network, airlock_policy::Network::Proxy { .. });
+        if wants_proxy != extras.egress {
+            // Fail closed both ways: no silent "no network" for a policy
+            // that asked for egress, no forwarder without a policy.
+            return Err(SandboxError::InvalidRequest(if wants_proxy {
+                "network.mode = \"proxy\" needs the egress proxy of `airlock serve` or `airlock run`".into()
+            } else {
+                "an egress channel needs network.mode = \"proxy\"".into()
+            }));
         }
         if extras.entry.as_deref().is_some_and(|e| !valid_target(e)) {
             return Err(SandboxError::InvalidRequest(
