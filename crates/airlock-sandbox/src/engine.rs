@@ -26,7 +26,9 @@ use airlock_policy::{LandlockMode, Language, Policy};
 
 use crate::cgroup::{self, Cgroup, CgroupLimits, Layout};
 use crate::error::SandboxError;
-use crate::init::{BROKER_FD, CONTROL_FD, INIT_ARG, SANDBOX_GID, SANDBOX_UID};
+use crate::init::{
+    BROKER_FD, CONTROL_FD, EGRESS_FD, INIT_ARG, PROXY_PORT, SANDBOX_GID, SANDBOX_UID,
+};
 use crate::proto::{self, FromInit, InitConfig, Job, ToInit};
 use crate::result::{Enforced, LandlockReport, RunResult, SeccompReport, TerminationReason};
 use crate::runtime::{self, Runtime};
@@ -338,6 +340,7 @@ impl Engine {
             landlock_strict: policy.isolation.landlock == LandlockMode::Strict,
             seccomp: std::mem::take(&mut programs),
             broker: extras.broker,
+            egress: extras.egress,
         };
         let filters = init_cfg.seccomp.len();
 
@@ -350,6 +353,21 @@ impl Engine {
             (None, None)
         };
         let child_broker_fd = child_broker.as_ref().map(|c| c.as_raw_fd());
+        // The egress channel carries one descriptor per message: a
+        // SOCK_SEQPACKET pair keeps message boundaries.
+        let (host_egress, child_egress) = if extras.egress {
+            let (h, c) = rustix::net::socketpair(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::SEQPACKET,
+                rustix::net::SocketFlags::CLOEXEC,
+                None,
+            )
+            .map_err(|e| SandboxError::SpawnInit(e.into()))?;
+            (Some(h), Some(c))
+        } else {
+            (None, None)
+        };
+        let child_egress_fd = child_egress.as_ref().map(|c| c.as_raw_fd());
         let mut cmd = Command::new(&self.cfg.init_path);
         cmd.arg(INIT_ARG)
             .arg(std::process::id().to_string())
@@ -372,13 +390,20 @@ impl Engine {
                     Some(fd) => Some(sys::dup_above(fd, 16)?),
                     None => None,
                 };
+                let parked_egress = match child_egress_fd {
+                    Some(fd) => Some(sys::dup_above(fd, 16)?),
+                    None => None,
+                };
                 if child_fd == CONTROL_FD {
                     sys::clear_cloexec(child_fd)?;
                 } else {
                     sys::dup2(child_fd, CONTROL_FD)?;
                 }
-                match parked {
-                    Some(fd) => sys::dup2(fd, BROKER_FD),
+                if let Some(fd) = parked {
+                    sys::dup2(fd, BROKER_FD)?;
+                }
+                match parked_egress {
+                    Some(fd) => sys::dup2(fd, EGRESS_FD),
                     None => Ok(()),
                 }
             });
@@ -386,6 +411,7 @@ impl Engine {
         let mut child = cmd.spawn().map_err(SandboxError::SpawnInit)?;
         drop(child_ctrl);
         drop(child_broker);
+        drop(child_egress);
         let stdin_w = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
         let stdout_r = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
         let stderr_r = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
@@ -404,6 +430,7 @@ impl Engine {
             stderr: stderr_r,
             ctrl: host_ctrl,
             broker: host_broker,
+            egress: host_egress,
             init_broker: extras.broker,
             entry: extras.entry.clone(),
             extra_env: extras.env.clone(),
@@ -488,6 +515,7 @@ pub struct Sandbox {
     stderr: Option<File>,
     ctrl: UnixStream,
     broker: Option<UnixStream>,
+    egress: Option<OwnedFd>,
     init_broker: bool,
     entry: Option<String>,
     extra_env: Vec<(String, String)>,
@@ -588,6 +616,34 @@ impl Sandbox {
         &self.enforced
     }
 
+    fn egress_env(&self) -> Vec<(&'static str, String)> {
+        if !matches!(self.policy.network, airlock_policy::Network::Proxy { .. }) {
+            return Vec::new();
+        }
+        let url = format!("http://127.0.0.1:{PROXY_PORT}");
+        let mut v: Vec<(&'static str, String)> = [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+        ]
+        .into_iter()
+        .map(|k| (k, url.clone()))
+        .collect();
+        v.push(("NO_PROXY", "localhost,127.0.0.1,::1".into()));
+        v.push(("no_proxy", "localhost,127.0.0.1,::1".into()));
+        v
+    }
+
+    /// The host end of the egress channel (once): a SOCK_SEQPACKET socket
+    /// on which each message carries one TCP connection accepted by the
+    /// forwarder inside the sandbox.
+    pub fn take_egress(&mut self) -> Option<OwnedFd> {
+        self.egress.take()
+    }
+
     /// The host end of the broker channel (once).
     pub fn take_broker(&mut self) -> Option<UnixStream> {
         self.broker.take()
@@ -661,6 +717,11 @@ impl Sandbox {
                         .then(|| format!("AIRLOCK_BROKER_FD={BROKER_FD}")),
                 )
                 .chain(self.extra_env.iter().map(|(k, v)| format!("{k}={v}")))
+                .chain(
+                    self.egress_env()
+                        .into_iter()
+                        .map(|(k, v)| format!("{k}={v}")),
+                )
                 .collect(),
             cpu_seconds: l.cpu_time_ms.div_ceil(1000),
             open_files: l.open_files,

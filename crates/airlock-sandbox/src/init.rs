@@ -41,6 +41,11 @@ pub const CONTROL_FD: RawFd = 3;
 /// Descriptor of the broker channel, when the engine gives one. The program
 /// inherits it (and `AIRLOCK_BROKER_FD` names it); init never reads it.
 pub const BROKER_FD: RawFd = 4;
+/// Descriptor of the egress channel (a SOCK_SEQPACKET socketpair end), when
+/// the policy allows egress. Only the forwarder holds it.
+pub const EGRESS_FD: RawFd = 5;
+/// Where the forwarder listens inside the sandbox (`HTTP_PROXY` points here).
+pub const PROXY_PORT: u16 = 3128;
 /// The Landlock ABI airlock pins. Strict mode requires every access right of
 /// this ABI to be enforced (Linux 6.10+).
 pub const LANDLOCK_ABI: ABI = ABI::V5;
@@ -129,6 +134,8 @@ pub enum Step {
     ReadJob,
     /// Write the submitted code into /workspace.
     WriteCode,
+    /// Start the egress forwarder on 127.0.0.1 (proxy policies only).
+    Egress,
     /// Fork the program.
     ForkProgram,
 }
@@ -172,6 +179,7 @@ impl Step {
             Step::Seccomp => "seccomp",
             Step::ReadJob => "read_job",
             Step::WriteCode => "write_code",
+            Step::Egress => "egress_forwarder",
             Step::ForkProgram => "fork_program",
         }
     }
@@ -220,8 +228,8 @@ fn report(ctrl: &mut UnixStream, (step, errno): (Step, i32)) {
 
 fn stage1(args: &[String]) -> Result<i32, ()> {
     // Anything inherited beyond stdio, the control socket and the broker
-    // channel is a leak.
-    sys::close_from(BROKER_FD as u32 + 1).map_err(|_| ())?;
+    // and egress channels is a leak.
+    sys::close_from(EGRESS_FD as u32 + 1).map_err(|_| ())?;
     let expected_parent: i32 = args.first().and_then(|a| a.parse().ok()).ok_or(())?;
     sys::set_parent_death_kill().map_err(|_| ())?;
     if sys::getppid() != expected_parent {
@@ -242,6 +250,12 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
     if !cfg.broker {
         sys::close_unowned(BROKER_FD);
     } else if !sys::is_socket(BROKER_FD) {
+        report(&mut ctrl, (Step::CloseFds, libc::EBADF));
+        return Err(());
+    }
+    if !cfg.egress {
+        sys::close_unowned(EGRESS_FD);
+    } else if !sys::is_socket(EGRESS_FD) {
         report(&mut ctrl, (Step::CloseFds, libc::EBADF));
         return Err(());
     }
@@ -284,8 +298,15 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
         }
         Ok(Forked::Parent(pid)) => {
             drop(go_r);
-            // Stage 1 keeps no copy of the broker channel.
-            sys::close_unowned(BROKER_FD);
+            // Stage 1 keeps no copy of the broker or egress channels. Only
+            // when they exist: otherwise those numbers may now be the pipe
+            // above.
+            if cfg.broker {
+                sys::close_unowned(BROKER_FD);
+            }
+            if cfg.egress {
+                sys::close_unowned(EGRESS_FD);
+            }
             // Stage 1 only waits from here on: it gives up the capabilities
             // it holds in the sandbox's user namespace (defence in depth; the
             // program cannot see it, it lives in the parent pid namespace).
@@ -366,7 +387,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig) -> ! {
             sys::exit_now(1)
         }
     };
-    match run_job(&mut ctrl, &job, &code, cfg.broker) {
+    match run_job(&mut ctrl, &job, &code, cfg.broker, cfg.egress) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             report(&mut ctrl, e);
@@ -603,7 +624,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     at(Step::CgroupNamespace, sys::unshare(libc::CLONE_NEWCGROUP))?;
 
     at(Step::Setsid, sys::setsid())?;
-    at(Step::CloseFds, sys::close_from(BROKER_FD as u32 + 1))?;
+    at(Step::CloseFds, sys::close_from(EGRESS_FD as u32 + 1))?;
     // The uid change above made the process non-dumpable, which makes its
     // /proc files root-owned; lift that for one write, then lock it again.
     at(Step::OomScore, sys::set_dumpable(true))?;
@@ -811,7 +832,54 @@ fn apply_landlock(strict: bool) -> StepResult<(u32, bool)> {
     Ok((abi, full))
 }
 
-fn run_job(ctrl: &mut UnixStream, job: &Job, code: &[u8], broker: bool) -> StepResult<()> {
+/// The egress forwarder: accepts TCP connections on 127.0.0.1 inside the
+/// sandbox and hands each one, as a descriptor, to the host-side proxy over
+/// the egress channel. It never reads what flows through them; the proxy
+/// decides. It runs with every restriction pid 1 has (seccomp, Landlock,
+/// no capabilities), so killing it only costs the program its egress.
+fn forwarder(listener: std::net::TcpListener) -> ! {
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                if sys::send_fd(EGRESS_FD, conn.as_raw_fd()).is_err() {
+                    // The proxy is gone: nothing else to do.
+                    sys::exit_now(0);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => sys::exit_now(1),
+        }
+    }
+}
+
+/// Starts the forwarder (a child of pid 1) and gives up pid 1's copy of
+/// the channel, so the program never inherits it.
+fn start_forwarder() -> StepResult<()> {
+    let listener = at(
+        Step::Egress,
+        std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, PROXY_PORT)),
+    )?;
+    // SAFETY: init is single-threaded.
+    match at(Step::Egress, unsafe { sys::fork() })? {
+        Forked::Child => forwarder(listener),
+        Forked::Parent(_) => {
+            drop(listener);
+            sys::close_unowned(EGRESS_FD);
+            Ok(())
+        }
+    }
+}
+
+fn run_job(
+    ctrl: &mut UnixStream,
+    job: &Job,
+    code: &[u8],
+    broker: bool,
+    egress: bool,
+) -> StepResult<()> {
+    if egress {
+        start_forwarder()?;
+    }
     if !crate::engine::safe_file_name(&job.file_name) || job.argv.is_empty() {
         return Err((Step::ReadJob, libc::EINVAL));
     }

@@ -65,6 +65,10 @@ pub struct InitConfig {
     /// is handed to the program (and only to it). When false, that
     /// descriptor is closed at once whatever it is.
     pub broker: bool,
+    /// The engine passed an egress channel at [`crate::init::EGRESS_FD`]:
+    /// pid 1 starts the forwarder on 127.0.0.1:[`crate::init::PROXY_PORT`]
+    /// before the program; the program never holds the channel.
+    pub egress: bool,
 }
 
 /// The per-execution job.

@@ -408,6 +408,33 @@ pub fn dup_above(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
     cvt_i(unsafe { libc::fcntl(fd, libc::F_DUPFD, min) })
 }
 
+/// Sends one descriptor over a Unix socket (one byte of data, SCM_RIGHTS).
+pub fn send_fd(sock: RawFd, fd: RawFd) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    // SAFETY: both descriptors are open for the duration of the call (the
+    // caller holds them); the borrows end before it returns.
+    let (sock, fd) = unsafe {
+        (
+            std::os::fd::BorrowedFd::borrow_raw(sock),
+            std::os::fd::BorrowedFd::borrow_raw(fd),
+        )
+    };
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+    }
+    rustix::net::sendmsg(
+        sock,
+        &[io::IoSlice::new(&[0u8])],
+        &mut cmsg,
+        SendFlags::NOSIGNAL,
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
 /// Closes a descriptor number that no object in this process owns (an
 /// inherited one); a descriptor that is not open is fine.
 pub fn close_unowned(fd: RawFd) {

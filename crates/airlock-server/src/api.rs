@@ -289,6 +289,9 @@ pub struct ExecutionView {
     /// Why the broker closed the sandbox's channel early (malformed,
     /// oversized or out-of-order frame), if it did.
     pub broker_error: Option<String>,
+    /// Egress decisions (executions with a `network` allowlist).
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub egress: Option<serde_json::Value>,
 }
 
 impl From<&ExecutionRecord> for ExecutionView {
@@ -310,6 +313,7 @@ impl From<&ExecutionRecord> for ExecutionView {
             output: r.output.clone(),
             handler_error: r.handler_error.clone(),
             broker_error: r.broker_error.clone(),
+            egress: r.egress.clone(),
         }
     }
 }
@@ -450,10 +454,46 @@ pub struct CreateExecution {
     /// Secret names this execution may read through the broker.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Egress through the host-side proxy: `allow` / `allow_private`
+    /// rules (`host:port`, `*.suffix:port`, `ip:port`), each within what
+    /// the server's `[egress]` configuration permits.
+    #[serde(default)]
+    pub network: Option<NetworkRequest>,
     /// Config values delivered to the code at start (`ax.variables`).
     #[serde(default)]
     #[schema(value_type = Object)]
     pub variables: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A request's egress allowlist.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// Names that must resolve to public addresses.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Names that may resolve to private addresses too.
+    #[serde(default)]
+    pub allow_private: Vec<String>,
+}
+
+/// Whether `ceiling` covers `r`: same port, and the same host, a host under
+/// a ceiling wildcard, or a narrower wildcard.
+fn covers(
+    ceiling: &airlock_policy::egress::EgressRule,
+    r: &airlock_policy::egress::EgressRule,
+) -> bool {
+    use airlock_policy::egress::HostPattern as P;
+    if ceiling.port != r.port {
+        return false;
+    }
+    match (&ceiling.host, &r.host) {
+        (P::Exact(a), P::Exact(b)) => a == b,
+        (P::Ip(a), P::Ip(b)) => a == b,
+        (P::Suffix(s), P::Exact(h)) => h.len() > s.len() + 1 && h.ends_with(&format!(".{s}")),
+        (P::Suffix(s), P::Suffix(t)) => t == s || t.ends_with(&format!(".{s}")),
+        _ => false,
+    }
 }
 
 /// `PUT /v1/secrets/{name}`.
@@ -667,6 +707,52 @@ async fn create_execution(
             .then(|| req.input.clone().unwrap_or(serde_json::Value::Null)),
         handler: req.handler,
     };
+    let mut policy = policy;
+    if let Some(net) = &req.network {
+        let wanted = airlock_policy::Network::Proxy {
+            allow: net.allow.clone(),
+            allow_private: net.allow_private.clone(),
+        };
+        let rules = wanted
+            .rules()
+            .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        let ceiling = |list: &[String], private: bool| {
+            list.iter()
+                .filter_map(|c| airlock_policy::egress::parse_rule(c, private).ok())
+                .collect::<Vec<_>>()
+        };
+        let (pub_c, priv_c) = (
+            ceiling(&st.cfg.egress.allow, false),
+            ceiling(&st.cfg.egress.allow_private, true),
+        );
+        let outside: Vec<String> = rules
+            .iter()
+            .zip(net.allow.iter().chain(net.allow_private.iter()))
+            .filter(|(r, _)| {
+                !(if r.private { &priv_c } else { &pub_c })
+                    .iter()
+                    .any(|c| covers(c, r))
+            })
+            .map(|(_, raw)| raw.chars().take(100).collect())
+            .collect();
+        if !outside.is_empty() {
+            let why = format!(
+                "egress not permitted by this server: {}",
+                outside.join(", ")
+            );
+            let ev = NewAudit::new(
+                Some(&who.tenant_id),
+                "policy.denied",
+                &who.actor(&ctx).actor,
+                "execution",
+                Some(&ctx.request_id),
+            )
+            .with_detail(serde_json::json!({ "reason": why }));
+            st.store.append_audit(ev).await?;
+            return Err(ApiError::PolicyDenied(why));
+        }
+        policy.network = wanted;
+    }
     let code = req.code.into_bytes();
     let stdin = req.stdin.into_bytes();
     st.engine
@@ -707,6 +793,7 @@ async fn create_execution(
         output: None,
         handler_error: None,
         broker_error: None,
+        egress: None,
     };
     let sub = Submission {
         id: rec.id.clone(),
@@ -1461,7 +1548,7 @@ impl Modify for SecurityAddon {
     paths(healthz, readyz, metrics, openapi, create_execution, get_execution, list_executions,
           cancel_execution, execution_events, execution_logs, put_secret, list_secrets, delete_secret,
           list_audit, get_memory, put_memory, delete_memory, list_memory),
-    components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest,
+    components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest, NetworkRequest,
                        SecretView, SecretList, PutSecret, AuditView, AuditList, LogView, LogList,
                        MemoryView, MemoryKeyView, MemoryList, PutMemory)),
     modifiers(&SecurityAddon)

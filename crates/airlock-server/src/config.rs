@@ -50,6 +50,22 @@ impl Default for LimitCeilings {
     }
 }
 
+/// What tenants may ask for in a request's `network` (nothing by default:
+/// egress is the operator's grant) and where names are resolved.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Rules (same syntax as the policy's) that requests' `allow` entries
+    /// must fall within: an exact host, or a host under a `*.suffix`, on
+    /// the same port.
+    pub allow: Vec<String>,
+    /// The same for `allow_private` (names that may resolve to private
+    /// addresses).
+    pub allow_private: Vec<String>,
+    /// A nameserver (`ip:port`) instead of the host's resolv.conf.
+    pub dns: Option<SocketAddr>,
+}
+
 /// Everything `airlock serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -78,6 +94,8 @@ pub struct ServerConfig {
     pub policy: Policy,
     /// What requests may raise limits to.
     pub ceilings: LimitCeilings,
+    /// What requests may ask for in `network`.
+    pub egress: EgressConfig,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +112,7 @@ impl Default for ServerConfig {
             auth_failure_window_secs: 60,
             policy: Policy::default(),
             ceilings: LimitCeilings::default(),
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -184,6 +203,15 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "policy.filesystem.read_only_paths is not allowed in the server policy".into(),
             ));
+        }
+        for (list, private) in [
+            (&self.egress.allow, false),
+            (&self.egress.allow_private, true),
+        ] {
+            for r in list {
+                airlock_policy::egress::parse_rule(r, private)
+                    .map_err(|e| ConfigError::Invalid(format!("egress: {e}")))?;
+            }
         }
         self.policy
             .validate()

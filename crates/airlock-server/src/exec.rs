@@ -102,7 +102,13 @@ pub struct Executor {
     render: Box<RecordRenderer>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     guest: Option<std::path::PathBuf>,
+    resolver: Option<Arc<airlock_egress::Resolver>>,
 }
+
+/// Egress decisions kept in an execution's record.
+const EGRESS_LOG_MAX: usize = 256;
+/// Egress decisions audited per execution.
+const EGRESS_AUDIT_MAX: usize = 64;
 
 /// Redacts captured output; a capture cut at its limit may end in the start
 /// of a value, which is redacted too. Markers can be longer than what they
@@ -124,6 +130,10 @@ fn redact_capped(r: &airlock_broker::Redactor, text: &str, truncated: bool, cap:
     out
 }
 
+fn sandbox_had_egress(p: &Policy) -> bool {
+    matches!(p.network, airlock_policy::Network::Proxy { .. })
+}
+
 /// Where the guest SDKs appear inside every sandbox (read-only).
 pub const GUEST_MOUNT: &str = "/opt/airlock";
 
@@ -136,18 +146,35 @@ impl std::fmt::Debug for Executor {
     }
 }
 
+/// What the executor works with.
+#[allow(missing_debug_implementations)]
+pub struct Deps {
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// The sandbox engine.
+    pub engine: Arc<Engine>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Renders the `finished` event.
+    pub render: Box<RecordRenderer>,
+    /// Guest SDK directory mounted at /opt/airlock.
+    pub guest: Option<std::path::PathBuf>,
+    /// Resolver for egress proxies (none: egress executions get no proxy).
+    pub resolver: Option<Arc<airlock_egress::Resolver>>,
+}
+
 impl Executor {
     /// Starts `workers` worker threads; at most `workers + queue` executions
     /// are admitted at once.
-    pub fn start(
-        workers: usize,
-        queue: usize,
-        store: Arc<dyn Store>,
-        engine: Arc<Engine>,
-        metrics: Arc<Metrics>,
-        render: Box<RecordRenderer>,
-        guest: Option<std::path::PathBuf>,
-    ) -> std::io::Result<Arc<Self>> {
+    pub fn start(workers: usize, queue: usize, deps: Deps) -> std::io::Result<Arc<Self>> {
+        let Deps {
+            store,
+            engine,
+            metrics,
+            render,
+            guest,
+            resolver,
+        } = deps;
         let (tx, rx) = mpsc::channel::<Job>();
         let exec = Arc::new(Executor {
             tx: Mutex::new(Some(tx)),
@@ -163,6 +190,7 @@ impl Executor {
             render,
             workers: Mutex::new(Vec::new()),
             guest,
+            resolver,
         });
         let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::with_capacity(workers);
@@ -363,6 +391,7 @@ impl Executor {
     fn extras(&self, sub: &Submission) -> Extras {
         let mut x = Extras {
             broker: true,
+            egress: matches!(sub.policy.network, airlock_policy::Network::Proxy { .. }),
             ..Extras::default()
         };
         if let Some(g) = &self.guest {
@@ -471,6 +500,48 @@ impl Executor {
             let stream = tokio::net::UnixStream::from_std(std_stream).ok()?;
             Some(self.rt.spawn(session.clone().serve(stream)))
         });
+        // The egress proxy of exactly this execution (proxy policies only).
+        let egress_log: Arc<Mutex<Vec<serde_json::Value>>> = Arc::new(Mutex::new(Vec::new()));
+        let egress_task = match (sandbox.take_egress(), sub.policy.network.rules()) {
+            (Some(channel), Ok(rules)) => self.resolver.clone().map(|resolver| {
+                let (log, store, rt) = (egress_log.clone(), self.store.clone(), self.rt.clone());
+                let (tenant, id, req) = (
+                    sub.tenant_id.clone(),
+                    sub.id.clone(),
+                    sub.request_id.clone(),
+                );
+                let audited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let sink: airlock_egress::Sink =
+                    Arc::new(move |ev: airlock_egress::EgressEvent| {
+                        let v = serde_json::to_value(&ev).unwrap_or_default();
+                        {
+                            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                            if l.len() < EGRESS_LOG_MAX {
+                                l.push(v.clone());
+                            }
+                        }
+                        if audited.fetch_add(1, Ordering::SeqCst) < EGRESS_AUDIT_MAX {
+                            let audit = NewAudit::new(
+                                Some(&tenant),
+                                &format!("egress.{}", ev.decision),
+                                &format!("execution:{id}"),
+                                &format!("{}:{}", ev.host, ev.port),
+                                Some(&req),
+                            )
+                            .with_detail(v);
+                            let store = store.clone();
+                            rt.spawn(async move {
+                                if let Err(e) = store.append_audit(audit).await {
+                                    tracing::error!(error = %e, "egress audit failed");
+                                }
+                            });
+                        }
+                    });
+                let proxy = airlock_egress::Proxy::new(rules, resolver, sink);
+                self.rt.spawn(proxy.serve_channel(channel))
+            }),
+            _ => None,
+        };
         live.push(
             "started",
             serde_json::json!({ "id": sub.id, "started_at_ms": started }).to_string(),
@@ -518,6 +589,21 @@ impl Executor {
                 abort.abort();
             }
         }
+        if let Some(t) = egress_task {
+            // The sandbox is gone; connections still open end with it.
+            let abort = t.abort_handle();
+            let finished = self
+                .rt
+                .block_on(async move { tokio::time::timeout(Duration::from_secs(2), t).await });
+            if finished.is_err() {
+                abort.abort();
+            }
+        }
+        let egress = {
+            let l = egress_log.lock().unwrap_or_else(|p| p.into_inner());
+            (!l.is_empty() || sandbox_had_egress(&sub.policy))
+                .then(|| serde_json::Value::Array(l.clone()))
+        };
         let outcome = session.outcome();
         let limits = &sub.policy.limits;
         result.stdout = redact_capped(
@@ -549,6 +635,7 @@ impl Executor {
                 output: outcome.output.as_ref(),
                 handler_error: outcome.handler_error.as_ref(),
                 broker_error: outcome.protocol_error.as_deref(),
+                egress: egress.as_ref(),
             },
         );
     }

@@ -222,15 +222,29 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
 
     let guest_dir =
         guest::install().map_err(|e| ServeError::Setup(format!("guest SDK directory: {e}")))?;
+    let dns = match cfg.egress.dns {
+        Some(a) => airlock_egress::Dns::Nameserver(a),
+        None => airlock_egress::Dns::System,
+    };
+    let resolver = match airlock_egress::resolver(&dns) {
+        Ok(r) => Some(Arc::new(r)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no DNS resolver: egress requests will be refused");
+            None
+        }
+    };
     let metrics = Arc::new(metrics::Metrics::new());
     let exec = exec::Executor::start(
         cfg.max_concurrent,
         cfg.queue_size,
-        store.clone(),
-        engine.clone(),
-        metrics.clone(),
-        Box::new(api::render_record),
-        Some(guest_dir.path().to_path_buf()),
+        exec::Deps {
+            store: store.clone(),
+            engine: engine.clone(),
+            metrics: metrics.clone(),
+            render: Box::new(api::render_record),
+            guest: Some(guest_dir.path().to_path_buf()),
+            resolver,
+        },
     )
     .map_err(|e| ServeError::Setup(format!("worker threads: {e}")))?;
     let cfg = Arc::new(cfg);

@@ -7,6 +7,8 @@ ALTER TABLE executions ADD COLUMN handler_error TEXT;
 -- Why the broker closed the channel early (malformed, oversized,
 -- out-of-order frame), for the record.
 ALTER TABLE executions ADD COLUMN broker_error TEXT;
+-- Egress decisions of the execution (JSON array), when it had egress.
+ALTER TABLE executions ADD COLUMN egress TEXT;
 
 CREATE TABLE execution_logs (
     execution_id TEXT NOT NULL REFERENCES executions(id),

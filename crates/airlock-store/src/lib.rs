@@ -180,6 +180,8 @@ pub struct ExecutionRecord {
     pub handler_error: Option<serde_json::Value>,
     /// Why the broker channel was closed early, if it was.
     pub broker_error: Option<String>,
+    /// Egress decisions (allowed/denied, host, port, bytes).
+    pub egress: Option<serde_json::Value>,
     /// Host-side resources the execution holds while it runs (cgroup
     /// names), for reaping after a crash. Never shown to tenants.
     pub host_state: Option<String>,
@@ -245,6 +247,8 @@ pub struct Finish<'a> {
     pub handler_error: Option<&'a serde_json::Value>,
     /// Broker channel error.
     pub broker_error: Option<&'a str>,
+    /// Egress log.
+    pub egress: Option<&'a serde_json::Value>,
 }
 
 impl<'a> Finish<'a> {
@@ -259,6 +263,7 @@ impl<'a> Finish<'a> {
             output: None,
             handler_error: None,
             broker_error: None,
+            egress: None,
         }
     }
 }

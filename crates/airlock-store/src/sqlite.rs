@@ -211,6 +211,7 @@ fn exec_row(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord, StoreError> 
         output: json_col(r, "output")?,
         handler_error: json_col(r, "handler_error")?,
         broker_error: r.try_get("broker_error")?,
+        egress: json_col(r, "egress")?,
         result: match result {
             Some(s) => Some(
                 serde_json::from_str(&s)
@@ -273,7 +274,7 @@ async fn tenant_dek(
 }
 
 const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
-                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error";
+                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error, egress";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -731,11 +732,12 @@ impl Store for SqliteStore {
         let output = to_text(fin.output)?;
         let handler_error = to_text(fin.handler_error)?;
         let broker_error = fin.broker_error.map(str::to_string);
+        let egress = to_text(fin.egress)?;
         self.write_tx(move |c, keys| {
             Box::pin(async move {
                 let r = sqlx::query(
                     "UPDATE executions SET status = ?, reason = ?, result = ?, error = ?, output = ?,
-                       handler_error = ?, broker_error = ?, finished_at = ?, host_state = NULL
+                       handler_error = ?, broker_error = ?, egress = ?, finished_at = ?, host_state = NULL
                      WHERE id = ? AND status IN ('queued', 'running') RETURNING tenant_id, request_id",
                 )
                 .bind(status.as_str())
@@ -745,6 +747,7 @@ impl Store for SqliteStore {
                 .bind(output.as_deref())
                 .bind(handler_error.as_deref())
                 .bind(broker_error.as_deref())
+                .bind(egress.as_deref())
                 .bind(at_ms)
                 .bind(&id)
                 .fetch_optional(&mut *c)

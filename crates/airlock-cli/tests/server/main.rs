@@ -9,6 +9,7 @@
 mod api;
 mod audit;
 mod broker;
+mod egress;
 mod hygiene;
 mod lifecycle;
 

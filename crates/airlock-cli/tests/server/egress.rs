@@ -1,0 +1,471 @@
+//! Egress: default-deny, a domain allowlist enforced by the host-side
+//! proxy, and the known bypasses. Every destination is a test host on this
+//! machine's loopback, named by a DNS server the test runs itself.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::Server;
+
+/// A DNS server on 127.0.0.1 answering A queries from a table (a name may
+/// have a sequence of answers, one per query: rebinding), logging every
+/// name it is asked.
+struct Dns {
+    addr: SocketAddr,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl Dns {
+    fn start(table: HashMap<&'static str, Vec<Ipv4Addr>>) -> Dns {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let mut served: HashMap<String, usize> = HashMap::new();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let q = &buf[..n];
+                if n < 12 {
+                    continue;
+                }
+                // Question name.
+                let mut i = 12;
+                let mut labels = Vec::new();
+                while i < n && q[i] != 0 {
+                    let l = q[i] as usize;
+                    labels
+                        .push(String::from_utf8_lossy(&q[i + 1..(i + 1 + l).min(n)]).into_owned());
+                    i += 1 + l;
+                }
+                let qend = i + 5;
+                if qend > n {
+                    continue;
+                }
+                let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+                let name = labels.join(".").to_lowercase();
+                log.lock().unwrap().push(name.clone());
+                let answers: Vec<Ipv4Addr> = match table.get(name.as_str()) {
+                    Some(seq) if qtype == 1 => {
+                        let k = served.entry(name.clone()).or_insert(0);
+                        let a = seq[(*k).min(seq.len() - 1)];
+                        *k += 1;
+                        vec![a]
+                    }
+                    _ => vec![],
+                };
+                let known = table.contains_key(name.as_str());
+                let mut r = Vec::new();
+                r.extend_from_slice(&q[..2]);
+                r.extend_from_slice(&[0x81, if known { 0x80 } else { 0x83 }]);
+                r.extend_from_slice(&[0, 1]);
+                r.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+                r.extend_from_slice(&[0, 0, 0, 0]);
+                r.extend_from_slice(&q[12..qend]);
+                for a in answers {
+                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 0, 0, 4]);
+                    r.extend_from_slice(&a.octets());
+                }
+                let _ = sock.send_to(&r, from);
+            }
+        });
+        Dns { addr, asked }
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+/// A test host: answers HTTP requests with "upstream-ok", echoes anything
+/// else, and records what each connection sent first.
+struct Upstream {
+    port: u16,
+    seen: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Upstream {
+    fn start(ip: Ipv4Addr, port: u16) -> Upstream {
+        let l = TcpListener::bind((ip, port)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    let mut buf = [0u8; 65536];
+                    let n = c.read(&mut buf).unwrap_or(0);
+                    log.lock().unwrap().push(buf[..n].to_vec());
+                    if buf[..n].starts_with(b"GET ") || buf[..n].starts_with(b"POST ") {
+                        let _ = c
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nupstream-ok");
+                        return;
+                    }
+                    let _ = c.write_all(&buf[..n]);
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream { port, seen }
+    }
+
+    fn seen(&self) -> Vec<Vec<u8>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// Python helpers run inside the sandbox: talk to the forwarder directly.
+const CLIENT: &str = r#"
+import json, os, socket, sys
+PROXY = ("127.0.0.1", 3128)
+def talk(data, then=b"", wait=1.0):
+    s = socket.create_connection(PROXY, timeout=5)
+    s.sendall(data)
+    out = b""
+    s.settimeout(wait)
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+            if then and b"\r\n\r\n" in out and out.startswith(b"HTTP/1.1 200 Connection"):
+                s.sendall(then)
+                then = b""
+    except socket.timeout:
+        pass
+    s.close()
+    return out.decode("latin-1")
+def status(resp):
+    return resp.split(" ")[1] if resp.startswith("HTTP/") else "closed"
+"#;
+
+fn hello(sni: &str) -> String {
+    // A minimal TLS 1.2 ClientHello record naming `sni`, as python bytes.
+    let n = sni.as_bytes();
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    let mut list = vec![0u8];
+    list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    list.extend_from_slice(n);
+    let mut data = (list.len() as u16).to_be_bytes().to_vec();
+    data.extend_from_slice(&list);
+    let mut ext = vec![0, 0];
+    ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&data);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut hs = vec![1u8];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    format!(
+        "bytes.fromhex('{}')",
+        rec.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+struct Setup {
+    s: Server,
+    key: String,
+    dns: Dns,
+    up: Upstream,
+    other: Upstream,
+}
+
+fn setup() -> Setup {
+    let up = Upstream::start(Ipv4Addr::LOCALHOST, 0);
+    let p = up.port;
+    // A second host on another loopback address, same port (rebinding).
+    let other = Upstream::start(Ipv4Addr::new(127, 0, 0, 2), p);
+    let lo = Ipv4Addr::LOCALHOST;
+    let dns = Dns::start(HashMap::from([
+        ("allowed.test", vec![lo]),
+        ("a.wild.test", vec![lo]),
+        ("wild.test", vec![lo]),
+        ("evilwild.test", vec![lo]),
+        ("wild.test.evil.test", vec![lo]),
+        ("denied.test", vec![lo]),
+        ("sneaky.public.test", vec![lo]),
+        ("meta.public.test", vec![Ipv4Addr::new(169, 254, 169, 254)]),
+        ("rebind.test", vec![lo, Ipv4Addr::new(127, 0, 0, 2)]),
+    ]));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[egress]\nallow = [\"*.public.test:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\"]\ndns = \"{}\"\n",
+            dns.addr
+        ),
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    std::mem::forget(dir);
+    let key = s.tenant("acme");
+    Setup {
+        s,
+        key,
+        dns,
+        up,
+        other,
+    }
+}
+
+fn run(t: &Setup, code: &str, network: Value) -> Value {
+    let r = t.s.post(
+        "/v1/executions",
+        &t.key,
+        json!({"language": "python", "code": format!("{CLIENT}\n{code}"), "network": network,
+               "limits": {"wall_time_ms": 30000}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    v
+}
+
+fn lines(v: &Value) -> Vec<String> {
+    v["result"]["stdout"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn allowlist_decides_before_dns_and_checks_addresses_after() {
+    let t = setup();
+    let p = t.up.port;
+    let net = json!({"allow": [format!("sneaky.public.test:{p}"), format!("meta.public.test:{p}")],
+                     "allow_private": [format!("allowed.test:{p}"), format!("*.wild.test:{p}")]});
+    let code = format!(
+        r#"
+targets = ["allowed.test", "denied.test", "a.wild.test", "wild.test", "evilwild.test",
+           "wild.test.evil.test", "sneaky.public.test", "meta.public.test",
+           "127.0.0.1", "2130706433", "0x7f000001", "0x7f.1", "127.1", "0177.0.0.1",
+           "[::1]", "[::ffff:127.0.0.1]", "ALLOWED.TEST.", "allowed.test:{p}@denied.test"]
+for h in targets:
+    r = talk(("CONNECT %s:{p} HTTP/1.1\r\nHost: x\r\n\r\n" % h).encode(), then=b"ping")
+    print(h, status(r), "ping" in r.split("\r\n\r\n", 1)[-1])
+r = talk(b"GET http://allowed.test:{p}/x HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+print("http", status(r), r.endswith("upstream-ok"))
+r = talk(b"GET http://denied.test:{p}/x HTTP/1.1\r\n\r\n")
+print("http-denied", status(r))
+print("port", status(talk(b"CONNECT allowed.test:1 HTTP/1.1\r\n\r\n")))
+"#
+    );
+    let v = run(&t, &code, net);
+    let out = lines(&v);
+    let want = [
+        "allowed.test 200 True",
+        "denied.test 403 False",
+        "a.wild.test 200 True",
+        "wild.test 403 False",
+        "evilwild.test 403 False",
+        "wild.test.evil.test 403 False",
+        "sneaky.public.test 403 False",
+        "meta.public.test 403 False",
+        "127.0.0.1 403 False",
+        "2130706433 403 False",
+        "0x7f000001 403 False",
+        "0x7f.1 403 False",
+        "127.1 403 False",
+        "0177.0.0.1 403 False",
+        "[::1] 403 False",
+        "[::ffff:127.0.0.1] 403 False",
+        "ALLOWED.TEST. 200 True",
+    ];
+    for (i, w) in want.iter().enumerate() {
+        assert_eq!(out[i], *w, "{out:?}");
+    }
+    assert!(
+        out[17].ends_with(" 400 False") || out[17].ends_with(" 403 False"),
+        "{out:?}"
+    );
+    assert_eq!(out[18], "http 200 True");
+    assert_eq!(out[19], "http-denied 403");
+    assert_eq!(out[20], "port 403");
+    // The forwarded request carried the checked Host, not the client's.
+    let seen = t.up.seen();
+    let get = seen
+        .iter()
+        .find(|r| r.starts_with(b"GET /x"))
+        .expect("request forwarded");
+    let text = String::from_utf8_lossy(get);
+    assert!(
+        text.contains(&format!("Host: allowed.test:{p}")) && !text.contains("evil.test"),
+        "{text}"
+    );
+    // No DNS query for anything a rule does not admit, nor for literals.
+    let asked = t.dns.asked();
+    for never in [
+        "denied.test",
+        "wild.test",
+        "evilwild.test",
+        "wild.test.evil.test",
+    ] {
+        assert!(
+            !asked.iter().any(|a| a == never),
+            "{never} was looked up: {asked:?}"
+        );
+    }
+    assert!(
+        asked.iter().any(|a| a == "allowed.test"),
+        "positive control: {asked:?}"
+    );
+    // Every decision is in the record and the audit log.
+    let egress = v["egress"].as_array().unwrap();
+    assert!(egress.iter().any(|e| e["decision"] == "allowed"
+        && e["host"] == "allowed.test"
+        && e["bytes_up"].as_u64().unwrap() > 0));
+    let meta = egress
+        .iter()
+        .find(|e| e["host"] == "meta.public.test")
+        .unwrap();
+    assert_eq!(
+        meta["reason"],
+        "name resolves to a forbidden address (link_local)"
+    );
+    let sneaky = egress
+        .iter()
+        .find(|e| e["host"] == "sneaky.public.test")
+        .unwrap();
+    assert_eq!(
+        sneaky["reason"],
+        "name resolves to a forbidden address (loopback)"
+    );
+    let audit = t.s.get("/v1/audit?limit=500", &t.key).text();
+    assert!(audit.contains("egress.allowed") && audit.contains("egress.denied"));
+}
+
+#[test]
+fn sni_mismatch_pipelining_relays_rebinding_and_direct_connections() {
+    let t = setup();
+    let p = t.up.port;
+    let net = json!({"allow_private": [format!("allowed.test:{p}"), format!("rebind.test:{p}")]});
+    let good = hello("allowed.test");
+    let evil = hello("evil.test");
+    let code = format!(
+        r#"
+import errno
+r = talk(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n", then={good})
+print("sni-ok", status(r), len(r.split("\r\n\r\n", 1)[1]))
+r = talk(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n", then={evil})
+print("sni-evil", status(r), len(r.split("\r\n\r\n", 1)[1]))
+r = talk(b"GET http://allowed.test:{p}/one HTTP/1.1\r\n\r\nGET http://denied.test:{p}/two HTTP/1.1\r\n\r\n")
+print("pipelined", status(r), r.count("HTTP/1.1"))
+r = talk(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n", then=b"CONNECT denied.test:{p} HTTP/1.1\r\n\r\n")
+print("relay", status(r))
+r = talk(b"CONNECT rebind.test:{p} HTTP/1.1\r\n\r\n", then=b"which")
+print("rebind", status(r))
+for addr in [("127.0.0.1", {p}), ("10.255.255.1", 80)]:
+    try:
+        socket.create_connection(addr, timeout=2)
+        print("direct", addr[0], "connected")
+    except OSError as e:
+        print("direct", addr[0], errno.errorcode.get(e.errno, e.errno))
+"#
+    );
+    // Positive control for the bypass: from the host, the test server is
+    // reachable at that address.
+    std::net::TcpStream::connect(("127.0.0.1", p)).unwrap();
+    let before = t.up.seen().len();
+    let v = run(&t, &code, net);
+    let out = lines(&v);
+    // "bytes.fromhex('<hex>')": two hex digits per byte.
+    let hello_len = (good.len() - "bytes.fromhex('')".len()) / 2;
+    assert_eq!(out[0], format!("sni-ok 200 {hello_len}"), "{out:?}");
+    assert_eq!(out[1], "sni-evil 200 0", "{out:?}");
+    assert_eq!(out[2], "pipelined 200 1", "{out:?}");
+    assert_eq!(out[3], "relay 200", "{out:?}");
+    assert_eq!(out[4], "rebind 200", "{out:?}");
+    assert_eq!(out[5], "direct 127.0.0.1 ECONNREFUSED", "{out:?}");
+    assert_eq!(out[6], "direct 10.255.255.1 ENETUNREACH", "{out:?}");
+    let seen: Vec<String> = t.up.seen()[before..]
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    // The mismatched ClientHello never reached the destination; the
+    // matching one did.
+    assert!(!seen.iter().any(|s| s.contains("evil.test")), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|s| s.contains("allowed.test") && s.starts_with('\u{16}'))
+    );
+    // Exactly one request forwarded from the pipelined pair.
+    assert_eq!(
+        seen.iter().filter(|s| s.starts_with("GET /")).count(),
+        1,
+        "{seen:?}"
+    );
+    // The relayed CONNECT stayed data inside the allowed tunnel.
+    assert!(seen.iter().any(|s| s.starts_with("CONNECT denied.test")));
+    assert!(!t.dns.asked().iter().any(|a| a == "denied.test"));
+    // Rebinding: one lookup, and the connection went to the checked
+    // address (127.0.0.1), never to the second answer (127.0.0.2).
+    assert_eq!(
+        t.dns.asked().iter().filter(|a| *a == "rebind.test").count(),
+        1
+    );
+    assert!(
+        t.other.seen().is_empty(),
+        "connected to the rebound address"
+    );
+    let egress = v["egress"].as_array().unwrap();
+    let sni = egress
+        .iter()
+        .find(|e| e["reason"].as_str().is_some_and(|r| r.contains("SNI")))
+        .expect("SNI mismatch logged");
+    assert_eq!(sni["decision"], "denied");
+}
+
+#[test]
+fn network_is_default_deny_and_requests_stay_within_the_server_grant() {
+    let t = setup();
+    let p = t.up.port;
+    // No network field: no forwarder, no proxy variables, nothing listens.
+    let v = run(
+        &t,
+        "import os\nprint(os.environ.get('HTTPS_PROXY'))\nprint(status(talk(b'CONNECT allowed.test:1 HTTP/1.1\\r\\n\\r\\n')) if False else '')\ntry:\n    socket.create_connection(PROXY, timeout=2)\n    print('connected')\nexcept OSError as e:\n    print(e.errno)\n",
+        Value::Null,
+    );
+    assert_eq!(lines(&v), ["None", "", "111"], "{v}");
+    assert!(v["egress"].is_null());
+    // Asking for what the server does not grant is a denial.
+    for net in [
+        json!({"allow": ["pypi.org:443"]}),
+        json!({"allow": [format!("allowed.test:{p}")]}),
+        json!({"allow_private": ["*.other.test:1"]}),
+        json!({"allow_private": [format!("x.allowed.test:{p}")]}),
+    ] {
+        let r = t.s.post(
+            "/v1/executions",
+            &t.key,
+            json!({"language": "python", "code": "pass", "network": net}),
+        );
+        r.problem(422, "policy_denied");
+    }
+    let r = t.s.post(
+        "/v1/executions",
+        &t.key,
+        json!({"language": "python", "code": "pass", "network": {"allow": ["no-port.test"]}}),
+    );
+    r.problem(400, "invalid_request");
+}

@@ -1,0 +1,742 @@
+//! airlock-egress: the one place where a sandbox's traffic may leave.
+//!
+//! Owns: the host-side proxy for one execution. The sandbox has no route
+//! out; a forwarder inside it accepts TCP connections on 127.0.0.1 and
+//! passes each one, as a descriptor, over the execution's egress channel.
+//! Here each connection is read as an HTTP proxy request (CONNECT or an
+//! absolute-form HTTP request) and decided on.
+//!
+//! Order of checks, all fail-closed: the host is normalised (IDNA, case,
+//! trailing dot, every IPv4 spelling); it must match a port-scoped rule
+//! *before* anything is resolved (a denied name is never looked up); IP
+//! literals pass only when a rule names them; a name is resolved once, as
+//! a fully qualified name (no search domains), and only public addresses
+//! are used unless the rule allows private ones; the proxy connects to
+//! exactly the address it checked (no second lookup, no rebinding). A
+//! CONNECT tunnel's ClientHello must name the same host; an HTTP request is
+//! forwarded alone with `Connection: close`, so a pipelined or kept-alive
+//! second request is never forwarded unchecked.
+//!
+//! Must never: resolve a name no rule admits, connect anywhere but the
+//! checked address, parse anything from the sandbox without a size bound,
+//! or outlive its execution.
+
+pub mod tls;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_policy::egress::{
+    AddrClass, EgressRule, Host, classify, normalize_host, split_host_port,
+};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest request head read from the sandbox.
+pub const MAX_HEAD: usize = 16 << 10;
+/// Connections open at once per execution.
+pub const MAX_CONNECTIONS: usize = 64;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One decision, for the audit log and the execution's egress log.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EgressEvent {
+    /// `allowed` or `denied`.
+    pub decision: &'static str,
+    /// `CONNECT` or the HTTP method.
+    pub method: String,
+    /// Normalised host (or the raw one, bounded, when it did not parse).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Why it was denied.
+    pub reason: Option<String>,
+    /// The address connected to.
+    pub address: Option<String>,
+    /// Bytes from the sandbox to the destination.
+    pub bytes_up: u64,
+    /// Bytes from the destination to the sandbox.
+    pub bytes_down: u64,
+}
+
+/// Receives every decision.
+pub type Sink = Arc<dyn Fn(EgressEvent) + Send + Sync>;
+
+/// Where names are resolved.
+#[derive(Debug, Clone)]
+pub enum Dns {
+    /// The host's resolver configuration (/etc/resolv.conf).
+    System,
+    /// One nameserver (UDP and TCP), e.g. a test's own.
+    Nameserver(SocketAddr),
+}
+
+/// A shared resolver.
+pub type Resolver = hickory_resolver::TokioResolver;
+
+/// Builds a resolver for `dns`.
+pub fn resolver(dns: &Dns) -> std::io::Result<Resolver> {
+    use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig};
+    use hickory_resolver::name_server::TokioConnectionProvider;
+    let mut b = match dns {
+        Dns::System => {
+            hickory_resolver::Resolver::builder_tokio().map_err(std::io::Error::other)?
+        }
+        Dns::Nameserver(addr) => hickory_resolver::Resolver::builder_with_config(
+            ResolverConfig::from_parts(
+                None,
+                vec![],
+                NameServerConfigGroup::from_ips_clear(&[addr.ip()], addr.port(), true),
+            ),
+            TokioConnectionProvider::default(),
+        ),
+    };
+    let opts = b.options_mut();
+    // Every decision sees a fresh answer; a cached one could be stale
+    // relative to what was checked, and caching across tenants leaks.
+    opts.cache_size = 0;
+    opts.attempts = 1;
+    opts.timeout = DNS_TIMEOUT;
+    Ok(b.build())
+}
+
+/// The proxy of one execution.
+pub struct Proxy {
+    rules: Vec<EgressRule>,
+    resolver: Arc<Resolver>,
+    sink: Sink,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("rules", &self.rules.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Denied(String);
+
+fn denied(s: impl Into<String>) -> Denied {
+    Denied(s.into())
+}
+
+/// The request head, parsed.
+struct Head {
+    method: String,
+    target: String,
+    /// Header lines as they came (name, value).
+    headers: Vec<(String, String)>,
+    /// Bytes read past the head.
+    rest: Vec<u8>,
+}
+
+impl Proxy {
+    /// A proxy admitting `rules`.
+    pub fn new(rules: Vec<EgressRule>, resolver: Arc<Resolver>, sink: Sink) -> Arc<Self> {
+        Arc::new(Proxy {
+            rules,
+            resolver,
+            sink,
+        })
+    }
+
+    /// Serves the execution's egress channel until the sandbox closes it.
+    /// Dropping the returned future stops every connection of it.
+    pub async fn serve_channel(self: Arc<Self>, channel: OwnedFd) {
+        // The channel is a SOCK_SEQPACKET socket, which tokio does not
+        // drive; a blocking reader thread hands descriptors over. It ends
+        // when the sandbox side closes (its last process is gone).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<OwnedFd>(8);
+        tokio::task::spawn_blocking(move || {
+            loop {
+                match recv_fd(&channel) {
+                    Ok(Some(Some(fd))) => {
+                        if tx.blocking_send(fd).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Some(None)) => {}
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        });
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let fd = tokio::select! {
+                fd = rx.recv() => fd,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            };
+            let Some(fd) = fd else {
+                // Channel closed: let open connections finish.
+                while conns.join_next().await.is_some() {}
+                return;
+            };
+            let Some(stream) = tcp_from(Some(fd)) else {
+                continue;
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                continue; // over the limit: the connection is closed
+            };
+            let me = self.clone();
+            conns.spawn(async move {
+                me.handle(stream).await;
+                drop(permit);
+            });
+        }
+    }
+
+    fn emit(&self, ev: EgressEvent) {
+        (self.sink)(ev);
+    }
+
+    fn deny_event(&self, method: &str, host: &str, port: u16, why: &str) {
+        self.emit(EgressEvent {
+            decision: "denied",
+            method: bounded(method, 16),
+            host: bounded(host, 255),
+            port,
+            reason: Some(why.to_string()),
+            address: None,
+            bytes_up: 0,
+            bytes_down: 0,
+        });
+    }
+
+    /// Handles one connection from the sandbox.
+    pub async fn handle(&self, mut client: TcpStream) {
+        let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(why)) => {
+                let _ = respond(&mut client, 400, &why.0).await;
+                self.deny_event("?", "?", 0, &why.0);
+                return;
+            }
+            Err(_) => {
+                self.deny_event("?", "?", 0, "request head not received in time");
+                return;
+            }
+        };
+        if head.method.eq_ignore_ascii_case("CONNECT") {
+            self.connect(client, head).await;
+        } else {
+            self.forward(client, head).await;
+        }
+    }
+
+    /// Decides on a destination: rule first, then (names only) one lookup
+    /// and the address check. Returns the address to connect to.
+    async fn decide(&self, host: &Host, port: u16) -> Result<SocketAddr, Denied> {
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| r.matches(host, port))
+            .ok_or_else(|| denied("not in the allowlist"))?;
+        let name = match host {
+            // A rule names this literal: it is explicitly allowed.
+            Host::Ip(a) => return Ok(SocketAddr::new(*a, port)),
+            Host::Name(n) => n,
+        };
+        // Fully qualified: no search-domain expansion.
+        let lookup = tokio::time::timeout(DNS_TIMEOUT, self.resolver.lookup_ip(format!("{name}.")))
+            .await
+            .map_err(|_| denied("DNS lookup timed out"))?
+            .map_err(|_| denied("DNS lookup failed"))?;
+        let mut classes = Vec::new();
+        for a in lookup.iter() {
+            let c = classify(a);
+            let ok = match c {
+                AddrClass::Public => true,
+                AddrClass::Loopback
+                | AddrClass::Private
+                | AddrClass::LinkLocal
+                | AddrClass::Cgnat
+                | AddrClass::UniqueLocal => rule.private,
+                AddrClass::V4Embedded | AddrClass::Reserved => false,
+            };
+            if ok {
+                return Ok(SocketAddr::new(a, port));
+            }
+            classes.push(c);
+        }
+        Err(if classes.is_empty() {
+            denied("name has no address")
+        } else {
+            denied(format!(
+                "name resolves to a forbidden address ({})",
+                serde_json::to_string(&classes[0])
+                    .unwrap_or_default()
+                    .trim_matches('"')
+            ))
+        })
+    }
+
+    async fn connect(&self, mut client: TcpStream, head: Head) {
+        let Some((raw_host, port)) = split_host_port(&head.target) else {
+            let _ = respond(&mut client, 400, "CONNECT needs host:port").await;
+            self.deny_event("CONNECT", &head.target, 0, "malformed CONNECT target");
+            return;
+        };
+        let host = match normalize_host(raw_host) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = respond(&mut client, 400, &e.to_string()).await;
+                self.deny_event("CONNECT", raw_host, port, &e.to_string());
+                return;
+            }
+        };
+        let addr = match self.decide(&host, port).await {
+            Ok(a) => a,
+            Err(Denied(why)) => {
+                let _ = respond(&mut client, 403, &why).await;
+                self.deny_event("CONNECT", &host.to_string(), port, &why);
+                return;
+            }
+        };
+        let mut upstream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    let _ = respond(&mut client, 502, "destination unreachable").await;
+                    self.deny_event(
+                        "CONNECT",
+                        &host.to_string(),
+                        port,
+                        "destination unreachable",
+                    );
+                    return;
+                }
+            };
+        if client
+            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // The first bytes into the tunnel decide whether it stays open: a
+        // TLS ClientHello must name the CONNECT host. The destination may
+        // speak first (it is relayed meanwhile).
+        let (mut cr, mut cw) = client.into_split();
+        let (mut ur, mut uw) = upstream.split();
+        let mut first = head.rest;
+        let down = async {
+            let n = copy(&mut ur, &mut cw).await;
+            let _ = cw.shutdown().await;
+            n
+        };
+        let up = async {
+            let verdict = loop {
+                match tls::client_hello(&first) {
+                    tls::Hello::Incomplete if first.len() < tls::MAX_HELLO => {}
+                    tls::Hello::Incomplete => break Err("ClientHello too large"),
+                    tls::Hello::NotTls if port == 443 => break Err("not TLS on port 443"),
+                    tls::Hello::NotTls => break Ok(()),
+                    tls::Hello::Malformed => break Err("malformed ClientHello"),
+                    tls::Hello::Sni(None) if matches!(host, Host::Name(_)) => {
+                        break Err("ClientHello without a server name");
+                    }
+                    tls::Hello::Sni(None) => break Ok(()),
+                    tls::Hello::Sni(Some(sni)) => {
+                        break match normalize_host(&sni) {
+                            Ok(h) if h == host => Ok(()),
+                            _ => Err("ClientHello names another host (SNI mismatch)"),
+                        };
+                    }
+                }
+                let mut buf = [0u8; 4096];
+                match tokio::time::timeout(HEAD_TIMEOUT, cr.read(&mut buf)).await {
+                    Ok(Ok(0)) => {
+                        break if first.is_empty() {
+                            Ok(())
+                        } else {
+                            Err("closed mid-ClientHello")
+                        };
+                    }
+                    Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
+                    Ok(Err(_)) => break Err("read failed"),
+                    // Nothing sent yet: a server-speaks-first protocol.
+                    Err(_) if first.is_empty() && port != 443 => break Ok(()),
+                    Err(_) => break Err("ClientHello not received in time"),
+                }
+            };
+            verdict?;
+            if uw.write_all(&first).await.is_err() {
+                return Ok(first.len() as u64);
+            }
+            let n = copy(&mut cr, &mut uw).await;
+            let _ = uw.shutdown().await;
+            Ok(first.len() as u64 + n)
+        };
+        // When the check fails, the whole tunnel is torn down at once.
+        tokio::pin!(up);
+        tokio::pin!(down);
+        let (up_res, down_n) = tokio::select! {
+            u = &mut up => match u {
+                Err(why) => (Err(why), 0),
+                Ok(n) => (Ok(n), down.await),
+            },
+            d = &mut down => (up.await, d),
+        };
+        match up_res {
+            Ok(up_n) => self.emit(EgressEvent {
+                decision: "allowed",
+                method: "CONNECT".into(),
+                host: host.to_string(),
+                port,
+                reason: None,
+                address: Some(addr.to_string()),
+                bytes_up: up_n,
+                bytes_down: down_n,
+            }),
+            Err(why) => self.deny_event("CONNECT", &host.to_string(), port, why),
+        }
+    }
+
+    async fn forward(&self, mut client: TcpStream, head: Head) {
+        let method = head.method.clone();
+        let Some((raw_host, port, path)) = absolute_form(&head.target) else {
+            let _ = respond(&mut client, 400, "use CONNECT, or an absolute http:// URL").await;
+            self.deny_event(&method, "?", 0, "not an absolute http:// request");
+            return;
+        };
+        let host = match normalize_host(raw_host) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = respond(&mut client, 400, &e.to_string()).await;
+                self.deny_event(&method, raw_host, port, &e.to_string());
+                return;
+            }
+        };
+        // Request framing: one request, a Content-Length body at most.
+        let mut length: Option<u64> = None;
+        for (k, v) in &head.headers {
+            if k.eq_ignore_ascii_case("transfer-encoding") {
+                let _ = respond(&mut client, 501, "chunked request bodies are not supported").await;
+                self.deny_event(
+                    &method,
+                    &host.to_string(),
+                    port,
+                    "transfer-encoding in request",
+                );
+                return;
+            }
+            if k.eq_ignore_ascii_case("content-length") {
+                let Ok(n) = v.trim().parse::<u64>() else {
+                    let _ = respond(&mut client, 400, "bad Content-Length").await;
+                    return;
+                };
+                if length.is_some_and(|l| l != n) {
+                    let _ = respond(&mut client, 400, "conflicting Content-Length").await;
+                    self.deny_event(
+                        &method,
+                        &host.to_string(),
+                        port,
+                        "conflicting content-length",
+                    );
+                    return;
+                }
+                length = Some(n);
+            }
+        }
+        let addr = match self.decide(&host, port).await {
+            Ok(a) => a,
+            Err(Denied(why)) => {
+                let _ = respond(&mut client, 403, &why).await;
+                self.deny_event(&method, &host.to_string(), port, &why);
+                return;
+            }
+        };
+        let mut upstream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    let _ = respond(&mut client, 502, "destination unreachable").await;
+                    self.deny_event(&method, &host.to_string(), port, "destination unreachable");
+                    return;
+                }
+            };
+        let authority = if port == 80 {
+            host.to_string()
+        } else {
+            format!("{host}:{port}")
+        };
+        let mut out = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\n");
+        for (k, v) in &head.headers {
+            let hop = [
+                "host",
+                "connection",
+                "proxy-connection",
+                "keep-alive",
+                "proxy-authorization",
+                "te",
+                "upgrade",
+            ]
+            .iter()
+            .any(|h| k.eq_ignore_ascii_case(h));
+            if !hop {
+                out.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        out.push_str("Connection: close\r\n\r\n");
+        let body_len = length.unwrap_or(0);
+        let mut up_n = out.len() as u64;
+        if upstream.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+        // The body, exactly: bytes after it (a pipelined request) are
+        // never forwarded.
+        let have = (head.rest.len() as u64).min(body_len) as usize;
+        if upstream.write_all(&head.rest[..have]).await.is_err() {
+            return;
+        }
+        up_n += have as u64;
+        let mut left = body_len - have as u64;
+        let mut buf = vec![0u8; 16 << 10];
+        while left > 0 {
+            let want = (left as usize).min(buf.len());
+            match client.read(&mut buf[..want]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if upstream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n as u64;
+                    up_n += n as u64;
+                }
+            }
+        }
+        let down_n = copy(&mut upstream, &mut client).await;
+        let _ = client.shutdown().await;
+        self.emit(EgressEvent {
+            decision: "allowed",
+            method,
+            host: host.to_string(),
+            port,
+            reason: None,
+            address: Some(addr.to_string()),
+            bytes_up: up_n,
+            bytes_down: down_n,
+        });
+    }
+}
+
+fn bounded(s: &str, n: usize) -> String {
+    s.chars()
+        .take(n)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// `http://host[:port][/path]` → (host, port, origin-form path).
+fn absolute_form(target: &str) -> Option<(&str, u16, String)> {
+    let scheme_end = target.find("://")?;
+    if !target[..scheme_end].eq_ignore_ascii_case("http") {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.contains('@') || authority.is_empty() {
+        return None; // userinfo: a classic allowlist confusion
+    }
+    let mut path = rest[end..].split('#').next().unwrap_or("").to_string();
+    if path.is_empty() || path.starts_with('?') {
+        path.insert(0, '/');
+    }
+    if let Some((h, p)) = split_host_port(authority) {
+        return Some((h, p, path));
+    }
+    if authority.ends_with(':') {
+        return None;
+    }
+    Some((authority, 80, path))
+}
+
+async fn read_head(client: &mut TcpStream) -> Result<Head, Denied> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p;
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(denied("request head too large"));
+        }
+        let n = client
+            .read(&mut chunk[..(MAX_HEAD + 4 - buf.len()).min(4096)])
+            .await
+            .map_err(|_| denied("read failed"))?;
+        if n == 0 {
+            return Err(denied("connection closed before a request"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let text = std::str::from_utf8(&buf[..end]).map_err(|_| denied("request head is not UTF-8"))?;
+    let mut lines = text.split("\r\n");
+    let line = lines.next().unwrap_or("");
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(denied("malformed request line"));
+    };
+    if !version.starts_with("HTTP/1.")
+        || method.is_empty()
+        || !method.bytes().all(|b| b.is_ascii_alphabetic())
+    {
+        return Err(denied("malformed request line"));
+    }
+    let mut headers = Vec::new();
+    for l in lines {
+        let (k, v) = l
+            .split_once(':')
+            .ok_or_else(|| denied("malformed header"))?;
+        if k.is_empty()
+            || k.bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(denied("malformed header"));
+        }
+        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(denied("malformed header"));
+        }
+        headers.push((k.to_string(), v.trim().to_string()));
+    }
+    Ok(Head {
+        method: method.to_string(),
+        target: target.to_string(),
+        headers,
+        rest: buf[end + 4..].to_vec(),
+    })
+}
+
+async fn respond(client: &mut TcpStream, status: u16, why: &str) -> std::io::Result<()> {
+    let reason = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        501 => "Not Implemented",
+        _ => "Bad Gateway",
+    };
+    let body = format!("airlock egress: {why}\n");
+    let msg = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(msg.as_bytes()).await?;
+    client.shutdown().await
+}
+
+async fn copy<R, W>(r: &mut R, w: &mut W) -> u64
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return total;
+                }
+                total += n as u64;
+            }
+        }
+    }
+}
+
+/// One descriptor from the channel: `Some` for a message, `None` at EOF.
+fn recv_fd(sock: &OwnedFd) -> std::io::Result<Option<Option<OwnedFd>>> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let r = rustix::net::recvmsg(
+        sock,
+        &mut [std::io::IoSliceMut::new(&mut byte)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    if r.bytes == 0 {
+        return Ok(None);
+    }
+    let mut first = None;
+    for m in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            for fd in fds {
+                if first.is_none() {
+                    first = Some(fd);
+                }
+                // Any further descriptor is dropped (closed) here.
+            }
+        }
+    }
+    Ok(Some(first))
+}
+
+/// Accepts only what the forwarder may send: a connected TCP socket.
+fn tcp_from(fd: Option<OwnedFd>) -> Option<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+    let fd = fd?;
+    if sockopt::socket_type(&fd).ok()? != SocketType::STREAM {
+        return None;
+    }
+    let domain = sockopt::socket_domain(&fd).ok()?;
+    if domain != AddressFamily::INET && domain != AddressFamily::INET6 {
+        return None;
+    }
+    if sockopt::socket_acceptconn(&fd).ok()? {
+        return None;
+    }
+    let peer = rustix::net::getpeername(&fd).ok()??;
+    let _ = peer;
+    let std_stream = std::net::TcpStream::from(fd);
+    std_stream.set_nonblocking(true).ok()?;
+    TcpStream::from_std(std_stream).ok()
+}
+
+/// The destination of a request line, for tests and logs.
+pub fn describe(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(a)) => format!("[{a}]:{port}"),
+        _ => format!("{host}:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_forms() {
+        assert_eq!(
+            absolute_form("http://a.test/x?y"),
+            Some(("a.test", 80, "/x?y".into()))
+        );
+        assert_eq!(
+            absolute_form("HTTP://a.test:8080"),
+            Some(("a.test", 8080, "/".into()))
+        );
+        assert_eq!(
+            absolute_form("http://[::1]:81/"),
+            Some(("[::1]", 81, "/".into()))
+        );
+        assert_eq!(
+            absolute_form("http://a.test?q"),
+            Some(("a.test", 80, "/?q".into()))
+        );
+        assert_eq!(absolute_form("https://a.test/"), None);
+        assert_eq!(absolute_form("/relative"), None);
+        assert_eq!(absolute_form("http://user@evil.test@a.test/"), None);
+        assert_eq!(absolute_form("http://a.test:/"), None);
+    }
+}
