@@ -9,6 +9,7 @@
 //! bad input (nothing was started); 125 when the sandbox itself failed.
 
 mod doctor;
+mod egress;
 mod server;
 
 use std::io::{IsTerminal, Read, Write};
@@ -241,18 +242,39 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             Stream::Stderr => err.write_all(data),
         };
     };
-    let result = match engine.run(&req, &mut pass) {
-        Ok(r) => r,
-        Err(e @ (SandboxError::InvalidRequest(_) | SandboxError::RuntimeMissing(_))) => {
-            return Err(Usage(e.to_string()));
+    let usage_or_125 = |e: SandboxError| match e {
+        SandboxError::InvalidRequest(_) | SandboxError::RuntimeMissing(_) => {
+            Err(Usage(e.to_string()))
         }
-        Err(e) => {
+        e => {
             eprintln!("airlock: sandbox failed: {e}");
-            return Ok(ExitCode::from(125));
+            Ok(ExitCode::from(125))
         }
     };
+    if let Err(e) = engine.validate(&req) {
+        return usage_or_125(e);
+    }
+    let rules = policy.network.rules().map_err(|e| Usage(e.to_string()))?;
+    let extras = airlock_sandbox::Extras {
+        egress: matches!(policy.network, airlock_policy::Network::Proxy { .. }),
+        ..Default::default()
+    };
+    let mut sandbox = match engine.prepare_with(&policy, language, &extras) {
+        Ok(sb) => sb,
+        Err(e) => return usage_or_125(e),
+    };
+    let proxy = match sandbox.take_egress() {
+        Some(ch) => Some(egress::LocalProxy::start(ch, rules, json).map_err(Usage)?),
+        None => None,
+    };
+    let result = sandbox.execute(&code, file_name.as_deref(), &stdin, &mut pass);
+    let decisions = proxy.map(egress::LocalProxy::finish);
     if json {
-        let text = serde_json::to_string(&result).unwrap_or_else(|_| "{}".into());
+        let mut doc = serde_json::to_value(&result).unwrap_or_default();
+        if let (Some(d), Some(obj)) = (&decisions, doc.as_object_mut()) {
+            obj.insert("egress".into(), serde_json::to_value(d).unwrap_or_default());
+        }
+        let text = serde_json::to_string(&doc).unwrap_or_else(|_| "{}".into());
         println!("{text}");
         return Ok(if result.reason == TerminationReason::InternalError {
             ExitCode::from(125)

@@ -469,3 +469,51 @@ fn network_is_default_deny_and_requests_stay_within_the_server_grant() {
     );
     r.problem(400, "invalid_request");
 }
+
+#[test]
+fn airlock_run_accepts_the_allowlist_from_a_policy_file() {
+    let up = Upstream::start(Ipv4Addr::LOCALHOST, 0);
+    let p = up.port;
+    let dns = Dns::start(HashMap::from([("allowed.test", vec![Ipv4Addr::LOCALHOST])]));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("[network]\nmode = \"proxy\"\nallow_private = [\"allowed.test:{p}\"]\n"),
+    )
+    .unwrap();
+    let code = format!(
+        "{CLIENT}\nimport urllib.request\nprint(urllib.request.urlopen('http://allowed.test:{p}/via-env', timeout=5).read().decode())\nprint(status(talk(b'CONNECT denied.test:{p} HTTP/1.1\\r\\n\\r\\n')))\n"
+    );
+    let out = std::process::Command::new(crate::BIN)
+        .args(["run", "--json", "--lang", "python", "--policy"])
+        .arg(&policy)
+        .arg("-c")
+        .arg(&code)
+        .env("AIRLOCK_EGRESS_DNS", dns.addr.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // urllib found the proxy through HTTP_PROXY, as any client would.
+    assert_eq!(v["stdout"], "upstream-ok\n403\n", "{v}");
+    let egress = v["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 2, "{egress:?}");
+    assert_eq!(egress[0]["decision"], "allowed");
+    assert_eq!(egress[1]["decision"], "denied");
+    assert!(!dns.asked().iter().any(|a| a == "denied.test"));
+    // Without the policy, the same program has no network at all.
+    let out = std::process::Command::new(crate::BIN)
+        .args(["run", "--json", "--lang", "python", "-c"])
+        .arg(format!(
+            "{CLIENT}\ntry:\n    talk(b'x')\nexcept OSError as e:\n    print(e.errno)\n"
+        ))
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stdout"], "111\n", "{v}");
+}
