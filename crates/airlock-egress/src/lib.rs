@@ -23,7 +23,7 @@
 
 pub mod tls;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -697,19 +697,11 @@ fn tcp_from(fd: Option<OwnedFd>) -> Option<TcpStream> {
     if sockopt::socket_acceptconn(&fd).ok()? {
         return None;
     }
-    let peer = rustix::net::getpeername(&fd).ok()??;
-    let _ = peer;
+    // Connected (a socket that was never connected has no peer).
+    rustix::net::getpeername(&fd).ok()??;
     let std_stream = std::net::TcpStream::from(fd);
     std_stream.set_nonblocking(true).ok()?;
     TcpStream::from_std(std_stream).ok()
-}
-
-/// The destination of a request line, for tests and logs.
-pub fn describe(host: &str, port: u16) -> String {
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V6(a)) => format!("[{a}]:{port}"),
-        _ => format!("{host}:{port}"),
-    }
 }
 
 #[cfg(test)]
