@@ -39,6 +39,10 @@ use tokio::net::TcpStream;
 pub const MAX_HEAD: usize = 16 << 10;
 /// Connections open at once per execution.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections open at once over all executions of this process (each
+/// holds two descriptors).
+pub const MAX_CONNECTIONS_TOTAL: usize = 1024;
+static TOTAL: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_CONNECTIONS_TOTAL);
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,6 +101,10 @@ pub fn resolver(dns: &Dns) -> std::io::Result<Resolver> {
         ),
     };
     let opts = b.options_mut();
+    if matches!(dns, Dns::Nameserver(_)) {
+        // A configured nameserver is the only source of answers.
+        opts.use_hosts_file = hickory_resolver::config::ResolveHosts::Never;
+    }
     // Every decision sees a fresh answer; a cached one could be stale
     // relative to what was checked, and caching across tenants leaks.
     opts.cache_size = 0;
@@ -117,6 +125,57 @@ impl std::fmt::Debug for Proxy {
         f.debug_struct("Proxy")
             .field("rules", &self.rules.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// An opened connection's event, emitted exactly once: when it ends, or
+/// when it is dropped because its execution ended first (so nothing that
+/// got through goes unrecorded).
+struct Flow<'a> {
+    proxy: &'a Proxy,
+    ev: Option<EgressEvent>,
+    up: std::sync::atomic::AtomicU64,
+    down: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> Flow<'a> {
+    fn new(proxy: &'a Proxy, method: &str, host: &Host, port: u16, addr: SocketAddr) -> Self {
+        Flow {
+            proxy,
+            ev: Some(EgressEvent {
+                decision: "allowed",
+                method: bounded(method, 16),
+                host: host.to_string(),
+                port,
+                reason: Some("cut off when the execution ended".into()),
+                address: Some(addr.to_string()),
+                bytes_up: 0,
+                bytes_down: 0,
+            }),
+            up: Default::default(),
+            down: Default::default(),
+        }
+    }
+
+    /// Ends the flow: allowed (`None`) or closed for a reason.
+    fn finish(mut self, denied: Option<&str>) {
+        if let Some(ev) = self.ev.as_mut() {
+            ev.reason = denied.map(str::to_string);
+            if denied.is_some() {
+                ev.decision = "denied";
+            }
+        }
+    }
+}
+
+impl Drop for Flow<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(mut ev) = self.ev.take() {
+            ev.bytes_up = self.up.load(Relaxed);
+            ev.bytes_down = self.down.load(Relaxed);
+            self.proxy.emit(ev);
+        }
     }
 }
 
@@ -185,10 +244,13 @@ impl Proxy {
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 continue; // over the limit: the connection is closed
             };
+            let Ok(total) = TOTAL.try_acquire() else {
+                continue;
+            };
             let me = self.clone();
             conns.spawn(async move {
                 me.handle(stream).await;
-                drop(permit);
+                drop((permit, total));
             });
         }
     }
@@ -234,14 +296,34 @@ impl Proxy {
     /// Decides on a destination: rule first, then (names only) one lookup
     /// and the address check. Returns the address to connect to.
     async fn decide(&self, host: &Host, port: u16) -> Result<SocketAddr, Denied> {
-        let rule = self
+        let matching: Vec<&EgressRule> = self
             .rules
             .iter()
-            .find(|r| r.matches(host, port))
-            .ok_or_else(|| denied("not in the allowlist"))?;
+            .filter(|r| r.matches(host, port))
+            .collect();
+        if matching.is_empty() {
+            return Err(denied("not in the allowlist"));
+        }
+        let private = matching.iter().any(|r| r.private);
+        let usable = |c: AddrClass| match c {
+            AddrClass::Public => true,
+            AddrClass::Loopback
+            | AddrClass::Private
+            | AddrClass::LinkLocal
+            | AddrClass::Cgnat
+            | AddrClass::UniqueLocal => private,
+            AddrClass::V4Embedded | AddrClass::Reserved => false,
+        };
         let name = match host {
-            // A rule names this literal: it is explicitly allowed.
-            Host::Ip(a) => return Ok(SocketAddr::new(*a, port)),
+            // A rule names this literal; a non-public one only through
+            // allow_private, and never a reserved or IPv4-embedding one.
+            Host::Ip(a) => {
+                return if usable(classify(*a)) {
+                    Ok(SocketAddr::new(*a, port))
+                } else {
+                    Err(denied("address class not allowed by the rule"))
+                };
+            }
             Host::Name(n) => n,
         };
         // Fully qualified: no search-domain expansion.
@@ -252,16 +334,7 @@ impl Proxy {
         let mut classes = Vec::new();
         for a in lookup.iter() {
             let c = classify(a);
-            let ok = match c {
-                AddrClass::Public => true,
-                AddrClass::Loopback
-                | AddrClass::Private
-                | AddrClass::LinkLocal
-                | AddrClass::Cgnat
-                | AddrClass::UniqueLocal => rule.private,
-                AddrClass::V4Embedded | AddrClass::Reserved => false,
-            };
-            if ok {
+            if usable(c) {
                 return Ok(SocketAddr::new(a, port));
             }
             classes.push(c);
@@ -324,35 +397,54 @@ impl Proxy {
         // The first bytes into the tunnel decide whether it stays open: a
         // TLS ClientHello must name the CONNECT host. The destination may
         // speak first (it is relayed meanwhile).
+        let flow = Flow::new(self, "CONNECT", &host, port, addr);
         let (mut cr, mut cw) = client.into_split();
         let (mut ur, mut uw) = upstream.split();
         let mut first = head.rest;
         let down = async {
-            let n = copy(&mut ur, &mut cw).await;
+            let n = copy(&mut ur, &mut cw, &flow.down).await;
             let _ = cw.shutdown().await;
             n
         };
         let up = async {
+            let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
             let verdict = loop {
-                match tls::client_hello(&first) {
-                    tls::Hello::Incomplete if first.len() < tls::MAX_HELLO => {}
-                    tls::Hello::Incomplete => break Err("ClientHello too large"),
-                    tls::Hello::NotTls if port == 443 => break Err("not TLS on port 443"),
-                    tls::Hello::NotTls => break Ok(()),
-                    tls::Hello::Malformed => break Err("malformed ClientHello"),
+                if !first.is_empty()
+                    && first[0] == 0x16
+                    && first.len() < tls::first_record_len(&first)
+                {
+                    // The first record is still arriving: do not re-parse.
+                } else if let Some(v) = match tls::client_hello(&first) {
+                    tls::Hello::Incomplete if first.len() < tls::MAX_HELLO => None,
+                    tls::Hello::Incomplete => Some(Err("ClientHello too large")),
+                    tls::Hello::NotTls if port == 443 => Some(Err("not TLS on port 443")),
+                    // Plain HTTP must use the absolute form, where the Host
+                    // is the checked one and one request is forwarded: in a
+                    // tunnel, any Host on the same address would do.
+                    tls::Hello::NotTls if looks_like_http(&first) => Some(Err(
+                        "plain HTTP inside a CONNECT tunnel (use http:// through the proxy)",
+                    )),
+                    tls::Hello::NotTls => Some(Ok(())),
+                    tls::Hello::Malformed => Some(Err("malformed ClientHello")),
+                    tls::Hello::Encrypted => {
+                        Some(Err("Encrypted Client Hello hides the server name"))
+                    }
                     tls::Hello::Sni(None) if matches!(host, Host::Name(_)) => {
-                        break Err("ClientHello without a server name");
+                        Some(Err("ClientHello without a server name"))
                     }
-                    tls::Hello::Sni(None) => break Ok(()),
-                    tls::Hello::Sni(Some(sni)) => {
-                        break match normalize_host(&sni) {
-                            Ok(h) if h == host => Ok(()),
-                            _ => Err("ClientHello names another host (SNI mismatch)"),
-                        };
-                    }
+                    tls::Hello::Sni(None) => Some(Ok(())),
+                    tls::Hello::Sni(Some(sni)) => Some(match normalize_host(&sni) {
+                        Ok(h) if h == host => Ok(()),
+                        _ => Err("ClientHello names another host (SNI mismatch)"),
+                    }),
+                } {
+                    break v;
+                }
+                if first.len() >= tls::MAX_HELLO {
+                    break Err("ClientHello too large");
                 }
                 let mut buf = [0u8; 4096];
-                match tokio::time::timeout(HEAD_TIMEOUT, cr.read(&mut buf)).await {
+                match tokio::time::timeout_at(deadline, cr.read(&mut buf)).await {
                     Ok(Ok(0)) => {
                         break if first.is_empty() {
                             Ok(())
@@ -369,40 +461,37 @@ impl Proxy {
             };
             verdict?;
             if uw.write_all(&first).await.is_err() {
-                return Ok(first.len() as u64);
+                return Ok(0);
             }
-            let n = copy(&mut cr, &mut uw).await;
+            flow.up
+                .fetch_add(first.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            let n = copy(&mut cr, &mut uw, &flow.up).await;
             let _ = uw.shutdown().await;
-            Ok(first.len() as u64 + n)
+            Ok(n)
         };
         // When the check fails, the whole tunnel is torn down at once.
-        tokio::pin!(up);
-        tokio::pin!(down);
-        let (up_res, down_n) = tokio::select! {
-            u = &mut up => match u {
-                Err(why) => (Err(why), 0),
-                Ok(n) => (Ok(n), down.await),
-            },
-            d = &mut down => (up.await, d),
+        let up_res = {
+            tokio::pin!(up);
+            tokio::pin!(down);
+            tokio::select! {
+                u = &mut up => match u {
+                    Err(why) => Err(why),
+                    Ok(_) => {
+                        down.await;
+                        Ok(())
+                    }
+                },
+                _ = &mut down => up.await.map(|_| ()),
+            }
         };
-        match up_res {
-            Ok(up_n) => self.emit(EgressEvent {
-                decision: "allowed",
-                method: "CONNECT".into(),
-                host: host.to_string(),
-                port,
-                reason: None,
-                address: Some(addr.to_string()),
-                bytes_up: up_n,
-                bytes_down: down_n,
-            }),
-            Err(why) => self.deny_event("CONNECT", &host.to_string(), port, why),
-        }
+        drop((cr, cw, ur, uw));
+        flow.finish(up_res.err());
     }
 
     async fn forward(&self, mut client: TcpStream, head: Head) {
         let method = head.method.clone();
         let Some((raw_host, port, path)) = absolute_form(&head.target) else {
+            // (refusals are all audited)
             let _ = respond(&mut client, 400, "use CONNECT, or an absolute http:// URL").await;
             self.deny_event(&method, "?", 0, "not an absolute http:// request");
             return;
@@ -415,6 +504,12 @@ impl Proxy {
                 return;
             }
         };
+        if port == 443 {
+            // 443 is TLS: plain HTTP there would skip the server-name check.
+            let _ = respond(&mut client, 403, "port 443 is TLS: use CONNECT").await;
+            self.deny_event(&method, &host.to_string(), port, "plain HTTP to port 443");
+            return;
+        }
         // Request framing: one request, a Content-Length body at most.
         let mut length: Option<u64> = None;
         for (k, v) in &head.headers {
@@ -429,9 +524,20 @@ impl Proxy {
                 return;
             }
             if k.eq_ignore_ascii_case("content-length") {
-                let Ok(n) = v.trim().parse::<u64>() else {
-                    let _ = respond(&mut client, 400, "bad Content-Length").await;
-                    return;
+                let v = v.trim();
+                let n = match v.parse::<u64>() {
+                    Ok(n)
+                        if !v.is_empty()
+                            && v.len() <= 19
+                            && v.bytes().all(|b| b.is_ascii_digit()) =>
+                    {
+                        n
+                    }
+                    _ => {
+                        let _ = respond(&mut client, 400, "bad Content-Length").await;
+                        self.deny_event(&method, &host.to_string(), port, "bad content-length");
+                        return;
+                    }
                 };
                 if length.is_some_and(|l| l != n) {
                     let _ = respond(&mut client, 400, "conflicting Content-Length").await;
@@ -463,6 +569,7 @@ impl Proxy {
                     return;
                 }
             };
+        let flow = Flow::new(self, &method, &host, port, addr);
         let authority = if port == 80 {
             host.to_string()
         } else {
@@ -513,18 +620,20 @@ impl Proxy {
                 }
             }
         }
-        let down_n = copy(&mut upstream, &mut client).await;
+        flow.up.store(up_n, std::sync::atomic::Ordering::Relaxed);
+        copy(&mut upstream, &mut client, &flow.down).await;
         let _ = client.shutdown().await;
-        self.emit(EgressEvent {
-            decision: "allowed",
-            method,
-            host: host.to_string(),
-            port,
-            reason: None,
-            address: Some(addr.to_string()),
-            bytes_up: up_n,
-            bytes_down: down_n,
-        });
+        flow.finish(None);
+    }
+}
+
+/// Whether tunnel bytes start like an HTTP/1 request (a method token and a
+/// space).
+fn looks_like_http(b: &[u8]) -> bool {
+    let head = &b[..b.len().min(16)];
+    match head.iter().position(|c| *c == b' ') {
+        Some(i) => i > 0 && head[..i].iter().all(|c| c.is_ascii_uppercase()),
+        None => head.len() < 16 && !head.is_empty() && head.iter().all(|c| c.is_ascii_uppercase()),
     }
 }
 
@@ -563,10 +672,13 @@ fn absolute_form(target: &str) -> Option<(&str, u16, String)> {
 async fn read_head(client: &mut TcpStream) -> Result<Head, Denied> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
+    let mut scanned = 0usize;
     let end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p;
+        let from = scanned.saturating_sub(3);
+        if let Some(p) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            break from + p;
         }
+        scanned = buf.len();
         if buf.len() >= MAX_HEAD {
             return Err(denied("request head too large"));
         }
@@ -588,9 +700,11 @@ async fn read_head(client: &mut TcpStream) -> Result<Head, Denied> {
     else {
         return Err(denied("malformed request line"));
     };
-    if !version.starts_with("HTTP/1.")
+    if (version != "HTTP/1.1" && version != "HTTP/1.0")
         || method.is_empty()
-        || !method.bytes().all(|b| b.is_ascii_alphabetic())
+        || !method.bytes().all(|b| b.is_ascii_uppercase())
+        || target.is_empty()
+        || !target.bytes().all(|b| (0x21..0x7f).contains(&b))
     {
         return Err(denied("malformed request line"));
     }
@@ -599,13 +713,11 @@ async fn read_head(client: &mut TcpStream) -> Result<Head, Denied> {
         let (k, v) = l
             .split_once(':')
             .ok_or_else(|| denied("malformed header"))?;
-        if k.is_empty()
-            || k.bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-        {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if k.is_empty() || !k.bytes().all(token) {
             return Err(denied("malformed header"));
         }
-        if v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        if v.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
             return Err(denied("malformed header"));
         }
         headers.push((k.to_string(), v.trim().to_string()));
@@ -634,7 +746,7 @@ async fn respond(client: &mut TcpStream, status: u16, why: &str) -> std::io::Res
     client.shutdown().await
 }
 
-async fn copy<R, W>(r: &mut R, w: &mut W) -> u64
+async fn copy<R, W>(r: &mut R, w: &mut W, count: &std::sync::atomic::AtomicU64) -> u64
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -649,6 +761,7 @@ where
                     return total;
                 }
                 total += n as u64;
+                count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -707,6 +820,16 @@ fn tcp_from(fd: Option<OwnedFd>) -> Option<TcpStream> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http_in_tunnels_is_recognised() {
+        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
+        assert!(looks_like_http(b"CONNECT x:1 HTTP/1.1"));
+        assert!(looks_like_http(b"GE"));
+        assert!(!looks_like_http(b"\x16\x03\x01"));
+        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
+        assert!(!looks_like_http(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")); // postgres SSLRequest
+    }
 
     #[test]
     fn absolute_forms() {

@@ -14,6 +14,19 @@ pub enum Hello {
     Sni(Option<String>),
     /// A TLS record that is not a well-formed ClientHello.
     Malformed,
+    /// A ClientHello carrying Encrypted Client Hello (or draft ESNI): the
+    /// real server name is hidden, so it cannot be checked.
+    Encrypted,
+}
+
+/// How many bytes the first TLS record needs (5 until its header is in).
+/// Lets a caller skip re-parsing while a record is still arriving.
+pub fn first_record_len(buf: &[u8]) -> usize {
+    if buf.len() < 5 {
+        5
+    } else {
+        5 + (((buf[3] as usize) << 8) | buf[4] as usize)
+    }
 }
 
 struct Cur<'a> {
@@ -120,6 +133,9 @@ fn parse_body(body: &[u8]) -> Option<Hello> {
         let kind = e.u16()?;
         let len = e.u16()?;
         let data = e.take(len)?;
+        if kind == 0xfe0d || kind == 0xffce {
+            return Some(Hello::Encrypted);
+        }
         if kind == 0 {
             if sni.is_some() {
                 return None; // two server_name extensions: ambiguous

@@ -283,16 +283,26 @@ pub fn classify(ip: IpAddr) -> AddrClass {
             let s = a.segments();
             if a.is_loopback() {
                 AddrClass::Loopback
-            } else if a.is_unspecified() || a.is_multicast() || s[0] == 0x2001 && s[1] == 0x0db8 {
+            } else if a.is_unspecified()
+                || a.is_multicast()
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0)
+                || (s[0] == 0x0100 && s[1..4] == [0, 0, 0])
+                || s[0] == 0x5f00
+            {
                 AddrClass::Reserved
             } else if a.to_ipv4_mapped().is_some()
                 || (s[0] == 0x64 && s[1] == 0xff9b)
                 || s[0] == 0x2002
+                || (s[0] == 0x2001 && s[1] == 0)
+                || (s[..4] == [0, 0, 0, 0] && s[4] == 0xffff && s[5] == 0)
                 || (s[..6] == [0, 0, 0, 0, 0, 0])
             {
                 AddrClass::V4Embedded
             } else if (s[0] & 0xffc0) == 0xfe80 {
                 AddrClass::LinkLocal
+            } else if (s[0] & 0xffc0) == 0xfec0 {
+                AddrClass::Private
             } else if (s[0] & 0xfe00) == 0xfc00 {
                 AddrClass::UniqueLocal
             } else {
@@ -401,5 +411,11 @@ mod tests {
         assert_eq!(c("64:ff9b::a9fe:a9fe"), AddrClass::V4Embedded);
         assert_eq!(c("2002:a9fe:a9fe::1"), AddrClass::V4Embedded);
         assert_eq!(c("2606:4700::1111"), AddrClass::Public);
+        assert_eq!(c("fec0::1"), AddrClass::Private);
+        assert_eq!(c("::ffff:0:7f00:1"), AddrClass::V4Embedded);
+        assert_eq!(c("2001:0:4136:e378::1"), AddrClass::V4Embedded);
+        assert_eq!(c("100::1"), AddrClass::Reserved);
+        assert_eq!(c("5f00::1"), AddrClass::Reserved);
+        assert_eq!(c("2001:2::1"), AddrClass::Reserved);
     }
 }

@@ -854,14 +854,22 @@ fn forwarder(listener: std::net::TcpListener) -> ! {
 
 /// Starts the forwarder (a child of pid 1) and gives up pid 1's copy of
 /// the channel, so the program never inherits it.
-fn start_forwarder() -> StepResult<()> {
+fn start_forwarder(broker: bool) -> StepResult<()> {
     let listener = at(
         Step::Egress,
         std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, PROXY_PORT)),
     )?;
     // SAFETY: init is single-threaded.
     match at(Step::Egress, unsafe { sys::fork() })? {
-        Forked::Child => forwarder(listener),
+        Forked::Child => {
+            // The forwarder holds the listener and the egress channel only:
+            // not init's control socket, not the program's broker channel.
+            sys::close_unowned(CONTROL_FD);
+            if broker {
+                sys::close_unowned(BROKER_FD);
+            }
+            forwarder(listener)
+        }
         Forked::Parent(_) => {
             drop(listener);
             sys::close_unowned(EGRESS_FD);
@@ -878,7 +886,7 @@ fn run_job(
     egress: bool,
 ) -> StepResult<()> {
     if egress {
-        start_forwarder()?;
+        start_forwarder(broker)?;
     }
     if !crate::engine::safe_file_name(&job.file_name) || job.argv.is_empty() {
         return Err((Step::ReadJob, libc::EINVAL));

@@ -105,10 +105,12 @@ pub struct Executor {
     resolver: Option<Arc<airlock_egress::Resolver>>,
 }
 
-/// Egress decisions kept in an execution's record.
+/// Egress decisions kept in an execution's record, per kind: denials
+/// (which a program can produce at will) never crowd out what got through.
 const EGRESS_LOG_MAX: usize = 256;
-/// Egress decisions audited per execution.
-const EGRESS_AUDIT_MAX: usize = 64;
+/// Denials audited per execution (allowed connections are always audited;
+/// each one is a real connection, bounded by the proxy's limits).
+const EGRESS_DENIED_AUDIT_MAX: usize = 64;
 
 /// Redacts captured output; a capture cut at its limit may end in the start
 /// of a value, which is redacted too. Markers can be longer than what they
@@ -510,17 +512,29 @@ impl Executor {
                     sub.id.clone(),
                     sub.request_id.clone(),
                 );
-                let audited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
                 let sink: airlock_egress::Sink =
                     Arc::new(move |ev: airlock_egress::EgressEvent| {
                         let v = serde_json::to_value(&ev).unwrap_or_default();
-                        {
-                            let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
-                            if l.len() < EGRESS_LOG_MAX {
-                                l.push(v.clone());
+                        let allowed = ev.decision == "allowed";
+                        let audit_it = {
+                            // (allowed logged, denied logged, denied audited)
+                            let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+                            let logged = if allowed { &mut c.0 } else { &mut c.1 };
+                            if *logged < EGRESS_LOG_MAX {
+                                *logged += 1;
+                                log.lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .push(v.clone());
                             }
-                        }
-                        if audited.fetch_add(1, Ordering::SeqCst) < EGRESS_AUDIT_MAX {
+                            if allowed {
+                                true
+                            } else {
+                                c.2 += 1;
+                                c.2 <= EGRESS_DENIED_AUDIT_MAX
+                            }
+                        };
+                        if audit_it {
                             let audit = NewAudit::new(
                                 Some(&tenant),
                                 &format!("egress.{}", ev.decision),

@@ -75,6 +75,21 @@ pub enum ServeError {
     },
 }
 
+/// Raises the soft open-file limit to the hard one (at most 65536): every
+/// sandbox, connection and egress flow holds descriptors.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let want = lim.maximum.map_or(65_536, |m| m.min(65_536));
+    if lim.current.is_some_and(|c| c < want) {
+        let mut new = lim;
+        new.current = Some(want);
+        if let Err(e) = setrlimit(Resource::Nofile, new) {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+        }
+    }
+}
+
 /// Database file inside the data directory.
 pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("airlock.db")
@@ -200,6 +215,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     lock.try_lock()
         .map_err(|_| ServeError::Locked(cfg.data_dir.display().to_string()))?;
 
+    raise_fd_limit();
     let store = open_store(&cfg.data_dir).await?;
     let store: Arc<dyn Store> = Arc::new(store);
     let engine = Arc::new(Engine::new(engine_cfg));

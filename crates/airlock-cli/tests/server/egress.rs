@@ -103,12 +103,23 @@ impl Upstream {
                     c.set_read_timeout(Some(Duration::from_secs(5))).ok();
                     let mut buf = [0u8; 65536];
                     let n = c.read(&mut buf).unwrap_or(0);
-                    log.lock().unwrap().push(buf[..n].to_vec());
                     if buf[..n].starts_with(b"GET ") || buf[..n].starts_with(b"POST ") {
                         let _ = c
                             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nupstream-ok");
+                        // Everything the proxy sends on this connection is
+                        // recorded, so a forwarded second request would show.
+                        let mut all = buf[..n].to_vec();
+                        c.set_read_timeout(Some(Duration::from_millis(300))).ok();
+                        while let Ok(k) = c.read(&mut buf) {
+                            if k == 0 {
+                                break;
+                            }
+                            all.extend_from_slice(&buf[..k]);
+                        }
+                        log.lock().unwrap().push(all);
                         return;
                     }
+                    log.lock().unwrap().push(buf[..n].to_vec());
                     let _ = c.write_all(&buf[..n]);
                     while let Ok(n) = c.read(&mut buf) {
                         if n == 0 || c.write_all(&buf[..n]).is_err() {
@@ -180,6 +191,33 @@ fn hello(sni: &str) -> String {
     )
 }
 
+/// A ClientHello whose outer SNI is `sni` and which also carries an
+/// Encrypted Client Hello extension (0xfe0d) hiding the real name.
+fn hello_ech(sni: &str) -> String {
+    let plain = hello(sni);
+    let hex = &plain["bytes.fromhex('".len()..plain.len() - 2];
+    let mut rec: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let ext = [0xfe, 0x0d, 0, 4, 1, 2, 3, 4];
+    rec.extend_from_slice(&ext);
+    let add = ext.len();
+    let rl = u16::from_be_bytes([rec[3], rec[4]]) as usize + add;
+    rec[3..5].copy_from_slice(&(rl as u16).to_be_bytes());
+    let hl = u32::from_be_bytes([0, rec[6], rec[7], rec[8]]) as usize + add;
+    rec[6..9].copy_from_slice(&(hl as u32).to_be_bytes()[1..]);
+    // Extensions length: record(5) + handshake header(4) + version(2) +
+    // random(32) + session id(1) + suites(2+2) + compression(1+1).
+    let at = 5 + 4 + 2 + 32 + 1 + 4 + 2;
+    let el = u16::from_be_bytes([rec[at], rec[at + 1]]) as usize + add;
+    rec[at..at + 2].copy_from_slice(&(el as u16).to_be_bytes());
+    format!(
+        "bytes.fromhex('{}')",
+        rec.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
 struct Setup {
     s: Server,
     key: String,
@@ -210,7 +248,7 @@ fn setup() -> Setup {
     std::fs::write(
         &cfg,
         format!(
-            "[egress]\nallow = [\"*.public.test:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\"]\ndns = \"{}\"\n",
+            "[egress]\nallow = [\"*.public.test:{p}\", \"127.0.0.1:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\"]\ndns = \"{}\"\n",
             dns.addr
         ),
     )
@@ -253,7 +291,7 @@ fn lines(v: &Value) -> Vec<String> {
 fn allowlist_decides_before_dns_and_checks_addresses_after() {
     let t = setup();
     let p = t.up.port;
-    let net = json!({"allow": [format!("sneaky.public.test:{p}"), format!("meta.public.test:{p}")],
+    let net = json!({"allow": [format!("sneaky.public.test:{p}"), format!("meta.public.test:{p}"), format!("127.0.0.1:{p}")],
                      "allow_private": [format!("allowed.test:{p}"), format!("*.wild.test:{p}")]});
     let code = format!(
         r#"
@@ -362,6 +400,7 @@ fn sni_mismatch_pipelining_relays_rebinding_and_direct_connections() {
     let net = json!({"allow_private": [format!("allowed.test:{p}"), format!("rebind.test:{p}")]});
     let good = hello("allowed.test");
     let evil = hello("evil.test");
+    let ech = hello_ech("allowed.test");
     let code = format!(
         r#"
 import errno
@@ -372,7 +411,11 @@ print("sni-evil", status(r), len(r.split("\r\n\r\n", 1)[1]))
 r = talk(b"GET http://allowed.test:{p}/one HTTP/1.1\r\n\r\nGET http://denied.test:{p}/two HTTP/1.1\r\n\r\n")
 print("pipelined", status(r), r.count("HTTP/1.1"))
 r = talk(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n", then=b"CONNECT denied.test:{p} HTTP/1.1\r\n\r\n")
-print("relay", status(r))
+print("relay", status(r), len(r.split("\r\n\r\n", 1)[1]))
+r = talk(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n", then=b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+print("http-in-tunnel", status(r), len(r.split("\r\n\r\n", 1)[1]))
+r = talk(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n", then={ech})
+print("ech", status(r), len(r.split("\r\n\r\n", 1)[1]))
 r = talk(b"CONNECT rebind.test:{p} HTTP/1.1\r\n\r\n", then=b"which")
 print("rebind", status(r))
 for addr in [("127.0.0.1", {p}), ("10.255.255.1", 80)]:
@@ -394,10 +437,13 @@ for addr in [("127.0.0.1", {p}), ("10.255.255.1", 80)]:
     assert_eq!(out[0], format!("sni-ok 200 {hello_len}"), "{out:?}");
     assert_eq!(out[1], "sni-evil 200 0", "{out:?}");
     assert_eq!(out[2], "pipelined 200 1", "{out:?}");
-    assert_eq!(out[3], "relay 200", "{out:?}");
-    assert_eq!(out[4], "rebind 200", "{out:?}");
-    assert_eq!(out[5], "direct 127.0.0.1 ECONNREFUSED", "{out:?}");
-    assert_eq!(out[6], "direct 10.255.255.1 ENETUNREACH", "{out:?}");
+    // A CONNECT relayed inside the tunnel is HTTP inside a tunnel: closed.
+    assert_eq!(out[3], "relay 200 0", "{out:?}");
+    assert_eq!(out[4], "http-in-tunnel 200 0", "{out:?}");
+    assert_eq!(out[5], "ech 200 0", "{out:?}");
+    assert_eq!(out[6], "rebind 200", "{out:?}");
+    assert_eq!(out[7], "direct 127.0.0.1 ECONNREFUSED", "{out:?}");
+    assert_eq!(out[8], "direct 10.255.255.1 ENETUNREACH", "{out:?}");
     let seen: Vec<String> = t.up.seen()[before..]
         .iter()
         .map(|b| String::from_utf8_lossy(b).into_owned())
@@ -409,14 +455,27 @@ for addr in [("127.0.0.1", {p}), ("10.255.255.1", 80)]:
         seen.iter()
             .any(|s| s.contains("allowed.test") && s.starts_with('\u{16}'))
     );
-    // Exactly one request forwarded from the pipelined pair.
+    // Exactly one request forwarded from the pipelined pair: the second
+    // never reached any upstream.
     assert_eq!(
-        seen.iter().filter(|s| s.starts_with("GET /")).count(),
+        seen.iter().filter(|s| s.starts_with("GET /one")).count(),
         1,
         "{seen:?}"
     );
-    // The relayed CONNECT stayed data inside the allowed tunnel.
-    assert!(seen.iter().any(|s| s.starts_with("CONNECT denied.test")));
+    assert!(!seen.iter().any(|s| s.contains("/two")), "{seen:?}");
+    // Neither the relayed CONNECT, the HTTP request inside a tunnel nor
+    // the ECH hello reached the destination.
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.contains("denied.test") || s.contains("other.test")),
+        "{seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.as_bytes().windows(4).any(|w| w == [0xfe, 0x0d, 0, 4]))
+    );
     assert!(!t.dns.asked().iter().any(|a| a == "denied.test"));
     // Rebinding: one lookup, and the connection went to the checked
     // address (127.0.0.1), never to the second answer (127.0.0.2).
@@ -503,8 +562,12 @@ fn airlock_run_accepts_the_allowlist_from_a_policy_file() {
     assert_eq!(v["stdout"], "upstream-ok\n403\n", "{v}");
     let egress = v["egress"].as_array().unwrap();
     assert_eq!(egress.len(), 2, "{egress:?}");
-    assert_eq!(egress[0]["decision"], "allowed");
-    assert_eq!(egress[1]["decision"], "denied");
+    let mut decisions: Vec<&str> = egress
+        .iter()
+        .map(|e| e["decision"].as_str().unwrap())
+        .collect();
+    decisions.sort_unstable();
+    assert_eq!(decisions, ["allowed", "denied"], "{egress:?}");
     assert!(!dns.asked().iter().any(|a| a == "denied.test"));
     // Without the policy, the same program has no network at all.
     let out = std::process::Command::new(crate::BIN)
