@@ -751,6 +751,11 @@ async fn create_execution(
             st.store.append_audit(ev).await?;
             return Err(ApiError::PolicyDenied(why));
         }
+        if !st.exec.egress_available() {
+            return Err(ApiError::RuntimeUnavailable(
+                "egress is unavailable on this server (no DNS resolver)".into(),
+            ));
+        }
         policy.network = wanted;
     }
     let code = req.code.into_bytes();

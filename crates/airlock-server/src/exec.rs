@@ -308,6 +308,11 @@ impl Executor {
         }
     }
 
+    /// Whether executions can get an egress proxy (a resolver exists).
+    pub fn egress_available(&self) -> bool {
+        self.resolver.is_some()
+    }
+
     /// Executions admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.admitted.load(Ordering::SeqCst)
@@ -504,9 +509,14 @@ impl Executor {
         });
         // The egress proxy of exactly this execution (proxy policies only).
         let egress_log: Arc<Mutex<Vec<serde_json::Value>>> = Arc::new(Mutex::new(Vec::new()));
+        // Audit appends of this execution's egress, awaited before its record
+        // is final (nothing is lost to a shutdown).
+        let egress_audits: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Arc::new(Mutex::new(Vec::new()));
         let egress_task = match (sandbox.take_egress(), sub.policy.network.rules()) {
             (Some(channel), Ok(rules)) => self.resolver.clone().map(|resolver| {
                 let (log, store, rt) = (egress_log.clone(), self.store.clone(), self.rt.clone());
+                let pending = egress_audits.clone();
                 let (tenant, id, req) = (
                     sub.tenant_id.clone(),
                     sub.id.clone(),
@@ -544,11 +554,12 @@ impl Executor {
                             )
                             .with_detail(v);
                             let store = store.clone();
-                            rt.spawn(async move {
+                            let h = rt.spawn(async move {
                                 if let Err(e) = store.append_audit(audit).await {
                                     tracing::error!(error = %e, "egress audit failed");
                                 }
                             });
+                            pending.lock().unwrap_or_else(|p| p.into_inner()).push(h);
                         }
                     });
                 let proxy = airlock_egress::Proxy::new(rules, resolver, sink);
@@ -613,6 +624,12 @@ impl Executor {
                 abort.abort();
             }
         }
+        let audits = std::mem::take(&mut *egress_audits.lock().unwrap_or_else(|p| p.into_inner()));
+        self.rt.block_on(async move {
+            for h in audits {
+                let _ = h.await;
+            }
+        });
         let egress = {
             let l = egress_log.lock().unwrap_or_else(|p| p.into_inner());
             (!l.is_empty() || sandbox_had_egress(&sub.policy))
