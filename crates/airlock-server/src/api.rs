@@ -367,8 +367,6 @@ pub struct SecretList {
 /// One audit record.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AuditView {
-    /// Position in the global chain.
-    pub seq: i64,
     /// RFC 3339.
     pub time: String,
     /// e.g. `execution.finish`, `secret.write`, `auth.failure`, `policy.denied`.
@@ -391,8 +389,9 @@ pub struct AuditView {
 pub struct AuditList {
     /// Oldest first.
     pub events: Vec<AuditView>,
-    /// Pass as `after` for the next page; absent on the last page.
-    pub next_after: Option<i64>,
+    /// Pass as `after` for the next page (a record's hash); absent on the
+    /// last page.
+    pub next_after: Option<String>,
 }
 
 // ---------------------------------------------------------------- requests
@@ -924,7 +923,7 @@ fn parse_num(
 /// The tenant's executions, newest first.
 #[utoipa::path(get, path = "/v1/executions", security(("bearer" = [])),
     params(("limit" = Option<u32>, Query, description = "1..=100, default 20"),
-           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page")),
+           ("cursor" = Option<String>, Query, description = "next_cursor of the previous page (an execution id)")),
     responses((status = 200, body = ExecutionList), (status = 400, body = Problem)))]
 async fn list_executions(
     State(st): State<AppState>,
@@ -936,7 +935,22 @@ async fn list_executions(
     let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
     let q = query_params(raw.as_deref(), &["limit", "cursor"])?;
     let limit = parse_num(&q, "limit", 1, 100)?.unwrap_or(20) as u32;
-    let cursor = parse_num(&q, "cursor", 1, i64::MAX)?;
+    // Cursors are the last execution's id: opaque, and they reveal nothing
+    // about other tenants (storage positions would count their executions).
+    let cursor = match q.get("cursor") {
+        None => None,
+        Some(c) => {
+            let valid = c.len() == 35
+                && c.starts_with("ex_")
+                && c[3..].bytes().all(|b| b.is_ascii_hexdigit());
+            let seq = if valid {
+                st.store.execution_seq(&who.tenant_id, c).await?
+            } else {
+                None
+            };
+            Some(seq.ok_or_else(|| ApiError::InvalidRequest("unknown cursor".into()))?)
+        }
+    };
     let page = st
         .store
         .list_executions(&who.tenant_id, cursor, limit)
@@ -952,7 +966,7 @@ async fn list_executions(
                 ..ExecutionView::from(r)
             })
             .collect(),
-        next_cursor: page.next.map(|n| n.to_string()),
+        next_cursor: page.next.and(page.items.last().map(|r| r.id.clone())),
     }))
 }
 
@@ -1175,7 +1189,7 @@ async fn delete_secret(
 
 /// The tenant's audit records, oldest first.
 #[utoipa::path(get, path = "/v1/audit", security(("bearer" = [])),
-    params(("after" = Option<i64>, Query, description = "seq to start after"),
+    params(("after" = Option<String>, Query, description = "hash of the record to start after (next_after)"),
            ("limit" = Option<u32>, Query, description = "1..=500, default 100")),
     responses((status = 200, body = AuditList)))]
 async fn list_audit(
@@ -1187,17 +1201,35 @@ async fn list_audit(
 ) -> Result<Json<AuditList>, ApiError> {
     let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
     let q = query_params(raw.as_deref(), &["after", "limit"])?;
-    let after = parse_num(&q, "after", 0, i64::MAX)?.unwrap_or(0);
+    // The cursor is a record's hash: chain positions would count every
+    // tenant's records.
+    let after = match q.get("after") {
+        None => 0,
+        Some(h) => {
+            let bytes: Option<Vec<u8>> = (h.len() == 64)
+                .then(|| {
+                    (0..64)
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&h[i..i + 2], 16).ok())
+                        .collect()
+                })
+                .flatten();
+            let seq = match bytes {
+                Some(b) => st.store.audit_seq(&who.tenant_id, &b).await?,
+                None => None,
+            };
+            seq.ok_or_else(|| ApiError::InvalidRequest("unknown cursor".into()))?
+        }
+    };
     let limit = parse_num(&q, "limit", 1, 500)?.unwrap_or(100) as u32;
     let events = st.store.list_audit(&who.tenant_id, after, limit).await?;
     let next_after = (events.len() == limit as usize)
-        .then(|| events.last().map(|e| e.seq))
+        .then(|| events.last().map(|e| e.hash.clone()))
         .flatten();
     Ok(Json(AuditList {
         events: events
             .into_iter()
             .map(|e| AuditView {
-                seq: e.seq,
                 time: rfc3339(e.ts_ms),
                 detail: serde_json::from_str(&e.detail).unwrap_or(serde_json::Value::Null),
                 kind: e.kind,

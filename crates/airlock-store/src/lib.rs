@@ -384,6 +384,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Page<ExecutionRecord>, StoreError>;
+    /// The storage position of one of a tenant's executions (for cursors;
+    /// never shown to tenants, it counts every tenant's executions).
+    async fn execution_seq(&self, tenant_id: &str, id: &str) -> Result<Option<i64>, StoreError>;
+    /// The chain position of one of a tenant's audit records, by its hash.
+    async fn audit_seq(&self, tenant_id: &str, hash: &[u8]) -> Result<Option<i64>, StoreError>;
     /// Every execution not in a terminal state (after a crash).
     async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError>;
 

@@ -814,6 +814,26 @@ impl Store for SqliteStore {
         Ok(Page { items, next })
     }
 
+    async fn execution_seq(&self, tenant_id: &str, id: &str) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT seq FROM executions WHERE tenant_id = ? AND id = ?")
+                .bind(tenant_id)
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn audit_seq(&self, tenant_id: &str, hash: &[u8]) -> Result<Option<i64>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT seq FROM audit WHERE tenant_id = ? AND hash = ?")
+                .bind(tenant_id)
+                .bind(hash)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
     async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError> {
         let q = format!(
             "SELECT {EXEC_COLS} FROM executions WHERE status IN ('queued', 'running') ORDER BY seq"

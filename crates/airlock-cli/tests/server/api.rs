@@ -131,6 +131,17 @@ fn full_tenant_flow() {
     assert_eq!(fin["request_id"], "client-req-1");
     assert!(!audit.to_string().contains(secret));
 
+    // Audit pages: the cursor is a record's hash, never a global position.
+    let p1 = s.get("/v1/audit?limit=2", &key).json();
+    assert!(p1["events"][0].get("seq").is_none());
+    let after = p1["next_after"].as_str().expect("more pages");
+    assert_eq!(after, p1["events"][1]["hash"].as_str().unwrap());
+    let p2 = s
+        .get(&format!("/v1/audit?limit=2&after={after}"), &key)
+        .json();
+    assert_ne!(p2["events"][0]["hash"], p1["events"][1]["hash"]);
+    assert_eq!(p2["events"][0]["kind"], kinds[2]);
+
     // Health, metrics, OpenAPI.
     assert_eq!(s.req("GET", "/healthz", None, None).status, 200);
     assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
@@ -254,6 +265,15 @@ fn tenants_cannot_see_each_other() {
         .problem(404, "not_found");
     assert_eq!(s.get("/v1/secrets", &b).json()["secrets"], json!([]));
     assert_eq!(s.get("/v1/executions", &b).json()["executions"], json!([]));
+    // Another tenant's id is no cursor: nothing about it leaks through paging.
+    s.get(&format!("/v1/executions?cursor={id}"), &b)
+        .problem(400, "invalid_request");
+    let a_hash = s.get("/v1/audit?limit=1", &a).json()["events"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.get(&format!("/v1/audit?after={a_hash}"), &b)
+        .problem(400, "invalid_request");
     // ... and the execution was not cancelled by beta's attempt.
     let v = s.wait_status(&a, &id, &["finished"]);
     assert_eq!(v["reason"], "exited");
