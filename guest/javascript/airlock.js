@@ -38,8 +38,8 @@ class Channel {
     return b;
   }
 
-  call(op, args) {
-    const id = this.next++;
+  call(op, args, reservedId) {
+    const id = reservedId === undefined ? this.next++ : reservedId;
     const body = Buffer.from(JSON.stringify({ v: 1, id, op, args: args || {} }));
     if (body.length > MAX_FRAME) throw new AirlockError('too_large', 'request exceeds the frame limit');
     const head = Buffer.alloc(4);
@@ -82,6 +82,8 @@ function makeAx(ch, hello) {
     trace_id: hello.trace_id,
     variables: hello.variables || {},
     input: hello.input === undefined ? null : hello.input,
+    _code: hello.code === undefined ? null : hello.code,
+    _handler: !!hello.handler,
     log,
     secrets: {
       get: (name) => { const r = ch.call('secrets.get', { name }); return { value: r.value, found: r.found }; },
@@ -93,12 +95,14 @@ function makeAx(ch, hello) {
 
 let ax = null;
 
-function connect() {
+function connect(warm) {
   if (ax) return ax;
   const fd = process.env.AIRLOCK_BROKER_FD;
   if (fd === undefined) throw new AirlockError('unavailable', 'no broker channel in this sandbox');
   const ch = new Channel(Number(fd));
-  ax = makeAx(ch, ch.call('hello', {}));
+  // A warm runner's handshake uses the reserved id 0, so the program's own
+  // requests start at 1 as they would in a cold sandbox.
+  ax = makeAx(ch, warm ? ch.call('hello', {}, 0) : ch.call('hello', {}));
   return ax;
 }
 

@@ -30,11 +30,20 @@ async function load(file) {
 
 async function main() {
   const file = process.argv[2];
-  if (process.env.AIRLOCK_MODE !== 'handler') {
+  let ax = null;
+  if (process.env.AIRLOCK_MODE === 'pooled') {
+    // A warm sandbox: node and the SDK are loaded before any tenant exists.
+    ax = airlock.connect(true); // blocks until an execution is bound
+    fs.writeFileSync(file, ax._code || '');
+    if (!ax._handler) {
+      await load(file);
+      return;
+    }
+  } else if (process.env.AIRLOCK_MODE !== 'handler') {
     await load(file);
     return;
   }
-  const ax = airlock.connect();
+  ax = ax || airlock.connect();
   let fn;
   try {
     const mod = await load(file);

@@ -50,10 +50,13 @@ class _Channel:
             got += len(b)
         return b"".join(chunks)
 
-    def call(self, op, **args):
+    def call(self, op, _rid=None, **args):
         with self._lock:
-            rid = self._next
-            self._next += 1
+            if _rid is None:
+                rid = self._next
+                self._next += 1
+            else:
+                rid = _rid
             # Strict JSON: NaN/Infinity and lone surrogates are errors here,
             # not a frame the broker must refuse (which would close it).
             body = json.dumps({"v": 1, "id": rid, "op": op, "args": args},
@@ -159,6 +162,9 @@ class Airlock:
         self.trace_id = hello["trace_id"]
         self.variables = hello.get("variables") or {}
         self.input = hello.get("input")
+        # Set for a warm (pooled) runner, which receives its code here.
+        self._code = hello.get("code")
+        self._handler = bool(hello.get("handler"))
         self.log = _Log(ch)
         self.secrets = _Secrets(ch)
         self.agent = _Agent(ch)
@@ -171,7 +177,7 @@ class Airlock:
 _ax = None
 
 
-def connect():
+def connect(_warm=False):
     """The execution's `ax` object (one per process)."""
     global _ax
     if _ax is None:
@@ -179,5 +185,7 @@ def connect():
         if fd is None:
             raise AirlockError("unavailable", "no broker channel in this sandbox")
         ch = _Channel(int(fd))
-        _ax = Airlock(ch, ch.call("hello"))
+        # A warm runner's handshake uses the reserved id 0, so the program's
+        # own requests start at 1 as they would in a cold sandbox.
+        _ax = Airlock(ch, ch.call("hello", _rid=0) if _warm else ch.call("hello"))
     return _ax

@@ -54,6 +54,9 @@ pub struct Grants {
     pub input: Option<Value>,
     /// Whether a handler runs (the runner reports its result).
     pub handler: bool,
+    /// The code, for a runner that was started before its execution was
+    /// bound (a warm, pooled sandbox): it gets its code in `hello`.
+    pub code: Option<String>,
 }
 
 /// Per-execution bounds.
@@ -492,6 +495,7 @@ impl Session {
                     "trace_id": id.trace_id,
                     "handler": self.grants.handler,
                     "input": self.grants.input,
+                    "code": self.grants.code,
                     "variables": variables,
                 }))
             }

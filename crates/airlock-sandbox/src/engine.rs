@@ -432,6 +432,7 @@ impl Engine {
             broker: host_broker,
             egress: host_egress,
             init_broker: extras.broker,
+            prestarted: false,
             entry: extras.entry.clone(),
             extra_env: extras.env.clone(),
             pid1: None,
@@ -517,6 +518,9 @@ pub struct Sandbox {
     broker: Option<UnixStream>,
     egress: Option<OwnedFd>,
     init_broker: bool,
+    /// The program was started before its execution was bound (a warm,
+    /// pooled sandbox); its code arrives over the broker.
+    prestarted: bool,
     entry: Option<String>,
     extra_env: Vec<(String, String)>,
     pid1: Option<OwnedFd>,
@@ -637,6 +641,40 @@ impl Sandbox {
         v
     }
 
+    /// Starts the program now, before anything tenant-specific exists: the
+    /// job carries no code and the program (a runner) waits for its code
+    /// on the broker channel. Limits count from [`Sandbox::execute`]. This
+    /// is what a warm pool holds.
+    pub fn prestart(&mut self) -> Result<(), SandboxError> {
+        if self.prestarted {
+            return Ok(());
+        }
+        if !self.init_broker || self.entry.is_none() {
+            return Err(SandboxError::InvalidRequest(
+                "only a runner with a broker channel can be started before its code".into(),
+            ));
+        }
+        let job = self.job(0, None);
+        proto::write_msg(&mut self.ctrl, &ToInit::Job(Box::new(job)))
+            .map_err(control_err("send job"))?;
+        proto::write_frame(&mut self.ctrl, &[]).map_err(control_err("send code"))?;
+        self.prestarted = true;
+        Ok(())
+    }
+
+    /// Whether an idle (pooled) sandbox is still whole: pid 1 alive and
+    /// nothing reported on the control channel (such as the program's exit).
+    pub fn is_alive(&self) -> bool {
+        let mut fds = vec![(self.ctrl.as_raw_fd(), libc::POLLIN)];
+        if let Some(p) = &self.pid1 {
+            fds.push((p.as_raw_fd(), libc::POLLIN));
+        }
+        match sys::poll(&fds, 0) {
+            Ok(rev) => rev.iter().all(|r| *r == 0),
+            Err(_) => false,
+        }
+    }
+
     /// The host end of the egress channel (once): a SOCK_SEQPACKET socket
     /// on which each message carries one TCP connection accepted by the
     /// forwarder inside the sandbox.
@@ -742,10 +780,12 @@ impl Sandbox {
         sup: &mut Supervision,
         started: Instant,
     ) -> Result<(), SandboxError> {
-        let job = self.job(code.len(), file_name);
-        proto::write_msg(&mut self.ctrl, &ToInit::Job(Box::new(job)))
-            .map_err(control_err("send job"))?;
-        proto::write_frame(&mut self.ctrl, code).map_err(control_err("send code"))?;
+        if !self.prestarted {
+            let job = self.job(code.len(), file_name);
+            proto::write_msg(&mut self.ctrl, &ToInit::Job(Box::new(job)))
+                .map_err(control_err("send job"))?;
+            proto::write_frame(&mut self.ctrl, code).map_err(control_err("send code"))?;
+        }
 
         let mut stdin_w = self.stdin.take();
         let mut stdout = self.stdout.take();
@@ -796,7 +836,22 @@ impl Sandbox {
         }
         let mut stdin_off = 0usize;
         let deadline = started + Duration::from_millis(self.policy.limits.wall_time_ms);
-        let cpu_limit_ns = self.policy.limits.cpu_time_ms.saturating_mul(1_000_000);
+        // A prestarted program's start-up is not the execution's: CPU
+        // counts from here.
+        let cpu_base_ns = if self.prestarted {
+            self.cgroup
+                .as_ref()
+                .and_then(Cgroup::cpu_usage_ns)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        let cpu_limit_ns = self
+            .policy
+            .limits
+            .cpu_time_ms
+            .saturating_mul(1_000_000)
+            .saturating_add(cpu_base_ns);
         let mut ctrl_buf: Vec<u8> = Vec::new();
         let mut ctrl_open = true;
         let mut exit_seen: Option<Instant> = None;

@@ -705,6 +705,7 @@ async fn create_execution(
             .handler
             .then(|| req.input.clone().unwrap_or(serde_json::Value::Null)),
         handler: req.handler,
+        code: None,
     };
     let mut policy = policy;
     if let Some(net) = &req.network {

@@ -66,6 +66,27 @@ pub struct EgressConfig {
     pub dns: Option<SocketAddr>,
 }
 
+/// Warm pools: sandboxes fully isolated ahead of time, with the runtime
+/// and guest SDK loaded, for executions that use the server's base policy
+/// without egress. Each runs exactly one execution.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Idle python sandboxes kept ready. Default 2.
+    pub python: usize,
+    /// Idle JavaScript sandboxes kept ready. Default 1.
+    pub javascript: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            python: 2,
+            javascript: 1,
+        }
+    }
+}
+
 /// Everything `airlock serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -96,6 +117,8 @@ pub struct ServerConfig {
     pub ceilings: LimitCeilings,
     /// What requests may ask for in `network`.
     pub egress: EgressConfig,
+    /// Warm pools.
+    pub pool: PoolConfig,
 }
 
 impl Default for ServerConfig {
@@ -113,6 +136,7 @@ impl Default for ServerConfig {
             policy: Policy::default(),
             ceilings: LimitCeilings::default(),
             egress: EgressConfig::default(),
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -186,6 +210,9 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "max_concurrent must be in 1..=1024".into(),
             ));
+        }
+        if self.pool.python > 64 || self.pool.javascript > 64 {
+            return Err(ConfigError::Invalid("pool sizes must be at most 64".into()));
         }
         if self.queue_size > 100_000 {
             return Err(ConfigError::Invalid(

@@ -103,6 +103,10 @@ pub struct Executor {
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     guest: Option<std::path::PathBuf>,
     resolver: Option<Arc<airlock_egress::Resolver>>,
+    pool_spec: Option<PoolSpec>,
+    pool: Pool,
+    workers_n: usize,
+    refill: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// Egress decisions kept in an execution's record, per kind: denials
@@ -148,6 +152,25 @@ impl std::fmt::Debug for Executor {
     }
 }
 
+/// Warm sandboxes: fully isolated, runtime and guest SDK loaded, no tenant
+/// data, waiting to be bound to exactly one execution.
+#[derive(Debug)]
+pub struct PoolSpec {
+    /// The policy warm sandboxes are built with (the server's base policy;
+    /// only executions with exactly this policy use them).
+    pub policy: Policy,
+    /// Idle sandboxes to keep per language.
+    pub targets: Vec<(Language, usize)>,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    idle: Mutex<HashMap<Language, std::collections::VecDeque<airlock_sandbox::Sandbox>>>,
+    /// Refill requests (and stop) for the refill thread.
+    wake: std::sync::Condvar,
+    stop: Mutex<bool>,
+}
+
 /// What the executor works with.
 #[allow(missing_debug_implementations)]
 pub struct Deps {
@@ -163,6 +186,8 @@ pub struct Deps {
     pub guest: Option<std::path::PathBuf>,
     /// Resolver for egress proxies (none: egress executions get no proxy).
     pub resolver: Option<Arc<airlock_egress::Resolver>>,
+    /// Warm pools (none: every execution starts cold).
+    pub pool: Option<PoolSpec>,
 }
 
 impl Executor {
@@ -176,6 +201,7 @@ impl Executor {
             render,
             guest,
             resolver,
+            pool: pool_spec,
         } = deps;
         let (tx, rx) = mpsc::channel::<Job>();
         let exec = Arc::new(Executor {
@@ -193,6 +219,10 @@ impl Executor {
             workers: Mutex::new(Vec::new()),
             guest,
             resolver,
+            pool_spec: pool_spec.filter(|p| p.targets.iter().any(|(_, n)| *n > 0)),
+            pool: Pool::default(),
+            workers_n: workers,
+            refill: Mutex::new(None),
         });
         let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::with_capacity(workers);
@@ -205,6 +235,16 @@ impl Executor {
             );
         }
         *exec.workers.lock().unwrap_or_else(|p| p.into_inner()) = handles;
+        if exec.pool_spec.is_some() && exec.guest.is_some() {
+            // Long-lived, like the workers: sandboxes die with the thread
+            // that spawned them (PDEATHSIG).
+            let e = exec.clone();
+            *exec.refill.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+                std::thread::Builder::new()
+                    .name("airlock-pool".into())
+                    .spawn(move || e.refill_loop())?,
+            );
+        }
         Ok(exec)
     }
 
@@ -333,6 +373,141 @@ impl Executor {
         for h in handles {
             let _ = h.join();
         }
+        *self.pool.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.pool.wake.notify_all();
+        if let Some(h) = self.refill.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        // Idle warm sandboxes are destroyed (every process killed, cgroup
+        // removed) as they drop.
+        self.pool
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn pool_extras(&self, lang: Language) -> Extras {
+        let mut x = Extras {
+            broker: true,
+            ..Extras::default()
+        };
+        if let Some(g) = &self.guest {
+            x.mounts.push((g.clone(), GUEST_MOUNT.to_string()));
+        }
+        x.entry = match lang {
+            Language::Python => Some(format!("{GUEST_MOUNT}/python/runner.py")),
+            Language::Javascript => Some(format!("{GUEST_MOUNT}/javascript/runner.js")),
+            Language::Shell => None,
+        };
+        x.env.push(("AIRLOCK_MODE".into(), "pooled".into()));
+        x
+    }
+
+    /// Keeps every pool at its target. Creates only while a worker is free,
+    /// so refilling never competes with executions for the CPU it needs.
+    fn refill_loop(&self) {
+        let Some(spec) = &self.pool_spec else { return };
+        loop {
+            if *self.pool.stop.lock().unwrap_or_else(|p| p.into_inner()) {
+                return;
+            }
+            for (lang, target) in &spec.targets {
+                if *lang == Language::Shell {
+                    continue;
+                }
+                loop {
+                    let have = self
+                        .pool
+                        .idle
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(lang)
+                        .map_or(0, |q| q.len());
+                    self.metrics
+                        .pool_size
+                        .get_or_create(&crate::metrics::LangLabel {
+                            language: lang.as_str().into(),
+                        })
+                        .set(have as i64);
+                    if have >= *target || self.in_flight() >= self.workers_n {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let made = self
+                        .engine
+                        .prepare_with(&spec.policy, *lang, &self.pool_extras(*lang))
+                        .and_then(|mut sb| sb.prestart().map(|_| sb));
+                    match made {
+                        Ok(sb) => {
+                            self.metrics.pool_create.observe(t.elapsed().as_secs_f64());
+                            self.pool
+                                .idle
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .entry(*lang)
+                                .or_default()
+                                .push_back(sb);
+                        }
+                        Err(e) => {
+                            tracing::warn!(language = lang.as_str(), error = %e, "warm sandbox creation failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            let g = self.pool.stop.lock().unwrap_or_else(|p| p.into_inner());
+            if *g {
+                return;
+            }
+            let _ = self.pool.wake.wait_timeout(g, Duration::from_millis(500));
+        }
+    }
+
+    /// A warm sandbox for this execution, when one fits it exactly.
+    fn take_warm(&self, sub: &Submission) -> Option<airlock_sandbox::Sandbox> {
+        let spec = self.pool_spec.as_ref()?;
+        if !spec
+            .targets
+            .iter()
+            .any(|(l, n)| *l == sub.language && *n > 0)
+        {
+            return None;
+        }
+        let label = crate::metrics::LangLabel {
+            language: sub.language.as_str().into(),
+        };
+        // Warm sandboxes are built for the base policy without egress; any
+        // other policy has no pool and starts cold (a miss).
+        if sub.policy != spec.policy || !matches!(sub.policy.network, airlock_policy::Network::None)
+        {
+            self.metrics.pool_misses.get_or_create(&label).inc();
+            return None;
+        }
+        let got = loop {
+            let next = self
+                .pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&sub.language)
+                .and_then(|q| q.pop_front());
+            match next {
+                Some(sb) if sb.is_alive() => break Some(sb),
+                Some(dead) => {
+                    // Died while idle: destroyed here, never used.
+                    self.metrics.pool_discarded.get_or_create(&label).inc();
+                    drop(dead);
+                }
+                None => break None,
+            }
+        };
+        match &got {
+            Some(_) => self.metrics.pool_hits.get_or_create(&label).inc(),
+            None => self.metrics.pool_misses.get_or_create(&label).inc(),
+        };
+        self.pool.wake.notify_all();
+        got
     }
 
     fn worker(&self, rx: &Mutex<Receiver<Job>>) {
@@ -430,29 +605,30 @@ impl Executor {
             );
             return;
         }
-        let mut sandbox =
-            match self
-                .engine
+        let warm = self.take_warm(sub);
+        let is_warm = warm.is_some();
+        let mut sandbox = match warm.map(Ok).unwrap_or_else(|| {
+            self.engine
                 .prepare_with(&sub.policy, sub.language, &self.extras(sub))
-            {
-                Ok(sb) => sb,
-                Err(e) => {
-                    tracing::error!(execution = %sub.id, error = %e, "sandbox creation failed");
-                    let msg = e.public_message();
-                    self.finish(
-                        &job,
-                        Finish {
-                            error: Some(&msg),
-                            ..Finish::new(
-                                ExecStatus::Failed,
-                                TerminationReason::InternalError.as_str(),
-                                now_ms(),
-                            )
-                        },
-                    );
-                    return;
-                }
-            };
+        }) {
+            Ok(sb) => sb,
+            Err(e) => {
+                tracing::error!(execution = %sub.id, error = %e, "sandbox creation failed");
+                let msg = e.public_message();
+                self.finish(
+                    &job,
+                    Finish {
+                        error: Some(&msg),
+                        ..Finish::new(
+                            ExecStatus::Failed,
+                            TerminationReason::InternalError.as_str(),
+                            now_ms(),
+                        )
+                    },
+                );
+                return;
+            }
+        };
         let host_state = serde_json::json!({
             "cgroups": sandbox
                 .cgroup_dirs()
@@ -494,7 +670,11 @@ impl Executor {
                 trace_id: sub.trace_id.clone(),
                 request_id: sub.request_id.clone(),
             },
-            sub.grants.clone(),
+            airlock_broker::Grants {
+                // A warm runner receives its code with `hello`.
+                code: is_warm.then(|| String::from_utf8_lossy(&sub.code).into_owned()),
+                ..sub.grants.clone()
+            },
             Quotas::default(),
             self.store.clone(),
             Some(Box::new(move |rec: &serde_json::Value| {

@@ -260,6 +260,13 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
             render: Box::new(api::render_record),
             guest: Some(guest_dir.path().to_path_buf()),
             resolver,
+            pool: Some(exec::PoolSpec {
+                policy: cfg.policy.clone(),
+                targets: vec![
+                    (airlock_policy::Language::Python, cfg.pool.python),
+                    (airlock_policy::Language::Javascript, cfg.pool.javascript),
+                ],
+            }),
         },
     )
     .map_err(|e| ServeError::Setup(format!("worker threads: {e}")))?;

@@ -30,6 +30,23 @@ pub struct Metrics {
     pub auth_failures: Counter,
     /// Requests refused with 429 because the queue was full.
     pub rejected: Counter,
+    /// Idle warm sandboxes by language.
+    pub pool_size: Family<LangLabel, Gauge>,
+    /// Executions served from a warm pool, by language.
+    pub pool_hits: Family<LangLabel, Counter>,
+    /// Executions that wanted a warm sandbox and started cold.
+    pub pool_misses: Family<LangLabel, Counter>,
+    /// Warm sandboxes found dead while idle and discarded.
+    pub pool_discarded: Family<LangLabel, Counter>,
+    /// Time to create and prestart one warm sandbox, seconds.
+    pub pool_create: Histogram,
+}
+
+/// Label: language.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LangLabel {
+    /// `python`, `javascript`, `shell`.
+    pub language: String,
 }
 
 impl Metrics {
@@ -42,6 +59,28 @@ impl Metrics {
         let running = Gauge::default();
         let auth_failures = Counter::default();
         let rejected = Counter::default();
+        let pool_size = Family::<LangLabel, Gauge>::default();
+        let pool_hits = Family::<LangLabel, Counter>::default();
+        let pool_misses = Family::<LangLabel, Counter>::default();
+        let pool_discarded = Family::<LangLabel, Counter>::default();
+        let pool_create = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register("pool_size", "Idle warm sandboxes", pool_size.clone());
+        registry.register("pool_hits", "Executions served warm", pool_hits.clone());
+        registry.register(
+            "pool_misses",
+            "Executions that found no warm sandbox",
+            pool_misses.clone(),
+        );
+        registry.register(
+            "pool_discarded",
+            "Warm sandboxes found dead while idle",
+            pool_discarded.clone(),
+        );
+        registry.register(
+            "pool_create_seconds",
+            "Time to create and prestart a warm sandbox",
+            pool_create.clone(),
+        );
         registry.register(
             "executions",
             "Finished executions by termination reason",
@@ -80,6 +119,11 @@ impl Metrics {
             running,
             auth_failures,
             rejected,
+            pool_size,
+            pool_hits,
+            pool_misses,
+            pool_discarded,
+            pool_create,
         }
     }
 

@@ -12,6 +12,7 @@ mod broker;
 mod egress;
 mod hygiene;
 mod lifecycle;
+mod pool;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

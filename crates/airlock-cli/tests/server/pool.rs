@@ -1,0 +1,222 @@
+//! Warm pools: pre-isolated sandboxes with the runtime loaded, bound to
+//! exactly one execution each.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::Server;
+
+fn metric(s: &Server, name: &str) -> f64 {
+    let m = s.req("GET", "/metrics", None, None).text();
+    m.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn wait_metric(s: &Server, name: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(s, name) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{name} stayed {}",
+            metric(s, name)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const PROBE: &str = r#"
+import json, os
+def status(field):
+    for l in open("/proc/self/status"):
+        if l.startswith(field + ":"):
+            return l.split()[1]
+try:
+    open("/etc/shadow").read()
+    shadow = "readable"
+except OSError as e:
+    shadow = e.errno
+print(json.dumps({
+    "uid": os.getuid(), "root": sorted(os.listdir("/")), "tmp": sorted(os.listdir("/tmp")),
+    "workspace": sorted(os.listdir("/workspace")), "seccomp": status("Seccomp"),
+    "nnp": status("NoNewPrivs"), "capeff": status("CapEff"), "shadow": shadow,
+    "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+}))
+open("/tmp/residue", "w").write("secret of the previous tenant")
+open("/workspace/residue", "w").write("x")
+"#;
+
+fn run(s: &Server, key: &str, body: Value) -> Value {
+    let r = s.post("/v1/executions", key, body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn warm_sandboxes_are_as_isolated_as_cold_ones_and_never_reused() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let warm1 = run(&s, &key, json!({"language": "python", "code": PROBE}));
+    let warm2 = run(&s, &key, json!({"language": "python", "code": PROBE}));
+    // Positive control for "warm": both came from the pool.
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        2.0
+    );
+    // A request with its own limits does not fit the pool: cold.
+    let cold = run(
+        &s,
+        &key,
+        json!({"language": "python", "code": PROBE, "limits": {"memory_mib": 200}}),
+    );
+    assert_eq!(
+        metric(&s, "airlock_pool_misses_total{language=\"python\"}"),
+        1.0
+    );
+    let p = |v: &Value| -> Value {
+        serde_json::from_str(
+            v["result"]["stdout"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (w1, w2, c) = (p(&warm1), p(&warm2), p(&cold));
+    for w in [&w1, &w2] {
+        for k in ["uid", "root", "seccomp", "nnp", "capeff", "shadow", "pids"] {
+            assert_eq!(w[k], c[k], "{k} differs between warm and cold");
+        }
+        // Nothing of another execution: no residue in scratch, only the
+        // execution's own code in /workspace.
+        assert_eq!(w["tmp"], json!([]), "{w}");
+        assert_eq!(w["workspace"], json!(["main.py"]), "{w}");
+    }
+    assert_eq!(c["seccomp"], "2");
+    assert_eq!(c["capeff"], "0000000000000000");
+    assert_eq!(warm1["result"]["enforced"], cold["result"]["enforced"]);
+    // Two executions, two sandboxes: distinct cgroups were recorded.
+    assert_ne!(warm1["id"], warm2["id"]);
+}
+
+#[test]
+fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
+    let s = Server::start_with(&["--max-concurrent", "4"]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    // Kill the idle warm runners of this server (its descendants only:
+    // other tests' servers run beside it).
+    let server = s.pid();
+    let parent = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after = &stat[stat.rfind(')')? + 2..];
+        after.split(' ').nth(1)?.parse().ok()
+    };
+    let descends = |mut pid: u32| {
+        for _ in 0..16 {
+            match parent(pid) {
+                Some(p) if p == server => return true,
+                Some(p) if p > 1 => pid = p,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let victims: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c).contains("/opt/airlock/python/runner.py")
+            })
+        })
+        .filter(|pid| descends(*pid))
+        .collect();
+    let chain = |mut pid: u32| {
+        let mut v = vec![pid];
+        for _ in 0..8 {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                break;
+            };
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            pid = after.split(' ').nth(1).unwrap().parse().unwrap();
+            v.push(pid);
+        }
+        v
+    };
+    let show: Vec<Vec<u32>> = victims.iter().map(|p| chain(*p)).collect();
+    assert_eq!(victims.len(), 2, "server {server}: {show:?}");
+    for pid in &victims {
+        // SAFETY: these are processes of the server this test started; kill
+        // has no memory effects.
+        assert_eq!(unsafe { libc::kill(*pid as i32, libc::SIGKILL) }, 0);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // The next execution does not get a dead sandbox: it is discarded and
+    // the execution still runs (from a fresh warm one or cold).
+    let v = run(
+        &s,
+        &key,
+        json!({"language": "python", "code": "print('alive')"}),
+    );
+    assert_eq!(v["result"]["stdout"], "alive\n", "{v}");
+    assert!(metric(&s, "airlock_pool_discarded_total{language=\"python\"}") >= 1.0);
+    // A burst empties the pool; it refills to its target afterwards.
+    let ids: Vec<String> = (0..6)
+        .map(|_| {
+            s.post(
+                "/v1/executions",
+                &key,
+                json!({"language": "python", "code": "print(1)", "wait": false}),
+            )
+            .json()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for id in &ids {
+        let v = s.wait_status(&key, id, &["finished"]);
+        assert_eq!(v["result"]["stdout"], "1\n", "{v}");
+    }
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    assert!(metric(&s, "airlock_pool_hits_total{language=\"python\"}") >= 2.0);
+}
+
+#[test]
+fn warm_handlers_and_javascript() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"javascript\"}", 1.0);
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let v = run(
+        &s,
+        &key,
+        json!({"language": "javascript", "handler": true, "input": {"n": 4},
+               "code": "exports.handler = (ax, input) => ({ sq: input.n * input.n, id: ax.execution_id });"}),
+    );
+    assert_eq!(v["output"]["sq"], 16, "{v}");
+    assert_eq!(v["output"]["id"], v["id"]);
+    let v = run(
+        &s,
+        &key,
+        json!({"language": "python", "handler": true, "input": 3, "stdin": "from stdin",
+               "code": "import sys\ndef handler(ax, n):\n    return [n, sys.stdin.read()]"}),
+    );
+    assert_eq!(v["output"], json!([3, "from stdin"]), "{v}");
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"javascript\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        1.0
+    );
+}
