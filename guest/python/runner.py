@@ -81,5 +81,36 @@ def main():
     return 0
 
 
+def _finish_fast(run):
+    """Runs `run` with Python's exit semantics (SystemExit codes and
+    messages, tracebacks, atexit handlers, flushed output), then leaves
+    without interpreter finalisation: the sandbox is destroyed right after,
+    so tearing down every module is only latency."""
+    import atexit
+    try:
+        code = run()
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:  # noqa: BLE001 - reported like the interpreter does
+        import traceback
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not hide the exit code
+            pass
+    os._exit(code & 0xFF if isinstance(code, int) else 1)
+
+
 if __name__ == "__main__":
+    if os.environ.get("AIRLOCK_MODE") == "pooled":
+        _finish_fast(main)
     sys.exit(main())

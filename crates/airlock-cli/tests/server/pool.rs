@@ -220,3 +220,45 @@ fn warm_handlers_and_javascript() {
         1.0
     );
 }
+
+#[test]
+fn warm_runner_keeps_python_exit_semantics() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let cases = [
+        (
+            "import atexit, sys\natexit.register(lambda: print('bye'))\nprint('hi', end='')\nsys.exit(3)",
+            3,
+            "hibye\n",
+            "",
+        ),
+        (
+            "import sys\nsys.exit('fatal: no input')",
+            1,
+            "",
+            "fatal: no input\n",
+        ),
+        ("raise ValueError('boom')", 1, "", "ValueError: boom"),
+        (
+            "import sys\nsys.stdout.write('unflushed')",
+            0,
+            "unflushed",
+            "",
+        ),
+    ];
+    for (code, exit, out, err) in cases {
+        let v = run(&s, &key, json!({"language": "python", "code": code}));
+        assert_eq!(v["result"]["exit_code"], exit, "{v}");
+        assert_eq!(v["result"]["stdout"], out, "{v}");
+        assert!(v["result"]["stderr"].as_str().unwrap().contains(err), "{v}");
+    }
+    // Back to back, the pool may be empty for one of them (a cold start):
+    // every execution was either warm or counted as a miss.
+    let hits = metric(&s, "airlock_pool_hits_total{language=\"python\"}");
+    let misses = metric(&s, "airlock_pool_misses_total{language=\"python\"}");
+    assert!(
+        hits >= 2.0 && hits + misses == 4.0,
+        "{hits} hits, {misses} misses"
+    );
+}
