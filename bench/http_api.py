@@ -82,6 +82,44 @@ def concurrent(host, port, key, clients, per_client):
     return lat, wall
 
 
+def idle_sandbox_pss_kib(server_pid):
+    """PSS of each idle warm python sandbox of the server: its two init
+    processes and its runner, from /proc/<pid>/smaps_rollup."""
+    def ppid(pid):
+        try:
+            stat = open(f"/proc/{pid}/stat").read()
+            return int(stat[stat.rfind(")") + 2:].split()[1])
+        except OSError:
+            return 0
+    def pss(pid):
+        try:
+            for line in open(f"/proc/{pid}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{name}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"/opt/airlock/python/runner.py" not in cmd:
+            continue
+        chain, pid = [int(name)], int(name)
+        for _ in range(4):
+            pid = ppid(pid)
+            if pid in (0, 1, server_pid):
+                break
+            chain.append(pid)
+        if pid == server_pid:
+            out.append(sum(pss(p) for p in chain))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--airlock", required=True)
@@ -113,6 +151,8 @@ def main():
                 paced.append(c.run())
             per = max(1, a.iterations // a.clients)
             conc, conc_wall = concurrent(host, port, key, a.clients, per)
+            time.sleep(1.0)  # let the pool refill, then measure it idle
+            pss = idle_sandbox_pss_kib(srv.pid)
             mc = http.client.HTTPConnection(host, port, timeout=10)
             mc.request("GET", "/metrics")
             metrics = mc.getresponse().read().decode()
@@ -146,7 +186,9 @@ def main():
         f"\n\nTrivial python program through `airlock serve` (wait=true, kept-alive connections, "
         f"SQLite store, audit chain on), max_concurrent={workers}; {a.iterations} sequential "
         f"requests (+{a.warmup} warm-up), {a.clients}x{per} concurrent; warm pool (python): "
-        f"{pool.get('hits_total', '0')} hits, {pool.get('misses_total', '0')} misses; machine: {machine()}\n")
+        f"{pool.get('hits_total', '0')} hits, {pool.get('misses_total', '0')} misses; "
+        f"PSS per idle warm python sandbox (2 init processes + runner): "
+        f"{', '.join(f'{k / 1024:.1f} MiB' for k in pss) or 'n/a'}; machine: {machine()}\n")
     print(out)
     if a.markdown_out:
         with open(a.markdown_out, "a") as f:
