@@ -408,12 +408,19 @@ impl Executor {
     /// so refilling never competes with executions for the CPU it needs.
     fn refill_loop(&self) {
         let Some(spec) = &self.pool_spec else { return };
+        // After a failure a language waits (1 s, doubling to 60 s) before
+        // the next attempt: a missing runtime must not spin or flood logs.
+        let mut backoff: HashMap<Language, (Instant, Duration)> = HashMap::new();
         loop {
             if *self.pool.stop.lock().unwrap_or_else(|p| p.into_inner()) {
                 return;
             }
             for (lang, target) in &spec.targets {
-                if *lang == Language::Shell {
+                if *lang == Language::Shell
+                    || backoff
+                        .get(lang)
+                        .is_some_and(|(until, _)| Instant::now() < *until)
+                {
                     continue;
                 }
                 loop {
@@ -440,6 +447,7 @@ impl Executor {
                         .and_then(|mut sb| sb.prestart().map(|_| sb));
                     match made {
                         Ok(sb) => {
+                            backoff.remove(lang);
                             self.metrics.pool_create.observe(t.elapsed().as_secs_f64());
                             self.pool
                                 .idle
@@ -450,7 +458,12 @@ impl Executor {
                                 .push_back(sb);
                         }
                         Err(e) => {
-                            tracing::warn!(language = lang.as_str(), error = %e, "warm sandbox creation failed");
+                            let wait =
+                                backoff.get(lang).map_or(Duration::from_secs(1), |(_, w)| {
+                                    (*w * 2).min(Duration::from_secs(60))
+                                });
+                            backoff.insert(*lang, (Instant::now() + wait, wait));
+                            tracing::warn!(language = lang.as_str(), error = %e, retry_in_s = wait.as_secs(), "warm sandbox creation failed");
                             break;
                         }
                     }
