@@ -80,7 +80,12 @@ function makeAx(ch, hello) {
     tenant_id: hello.tenant_id,
     flow_id: hello.flow_id,
     trace_id: hello.trace_id,
-    variables: hello.variables || {},
+    _variables: hello.variables === undefined ? null : hello.variables,
+    // Config values and granted secrets (read when first needed).
+    get variables() {
+      if (this._variables === null) this._variables = ch.call('hello', {}).variables || {};
+      return this._variables;
+    },
     input: hello.input === undefined ? null : hello.input,
     _code: hello.code === undefined ? null : hello.code,
     _handler: !!hello.handler,

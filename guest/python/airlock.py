@@ -160,7 +160,7 @@ class Airlock:
         self.tenant_id = hello["tenant_id"]
         self.flow_id = hello["flow_id"]
         self.trace_id = hello["trace_id"]
-        self.variables = hello.get("variables") or {}
+        self._variables = hello.get("variables")
         self.input = hello.get("input")
         # Set for a warm (pooled) runner, which receives its code here.
         self._code = hello.get("code")
@@ -168,6 +168,13 @@ class Airlock:
         self.log = _Log(ch)
         self.secrets = _Secrets(ch)
         self.agent = _Agent(ch)
+
+    @property
+    def variables(self):
+        """Config values and granted secrets (read when first needed)."""
+        if self._variables is None:
+            self._variables = self._ch.call("hello").get("variables") or {}
+        return self._variables
 
     def _report(self, output=None, error=None):
         args = {"error": error} if error is not None else {"output": output}

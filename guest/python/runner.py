@@ -98,9 +98,16 @@ def _finish_fast(run):
             print(e.code, file=sys.stderr)
             code = 1
     except BaseException:  # noqa: BLE001 - reported like the interpreter does
-        import traceback
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
         code = 1
+    # What the interpreter does at exit, in its order: wait for non-daemon
+    # threads, then atexit handlers.
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        try:
+            threading._shutdown()
+        except BaseException:  # noqa: BLE001
+            pass
     atexit._run_exitfuncs()
     for f in (sys.stdout, sys.stderr):
         try:

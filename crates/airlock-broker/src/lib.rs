@@ -479,6 +479,22 @@ impl Session {
                 if !req.args.is_empty() {
                     return Err(op_err("invalid_args", "hello takes no arguments"));
                 }
+                if req.id == 0 {
+                    // The warm runner's handshake: identity, mode, input and
+                    // code, but no variables. Secrets are read only when the
+                    // program asks (a later `hello` or `secrets.get`).
+                    return Ok(json!({
+                        "protocol": VERSION,
+                        "execution_id": id.execution_id,
+                        "tenant_id": id.tenant_id,
+                        "flow_id": id.flow_id,
+                        "trace_id": id.trace_id,
+                        "handler": self.grants.handler,
+                        "input": self.grants.input,
+                        "code": self.grants.code,
+                        "variables": null,
+                    }));
+                }
                 let mut variables = self.grants.variables.clone();
                 let mut secrets = Map::new();
                 for name in &self.grants.secrets {
@@ -495,7 +511,6 @@ impl Session {
                     "trace_id": id.trace_id,
                     "handler": self.grants.handler,
                     "input": self.grants.input,
-                    "code": self.grants.code,
                     "variables": variables,
                 }))
             }

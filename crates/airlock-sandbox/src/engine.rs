@@ -706,18 +706,42 @@ impl Sandbox {
 
     /// [`Sandbox::execute`], stoppable from another thread through `cancel`.
     pub fn execute_cancellable(
-        mut self,
+        self,
         code: &[u8],
         file_name: Option<&str>,
         stdin: &[u8],
         on_output: &mut dyn FnMut(Stream, &[u8]),
         cancel: &CancelToken,
     ) -> RunResult {
+        self.execute_from(code, file_name, stdin, on_output, cancel, &mut || {})
+    }
+
+    /// [`Sandbox::execute_cancellable`], calling `on_start` once the clocks
+    /// run (wall time started, CPU baseline taken) and before the program
+    /// gets its job. A prestarted program can only start working after
+    /// something `on_start` attaches (its broker session), so nothing it
+    /// does escapes the limits.
+    pub fn execute_from(
+        mut self,
+        code: &[u8],
+        file_name: Option<&str>,
+        stdin: &[u8],
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+        cancel: &CancelToken,
+        on_start: &mut dyn FnMut(),
+    ) -> RunResult {
         let started = Instant::now();
+        let base = if self.prestarted {
+            self.cgroup.as_ref().map(Cgroup::stats).unwrap_or_default()
+        } else {
+            crate::cgroup::CgroupStats::default()
+        };
         let mut sup = Supervision {
             cancel: Some(cancel.clone()),
+            cpu_base: (base.cpu_user_ns.unwrap_or(0), base.cpu_sys_ns.unwrap_or(0)),
             ..Supervision::default()
         };
+        on_start();
         if let Err(e) = self.supervise(code, file_name, stdin, on_output, &mut sup, started) {
             sup.internal = Some(e);
         }
@@ -837,15 +861,8 @@ impl Sandbox {
         let mut stdin_off = 0usize;
         let deadline = started + Duration::from_millis(self.policy.limits.wall_time_ms);
         // A prestarted program's start-up is not the execution's: CPU
-        // counts from here.
-        let cpu_base_ns = if self.prestarted {
-            self.cgroup
-                .as_ref()
-                .and_then(Cgroup::cpu_usage_ns)
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        // counts from the bind.
+        let cpu_base_ns = sup.cpu_base.0 + sup.cpu_base.1;
         let cpu_limit_ns = self
             .policy
             .limits
@@ -1070,12 +1087,12 @@ impl Sandbox {
                 exec_errno,
             ) = (c, s, u, sy, maxrss_kib, f, x);
         }
-        let cpu_user_ms = stats
-            .cpu_user_ns
-            .map_or(user_us as f64 / 1000.0, |n| n as f64 / 1e6);
-        let cpu_sys_ms = stats
-            .cpu_sys_ns
-            .map_or(sys_us as f64 / 1000.0, |n| n as f64 / 1e6);
+        let cpu_user_ms = stats.cpu_user_ns.map_or(user_us as f64 / 1000.0, |n| {
+            n.saturating_sub(sup.cpu_base.0) as f64 / 1e6
+        });
+        let cpu_sys_ms = stats.cpu_sys_ns.map_or(sys_us as f64 / 1000.0, |n| {
+            n.saturating_sub(sup.cpu_base.1) as f64 / 1e6
+        });
         let cpu_total_ms = cpu_user_ms + cpu_sys_ms;
         let mut error = None;
         let reason = if let Some(e) = &sup.internal {
@@ -1153,6 +1170,8 @@ struct Supervision {
     engine_reason: Option<TerminationReason>,
     internal: Option<SandboxError>,
     cancel: Option<CancelToken>,
+    /// cgroup CPU (user, sys) ns already used when the execution was bound.
+    cpu_base: (u64, u64),
 }
 
 impl Supervision {

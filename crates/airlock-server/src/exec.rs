@@ -423,6 +423,33 @@ impl Executor {
                 {
                     continue;
                 }
+                // Sandboxes that died idle are dropped here; if they keep
+                // dying, this language backs off like a failed creation.
+                let died = {
+                    let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+                    let q = idle.entry(*lang).or_default();
+                    let before = q.len();
+                    q.retain(airlock_sandbox::Sandbox::is_alive);
+                    before - q.len()
+                };
+                if died > 0 {
+                    self.metrics
+                        .pool_discarded
+                        .get_or_create(&crate::metrics::LangLabel {
+                            language: lang.as_str().into(),
+                        })
+                        .inc_by(died as u64);
+                    let wait = backoff.get(lang).map_or(Duration::from_secs(1), |(_, w)| {
+                        (*w * 2).min(Duration::from_secs(60))
+                    });
+                    backoff.insert(*lang, (Instant::now() + wait, wait));
+                    tracing::warn!(
+                        language = lang.as_str(),
+                        died,
+                        "warm sandboxes died while idle"
+                    );
+                    continue;
+                }
                 loop {
                     let have = self
                         .pool
@@ -437,7 +464,9 @@ impl Executor {
                             language: lang.as_str().into(),
                         })
                         .set(have as i64);
-                    if have >= *target || self.in_flight() >= self.workers_n {
+                    let stopping = *self.pool.stop.lock().unwrap_or_else(|p| p.into_inner())
+                        || !self.accepting.load(Ordering::SeqCst);
+                    if have >= *target || self.in_flight() >= self.workers_n || stopping {
                         break;
                     }
                     let t = Instant::now();
@@ -492,7 +521,16 @@ impl Executor {
         };
         // Warm sandboxes are built for the base policy without egress; any
         // other policy has no pool and starts cold (a miss).
-        if sub.policy != spec.policy || !matches!(sub.policy.network, airlock_policy::Network::None)
+        // The code travels in one broker reply (at most 1 MiB): big code
+        // and input start cold instead.
+        let handshake = serde_json::to_string(&String::from_utf8_lossy(&sub.code))
+            .map_or(usize::MAX, |s| s.len())
+            .saturating_add(sub.grants.input.as_ref().map_or(0, |i| {
+                serde_json::to_string(i).map_or(usize::MAX, |s| s.len())
+            }));
+        if sub.policy != spec.policy
+            || !matches!(sub.policy.network, airlock_policy::Network::None)
+            || handshake > airlock_broker::MAX_FRAME / 2
         {
             self.metrics.pool_misses.get_or_create(&label).inc();
             return None;
@@ -694,12 +732,10 @@ impl Executor {
                 log_live.push("log", rec.to_string());
             })),
         ));
-        let broker_task = sandbox.take_broker().and_then(|std_stream| {
-            let _guard = self.rt.enter();
-            std_stream.set_nonblocking(true).ok()?;
-            let stream = tokio::net::UnixStream::from_std(std_stream).ok()?;
-            Some(self.rt.spawn(session.clone().serve(stream)))
-        });
+        // Served from the moment the execution's clocks run (a warm
+        // runner is waiting on this channel for its code).
+        let mut broker_std = sandbox.take_broker();
+        let mut broker_task = None;
         // The egress proxy of exactly this execution (proxy policies only).
         let egress_log: Arc<Mutex<Vec<serde_json::Value>>> = Arc::new(Mutex::new(Vec::new()));
         // Audit appends of this execution's egress, awaited before its record
@@ -779,12 +815,21 @@ impl Executor {
             let text = red.push(&redactor, &carry.push(chunk));
             live.push_output(kind, &text);
         };
-        let mut result = sandbox.execute_cancellable(
+        let mut start_broker = || {
+            broker_task = broker_std.take().and_then(|std_stream| {
+                let _guard = self.rt.enter();
+                std_stream.set_nonblocking(true).ok()?;
+                let stream = tokio::net::UnixStream::from_std(std_stream).ok()?;
+                Some(self.rt.spawn(session.clone().serve(stream)))
+            });
+        };
+        let mut result = sandbox.execute_from(
             &sub.code,
             None,
             &sub.stdin,
             &mut on_output,
             &job.entry.cancel,
+            &mut start_broker,
         );
         for (i, kind) in [(0, "stdout"), (1, "stderr")] {
             let (carry, red) = &mut streams[i];

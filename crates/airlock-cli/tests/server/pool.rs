@@ -262,3 +262,66 @@ fn warm_runner_keeps_python_exit_semantics() {
         "{hits} hits, {misses} misses"
     );
 }
+
+#[test]
+fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let r = s.req(
+        "PUT",
+        "/v1/secrets/S",
+        Some(&key),
+        Some(&json!({"value": "warm-secret-value"})),
+    );
+    assert_eq!(r.status, 200);
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    // Non-daemon threads finish before a warm runner exits.
+    let v = run(
+        &s,
+        &key,
+        json!({"language": "python", "code": "import threading, time\ndef late():\n    time.sleep(0.2)\n    print('thread done')\nthreading.Thread(target=late).start()"}),
+    );
+    assert_eq!(v["result"]["stdout"], "thread done\n", "{v}");
+    // A program that never asks for a granted secret reads none of it.
+    let before = s
+        .get("/v1/audit?limit=500", &key)
+        .text()
+        .matches("secret.read")
+        .count();
+    let v = run(
+        &s,
+        &key,
+        json!({"language": "python", "code": "print('no sdk here')", "secrets": ["S"]}),
+    );
+    assert_eq!(v["result"]["stdout"], "no sdk here\n");
+    let after = s
+        .get("/v1/audit?limit=500", &key)
+        .text()
+        .matches("secret.read")
+        .count();
+    assert_eq!(before, after, "a warm handshake read secrets");
+    // ... and one that does gets them (variables are fetched on use).
+    let v = run(
+        &s,
+        &key,
+        json!({"language": "python", "secrets": ["S"],
+               "code": "import airlock\nax = airlock.connect()\nprint(len(ax.variables['secrets']['S']))"}),
+    );
+    assert_eq!(v["result"]["stdout"], "17\n", "{v}");
+    // Code too big for the warm handshake runs cold, correctly.
+    let big = format!("x = '{}'\nprint(len(x))", "a".repeat(900_000));
+    let v = run(&s, &key, json!({"language": "python", "code": big}));
+    assert_eq!(v["result"]["stdout"], "900000\n", "{v}");
+    assert!(v["broker_error"].is_null());
+    // The runner's start-up CPU is not billed to a warm execution.
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let hits = metric(&s, "airlock_pool_hits_total{language=\"python\"}");
+    let v = run(&s, &key, json!({"language": "python", "code": "pass"}));
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        hits + 1.0
+    );
+    let cpu =
+        v["result"]["cpu_user_ms"].as_f64().unwrap() + v["result"]["cpu_sys_ms"].as_f64().unwrap();
+    assert!(cpu < 15.0, "warm `pass` billed {cpu} ms of CPU");
+}
