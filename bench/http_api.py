@@ -6,7 +6,7 @@ Each request is POST /v1/executions with wait=true on a kept-alive
 connection; every response is checked (200, finished, exited, exit 0) and a
 failing one aborts the benchmark. Latency is client-side, end to end.
 """
-import argparse, http.client, json, os, statistics, subprocess, sys, tempfile, threading, time
+import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 from cold_start import PY, machine, pct, time_once
 
@@ -36,10 +36,10 @@ def start_server(airlock, data, workers):
 
 
 class Client:
-    def __init__(self, host, port, key):
+    def __init__(self, host, port, key, language="python", code="pass"):
         self.conn = http.client.HTTPConnection(host, port, timeout=60)
         self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        self.body = json.dumps({"language": "python", "code": "pass"})
+        self.body = json.dumps({"language": language, "code": code})
 
     def run(self):
         t = time.perf_counter()
@@ -143,12 +143,21 @@ def main():
             t = time.perf_counter()
             seq = [c.run() for _ in range(a.iterations)]
             seq_wall = time.perf_counter() - t
-            # Paced: 30 ms between requests, time for the warm pool to refill
+            # Paced (python: 30 ms, JavaScript: 80 ms between requests): time for
+            # the warm pool to refill
             # (what an interactive client sees).
             paced = []
             for _ in range(max(20, a.iterations // 2)):
                 time.sleep(0.03)
                 paced.append(c.run())
+            node = shutil.which("node")
+            bare_js, paced_js = [], []
+            if node:
+                bare_js = [time_once([node, "-e", "0"]) for _ in range(max(10, a.iterations // 5))]
+                jc = Client(host, port, key, "javascript", "0")
+                for _ in range(max(10, a.iterations // 5)):
+                    time.sleep(0.08)
+                    paced_js.append(jc.run())
             per = max(1, a.iterations // a.clients)
             conc, conc_wall = concurrent(host, port, key, a.clients, per)
             time.sleep(1.0)  # let the pool refill, then measure it idle
@@ -170,13 +179,15 @@ def main():
         ("airlock run, cold (CLI, sequential)", cold, None),
         ("HTTP API, 1 client (sequential, back to back)", seq, len(seq) / seq_wall),
         ("HTTP API, 1 client (paced, pool warm)", paced, "paced"),
+        *([("bare node -e 0 (sequential)", bare_js, None),
+           ("HTTP API, JavaScript, 1 client (paced, pool warm)", paced_js, "paced")] if bare_js else []),
         (f"HTTP API, {a.clients} concurrent clients", conc, len(conc) / conc_wall),
     ]
     lines = ["| path | p50 ms | p99 ms | executions/s | p50 vs bare python |",
              "|---|---:|---:|---:|---:|"]
     for name, xs, rate in rows:
         if rate == "paced":
-            r = "n/a (30 ms pauses)"
+            r = "n/a (paced)"
         else:
             r = f"{rate:.1f}" if rate else f"{1000 / statistics.mean(xs):.1f} (1/mean)"
         lines.append(f"| {name} | {statistics.median(xs):.2f} | {pct(xs, 99):.2f} | {r} | "
