@@ -45,7 +45,37 @@ fn version_of(bin: &str, arg: &str) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
-pub fn run(json: bool) -> ExitCode {
+/// Pool lines of a running server's /metrics (plain HTTP on `url`).
+fn pool_state(url: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let hostport = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs")?
+        .trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).map_err(|e| format!("{hostport}: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut body = String::new();
+    s.take(1 << 20)
+        .read_to_string(&mut body)
+        .map_err(|e| e.to_string())?;
+    let pools: Vec<String> = body
+        .lines()
+        .filter(|l| l.starts_with("airlock_pool_") && !l.contains("_bucket") && !l.starts_with('#'))
+        .map(|l| l.trim_start_matches("airlock_pool_").to_string())
+        .collect();
+    if pools.is_empty() {
+        return Err("no pool metrics (is it an airlock server?)".into());
+    }
+    Ok(pools.join(", "))
+}
+
+pub fn run(json: bool, server: Option<&str>) -> ExitCode {
     let mut checks = Vec::new();
 
     let max_userns = read("/proc/sys/user/max_user_namespaces")
@@ -187,6 +217,20 @@ pub fn run(json: bool) -> ExitCode {
         },
         fix: Some("enable virtualisation (VT-x/AMD-V, or nested virtualisation on a cloud VM) and load kvm_intel/kvm_amd".into()),
     });
+
+    if let Some(url) = server {
+        let state = pool_state(url);
+        checks.push(Check {
+            name: "warm_pools",
+            ok: state.is_ok(),
+            detail: match state {
+                Ok(s) | Err(s) => s,
+            },
+            fix: Some(
+                "start `airlock serve` (pools: [pool] python/javascript in its config)".into(),
+            ),
+        });
+    }
 
     if json {
         println!(

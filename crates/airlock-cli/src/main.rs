@@ -44,6 +44,10 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also report the warm pools of a running `airlock serve`
+        /// (e.g. http://127.0.0.1:7070), read from its /metrics.
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
     },
 }
 
@@ -127,7 +131,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Doctor { json } => doctor::run(json),
+        Command::Doctor { json, server } => doctor::run(json, server.as_deref()),
         Command::Serve(args) => server::serve(args, engine_config()),
         Command::Admin(args) => server::admin(args),
     }

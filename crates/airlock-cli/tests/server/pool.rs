@@ -325,3 +325,32 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
         v["result"]["cpu_user_ms"].as_f64().unwrap() + v["result"]["cpu_sys_ms"].as_f64().unwrap();
     assert!(cpu < 15.0, "warm `pass` billed {cpu} ms of CPU");
 }
+
+#[test]
+fn doctor_reports_the_pools_of_a_running_server() {
+    let s = Server::start_with(&[]);
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let out = std::process::Command::new(crate::BIN)
+        .args(["doctor", "--server"])
+        .arg(format!("http://{}", s.addr))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("warm_pools"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.starts_with("ok"), "{line}");
+    assert!(line.contains("size{language=\"python\"} 2"), "{line}");
+    // Positive control for the negative: nothing listening there.
+    let out = std::process::Command::new(crate::BIN)
+        .args(["doctor", "--server", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("MISS") && l.contains("warm_pools")),
+        "{text}"
+    );
+}
