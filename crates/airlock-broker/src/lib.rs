@@ -207,6 +207,11 @@ pub fn valid_memory_key(k: &str, max: usize) -> bool {
         && k.split('/').all(|seg| seg != "." && seg != "..")
 }
 
+/// Length of `v` serialised as JSON (`usize::MAX` if it cannot be).
+pub fn json_len<T: serde::Serialize + ?Sized>(v: &T) -> usize {
+    serde_json::to_string(v).map_or(usize::MAX, |s| s.len())
+}
+
 /// Secret names: `[A-Za-z_][A-Za-z0-9_.-]{0,127}`.
 pub fn valid_secret_name(n: &str) -> bool {
     let b = n.as_bytes();
@@ -532,7 +537,7 @@ impl Session {
                     ));
                 }
                 let mut fields = Value::Object(a.fields);
-                let flen = serde_json::to_string(&fields).map_or(usize::MAX, |s| s.len());
+                let flen = json_len(&fields);
                 if flen > self.quotas.log_fields_bytes {
                     return Err(op_err(
                         "too_large",
@@ -678,11 +683,7 @@ impl Session {
                     ));
                 }
                 st.result_reported = true;
-                let size = |v: &Option<Value>| {
-                    v.as_ref().map_or(0, |v| {
-                        serde_json::to_string(v).map_or(usize::MAX, |s| s.len())
-                    })
-                };
+                let size = |v: &Option<Value>| v.as_ref().map_or(0, json_len);
                 if size(&a.output) > self.quotas.output_bytes
                     || size(&a.error) > self.quotas.output_bytes
                 {
@@ -745,7 +746,7 @@ impl Session {
         expected: Option<i64>,
     ) -> Result<Value, OpError> {
         self.check_key(key)?;
-        let len = serde_json::to_string(value).map_or(usize::MAX, |s| s.len());
+        let len = json_len(value);
         if len > self.quotas.memory_value_bytes {
             return Err(op_err(
                 "too_large",

@@ -260,7 +260,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
     }
     let rules = policy.network.rules().map_err(|e| Usage(e.to_string()))?;
     let extras = airlock_sandbox::Extras {
-        egress: matches!(policy.network, airlock_policy::Network::Proxy { .. }),
+        egress: policy.network.is_proxy(),
         ..Default::default()
     };
     let mut sandbox = match engine.prepare_with(&policy, language, &extras) {

@@ -186,6 +186,11 @@ pub enum Network {
 }
 
 impl Network {
+    /// Whether egress goes through the proxy.
+    pub fn is_proxy(&self) -> bool {
+        matches!(self, Network::Proxy { .. })
+    }
+
     /// The parsed allowlist (empty for `none`).
     pub fn rules(&self) -> Result<Vec<egress::EgressRule>, PolicyError> {
         match self {

@@ -270,7 +270,7 @@ impl Engine {
                 "extra environment names must be AIRLOCK_[A-Z0-9_]*".into(),
             ));
         }
-        let wants_proxy = matches!(policy.network, airlock_policy::Network::Proxy { .. });
+        let wants_proxy = policy.network.is_proxy();
         if wants_proxy != extras.egress {
             // Fail closed both ways: no silent "no network" for a policy
             // that asked for egress, no forwarder without a policy.
@@ -376,12 +376,15 @@ impl Engine {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs between fork and exec and only calls
-        // dup2, fcntl or close, which are async-signal-safe; `child_fd` and
-        // `child_broker_fd` stay open in the parent until after spawn
-        // returns. The broker end is moved to 4 only after the control end
-        // sits at 3, and neither source can be 4 and 3 crosswise because
-        // both are fresh descriptors above stdio.
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls fcntl(F_DUPFD/F_SETFD) and dup2, which are
+        // async-signal-safe and allocate nothing. The descriptors it names
+        // (`child_fd`, `child_broker_fd`, `child_egress_fd`) are owned by
+        // `child_ctrl`/`child_broker`/`child_egress`, which stay alive until
+        // after `spawn` returns, so they are open in the child. The broker
+        // and egress ends are first copied to >= 16, so placing the control
+        // end at 3 cannot overwrite them, and their final dup2 to 4 and 5
+        // cannot overwrite 3.
         unsafe {
             cmd.pre_exec(move || {
                 // Park the broker end above 4 first, so placing the control
@@ -621,7 +624,7 @@ impl Sandbox {
     }
 
     fn egress_env(&self) -> Vec<(&'static str, String)> {
-        if !matches!(self.policy.network, airlock_policy::Network::Proxy { .. }) {
+        if !self.policy.network.is_proxy() {
             return Vec::new();
         }
         let url = format!("http://127.0.0.1:{PROXY_PORT}");

@@ -96,6 +96,23 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     });
     let started = Instant::now();
     let mut resp = next.run(req).await;
+    // Errors the framework produced itself (an extractor's rejection, such
+    // as a path that is not valid UTF-8) become problem documents too: one
+    // error format, and never the framework's own text.
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if !is_problem && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        resp = match resp.status() {
+            StatusCode::NOT_FOUND => ApiError::NotFound,
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+            s if s.is_client_error() => ApiError::InvalidRequest("malformed request".into()),
+            _ => ApiError::Internal,
+        }
+        .into_response();
+    }
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -626,6 +643,23 @@ async fn openapi() -> Response {
         .into_response()
 }
 
+/// A policy denial: audited, then answered with 422.
+async fn deny(st: &AppState, who: &Principal, ctx: &ReqCtx, why: String) -> ApiError {
+    let ev = NewAudit::new(
+        Some(&who.tenant_id),
+        "policy.denied",
+        &who.actor(ctx).actor,
+        "execution",
+        Some(&ctx.request_id),
+    )
+    .with_detail(serde_json::json!({ "reason": why }));
+    match st.store.append_audit(ev).await {
+        Ok(_) => ApiError::PolicyDenied(why),
+        // Fail closed: a denial that cannot be recorded is an error.
+        Err(e) => e.into(),
+    }
+}
+
 /// Runs code in a fresh sandbox.
 #[utoipa::path(post, path = "/v1/executions", request_body = CreateExecution,
     security(("bearer" = [])),
@@ -655,18 +689,7 @@ async fn create_execution(
         Language::parse(&req.language).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     let policy = match resolve_policy(&st, req.limits.as_ref()) {
         Ok(p) => p,
-        Err(ApiError::PolicyDenied(why)) => {
-            let ev = NewAudit::new(
-                Some(&who.tenant_id),
-                "policy.denied",
-                &who.actor(&ctx).actor,
-                "execution",
-                Some(&ctx.request_id),
-            )
-            .with_detail(serde_json::json!({ "reason": why }));
-            st.store.append_audit(ev).await?;
-            return Err(ApiError::PolicyDenied(why));
-        }
+        Err(ApiError::PolicyDenied(why)) => return Err(deny(&st, &who, &ctx, why).await),
         Err(e) => return Err(e),
     };
     let flow_id = req.flow.clone().unwrap_or_else(|| "default".into());
@@ -692,7 +715,7 @@ async fn create_execution(
     }
     if req.variables.contains_key("secrets")
         || req.variables.len() > 256
-        || serde_json::to_string(&req.variables).map_or(true, |t| t.len() > (64 << 10))
+        || airlock_broker::json_len(&req.variables) > (64 << 10)
     {
         return Err(ApiError::InvalidRequest(
             "variables: at most 256 entries and 64 KiB, and \"secrets\" is reserved".into(),
@@ -740,16 +763,7 @@ async fn create_execution(
                 "egress not permitted by this server: {}",
                 outside.join(", ")
             );
-            let ev = NewAudit::new(
-                Some(&who.tenant_id),
-                "policy.denied",
-                &who.actor(&ctx).actor,
-                "execution",
-                Some(&ctx.request_id),
-            )
-            .with_detail(serde_json::json!({ "reason": why }));
-            st.store.append_audit(ev).await?;
-            return Err(ApiError::PolicyDenied(why));
+            return Err(deny(&st, &who, &ctx, why).await);
         }
         if !st.exec.egress_available() {
             return Err(ApiError::RuntimeUnavailable(
@@ -1433,7 +1447,7 @@ async fn put_memory(
     memory_scope(&flow, Some(&key))?;
     let req: PutMemory = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
     let q = airlock_broker::Quotas::default();
-    if serde_json::to_string(&req.value).map_or(true, |t| t.len() > q.memory_value_bytes) {
+    if airlock_broker::json_len(&req.value) > q.memory_value_bytes {
         return Err(ApiError::InvalidRequest(format!(
             "memory values are at most {} bytes",
             q.memory_value_bytes
@@ -1513,9 +1527,14 @@ async fn list_memory(
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
     Path(flow): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+    q: Result<
+        axum::extract::Query<HashMap<String, String>>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> Result<Json<MemoryList>, ApiError> {
     let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
+    let axum::extract::Query(q) =
+        q.map_err(|_| ApiError::InvalidRequest("malformed query string".into()))?;
     memory_scope(&flow, None)?;
     if let Some(k) = q
         .keys()

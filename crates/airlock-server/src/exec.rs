@@ -136,8 +136,14 @@ fn redact_capped(r: &airlock_broker::Redactor, text: &str, truncated: bool, cap:
     out
 }
 
-fn sandbox_had_egress(p: &Policy) -> bool {
-    matches!(p.network, airlock_policy::Network::Proxy { .. })
+/// Records one more failure of `lang`'s pool: it waits 1 s, doubling to
+/// 60 s, before the next attempt. Returns the wait.
+fn back_off(backoff: &mut HashMap<Language, (Instant, Duration)>, lang: Language) -> Duration {
+    let wait = backoff.get(&lang).map_or(Duration::from_secs(1), |(_, w)| {
+        (*w * 2).min(Duration::from_secs(60))
+    });
+    backoff.insert(lang, (Instant::now() + wait, wait));
+    wait
 }
 
 /// Where the guest SDKs appear inside every sandbox (read-only).
@@ -439,13 +445,11 @@ impl Executor {
                             language: lang.as_str().into(),
                         })
                         .inc_by(died as u64);
-                    let wait = backoff.get(lang).map_or(Duration::from_secs(1), |(_, w)| {
-                        (*w * 2).min(Duration::from_secs(60))
-                    });
-                    backoff.insert(*lang, (Instant::now() + wait, wait));
+                    let wait = back_off(&mut backoff, *lang);
                     tracing::warn!(
                         language = lang.as_str(),
                         died,
+                        retry_in_s = wait.as_secs(),
                         "warm sandboxes died while idle"
                     );
                     continue;
@@ -487,11 +491,7 @@ impl Executor {
                                 .push_back(sb);
                         }
                         Err(e) => {
-                            let wait =
-                                backoff.get(lang).map_or(Duration::from_secs(1), |(_, w)| {
-                                    (*w * 2).min(Duration::from_secs(60))
-                                });
-                            backoff.insert(*lang, (Instant::now() + wait, wait));
+                            let wait = back_off(&mut backoff, *lang);
                             tracing::warn!(language = lang.as_str(), error = %e, retry_in_s = wait.as_secs(), "warm sandbox creation failed");
                             break;
                         }
@@ -523,13 +523,21 @@ impl Executor {
         // other policy has no pool and starts cold (a miss).
         // The code travels in one broker reply (at most 1 MiB): big code
         // and input start cold instead.
-        let handshake = serde_json::to_string(&String::from_utf8_lossy(&sub.code))
-            .map_or(usize::MAX, |s| s.len())
-            .saturating_add(sub.grants.input.as_ref().map_or(0, |i| {
-                serde_json::to_string(i).map_or(usize::MAX, |s| s.len())
-            }));
+        // JSON escaping at most sextuples a byte: only code that might not
+        // fit is measured exactly.
+        let code_json = if sub.code.len() * 6 <= airlock_broker::MAX_FRAME / 4 {
+            sub.code.len() * 6
+        } else {
+            airlock_broker::json_len(&String::from_utf8_lossy(&sub.code))
+        };
+        let handshake = code_json.saturating_add(
+            sub.grants
+                .input
+                .as_ref()
+                .map_or(0, airlock_broker::json_len),
+        );
         if sub.policy != spec.policy
-            || !matches!(sub.policy.network, airlock_policy::Network::None)
+            || sub.policy.network.is_proxy()
             || handshake > airlock_broker::MAX_FRAME / 2
         {
             self.metrics.pool_misses.get_or_create(&label).inc();
@@ -624,7 +632,7 @@ impl Executor {
     fn extras(&self, sub: &Submission) -> Extras {
         let mut x = Extras {
             broker: true,
-            egress: matches!(sub.policy.network, airlock_policy::Network::Proxy { .. }),
+            egress: sub.policy.network.is_proxy(),
             ..Extras::default()
         };
         if let Some(g) = &self.guest {
@@ -870,7 +878,7 @@ impl Executor {
         });
         let egress = {
             let l = egress_log.lock().unwrap_or_else(|p| p.into_inner());
-            (!l.is_empty() || sandbox_had_egress(&sub.policy))
+            (!l.is_empty() || sub.policy.network.is_proxy())
                 .then(|| serde_json::Value::Array(l.clone()))
         };
         let outcome = session.outcome();

@@ -259,6 +259,15 @@ fn malformed_requests_table() {
             "not_found",
         ),
         (
+            "path not UTF-8",
+            "GET",
+            "/v1/executions/%ff%fe",
+            vec![a],
+            Vec::new(),
+            400,
+            "invalid_request",
+        ),
+        (
             "unknown route",
             "GET",
             "/v1/nothing",
