@@ -88,6 +88,9 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some(airlock_sandbox::init::INIT_ARG) {
         airlock_sandbox::init::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(airlock_sandbox::zygote::ZYGOTE_ARG) {
+        airlock_sandbox::zygote::main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some(airlock_sandbox::kvm::KVM_PROBE_ARG) {
         return match airlock_sandbox::kvm::probe() {
             Ok(s) => {

@@ -32,6 +32,7 @@ use crate::init::{
 use crate::proto::{self, FromInit, InitConfig, Job, ToInit};
 use crate::result::{Enforced, LandlockReport, RunResult, SeccompReport, TerminationReason};
 use crate::runtime::{self, Runtime};
+use crate::zygote::Zygote;
 use crate::{seccomp, sys};
 
 /// Engine settings that belong to the host, not to a policy.
@@ -176,6 +177,11 @@ impl Engine {
         }
     }
 
+    /// The binary that acts as init (and zygote).
+    pub(crate) fn init_path(&self) -> &std::path::Path {
+        &self.cfg.init_path
+    }
+
     /// The detected cgroup layout.
     pub fn cgroup_layout(&self) -> Option<&Layout> {
         self.cgroups.as_ref()
@@ -248,6 +254,27 @@ impl Engine {
         policy: &Policy,
         lang: Language,
         extras: &Extras,
+    ) -> Result<Sandbox, SandboxError> {
+        self.prepare_inner(policy, lang, extras, None)
+    }
+
+    /// A sandbox whose first process is forked by `zygote` (its policy,
+    /// language and extras), isolated exactly like [`Engine::prepare_with`].
+    pub fn prepare_from(&self, zygote: &Zygote) -> Result<Sandbox, SandboxError> {
+        self.prepare_inner(
+            &zygote.policy,
+            Language::Python,
+            &zygote.extras,
+            Some(zygote),
+        )
+    }
+
+    fn prepare_inner(
+        &self,
+        policy: &Policy,
+        lang: Language,
+        extras: &Extras,
+        zygote: Option<&Zygote>,
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
         for (host, target) in &extras.mounts {
@@ -341,18 +368,17 @@ impl Engine {
             seccomp: std::mem::take(&mut programs),
             broker: extras.broker,
             egress: extras.egress,
+            zygote: zygote.is_some(),
         };
         let filters = init_cfg.seccomp.len();
 
         let (host_ctrl, child_ctrl) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
-        let child_fd = child_ctrl.as_raw_fd();
         let (host_broker, child_broker) = if extras.broker {
             let (h, c) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
             (Some(h), Some(c))
         } else {
             (None, None)
         };
-        let child_broker_fd = child_broker.as_ref().map(|c| c.as_raw_fd());
         // The egress channel carries one descriptor per message: a
         // SOCK_SEQPACKET pair keeps message boundaries.
         let (host_egress, child_egress) = if extras.egress {
@@ -367,58 +393,24 @@ impl Engine {
         } else {
             (None, None)
         };
-        let child_egress_fd = child_egress.as_ref().map(|c| c.as_raw_fd());
-        let mut cmd = Command::new(&self.cfg.init_path);
-        cmd.arg(INIT_ARG)
-            .arg(std::process::id().to_string())
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls fcntl(F_DUPFD/F_SETFD) and dup2, which are
-        // async-signal-safe and allocate nothing. The descriptors it names
-        // (`child_fd`, `child_broker_fd`, `child_egress_fd`) are owned by
-        // `child_ctrl`/`child_broker`/`child_egress`, which stay alive until
-        // after `spawn` returns, so they are open in the child. The broker
-        // and egress ends are first copied to >= 16, so placing the control
-        // end at 3 cannot overwrite them, and their final dup2 to 4 and 5
-        // cannot overwrite 3.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Park the broker end above 4 first, so placing the control
-                // end at 3 cannot clobber it (and vice versa).
-                let parked = match child_broker_fd {
-                    Some(fd) => Some(sys::dup_above(fd, 16)?),
-                    None => None,
-                };
-                let parked_egress = match child_egress_fd {
-                    Some(fd) => Some(sys::dup_above(fd, 16)?),
-                    None => None,
-                };
-                if child_fd == CONTROL_FD {
-                    sys::clear_cloexec(child_fd)?;
-                } else {
-                    sys::dup2(child_fd, CONTROL_FD)?;
-                }
-                if let Some(fd) = parked {
-                    sys::dup2(fd, BROKER_FD)?;
-                }
-                match parked_egress {
-                    Some(fd) => sys::dup2(fd, EGRESS_FD),
-                    None => Ok(()),
-                }
-            });
-        }
-        let mut child = cmd.spawn().map_err(SandboxError::SpawnInit)?;
+        let (init, stdin_w, stdout_r, stderr_r, pid) = match zygote {
+            Some(z) => z.fork(&child_ctrl, child_broker.as_ref(), child_egress.as_ref())?,
+            None => {
+                let mut child = self.spawn_init(
+                    child_ctrl.as_raw_fd(),
+                    child_broker.as_ref().map(|c| c.as_raw_fd()),
+                    child_egress.as_ref().map(|c| c.as_raw_fd()),
+                )?;
+                let stdin_w = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
+                let stdout_r = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
+                let stderr_r = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
+                let pid = child.id() as i32;
+                (InitProc::Child(child), stdin_w, stdout_r, stderr_r, pid)
+            }
+        };
         drop(child_ctrl);
         drop(child_broker);
         drop(child_egress);
-        let stdin_w = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
-        let stdout_r = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
-        let stderr_r = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
-        let pid = child.id() as i32;
 
         let (host_uid, host_gid) = if euid == 0 {
             self.cfg.root_host_ids
@@ -427,7 +419,7 @@ impl Engine {
         };
 
         let mut sb = Sandbox {
-            child: Some(child),
+            child: Some(init),
             stdin: stdin_w,
             stdout: stdout_r,
             stderr: stderr_r,
@@ -508,12 +500,126 @@ impl Engine {
         sb.setup_time = started.elapsed();
         Ok(sb)
     }
+
+    /// Spawns a fresh `airlock __airlock-init` with the control socket at
+    /// descriptor 3 and the broker and egress ends at 4 and 5.
+    fn spawn_init(
+        &self,
+        child_fd: i32,
+        child_broker_fd: Option<i32>,
+        child_egress_fd: Option<i32>,
+    ) -> Result<Child, SandboxError> {
+        let mut cmd = Command::new(&self.cfg.init_path);
+        cmd.arg(INIT_ARG)
+            .arg(std::process::id().to_string())
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls fcntl(F_DUPFD/F_SETFD) and dup2, which are
+        // async-signal-safe and allocate nothing. The descriptors it names
+        // (`child_fd`, `child_broker_fd`, `child_egress_fd`) are owned by
+        // the caller's socket ends, which stay alive until after
+        // this function returns, so they are open in the child. The broker
+        // and egress ends are first copied to >= 16, so placing the control
+        // end at 3 cannot overwrite them, and their final dup2 to 4 and 5
+        // cannot overwrite 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Park the broker end above 4 first, so placing the control
+                // end at 3 cannot clobber it (and vice versa).
+                let parked = match child_broker_fd {
+                    Some(fd) => Some(sys::dup_above(fd, 16)?),
+                    None => None,
+                };
+                let parked_egress = match child_egress_fd {
+                    Some(fd) => Some(sys::dup_above(fd, 16)?),
+                    None => None,
+                };
+                if child_fd == CONTROL_FD {
+                    sys::clear_cloexec(child_fd)?;
+                } else {
+                    sys::dup2(child_fd, CONTROL_FD)?;
+                }
+                if let Some(fd) = parked {
+                    sys::dup2(fd, BROKER_FD)?;
+                }
+                match parked_egress {
+                    Some(fd) => sys::dup2(fd, EGRESS_FD),
+                    None => Ok(()),
+                }
+            });
+        }
+        cmd.spawn().map_err(SandboxError::SpawnInit)
+    }
+}
+
+fn egress_env(policy: &Policy) -> Vec<(&'static str, String)> {
+    if !policy.network.is_proxy() {
+        return Vec::new();
+    }
+    let url = format!("http://127.0.0.1:{PROXY_PORT}");
+    let mut v: Vec<(&'static str, String)> = [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ]
+    .into_iter()
+    .map(|k| (k, url.clone()))
+    .collect();
+    v.push(("NO_PROXY", "localhost,127.0.0.1,::1".into()));
+    v.push(("no_proxy", "localhost,127.0.0.1,::1".into()));
+    v
+}
+
+/// The program's argv and environment (`NAME=value`) for a job whose code
+/// is `/workspace/<file_name>`.
+pub(crate) fn program_argv_env(
+    policy: &Policy,
+    runtime: &Runtime,
+    entry: Option<&str>,
+    broker: bool,
+    extra_env: &[(String, String)],
+    file_name: &str,
+) -> (Vec<String>, Vec<String>) {
+    let mut argv = vec![runtime.interpreter.clone()];
+    argv.extend(runtime.args.iter().cloned());
+    if let Some(entry) = entry {
+        argv.push(entry.to_string());
+    }
+    argv.push(format!("/workspace/{file_name}"));
+    let env = policy
+        .program_env()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(broker.then(|| format!("AIRLOCK_BROKER_FD={BROKER_FD}")))
+        .chain(extra_env.iter().map(|(k, v)| format!("{k}={v}")))
+        .chain(
+            egress_env(policy)
+                .into_iter()
+                .map(|(k, v)| format!("{k}={v}")),
+        )
+        .collect();
+    (argv, env)
+}
+
+/// Stage 1 of a sandbox's init: a child of the engine, or forked by a
+/// zygote (then only a pidfd is held; the zygote reaps it).
+#[derive(Debug)]
+pub(crate) enum InitProc {
+    Child(Child),
+    Forked(OwnedFd),
 }
 
 /// A sandbox with every layer applied, waiting for exactly one job.
 #[derive(Debug)]
 pub struct Sandbox {
-    child: Option<Child>,
+    child: Option<InitProc>,
     stdin: Option<File>,
     stdout: Option<File>,
     stderr: Option<File>,
@@ -621,27 +727,6 @@ impl Sandbox {
     /// What this sandbox enforces.
     pub fn enforced(&self) -> &Enforced {
         &self.enforced
-    }
-
-    fn egress_env(&self) -> Vec<(&'static str, String)> {
-        if !self.policy.network.is_proxy() {
-            return Vec::new();
-        }
-        let url = format!("http://127.0.0.1:{PROXY_PORT}");
-        let mut v: Vec<(&'static str, String)> = [
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "ALL_PROXY",
-            "http_proxy",
-            "https_proxy",
-            "all_proxy",
-        ]
-        .into_iter()
-        .map(|k| (k, url.clone()))
-        .collect();
-        v.push(("NO_PROXY", "localhost,127.0.0.1,::1".into()));
-        v.push(("no_proxy", "localhost,127.0.0.1,::1".into()));
-        v
     }
 
     /// Starts the program now, before anything tenant-specific exists: the
@@ -761,33 +846,20 @@ impl Sandbox {
             Some(n) if safe_file_name(n) => n.to_string(),
             _ => format!("main.{}", self.runtime.extension),
         };
-        let mut argv = vec![self.runtime.interpreter.clone()];
-        argv.extend(self.runtime.args.iter().cloned());
-        if let Some(entry) = &self.entry {
-            argv.push(entry.clone());
-        }
-        argv.push(format!("/workspace/{name}"));
+        let (argv, env) = program_argv_env(
+            &self.policy,
+            &self.runtime,
+            self.entry.as_deref(),
+            self.init_broker,
+            &self.extra_env,
+            &name,
+        );
         let have_cg = self.cgroup.is_some();
         Job {
             file_name: name,
             code_len: code_len as u64,
             argv,
-            env: self
-                .policy
-                .program_env()
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .chain(
-                    self.init_broker
-                        .then(|| format!("AIRLOCK_BROKER_FD={BROKER_FD}")),
-                )
-                .chain(self.extra_env.iter().map(|(k, v)| format!("{k}={v}")))
-                .chain(
-                    self.egress_env()
-                        .into_iter()
-                        .map(|(k, v)| format!("{k}={v}")),
-                )
-                .collect(),
+            env,
             cpu_seconds: l.cpu_time_ms.div_ceil(1000),
             open_files: l.open_files,
             // Above the scratch cap, so a full tmpfs reports ENOSPC first.
@@ -1023,9 +1095,18 @@ impl Sandbox {
         if let Some(cg) = &self.cgroup {
             cg.kill_all();
         }
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
+        match self.child.as_mut() {
+            Some(InitProc::Child(child)) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Some(InitProc::Forked(pidfd)) => {
+                // The zygote reaps it; the cgroup can only be removed once
+                // it has exited.
+                let _ = sys::pidfd_kill(pidfd);
+                sys::pidfd_wait_exit(pidfd, 2000);
+            }
+            None => {}
         }
     }
 

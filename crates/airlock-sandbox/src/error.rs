@@ -45,6 +45,10 @@ pub enum SandboxError {
     #[error("sandbox supervision failed: {0}")]
     Supervise(io::Error),
     /// The request was invalid (size caps etc.).
+    /// The python zygote (a forking interpreter) is unavailable or failed.
+    #[error("python zygote: {0}")]
+    Zygote(String),
+
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 }
@@ -63,6 +67,7 @@ impl SandboxError {
             SandboxError::Cgroup { step, .. } => format!("sandbox cgroup setup failed ({step})"),
             SandboxError::SeccompPolicy(_) => "sandbox seccomp policy invalid".into(),
             SandboxError::Supervise(_) => "sandbox supervision failed".into(),
+            SandboxError::Zygote(_) => "sandbox init could not start".into(),
         }
     }
 }

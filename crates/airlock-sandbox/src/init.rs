@@ -226,11 +226,26 @@ fn report(ctrl: &mut UnixStream, (step, errno): (Step, i32)) {
     );
 }
 
+/// How the program process starts once every layer is applied.
+#[derive(Clone, Copy)]
+pub(crate) enum Launch<'a> {
+    /// execve the job's argv (a freshly exec'd init).
+    Exec,
+    /// Continue in the interpreter inherited from the zygote.
+    Python(&'a crate::zygote::Python),
+}
+
 fn stage1(args: &[String]) -> Result<i32, ()> {
+    let expected_parent: i32 = args.first().and_then(|a| a.parse().ok()).ok_or(())?;
+    stage1_from(expected_parent, Launch::Exec)
+}
+
+/// Stage 1, for a freshly exec'd init or a child forked by a zygote
+/// (`expected_parent` is the engine or the zygote).
+pub(crate) fn stage1_from(expected_parent: i32, launch: Launch<'_>) -> Result<i32, ()> {
     // Anything inherited beyond stdio, the control socket and the broker
     // and egress channels is a leak.
     sys::close_from(EGRESS_FD as u32 + 1).map_err(|_| ())?;
-    let expected_parent: i32 = args.first().and_then(|a| a.parse().ok()).ok_or(())?;
     sys::set_parent_death_kill().map_err(|_| ())?;
     if sys::getppid() != expected_parent {
         return Err(());
@@ -245,6 +260,11 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
             return Err(());
         }
     };
+    // The engine says which start-up it arranged; anything else is refused.
+    if cfg.zygote != matches!(launch, Launch::Python(_)) {
+        report(&mut ctrl, (Step::ReadConfig, libc::EINVAL));
+        return Err(());
+    }
     // Without a broker, descriptor 4 is whatever leaked in: close it. With
     // one, it must be the socket the engine passed.
     if !cfg.broker {
@@ -346,12 +366,12 @@ fn stage1(args: &[String]) -> Result<i32, ()> {
                 sys::exit_now(1);
             }
             drop(go_r);
-            stage2(ctrl, &cfg)
+            stage2(ctrl, &cfg, launch)
         }
     }
 }
 
-fn stage2(mut ctrl: UnixStream, cfg: &InitConfig) -> ! {
+fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
     let (abi, full) = match build(cfg, &mut ctrl) {
         Ok(v) => v,
         Err(e) => {
@@ -387,7 +407,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig) -> ! {
             sys::exit_now(1)
         }
     };
-    match run_job(&mut ctrl, &job, &code, cfg.broker, cfg.egress) {
+    match run_job(&mut ctrl, &job, &code, cfg, launch) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             report(&mut ctrl, e);
@@ -882,10 +902,22 @@ fn run_job(
     ctrl: &mut UnixStream,
     job: &Job,
     code: &[u8],
-    broker: bool,
-    egress: bool,
+    cfg: &InitConfig,
+    launch: Launch<'_>,
 ) -> StepResult<()> {
-    if egress {
+    let broker = cfg.broker;
+    if let Launch::Python(py) = launch {
+        // A zygote serves exactly one program shape: the argv and
+        // environment it was started with.
+        let mut want = py.config.env.clone();
+        let mut got = job.env.clone();
+        want.sort();
+        got.sort();
+        if job.argv != py.config.argv || want != got {
+            return Err((Step::ReadJob, libc::EINVAL));
+        }
+    }
+    if cfg.egress {
         start_forwarder(broker)?;
     }
     if !crate::engine::safe_file_name(&job.file_name) || job.argv.is_empty() {
@@ -918,6 +950,21 @@ fn run_job(
     match at(Step::ForkProgram, unsafe { sys::fork() })? {
         Forked::Child => {
             drop(err_r);
+            if let Launch::Python(py) = launch {
+                if let Err(errno) = program_setup(job, true) {
+                    let mut w = fs::File::from(err_w);
+                    let _ = w.write_all(&errno.to_le_bytes());
+                    sys::exit_now(127)
+                }
+                // No exec: the error pipe (close-on-exec otherwise) and every
+                // descriptor except stdio and the broker channel go now.
+                drop(err_w);
+                sys::close_unowned(CONTROL_FD);
+                if sys::close_from(EGRESS_FD as u32).is_err() {
+                    sys::exit_now(127)
+                }
+                py.run_program()
+            }
             let errno = exec_program(job, &argv, &envp);
             let mut w = fs::File::from(err_w);
             let _ = w.write_all(&errno.to_le_bytes());
@@ -986,17 +1033,40 @@ fn run_job(
 /// errno when anything fails.
 fn exec_program(job: &Job, argv: &[CString], envp: &[CString]) -> i32 {
     let e = |err: std::io::Error| err.raw_os_error().unwrap_or(libc::EINVAL);
+    if let Err(errno) = program_setup(job, false) {
+        return errno;
+    }
+    if job.deny_execve {
+        let Ok(path) = CString::new(job.argv[0].as_str()) else {
+            return libc::EINVAL;
+        };
+        let ptr = match sys::place_at_random_address(&path) {
+            Ok(p) => p,
+            Err(err) => return e(err),
+        };
+        if let Err(errno) = crate::seccomp::install_deny_execve(Some(ptr as u64)) {
+            return errno;
+        }
+        // SAFETY: `ptr` points to a NUL-terminated copy of argv[0] in a
+        // mapping that is never unmapped before exec.
+        return e(unsafe { sys::execve_raw(ptr, argv, envp) });
+    }
+    let path: &CStr = &argv[0];
+    e(sys::execve(path, argv, envp))
+}
+
+/// The program's own state before it starts: the control socket closed,
+/// default signals, its own session, its rlimits, and (for a program that
+/// never execs, `no_exec`) execve denied outright when the policy says so.
+fn program_setup(job: &Job, no_exec: bool) -> Result<(), i32> {
+    let e = |err: std::io::Error| err.raw_os_error().unwrap_or(libc::EINVAL);
     // The control socket is init's alone.
     // SAFETY: descriptor 3 is the control socket, owned by the parent's
     // UnixStream; in this forked child that object is never used again.
     drop(unsafe { sys::owned(CONTROL_FD) });
-    if let Err(err) = sys::reset_signals() {
-        return e(err);
-    }
-    if let Err(err) = sys::setsid() {
-        // Already a group leader is impossible for a fresh child; anything else is fatal.
-        return e(err);
-    }
+    sys::reset_signals().map_err(e)?;
+    // Already a group leader is impossible for a fresh child; anything else is fatal.
+    sys::setsid().map_err(e)?;
     let clamp = |res, want: u64| -> Result<(), std::io::Error> {
         let (_, hard) = sys::get_rlimit(res)?;
         let v = want.min(hard);
@@ -1020,24 +1090,9 @@ fn exec_program(job: &Job, argv: &[CString], envp: &[CString]) -> i32 {
         }
         Ok(())
     })();
-    if let Err(err) = limits {
-        return e(err);
+    limits.map_err(e)?;
+    if no_exec && job.deny_execve {
+        crate::seccomp::install_deny_execve(None)?;
     }
-    if job.deny_execve {
-        let Ok(path) = CString::new(job.argv[0].as_str()) else {
-            return libc::EINVAL;
-        };
-        let ptr = match sys::place_at_random_address(&path) {
-            Ok(p) => p,
-            Err(err) => return e(err),
-        };
-        if let Err(errno) = crate::seccomp::install_deny_execve(ptr as u64) {
-            return errno;
-        }
-        // SAFETY: `ptr` points to a NUL-terminated copy of argv[0] in a
-        // mapping that is never unmapped before exec.
-        return e(unsafe { sys::execve_raw(ptr, argv, envp) });
-    }
-    let path: &CStr = &argv[0];
-    e(sys::execve(path, argv, envp))
+    Ok(())
 }

@@ -33,7 +33,9 @@ pub mod result;
 pub mod runtime;
 pub mod seccomp;
 pub mod sys;
+pub mod zygote;
 
 pub use engine::{CancelToken, Engine, EngineConfig, Extras, Request, Sandbox, Stream};
 pub use error::SandboxError;
 pub use result::{Enforced, RunResult, TerminationReason};
+pub use zygote::Zygote;

@@ -69,6 +69,10 @@ pub struct InitConfig {
     /// pid 1 starts the forwarder on 127.0.0.1:[`crate::init::PROXY_PORT`]
     /// before the program; the program never holds the channel.
     pub egress: bool,
+    /// Init was forked by a python zygote ([`crate::zygote`]): the program
+    /// continues in the inherited interpreter instead of exec'ing one. Init
+    /// refuses a configuration that does not match how it was started.
+    pub zygote: bool,
 }
 
 /// The per-execution job.

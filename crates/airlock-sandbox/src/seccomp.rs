@@ -95,22 +95,25 @@ pub fn programs_for(extra_deny: &[String]) -> Result<Vec<WireProgram>, SandboxEr
 /// Installs, in the calling (single-threaded) process, a filter that lets
 /// exactly one more `execve` through: the one whose path argument is the
 /// pointer `path_ptr`. Every other execve and every execveat gets EPERM.
+/// Without a pointer (a program that continues in an inherited
+/// interpreter and never execs), every execve gets EPERM.
 ///
 /// `path_ptr` lies in a page mapped at a random address by the caller; after
 /// the exec that address space is gone, so the program would have to guess
 /// a ~47-bit value to pass the check again.
-pub fn install_deny_execve(path_ptr: u64) -> Result<(), i32> {
+pub fn install_deny_execve(path_ptr: Option<u64>) -> Result<(), i32> {
     let build = || -> seccompiler::Result<BpfProgram> {
         let mut rules = BTreeMap::new();
-        rules.insert(
-            libc::SYS_execve,
-            vec![SeccompRule::new(vec![SeccompCondition::new(
+        let execve_rules = match path_ptr {
+            Some(ptr) => vec![SeccompRule::new(vec![SeccompCondition::new(
                 0,
                 SeccompCmpArgLen::Qword,
                 SeccompCmpOp::Ne,
-                path_ptr,
+                ptr,
             )?])?],
-        );
+            None => vec![],
+        };
+        rules.insert(libc::SYS_execve, execve_rules);
         rules.insert(libc::SYS_execveat, vec![]);
         let filter = SeccompFilter::new(
             rules,

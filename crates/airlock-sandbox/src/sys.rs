@@ -640,3 +640,79 @@ pub fn reset_signals() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Sends one message with descriptors attached (SCM_RIGHTS) on a socket.
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    // SAFETY: the caller holds `sock` and every descriptor in `fds` open for
+    // the duration of the call; the borrows end before it returns.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock) };
+    // SAFETY: as above.
+    let borrowed: Vec<std::os::fd::BorrowedFd<'_>> = fds
+        .iter()
+        .map(|&fd| unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) })
+        .collect();
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    if !borrowed.is_empty() && !cmsg.push(SendAncillaryMessage::ScmRights(&borrowed)) {
+        return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+    }
+    rustix::net::sendmsg(
+        sock,
+        &[io::IoSlice::new(data)],
+        &mut cmsg,
+        SendFlags::NOSIGNAL,
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// Receives one message and up to `max_fds` descriptors (close-on-exec).
+/// Returns the byte count (0 at end of stream) and the descriptors; a
+/// message whose data or descriptors were cut off is an error, and every
+/// descriptor it carried is closed.
+pub fn recv_with_fds(
+    sock: RawFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags};
+    // SAFETY: the caller holds `sock` open for the duration of the call.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock) };
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+    let mut cmsg = RecvAncillaryBuffer::new(&mut space);
+    let r = rustix::net::recvmsg(
+        sock,
+        &mut [io::IoSliceMut::new(buf)],
+        &mut cmsg,
+        RecvFlags::CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for m in cmsg.drain() {
+        if let RecvAncillaryMessage::ScmRights(got) = m {
+            fds.extend(got);
+        }
+    }
+    if r.flags.intersects(ReturnFlags::TRUNC | ReturnFlags::CTRUNC) || fds.len() > max_fds {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    Ok((r.bytes, fds))
+}
+
+/// Reaps every child that has ended, without blocking.
+pub fn reap_children() {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid out-pointer for the call's duration.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+    }
+}
+
+/// Waits until the process behind `pidfd` has ended (its pidfd becomes
+/// readable), for at most `timeout_ms`. True when it ended.
+pub fn pidfd_wait_exit(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
+    matches!(poll(&[(pidfd.as_raw_fd(), libc::POLLIN)], timeout_ms), Ok(r) if r[0] != 0)
+}

@@ -149,6 +149,9 @@ fn back_off(backoff: &mut HashMap<Language, (Instant, Duration)>, lang: Language
 /// Where the guest SDKs appear inside every sandbox (read-only).
 pub const GUEST_MOUNT: &str = "/opt/airlock";
 
+/// Sandboxes one python zygote forks before it is replaced.
+pub const ZYGOTE_FORKS: u64 = 1000;
+
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Executor")
@@ -417,6 +420,12 @@ impl Executor {
         // After a failure a language waits (1 s, doubling to 60 s) before
         // the next attempt: a missing runtime must not spin or flood logs.
         let mut backoff: HashMap<Language, (Instant, Duration)> = HashMap::new();
+        // Python sandboxes are forked by a zygote (interpreter and SDK
+        // already loaded) when the host has a shared libpython; it lives on
+        // this thread, like everything it forks. Without one, or while it
+        // fails, sandboxes start cold as before.
+        let mut zygote: Option<airlock_sandbox::Zygote> = None;
+        let mut zygote_retry = Instant::now();
         loop {
             if *self.pool.stop.lock().unwrap_or_else(|p| p.into_inner()) {
                 return;
@@ -474,10 +483,15 @@ impl Executor {
                         break;
                     }
                     let t = Instant::now();
-                    let made = self
-                        .engine
-                        .prepare_with(&spec.policy, *lang, &self.pool_extras(*lang))
-                        .and_then(|mut sb| sb.prestart().map(|_| sb));
+                    let extras = self.pool_extras(*lang);
+                    if *lang == Language::Python {
+                        self.keep_zygote(&mut zygote, &mut zygote_retry, &spec.policy, &extras);
+                    }
+                    let made = match (&zygote, *lang) {
+                        (Some(z), Language::Python) => self.engine.prepare_from(z),
+                        _ => self.engine.prepare_with(&spec.policy, *lang, &extras),
+                    }
+                    .and_then(|mut sb| sb.prestart().map(|_| sb));
                     match made {
                         Ok(sb) => {
                             backoff.remove(lang);
@@ -504,6 +518,44 @@ impl Executor {
             }
             let _ = self.pool.wake.wait_timeout(g, Duration::from_millis(500));
         }
+    }
+
+    /// Keeps a working zygote in `slot`: replaces a dead one and one that
+    /// has forked [`ZYGOTE_FORKS`] sandboxes (which bounds how many
+    /// sandboxes share its address-space layout and hash key), and after a
+    /// failure waits a minute before trying again.
+    fn keep_zygote(
+        &self,
+        slot: &mut Option<airlock_sandbox::Zygote>,
+        retry: &mut Instant,
+        policy: &Policy,
+        extras: &Extras,
+    ) {
+        if slot
+            .as_ref()
+            .is_some_and(|z| !z.is_alive() || z.forks() >= ZYGOTE_FORKS)
+        {
+            // Retired: it exits once the sandboxes it forked have ended.
+            *slot = None;
+        }
+        if slot.is_none() && Instant::now() >= *retry {
+            match self.engine.start_zygote(policy, extras) {
+                Ok(z) => {
+                    tracing::info!(python = z.version(), "python zygote started");
+                    *slot = Some(z);
+                }
+                Err(e) => {
+                    *retry = Instant::now() + Duration::from_secs(60);
+                    tracing::warn!(error = %e, "no python zygote; warm python sandboxes start cold");
+                }
+            }
+        }
+        self.metrics
+            .pool_zygote_forks
+            .get_or_create(&crate::metrics::LangLabel {
+                language: Language::Python.as_str().into(),
+            })
+            .set(slot.as_ref().map_or(0, |z| z.forks() as i64));
     }
 
     /// A warm sandbox for this execution, when one fits it exactly.

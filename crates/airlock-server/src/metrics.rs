@@ -40,6 +40,8 @@ pub struct Metrics {
     pub pool_discarded: Family<LangLabel, Counter>,
     /// Time to create and prestart one warm sandbox, seconds.
     pub pool_create: Histogram,
+    /// Sandboxes forked by the language's zygote (0 while it has none).
+    pub pool_zygote_forks: Family<LangLabel, Gauge>,
 }
 
 /// Label: language.
@@ -64,6 +66,12 @@ impl Metrics {
         let pool_misses = Family::<LangLabel, Counter>::default();
         let pool_discarded = Family::<LangLabel, Counter>::default();
         let pool_create = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let pool_zygote_forks = Family::<LangLabel, Gauge>::default();
+        registry.register(
+            "pool_zygote_forks",
+            "Sandboxes forked by the current zygote (0: no zygote, warm sandboxes start cold)",
+            pool_zygote_forks.clone(),
+        );
         registry.register("pool_size", "Idle warm sandboxes", pool_size.clone());
         registry.register("pool_hits", "Executions served warm", pool_hits.clone());
         registry.register(
@@ -124,6 +132,7 @@ impl Metrics {
             pool_misses,
             pool_discarded,
             pool_create,
+            pool_zygote_forks,
         }
     }
 

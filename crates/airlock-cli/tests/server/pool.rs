@@ -49,6 +49,55 @@ open("/tmp/residue", "w").write("secret of the previous tenant")
 open("/workspace/residue", "w").write("x")
 "#;
 
+/// Host pids of the warm python programs under `server`: runners exec'd
+/// cold, or forked by the zygote (then they carry the zygote's command line
+/// and are the only zygote descendants that are not pid 1 of a sandbox).
+fn warm_python_programs(server: u32) -> Vec<u32> {
+    let _ = server;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).into_owned())
+                .unwrap_or_default();
+            let nspid = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.starts_with("NSpid:"))
+                .map(|l| {
+                    l.split_whitespace()
+                        .skip(1)
+                        .map(String::from)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            let in_sandbox = nspid.len() == 2 && nspid[1] != "1";
+            in_sandbox
+                && (cmd.contains("/opt/airlock/python/runner.py")
+                    || cmd.contains("__airlock-zygote"))
+        })
+        .collect()
+}
+
+/// Host pid of `server`'s python zygote.
+fn zygote_of(server: u32) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rfind(')')
+                .and_then(|i| stat[i + 2..].split(' ').nth(1).map(String::from));
+            String::from_utf8_lossy(&cmd).contains("__airlock-zygote")
+                && ppid == Some(server.to_string())
+        })
+}
+
 fn run(s: &Server, key: &str, body: Value) -> Value {
     let r = s.post("/v1/executions", key, body);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -62,11 +111,13 @@ fn warm_sandboxes_are_as_isolated_as_cold_ones_and_never_reused() {
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     let warm1 = run(&s, &key, json!({"language": "python", "code": PROBE}));
     let warm2 = run(&s, &key, json!({"language": "python", "code": PROBE}));
-    // Positive control for "warm": both came from the pool.
+    // Positive control for "warm": both came from the pool, forked by the
+    // zygote.
     assert_eq!(
         metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
         2.0
     );
+    assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 2.0);
     // A request with its own limits does not fit the pool: cold.
     let cold = run(
         &s,
@@ -128,15 +179,8 @@ fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
         }
         false
     };
-    let victims: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-                String::from_utf8_lossy(&c).contains("/opt/airlock/python/runner.py")
-            })
-        })
+    let victims: Vec<u32> = warm_python_programs(server)
+        .into_iter()
         .filter(|pid| descends(*pid))
         .collect();
     let chain = |mut pid: u32| {
@@ -352,5 +396,161 @@ fn doctor_reports_the_pools_of_a_running_server() {
         text.lines()
             .any(|l| l.starts_with("MISS") && l.contains("warm_pools")),
         "{text}"
+    );
+}
+
+/// What a python program can observe about its own process and interpreter.
+const STATE: &str = r#"
+import json, os, sys, socket, errno
+def status():
+    keep = ("Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "Seccomp_filters", "SigBlk", "SigIgn",
+            "SigCgt", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NSpid")
+    return {l.split(":")[0]: l.split(":", 1)[1].strip() for l in open("/proc/self/status")
+            if l.split(":")[0] in keep}
+def exe():
+    try:
+        open("/proc/self/exe", "rb").read(4)
+        return "readable"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+env = dict(os.environ)
+env.pop("AIRLOCK_MODE")
+print(json.dumps({
+    "status": status(), "limits": open("/proc/self/limits").read(),
+    "fds": sorted(os.listdir("/proc/self/fd")), "cwd": os.getcwd(), "env": env,
+    "executable": sys.executable, "argv": sys.argv, "orig_argv": sys.orig_argv,
+    "path": sys.path, "flags": str(sys.flags), "prefix": [sys.prefix, sys.base_prefix, sys.exec_prefix],
+    "mounts": sorted(l.split()[4] for l in open("/proc/self/mountinfo")),
+    "hostname": socket.gethostname(), "umask": os.umask(0o22), "sid": os.getsid(0) == os.getpid(),
+    "exe": exe(), "random": __import__("random").random(),
+}))
+"#;
+
+#[test]
+fn zygote_forked_sandboxes_match_cold_ones_and_share_nothing() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let forks = metric(&s, "airlock_pool_zygote_forks{language=\"python\"}");
+    assert!(forks >= 1.0, "no zygote: {}", s.log());
+    let out = |v: &Value| -> Value {
+        serde_json::from_str(
+            v["result"]["stdout"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{v}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {v}"))
+    };
+    let w1 = out(&run(&s, &key, json!({"language": "python", "code": STATE})));
+    let w2 = out(&run(&s, &key, json!({"language": "python", "code": STATE})));
+    let cold = out(&run(
+        &s,
+        &key,
+        json!({"language": "python", "code": STATE, "limits": {"wall_time_ms": 9000}}),
+    ));
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&s, "airlock_pool_misses_total{language=\"python\"}"),
+        1.0
+    );
+    for k in [
+        "status",
+        "limits",
+        "fds",
+        "cwd",
+        "env",
+        "executable",
+        "argv",
+        "orig_argv",
+        "path",
+        "flags",
+        "prefix",
+        "mounts",
+        "hostname",
+        "umask",
+        "sid",
+    ] {
+        assert_eq!(
+            w1[k], cold[k],
+            "{k} differs between a zygote-forked and a cold sandbox"
+        );
+    }
+    assert_eq!(cold["status"]["CapEff"], "0000000000000000");
+    assert_eq!(cold["status"]["Seccomp"], "2");
+    // Each fork gets its own random state (python reseeds at fork).
+    assert_ne!(w1["random"], w2["random"]);
+    // The program's /proc/self/exe is the airlock binary the zygote runs:
+    // Landlock keeps it unreadable (positive control: the host reads it).
+    assert!(std::fs::read(crate::BIN).is_ok());
+    assert_eq!(w1["exe"], "EACCES", "{w1}");
+    assert_eq!(cold["exe"], "readable", "{cold}");
+}
+
+#[test]
+fn a_dead_zygote_is_replaced_and_no_execution_is_lost() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let z = zygote_of(s.pid()).unwrap_or_else(|| panic!("no zygote: {}", s.log()));
+    // SAFETY: the zygote is a child of the server this test started.
+    assert_eq!(unsafe { libc::kill(z as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    // Its idle sandboxes died with it; executions still run (discarded
+    // sandboxes are replaced, cold if need be) ...
+    for i in 0..3 {
+        let v = run(
+            &s,
+            &key,
+            json!({"language": "python", "code": format!("print({i})")}),
+        );
+        assert_eq!(v["result"]["stdout"], format!("{i}\n"), "{v}");
+    }
+    // ... and a new zygote takes over.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match zygote_of(s.pid()) {
+            Some(n) if n != z => break,
+            _ => assert!(Instant::now() < deadline, "no new zygote: {}", s.log()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let v = run(
+        &s,
+        &key,
+        json!({"language": "python", "code": "print('warm again')"}),
+    );
+    assert_eq!(v["result"]["stdout"], "warm again\n");
+    assert!(metric(&s, "airlock_pool_discarded_total{language=\"python\"}") >= 1.0);
+}
+
+#[test]
+fn deny_execve_holds_in_zygote_forked_sandboxes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "[policy.syscalls]\ndeny_execve = true\n").unwrap();
+    let code = "import os, errno\ntry:\n    os.execv('/usr/bin/python3', ['python3', '-c', 'print(1)'])\nexcept OSError as e:\n    print(errno.errorcode[e.errno])";
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 1.0);
+    let v = run(&s, &key, json!({"language": "python", "code": code}));
+    assert_eq!(v["result"]["stdout"], "EPERM\n", "{v}");
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        1.0
+    );
+    // Positive control: the same exec succeeds where the policy allows it.
+    let s2 = Server::start_with(&[]);
+    let key2 = s2.tenant("acme");
+    wait_metric(&s2, "airlock_pool_size{language=\"python\"}", 2.0);
+    let v = run(&s2, &key2, json!({"language": "python", "code": code}));
+    assert_eq!(v["result"]["stdout"], "1\n", "{v}");
+    assert_eq!(
+        metric(&s2, "airlock_pool_hits_total{language=\"python\"}"),
+        1.0
     );
 }
