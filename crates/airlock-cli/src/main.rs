@@ -10,6 +10,7 @@
 
 mod doctor;
 mod egress;
+mod remote;
 mod server;
 
 use std::io::{IsTerminal, Read, Write};
@@ -71,6 +72,10 @@ struct RunArgs {
     /// Print the result as JSON on stdout and nothing else.
     #[arg(long)]
     json: bool,
+    /// Run on a running `airlock serve` (e.g. http://127.0.0.1:7070) with
+    /// the API key in AIRLOCK_API_KEY: warm sandboxes, the broker, audit.
+    #[arg(long, value_name = "URL", env = "AIRLOCK_SERVER")]
+    server: Option<String>,
     /// Code given inline.
     #[arg(short = 'c', value_name = "CODE", conflicts_with = "file")]
     code: Option<String>,
@@ -228,6 +233,31 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         },
     };
     let stdin = read_stdin(policy.limits.stdin_bytes)?;
+    if let Some(url) = &args.server {
+        if args.policy.is_some() {
+            return Err(Usage(
+                "--policy applies to local runs; with --server the server's policy governs".into(),
+            ));
+        }
+        let mut limits = serde_json::Map::new();
+        if args.timeout.is_some() {
+            limits.insert("wall_time_ms".into(), policy.limits.wall_time_ms.into());
+        }
+        if let Some(m) = args.memory {
+            limits.insert("memory_mib".into(), m.into());
+        }
+        if let Some(p) = args.pids {
+            limits.insert("pids".into(), p.into());
+        }
+        return remote::run(remote::Remote {
+            url,
+            language: language.as_str(),
+            code: &code,
+            stdin: &stdin,
+            limits,
+            json: args.json,
+        });
+    }
     let engine = engine();
     let req = Request {
         language,

@@ -554,3 +554,93 @@ fn deny_execve_holds_in_zygote_forked_sandboxes() {
         1.0
     );
 }
+
+#[test]
+fn the_cli_runs_warm_through_a_server() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let url = format!("http://{}", s.addr);
+    let cli = |key: Option<&str>, args: &[&str], stdin: &str| {
+        let mut c = std::process::Command::new(crate::BIN);
+        c.args(["run", "--server", &url])
+            .args(args)
+            .env_remove("AIRLOCK_API_KEY")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(k) = key {
+            c.env("AIRLOCK_API_KEY", k);
+        }
+        let mut child = c.spawn().unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = cli(
+        Some(&key),
+        &[
+            "--lang",
+            "python",
+            "-c",
+            "import sys\nprint('got', sys.stdin.read())\nsys.exit(4)",
+        ],
+        "payload",
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got payload\n");
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        1.0
+    );
+    // The tenant's own record of it exists on the server.
+    let list = s.get("/v1/executions?limit=5", &key).json();
+    assert_eq!(list["executions"].as_array().map(Vec::len), Some(1), "{list}");
+    // A limit ends it the same way as locally: one line, 128+9.
+    let out = cli(
+        Some(&key),
+        &[
+            "--lang",
+            "python",
+            "--timeout",
+            "0.3",
+            "-c",
+            "while True: pass",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(137));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timeout"));
+    // No key, a wrong key, --policy: exit 2 with one line, nothing runs.
+    for (k, args) in [
+        (None, vec!["--lang", "python", "-c", "print(1)"]),
+        (
+            Some("alk_nope_nope"),
+            vec!["--lang", "python", "-c", "print(1)"],
+        ),
+        (
+            Some(key.as_str()),
+            vec![
+                "--policy",
+                "/dev/null",
+                "--lang",
+                "python",
+                "-c",
+                "print(1)",
+            ],
+        ),
+    ] {
+        let out = cli(k, &args, "");
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(out.stdout.is_empty());
+    }
+    let list = s.get("/v1/executions?limit=5", &key).json();
+    assert_eq!(list["executions"].as_array().map(Vec::len), Some(2), "{list}");
+}
