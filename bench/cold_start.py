@@ -1,4 +1,5 @@
-"""Cold-start benchmark: trivial python program, every peer, one run.
+"""Cold-start benchmark: trivial python and JavaScript programs, every peer,
+one run.
 
 Peers run round-robin within each iteration so machine noise hits them all
 alike. Every run's exit status is checked; a failing run aborts the benchmark.
@@ -6,9 +7,10 @@ alike. Every run's exit status is checked; a failing run aborts the benchmark.
 import argparse, os, platform, shutil, statistics, subprocess, sys, time
 
 PY = "/usr/bin/python3"
+NODE = shutil.which("node")
 
 
-def bwrap_cmd():
+def bwrap_cmd(prog):
     if not shutil.which("bwrap"):
         return None
     cmd = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
@@ -18,15 +20,15 @@ def bwrap_cmd():
             cmd += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             cmd += ["--ro-bind", top, top]
-    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--cap-drop", "ALL", PY, "-c", "pass"]
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--cap-drop", "ALL", *prog]
     return cmd
 
 
-def runsc_cmd():
+def runsc_cmd(prog):
     if not shutil.which("runsc"):
         return None, "not installed"
-    for cmd in (["runsc", "--rootless", "--network=none", "do", PY, "-c", "pass"],
-                ["runsc", "--network=none", "do", PY, "-c", "pass"]):
+    for cmd in (["runsc", "--rootless", "--network=none", "do", *prog],
+                ["runsc", "--network=none", "do", *prog]):
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         if p.returncode == 0:
             return cmd, None
@@ -34,9 +36,17 @@ def runsc_cmd():
     return None, err
 
 
-def time_once(cmd):
+# Every peer runs with the same minimal environment a sandbox gets: a host's
+# variables (e.g. NODE_EXTRA_CA_CERTS costs node ~70 ms) must not skew the
+# baselines.
+CLEAN_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+
+
+def time_once(cmd, env=None):
+    env = CLEAN_ENV if env is None else env
     t = time.perf_counter()
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       env=env)
     dt = (time.perf_counter() - t) * 1000
     if p.returncode != 0:
         sys.exit(f"run failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr.decode(errors='replace')}")
@@ -65,39 +75,44 @@ def main():
     ap.add_argument("--markdown-out")
     a = ap.parse_args()
 
-    peers = [("bare python3", [PY, "-c", "pass"])]
-    skipped = []
-    b = bwrap_cmd()
-    peers.append(("bwrap", b)) if b else skipped.append(("bwrap", "not installed"))
-    r, why = runsc_cmd()
-    peers.append(("runsc (gVisor, ptrace)", r)) if r else skipped.append(("runsc", why))
-    peers.append(("airlock run (cold)", [a.airlock, "run", "--lang", "python", "-c", "pass"]))
-    # The same run as an unprivileged user: no cgroup (rlimits instead), which
-    # isolates the cost of creating and joining a cgroup from the rest.
-    if os.geteuid() == 0 and shutil.which("setpriv") and os.access(a.airlock, os.X_OK):
-        peers.append(("airlock run (unprivileged: rlimits, no cgroup)",
-                      ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-                       a.airlock, "run", "--lang", "python", "-c", "pass"]))
+    out = ""
+    langs = [("python", "bare python3", [PY, "-c", "pass"], ["--lang", "python", "-c", "pass"])]
+    if NODE:
+        langs.append(("javascript", "bare node", [NODE, "-e", "0"], ["--lang", "javascript", "-c", "0"]))
+    for lang, bare_name, prog, run_args in langs:
+        peers = [(bare_name, prog)]
+        skipped = []
+        b = bwrap_cmd(prog)
+        peers.append(("bwrap", b)) if b else skipped.append(("bwrap", "not installed"))
+        r, why = runsc_cmd(prog)
+        peers.append(("runsc (gVisor, ptrace)", r)) if r else skipped.append(("runsc", why))
+        peers.append(("airlock run (cold)", [a.airlock, "run", *run_args]))
+        # The same run as an unprivileged user: no cgroup (rlimits instead),
+        # which isolates the cost of creating and joining a cgroup.
+        if lang == "python" and os.geteuid() == 0 and shutil.which("setpriv"):
+            peers.append(("airlock run (unprivileged: rlimits, no cgroup)",
+                          ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                           a.airlock, "run", *run_args]))
+        n = a.iterations if lang == "python" else max(20, a.iterations // 4)
+        times = {name: [] for name, _ in peers}
+        for i in range(a.warmup + n):
+            for name, cmd in peers:
+                dt = time_once(cmd)
+                if i >= a.warmup:
+                    times[name].append(dt)
 
-    times = {name: [] for name, _ in peers}
-    for i in range(a.warmup + a.iterations):
-        for name, cmd in peers:
-            dt = time_once(cmd)
-            if i >= a.warmup:
-                times[name].append(dt)
-
-    base = statistics.median(times["bare python3"])
-    lines = ["| peer | median ms | p99 ms | mean ms | median vs bare | overhead over bare |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, _ in peers:
-        xs = times[name]
-        med = statistics.median(xs)
-        lines.append(f"| {name} | {med:.2f} | {pct(xs, 99):.2f} | {statistics.mean(xs):.2f} | "
-                     f"{med / base:.2f}x | {med - base:+.2f} ms |")
-    for name, why in skipped:
-        lines.append(f"| {name} | skipped: {why} | | | | |")
-    out = "\n".join(lines) + f"\n\n{a.iterations} iterations per peer (+{a.warmup} warm-up), " \
-          f"interleaved; machine: {machine()}\n"
+        base = statistics.median(times[bare_name])
+        lines = [f"| {lang}: peer | median ms | p99 ms | runs/s (1/mean) | median vs bare | overhead over bare |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for name, _ in peers:
+            xs = times[name]
+            med = statistics.median(xs)
+            lines.append(f"| {name} | {med:.2f} | {pct(xs, 99):.2f} | {1000 / statistics.mean(xs):.1f} | "
+                         f"{med / base:.2f}x | {med - base:+.2f} ms |")
+        for name, why in skipped:
+            lines.append(f"| {name} | skipped: {why} | | | | |")
+        out += "\n".join(lines) + f"\n\n{n} iterations per peer (+{a.warmup} warm-up), " \
+            f"interleaved, sequential; machine: {machine()}\n\n"
     print(out)
     if a.markdown_out:
         with open(a.markdown_out, "a") as f:

@@ -8,7 +8,7 @@ failing one aborts the benchmark. Latency is client-side, end to end.
 """
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time
 
-from cold_start import PY, machine, pct, time_once
+from cold_start import CLEAN_ENV, PY, machine, pct, time_once
 
 
 def start_server(airlock, data, workers):
@@ -36,10 +36,13 @@ def start_server(airlock, data, workers):
 
 
 class Client:
-    def __init__(self, host, port, key, language="python", code="pass"):
+    def __init__(self, host, port, key, language="python", code="pass", handler=False):
         self.conn = http.client.HTTPConnection(host, port, timeout=60)
         self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        self.body = json.dumps({"language": language, "code": code})
+        body = {"language": language, "code": code}
+        if handler:
+            body.update(handler=True, input={"n": 1})
+        self.body = json.dumps(body)
 
     def run(self):
         t = time.perf_counter()
@@ -83,14 +86,20 @@ def concurrent(host, port, key, clients, per_client):
 
 
 def idle_sandbox_pss_kib(server_pid):
-    """PSS of each idle warm python sandbox of the server: its two init
-    processes and its runner, from /proc/<pid>/smaps_rollup."""
-    def ppid(pid):
+    """PSS of each idle warm python sandbox of the server (all its processes:
+    stage 1, pid 1 and the runner, from /proc/<pid>/smaps_rollup), and of the
+    python zygote they were forked from (shared by all of them)."""
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
         try:
-            stat = open(f"/proc/{pid}/stat").read()
-            return int(stat[stat.rfind(")") + 2:].split()[1])
+            stat = open(f"/proc/{name}/stat").read()
+            cmd = open(f"/proc/{name}/cmdline", "rb").read()
         except OSError:
-            return 0
+            continue
+        procs[int(name)] = (int(stat[stat.rfind(")") + 2:].split()[1]), cmd)
+
     def pss(pid):
         try:
             for line in open(f"/proc/{pid}/smaps_rollup"):
@@ -99,25 +108,31 @@ def idle_sandbox_pss_kib(server_pid):
         except OSError:
             pass
         return 0
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{name}/cmdline", "rb").read()
-        except OSError:
-            continue
+
+    def subtree(root):
+        out, todo = [], [root]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo.extend(c for c, (pp, _) in procs.items() if pp == p)
+        return out
+
+    zygotes = [p for p, (pp, cmd) in procs.items() if pp == server_pid and b"__airlock-zygote" in cmd]
+    sandboxes, zygote_kib = [], sum(pss(z) for z in zygotes)
+    for z in zygotes:
+        for stage1 in (c for c, (pp, _) in procs.items() if pp == z):
+            sandboxes.append(sum(pss(p) for p in subtree(stage1)))
+    # Warm sandboxes started without a zygote: the runner's init chain.
+    for pid, (pp, cmd) in procs.items():
         if b"/opt/airlock/python/runner.py" not in cmd:
             continue
-        chain, pid = [int(name)], int(name)
-        for _ in range(4):
-            pid = ppid(pid)
-            if pid in (0, 1, server_pid):
-                break
-            chain.append(pid)
-        if pid == server_pid:
-            out.append(sum(pss(p) for p in chain))
-    return out
+        chain, p = [pid], pp
+        while p not in (0, 1, server_pid) and len(chain) < 4:
+            chain.append(p)
+            p = procs.get(p, (0, b""))[0]
+        if p == server_pid:
+            sandboxes.append(sum(pss(x) for x in chain))
+    return sandboxes, zygote_kib
 
 
 def main():
@@ -150,18 +165,35 @@ def main():
             for _ in range(max(20, a.iterations // 2)):
                 time.sleep(0.03)
                 paced.append(c.run())
+            hc = Client(host, port, key, "python", "def handler(ax, input):\n    return input", True)
+            paced_handler = []
+            for _ in range(max(20, a.iterations // 2)):
+                time.sleep(0.03)
+                paced_handler.append(hc.run())
+            # The CLI through the server: a new `airlock run --server`
+            # process per execution (the client's own start-up included).
+            cli_env = {**CLEAN_ENV, "AIRLOCK_API_KEY": key}
+            cli = []
+            for _ in range(max(20, a.iterations // 2)):
+                time.sleep(0.03)
+                cli.append(time_once([a.airlock, "run", "--server", f"http://{host}:{port}",
+                                      "--lang", "python", "-c", "pass"], env=cli_env))
             node = shutil.which("node")
-            bare_js, paced_js = [], []
+            bare_js, paced_js, paced_js_handler = [], [], []
             if node:
                 bare_js = [time_once([node, "-e", "0"]) for _ in range(max(10, a.iterations // 5))]
                 jc = Client(host, port, key, "javascript", "0")
+                jh = Client(host, port, key, "javascript",
+                            "exports.handler = (ax, input) => input;", True)
                 for _ in range(max(10, a.iterations // 5)):
                     time.sleep(0.08)
                     paced_js.append(jc.run())
+                    time.sleep(0.08)
+                    paced_js_handler.append(jh.run())
             per = max(1, a.iterations // a.clients)
             conc, conc_wall = concurrent(host, port, key, a.clients, per)
             time.sleep(1.0)  # let the pool refill, then measure it idle
-            pss = idle_sandbox_pss_kib(srv.pid)
+            pss, zygote_kib = idle_sandbox_pss_kib(srv.pid)
             mc = http.client.HTTPConnection(host, port, timeout=10)
             mc.request("GET", "/metrics")
             metrics = mc.getresponse().read().decode()
@@ -179,8 +211,12 @@ def main():
         ("airlock run, cold (CLI, sequential)", cold, None),
         ("HTTP API, 1 client (sequential, back to back)", seq, len(seq) / seq_wall),
         ("HTTP API, 1 client (paced, pool warm)", paced, "paced"),
+        ("HTTP API, python handler, 1 client (paced, pool warm)", paced_handler, "paced"),
+        ("airlock run --server (CLI process per run, paced, pool warm)", cli, "paced"),
         *([("bare node -e 0 (sequential)", bare_js, None),
-           ("HTTP API, JavaScript, 1 client (paced, pool warm)", paced_js, "paced")] if bare_js else []),
+           ("HTTP API, JavaScript, 1 client (paced, pool warm)", paced_js, "paced"),
+           ("HTTP API, JavaScript handler, 1 client (paced, pool warm)", paced_js_handler, "paced")]
+          if bare_js else []),
         (f"HTTP API, {a.clients} concurrent clients", conc, len(conc) / conc_wall),
     ]
     lines = ["| path | p50 ms | p99 ms | executions/s | p50 vs bare python |",
@@ -198,8 +234,10 @@ def main():
         f"SQLite store, audit chain on), max_concurrent={workers}; {a.iterations} sequential "
         f"requests (+{a.warmup} warm-up), {a.clients}x{per} concurrent; warm pool (python): "
         f"{pool.get('hits_total', '0')} hits, {pool.get('misses_total', '0')} misses; "
-        f"PSS per idle warm python sandbox (2 init processes + runner): "
-        f"{', '.join(f'{k / 1024:.1f} MiB' for k in pss) or 'n/a'}; machine: {machine()}\n")
+        f"PSS per idle warm python sandbox (stage 1, pid 1 and the program): "
+        f"{', '.join(f'{k / 1024:.1f} MiB' for k in pss) or 'n/a'}"
+        f"{f'; the python zygote they share: {zygote_kib / 1024:.1f} MiB' if zygote_kib else ''}; "
+        f"machine: {machine()}\n")
     print(out)
     if a.markdown_out:
         with open(a.markdown_out, "a") as f:

@@ -197,6 +197,23 @@ pub fn run(json: bool, server: Option<&str>) -> ExitCode {
             .unwrap_or_else(|| "not installed".into()),
         fix: Some("apt install runsc (bookworm-backports has a newer one)".into()),
     });
+    let zygote = engine
+        .runtime(airlock_policy::Language::Python)
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            airlock_sandbox::zygote::libpython_of(&rt.interpreter).map_err(|e| e.to_string())
+        });
+    checks.push(Check {
+        name: "python_zygote",
+        ok: zygote.is_ok(),
+        detail: match zygote {
+            Ok((lib, version)) => {
+                format!("python {version}, {lib}: warm python sandboxes fork from a zygote")
+            }
+            Err(e) => format!("{e}; warm python sandboxes start cold"),
+        },
+        fix: Some("apt install libpython3.11 (the shared library of the host's python3)".into()),
+    });
     let qemu = which("qemu-system-x86_64");
     checks.push(Check {
         name: "qemu_system_x86_64",

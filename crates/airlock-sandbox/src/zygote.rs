@@ -426,7 +426,7 @@ fn zerr(what: &str) -> crate::SandboxError {
 
 /// The shared libpython and version of a python interpreter, asked from
 /// the interpreter itself.
-fn libpython_of(interpreter: &str) -> Result<(String, String), crate::SandboxError> {
+pub fn libpython_of(interpreter: &str) -> Result<(String, String), crate::SandboxError> {
     let out = std::process::Command::new(interpreter)
         .args([
             "-I",

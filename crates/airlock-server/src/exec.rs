@@ -175,6 +175,10 @@ pub struct PoolSpec {
 #[derive(Debug, Default)]
 struct Pool {
     idle: Mutex<HashMap<Language, std::collections::VecDeque<airlock_sandbox::Sandbox>>>,
+    /// The python zygote, shared with the workers: when the pool is empty,
+    /// an execution that fits it is forked from it on demand instead of
+    /// starting cold. Owned (started, replaced) by the refill thread.
+    zygote: Mutex<Option<Arc<airlock_sandbox::Zygote>>>,
     /// Refill requests (and stop) for the refill thread.
     wake: std::sync::Condvar,
     stop: Mutex<bool>,
@@ -424,7 +428,7 @@ impl Executor {
         // already loaded) when the host has a shared libpython; it lives on
         // this thread, like everything it forks. Without one, or while it
         // fails, sandboxes start cold as before.
-        let mut zygote: Option<airlock_sandbox::Zygote> = None;
+        let mut zygote: Option<Arc<airlock_sandbox::Zygote>> = None;
         let mut zygote_retry = Instant::now();
         loop {
             if *self.pool.stop.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -488,7 +492,7 @@ impl Executor {
                         self.keep_zygote(&mut zygote, &mut zygote_retry, &spec.policy, &extras);
                     }
                     let made = match (&zygote, *lang) {
-                        (Some(z), Language::Python) => self.engine.prepare_from(z),
+                        (Some(z), Language::Python) => self.engine.prepare_from(z.as_ref()),
                         _ => self.engine.prepare_with(&spec.policy, *lang, &extras),
                     }
                     .and_then(|mut sb| sb.prestart().map(|_| sb));
@@ -526,7 +530,7 @@ impl Executor {
     /// failure waits a minute before trying again.
     fn keep_zygote(
         &self,
-        slot: &mut Option<airlock_sandbox::Zygote>,
+        slot: &mut Option<Arc<airlock_sandbox::Zygote>>,
         retry: &mut Instant,
         policy: &Policy,
         extras: &Extras,
@@ -542,7 +546,7 @@ impl Executor {
             match self.engine.start_zygote(policy, extras) {
                 Ok(z) => {
                     tracing::info!(python = z.version(), "python zygote started");
-                    *slot = Some(z);
+                    *slot = Some(Arc::new(z));
                 }
                 Err(e) => {
                     *retry = Instant::now() + Duration::from_secs(60);
@@ -556,6 +560,7 @@ impl Executor {
                 language: Language::Python.as_str().into(),
             })
             .set(slot.as_ref().map_or(0, |z| z.forks() as i64));
+        *self.pool.zygote.lock().unwrap_or_else(|p| p.into_inner()) = slot.clone();
     }
 
     /// A warm sandbox for this execution, when one fits it exactly.
@@ -618,6 +623,29 @@ impl Executor {
             None => self.metrics.pool_misses.get_or_create(&label).inc(),
         };
         self.pool.wake.notify_all();
+        if got.is_none() && sub.language == Language::Python {
+            // Empty pool: a fork from the zygote is still far cheaper than
+            // a cold start (no interpreter start-up), and just as isolated.
+            let z = self
+                .pool
+                .zygote
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Some(z) = z.filter(|z| z.is_alive()) {
+                match self
+                    .engine
+                    .prepare_from(&z)
+                    .and_then(|mut sb| sb.prestart().map(|_| sb))
+                {
+                    Ok(sb) => {
+                        self.metrics.pool_zygote_on_demand.inc();
+                        return Some(sb);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "zygote fork failed; starting cold"),
+                }
+            }
+        }
         got
     }
 

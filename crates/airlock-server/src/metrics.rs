@@ -42,6 +42,9 @@ pub struct Metrics {
     pub pool_create: Histogram,
     /// Sandboxes forked by the language's zygote (0 while it has none).
     pub pool_zygote_forks: Family<LangLabel, Gauge>,
+    /// Executions that found the pool empty and were forked from the
+    /// zygote on demand (counted in the misses too).
+    pub pool_zygote_on_demand: Counter,
 }
 
 /// Label: language.
@@ -67,6 +70,12 @@ impl Metrics {
         let pool_discarded = Family::<LangLabel, Counter>::default();
         let pool_create = Histogram::new(exponential_buckets(0.001, 2.0, 14));
         let pool_zygote_forks = Family::<LangLabel, Gauge>::default();
+        let pool_zygote_on_demand = Counter::default();
+        registry.register(
+            "pool_zygote_on_demand",
+            "Python executions forked from the zygote on demand because the pool was empty",
+            pool_zygote_on_demand.clone(),
+        );
         registry.register(
             "pool_zygote_forks",
             "Sandboxes forked by the current zygote (0: no zygote, warm sandboxes start cold)",
@@ -133,6 +142,7 @@ impl Metrics {
             pool_discarded,
             pool_create,
             pool_zygote_forks,
+            pool_zygote_on_demand,
         }
     }
 

@@ -232,6 +232,13 @@ fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
     }
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     assert!(metric(&s, "airlock_pool_hits_total{language=\"python\"}") >= 2.0);
+    // With four running and the pool empty, misses were forked from the
+    // zygote on demand rather than started cold.
+    assert!(
+        metric(&s, "airlock_pool_zygote_on_demand_total") >= 1.0,
+        "{}",
+        s.log()
+    );
 }
 
 #[test]
@@ -600,7 +607,11 @@ fn the_cli_runs_warm_through_a_server() {
     );
     // The tenant's own record of it exists on the server.
     let list = s.get("/v1/executions?limit=5", &key).json();
-    assert_eq!(list["executions"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(
+        list["executions"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
     // A limit ends it the same way as locally: one line, 128+9.
     let out = cli(
         Some(&key),
@@ -642,5 +653,9 @@ fn the_cli_runs_warm_through_a_server() {
         assert!(out.stdout.is_empty());
     }
     let list = s.get("/v1/executions?limit=5", &key).json();
-    assert_eq!(list["executions"].as_array().map(Vec::len), Some(2), "{list}");
+    assert_eq!(
+        list["executions"].as_array().map(Vec::len),
+        Some(2),
+        "{list}"
+    );
 }
