@@ -176,8 +176,12 @@ impl Python {
             .next()
             .unwrap_or("")
             .to_string();
+        // The configuration reaches python as a JSON string literal (valid
+        // python string syntax) decoded by json.loads: no value can be read
+        // as code.
         let cfg = serde_json::to_string(&py.config).map_err(|_| "config")?;
-        py.run(&BOOTSTRAP.replace("@CONFIG@", &cfg))?;
+        let literal = serde_json::to_string(&cfg).map_err(|_| "config")?;
+        py.run(&BOOTSTRAP.replace("@CONFIG@", &literal))?;
         Ok((py, v))
     }
 
@@ -256,7 +260,7 @@ def _airlock_zygote(c):
     g["__name__"] = "__airlock_zygote__"
     exec(code, g)
     g["__name__"] = "__main__"
-_airlock_zygote(@CONFIG@)
+_airlock_zygote(__import__("json").loads(@CONFIG@))
 del _airlock_zygote
 "#;
 
