@@ -957,9 +957,9 @@ fn run_job(
                     sys::exit_now(127)
                 }
                 // No exec: the error pipe (close-on-exec otherwise) and every
-                // descriptor except stdio and the broker channel go now.
+                // descriptor above the broker channel go now (program_setup
+                // closed the control socket).
                 drop(err_w);
-                sys::close_unowned(CONTROL_FD);
                 if sys::close_from(EGRESS_FD as u32).is_err() {
                     sys::exit_now(127)
                 }
