@@ -608,6 +608,14 @@ pub(crate) fn program_argv_env(
     (argv, env)
 }
 
+/// What is left of a sandbox once its result is known: processes that were
+/// sent SIGKILL and its cgroup. Dropping it waits until every process is
+/// gone and removes the cgroup.
+#[derive(Debug)]
+pub struct Teardown {
+    _sandbox: Sandbox,
+}
+
 /// Stage 1 of a sandbox's init: a child of the engine, or forked by a
 /// zygote (then only a pidfd is held; the zygote reaps it).
 #[derive(Debug)]
@@ -810,7 +818,7 @@ impl Sandbox {
     /// something `on_start` attaches (its broker session), so nothing it
     /// does escapes the limits.
     pub fn execute_from(
-        mut self,
+        self,
         code: &[u8],
         file_name: Option<&str>,
         stdin: &[u8],
@@ -818,6 +826,25 @@ impl Sandbox {
         cancel: &CancelToken,
         on_start: &mut dyn FnMut(),
     ) -> RunResult {
+        let (result, teardown) =
+            self.execute_deferred(code, file_name, stdin, on_output, cancel, on_start);
+        drop(teardown);
+        result
+    }
+
+    /// [`Sandbox::execute_from`], returning as soon as the result is known:
+    /// every process has been sent SIGKILL and the output is drained, while
+    /// waiting for the processes to be gone and removing the cgroup is left
+    /// to the returned [`Teardown`] (dropping it does that, on any thread).
+    pub fn execute_deferred(
+        mut self,
+        code: &[u8],
+        file_name: Option<&str>,
+        stdin: &[u8],
+        on_output: &mut dyn FnMut(Stream, &[u8]),
+        cancel: &CancelToken,
+        on_start: &mut dyn FnMut(),
+    ) -> (RunResult, Teardown) {
         let started = Instant::now();
         let base = if self.prestarted {
             self.cgroup.as_ref().map(Cgroup::stats).unwrap_or_default()
@@ -834,10 +861,33 @@ impl Sandbox {
             sup.internal = Some(e);
         }
         let wall = started.elapsed();
-        self.destroy();
-        // Drain what is left in the pipes after every process is gone.
+        // Every process is sent SIGKILL now; waiting for them to be gone and
+        // removing the cgroup is the teardown's job.
+        self.signal_kill();
+        // Drain what is left in the pipes: they reach end of file as the
+        // last process holding them dies.
         self.drain(&mut sup, on_output);
-        self.finish(sup, wall)
+        let result = self.finish(sup, wall);
+        (result, Teardown { _sandbox: self })
+    }
+
+    /// Sends SIGKILL to every process of the sandbox without waiting.
+    fn signal_kill(&mut self) {
+        if let Some(pidfd) = &self.pid1 {
+            let _ = sys::pidfd_kill(pidfd);
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.signal_all();
+        }
+        match self.child.as_mut() {
+            Some(InitProc::Child(child)) => {
+                let _ = child.kill();
+            }
+            Some(InitProc::Forked(pidfd)) => {
+                let _ = sys::pidfd_kill(pidfd);
+            }
+            None => {}
+        }
     }
 
     fn job(&self, code_len: usize, file_name: Option<&str>) -> Job {
@@ -1137,11 +1187,8 @@ impl Sandbox {
         }
     }
 
-    fn finish(mut self, sup: Supervision, wall: Duration) -> RunResult {
+    fn finish(&mut self, sup: Supervision, wall: Duration) -> RunResult {
         let stats = self.cgroup.as_ref().map(Cgroup::stats).unwrap_or_default();
-        if let Some(mut cg) = self.cgroup.take() {
-            cg.remove();
-        }
         let (
             mut code,
             mut signal,

@@ -35,7 +35,7 @@ pub mod seccomp;
 pub mod sys;
 pub mod zygote;
 
-pub use engine::{CancelToken, Engine, EngineConfig, Extras, Request, Sandbox, Stream};
+pub use engine::{CancelToken, Engine, EngineConfig, Extras, Request, Sandbox, Stream, Teardown};
 pub use error::SandboxError;
 pub use result::{Enforced, RunResult, TerminationReason};
 pub use zygote::Zygote;

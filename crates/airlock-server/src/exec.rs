@@ -107,6 +107,14 @@ pub struct Executor {
     pool: Pool,
     workers_n: usize,
     refill: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Teardowns of finished sandboxes (waiting for their killed processes,
+    /// removing their cgroups), done by one thread off the request path.
+    reaper: Mutex<
+        Option<(
+            Sender<airlock_sandbox::Teardown>,
+            std::thread::JoinHandle<()>,
+        )>,
+    >,
 }
 
 /// Egress decisions kept in an execution's record, per kind: denials
@@ -236,7 +244,17 @@ impl Executor {
             pool: Pool::default(),
             workers_n: workers,
             refill: Mutex::new(None),
+            reaper: Mutex::new(None),
         });
+        let (reap_tx, reap_rx) = mpsc::channel::<airlock_sandbox::Teardown>();
+        let reaper = std::thread::Builder::new()
+            .name("airlock-reaper".into())
+            .spawn(move || {
+                for t in reap_rx {
+                    drop(t);
+                }
+            })?;
+        *exec.reaper.lock().unwrap_or_else(|p| p.into_inner()) = Some((reap_tx, reaper));
         let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::with_capacity(workers);
         for i in 0..workers {
@@ -384,6 +402,11 @@ impl Executor {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
         let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         for h in handles {
+            let _ = h.join();
+        }
+        // Every pending teardown completes before the server exits.
+        if let Some((tx, h)) = self.reaper.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            drop(tx);
             let _ = h.join();
         }
         *self.pool.stop.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -709,6 +732,18 @@ impl Executor {
         );
     }
 
+    /// Hands a finished sandbox's teardown to the reaper thread (inline
+    /// when it is gone).
+    fn reap(&self, t: airlock_sandbox::Teardown) {
+        let g = self.reaper.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((tx, _)) = g.as_ref()
+            && let Err(mpsc::SendError(t)) = tx.send(t)
+        {
+            drop(g);
+            drop(t);
+        }
+    }
+
     fn extras(&self, sub: &Submission) -> Extras {
         let mut x = Extras {
             broker: true,
@@ -777,27 +812,15 @@ impl Executor {
         })
         .to_string();
         let started = now_ms();
-        if let Err(e) = self
-            .rt
-            .block_on(self.store.mark_running(&sub.id, started, &host_state))
-        {
-            // Without the record saying where its cgroups are, a crash could
-            // leave them behind: do not run.
-            tracing::error!(execution = %sub.id, error = %e, "marking running failed");
-            drop(sandbox);
-            self.finish(
-                &job,
-                Finish {
-                    error: Some("the execution could not be recorded"),
-                    ..Finish::new(
-                        ExecStatus::Failed,
-                        TerminationReason::InternalError.as_str(),
-                        now_ms(),
-                    )
-                },
-            );
-            return;
-        }
+        // Recorded while the execution starts, not before: the acceptance is
+        // already durable, and after a crash recovery fails the execution
+        // whether it was marked or not, and sweeps the cgroups of the dead
+        // engine either way. Awaited before the execution is finished.
+        let marking = {
+            let (store, id) = (self.store.clone(), sub.id.clone());
+            self.rt
+                .spawn(async move { store.mark_running(&id, started, &host_state).await })
+        };
         let live = job.entry.live.clone();
         // The broker for exactly this execution, identity fixed here.
         let log_live = live.clone();
@@ -911,7 +934,7 @@ impl Executor {
                 Some(self.rt.spawn(session.clone().serve(stream)))
             });
         };
-        let mut result = sandbox.execute_from(
+        let (mut result, teardown) = sandbox.execute_deferred(
             &sub.code,
             None,
             &sub.stdin,
@@ -919,6 +942,16 @@ impl Executor {
             &job.entry.cancel,
             &mut start_broker,
         );
+        // Waiting for the killed processes and removing the cgroup happen
+        // off this execution's path (the reaper thread).
+        self.reap(teardown);
+        match self.rt.block_on(marking) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(execution = %sub.id, error = %e, "marking running failed")
+            }
+            Err(e) => tracing::error!(execution = %sub.id, error = %e, "marking running failed"),
+        }
         for (i, kind) in [(0, "stdout"), (1, "stderr")] {
             let (carry, red) = &mut streams[i];
             // An incomplete UTF-8 sequence at the very end, lossily.

@@ -367,7 +367,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         actor: &Actor,
     ) -> Result<(), StoreError>;
     /// Marks an execution running; `host_state` names what to reap after a
-    /// crash. Audits `execution.started`.
+    /// crash. Audits `execution.started`. May become durable only with the
+    /// execution's finish (a process crash loses nothing; a power loss
+    /// before the finish may lose this mark, never the acceptance).
     async fn mark_running(&self, id: &str, at_ms: i64, host_state: &str) -> Result<(), StoreError>;
     /// Stores the final state and audits `execution.finish`.
     async fn finish_execution(&self, id: &str, fin: &Finish<'_>) -> Result<(), StoreError>;

@@ -94,19 +94,54 @@ impl SqliteStore {
             > + Send,
         T: Send,
     {
+        self.write_tx_with(true, f).await
+    }
+
+    /// A write transaction; with `durable = false` its commit is not
+    /// fsync'd by itself (WAL, `synchronous = NORMAL` for this commit only):
+    /// it is ordered before, and made durable by, the next durable commit.
+    /// A crash of the process loses nothing either way; a power loss may
+    /// lose a non-durable commit that no durable one followed yet.
+    async fn write_tx_with<T, F>(&self, durable: bool, f: F) -> Result<T, StoreError>
+    where
+        F: for<'c> FnOnce(
+                &'c mut Conn,
+                &'c Keyring,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'c>,
+            > + Send,
+        T: Send,
+    {
         let mut conn = self.pool.acquire().await?;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
-        let out = f(&mut tx, &self.keys).await;
-        match out {
-            Ok(v) => {
-                tx.commit().await?;
-                Ok(v)
-            }
-            Err(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
+        if !durable {
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *conn)
+                .await?;
+        }
+        let out = async {
+            let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+            match f(&mut tx, &self.keys).await {
+                Ok(v) => {
+                    tx.commit().await?;
+                    Ok(v)
+                }
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    Err(e)
+                }
             }
         }
+        .await;
+        if !durable
+            && sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut *conn)
+                .await
+                .is_err()
+        {
+            // Never hand a relaxed connection back to the pool.
+            drop(conn.detach());
+        }
+        out
     }
 }
 
@@ -688,7 +723,11 @@ impl Store for SqliteStore {
     async fn mark_running(&self, id: &str, at_ms: i64, host_state: &str) -> Result<(), StoreError> {
         let id = id.to_string();
         let host_state = host_state.to_string();
-        self.write_tx(move |c, keys| {
+        // Not fsync'd on its own: the finish commit that always follows
+        // makes it durable. A power loss in between leaves the execution
+        // queued (accepted durably), which recovery marks failed, and its
+        // cgroups are swept as a dead engine's.
+        self.write_tx_with(false, move |c, keys| {
             Box::pin(async move {
                 let r = sqlx::query(
                     "UPDATE executions SET status = 'running', started_at = ?, host_state = ?
