@@ -657,3 +657,46 @@ fn the_cli_runs_warm_through_a_server() {
         "{list}"
     );
 }
+
+#[test]
+fn processes_left_behind_are_gone_after_the_record_is_final() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let find = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c == b"sleep\x0086417\x00")
+            })
+            .collect()
+    };
+    assert!(find().is_empty());
+    let id = s
+        .post(
+            "/v1/executions",
+            &key,
+            json!({"language": "shell", "code": "sleep 86417 &\nsleep 0.5", "wait": false}),
+        )
+        .json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Positive control: the background process exists while it runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while find().is_empty() {
+        assert!(Instant::now() < deadline, "the background sleep never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v = s.wait_status(&key, &id, &["finished"]);
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    // Teardown runs after the record is final, off the request path; it
+    // still kills everything, promptly.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !find().is_empty() {
+        assert!(Instant::now() < deadline, "left behind: {:?}", find());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
