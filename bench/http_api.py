@@ -11,7 +11,7 @@ import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tem
 from cold_start import CLEAN_ENV, PY, machine, pct, time_once
 
 
-def start_server(airlock, data, workers):
+def start_server(airlock, data, workers, config=None):
     def admin(*args):
         p = subprocess.run([airlock, "admin", "--data-dir", data, *args], capture_output=True, text=True)
         if p.returncode != 0:
@@ -22,6 +22,11 @@ def start_server(airlock, data, workers):
     key = admin("key", "create", "--tenant", "bench")
     log = open(os.path.join(data, "..", "server.log"), "w")
     cmd = [airlock, "serve", "--listen", "127.0.0.1:0", "--data-dir", data]
+    if config:
+        path = os.path.join(data, "..", "airlock.toml")
+        with open(path, "w") as f:
+            f.write(config)
+        cmd += ["--config", path]
     if workers:
         cmd += ["--max-concurrent", str(workers)]
     srv = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
@@ -101,13 +106,22 @@ def idle_sandbox_pss_kib(server_pid):
         procs[int(name)] = (int(stat[stat.rfind(")") + 2:].split()[1]), cmd)
 
     def pss(pid):
+        """(PSS, USS) in KiB: USS = private pages, PSS adds a share of
+        pages shared with the zygote and the other sandboxes."""
+        p = u = 0
         try:
             for line in open(f"/proc/{pid}/smaps_rollup"):
                 if line.startswith("Pss:"):
-                    return int(line.split()[1])
+                    p = int(line.split()[1])
+                elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    u += int(line.split()[1])
         except OSError:
             pass
-        return 0
+        return p, u
+
+    def total(pids):
+        got = [pss(x) for x in pids]
+        return sum(g[0] for g in got), sum(g[1] for g in got)
 
     def subtree(root):
         out, todo = [], [root]
@@ -118,10 +132,10 @@ def idle_sandbox_pss_kib(server_pid):
         return out
 
     zygotes = [p for p, (pp, cmd) in procs.items() if pp == server_pid and b"__airlock-zygote" in cmd]
-    sandboxes, zygote_kib = [], sum(pss(z) for z in zygotes)
+    sandboxes, zygote_kib = [], total(zygotes)[0]
     for z in zygotes:
         for stage1 in (c for c, (pp, _) in procs.items() if pp == z):
-            sandboxes.append(sum(pss(p) for p in subtree(stage1)))
+            sandboxes.append(total(subtree(stage1)))
     # Warm sandboxes started without a zygote: the runner's init chain.
     for pid, (pp, cmd) in procs.items():
         if b"/opt/airlock/python/runner.py" not in cmd:
@@ -131,8 +145,27 @@ def idle_sandbox_pss_kib(server_pid):
             chain.append(p)
             p = procs.get(p, (0, b""))[0]
         if p == server_pid:
-            sandboxes.append(sum(pss(x) for x in chain))
+            sandboxes.append(total(chain))
     return sandboxes, zygote_kib
+
+
+def pool_memory(airlock, size):
+    """PSS/USS per idle warm python sandbox with a pool of `size`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        srv, host, port, key = start_server(airlock, data, 0, f"[pool]\npython = {size}\njavascript = 0\n")
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                sb, z = idle_sandbox_pss_kib(srv.pid)
+                if len(sb) >= size:
+                    time.sleep(0.5)
+                    return idle_sandbox_pss_kib(srv.pid)
+                time.sleep(0.2)
+            sys.exit(f"the pool of {size} did not fill")
+        finally:
+            srv.terminate()
+            srv.wait(timeout=60)
 
 
 def main():
@@ -234,10 +267,14 @@ def main():
         f"SQLite store, audit chain on), max_concurrent={workers}; {a.iterations} sequential "
         f"requests (+{a.warmup} warm-up), {a.clients}x{per} concurrent; warm pool (python): "
         f"{pool.get('hits_total', '0')} hits, {pool.get('misses_total', '0')} misses; "
-        f"PSS per idle warm python sandbox (stage 1, pid 1 and the program): "
-        f"{', '.join(f'{k / 1024:.1f} MiB' for k in pss) or 'n/a'}"
-        f"{f'; the python zygote they share: {zygote_kib / 1024:.1f} MiB' if zygote_kib else ''}; "
         f"machine: {machine()}\n")
+    mem = ["", "| idle warm python sandboxes (stage 1, pid 1, program) | PSS per sandbox | USS (private) per sandbox | zygote PSS |",
+           "|---|---:|---:|---:|"]
+    for size, (sbs, zk) in [(2, (pss, zygote_kib)), *[(n, pool_memory(a.airlock, n)) for n in (8, 32)]]:
+        if sbs:
+            mem.append(f"| pool of {size} | {statistics.median(x[0] for x in sbs) / 1024:.2f} MiB | "
+                       f"{statistics.median(x[1] for x in sbs) / 1024:.2f} MiB | {zk / 1024:.1f} MiB |")
+    out += "\n".join(mem) + "\n"
     print(out)
     if a.markdown_out:
         with open(a.markdown_out, "a") as f:
