@@ -956,6 +956,11 @@ fn run_job(
                     let _ = w.write_all(&errno.to_le_bytes());
                     sys::exit_now(127)
                 }
+                // An exec would make the program dumpable again (pid 1 is
+                // not); without one it says so itself, as a cold program is.
+                if sys::set_dumpable(true).is_err() {
+                    sys::exit_now(127)
+                }
                 // No exec: the error pipe (close-on-exec otherwise) and every
                 // descriptor above the broker channel go now (program_setup
                 // closed the control socket).

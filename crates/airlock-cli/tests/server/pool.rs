@@ -428,6 +428,8 @@ print(json.dumps({
     "mounts": sorted(l.split()[4] for l in open("/proc/self/mountinfo")),
     "hostname": socket.gethostname(), "umask": os.umask(0o22), "sid": os.getsid(0) == os.getpid(),
     "exe": exe(), "random": __import__("random").random(),
+    "dumpable": __import__("ctypes").CDLL(None).prctl(3, 0, 0, 0, 0),
+    "proc_owner": os.stat("/proc/self/status").st_uid,
 }))
 "#;
 
@@ -476,6 +478,8 @@ fn zygote_forked_sandboxes_match_cold_ones_and_share_nothing() {
         "mounts",
         "hostname",
         "umask",
+        "dumpable",
+        "proc_owner",
         "sid",
     ] {
         assert_eq!(
