@@ -112,10 +112,26 @@ impl SqliteStore {
             > + Send,
         T: Send,
     {
-        let mut conn = self.pool.acquire().await?;
+        // A relaxed connection must never go back to the pool: unless
+        // `synchronous = FULL` was restored, the guard closes it (also when
+        // this future is dropped half-way).
+        struct Relaxed(Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>, bool);
+        impl Drop for Relaxed {
+            fn drop(&mut self) {
+                if let Some(c) = self.0.take()
+                    && self.1
+                {
+                    drop(c.detach());
+                }
+            }
+        }
+        let mut guard = Relaxed(Some(self.pool.acquire().await?), !durable);
+        let Some(conn) = guard.0.as_mut() else {
+            return Err(StoreError::Db("no connection".into()));
+        };
         if !durable {
             sqlx::query("PRAGMA synchronous = NORMAL")
-                .execute(&mut *conn)
+                .execute(&mut **conn)
                 .await?;
         }
         let out = async {
@@ -134,13 +150,14 @@ impl SqliteStore {
         .await;
         if !durable
             && sqlx::query("PRAGMA synchronous = FULL")
-                .execute(&mut *conn)
+                .execute(&mut **conn)
                 .await
-                .is_err()
+                .is_ok()
         {
-            // Never hand a relaxed connection back to the pool.
-            drop(conn.detach());
+            // Restored: back to the pool as it came.
+            guard.1 = false;
         }
+        drop(guard);
         out
     }
 }
@@ -1152,6 +1169,64 @@ mod tests {
             actor: "admin".into(),
             request_id: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_relaxed_commit_never_leaves_a_relaxed_connection_in_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("a.db"), keys())
+            .await
+            .unwrap();
+        let level = |s: &SqliteStore| {
+            let pool = s.pool.clone();
+            async move {
+                // Every connection the pool can hand out, held at once.
+                let mut held = Vec::new();
+                let mut levels = Vec::new();
+                for _ in 0..8 {
+                    let mut c = pool.acquire().await.unwrap();
+                    let v: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                        .fetch_one(&mut *c)
+                        .await
+                        .unwrap();
+                    levels.push(v);
+                    held.push(c);
+                }
+                levels
+            }
+        };
+        // Positive control: a relaxed transaction does run relaxed.
+        let inside: i64 = s
+            .write_tx_with(false, |c, _| {
+                Box::pin(async move {
+                    Ok(sqlx::query_scalar("PRAGMA synchronous")
+                        .fetch_one(&mut *c)
+                        .await?)
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(inside, 1, "NORMAL inside");
+        assert!(level(&s).await.iter().all(|v| *v == 2), "FULL after");
+        // A failing relaxed transaction, and one dropped half-way.
+        let r: Result<(), _> = s
+            .write_tx_with(false, |_, _| {
+                Box::pin(async move { Err(StoreError::Db("boom".into())) })
+            })
+            .await;
+        assert!(r.is_err());
+        let dropped = s.write_tx_with(false, |_, _| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(())
+            })
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), dropped)
+                .await
+                .is_err()
+        );
+        assert!(level(&s).await.iter().all(|v| *v == 2), "FULL after");
     }
 
     #[tokio::test]
