@@ -704,3 +704,51 @@ fn processes_left_behind_are_gone_after_the_record_is_final() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_policy_change_replaces_the_pool_and_its_zygote() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "[policy.limits]\nwall_time_ms = 7000\n").unwrap();
+    let mut s = Server::new(&["--config", cfg.to_str().unwrap()]);
+    s.start();
+    let key = s.tenant("acme");
+    let code = "import os, errno\ntry:\n    os.execv('/usr/bin/python3', ['python3', '-c', 'print(\"exec ok\")'])\nexcept OSError as e:\n    print(errno.errorcode[e.errno])";
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let old_zygote = zygote_of(s.pid()).expect("zygote");
+    let v = run(&s, &key, json!({"language": "python", "code": code}));
+    assert_eq!(v["result"]["stdout"], "exec ok\n", "{v}");
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        1.0
+    );
+    // The operator changes the base policy; the restarted server's pool and
+    // zygote are built for the new one, and nothing of the old pool is used.
+    let (st, _) = s.terminate();
+    assert!(st.success());
+    // The old zygote dies with its server (its parent-death signal).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::read_to_string(format!("/proc/{old_zygote}/stat"))
+        .is_ok_and(|st| !st.contains(") Z "))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the old zygote outlived its server"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(
+        &cfg,
+        "[policy.limits]\nwall_time_ms = 7000\n[policy.syscalls]\ndeny_execve = true\n",
+    )
+    .unwrap();
+    s.start();
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let v = run(&s, &key, json!({"language": "python", "code": code}));
+    assert_eq!(v["result"]["stdout"], "EPERM\n", "{v}");
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        1.0
+    );
+    assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 1.0);
+}
