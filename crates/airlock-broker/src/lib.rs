@@ -28,6 +28,10 @@ pub const VERSION: u64 = 1;
 /// Largest frame in either direction (length prefix excluded).
 pub const MAX_FRAME: usize = 1 << 20;
 
+/// Security events (identity fields ignored, secrets denied) audited one
+/// by one per execution; the rest are counted in one summary record.
+pub const AUDIT_MAX: u32 = 20;
+
 /// Who the execution is. Fixed by the host.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -122,6 +126,8 @@ struct State {
     log_bytes: u64,
     last_id: Option<u64>,
     audits: u32,
+    /// Security events beyond [`AUDIT_MAX`], by kind.
+    suppressed: std::collections::BTreeMap<&'static str, u64>,
     /// Memory bytes written by this execution.
     memory_bytes: u64,
     /// Log rate window: (start, records in it).
@@ -348,12 +354,14 @@ impl Session {
         }
     }
 
-    /// Audits a security-relevant event; at most 20 per execution so a
-    /// hostile program cannot flood the chain.
-    async fn audit(&self, kind: &str, subject: &str, detail: Value) {
+    /// Audits a security-relevant event; at most [`AUDIT_MAX`] per
+    /// execution so a hostile program cannot flood the chain. The rest are
+    /// counted, per kind, for [`Session::finish`].
+    async fn audit(&self, kind: &'static str, subject: &str, detail: Value) {
         {
             let mut st = self.state();
-            if st.audits >= 20 {
+            if st.audits >= AUDIT_MAX {
+                *st.suppressed.entry(kind).or_default() += 1;
                 return;
             }
             st.audits += 1;
@@ -366,6 +374,27 @@ impl Session {
             Some(&self.identity.request_id),
         )
         .with_detail(detail);
+        if let Err(e) = self.store.append_audit(ev).await {
+            tracing::error!(error = %e, execution = %self.identity.execution_id, "broker audit failed");
+        }
+    }
+
+    /// Once the channel is closed: records how many security events went
+    /// unaudited beyond [`AUDIT_MAX`] (`broker.audit_suppressed`, by kind),
+    /// so the fact that they happened is kept.
+    pub async fn finish(&self) {
+        let suppressed = std::mem::take(&mut self.state().suppressed);
+        if suppressed.is_empty() {
+            return;
+        }
+        let ev = NewAudit::new(
+            Some(&self.identity.tenant_id),
+            "broker.audit_suppressed",
+            &self.actor().actor,
+            &self.identity.execution_id,
+            Some(&self.identity.request_id),
+        )
+        .with_detail(json!({ "audited": AUDIT_MAX, "not_audited": suppressed }));
         if let Err(e) = self.store.append_audit(ev).await {
             tracing::error!(error = %e, execution = %self.identity.execution_id, "broker audit failed");
         }
@@ -527,29 +556,37 @@ impl Session {
                         "level is debug, info, warn or error",
                     ));
                 }
-                if a.message.len() > self.quotas.log_message_bytes {
-                    return Err(op_err(
+                // Every cap holds on what is stored and streamed: the
+                // redacted text (a marker can be longer than the value it
+                // replaces). The raw sizes are checked first, which bounds
+                // the redaction work too.
+                let too_large = |what: &str, max: usize| {
+                    op_err(
                         "too_large",
-                        format!(
-                            "log messages are at most {} bytes",
-                            self.quotas.log_message_bytes
-                        ),
-                    ));
+                        format!("log {what} are at most {max} bytes (after redaction)"),
+                    )
+                };
+                let (max_msg, max_fields) =
+                    (self.quotas.log_message_bytes, self.quotas.log_fields_bytes);
+                if a.message.len() > max_msg {
+                    return Err(too_large("messages", max_msg));
                 }
                 let mut fields = Value::Object(a.fields);
+                if json_len(&fields) > max_fields {
+                    return Err(too_large("fields", max_fields));
+                }
+                let message = self.redactor.redact(&a.message);
+                self.redactor.redact_json(&mut fields);
                 let flen = json_len(&fields);
-                if flen > self.quotas.log_fields_bytes {
-                    return Err(op_err(
-                        "too_large",
-                        format!(
-                            "log fields are at most {} bytes",
-                            self.quotas.log_fields_bytes
-                        ),
-                    ));
+                if message.len() > max_msg {
+                    return Err(too_large("messages", max_msg));
+                }
+                if flen > max_fields {
+                    return Err(too_large("fields", max_fields));
                 }
                 {
                     let mut st = self.state();
-                    let bytes = (a.message.len() + flen) as u64;
+                    let bytes = (message.len() + flen) as u64;
                     if st.log_records >= self.quotas.log_records
                         || st.log_bytes + bytes > self.quotas.log_bytes
                     {
@@ -573,16 +610,6 @@ impl Session {
                     st.log_records += 1;
                     st.log_bytes += bytes;
                 }
-                let mut message = self.redactor.redact(&a.message);
-                if message.len() > self.quotas.log_message_bytes {
-                    // Redaction markers can be longer than what they hide.
-                    let mut cut = self.quotas.log_message_bytes;
-                    while !message.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    message.truncate(cut);
-                }
-                self.redactor.redact_json(&mut fields);
                 let seq = self
                     .store
                     .append_log(&id.execution_id, &a.level, &message, &fields)
@@ -746,15 +773,34 @@ impl Session {
         expected: Option<i64>,
     ) -> Result<Value, OpError> {
         self.check_key(key)?;
-        let len = json_len(value);
-        if len > self.quotas.memory_value_bytes {
+        // Keys are listed to every execution of the flow, granted or not.
+        if self.redactor.contains_secret(key) {
             return Err(op_err(
+                "invalid_key",
+                "keys must not contain the value of a secret this execution read",
+            ));
+        }
+        let too_large = || {
+            op_err(
                 "too_large",
                 format!(
-                    "values are at most {} bytes",
+                    "values are at most {} bytes (after redaction)",
                     self.quotas.memory_value_bytes
                 ),
-            ));
+            )
+        };
+        if json_len(value) > self.quotas.memory_value_bytes {
+            return Err(too_large());
+        }
+        // Memory outlives the execution and is readable by executions that
+        // hold no grant: secret values never go into it. The caps hold on
+        // what is stored (a marker can be longer than the value it hides).
+        let mut value = value.clone();
+        self.redactor.redact_json(&mut value);
+        let value = &value;
+        let len = json_len(value);
+        if len > self.quotas.memory_value_bytes {
+            return Err(too_large());
         }
         {
             let mut st = self.state();
@@ -769,11 +815,6 @@ impl Session {
             }
             st.memory_bytes += len as u64;
         }
-        // Memory outlives the execution and is readable by executions that
-        // hold no grant: secret values never go into it.
-        let mut value = value.clone();
-        self.redactor.redact_json(&mut value);
-        let value = &value;
         let id = &self.identity;
         match self
             .store

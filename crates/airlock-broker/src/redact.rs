@@ -4,6 +4,12 @@
 //!
 //! Values shorter than [`MIN_REDACT_LEN`] bytes are not redacted: a one- or
 //! two-character "secret" would shred all output and protects nothing.
+//!
+//! A marker can be longer than the value it hides (a 4-byte value under a
+//! 128-character name), so redaction can grow data. Every size cap is
+//! therefore applied to the redacted text, the text that is actually
+//! stored, streamed or sent: [`cut_to`] and [`StreamRedactor`]'s cap here,
+//! and the broker's checks after redaction.
 
 use std::sync::Mutex;
 
@@ -54,14 +60,24 @@ impl Redactor {
             return;
         }
         let mut g = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
-        // The value as it is, and as it appears inside a JSON string (a PEM
-        // key printed with json.dumps has its newlines escaped).
+        // The value as it is, as it appears inside a JSON string (a PEM key
+        // printed with json.dumps has its newlines escaped), and as an
+        // ASCII-only encoder writes it: python's json.dumps default
+        // (`ensure_ascii`) turns every non-ASCII character into `\uXXXX`
+        // with lowercase hex, other encoders use uppercase.
         let escaped = serde_json::to_string(value)
             .ok()
-            .map(|q| q[1..q.len() - 1].to_string());
-        for v in std::iter::once(value.to_string()).chain(escaped) {
-            if !g.iter().any(|(_, x)| x.as_str() == v) {
-                g.push((name.to_string(), Zeroizing::new(v)));
+            .map(|q| Zeroizing::new(q[1..q.len() - 1].to_string()));
+        let forms = std::iter::once(Zeroizing::new(value.to_string()))
+            .chain(escaped)
+            .chain(
+                [ascii_json(value, false), ascii_json(value, true)]
+                    .into_iter()
+                    .flatten(),
+            );
+        for v in forms {
+            if !g.iter().any(|(_, x)| x.as_str() == v.as_str()) {
+                g.push((name.to_string(), v));
             }
         }
     }
@@ -100,6 +116,25 @@ impl Redactor {
         g.iter().map(|(_, v)| v.len()).max().unwrap_or(0)
     }
 
+    /// Whether `text` holds a value (in any of the forms redacted).
+    pub fn contains_secret(&self, text: &str) -> bool {
+        let g = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        g.iter().any(|(_, v)| text.contains(v.as_str()))
+    }
+
+    /// Captured output as it is stored: redacted (for output that was cut
+    /// at its limit, a tail that starts a value too), then cut back to
+    /// `cap` bytes, since markers can be longer than what they hide.
+    pub fn redact_capped(&self, text: &str, truncated: bool, cap: usize) -> String {
+        let mut out = if truncated {
+            self.redact_truncated(text)
+        } else {
+            self.redact(text)
+        };
+        cut_to(&mut out, cap);
+        out
+    }
+
     /// `text` with every value replaced.
     pub fn redact(&self, text: &str) -> String {
         let g = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,16 +169,86 @@ impl Redactor {
     }
 }
 
+/// `value` as a JSON string body written by an ASCII-only encoder: `"`,
+/// `\\`, the short escapes, every other byte outside printable ASCII as
+/// `\uXXXX` (UTF-16 surrogate pairs above the BMP). `None` when the value
+/// is all printable ASCII (then it equals the plain escaped form).
+fn ascii_json(value: &str, upper: bool) -> Option<Zeroizing<String>> {
+    if value.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return None;
+    }
+    use std::fmt::Write;
+    let mut out = Zeroizing::new(String::with_capacity(value.len() * 6));
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            ' '..='~' => out.push(c),
+            _ => {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    let _ = if upper {
+                        write!(out, "\\u{u:04X}")
+                    } else {
+                        write!(out, "\\u{u:04x}")
+                    };
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Cuts `text` to at most `cap` bytes, at a character boundary.
+pub fn cut_to(text: &mut String, cap: usize) -> bool {
+    if text.len() <= cap {
+        return false;
+    }
+    let mut cut = cap;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    true
+}
+
 /// Redaction of a stream that arrives in chunks: holds back just enough
-/// text that a value split across chunks is still caught.
-#[derive(Debug, Default)]
+/// text that a value split across chunks is still caught, and releases at
+/// most `cap` bytes of redacted text in all (the stream's output limit,
+/// applied to what is streamed, not to what the program wrote).
+#[derive(Debug)]
 pub struct StreamRedactor {
     carry: String,
+    /// Bytes that may still be released.
+    left: usize,
 }
 
 impl StreamRedactor {
+    /// A stream that releases at most `cap` bytes.
+    pub fn capped(cap: usize) -> Self {
+        StreamRedactor {
+            carry: String::new(),
+            left: cap,
+        }
+    }
+
+    fn release(&mut self, mut text: String) -> String {
+        cut_to(&mut text, self.left);
+        self.left -= text.len();
+        text
+    }
+
     /// Feeds text; returns what can be released now, redacted.
     pub fn push(&mut self, r: &Redactor, text: &str) -> String {
+        if self.left == 0 {
+            // Past the cap nothing more is released; nothing is kept.
+            return String::new();
+        }
         self.carry.push_str(text);
         let hold = r.max_len().saturating_sub(1);
         let mut cut = self.carry.len().saturating_sub(hold);
@@ -162,13 +267,20 @@ impl StreamRedactor {
         let rest = self.carry.split_off(cut);
         let out = r.redact(&self.carry);
         self.carry = rest;
-        out
+        self.release(out)
     }
 
-    /// Releases whatever is held, redacted.
-    pub fn finish(&mut self, r: &Redactor) -> String {
+    /// Releases whatever is held, redacted. `truncated`: the source was cut
+    /// at its limit, so a held tail may be the start of a value, and is
+    /// redacted as such (the record is redacted the same way).
+    pub fn finish(&mut self, r: &Redactor, truncated: bool) -> String {
         let all = std::mem::take(&mut self.carry);
-        r.redact(&all)
+        let out = if truncated {
+            r.redact_truncated(&all)
+        } else {
+            r.redact(&all)
+        };
+        self.release(out)
     }
 }
 
@@ -211,13 +323,65 @@ mod tests {
     fn stream_catches_values_split_across_chunks() {
         let r = Redactor::default();
         r.add("k", "s3cr3t-value");
-        let mut s = StreamRedactor::default();
+        let mut s = StreamRedactor::capped(usize::MAX);
         let mut out = String::new();
         for chunk in ["prefix s3c", "r3t-va", "lue suffix and s3cr3t-value", "!"] {
             out.push_str(&s.push(&r, chunk));
         }
-        out.push_str(&s.finish(&r));
+        out.push_str(&s.finish(&r, false));
         assert_eq!(out, "prefix [REDACTED:k] suffix and [REDACTED:k]!");
         assert!(!out.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn the_stream_cap_holds_on_redacted_text_and_a_cut_tail_is_redacted() {
+        let r = Redactor::default();
+        let name = "N".repeat(128);
+        r.add(&name, "abcd");
+        // 4 bytes of program output become 139 bytes of marker.
+        let cap = 1000;
+        let mut s = StreamRedactor::capped(cap);
+        let mut sent = 0;
+        for _ in 0..250 {
+            sent += s.push(&r, "abcd").len();
+        }
+        sent += s.finish(&r, false).len();
+        assert_eq!(sent, cap, "exactly the cap is streamed");
+        // Positive control: without the cap it would have been 35 times more.
+        assert_eq!(r.redact(&"abcd".repeat(250)).len(), 250 * 139);
+        // Output cut at its limit in the middle of a value: the tail held
+        // back is redacted at the end, as the record is.
+        let r = Redactor::default();
+        r.add("S", "0123456789-secret");
+        let mut s = StreamRedactor::capped(usize::MAX);
+        let mut out = s.push(&r, "ok 0123456");
+        out.push_str(&s.finish(&r, true));
+        assert_eq!(out, "ok [REDACTED:S]");
+        assert_eq!(out, r.redact_capped("ok 0123456", true, usize::MAX));
+        // Positive control: a stream that simply ended keeps its text.
+        let mut s = StreamRedactor::capped(usize::MAX);
+        let mut out = s.push(&r, "ok 0123456");
+        out.push_str(&s.finish(&r, false));
+        assert_eq!(out, "ok 0123456");
+    }
+
+    #[test]
+    fn ascii_only_json_forms_are_redacted() {
+        let r = Redactor::default();
+        r.add("S", "pässwörd-€-😀");
+        // python: json.dumps(v) (ensure_ascii) and Java's uppercase form.
+        let lower = "\"p\\u00e4ssw\\u00f6rd-\\u20ac-\\ud83d\\ude00\"";
+        let upper = "p\\u00E4ssw\\u00F6rd-\\u20AC-\\uD83D\\uDE00";
+        assert_eq!(r.redact(lower), "\"[REDACTED:S]\"");
+        assert_eq!(r.redact(upper), "[REDACTED:S]");
+        assert!(r.contains_secret(lower) && !r.contains_secret("p\\u00e4ss"));
+        // A printable-ASCII value has no extra form.
+        assert_eq!(ascii_json("plain-ascii", false), None);
+        assert_eq!(
+            ascii_json("a\"b\\c\n\u{1}\u{7f}", false)
+                .as_deref()
+                .map(String::as_str),
+            Some("a\\\"b\\\\c\\n\\u0001\\u007f")
+        );
     }
 }

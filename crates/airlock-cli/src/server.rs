@@ -180,14 +180,6 @@ pub fn serve(args: ServeArgs, engine: airlock_sandbox::EngineConfig) -> ExitCode
     }
 }
 
-fn valid_tenant_name(n: &str) -> bool {
-    let b = n.as_bytes();
-    (1..=63).contains(&b.len())
-        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
-}
-
 /// `airlock admin ...`.
 pub fn admin(args: AdminArgs) -> ExitCode {
     let r = (|| {
@@ -225,7 +217,7 @@ async fn admin_body(
     };
     match cmd {
         AdminCommand::Tenant(TenantCommand::Create { name }) => {
-            if !valid_tenant_name(&name) {
+            if !airlock_server::config::valid_tenant_name(&name) {
                 return Err(Fail::Usage(
                     "tenant names match [a-z0-9][a-z0-9_-]{0,62}".into(),
                 ));

@@ -47,6 +47,19 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Ports whose protocol is TLS from the first byte (HTTPS and its
+/// alternate port, SMTPS, NNTPS, LDAPS, DNS over TLS, FTPS, TELNETS, IMAPS,
+/// IRCS, POP3S, SIPS, IRC over TLS). A tunnel to one of them carries a TLS
+/// ClientHello naming the CONNECT host first, and nothing else before it;
+/// plain HTTP to one of them is refused (it would skip the name check).
+pub const TLS_PORTS: [u16; 14] = [
+    443, 465, 563, 636, 853, 989, 990, 992, 993, 994, 995, 5061, 6697, 8443,
+];
+
+/// Longest first line of a non-TLS tunnel that is waited for before it is
+/// decided; HTTP servers refuse longer request lines too.
+const MAX_FIRST_LINE: usize = 8 << 10;
+
 /// One decision, for the audit log and the execution's egress log.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct EgressEvent {
@@ -417,14 +430,24 @@ impl Proxy {
                 } else if let Some(v) = match tls::client_hello(&first) {
                     tls::Hello::Incomplete if first.len() < tls::MAX_HELLO => None,
                     tls::Hello::Incomplete => Some(Err("ClientHello too large")),
-                    tls::Hello::NotTls if port == 443 => Some(Err("not TLS on port 443")),
+                    // Not even a leading empty line: a TLS port's first
+                    // byte starts a TLS record.
+                    tls::Hello::NotTls if TLS_PORTS.contains(&port) => {
+                        Some(Err("not TLS on a TLS port"))
+                    }
                     // Plain HTTP must use the absolute form, where the Host
                     // is the checked one and one request is forwarded: in a
                     // tunnel, any Host on the same address would do.
-                    tls::Hello::NotTls if looks_like_http(&first) => Some(Err(
-                        "plain HTTP inside a CONNECT tunnel (use http:// through the proxy)",
-                    )),
-                    tls::Hello::NotTls => Some(Ok(())),
+                    tls::Hello::NotTls => match plain_http(&first) {
+                        Some(true) => Some(Err(
+                            "plain HTTP inside a CONNECT tunnel (use http:// through the proxy)",
+                        )),
+                        Some(false) => Some(Ok(())),
+                        None if first.len() > MAX_FIRST_LINE => {
+                            Some(Err("tunnel's first line too long to decide"))
+                        }
+                        None => None,
+                    },
                     tls::Hello::Malformed => Some(Err("malformed ClientHello")),
                     tls::Hello::Encrypted => {
                         Some(Err("Encrypted Client Hello hides the server name"))
@@ -455,8 +478,8 @@ impl Proxy {
                     Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
                     Ok(Err(_)) => break Err("read failed"),
                     // Nothing sent yet: a server-speaks-first protocol.
-                    Err(_) if first.is_empty() && port != 443 => break Ok(()),
-                    Err(_) => break Err("ClientHello not received in time"),
+                    Err(_) if first.is_empty() && !TLS_PORTS.contains(&port) => break Ok(()),
+                    Err(_) => break Err("first bytes not received in time"),
                 }
             };
             verdict?;
@@ -504,10 +527,10 @@ impl Proxy {
                 return;
             }
         };
-        if port == 443 {
-            // 443 is TLS: plain HTTP there would skip the server-name check.
-            let _ = respond(&mut client, 403, "port 443 is TLS: use CONNECT").await;
-            self.deny_event(&method, &host.to_string(), port, "plain HTTP to port 443");
+        if TLS_PORTS.contains(&port) {
+            // A TLS port: plain HTTP there would skip the server-name check.
+            let _ = respond(&mut client, 403, "that port is TLS: use CONNECT").await;
+            self.deny_event(&method, &host.to_string(), port, "plain HTTP to a TLS port");
             return;
         }
         // Request framing: one request, a Content-Length body at most.
@@ -627,13 +650,59 @@ impl Proxy {
     }
 }
 
-/// Whether tunnel bytes start like an HTTP/1 request (a method token and a
-/// space).
-fn looks_like_http(b: &[u8]) -> bool {
-    let head = &b[..b.len().min(16)];
-    match head.iter().position(|c| *c == b' ') {
-        Some(i) => i > 0 && head[..i].iter().all(|c| c.is_ascii_uppercase()),
-        None => head.len() < 16 && !head.is_empty() && head.iter().all(|c| c.is_ascii_uppercase()),
+/// HTTP methods (RFC 9110 and WebDAV) and HTTP/2's connection preface.
+const METHODS: [&[u8]; 17] = [
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"PRI",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+];
+
+/// Whether the first bytes of a non-TLS tunnel are (the start of) an HTTP
+/// request, as a lenient server would read them: `Some(true)` HTTP,
+/// `Some(false)` certainly not, `None` not decidable yet (wait for more).
+///
+/// Leading empty lines and whitespace are skipped (RFC 9112 lets servers
+/// ignore empty lines before the request line, and some skip blanks). Then
+/// a known method followed by a blank is HTTP at once (also without a
+/// version: HTTP/0.9); any request line, in any case, that ends in an
+/// `HTTP/` version is HTTP; a first word with a byte that cannot be in a
+/// method token (binary protocols, TLS) is not.
+fn plain_http(b: &[u8]) -> Option<bool> {
+    let start = b
+        .iter()
+        .position(|c| !matches!(c, b'\r' | b'\n' | b' ' | b'\t'))?;
+    let b = &b[start..];
+    let line_end = b.iter().position(|c| *c == b'\n');
+    let line = &b[..line_end.unwrap_or(b.len())];
+    // RFC 9110 token characters.
+    let tchar = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
+    let word_end = line.iter().position(|c| *c == b' ' || *c == b'\t');
+    let word = &line[..word_end.unwrap_or(line.len())];
+    if !word.iter().all(tchar) {
+        return Some(false);
+    }
+    if word_end.is_some() && METHODS.contains(&word) {
+        return Some(true);
+    }
+    let has_version = line.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));
+    match line_end {
+        Some(_) => Some(word_end.is_some() && has_version),
+        None if has_version => Some(true),
+        None => None,
     }
 }
 
@@ -823,12 +892,47 @@ mod tests {
 
     #[test]
     fn http_in_tunnels_is_recognised() {
-        assert!(looks_like_http(b"GET / HTTP/1.1\r\n"));
-        assert!(looks_like_http(b"CONNECT x:1 HTTP/1.1"));
-        assert!(looks_like_http(b"GE"));
-        assert!(!looks_like_http(b"\x16\x03\x01"));
-        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
-        assert!(!looks_like_http(b"\x00\x00\x00\x08\x04\xd2\x16\x2f")); // postgres SSLRequest
+        for http in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"CONNECT x:1 HTTP/1.1",
+            b"GET ",
+            b"\r\nGET / HTTP/1.1\r\nHost: other\r\n\r\n",
+            b"\r\n\r\n \t GET /",
+            b"get / http/1.1\r\n",
+            b"FOO /x HTTP/1.0\r\n",
+            b"PRI * HTTP/2.0\r\n",
+            b"GET /\r\n",
+        ] {
+            assert_eq!(
+                plain_http(http),
+                Some(true),
+                "{:?}",
+                String::from_utf8_lossy(http)
+            );
+        }
+        for other in [
+            &b"\x16\x03\x01"[..],
+            b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
+            b"\x00\x00\x00\x08\x04\xd2\x16\x2f", // postgres SSLRequest
+            b"*1\r\n$4\r\nPING\r\n",             // redis
+            b"get some-key\r\n",                 // memcached
+        ] {
+            assert_eq!(
+                plain_http(other),
+                Some(false),
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        // A split first write is waited for, never decided on its start.
+        for partial in [&b""[..], b"\r", b"\r\n", b"G", b"GE", b"FOO /x", b"  "] {
+            assert_eq!(
+                plain_http(partial),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(partial)
+            );
+        }
     }
 
     #[test]

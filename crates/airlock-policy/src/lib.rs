@@ -186,9 +186,16 @@ pub enum Network {
 }
 
 impl Network {
-    /// Whether egress goes through the proxy.
+    /// Whether egress goes through the proxy. An empty allowlist is no
+    /// network at all: no proxy, no forwarder in the sandbox.
     pub fn is_proxy(&self) -> bool {
-        matches!(self, Network::Proxy { .. })
+        match self {
+            Network::None => false,
+            Network::Proxy {
+                allow,
+                allow_private,
+            } => !(allow.is_empty() && allow_private.is_empty()),
+        }
     }
 
     /// The parsed allowlist (empty for `none`).

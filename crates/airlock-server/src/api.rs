@@ -126,13 +126,56 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
 
 // ---------------------------------------------------------------- auth
 
-/// An authenticated caller.
+/// An authenticated caller. Holds the tenant's in-flight request slot for
+/// as long as it lives (keep it alive for a response that streams).
 #[derive(Debug, Clone)]
 pub struct Principal {
     /// Tenant.
     pub tenant_id: String,
     /// Key id.
     pub key_id: String,
+    _slot: Arc<TenantSlot>,
+}
+
+/// Requests in flight per tenant, so one tenant cannot hold every
+/// connection the server has (slow bodies, idle event streams).
+#[derive(Debug, Default)]
+pub struct TenantRequests {
+    map: std::sync::Mutex<HashMap<String, usize>>,
+}
+
+/// One request's place in its tenant's count.
+#[derive(Debug)]
+struct TenantSlot {
+    reqs: Arc<TenantRequests>,
+    tenant: String,
+}
+
+impl TenantRequests {
+    fn enter(self: &Arc<Self>, tenant: &str, max: usize) -> Option<TenantSlot> {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(tenant.to_string()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(TenantSlot {
+            reqs: self.clone(),
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut m = self.reqs.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 impl Principal {
@@ -195,16 +238,18 @@ pub async fn authenticate(
     let limit = st.cfg.auth_failure_limit;
     let window = Duration::from_secs(st.cfg.auth_failure_window_secs);
     // IPv6 clients are counted per /64: one host usually holds a whole one.
-    let peer = match peer {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
-    };
+    let peer = crate::conn::client_key(peer);
     let throttled = st.limiter.blocked(peer, limit, window);
+    // More than one credential is ambiguous (a proxy in front might check
+    // one, the server another): refused, whatever they are.
+    let ambiguous = headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some();
     let presented = headers
         .get(header::AUTHORIZATION)
+        .filter(|_| !ambiguous)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, rest) = v.split_once(' ')?;
@@ -219,7 +264,18 @@ pub async fn authenticate(
         // A valid key is never throttled: others' failures from the same
         // address (a NAT, a proxy) must not lock a tenant out.
         Some(AuthOutcome::Valid { tenant_id, key_id }) => {
-            return Ok(Principal { tenant_id, key_id });
+            let Some(slot) = st
+                .tenant_requests
+                .enter(&tenant_id, st.cfg.max_requests_per_tenant)
+            else {
+                st.metrics.tenant_request_rejections.inc();
+                return Err(ApiError::TooManyRequests(st.cfg.max_requests_per_tenant));
+            };
+            return Ok(Principal {
+                tenant_id,
+                key_id,
+                _slot: Arc::new(slot),
+            });
         }
         _ if throttled.is_some() => {
             // Over the limit: refused without a database write per attempt.
@@ -228,6 +284,7 @@ pub async fn authenticate(
                 retry_after: throttled.unwrap_or(1),
             });
         }
+        None if ambiguous => ("multiple_authorization_headers", None),
         None => ("missing", None),
         Some(AuthOutcome::Malformed) => ("malformed", None),
         Some(AuthOutcome::Unknown) => ("unknown", None),
@@ -248,7 +305,11 @@ pub async fn authenticate(
     )
     .with_detail(serde_json::json!({ "reason": why }));
     st.store.append_audit(ev).await?;
-    Err(ApiError::Unauthorized)
+    Err(if ambiguous {
+        ApiError::InvalidRequest("exactly one Authorization header is allowed".into())
+    } else {
+        ApiError::Unauthorized
+    })
 }
 
 // ---------------------------------------------------------------- views
@@ -680,7 +741,13 @@ async fn create_execution(
     if st.draining.load(Ordering::SeqCst) {
         return Err(ApiError::ShuttingDown);
     }
-    let req: CreateExecution = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
+    let req: CreateExecution = body::json(
+        &headers,
+        body,
+        st.cfg.body_limit_bytes,
+        st.cfg.body_deadline(),
+    )
+    .await?;
     // The body may have taken long to arrive: check again.
     if st.draining.load(Ordering::SeqCst) {
         return Err(ApiError::ShuttingDown);
@@ -731,7 +798,13 @@ async fn create_execution(
         code: None,
     };
     let mut policy = policy;
-    if let Some(net) = &req.network {
+    // An empty allowlist asks for nothing: the execution has no network
+    // (and may use a warm sandbox).
+    if let Some(net) = req
+        .network
+        .as_ref()
+        .filter(|n| !(n.allow.is_empty() && n.allow_private.is_empty()))
+    {
         let wanted = airlock_policy::Network::Proxy {
             allow: net.allow.clone(),
             allow_private: net.allow_private.clone(),
@@ -790,9 +863,19 @@ async fn create_execution(
                 ApiError::Internal
             }
         })?;
-    let Some(slot) = st.exec.try_admit() else {
-        st.metrics.rejected.inc();
-        return Err(ApiError::QueueFull);
+    let share = st.exec.share_for(&who.tenant_id).await?;
+    let slot = match st.exec.try_admit(&who.tenant_id, share) {
+        Ok(slot) => slot,
+        Err(crate::exec::Full::Server) => {
+            st.metrics.rejected.inc();
+            return Err(ApiError::QueueFull);
+        }
+        Err(crate::exec::Full::Tenant(share)) => {
+            return Err(ApiError::TenantQueueFull {
+                running: share.max_running,
+                queued: share.max_queued,
+            });
+        }
     };
     let rec = ExecutionRecord {
         id: new_id("ex"),
@@ -1065,6 +1148,11 @@ async fn execution_events(
             Box::pin(stream::iter(replay(&rec, &logs).into_iter().map(Ok)))
         }
     };
+    // The stream keeps the caller's in-flight slot until it ends.
+    let stream = futures_util::StreamExt::map(stream, move |ev| {
+        let _held = &who;
+        ev
+    });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -1146,7 +1234,13 @@ async fn put_secret(
             "secret names match [A-Za-z_][A-Za-z0-9_.-]{0,127}".into(),
         ));
     }
-    let req: PutSecret = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
+    let req: PutSecret = body::json(
+        &headers,
+        body,
+        st.cfg.body_limit_bytes,
+        st.cfg.body_deadline(),
+    )
+    .await?;
     let value = zeroize::Zeroizing::new(req.value.into_bytes());
     if value.len() > MAX_SECRET_BYTES {
         return Err(ApiError::InvalidRequest(format!(
@@ -1445,7 +1539,13 @@ async fn put_memory(
 ) -> Result<Json<MemoryView>, ApiError> {
     let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
     memory_scope(&flow, Some(&key))?;
-    let req: PutMemory = body::json(&headers, body, st.cfg.body_limit_bytes).await?;
+    let req: PutMemory = body::json(
+        &headers,
+        body,
+        st.cfg.body_limit_bytes,
+        st.cfg.body_deadline(),
+    )
+    .await?;
     let q = airlock_broker::Quotas::default();
     if airlock_broker::json_len(&req.value) > q.memory_value_bytes {
         return Err(ApiError::InvalidRequest(format!(

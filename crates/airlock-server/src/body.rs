@@ -10,11 +10,13 @@ use crate::problem::ApiError;
 /// Deepest JSON nesting accepted. Our request types nest at most 3 deep.
 pub const MAX_DEPTH: usize = 16;
 
-/// Reads and parses a JSON body.
+/// Reads and parses a JSON body, which must arrive whole within
+/// `deadline` (a body trickled a byte at a time cannot hold a connection).
 pub async fn json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
+    deadline: std::time::Duration,
 ) -> Result<T, ApiError> {
     let ct = headers
         .get(header::CONTENT_TYPE)
@@ -32,8 +34,9 @@ pub async fn json<T: DeserializeOwned>(
     {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    let bytes = axum::body::to_bytes(body, limit)
+    let bytes = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
         .await
+        .map_err(|_| ApiError::RequestTimeout(deadline.as_millis()))?
         .map_err(|_| ApiError::PayloadTooLarge(limit))?;
     parse(&bytes)
 }

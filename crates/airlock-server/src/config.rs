@@ -87,6 +87,33 @@ impl Default for PoolConfig {
     }
 }
 
+/// One tenant's share of the node: executions it may run at once and have
+/// waiting. Unset fields take the `[tenants]` defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShareConfig {
+    /// Executions running at once.
+    pub max_running: Option<usize>,
+    /// Executions waiting for a worker.
+    pub max_queued: Option<usize>,
+}
+
+/// Fair sharing between tenants (`[tenants]`, and `[tenants.limits.NAME]`
+/// for one tenant by name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantsConfig {
+    /// Executions one tenant may run at once. Default: `max_concurrent`
+    /// (a tenant alone may use every worker; when several wait, workers go
+    /// to the one running the fewest).
+    pub max_running: Option<usize>,
+    /// Executions one tenant may have waiting. Default: a quarter of
+    /// `queue_size` (at least 1), so no tenant can fill the queue alone.
+    pub max_queued: Option<usize>,
+    /// Shares of single tenants, by tenant name.
+    pub limits: std::collections::BTreeMap<String, ShareConfig>,
+}
+
 /// Everything `airlock serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -102,6 +129,20 @@ pub struct ServerConfig {
     pub queue_size: usize,
     /// Largest request body in bytes. Default 2 MiB (code is capped at 1 MiB).
     pub body_limit_bytes: usize,
+    /// A request body must arrive completely within this time, else 408.
+    /// Default 30 000 ms (a 2 MiB body at 70 KB/s).
+    pub body_timeout_ms: u64,
+    /// Connections served at once; beyond it new connections are answered
+    /// 503 and closed. Default 4096.
+    pub max_connections: usize,
+    /// Connections one client address (IPv6: one /64) may hold; beyond it,
+    /// 429 and closed. Default 256 (raise it behind a reverse proxy, where
+    /// every connection comes from the proxy's address).
+    pub max_connections_per_client: usize,
+    /// Requests one tenant may have in flight at once (an event stream
+    /// counts while it is open); beyond it, 429 `too_many_requests`.
+    /// Default 256.
+    pub max_requests_per_tenant: usize,
     /// On SIGTERM, how long running executions may continue before they
     /// are killed with `server_shutdown`. Default 10 000 ms.
     pub shutdown_grace_ms: u64,
@@ -119,6 +160,8 @@ pub struct ServerConfig {
     pub egress: EgressConfig,
     /// Warm pools.
     pub pool: PoolConfig,
+    /// Per-tenant shares of running and queued executions.
+    pub tenants: TenantsConfig,
 }
 
 impl Default for ServerConfig {
@@ -130,6 +173,10 @@ impl Default for ServerConfig {
             max_concurrent: (cores * 2).max(2),
             queue_size: 64,
             body_limit_bytes: 2 << 20,
+            body_timeout_ms: 30_000,
+            max_connections: 4096,
+            max_connections_per_client: 256,
+            max_requests_per_tenant: 256,
             shutdown_grace_ms: 10_000,
             auth_failure_limit: 20,
             auth_failure_window_secs: 60,
@@ -137,6 +184,7 @@ impl Default for ServerConfig {
             ceilings: LimitCeilings::default(),
             egress: EgressConfig::default(),
             pool: PoolConfig::default(),
+            tenants: TenantsConfig::default(),
         }
     }
 }
@@ -185,6 +233,48 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 impl ServerConfig {
+    /// The share of a tenant configured under `name` (or of any other).
+    pub fn tenant_share(&self, name: Option<&str>) -> crate::exec::TenantShare {
+        let t = &self.tenants;
+        let own = name.and_then(|n| t.limits.get(n));
+        // Clamped to the node's own limits, so one config fits hosts of
+        // any size.
+        crate::exec::TenantShare {
+            max_running: own
+                .and_then(|o| o.max_running)
+                .or(t.max_running)
+                .unwrap_or(self.max_concurrent)
+                .min(self.max_concurrent),
+            max_queued: own
+                .and_then(|o| o.max_queued)
+                .or(t.max_queued)
+                .unwrap_or((self.queue_size / 4).max(1))
+                .min(self.queue_size),
+        }
+    }
+
+    /// The default share and the configured tenants' own.
+    pub fn tenant_shares(
+        &self,
+    ) -> (
+        crate::exec::TenantShare,
+        std::collections::HashMap<String, crate::exec::TenantShare>,
+    ) {
+        (
+            self.tenant_share(None),
+            self.tenants
+                .limits
+                .keys()
+                .map(|n| (n.clone(), self.tenant_share(Some(n))))
+                .collect(),
+        )
+    }
+
+    /// How long a request body may take to arrive.
+    pub fn body_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.body_timeout_ms)
+    }
+
     /// Loads a TOML config file (unknown keys rejected).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -224,6 +314,37 @@ impl ServerConfig {
                 "body_limit_bytes must be in 1024..=268435456".into(),
             ));
         }
+        if self.body_timeout_ms < 100 || self.body_timeout_ms > 3_600_000 {
+            return Err(ConfigError::Invalid(
+                "body_timeout_ms must be in 100..=3600000".into(),
+            ));
+        }
+        if self.max_connections == 0 || self.max_connections > 1_000_000 {
+            return Err(ConfigError::Invalid(
+                "max_connections must be in 1..=1000000".into(),
+            ));
+        }
+        if self.max_connections_per_client == 0 || self.max_requests_per_tenant == 0 {
+            return Err(ConfigError::Invalid(
+                "max_connections_per_client and max_requests_per_tenant must be at least 1".into(),
+            ));
+        }
+        let t = &self.tenants;
+        let own = t.limits.values().map(|o| o.max_running);
+        if std::iter::once(t.max_running)
+            .chain(own)
+            .any(|r| r == Some(0))
+        {
+            return Err(ConfigError::Invalid(
+                "tenants: max_running must be at least 1".into(),
+            ));
+        }
+        if let Some(bad) = t.limits.keys().find(|n| !valid_tenant_name(n)) {
+            return Err(ConfigError::Invalid(format!(
+                "tenants.limits: {:?} is not a tenant name",
+                bad.chars().take(64).collect::<String>()
+            )));
+        }
         if !self.policy.filesystem.read_only_paths.is_empty() {
             // Grants are an operator's choice per run, not a server-wide
             // hole every tenant inherits.
@@ -244,6 +365,15 @@ impl ServerConfig {
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))
     }
+}
+
+/// Tenant names: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn valid_tenant_name(n: &str) -> bool {
+    let b = n.as_bytes();
+    (1..=63).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
 }
 
 /// Where the master key came from.

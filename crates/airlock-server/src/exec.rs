@@ -1,5 +1,13 @@
-//! The executor: admission (bounded concurrency + bounded queue), worker
-//! threads that own the sandboxes, cancellation and drain.
+//! The executor: admission (bounded concurrency + bounded queue, with
+//! per-tenant shares of both), fair dispatch across tenants, worker threads
+//! that own the sandboxes, cancellation and drain.
+//!
+//! Fairness: each tenant has a share (executions it may run at once and
+//! have waiting; see [`TenantShare`]). Admission refuses a tenant over its
+//! share before the server is full, so one tenant cannot fill the queue
+//! for everyone. A free worker takes the next execution of the waiting
+//! tenant that runs the fewest executions (ties: the one waiting longest),
+//! so a tenant with a long backlog cannot starve one that just arrived.
 //!
 //! Workers are long-lived OS threads, not tokio tasks: the engine is
 //! synchronous, and `PR_SET_PDEATHSIG` (which kills a sandbox when the
@@ -7,8 +15,8 @@
 //! must be spawned from threads that live as long as the server.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,16 +79,102 @@ struct Job {
     _slot: Slot,
 }
 
-/// One admitted execution's place; released when dropped.
+/// One admitted execution's place (in the server's and its tenant's
+/// count); released when dropped.
 #[derive(Debug)]
 pub struct Slot {
     exec: Arc<Executor>,
+    tenant: String,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let n = self.exec.admitted.fetch_sub(1, Ordering::SeqCst) - 1;
-        self.exec.idle.send_replace(n);
+        let mut s = self.exec.sched();
+        s.admitted -= 1;
+        if let Some(t) = s.tenants.get_mut(&self.tenant) {
+            t.admitted -= 1;
+        }
+        s.prune(&self.tenant);
+        self.exec.idle.send_replace(s.admitted);
+    }
+}
+
+/// What one tenant may hold of the node's capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantShare {
+    /// Executions it may run at once.
+    pub max_running: usize,
+    /// Executions it may have waiting for a worker.
+    pub max_queued: usize,
+}
+
+/// Why an execution was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// Running + queued executions are at the server's capacity.
+    Server,
+    /// The tenant holds its whole share.
+    Tenant(TenantShare),
+}
+
+#[derive(Default)]
+struct TenantQueue {
+    /// Admitted and not yet finished (queued, running, finishing).
+    admitted: usize,
+    running: usize,
+    queued: std::collections::VecDeque<Job>,
+    max_running: usize,
+}
+
+/// Admission counts and the per-tenant queues, under one lock.
+#[derive(Default)]
+struct Sched {
+    /// Admitted over all tenants.
+    admitted: usize,
+    tenants: HashMap<String, TenantQueue>,
+    /// Tenants with queued executions, longest waiting first.
+    order: std::collections::VecDeque<String>,
+    /// Set by [`Executor::stop`]: workers leave once nothing is queued.
+    stopped: bool,
+}
+
+impl Sched {
+    /// Forgets a tenant that holds nothing (the map stays bounded by the
+    /// tenants that are active).
+    fn prune(&mut self, tenant: &str) {
+        if self
+            .tenants
+            .get(tenant)
+            .is_some_and(|t| t.admitted == 0 && t.running == 0 && t.queued.is_empty())
+        {
+            self.tenants.remove(tenant);
+        }
+    }
+
+    /// The next job to run: of the waiting tenants below their running
+    /// share, the one running the fewest (ties: waiting longest).
+    fn next_job(&mut self) -> Option<Job> {
+        let mut best: Option<(usize, usize)> = None;
+        for (i, name) in self.order.iter().enumerate() {
+            let Some(t) = self.tenants.get(name) else {
+                continue;
+            };
+            if t.running >= t.max_running {
+                continue;
+            }
+            if best.is_none_or(|(_, r)| t.running < r) {
+                best = Some((i, t.running));
+            }
+        }
+        let (i, _) = best?;
+        let name = self.order.remove(i)?;
+        let t = self.tenants.get_mut(&name)?;
+        let job = t.queued.pop_front()?;
+        t.running += 1;
+        if !t.queued.is_empty() {
+            self.order.push_back(name);
+        }
+        Some(job)
     }
 }
 
@@ -89,10 +183,12 @@ pub type RecordRenderer = dyn Fn(&airlock_store::ExecutionRecord) -> String + Se
 
 /// Admission, workers and the registry of live executions.
 pub struct Executor {
-    tx: Mutex<Option<Sender<Job>>>,
+    sched: Mutex<Sched>,
+    /// Signalled when a job is queued or a running one ends.
+    work: std::sync::Condvar,
     accepting: std::sync::atomic::AtomicBool,
     capacity: usize,
-    admitted: AtomicUsize,
+    shares: TenantShares,
     idle: watch::Sender<usize>,
     registry: Mutex<HashMap<String, Arc<Entry>>>,
     store: Arc<dyn Store>,
@@ -120,28 +216,149 @@ pub struct Executor {
 /// Egress decisions kept in an execution's record, per kind: denials
 /// (which a program can produce at will) never crowd out what got through.
 const EGRESS_LOG_MAX: usize = 256;
-/// Denials audited per execution (allowed connections are always audited;
-/// each one is a real connection, bounded by the proxy's limits).
-const EGRESS_DENIED_AUDIT_MAX: usize = 64;
+/// Egress decisions audited one by one per execution, per kind; beyond
+/// that they are counted, and one `egress.summary` record at the end says
+/// how many more there were (a program can open thousands of connections a
+/// second: the audit chain must not grow with them).
+const EGRESS_AUDIT_MAX: u64 = 64;
+/// Distinct destinations named in the summary.
+const EGRESS_SUMMARY_HOSTS: usize = 32;
 
-/// Redacts captured output; a capture cut at its limit may end in the start
-/// of a value, which is redacted too. Markers can be longer than what they
-/// hide, so the result is cut back to the limit.
-fn redact_capped(r: &airlock_broker::Redactor, text: &str, truncated: bool, cap: u64) -> String {
-    let mut out = if truncated {
-        r.redact_truncated(text)
-    } else {
-        r.redact(text)
-    };
-    let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-    if out.len() > cap {
-        let mut cut = cap;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
+/// What one kind of egress decision (allowed or denied) added up to.
+#[derive(Debug, Default)]
+struct EgressTally {
+    /// Decisions of this kind.
+    total: u64,
+    /// Kept in the record.
+    logged: usize,
+    /// Bytes up and down of those not audited one by one.
+    unaudited_up: u64,
+    unaudited_down: u64,
+    /// `host:port` -> decisions not audited one by one (bounded).
+    unaudited_hosts: std::collections::BTreeMap<String, u64>,
+}
+
+impl EgressTally {
+    fn unaudited(&self) -> u64 {
+        self.total.saturating_sub(EGRESS_AUDIT_MAX)
     }
-    out
+
+    fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "total": self.total,
+            "audited": self.total.min(EGRESS_AUDIT_MAX),
+            "not_audited": self.unaudited(),
+            "not_audited_bytes_up": self.unaudited_up,
+            "not_audited_bytes_down": self.unaudited_down,
+            "not_audited_destinations": self.unaudited_hosts,
+        })
+    }
+}
+
+/// Records one execution's egress decisions: in its record (bounded), in
+/// the audit chain (each of the first [`EGRESS_AUDIT_MAX`] per kind, then
+/// one summary), with secret values redacted from every field (a program
+/// can put a value it read into a host name).
+struct EgressRecorder {
+    tenant: String,
+    execution: String,
+    request: String,
+    store: Arc<dyn Store>,
+    rt: Handle,
+    redactor: Arc<airlock_broker::Redactor>,
+    state: Mutex<EgressState>,
+}
+
+#[derive(Default)]
+struct EgressState {
+    log: Vec<serde_json::Value>,
+    allowed: EgressTally,
+    denied: EgressTally,
+    /// Audit appends in flight, awaited before the record is final.
+    pending: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl EgressRecorder {
+    fn record(&self, ev: airlock_egress::EgressEvent) {
+        let mut v = serde_json::to_value(&ev).unwrap_or_default();
+        self.redactor.redact_json(&mut v);
+        let subject = self.redactor.redact(&format!("{}:{}", ev.host, ev.port));
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = &mut *st;
+        let tally = if ev.decision == "allowed" {
+            &mut st.allowed
+        } else {
+            &mut st.denied
+        };
+        tally.total += 1;
+        if tally.logged < EGRESS_LOG_MAX {
+            tally.logged += 1;
+            st.log.push(v.clone());
+        }
+        if tally.total > EGRESS_AUDIT_MAX {
+            tally.unaudited_up += ev.bytes_up;
+            tally.unaudited_down += ev.bytes_down;
+            let n = tally.unaudited_hosts.len();
+            if let Some(c) = tally.unaudited_hosts.get_mut(&subject) {
+                *c += 1;
+            } else if n < EGRESS_SUMMARY_HOSTS {
+                tally.unaudited_hosts.insert(subject, 1);
+            }
+            return;
+        }
+        let audit = NewAudit::new(
+            Some(&self.tenant),
+            &format!("egress.{}", ev.decision),
+            &format!("execution:{}", self.execution),
+            &subject,
+            Some(&self.request),
+        )
+        .with_detail(v);
+        let store = self.store.clone();
+        st.pending.push(self.rt.spawn(async move {
+            if let Err(e) = store.append_audit(audit).await {
+                tracing::error!(error = %e, "egress audit failed");
+            }
+        }));
+    }
+
+    /// Once the proxy has stopped: waits for the audits, appends the
+    /// summary when decisions went unaudited, and returns the record's log.
+    fn finish(&self) -> Vec<serde_json::Value> {
+        let (pending, summary, log) = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let summary = (st.allowed.unaudited() + st.denied.unaudited() > 0).then(|| {
+                serde_json::json!({
+                    "allowed": st.allowed.summary(),
+                    "denied": st.denied.summary(),
+                })
+            });
+            (
+                std::mem::take(&mut st.pending),
+                summary,
+                std::mem::take(&mut st.log),
+            )
+        };
+        self.rt.block_on(async {
+            for h in pending {
+                let _ = h.await;
+            }
+            if let Some(detail) = summary {
+                let audit = NewAudit::new(
+                    Some(&self.tenant),
+                    "egress.summary",
+                    &format!("execution:{}", self.execution),
+                    &self.execution,
+                    Some(&self.request),
+                )
+                .with_detail(detail);
+                if let Err(e) = self.store.append_audit(audit).await {
+                    tracing::error!(error = %e, "egress audit failed");
+                }
+            }
+        });
+        log
+    }
 }
 
 /// Records one more failure of `lang`'s pool: it waits 1 s, doubling to
@@ -164,7 +381,7 @@ impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Executor")
             .field("capacity", &self.capacity)
-            .field("admitted", &self.admitted)
+            .field("admitted", &self.sched().admitted)
             .finish_non_exhaustive()
     }
 }
@@ -209,6 +426,16 @@ pub struct Deps {
     pub resolver: Option<Arc<airlock_egress::Resolver>>,
     /// Warm pools (none: every execution starts cold).
     pub pool: Option<PoolSpec>,
+    /// Tenants' shares: the default, and some tenants' own (by name).
+    pub shares: (TenantShare, HashMap<String, TenantShare>),
+}
+
+/// Tenants' shares; names are resolved to ids lazily (tenants may be
+/// created while the server runs).
+struct TenantShares {
+    default: TenantShare,
+    by_name: HashMap<String, TenantShare>,
+    by_id: Mutex<HashMap<String, TenantShare>>,
 }
 
 impl Executor {
@@ -223,13 +450,18 @@ impl Executor {
             guest,
             resolver,
             pool: pool_spec,
+            shares: (default_share, by_name),
         } = deps;
-        let (tx, rx) = mpsc::channel::<Job>();
         let exec = Arc::new(Executor {
-            tx: Mutex::new(Some(tx)),
+            sched: Mutex::new(Sched::default()),
+            work: std::sync::Condvar::new(),
             accepting: std::sync::atomic::AtomicBool::new(true),
             capacity: workers + queue,
-            admitted: AtomicUsize::new(0),
+            shares: TenantShares {
+                default: default_share,
+                by_name,
+                by_id: Mutex::new(HashMap::new()),
+            },
             idle: watch::channel(0).0,
             registry: Mutex::new(HashMap::new()),
             store,
@@ -255,14 +487,13 @@ impl Executor {
                 }
             })?;
         *exec.reaper.lock().unwrap_or_else(|p| p.into_inner()) = Some((reap_tx, reaper));
-        let rx = Arc::new(Mutex::new(rx));
         let mut handles = Vec::with_capacity(workers);
         for i in 0..workers {
-            let (e, rx) = (exec.clone(), rx.clone());
+            let e = exec.clone();
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("airlock-worker-{i}"))
-                    .spawn(move || e.worker(&rx))?,
+                    .spawn(move || e.worker())?,
             );
         }
         *exec.workers.lock().unwrap_or_else(|p| p.into_inner()) = handles;
@@ -279,24 +510,84 @@ impl Executor {
         Ok(exec)
     }
 
-    /// Reserves a place, or `None` when running + queued is at capacity.
-    pub fn try_admit(self: &Arc<Self>) -> Option<Slot> {
-        let mut cur = self.admitted.load(Ordering::SeqCst);
-        loop {
-            if cur >= self.capacity {
-                return None;
-            }
-            match self
-                .admitted
-                .compare_exchange(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => {
-                    self.idle.send_replace(cur + 1);
-                    return Some(Slot { exec: self.clone() });
-                }
-                Err(now) => cur = now,
-            }
+    fn sched(&self) -> std::sync::MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The share of a tenant: its own when the configuration names it,
+    /// else the default. Names are looked up once per tenant id.
+    pub async fn share_for(
+        &self,
+        tenant_id: &str,
+    ) -> Result<TenantShare, airlock_store::StoreError> {
+        let sh = &self.shares;
+        if sh.by_name.is_empty() {
+            return Ok(sh.default);
         }
+        if let Some(v) = sh
+            .by_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant_id)
+        {
+            return Ok(*v);
+        }
+        let tenants = self.store.list_tenants().await?;
+        let mut by_id = sh.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        for t in tenants {
+            let share = sh.by_name.get(&t.name).copied().unwrap_or(sh.default);
+            by_id.insert(t.id, share);
+        }
+        Ok(by_id.get(tenant_id).copied().unwrap_or(sh.default))
+    }
+
+    /// Reserves a place for one of `tenant`'s executions, or says which
+    /// limit is reached: the server's capacity, or the tenant's share (which
+    /// is below it, so one tenant cannot fill the server for the others).
+    pub fn try_admit(self: &Arc<Self>, tenant: &str, share: TenantShare) -> Result<Slot, Full> {
+        let mut s = self.sched();
+        if s.admitted >= self.capacity {
+            return Err(Full::Server);
+        }
+        let held = s.tenants.get(tenant).map_or(0, |t| t.admitted);
+        if held >= share.max_running.saturating_add(share.max_queued) {
+            drop(s);
+            self.metrics
+                .tenant_queue_rejections
+                .get_or_create(&crate::metrics::TenantLabel {
+                    tenant: tenant.to_string(),
+                })
+                .inc();
+            return Err(Full::Tenant(share));
+        }
+        let t = s.tenants.entry(tenant.to_string()).or_default();
+        t.admitted += 1;
+        t.max_running = share.max_running;
+        s.admitted += 1;
+        self.idle.send_replace(s.admitted);
+        Ok(Slot {
+            exec: self.clone(),
+            tenant: tenant.to_string(),
+        })
+    }
+
+    /// Publishes a tenant's running and queued counts.
+    fn publish(&self, tenant: &str, s: &Sched) {
+        let label = crate::metrics::TenantLabel {
+            tenant: tenant.to_string(),
+        };
+        let (running, queued) = s
+            .tenants
+            .get(tenant)
+            .map_or((0, 0), |t| (t.running, t.queued.len()));
+        self.metrics
+            .tenant_running
+            .get_or_create(&label)
+            .set(running as i64);
+        self.metrics
+            .tenant_queued
+            .get_or_create(&label)
+            .set(queued as i64);
     }
 
     /// Queues an admitted execution (its record already exists). Fails only
@@ -308,11 +599,8 @@ impl Executor {
             cancel: CancelToken::new(),
             dequeued: std::sync::atomic::AtomicBool::new(false),
         });
-        let guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = guard.as_ref() else {
-            return Err(Stopped);
-        };
-        if !self.accepting.load(Ordering::SeqCst) {
+        let mut s = self.sched();
+        if s.stopped || !self.accepting.load(Ordering::SeqCst) {
             return Err(Stopped);
         }
         self.registry
@@ -320,20 +608,21 @@ impl Executor {
             .unwrap_or_else(|p| p.into_inner())
             .insert(sub.id.clone(), entry.clone());
         self.metrics.queue_depth.inc();
+        let tenant = sub.tenant_id.clone();
         let job = Job {
             sub,
             entry: entry.clone(),
             accepted: Instant::now(),
             _slot: slot,
         };
-        if let Err(mpsc::SendError(job)) = tx.send(job) {
-            self.metrics.queue_depth.dec();
-            self.registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&job.sub.id);
-            return Err(Stopped);
+        let t = s.tenants.entry(tenant.clone()).or_default();
+        t.queued.push_back(job);
+        if t.queued.len() == 1 {
+            s.order.push_back(tenant.clone());
         }
+        self.publish(&tenant, &s);
+        drop(s);
+        self.work.notify_one();
         Ok(entry)
     }
 
@@ -361,7 +650,7 @@ impl Executor {
     /// Refuses every later submission (taken under the queue lock, so no
     /// submission can slip in after this returns).
     pub fn close_intake(&self) {
-        let _guard = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.sched();
         self.accepting.store(false, Ordering::SeqCst);
     }
 
@@ -386,7 +675,7 @@ impl Executor {
 
     /// Executions admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.admitted.load(Ordering::SeqCst)
+        self.sched().admitted
     }
 
     /// Waits until nothing is in flight or `timeout` passes; true if idle.
@@ -399,7 +688,8 @@ impl Executor {
 
     /// Stops taking jobs and joins the workers (call once idle).
     pub fn stop(&self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.sched().stopped = true;
+        self.work.notify_all();
         let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
         for h in handles {
             let _ = h.join();
@@ -672,20 +962,39 @@ impl Executor {
         got
     }
 
-    fn worker(&self, rx: &Mutex<Receiver<Job>>) {
+    fn worker(&self) {
         loop {
-            let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                Ok(j) => j,
-                Err(_) => return,
+            let job = {
+                let mut s = self.sched();
+                loop {
+                    if let Some(job) = s.next_job() {
+                        self.publish(&job.sub.tenant_id, &s);
+                        break job;
+                    }
+                    if s.stopped && s.order.is_empty() {
+                        return;
+                    }
+                    s = self.work.wait(s).unwrap_or_else(|p| p.into_inner());
+                }
             };
             self.metrics.queue_depth.dec();
             job.entry.dequeued.store(true, Ordering::SeqCst);
-            let id = job.sub.id.clone();
+            let (id, tenant) = (job.sub.id.clone(), job.sub.tenant_id.clone());
             self.run(job);
             self.registry
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
+            {
+                let mut s = self.sched();
+                if let Some(t) = s.tenants.get_mut(&tenant) {
+                    t.running -= 1;
+                }
+                self.publish(&tenant, &s);
+                s.prune(&tenant);
+            }
+            // A tenant held back by its running share may go now.
+            self.work.notify_all();
         }
     }
 
@@ -848,60 +1157,20 @@ impl Executor {
         let mut broker_std = sandbox.take_broker();
         let mut broker_task = None;
         // The egress proxy of exactly this execution (proxy policies only).
-        let egress_log: Arc<Mutex<Vec<serde_json::Value>>> = Arc::new(Mutex::new(Vec::new()));
-        // Audit appends of this execution's egress, awaited before its record
-        // is final (nothing is lost to a shutdown).
-        let egress_audits: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> =
-            Arc::new(Mutex::new(Vec::new()));
+        let egress = Arc::new(EgressRecorder {
+            tenant: sub.tenant_id.clone(),
+            execution: sub.id.clone(),
+            request: sub.request_id.clone(),
+            store: self.store.clone(),
+            rt: self.rt.clone(),
+            redactor: session.redactor.clone(),
+            state: Mutex::new(EgressState::default()),
+        });
         let egress_task = match (sandbox.take_egress(), sub.policy.network.rules()) {
             (Some(channel), Ok(rules)) => self.resolver.clone().map(|resolver| {
-                let (log, store, rt) = (egress_log.clone(), self.store.clone(), self.rt.clone());
-                let pending = egress_audits.clone();
-                let (tenant, id, req) = (
-                    sub.tenant_id.clone(),
-                    sub.id.clone(),
-                    sub.request_id.clone(),
-                );
-                let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize)));
+                let recorder = egress.clone();
                 let sink: airlock_egress::Sink =
-                    Arc::new(move |ev: airlock_egress::EgressEvent| {
-                        let v = serde_json::to_value(&ev).unwrap_or_default();
-                        let allowed = ev.decision == "allowed";
-                        let audit_it = {
-                            // (allowed logged, denied logged, denied audited)
-                            let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
-                            let logged = if allowed { &mut c.0 } else { &mut c.1 };
-                            if *logged < EGRESS_LOG_MAX {
-                                *logged += 1;
-                                log.lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .push(v.clone());
-                            }
-                            if allowed {
-                                true
-                            } else {
-                                c.2 += 1;
-                                c.2 <= EGRESS_DENIED_AUDIT_MAX
-                            }
-                        };
-                        if audit_it {
-                            let audit = NewAudit::new(
-                                Some(&tenant),
-                                &format!("egress.{}", ev.decision),
-                                &format!("execution:{id}"),
-                                &format!("{}:{}", ev.host, ev.port),
-                                Some(&req),
-                            )
-                            .with_detail(v);
-                            let store = store.clone();
-                            let h = rt.spawn(async move {
-                                if let Err(e) = store.append_audit(audit).await {
-                                    tracing::error!(error = %e, "egress audit failed");
-                                }
-                            });
-                            pending.lock().unwrap_or_else(|p| p.into_inner()).push(h);
-                        }
-                    });
+                    Arc::new(move |ev: airlock_egress::EgressEvent| recorder.record(ev));
                 let proxy = airlock_egress::Proxy::new(rules, resolver, sink);
                 self.rt.spawn(proxy.serve_channel(channel))
             }),
@@ -913,9 +1182,13 @@ impl Executor {
         );
         self.metrics.running.inc();
         let redactor = session.redactor.clone();
+        // The output limits hold on what is streamed: redacted text, which
+        // can be longer than what the program wrote.
+        let cap = |n: u64| StreamRedactor::capped(usize::try_from(n).unwrap_or(usize::MAX));
+        let limits = &sub.policy.limits;
         let mut streams = [
-            (Utf8Carry::default(), StreamRedactor::default()),
-            (Utf8Carry::default(), StreamRedactor::default()),
+            (Utf8Carry::default(), cap(limits.stdout_bytes)),
+            (Utf8Carry::default(), cap(limits.stderr_bytes)),
         ];
         let mut on_output = |stream: Stream, chunk: &[u8]| {
             let (kind, i) = match stream {
@@ -952,61 +1225,56 @@ impl Executor {
             }
             Err(e) => tracing::error!(execution = %sub.id, error = %e, "marking running failed"),
         }
-        for (i, kind) in [(0, "stdout"), (1, "stderr")] {
+        for (i, kind, truncated) in [
+            (0, "stdout", result.stdout_truncated),
+            (1, "stderr", result.stderr_truncated),
+        ] {
             let (carry, red) = &mut streams[i];
             // An incomplete UTF-8 sequence at the very end, lossily.
             let tail = carry.finish();
             let text = red.push(&redactor, &tail);
             live.push_output(kind, &text);
-            live.push_output(kind, &red.finish(&redactor));
+            live.push_output(kind, &red.finish(&redactor, truncated));
         }
         self.metrics.running.dec();
         // Every process of the sandbox is gone, so the channel is closed:
         // the broker task ends at EOF.
-        if let Some(t) = broker_task {
-            let abort = t.abort_handle();
-            let finished = self
-                .rt
-                .block_on(async move { tokio::time::timeout(Duration::from_secs(5), t).await });
-            if finished.is_err() {
-                // Nothing may act for this execution once it is final.
-                abort.abort();
+        // Nothing may act for this execution once it is final: a task still
+        // running after its grace is aborted, and awaited, so everything it
+        // recorded on the way out (an egress flow cut off) is in before the
+        // record is written.
+        let stop = |t: Option<tokio::task::JoinHandle<()>>, grace: Duration| {
+            if let Some(mut t) = t {
+                self.rt.block_on(async move {
+                    if tokio::time::timeout(grace, &mut t).await.is_err() {
+                        t.abort();
+                        let _ = t.await;
+                    }
+                });
             }
-        }
-        if let Some(t) = egress_task {
-            // The sandbox is gone; connections still open end with it.
-            let abort = t.abort_handle();
-            let finished = self
-                .rt
-                .block_on(async move { tokio::time::timeout(Duration::from_secs(2), t).await });
-            if finished.is_err() {
-                abort.abort();
-            }
-        }
-        let audits = std::mem::take(&mut *egress_audits.lock().unwrap_or_else(|p| p.into_inner()));
-        self.rt.block_on(async move {
-            for h in audits {
-                let _ = h.await;
-            }
-        });
-        let egress = {
-            let l = egress_log.lock().unwrap_or_else(|p| p.into_inner());
-            (!l.is_empty() || sub.policy.network.is_proxy())
-                .then(|| serde_json::Value::Array(l.clone()))
         };
+        // Every process of the sandbox is gone, so the channel is closed:
+        // the broker task ends at EOF.
+        stop(broker_task, Duration::from_secs(5));
+        // The sandbox is gone; connections still open end with it.
+        stop(egress_task, Duration::from_secs(2));
+        let egress = {
+            let l = egress.finish();
+            (!l.is_empty() || sub.policy.network.is_proxy()).then_some(serde_json::Value::Array(l))
+        };
+        // The broker's own audit records are bounded the same way.
+        self.rt.block_on(session.finish());
         let outcome = session.outcome();
-        let limits = &sub.policy.limits;
-        result.stdout = redact_capped(
-            &redactor,
+        let capped = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        result.stdout = redactor.redact_capped(
             &result.stdout,
             result.stdout_truncated,
-            limits.stdout_bytes,
+            capped(limits.stdout_bytes),
         );
-        result.stderr = redact_capped(
-            &redactor,
+        result.stderr = redactor.redact_capped(
             &result.stderr,
             result.stderr_truncated,
-            limits.stderr_bytes,
+            capped(limits.stderr_bytes),
         );
         let doc = serde_json::to_value(&result).ok();
         let status = if result.reason == TerminationReason::InternalError {

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod exec;
 pub mod guest;
 pub mod live;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Failed-auth throttle.
     pub limiter: Arc<api::AuthLimiter>,
+    /// Requests in flight per tenant.
+    pub tenant_requests: Arc<api::TenantRequests>,
     /// Set once SIGTERM arrives.
     pub draining: Arc<AtomicBool>,
 }
@@ -250,6 +253,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
         }
     };
     let metrics = Arc::new(metrics::Metrics::new());
+    let shares = cfg.tenant_shares();
     let exec = exec::Executor::start(
         cfg.max_concurrent,
         cfg.queue_size,
@@ -267,6 +271,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
                     (airlock_policy::Language::Javascript, cfg.pool.javascript),
                 ],
             }),
+            shares,
         },
     )
     .map_err(|e| ServeError::Setup(format!("worker threads: {e}")))?;
@@ -278,6 +283,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
         exec: exec.clone(),
         metrics,
         limiter: Arc::new(api::AuthLimiter::default()),
+        tenant_requests: Arc::new(api::TenantRequests::default()),
         draining: Arc::new(AtomicBool::new(false)),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
@@ -314,9 +320,6 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     Ok(())
 }
 
-/// Most connections served at once; beyond it new connections are closed
-/// at once (they would only queue for the same workers).
-const MAX_CONNECTIONS: usize = 4096;
 /// A client must send its request head within this time (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -327,7 +330,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: A
     use hyper_util::service::TowerToHyperService;
 
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let limits = conn::ConnLimits::new(st.cfg.max_connections, st.cfg.max_connections_per_client);
     let mut drained = std::pin::pin!(drain(st));
     loop {
         let (stream, peer) = tokio::select! {
@@ -342,9 +345,40 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: A
                 }
             },
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
+        let permit = match limits.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                // Answered, not reset: the client learns why and when to
+                // come back. Nothing of the request is read.
+                let answer = match why {
+                    conn::Refused::ServerFull => conn::problem_response(
+                        503,
+                        "Service Unavailable",
+                        "server_busy",
+                        "Server busy",
+                        "the server holds as many connections as it serves; retry later",
+                        Some(1),
+                    ),
+                    conn::Refused::ClientFull => conn::problem_response(
+                        429,
+                        "Too Many Requests",
+                        "too_many_connections",
+                        "Too many connections",
+                        "this client holds as many connections as it may; close some or retry later",
+                        Some(1),
+                    ),
+                };
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        let _ = stream.write_all(&answer).await;
+                        let _ = stream.shutdown().await;
+                    })
+                    .await;
+                });
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let svc = app
@@ -353,7 +387,10 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: A
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            .serve_connection(
+                TokioIo::new(conn::Guarded::new(stream)),
+                TowerToHyperService::new(svc),
+            );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

@@ -30,6 +30,14 @@ pub struct Metrics {
     pub auth_failures: Counter,
     /// Requests refused with 429 because the queue was full.
     pub rejected: Counter,
+    /// Requests refused because their tenant had too many in flight.
+    pub tenant_request_rejections: Counter,
+    /// Executions running now, per tenant.
+    pub tenant_running: Family<TenantLabel, Gauge>,
+    /// Executions waiting for a worker, per tenant.
+    pub tenant_queued: Family<TenantLabel, Gauge>,
+    /// Executions refused because the tenant held its whole share.
+    pub tenant_queue_rejections: Family<TenantLabel, Counter>,
     /// Idle warm sandboxes by language.
     pub pool_size: Family<LangLabel, Gauge>,
     /// Executions served from a warm pool, by language.
@@ -45,6 +53,13 @@ pub struct Metrics {
     /// Executions that found the pool empty and were forked from the
     /// zygote on demand (counted in the misses too).
     pub pool_zygote_on_demand: Counter,
+}
+
+/// Label: tenant id.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    /// `tn_...`.
+    pub tenant: String,
 }
 
 /// Label: language.
@@ -64,6 +79,30 @@ impl Metrics {
         let running = Gauge::default();
         let auth_failures = Counter::default();
         let rejected = Counter::default();
+        let tenant_request_rejections = Counter::default();
+        let tenant_running = Family::<TenantLabel, Gauge>::default();
+        let tenant_queued = Family::<TenantLabel, Gauge>::default();
+        let tenant_queue_rejections = Family::<TenantLabel, Counter>::default();
+        registry.register(
+            "tenant_running_executions",
+            "Executions running now, per tenant",
+            tenant_running.clone(),
+        );
+        registry.register(
+            "tenant_queued_executions",
+            "Executions waiting for a worker, per tenant",
+            tenant_queued.clone(),
+        );
+        registry.register(
+            "tenant_queue_rejections",
+            "Executions refused because the tenant held its whole share (max_running + max_queued)",
+            tenant_queue_rejections.clone(),
+        );
+        registry.register(
+            "tenant_request_rejections",
+            "Requests refused because their tenant had max_requests_per_tenant in flight",
+            tenant_request_rejections.clone(),
+        );
         let pool_size = Family::<LangLabel, Gauge>::default();
         let pool_hits = Family::<LangLabel, Counter>::default();
         let pool_misses = Family::<LangLabel, Counter>::default();
@@ -136,6 +175,10 @@ impl Metrics {
             running,
             auth_failures,
             rejected,
+            tenant_request_rejections,
+            tenant_running,
+            tenant_queued,
+            tenant_queue_rejections,
             pool_size,
             pool_hits,
             pool_misses,

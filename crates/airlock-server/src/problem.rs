@@ -68,6 +68,20 @@ pub enum ApiError {
     /// Queue full.
     #[error("queue full")]
     QueueFull,
+    /// The tenant holds its whole share of running and queued executions.
+    #[error("tenant queue full")]
+    TenantQueueFull {
+        /// Its running share.
+        running: usize,
+        /// Its queued share.
+        queued: usize,
+    },
+    /// The request body did not arrive within the deadline (ms).
+    #[error("request timeout")]
+    RequestTimeout(u128),
+    /// The tenant has this many requests in flight already.
+    #[error("too many requests")]
+    TooManyRequests(usize),
     /// The execution is already final.
     #[error("not cancellable")]
     NotCancellable,
@@ -138,6 +152,21 @@ impl ApiError {
                 "queue_full",
                 "Execution queue full",
             ),
+            TenantQueueFull { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "tenant_queue_full",
+                "Tenant's share of the queue used up",
+            ),
+            RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "Request body too slow",
+            ),
+            TooManyRequests(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "Too many requests in flight",
+            ),
             NotCancellable => (StatusCode::CONFLICT, "not_cancellable", "Already finished"),
             VersionConflict(_) => (StatusCode::CONFLICT, "version_conflict", "Version conflict"),
             QuotaExceeded(_) => (
@@ -179,6 +208,14 @@ impl ApiError {
             | VersionConflict(m)
             | QuotaExceeded(m) => m.clone(),
             QueueFull => "too many executions are queued; retry later".into(),
+            TenantQueueFull { running, queued } => format!(
+                "this tenant holds its whole share of this server ({running} running and \
+                 {queued} waiting executions); retry when some have finished"
+            ),
+            RequestTimeout(ms) => format!("the request body did not arrive within {ms} ms"),
+            TooManyRequests(n) => format!(
+                "this tenant already has {n} requests in flight; retry when some have finished"
+            ),
             NotCancellable => "the execution has already finished".into(),
             ShuttingDown => "the server is shutting down".into(),
             Internal => "internal error; the request id identifies it in the server log".into(),
@@ -228,8 +265,13 @@ impl IntoResponse for ApiError {
                     h.insert(header::RETRY_AFTER, v);
                 }
             }
-            ApiError::QueueFull => {
+            ApiError::QueueFull
+            | ApiError::TenantQueueFull { .. }
+            | ApiError::TooManyRequests(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            ApiError::RequestTimeout(_) => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

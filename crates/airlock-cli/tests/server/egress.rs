@@ -242,13 +242,14 @@ fn setup() -> Setup {
         ("sneaky.public.test", vec![lo]),
         ("meta.public.test", vec![Ipv4Addr::new(169, 254, 169, 254)]),
         ("rebind.test", vec![lo, Ipv4Addr::new(127, 0, 0, 2)]),
+        ("tls.test", vec![Ipv4Addr::new(127, 0, 0, 3)]),
     ]));
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("airlock.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[egress]\nallow = [\"*.public.test:{p}\", \"127.0.0.1:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\"]\ndns = \"{}\"\n",
+            "[egress]\nallow = [\"*.public.test:{p}\", \"127.0.0.1:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\", \"tls.test:443\"]\ndns = \"{}\"\n",
             dns.addr
         ),
     )
@@ -300,7 +301,7 @@ targets = ["allowed.test", "denied.test", "a.wild.test", "wild.test", "evilwild.
            "127.0.0.1", "2130706433", "0x7f000001", "0x7f.1", "127.1", "0177.0.0.1",
            "[::1]", "[::ffff:127.0.0.1]", "ALLOWED.TEST.", "allowed.test:{p}@denied.test"]
 for h in targets:
-    r = talk(("CONNECT %s:{p} HTTP/1.1\r\nHost: x\r\n\r\n" % h).encode(), then=b"ping")
+    r = talk(("CONNECT %s:{p} HTTP/1.1\r\nHost: x\r\n\r\n" % h).encode(), then=b"ping\r\n")
     print(h, status(r), "ping" in r.split("\r\n\r\n", 1)[-1])
 r = talk(b"GET http://allowed.test:{p}/x HTTP/1.1\r\nHost: evil.test\r\n\r\n")
 print("http", status(r), r.endswith("upstream-ok"))
@@ -496,17 +497,218 @@ for addr in [("127.0.0.1", {p}), ("10.255.255.1", 80)]:
 }
 
 #[test]
+fn egress_audits_are_bounded_then_summarised_and_never_hold_a_secret() {
+    let t = setup();
+    let p = t.up.port;
+    let r = t.s.req(
+        "PUT",
+        "/v1/secrets/LABEL",
+        Some(&t.key),
+        Some(&json!({"value": "k7f3q9z2x"})),
+    );
+    assert_eq!(r.status, 200);
+    let code = format!(
+        r#"{CLIENT}
+import airlock
+v, _ = airlock.connect().secrets.get("LABEL")
+def once(host):
+    s = socket.create_connection(PROXY, timeout=5)
+    s.sendall(("CONNECT %s:{p} HTTP/1.1\r\n\r\n" % host).encode())
+    head = s.recv(4096).decode("latin-1")
+    s.close()
+    return head.split(" ")[1]
+print(sorted(set(once("allowed.test") for _ in range(80))))
+print(sorted(set(once("denied.test") for _ in range(70))))
+print(once(v + ".wild.test"))
+"#
+    );
+    let r = t.s.post(
+        "/v1/executions",
+        &t.key,
+        json!({"language": "python", "code": code, "secrets": ["LABEL"],
+               "network": {"allow_private": [format!("allowed.test:{p}"), format!("*.wild.test:{p}")]},
+               "limits": {"wall_time_ms": 30000}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        lines(&v),
+        ["['200']", "['403']", "403"],
+        "positive control: every connection was decided: {v}"
+    );
+    let id = v["id"].as_str().unwrap();
+    let audit = t.s.get("/v1/audit?limit=500", &t.key).json();
+    let mine: Vec<&Value> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["actor"] == format!("execution:{id}"))
+        .collect();
+    let count = |k: &str| mine.iter().filter(|e| e["kind"] == k).count();
+    assert_eq!(
+        count("egress.allowed"),
+        64,
+        "allowed audited one by one up to the cap"
+    );
+    assert_eq!(count("egress.denied"), 64, "denied likewise");
+    assert_eq!(count("egress.summary"), 1);
+    let sum = &mine.iter().find(|e| e["kind"] == "egress.summary").unwrap()["detail"];
+    assert_eq!(sum["allowed"]["total"], 80, "{sum}");
+    assert_eq!(sum["allowed"]["not_audited"], 16, "{sum}");
+    assert_eq!(sum["denied"]["total"], 71, "{sum}");
+    assert_eq!(sum["denied"]["not_audited"], 7, "{sum}");
+    assert_eq!(
+        sum["allowed"]["not_audited_destinations"][format!("allowed.test:{p}")],
+        16
+    );
+    // The value the program put into a host name is redacted everywhere.
+    let all = format!("{v}{audit}");
+    assert!(!all.contains("k7f3q9z2x"), "{all}");
+    assert!(all.contains("[REDACTED:LABEL].wild.test"), "{all}");
+}
+
+/// Prints the proxy variable, a blank line, and whether anything listens
+/// at the forwarder's address (`connected`, or the errno).
+const CHECK_NO_NETWORK: &str = "import os\nprint(os.environ.get('HTTPS_PROXY'))\nprint('')\ntry:\n    socket.create_connection(PROXY, timeout=2)\n    print('connected')\nexcept OSError as e:\n    print(e.errno)\n";
+
+#[test]
+fn plain_http_cannot_hide_in_a_tunnel_behind_blanks_or_split_writes() {
+    let t = setup();
+    let p = t.up.port;
+    // A test host on a TLS port (another loopback address: nothing else
+    // here listens there).
+    let tls_host = Upstream::start(Ipv4Addr::new(127, 0, 0, 3), 443);
+    let net = json!({"allow_private": [format!("allowed.test:{p}"), "tls.test:443"]});
+    let good = hello("tls.test");
+    let code = format!(
+        r#"
+import time
+def tunnel(target, parts, gap=0.3):
+    s = socket.create_connection(PROXY, timeout=5)
+    s.sendall(b"CONNECT " + target + b" HTTP/1.1\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    for i, part in enumerate(parts):
+        if i:
+            time.sleep(gap)
+        try:
+            s.sendall(part)
+        except OSError:
+            break
+    out = b""
+    s.settimeout(1.0)
+    try:
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            out += b
+    except (socket.timeout, OSError):
+        pass
+    s.close()
+    return head.split(b" ")[1].decode() + " " + str(len(out))
+req = b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n"
+plain = b"allowed.test:{p}"
+print("crlf", tunnel(plain, [b"\r\n" + req]))
+print("blanks", tunnel(plain, [b"\r\n\r\n \t" + req]))
+print("split", tunnel(plain, [b"\r", b"\n", b"G", b"ET / HTTP/1.1\r\nHost: other.test\r\n\r\n"]))
+print("lowercase", tunnel(plain, [b"get / http/1.1\r\nHost: other.test\r\n\r\n"]))
+print("ssh", tunnel(plain, [b"SSH-2.0-airlock-test\r\n"]))
+tls = b"tls.test:443"
+print("tls-ok", tunnel(tls, [{good}]))
+print("tls-split", tunnel(tls, [{good}[:3], {good}[3:]]))
+print("tls-crlf", tunnel(tls, [b"\r\n" + {good}]))
+print("tls-space", tunnel(tls, [b" " + {good}]))
+print("tls-ssh", tunnel(tls, [b"SSH-2.0-airlock-test\r\n"]))
+print("tls-http", tunnel(tls, [req]))
+"#
+    );
+    let v = run(&t, &code, net);
+    let out = lines(&v);
+    let hello_len = (good.len() - "bytes.fromhex('')".len()) / 2;
+    assert_eq!(
+        out,
+        [
+            "crlf 200 0".to_string(),
+            "blanks 200 0".into(),
+            "split 200 0".into(),
+            "lowercase 200 0".into(),
+            // Positive controls: a non-HTTP protocol on a plain port, and
+            // a ClientHello (whole or split) on a TLS port, get through.
+            format!("ssh 200 {}", "SSH-2.0-airlock-test\r\n".len()),
+            format!("tls-ok 200 {hello_len}"),
+            format!("tls-split 200 {hello_len}"),
+            "tls-crlf 200 0".into(),
+            "tls-space 200 0".into(),
+            "tls-ssh 200 0".into(),
+            "tls-http 200 0".into(),
+        ],
+        "{v}"
+    );
+    // Nothing of the refused tunnels reached either host.
+    let seen: Vec<String> =
+        t.up.seen()
+            .iter()
+            .chain(tls_host.seen().iter())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
+    assert!(!seen.iter().any(|s| s.contains("other.test")), "{seen:?}");
+    assert!(seen.iter().any(|s| s.starts_with("SSH-2.0-airlock-test")));
+    // (A refused tunnel's upstream connection closes without a byte.)
+    let tls_seen: Vec<Vec<u8>> = tls_host
+        .seen()
+        .into_iter()
+        .filter(|b| !b.is_empty())
+        .collect();
+    assert_eq!(tls_seen.len(), 2, "two ClientHellos, nothing else");
+    assert!(tls_seen.iter().all(|b| b[0] == 0x16), "{tls_seen:?}");
+    let reasons: Vec<&str> = v["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("plain HTTP inside a CONNECT tunnel"))
+            .count(),
+        4,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| **r == "not TLS on a TLS port")
+            .count(),
+        4,
+        "{reasons:?}"
+    );
+}
+
+#[test]
 fn network_is_default_deny_and_requests_stay_within_the_server_grant() {
     let t = setup();
     let p = t.up.port;
     // No network field: no forwarder, no proxy variables, nothing listens.
-    let v = run(
-        &t,
-        "import os\nprint(os.environ.get('HTTPS_PROXY'))\nprint(status(talk(b'CONNECT allowed.test:1 HTTP/1.1\\r\\n\\r\\n')) if False else '')\ntry:\n    socket.create_connection(PROXY, timeout=2)\n    print('connected')\nexcept OSError as e:\n    print(e.errno)\n",
-        Value::Null,
-    );
+    let v = run(&t, CHECK_NO_NETWORK, Value::Null);
     assert_eq!(lines(&v), ["None", "", "111"], "{v}");
     assert!(v["egress"].is_null());
+    // An empty allowlist is the same: no network at all, no forwarder.
+    for empty in [json!({}), json!({"allow": [], "allow_private": []})] {
+        let e = run(&t, CHECK_NO_NETWORK, empty.clone());
+        assert_eq!(lines(&e), ["None", "", "111"], "{empty} {e}");
+        assert!(e["egress"].is_null(), "{e}");
+    }
+    // Positive control: one rule gives a forwarder that answers.
+    let with = run(
+        &t,
+        CHECK_NO_NETWORK,
+        json!({"allow_private": [format!("allowed.test:{p}")]}),
+    );
+    assert_eq!(lines(&with)[0], "http://127.0.0.1:3128", "{with}");
+    assert_eq!(lines(&with)[2], "connected", "{with}");
     // Asking for what the server does not grant is a denial.
     for net in [
         json!({"allow": ["pypi.org:443"]}),

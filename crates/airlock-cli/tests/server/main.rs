@@ -6,6 +6,7 @@
 // Test helpers may panic: a panic is a test failure with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod abuse;
 mod api;
 mod audit;
 mod broker;
@@ -13,6 +14,7 @@ mod egress;
 mod hygiene;
 mod lifecycle;
 mod pool;
+mod redaction;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
