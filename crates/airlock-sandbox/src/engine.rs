@@ -77,6 +77,9 @@ pub struct Engine {
     cgroups: Option<Layout>,
     /// Resolved runtimes; the host's interpreters do not move while it runs.
     runtimes: Mutex<BTreeMap<Language, Runtime>>,
+    /// A sealed in-memory copy of the init binary that zygotes are
+    /// executed from (see [`Engine::zygote_image`]).
+    zygote_image: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
 }
 
 /// One execution request.
@@ -101,9 +104,11 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 /// tenant-specific: identity, code and input arrive later.
 #[derive(Debug, Clone, Default)]
 pub struct Extras {
-    /// Extra read-only bind mounts: (host directory, absolute target
-    /// inside), e.g. the guest SDKs.
-    pub mounts: Vec<(PathBuf, String)>,
+    /// Read-only files written into the sandbox's root: (absolute path
+    /// inside, contents), e.g. the guest SDKs. Written, not bind-mounted,
+    /// so no host path shows in the sandbox (its mount table names the
+    /// source of every bind).
+    pub files: Vec<(String, Arc<str>)>,
     /// Give the program a broker channel: one end of a socketpair at
     /// descriptor [`BROKER_FD`] (named by `AIRLOCK_BROKER_FD`); the other
     /// end is returned by [`Sandbox::take_broker`].
@@ -119,6 +124,24 @@ pub struct Extras {
     /// (the other end is returned by [`Sandbox::take_egress`]). Required
     /// by, and only allowed with, `network.mode = "proxy"`.
     pub egress: bool,
+}
+
+/// Most bytes of [`Extras::files`] (the root tmpfs holds 4 MiB).
+pub const MAX_EXTRA_FILES_BYTES: usize = 1 << 20;
+
+/// Where extra files may not go: what init builds itself.
+const RESERVED_ROOTS: [&str; 7] = [
+    "/etc",
+    "/dev",
+    "/proc",
+    "/tmp",
+    "/workspace",
+    "/usr",
+    "/lib",
+];
+
+fn under(path: &str, root: &str) -> bool {
+    path == root || path.strip_prefix(root).is_some_and(|r| r.starts_with('/'))
 }
 
 fn valid_target(t: &str) -> bool {
@@ -174,7 +197,24 @@ impl Engine {
             cfg,
             cgroups,
             runtimes: Mutex::new(BTreeMap::new()),
+            zygote_image: Mutex::new(None),
         }
+    }
+
+    /// The binary zygotes run: a sealed memfd copy of the init binary,
+    /// made once. Every program a zygote forks has the zygote's image
+    /// mapped, so `/proc/self/exe` and `/proc/self/maps` would name the
+    /// binary's host path; from a memfd they read `/memfd:airlock`.
+    pub(crate) fn zygote_image(&self) -> Result<Arc<std::os::fd::OwnedFd>, SandboxError> {
+        let mut g = self.zygote_image.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = g.as_ref() {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(
+            sys::sealed_copy("airlock", self.init_path()).map_err(SandboxError::SpawnInit)?,
+        );
+        *g = Some(fd.clone());
+        Ok(fd)
     }
 
     /// The binary that acts as init (and zygote).
@@ -277,13 +317,17 @@ impl Engine {
         zygote: Option<&Zygote>,
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
-        for (host, target) in &extras.mounts {
-            if !host.is_absolute() || !host.is_dir() || !valid_target(target) {
-                return Err(SandboxError::InvalidRequest(
-                    "extra mounts need an existing absolute host directory and an absolute target"
-                        .into(),
-                ));
-            }
+        let files_bytes: usize = extras.files.iter().map(|(_, c)| c.len()).sum();
+        if files_bytes > MAX_EXTRA_FILES_BYTES
+            || extras.files.iter().any(|(target, _)| {
+                !valid_target(target) || RESERVED_ROOTS.iter().any(|r| under(target, r))
+            })
+        {
+            return Err(SandboxError::InvalidRequest(format!(
+                "extra files need absolute paths outside {} and at most {} bytes in all",
+                RESERVED_ROOTS.join(", "),
+                MAX_EXTRA_FILES_BYTES
+            )));
         }
         if extras.env.iter().any(|(k, v)| {
             !k.starts_with("AIRLOCK_")
@@ -355,13 +399,17 @@ impl Engine {
                             target: p.clone(),
                         }),
                 );
-                m.extend(extras.mounts.iter().map(|(h, t)| proto::RoMount {
-                    host: h.display().to_string(),
-                    target: t.clone(),
-                }));
                 m
             },
             symlinks: runtime.symlinks.clone(),
+            files: extras
+                .files
+                .iter()
+                .map(|(path, contents)| proto::RoFile {
+                    path: path.clone(),
+                    contents: contents.to_string(),
+                })
+                .collect(),
             scratch_bytes: policy.filesystem.scratch_mib << 20,
             scratch_inodes: policy.filesystem.scratch_inodes,
             landlock_strict: policy.isolation.landlock == LandlockMode::Strict,
@@ -510,6 +558,8 @@ impl Engine {
         child_egress_fd: Option<i32>,
     ) -> Result<Child, SandboxError> {
         let mut cmd = Command::new(&self.cfg.init_path);
+        // argv[0] is a name, not the binary's host path.
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "airlock");
         cmd.arg(INIT_ARG)
             .arg(std::process::id().to_string())
             .env_clear()

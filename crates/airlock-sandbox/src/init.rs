@@ -89,6 +89,10 @@ pub enum Step {
     BindRuntime,
     /// Symlinks such as /bin -> usr/bin.
     Symlinks,
+    /// Platform files written into the root (the guest SDKs): their
+    /// contents travel in the configuration, so no host directory is
+    /// mounted and no host path appears in the sandbox's mount table.
+    PlatformFiles,
     /// A minimal generated /etc with no host passwd/shadow contents.
     Etc,
     /// A minimal /dev: null, zero, full, random, urandom; no tty or console.
@@ -157,6 +161,7 @@ impl Step {
             Step::RootTmpfs => "root_tmpfs",
             Step::BindRuntime => "bind_runtime",
             Step::Symlinks => "symlinks",
+            Step::PlatformFiles => "platform_files",
             Step::Etc => "etc",
             Step::Dev => "dev",
             Step::Proc => "proc",
@@ -279,9 +284,15 @@ pub(crate) fn stage1_from(expected_parent: i32, launch: Launch<'_>) -> Result<i3
         report(&mut ctrl, (Step::CloseFds, libc::EBADF));
         return Err(());
     }
+    let mut cfg = cfg;
     let r = (|| -> StepResult<()> {
         for tasks in &cfg.cgroup_tasks {
             at(Step::CgroupJoin, fs::write(tasks, "0"))?;
+        }
+        // Host cgroup paths are not needed again; a zygote-forked program
+        // inherits this memory, so they are wiped, not just dropped.
+        for t in cfg.cgroup_tasks.drain(..) {
+            drop(zeroize::Zeroizing::new(t));
         }
         if sys::geteuid() == 0 {
             at(Step::ClearGroups, sys::clear_groups())?;
@@ -475,6 +486,28 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
             )?;
         }
         at(Step::Symlinks, std::os::unix::fs::symlink(target, &p))?;
+    }
+
+    for f in &cfg.files {
+        let p = nr(&f.path);
+        if let Some(parent) = std::path::Path::new(&p).parent() {
+            at(
+                Step::PlatformFiles,
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent),
+            )?;
+        }
+        at(
+            Step::PlatformFiles,
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&p)
+                .and_then(|mut w| w.write_all(f.contents.as_bytes())),
+        )?;
     }
 
     // /etc: generated, never the host's.

@@ -40,6 +40,16 @@ pub struct RoMount {
     pub target: String,
 }
 
+/// A read-only file written into the sandbox's root.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RoFile {
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    /// Contents (text).
+    pub contents: String,
+}
+
 /// Everything init needs to build the sandbox. Contains nothing
 /// tenant-specific: code, stdin and identity arrive later with the [`Job`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +63,9 @@ pub struct InitConfig {
     pub mounts: Vec<RoMount>,
     /// Symlinks to create inside: (path, target).
     pub symlinks: Vec<(String, String)>,
+    /// Read-only files written into the root (platform files such as the
+    /// guest SDKs; never tenant data).
+    pub files: Vec<RoFile>,
     /// Size cap of each scratch tmpfs, bytes.
     pub scratch_bytes: u64,
     /// Inode cap of each scratch tmpfs.
@@ -197,7 +210,9 @@ pub fn read_frame<R: Read>(r: &mut R, max: usize) -> io::Result<Vec<u8>> {
 
 /// Reads and decodes one JSON message frame.
 pub fn read_msg<R: Read, T: for<'de> Deserialize<'de>>(r: &mut R, max: usize) -> io::Result<T> {
-    let buf = read_frame(r, max)?;
+    // Wiped when dropped: configuration frames name host paths (cgroup
+    // files), and a zygote-forked program inherits this process's memory.
+    let buf = zeroize::Zeroizing::new(read_frame(r, max)?);
     serde_json::from_slice(&buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 

@@ -562,6 +562,33 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     cvt_i(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
 }
 
+/// A sealed, execute-only in-memory copy of the file at `from`, named
+/// `name` (it shows as `/memfd:<name> (deleted)`): it can be executed
+/// through `/proc/self/fd/<fd>`, neither it nor its size can change, and
+/// nobody can read it.
+pub fn sealed_copy(name: &str, from: &std::path::Path) -> io::Result<OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
+    // MFD_EXEC says so explicitly where `vm.memfd_noexec` exists (6.3+);
+    // older kernels do not know the flag.
+    let fd = match rustix::fs::memfd_create(name, base | MemfdFlags::EXEC) {
+        Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create(name, base)?,
+        r => r?,
+    };
+    let mut dst = std::fs::File::from(fd);
+    io::copy(&mut std::fs::File::open(from)?, &mut dst)?;
+    let fd = OwnedFd::from(dst);
+    // Execute-only for its owner: whoever holds it as /proc/self/exe (a
+    // sandboxed program) can neither read nor write it, as Landlock keeps
+    // the binary on disk unreadable for them.
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o100))?;
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )?;
+    Ok(fd)
+}
+
 /// `pidfd_open(2)`: a descriptor that names exactly this process, immune to
 /// pid reuse.
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {

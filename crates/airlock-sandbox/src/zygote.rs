@@ -55,10 +55,16 @@ pub struct ZygoteConfig {
     pub libpython: String,
     /// The interpreter path the program sees (`sys.executable`).
     pub executable: String,
-    /// Host directory holding the python guest SDK (runner.py, airlock.py).
-    pub guest_host: String,
-    /// Where that directory is mounted inside sandboxes.
+    /// The python guest SDK (runner.py, airlock.py): file name -> source.
+    /// Sources, not a host path: nothing of the host's layout enters the
+    /// interpreter every sandbox inherits.
+    pub guest_sources: std::collections::BTreeMap<String, String>,
+    /// Where those files are inside sandboxes.
     pub guest_target: String,
+    /// The engine's pid: the zygote's parent, checked once the
+    /// configuration is read (not on the command line, which every sandbox
+    /// of this zygote can read).
+    pub engine_pid: i32,
     /// The argv a cold sandbox would exec; a job must carry exactly this.
     pub argv: Vec<String>,
     /// The environment a cold sandbox would get (`NAME=value`); the zygote
@@ -247,8 +253,7 @@ def _airlock_zygote(c):
     sys._base_executable = c["executable"]
     def load(fname):
         path = c["guest_target"] + "/" + fname
-        with open(c["guest_host"] + "/" + fname, "rb") as f:
-            return path, compile(f.read(), path, "exec")
+        return path, compile(c["guest_sources"][fname], path, "exec")
     path, code = load("airlock.py")
     m = types.ModuleType("airlock")
     m.__file__ = path
@@ -264,7 +269,7 @@ _airlock_zygote(__import__("json").loads(@CONFIG@))
 del _airlock_zygote
 "#;
 
-/// Entry point of the zygote process (`airlock __airlock-zygote <engine pid>`).
+/// Entry point of the zygote process (`airlock __airlock-zygote`).
 pub fn main(args: &[String]) -> ! {
     let code = match serve(args) {
         Ok(()) => 0,
@@ -280,17 +285,24 @@ fn reply(msg: &[u8]) -> Result<(), ()> {
 fn serve(args: &[String]) -> Result<(), ()> {
     // Only the request socket and stdio are expected; anything else is a leak.
     sys::close_from(REQUEST_FD as u32 + 1).map_err(|_| ())?;
-    let engine: i32 = args.first().and_then(|a| a.parse().ok()).ok_or(())?;
-    sys::set_parent_death_kill().map_err(|_| ())?;
-    if sys::getppid() != engine {
+    if !args.is_empty() {
         return Err(());
     }
-    let mut buf = vec![0u8; MAX_CONFIG];
+    sys::set_parent_death_kill().map_err(|_| ())?;
+    // Wiped after parsing: every sandbox forked from here inherits this
+    // memory.
+    let mut buf = zeroize::Zeroizing::new(vec![0u8; MAX_CONFIG]);
     let (n, fds) = sys::recv_with_fds(REQUEST_FD, &mut buf, 0).map_err(|_| ())?;
     drop(fds);
     let config: ZygoteConfig = serde_json::from_slice(&buf[..n]).map_err(|_| {
         let _ = reply(b"error invalid configuration");
     })?;
+    drop(buf);
+    // The parent-death signal was armed before this check: if the engine
+    // is gone already, the zygote is not its child any more.
+    if sys::getppid() != config.engine_pid {
+        return Err(());
+    }
     let (python, version) = Python::start(config).map_err(|e| {
         let _ = reply(format!("error {e}").as_bytes());
     })?;
@@ -484,18 +496,21 @@ impl crate::engine::Engine {
             .as_deref()
             .filter(|_| extras.broker && !extras.egress)
             .ok_or_else(|| zerr("a zygote serves a runner entry with a broker channel"))?;
-        // The host directory of the entry: through the extra mount that
-        // shows it inside.
+        // The guest SDK: the extra files beside the entry.
         let (entry_dir, _) = entry.rsplit_once('/').ok_or_else(|| zerr("entry"))?;
-        let guest_host = extras
-            .mounts
+        let guest_sources: std::collections::BTreeMap<String, String> = extras
+            .files
             .iter()
-            .find_map(|(host, target)| {
-                let rest = entry_dir.strip_prefix(target.as_str())?;
-                (rest.is_empty() || rest.starts_with('/'))
-                    .then(|| format!("{}{rest}", host.display()))
+            .filter_map(|(path, contents)| {
+                let name = path.strip_prefix(entry_dir)?.strip_prefix('/')?;
+                (!name.contains('/')).then(|| (name.to_string(), contents.to_string()))
             })
-            .ok_or_else(|| zerr("the entry is not inside an extra mount"))?;
+            .collect();
+        for needed in ["airlock.py", "runner.py"] {
+            if !guest_sources.contains_key(needed) {
+                return Err(zerr("the entry's directory lacks the python guest SDK"));
+            }
+        }
         let (libpython, version) = libpython_of(&runtime.interpreter)?;
         let (argv, env) = crate::engine::program_argv_env(
             policy,
@@ -508,8 +523,9 @@ impl crate::engine::Engine {
         let config = ZygoteConfig {
             libpython,
             executable: runtime.interpreter.clone(),
-            guest_host,
+            guest_sources,
             guest_target: entry_dir.to_string(),
+            engine_pid: std::process::id() as i32,
             argv,
             env: env.clone(),
             visible: runtime
@@ -517,7 +533,7 @@ impl crate::engine::Engine {
                 .iter()
                 .map(|m| m.target.clone())
                 .chain(policy.filesystem.read_only_paths.iter().cloned())
-                .chain(extras.mounts.iter().map(|(_, t)| t.clone()))
+                .chain(std::iter::once(entry_dir.to_string()))
                 .chain(runtime.symlinks.iter().map(|(p, _)| p.clone()))
                 .collect(),
         };
@@ -529,9 +545,12 @@ impl crate::engine::Engine {
         )
         .map_err(|e| crate::SandboxError::SpawnInit(e.into()))?;
         let child_fd = child_end.as_raw_fd();
-        let mut cmd = std::process::Command::new(self.init_path());
-        cmd.arg(ZYGOTE_ARG)
-            .arg(std::process::id().to_string())
+        // From the sealed in-memory image, named by a name: nothing a forked
+        // program can read of itself (exe, maps, cmdline) names a host path.
+        let image = self.zygote_image()?;
+        let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", image.as_raw_fd()));
+        cmd.arg0("airlock")
+            .arg(ZYGOTE_ARG)
             .env_clear()
             .envs(env.iter().filter_map(|kv| kv.split_once('=')))
             .current_dir("/")

@@ -197,7 +197,7 @@ pub struct Executor {
     rt: Handle,
     render: Box<RecordRenderer>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    guest: Option<std::path::PathBuf>,
+    guest: Option<Vec<(String, Arc<str>)>>,
     resolver: Option<Arc<airlock_egress::Resolver>>,
     pool_spec: Option<PoolSpec>,
     pool: Pool,
@@ -420,8 +420,8 @@ pub struct Deps {
     pub metrics: Arc<Metrics>,
     /// Renders the `finished` event.
     pub render: Box<RecordRenderer>,
-    /// Guest SDK directory mounted at /opt/airlock.
-    pub guest: Option<std::path::PathBuf>,
+    /// Guest SDK files written at /opt/airlock in every sandbox.
+    pub guest: Option<Vec<(String, Arc<str>)>>,
     /// Resolver for egress proxies (none: egress executions get no proxy).
     pub resolver: Option<Arc<airlock_egress::Resolver>>,
     /// Warm pools (none: every execution starts cold).
@@ -719,7 +719,7 @@ impl Executor {
             ..Extras::default()
         };
         if let Some(g) = &self.guest {
-            x.mounts.push((g.clone(), GUEST_MOUNT.to_string()));
+            x.files.extend(g.iter().cloned());
         }
         x.entry = match lang {
             Language::Python => Some(format!("{GUEST_MOUNT}/python/runner.py")),
@@ -805,7 +805,11 @@ impl Executor {
                         self.keep_zygote(&mut zygote, &mut zygote_retry, &spec.policy, &extras);
                     }
                     let made = match (&zygote, *lang) {
-                        (Some(z), Language::Python) => self.engine.prepare_from(z.as_ref()),
+                        (Some(z), Language::Python) => {
+                            let made = self.engine.prepare_from(z.as_ref());
+                            self.publish_forks(Some(z));
+                            made
+                        }
                         _ => self.engine.prepare_with(&spec.policy, *lang, &extras),
                     }
                     .and_then(|mut sb| sb.prestart().map(|_| sb));
@@ -867,13 +871,19 @@ impl Executor {
                 }
             }
         }
+        self.publish_forks(slot.as_deref());
+        *self.pool.zygote.lock().unwrap_or_else(|p| p.into_inner()) = slot.clone();
+    }
+
+    /// Publishes how many sandboxes the current zygote has forked (after
+    /// every fork, so the gauge never lags behind the pool).
+    fn publish_forks(&self, zygote: Option<&airlock_sandbox::Zygote>) {
         self.metrics
             .pool_zygote_forks
             .get_or_create(&crate::metrics::LangLabel {
                 language: Language::Python.as_str().into(),
             })
-            .set(slot.as_ref().map_or(0, |z| z.forks() as i64));
-        *self.pool.zygote.lock().unwrap_or_else(|p| p.into_inner()) = slot.clone();
+            .set(zygote.map_or(0, |z| z.forks() as i64));
     }
 
     /// A warm sandbox for this execution, when one fits it exactly.
@@ -946,11 +956,9 @@ impl Executor {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             if let Some(z) = z.filter(|z| z.is_alive()) {
-                match self
-                    .engine
-                    .prepare_from(&z)
-                    .and_then(|mut sb| sb.prestart().map(|_| sb))
-                {
+                let made = self.engine.prepare_from(&z);
+                self.publish_forks(Some(&z));
+                match made.and_then(|mut sb| sb.prestart().map(|_| sb)) {
                     Ok(sb) => {
                         self.metrics.pool_zygote_on_demand.inc();
                         return Some(sb);
@@ -1060,7 +1068,7 @@ impl Executor {
             ..Extras::default()
         };
         if let Some(g) = &self.guest {
-            x.mounts.push((g.clone(), GUEST_MOUNT.to_string()));
+            x.files.extend(g.iter().cloned());
             x.entry = match sub.language {
                 Language::Python => Some(format!("{GUEST_MOUNT}/python/runner.py")),
                 Language::Javascript => Some(format!("{GUEST_MOUNT}/javascript/runner.js")),

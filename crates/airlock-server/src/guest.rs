@@ -1,10 +1,9 @@
-//! The guest SDKs and runners, embedded in the binary and written at start
-//! into a fresh root-owned, world-readable, read-only directory that every
-//! sandbox sees read-only at `/opt/airlock`. (The data directory itself is
-//! 0700 and must stay so; the sandbox's identity could not traverse it.)
+//! The guest SDKs and runners, embedded in the binary and written by init
+//! into every sandbox's read-only root at `/opt/airlock`. They are files of
+//! the sandbox, not a bind mount of a host directory: nothing in the
+//! sandbox (its mount table, a zygote's memory) names a host path.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::sync::{Arc, OnceLock};
 
 const FILES: [(&str, &str); 4] = [
     (
@@ -25,24 +24,21 @@ const FILES: [(&str, &str); 4] = [
     ),
 ];
 
-/// Writes the guest files; the directory is removed when the handle drops.
-pub fn install() -> std::io::Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix("airlock-guest-")
-        .tempdir()?;
-    for (rel, text) in FILES {
-        let path = dir.path().join(rel);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o444)
-            .open(&path)?;
-        f.write_all(text.as_bytes())?;
-    }
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
-    Ok(dir)
+/// The guest files at their paths inside sandboxes (under
+/// [`crate::exec::GUEST_MOUNT`]); the contents are shared, not copied.
+pub fn files() -> Vec<(String, Arc<str>)> {
+    static FILES_AT: OnceLock<Vec<(String, Arc<str>)>> = OnceLock::new();
+    FILES_AT
+        .get_or_init(|| {
+            FILES
+                .iter()
+                .map(|(rel, text)| {
+                    (
+                        format!("{}/{rel}", crate::exec::GUEST_MOUNT),
+                        Arc::from(*text),
+                    )
+                })
+                .collect()
+        })
+        .clone()
 }

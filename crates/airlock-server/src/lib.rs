@@ -239,8 +239,6 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .map_err(|e| ServeError::Setup(format!("pid file: {e}")))?;
 
-    let guest_dir =
-        guest::install().map_err(|e| ServeError::Setup(format!("guest SDK directory: {e}")))?;
     let dns = match cfg.egress.dns {
         Some(a) => airlock_egress::Dns::Nameserver(a),
         None => airlock_egress::Dns::System,
@@ -262,7 +260,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
             engine: engine.clone(),
             metrics: metrics.clone(),
             render: Box::new(api::render_record),
-            guest: Some(guest_dir.path().to_path_buf()),
+            guest: Some(guest::files()),
             resolver,
             pool: Some(exec::PoolSpec {
                 policy: cfg.policy.clone(),
@@ -314,7 +312,6 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
         .append_audit(NewAudit::new(None, "server.stop", "server", "", None))
         .await?;
     store.close().await;
-    drop(guest_dir);
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("airlock stopped");
     Ok(())

@@ -212,7 +212,9 @@ fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
     );
     assert_eq!(v["result"]["stdout"], "alive\n", "{v}");
     assert!(metric(&s, "airlock_pool_discarded_total{language=\"python\"}") >= 1.0);
-    // A burst empties the pool; it refills to its target afterwards.
+    // A burst empties the pool; it refills to its target afterwards. (The
+    // pool first recovers from the deaths above, after its back-off.)
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     let ids: Vec<String> = (0..6)
         .map(|_| {
             s.post(
@@ -751,4 +753,129 @@ fn a_policy_change_replaces_the_pool_and_its_zygote() {
         1.0
     );
     assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 1.0);
+}
+
+/// Everything a program can read about itself that could name a host path:
+/// its executable, command line, environment, mappings, mount table and
+/// cgroup, and its own memory (every anonymous or writable mapping: the
+/// heap, the stack, what a zygote left behind), searched for the needles
+/// on stdin. They arrive shifted (every byte + 1, hex) and the search runs
+/// in the shifted space, so the needles themselves are never in the
+/// program's memory. `marker` is put into the heap first (the scan's
+/// positive control).
+const HOST_PATHS_PROBE: &str = r#"
+import json, os, sys
+shift = bytes((i + 1) % 256 for i in range(256))
+needles = [bytes.fromhex(n) for n in json.loads(sys.stdin.read())]
+marker = ("/tmp/" + "positive-control-") * 2
+needles.append(marker.encode().translate(shift))
+def rd(p):
+    try:
+        return open(p, "rb").read()
+    except OSError as e:
+        return ("error %d" % e.errno).encode()
+found = {}
+views = {
+    "exe": os.readlink("/proc/self/exe").encode(),
+    "cmdline": rd("/proc/self/cmdline"), "environ": rd("/proc/self/environ"),
+    "maps": rd("/proc/self/maps"), "mountinfo": rd("/proc/self/mountinfo"),
+    "cgroup": rd("/proc/self/cgroup"),
+}
+unshift = bytes((i - 1) % 256 for i in range(256))
+def show(n):
+    return n.translate(unshift).decode()
+for name, text in views.items():
+    text = text.translate(shift)
+    for n in needles:
+        if n in text:
+            found.setdefault(name, []).append(show(n))
+scanned = 0
+mem = open("/proc/self/mem", "rb", buffering=0)
+for line in views["maps"].decode().splitlines():
+    f = line.split()
+    anonymous = len(f) < 6 or f[5].startswith("[")
+    if "r" not in f[1] or not (anonymous or "w" in f[1]) or f[-1] in ("[vvar]", "[vvar_vclock]", "[vsyscall]"):
+        continue
+    a, b = (int(x, 16) for x in f[0].split("-"))
+    for at in range(a, b, 1 << 22):
+        try:
+            mem.seek(at)
+            chunk = mem.read(min(b, at + (1 << 22) + 4096) - at)
+        except OSError:
+            continue
+        scanned += len(chunk)
+        chunk = chunk.translate(shift)
+        for n in needles:
+            if n in chunk:
+                found.setdefault("memory", []).append(show(n))
+        del chunk
+print(json.dumps({"found": {k: sorted(set(v)) for k, v in found.items()}, "scanned": scanned,
+                  "exe": views["exe"].decode()}))
+"#;
+
+#[test]
+fn no_host_path_is_visible_in_warm_or_cold_sandboxes() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let server = s.pid();
+    let bin = std::fs::canonicalize(crate::BIN).unwrap();
+    let needles: Vec<String> = [
+        s.data().display().to_string(),
+        bin.display().to_string(),
+        bin.parent().unwrap().display().to_string(),
+        "airlock-guest-".to_string(),
+        // This server's cgroup directories are named <server pid>-<n>.
+        format!("/{server}-"),
+        format!("__airlock-zygote\u{0}{server}"),
+    ]
+    .iter()
+    .map(|n| {
+        n.bytes()
+            .map(|b| format!("{:02x}", b.wrapping_add(1)))
+            .collect()
+    })
+    .collect();
+    let needles = json!(needles);
+    let probe = |limits: Value| {
+        run(
+            &s,
+            &key,
+            json!({"language": "python", "code": HOST_PATHS_PROBE, "stdin": needles.to_string(),
+                   "limits": limits}),
+        )
+    };
+    assert!(zygote_of(server).is_some(), "the pool has a zygote");
+    let hits = metric(&s, "airlock_pool_hits_total{language=\"python\"}");
+    // Warm (forked from the zygote, which has the server's memory layout
+    // and its own configuration in memory) and cold (its own limits).
+    let warm = probe(json!({}));
+    let cold = probe(json!({"wall_time_ms": 9999}));
+    for (what, v) in [("warm", &warm), ("cold", &cold)] {
+        assert_eq!(v["result"]["exit_code"], 0, "{what}: {v}");
+        let out: Value = serde_json::from_str(v["result"]["stdout"].as_str().unwrap()).unwrap();
+        // Positive control: the scan reads memory and finds what is there.
+        assert_eq!(
+            out["found"],
+            json!({"memory": ["/tmp/positive-control-/tmp/positive-control-"]}),
+            "{what}: a host path is visible: {out}"
+        );
+        assert!(out["scanned"].as_u64().unwrap() > 1 << 20, "{what}: {out}");
+    }
+    // The warm probe did run in a zygote-forked sandbox, the cold one not.
+    let exe = |v: &Value| -> Value {
+        serde_json::from_str::<Value>(v["result"]["stdout"].as_str().unwrap()).unwrap()["exe"]
+            .clone()
+    };
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        hits + 1.0
+    );
+    assert_eq!(exe(&warm), "/memfd:airlock (deleted)");
+    assert!(
+        exe(&cold).as_str().unwrap().starts_with("/usr/bin/python3"),
+        "{cold}"
+    );
+    // And the host really has what was searched for.
+    assert!(s.data().is_dir() && bin.is_file());
 }
