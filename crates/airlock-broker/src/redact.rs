@@ -19,6 +19,9 @@ use zeroize::Zeroizing;
 /// Shortest value that is redacted.
 pub const MIN_REDACT_LEN: usize = 4;
 
+/// Most text a stream holds back for an occurrence that may still grow.
+const MAX_HOLD: usize = 64 << 10;
+
 /// The secret values of one execution.
 #[derive(Default)]
 pub struct Redactor {
@@ -31,13 +34,20 @@ impl std::fmt::Debug for Redactor {
     }
 }
 
-/// Non-overlapping occurrences (start, end, index of secret), leftmost
-/// first, longest first at the same start.
+/// Non-overlapping spans to redact (start, end, index of a secret in it),
+/// leftmost first. Every occurrence counts, also one that overlaps another
+/// occurrence of the same value (`abXab` in `abXabXab`), so no byte of any
+/// occurrence survives.
 fn spans(secrets: &[(String, Zeroizing<String>)], text: &str) -> Vec<(usize, usize, usize)> {
     let mut all = Vec::new();
     for (i, (_, v)) in secrets.iter().enumerate() {
-        for (at, m) in text.match_indices(v.as_str()) {
-            all.push((at, at + m.len(), i));
+        let v = v.as_str();
+        let mut from = 0;
+        while let Some(at) = text[from..].find(v).map(|a| a + from) {
+            all.push((at, at + v.len(), i));
+            // The next search starts one character later: overlapping
+            // occurrences are found too.
+            from = at + text[at..].chars().next().map_or(1, char::len_utf8);
         }
     }
     all.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
@@ -68,8 +78,13 @@ impl Redactor {
         let escaped = serde_json::to_string(value)
             .ok()
             .map(|q| Zeroizing::new(q[1..q.len() - 1].to_string()));
+        // Also lowercased: host names are normalised to lowercase before
+        // anything records them.
+        let lower = (value.bytes().any(|b| b.is_ascii_uppercase()))
+            .then(|| Zeroizing::new(value.to_ascii_lowercase()));
         let forms = std::iter::once(Zeroizing::new(value.to_string()))
             .chain(escaped)
+            .chain(lower)
             .chain(
                 [ascii_json(value, false), ascii_json(value, true)]
                     .into_iter()
@@ -255,12 +270,22 @@ impl StreamRedactor {
         while !self.carry.is_char_boundary(cut) {
             cut -= 1;
         }
-        // A complete occurrence that straddles the cut is released whole.
+        // Never cut inside an occurrence: one that straddles the cut is
+        // held back whole, with what follows it (a second value that
+        // overlaps it may still be arriving), and released once enough text
+        // follows it. A chain of overlapping occurrences longer than
+        // [`MAX_HOLD`] is released redacted up to its current end instead,
+        // so the held text (and the work per chunk) stays bounded.
         {
             let g = r.secrets.lock().unwrap_or_else(|p| p.into_inner());
             for (s, e, _) in spans(&g, &self.carry) {
                 if s < cut && e > cut {
-                    cut = e;
+                    cut = if self.carry.len() - s > MAX_HOLD {
+                        e
+                    } else {
+                        s
+                    };
+                    break;
                 }
             }
         }
@@ -317,6 +342,34 @@ mod tests {
             "output ends with [REDACTED:B]"
         );
         assert_eq!(r.redact_truncated("harmless tail"), "harmless tail");
+    }
+
+    #[test]
+    fn overlapping_occurrences_leave_nothing_in_records_or_streams() {
+        let r = Redactor::default();
+        r.add("A", "abcdXYZ1");
+        r.add("B", "XYZ1-second-secret");
+        let text = "..abcdXYZ1-second-secret..";
+        // Positive control: whole-text redaction hides both.
+        assert_eq!(r.redact(text), "..[REDACTED:A]..");
+        // Streamed in chunks of every size, the same holds.
+        for size in 1..text.len() {
+            let mut s = StreamRedactor::capped(usize::MAX);
+            let mut out = String::new();
+            for chunk in text.as_bytes().chunks(size) {
+                out.push_str(&s.push(&r, std::str::from_utf8(chunk).unwrap()));
+            }
+            out.push_str(&s.finish(&r, false));
+            assert!(
+                !out.contains("second") && !out.contains("abcd"),
+                "{size}: {out}"
+            );
+        }
+        // A value overlapping itself.
+        let r = Redactor::default();
+        r.add("S", "XYZ1-middle-part-XYZ1");
+        let out = r.redact("XYZ1-middle-part-XYZ1-middle-part-XYZ1");
+        assert_eq!(out, "[REDACTED:S]");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 pub struct LocalProxy {
     events: Arc<Mutex<Vec<airlock_egress::EgressEvent>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl LocalProxy {
@@ -49,20 +50,30 @@ impl LocalProxy {
             log.lock().unwrap_or_else(|p| p.into_inner()).push(ev);
         });
         let proxy = airlock_egress::Proxy::new(rules, Arc::new(resolver), sink);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("airlock-egress".into())
-            .spawn(move || rt.block_on(proxy.serve_channel(channel)))
+            .spawn(move || rt.block_on(proxy.serve_channel(channel, stopped)))
             .map_err(|e| format!("cannot start the egress proxy: {e}"))?;
         Ok(LocalProxy {
             events,
             thread: Some(thread),
+            stop: Some(stop),
         })
     }
 
-    /// Waits for the proxy (the sandbox is gone, so its channel is closed)
-    /// and returns every decision.
+    /// Waits for the proxy (the sandbox is gone, so its channel is closed;
+    /// connections still open get 2 s, then are cut) and returns every
+    /// decision.
     pub fn finish(mut self) -> Vec<airlock_egress::EgressEvent> {
         if let Some(t) = self.thread.take() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
             let _ = t.join();
         }
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))

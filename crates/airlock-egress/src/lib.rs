@@ -219,9 +219,16 @@ impl Proxy {
         })
     }
 
-    /// Serves the execution's egress channel until the sandbox closes it.
-    /// Dropping the returned future stops every connection of it.
-    pub async fn serve_channel(self: Arc<Self>, channel: OwnedFd) {
+    /// Serves the execution's egress channel until the sandbox closes it
+    /// and its connections have ended, or until `stop` fires: then every
+    /// open connection is cut and has emitted its event (an allowed flow
+    /// reports when it ends) before this returns. Nothing that got through
+    /// goes unrecorded.
+    pub async fn serve_channel(
+        self: Arc<Self>,
+        channel: OwnedFd,
+        stop: tokio::sync::oneshot::Receiver<()>,
+    ) {
         // The channel is a SOCK_SEQPACKET socket, which tokio does not
         // drive; a blocking reader thread hands descriptors over. It ends
         // when the sandbox side closes (its last process is gone).
@@ -241,15 +248,28 @@ impl Proxy {
         });
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut conns = tokio::task::JoinSet::new();
+        let mut stop = std::pin::pin!(stop);
+        let mut open = true;
         loop {
             let fd = tokio::select! {
-                fd = rx.recv() => fd,
+                fd = rx.recv(), if open => fd,
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                _ = &mut stop => {
+                    // Cut every connection and wait until each task is gone
+                    // (its flow's event is emitted as it drops).
+                    conns.abort_all();
+                    while conns.join_next().await.is_some() {}
+                    return;
+                }
             };
             let Some(fd) = fd else {
-                // Channel closed: let open connections finish.
-                while conns.join_next().await.is_some() {}
-                return;
+                // Channel closed: open connections may finish (or be cut
+                // by `stop`).
+                open = false;
+                if conns.is_empty() {
+                    return;
+                }
+                continue;
             };
             let Some(stream) = tcp_from(Some(fd)) else {
                 continue;
@@ -420,7 +440,13 @@ impl Proxy {
             n
         };
         let up = async {
-            let deadline = tokio::time::Instant::now() + HEAD_TIMEOUT;
+            // A TLS client speaks first, within the head timeout. On other
+            // ports the destination may speak first (SSH, SMTP, MySQL): the
+            // client's first bytes are waited for as long as the tunnel is
+            // open, and decided on whenever they come, with the timeout
+            // running from the first one.
+            let tls_port = TLS_PORTS.contains(&port);
+            let mut deadline = tls_port.then(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
             let verdict = loop {
                 if !first.is_empty()
                     && first[0] == 0x16
@@ -467,19 +493,24 @@ impl Proxy {
                     break Err("ClientHello too large");
                 }
                 let mut buf = [0u8; 4096];
-                match tokio::time::timeout_at(deadline, cr.read(&mut buf)).await {
+                let read = match deadline {
+                    Some(d) => tokio::time::timeout_at(d, cr.read(&mut buf)).await,
+                    None => Ok(cr.read(&mut buf).await),
+                };
+                match read {
                     Ok(Ok(0)) => {
                         break if first.is_empty() {
                             Ok(())
                         } else {
-                            Err("closed mid-ClientHello")
+                            Err("closed before its first bytes could be decided")
                         };
                     }
-                    Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
+                    Ok(Ok(n)) => {
+                        first.extend_from_slice(&buf[..n]);
+                        deadline.get_or_insert_with(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
+                    }
                     Ok(Err(_)) => break Err("read failed"),
-                    // Nothing sent yet: a server-speaks-first protocol.
-                    Err(_) if first.is_empty() && !TLS_PORTS.contains(&port) => break Ok(()),
-                    Err(_) => break Err("first bytes not received in time"),
+                    Err(_) => break Err("first bytes not decided in time"),
                 }
             };
             verdict?;
@@ -675,35 +706,39 @@ const METHODS: [&[u8]; 17] = [
 /// request, as a lenient server would read them: `Some(true)` HTTP,
 /// `Some(false)` certainly not, `None` not decidable yet (wait for more).
 ///
-/// Leading empty lines and whitespace are skipped (RFC 9112 lets servers
-/// ignore empty lines before the request line, and some skip blanks). Then
-/// a known method followed by a blank is HTTP at once (also without a
-/// version: HTTP/0.9); any request line, in any case, that ends in an
-/// `HTTP/` version is HTTP; a first word with a byte that cannot be in a
-/// method token (binary protocols, TLS) is not.
+/// What makes plain HTTP in a tunnel dangerous is the `Host` header, which
+/// needs an HTTP/1 request line: `METHOD target HTTP/1.x`. So, after
+/// leading whitespace and control bytes (RFC 9112 lets servers ignore empty
+/// lines before the request line; lenient ones skip more): an `HTTP/`
+/// version anywhere in the first line, in any case and whatever separates
+/// the words, is HTTP; a known method followed by whitespace is HTTP at once
+/// (also HTTP/0.9 style); a first word with a byte no method token can
+/// hold, or ended by a control byte that is not whitespace (binary
+/// protocols), is not; a complete first line without a version is not.
 fn plain_http(b: &[u8]) -> Option<bool> {
-    let start = b
-        .iter()
-        .position(|c| !matches!(c, b'\r' | b'\n' | b' ' | b'\t'))?;
+    let space = |c: &u8| matches!(c, b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c');
+    let blank = |c: &u8| space(c) || c.is_ascii_control();
+    let start = b.iter().position(|c| !blank(c))?;
     let b = &b[start..];
     let line_end = b.iter().position(|c| *c == b'\n');
     let line = &b[..line_end.unwrap_or(b.len())];
-    // RFC 9110 token characters.
-    let tchar = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
-    let word_end = line.iter().position(|c| *c == b' ' || *c == b'\t');
-    let word = &line[..word_end.unwrap_or(line.len())];
-    if !word.iter().all(tchar) {
-        return Some(false);
-    }
-    if word_end.is_some() && METHODS.contains(&word) {
+    if line.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/")) {
         return Some(true);
     }
-    let has_version = line.windows(5).any(|w| w.eq_ignore_ascii_case(b"HTTP/"));
-    match line_end {
-        Some(_) => Some(word_end.is_some() && has_version),
-        None if has_version => Some(true),
-        None => None,
+    // RFC 9110 token characters.
+    let tchar = |c: &u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(c);
+    let Some(end) = line.iter().position(|c| !tchar(c)) else {
+        // The first word is still arriving (or the line is only a word).
+        return line_end.map(|_| false);
+    };
+    let (word, next) = (&line[..end], line[end]);
+    if !space(&next) {
+        return Some(false);
     }
+    if METHODS.contains(&word) {
+        return Some(true);
+    }
+    line_end.map(|_| false)
 }
 
 fn bounded(s: &str, n: usize) -> String {
@@ -902,6 +937,10 @@ mod tests {
             b"FOO /x HTTP/1.0\r\n",
             b"PRI * HTTP/2.0\r\n",
             b"GET /\r\n",
+            b"\x0bGET / HTTP/1.1\r\n",
+            b"GET\x0c/\x0cHTTP/1.1",
+            b"\x00\x00GET\t/x",
+            b"X-whatever HTTP/1.1",
         ] {
             assert_eq!(
                 plain_http(http),
@@ -910,10 +949,12 @@ mod tests {
                 String::from_utf8_lossy(http)
             );
         }
+        // (TLS never gets here: a 0x16 first byte goes to the ClientHello
+        // parser.)
         for other in [
-            &b"\x16\x03\x01"[..],
-            b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n",
+            &b"SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"[..],
             b"\x00\x00\x00\x08\x04\xd2\x16\x2f", // postgres SSLRequest
+            b"\x00\x00\x00\x4f\x00\x03\x00\x00user\x00x\x00", // postgres startup
             b"*1\r\n$4\r\nPING\r\n",             // redis
             b"get some-key\r\n",                 // memcached
         ] {
@@ -925,7 +966,16 @@ mod tests {
             );
         }
         // A split first write is waited for, never decided on its start.
-        for partial in [&b""[..], b"\r", b"\r\n", b"G", b"GE", b"FOO /x", b"  "] {
+        for partial in [
+            &b""[..],
+            b"\r",
+            b"\r\n",
+            b"G",
+            b"GE",
+            b"FOO /x",
+            b"  ",
+            b"\x01GET",
+        ] {
             assert_eq!(
                 plain_http(partial),
                 None,

@@ -357,6 +357,22 @@ impl Engine {
             ));
         }
         let runtime = self.runtime(lang)?;
+        // Platform files go into the root's own tmpfs: never into (or
+        // through) a bind mount or a symlink of the runtime, or of the
+        // policy's read-only paths.
+        let occupied = runtime
+            .mounts
+            .iter()
+            .map(|m| m.target.as_str())
+            .chain(runtime.symlinks.iter().map(|(p, _)| p.as_str()))
+            .chain(policy.filesystem.read_only_paths.iter().map(String::as_str));
+        for o in occupied {
+            if extras.files.iter().any(|(f, _)| under(f, o) || under(o, f)) {
+                return Err(SandboxError::InvalidRequest(
+                    "extra files may not overlap the runtime's mounts or symlinks".into(),
+                ));
+            }
+        }
         let mut programs = seccomp::programs_for(&policy.syscalls.deny)?;
         let euid = sys::geteuid();
         let cgroup_name = format!(

@@ -505,6 +505,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
                 .write(true)
                 .create_new(true)
                 .mode(0o444)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&p)
                 .and_then(|mut w| w.write_all(f.contents.as_bytes())),
         )?;

@@ -570,7 +570,9 @@ pub fn sealed_copy(name: &str, from: &std::path::Path) -> io::Result<OwnedFd> {
     use rustix::fs::{MemfdFlags, SealFlags};
     let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
     // MFD_EXEC says so explicitly where `vm.memfd_noexec` exists (6.3+);
-    // older kernels do not know the flag.
+    // older kernels do not know the flag (EINVAL); `vm.memfd_noexec = 2`
+    // refuses it (EACCES), and then the copy cannot be executed at all: the
+    // caller fails and no zygote runs.
     let fd = match rustix::fs::memfd_create(name, base | MemfdFlags::EXEC) {
         Err(rustix::io::Errno::INVAL) => rustix::fs::memfd_create(name, base)?,
         r => r?,
@@ -578,15 +580,39 @@ pub fn sealed_copy(name: &str, from: &std::path::Path) -> io::Result<OwnedFd> {
     let mut dst = std::fs::File::from(fd);
     io::copy(&mut std::fs::File::open(from)?, &mut dst)?;
     let fd = OwnedFd::from(dst);
-    // Execute-only for its owner: whoever holds it as /proc/self/exe (a
-    // sandboxed program) can neither read nor write it, as Landlock keeps
-    // the binary on disk unreadable for them.
-    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o100))?;
+    make_execute_only(&fd)?;
+    // The exec bits are sealed where the kernel can (6.3+): nobody holding
+    // the file can make it unexecutable for the next start.
+    if rustix::fs::fcntl_add_seals(&fd, SealFlags::EXEC).is_err() {
+        // Older kernels: the owner re-asserts the mode before each exec.
+    }
     rustix::fs::fcntl_add_seals(
         &fd,
         SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
     )?;
     Ok(fd)
+}
+
+/// Execute-only for its owner: whoever holds it as /proc/self/exe (a
+/// sandboxed program) can neither read nor write it, as Landlock keeps the
+/// binary on disk unreadable for them. Called again before every exec of a
+/// [`sealed_copy`]: without the exec seal, a holder with the owner's uid
+/// (a rootless engine's sandboxes) could change the mode.
+pub fn make_execute_only(fd: &OwnedFd) -> io::Result<()> {
+    match rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(0o100)) {
+        // Sealed exec bits refuse even an unchanged mode; what matters is
+        // the mode it has.
+        Err(rustix::io::Errno::PERM) => {}
+        r => r?,
+    }
+    let mode = rustix::fs::fstat(fd)?.st_mode & 0o7777;
+    if mode != 0o100 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the zygote image's mode was changed",
+        ));
+    }
+    Ok(())
 }
 
 /// `pidfd_open(2)`: a descriptor that names exactly this process, immune to

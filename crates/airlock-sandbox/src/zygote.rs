@@ -288,6 +288,12 @@ fn serve(args: &[String]) -> Result<(), ()> {
     if !args.is_empty() {
         return Err(());
     }
+    // Executed from an unreadable image, the zygote starts non-dumpable,
+    // and so would every process it forks: their /proc files would belong
+    // to root, and a rootless engine could not write their id maps. It is
+    // dumpable as an exec'd binary is; stage 1 and pid 1 then handle
+    // dumpability as on a cold start.
+    sys::set_dumpable(true).map_err(|_| ())?;
     sys::set_parent_death_kill().map_err(|_| ())?;
     // Wiped after parsing: every sandbox forked from here inherits this
     // memory.
@@ -548,6 +554,7 @@ impl crate::engine::Engine {
         // From the sealed in-memory image, named by a name: nothing a forked
         // program can read of itself (exe, maps, cmdline) names a host path.
         let image = self.zygote_image()?;
+        sys::make_execute_only(&image).map_err(crate::SandboxError::SpawnInit)?;
         let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", image.as_raw_fd()));
         cmd.arg0("airlock")
             .arg(ZYGOTE_ARG)

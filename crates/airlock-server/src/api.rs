@@ -798,17 +798,20 @@ async fn create_execution(
         code: None,
     };
     let mut policy = policy;
-    // An empty allowlist asks for nothing: the execution has no network
-    // (and may use a warm sandbox).
-    if let Some(net) = req
-        .network
-        .as_ref()
-        .filter(|n| !(n.allow.is_empty() && n.allow_private.is_empty()))
-    {
-        let wanted = airlock_policy::Network::Proxy {
-            allow: net.allow.clone(),
-            allow_private: net.allow_private.clone(),
-        };
+    let wanted = req.network.as_ref().map(|net| {
+        (
+            net,
+            airlock_policy::Network::Proxy {
+                allow: net.allow.clone(),
+                allow_private: net.allow_private.clone(),
+            },
+        )
+    });
+    if wanted.as_ref().is_some_and(|(_, w)| !w.is_proxy()) {
+        // An empty allowlist asks for no network at all (whatever the base
+        // policy has), and may use a warm sandbox.
+        policy.network = airlock_policy::Network::None;
+    } else if let Some((net, wanted)) = wanted {
         let rules = wanted
             .rules()
             .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;

@@ -245,11 +245,13 @@ impl ServerConfig {
                 .or(t.max_running)
                 .unwrap_or(self.max_concurrent)
                 .min(self.max_concurrent),
+            // Every execution waits a moment for its worker: at least 1.
             max_queued: own
                 .and_then(|o| o.max_queued)
                 .or(t.max_queued)
-                .unwrap_or((self.queue_size / 4).max(1))
-                .min(self.queue_size),
+                .unwrap_or(self.queue_size / 4)
+                .min(self.queue_size)
+                .max(1),
         }
     }
 

@@ -140,9 +140,13 @@ pub fn problem_response(
 /// (it writes them with an empty body): `None` for anything else. Ours
 /// always carry `x-request-id`, which the library's never do.
 fn library_error(head: &[u8]) -> Option<Vec<u8>> {
+    // Cheap first: only 400, 414 and 431 heads are candidates.
+    let status = head.strip_prefix(b"HTTP/1.1 4")?.get(..2)?;
+    if !matches!(status, b"00" | b"14" | b"31") {
+        return None;
+    }
     let end = head.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = &head[..end];
-    let status = head.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
     let ours = head
         .split(|b| *b == b'\n')
         .any(|l| l.len() >= 13 && l[..13].eq_ignore_ascii_case(b"x-request-id:"));
@@ -150,21 +154,21 @@ fn library_error(head: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let (status, reason, code, title, detail) = match status {
-        b"400" => (
+        b"00" => (
             400,
             "Bad Request",
             "malformed_request",
             "Malformed request",
             "the request is not valid HTTP/1.1 (request line, header syntax, or framing)",
         ),
-        b"414" => (
+        b"14" => (
             414,
             "URI Too Long",
             "uri_too_long",
             "URI too long",
             "the request target is too long",
         ),
-        b"431" => (
+        b"31" => (
             431,
             "Request Header Fields Too Large",
             "headers_too_large",
@@ -183,6 +187,9 @@ pub struct Guarded<T> {
     inner: T,
     /// A replacement response still to be written, and how much of it is.
     pending: Option<(Vec<u8>, usize)>,
+    /// A replacement was made: the library closes the connection after its
+    /// error response, so there is never a second one.
+    replaced: bool,
     /// Armed while a write waits for the client.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -193,12 +200,24 @@ impl<T> Guarded<T> {
         Guarded {
             inner,
             pending: None,
+            replaced: false,
             stall: None,
         }
     }
 }
 
 impl<T: AsyncWrite + Unpin> Guarded<T> {
+    /// The problem document replacing `buf`, when `buf` is the library's
+    /// own error response (at most once per connection).
+    fn replacement(&mut self, buf: &[u8]) -> Option<Vec<u8>> {
+        if self.replaced {
+            return None;
+        }
+        let r = library_error(buf)?;
+        self.replaced = true;
+        Some(r)
+    }
+
     /// Turns a pending write into an error once it has stalled too long.
     fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let sleep = self
@@ -259,14 +278,44 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.drain(cx))?;
-        if let Some(replacement) = library_error(buf) {
-            // The library closes the connection after this response: what
-            // follows is never read by the client as another response.
+        if let Some(replacement) = self.replacement(buf) {
+            // Taken whole; written by this and the next flush. The library
+            // closes the connection after this response.
             self.pending = Some((replacement, 0));
-            ready!(self.drain(cx))?;
+            let _ = self.drain(cx)?;
             return Poll::Ready(Ok(buf.len()));
         }
         self.write_timed(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.drain(cx))?;
+        // A response head is always the start of a write.
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty())
+            && let Some(replacement) = self.replacement(first)
+        {
+            self.pending = Some((replacement, 0));
+            let _ = self.drain(cx)?;
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => match self.stalled(cx) {
+                Poll::Ready(e) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+            done => {
+                self.stall = None;
+                done
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -3,11 +3,15 @@
 //! that own the sandboxes, cancellation and drain.
 //!
 //! Fairness: each tenant has a share (executions it may run at once and
-//! have waiting; see [`TenantShare`]). Admission refuses a tenant over its
-//! share before the server is full, so one tenant cannot fill the queue
-//! for everyone. A free worker takes the next execution of the waiting
-//! tenant that runs the fewest executions (ties: the one waiting longest),
-//! so a tenant with a long backlog cannot starve one that just arrived.
+//! have waiting; see [`TenantShare`]). The server admits at most
+//! `max_concurrent + queue_size`; a tenant may have at most `max_queued`
+//! waiting beyond the workers it could start on at once (a quarter of the
+//! queue by default), so it takes four tenants, whatever the number of
+//! cores, to fill the server for everyone. A free worker takes the next
+//! execution of the waiting tenant that runs the fewest (ties: the one
+//! waiting longest), never one of a tenant at its `max_running` (a cancelled
+//! one excepted: it ends at once), so a tenant with a long backlog cannot
+//! starve one that just arrived.
 //!
 //! Workers are long-lived OS threads, not tokio tasks: the engine is
 //! synchronous, and `PR_SET_PDEATHSIG` (which kills a sandbox when the
@@ -131,6 +135,8 @@ struct TenantQueue {
 struct Sched {
     /// Admitted over all tenants.
     admitted: usize,
+    /// Running over all tenants.
+    running: usize,
     tenants: HashMap<String, TenantQueue>,
     /// Tenants with queued executions, longest waiting first.
     order: std::collections::VecDeque<String>,
@@ -152,14 +158,20 @@ impl Sched {
     }
 
     /// The next job to run: of the waiting tenants below their running
-    /// share, the one running the fewest (ties: waiting longest).
+    /// share, the one running the fewest (ties: waiting longest). A tenant
+    /// at its share whose next job is cancelled is eligible too: that job
+    /// only records its end, and must not hold its place meanwhile.
     fn next_job(&mut self) -> Option<Job> {
         let mut best: Option<(usize, usize)> = None;
         for (i, name) in self.order.iter().enumerate() {
             let Some(t) = self.tenants.get(name) else {
                 continue;
             };
-            if t.running >= t.max_running {
+            let cancelled = t
+                .queued
+                .front()
+                .is_some_and(|j| j.entry.cancel.reason().is_some());
+            if t.running >= t.max_running && !cancelled {
                 continue;
             }
             if best.is_none_or(|(_, r)| t.running < r) {
@@ -171,10 +183,40 @@ impl Sched {
         let t = self.tenants.get_mut(&name)?;
         let job = t.queued.pop_front()?;
         t.running += 1;
+        self.running += 1;
         if !t.queued.is_empty() {
             self.order.push_back(name);
         }
         Some(job)
+    }
+}
+
+/// A job a worker runs: releases the tenant's running place when dropped,
+/// also if running it panicked.
+struct Running<'a> {
+    exec: &'a Executor,
+    tenant: String,
+    id: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.exec
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+        {
+            let mut s = self.exec.sched();
+            s.running -= 1;
+            if let Some(t) = s.tenants.get_mut(&self.tenant) {
+                t.running -= 1;
+            }
+            self.exec.publish(&self.tenant, &s);
+            s.prune(&self.tenant);
+        }
+        // A tenant held back by its running share may go now.
+        self.exec.work.notify_all();
     }
 }
 
@@ -187,6 +229,7 @@ pub struct Executor {
     /// Signalled when a job is queued or a running one ends.
     work: std::sync::Condvar,
     accepting: std::sync::atomic::AtomicBool,
+    /// Running + waiting executions admitted at most.
     capacity: usize,
     shares: TenantShares,
     idle: watch::Sender<usize>,
@@ -279,10 +322,23 @@ struct EgressState {
 }
 
 impl EgressRecorder {
-    fn record(&self, ev: airlock_egress::EgressEvent) {
-        let mut v = serde_json::to_value(&ev).unwrap_or_default();
-        self.redactor.redact_json(&mut v);
-        let subject = self.redactor.redact(&format!("{}:{}", ev.host, ev.port));
+    fn record(&self, mut ev: airlock_egress::EgressEvent) {
+        // Redacted as text that may have been cut (the proxy bounds what it
+        // reports, which can cut a value), then bounded again: a marker can
+        // be longer than what it hides.
+        let r = &self.redactor;
+        for (field, max) in [(&mut ev.host, 255), (&mut ev.method, 16)] {
+            *field = r.redact_truncated(field);
+            airlock_broker::redact::cut_to(field, max);
+        }
+        for (field, max) in [(&mut ev.reason, 300), (&mut ev.address, 64)] {
+            if let Some(f) = field {
+                *f = r.redact_truncated(f);
+                airlock_broker::redact::cut_to(f, max);
+            }
+        }
+        let v = serde_json::to_value(&ev).unwrap_or_default();
+        let subject = format!("{}:{}", ev.host, ev.port);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *st;
         let tally = if ev.decision == "allowed" {
@@ -542,15 +598,27 @@ impl Executor {
     }
 
     /// Reserves a place for one of `tenant`'s executions, or says which
-    /// limit is reached: the server's capacity, or the tenant's share (which
-    /// is below it, so one tenant cannot fill the server for the others).
+    /// limit is reached: the server's capacity (`max_concurrent +
+    /// queue_size`), or the tenant's part of the queue. A tenant's waiting
+    /// executions are counted beyond the workers it could use at once, so
+    /// the number of workers does not change how many tenants it takes to
+    /// fill the queue (four at the default quarter each).
     pub fn try_admit(self: &Arc<Self>, tenant: &str, share: TenantShare) -> Result<Slot, Full> {
         let mut s = self.sched();
         if s.admitted >= self.capacity {
             return Err(Full::Server);
         }
-        let held = s.tenants.get(tenant).map_or(0, |t| t.admitted);
-        if held >= share.max_running.saturating_add(share.max_queued) {
+        let (held, running) = s
+            .tenants
+            .get(tenant)
+            .map_or((0, 0), |t| (t.admitted, t.running));
+        // Workers this tenant could still start on now.
+        let free = share
+            .max_running
+            .saturating_sub(running)
+            .min(self.workers_n.saturating_sub(s.running));
+        let waiting = held.saturating_sub(running + free);
+        if waiting >= share.max_queued {
             drop(s);
             self.metrics
                 .tenant_queue_rejections
@@ -987,22 +1055,12 @@ impl Executor {
             };
             self.metrics.queue_depth.dec();
             job.entry.dequeued.store(true, Ordering::SeqCst);
-            let (id, tenant) = (job.sub.id.clone(), job.sub.tenant_id.clone());
+            let _running = Running {
+                exec: self,
+                tenant: job.sub.tenant_id.clone(),
+                id: job.sub.id.clone(),
+            };
             self.run(job);
-            self.registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            {
-                let mut s = self.sched();
-                if let Some(t) = s.tenants.get_mut(&tenant) {
-                    t.running -= 1;
-                }
-                self.publish(&tenant, &s);
-                s.prune(&tenant);
-            }
-            // A tenant held back by its running share may go now.
-            self.work.notify_all();
         }
     }
 
@@ -1180,7 +1238,8 @@ impl Executor {
                 let sink: airlock_egress::Sink =
                     Arc::new(move |ev: airlock_egress::EgressEvent| recorder.record(ev));
                 let proxy = airlock_egress::Proxy::new(rules, resolver, sink);
-                self.rt.spawn(proxy.serve_channel(channel))
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                (stop, self.rt.spawn(proxy.serve_channel(channel, stopped)))
             }),
             _ => None,
         };
@@ -1264,8 +1323,25 @@ impl Executor {
         // Every process of the sandbox is gone, so the channel is closed:
         // the broker task ends at EOF.
         stop(broker_task, Duration::from_secs(5));
-        // The sandbox is gone; connections still open end with it.
-        stop(egress_task, Duration::from_secs(2));
+        // The sandbox is gone; connections still open get a moment, then are
+        // cut, each reporting its flow before the proxy returns.
+        if let Some((cut, mut t)) = egress_task {
+            self.rt.block_on(async move {
+                if tokio::time::timeout(Duration::from_secs(2), &mut t)
+                    .await
+                    .is_err()
+                {
+                    let _ = cut.send(());
+                    if tokio::time::timeout(Duration::from_secs(5), &mut t)
+                        .await
+                        .is_err()
+                    {
+                        t.abort();
+                        let _ = t.await;
+                    }
+                }
+            });
+        }
         let egress = {
             let l = egress.finish();
             (!l.is_empty() || sub.policy.network.is_proxy()).then_some(serde_json::Value::Array(l))

@@ -365,15 +365,11 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: A
                         Some(1),
                     ),
                 };
-                tokio::spawn(async move {
-                    use tokio::io::AsyncWriteExt;
-                    let mut stream = stream;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        let _ = stream.write_all(&answer).await;
-                        let _ = stream.shutdown().await;
-                    })
-                    .await;
-                });
+                // One non-blocking write (a fresh connection's buffer holds
+                // it) and close: a refused connection costs no task and
+                // holds no descriptor.
+                let _ = stream.try_write(&answer);
+                drop(stream);
                 continue;
             }
         };

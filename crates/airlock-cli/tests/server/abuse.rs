@@ -158,8 +158,8 @@ fn metric(s: &Server, line_start: &str) -> Option<f64> {
 
 #[test]
 fn one_tenant_cannot_fill_the_queue_or_starve_the_others() {
-    // One worker, a queue of 10: a tenant's share is 1 running + 2 queued
-    // unless configured; "big" may queue 5.
+    // One worker, a queue of 10: a tenant may have 2 waiting unless
+    // configured; "big" may have 5.
     let (_cfg, path) = config("[tenants.limits.big]\nmax_queued = 5\n");
     let s = Server::start_with(&[
         "--max-concurrent",
@@ -175,10 +175,14 @@ fn one_tenant_cannot_fill_the_queue_or_starve_the_others() {
     let slow = json!({"language": "shell", "code": "sleep 0.5", "wait": false});
     let post = |key: &str| s.post("/v1/executions", key, slow.clone());
     let ids: Vec<String> = (0..3)
-        .map(|_| {
+        .map(|i| {
             let r = post(&a);
             assert_eq!(r.status, 202, "{}", r.text());
-            r.json()["id"].as_str().unwrap().to_string()
+            let id = r.json()["id"].as_str().unwrap().to_string();
+            if i == 0 {
+                s.wait_status(&a, &id, &["running"]);
+            }
+            id
         })
         .collect();
     // Alpha holds its share: refused, with its own code, while the server
@@ -195,9 +199,9 @@ fn one_tenant_cannot_fill_the_queue_or_starve_the_others() {
     let rb = post(&b);
     assert_eq!(rb.status, 202, "{}", rb.text());
     let b_id = rb.json()["id"].as_str().unwrap().to_string();
-    // The configured tenant has its own, larger share: 1 + 5.
+    // The configured tenant has its own, larger share: 5 waiting.
     let mut big_ids = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..5 {
         let r = post(&big);
         assert_eq!(r.status, 202, "{}", r.text());
         big_ids.push(r.json()["id"].as_str().unwrap().to_string());
@@ -218,11 +222,14 @@ fn one_tenant_cannot_fill_the_queue_or_starve_the_others() {
         ),
         Some(2.0)
     );
-    // The server's own capacity (1 + 10) fills with beta's second: then
-    // that is queue_full, for everyone.
+    // The server's own capacity (1 + 10) fills with beta's second and a
+    // third tenant's first: then that is queue_full, for everyone.
     let rb2 = post(&b);
     assert_eq!(rb2.status, 202, "{}", rb2.text());
-    post(&b).problem(429, "queue_full");
+    let gamma = s.tenant("gamma");
+    assert_eq!(post(&gamma).status, 202);
+    let delta = s.tenant("delta");
+    post(&delta).problem(429, "queue_full");
     // Fair dispatch: beta's one execution runs before alpha's third, though
     // alpha queued first (workers go to the tenant running the fewest,
     // taking turns on ties), and before big's backlog.
@@ -244,6 +251,44 @@ fn one_tenant_cannot_fill_the_queue_or_starve_the_others() {
     for id in &ids {
         assert_eq!(s.wait_status(&a, id, &["finished"])["reason"], "exited");
     }
+}
+
+#[test]
+fn two_tenants_cannot_fill_a_server_with_many_workers() {
+    // 8 workers, a queue of 8: a tenant's share counts what waits beyond
+    // the workers it could start on, so two tenants holding everything they
+    // may still leave room for a third.
+    let s = Server::start_with(&["--max-concurrent", "8", "--queue-size", "8"]);
+    let keys: Vec<String> = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|t| s.tenant(t))
+        .collect();
+    let slow = json!({"language": "shell", "code": "sleep 3", "wait": false});
+    let mut accepted = Vec::new();
+    for key in &keys[..2] {
+        let mut n = 0;
+        loop {
+            let r = s.post("/v1/executions", key, slow.clone());
+            if r.status != 202 {
+                r.problem(429, "tenant_queue_full");
+                break;
+            }
+            n += 1;
+            assert!(n <= 16, "never refused");
+        }
+        accepted.push(n);
+        // (Beta's count depends on the workers alpha's executions hold:
+        // wait until all 8 run.)
+        let t = Instant::now();
+        while metric(&s, "airlock_running_executions") != Some(8.0) {
+            assert!(t.elapsed() < Duration::from_secs(20), "alpha's 8 never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Alpha: 8 on the workers + 2 waiting; beta: 2 waiting.
+    assert_eq!(accepted, [10, 2]);
+    let r = s.post("/v1/executions", &keys[2], slow);
+    assert_eq!(r.status, 202, "gamma is still admitted: {}", r.text());
 }
 
 #[test]

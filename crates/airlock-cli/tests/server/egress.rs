@@ -100,7 +100,9 @@ impl Upstream {
                 let Ok(mut c) = c else { continue };
                 let log = log.clone();
                 std::thread::spawn(move || {
-                    c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    // Long enough for a client that stays silent past the
+                    // proxy's head timeout.
+                    c.set_read_timeout(Some(Duration::from_secs(20))).ok();
                     let mut buf = [0u8; 65536];
                     let n = c.read(&mut buf).unwrap_or(0);
                     if buf[..n].starts_with(b"GET ") || buf[..n].starts_with(b"POST ") {
@@ -243,13 +245,14 @@ fn setup() -> Setup {
         ("meta.public.test", vec![Ipv4Addr::new(169, 254, 169, 254)]),
         ("rebind.test", vec![lo, Ipv4Addr::new(127, 0, 0, 2)]),
         ("tls.test", vec![Ipv4Addr::new(127, 0, 0, 3)]),
+        ("silent.test", vec![Ipv4Addr::new(127, 0, 0, 4)]),
     ]));
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("airlock.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[egress]\nallow = [\"*.public.test:{p}\", \"127.0.0.1:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\", \"tls.test:443\"]\ndns = \"{}\"\n",
+            "[egress]\nallow = [\"*.public.test:{p}\", \"127.0.0.1:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\", \"tls.test:443\", \"silent.test:{p}\"]\ndns = \"{}\"\n",
             dns.addr
         ),
     )
@@ -504,7 +507,9 @@ fn egress_audits_are_bounded_then_summarised_and_never_hold_a_secret() {
         "PUT",
         "/v1/secrets/LABEL",
         Some(&t.key),
-        Some(&json!({"value": "k7f3q9z2x"})),
+        // Mixed case: host names are lowercased before anything records
+        // them, and the lowercased value is redacted too.
+        Some(&json!({"value": "K7f3Q9z2x"})),
     );
     assert_eq!(r.status, 200);
     let code = format!(
@@ -520,6 +525,7 @@ def once(host):
 print(sorted(set(once("allowed.test") for _ in range(80))))
 print(sorted(set(once("denied.test") for _ in range(70))))
 print(once(v + ".wild.test"))
+print(once(v * 25 + ".x.test"))
 "#
     );
     let r = t.s.post(
@@ -533,7 +539,7 @@ print(once(v + ".wild.test"))
     let v = r.json();
     assert_eq!(
         lines(&v),
-        ["['200']", "['403']", "403"],
+        ["['200']", "['403']", "403", "400"],
         "positive control: every connection was decided: {v}"
     );
     let id = v["id"].as_str().unwrap();
@@ -555,16 +561,129 @@ print(once(v + ".wild.test"))
     let sum = &mine.iter().find(|e| e["kind"] == "egress.summary").unwrap()["detail"];
     assert_eq!(sum["allowed"]["total"], 80, "{sum}");
     assert_eq!(sum["allowed"]["not_audited"], 16, "{sum}");
-    assert_eq!(sum["denied"]["total"], 71, "{sum}");
-    assert_eq!(sum["denied"]["not_audited"], 7, "{sum}");
+    assert_eq!(sum["denied"]["total"], 72, "{sum}");
+    assert_eq!(sum["denied"]["not_audited"], 8, "{sum}");
     assert_eq!(
         sum["allowed"]["not_audited_destinations"][format!("allowed.test:{p}")],
         16
     );
     // The value the program put into a host name is redacted everywhere.
     let all = format!("{v}{audit}");
-    assert!(!all.contains("k7f3q9z2x"), "{all}");
+    assert!(
+        !all.contains("k7f3q9z2x") && !all.contains("K7f3Q9z2x"),
+        "{all}"
+    );
     assert!(all.contains("[REDACTED:LABEL].wild.test"), "{all}");
+    // A host made of 25 values (232 bytes) would be 400 once redacted: the
+    // recorded host keeps the 255-byte bound.
+    let long = v["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["host"].as_str())
+        .find(|h| h.starts_with("[REDACTED:LABEL][REDACTED:LABEL]"))
+        .expect("the long host is recorded, redacted");
+    assert_eq!(long.len(), 255, "{long}");
+}
+
+#[test]
+fn a_client_that_stays_silent_past_the_head_timeout_is_still_checked() {
+    let t = setup();
+    let p = t.up.port;
+    let net = json!({"allow_private": [format!("allowed.test:{p}")]});
+    // 11 s of silence (past the 10 s head timeout), then plain HTTP; and
+    // the positive control: the same silence, then a non-HTTP protocol.
+    let code = format!(
+        r#"
+import threading, time
+def tunnel(first, out, i):
+    s = socket.create_connection(PROXY, timeout=20)
+    s.sendall(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    time.sleep(11)
+    got = b""
+    try:
+        s.sendall(first)
+        s.settimeout(1.0)
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            got += b
+    except OSError:
+        pass
+    out[i] = len(got)
+out = [None, None]
+ts = [threading.Thread(target=tunnel, args=(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n", out, 0)),
+      threading.Thread(target=tunnel, args=(b"SSH-2.0-late\r\n", out, 1))]
+for th in ts: th.start()
+for th in ts: th.join()
+print(out[0], out[1])
+"#
+    );
+    let v = run(&t, &code, net);
+    assert_eq!(
+        lines(&v),
+        [format!("0 {}", "SSH-2.0-late\r\n".len())],
+        "{v}"
+    );
+    assert!(
+        !t.up
+            .seen()
+            .iter()
+            .any(|b| String::from_utf8_lossy(b).contains("other.test"))
+    );
+}
+
+#[test]
+fn a_flow_its_upstream_keeps_open_is_recorded_when_the_execution_ends() {
+    let t = setup();
+    let p = t.up.port;
+    // An upstream that accepts and then neither sends nor closes, so the
+    // flow outlives the sandbox until the proxy cuts it.
+    let l = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 4), p)).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let code = format!(
+        r#"
+s = socket.create_connection(PROXY, timeout=5)
+s.sendall(b"CONNECT silent.test:{p} HTTP/1.1\r\n\r\n")
+print(s.recv(4096).split(b" ")[1].decode())
+s.sendall(b"SSH-2.0-left-open\r\n")
+"#
+    );
+    let v = run(
+        &t,
+        &code,
+        json!({"allow_private": [format!("silent.test:{p}")]}),
+    );
+    assert_eq!(lines(&v), ["200"], "{v}");
+    let flows: Vec<&Value> = v["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["host"] == "silent.test")
+        .collect();
+    assert_eq!(flows.len(), 1, "the flow is in the record: {v}");
+    assert_eq!(flows[0]["decision"], "allowed");
+    assert_eq!(flows[0]["reason"], "cut off when the execution ended");
+    assert_eq!(flows[0]["bytes_up"], "SSH-2.0-left-open\r\n".len());
+    let id = v["id"].as_str().unwrap();
+    let audit = t.s.get("/v1/audit?limit=500", &t.key).json();
+    assert!(
+        audit["events"].as_array().unwrap().iter().any(|e| {
+            e["kind"] == "egress.allowed"
+                && e["actor"] == format!("execution:{id}")
+                && e["subject"] == format!("silent.test:{p}")
+        }),
+        "and audited: {audit}"
+    );
 }
 
 /// Prints the proxy variable, a blank line, and whether anything listens
@@ -614,6 +733,8 @@ print("crlf", tunnel(plain, [b"\r\n" + req]))
 print("blanks", tunnel(plain, [b"\r\n\r\n \t" + req]))
 print("split", tunnel(plain, [b"\r", b"\n", b"G", b"ET / HTTP/1.1\r\nHost: other.test\r\n\r\n"]))
 print("lowercase", tunnel(plain, [b"get / http/1.1\r\nHost: other.test\r\n\r\n"]))
+print("vtab", tunnel(plain, [b"\x0bGET / HTTP/1.1\r\nHost: other.test\r\n\r\n"]))
+print("formfeed", tunnel(plain, [b"GET\x0c/\x0cHTTP/1.1\r\nHost: other.test\r\n\r\n"]))
 print("ssh", tunnel(plain, [b"SSH-2.0-airlock-test\r\n"]))
 tls = b"tls.test:443"
 print("tls-ok", tunnel(tls, [{good}]))
@@ -634,6 +755,8 @@ print("tls-http", tunnel(tls, [req]))
             "blanks 200 0".into(),
             "split 200 0".into(),
             "lowercase 200 0".into(),
+            "vtab 200 0".into(),
+            "formfeed 200 0".into(),
             // Positive controls: a non-HTTP protocol on a plain port, and
             // a ClientHello (whole or split) on a TLS port, get through.
             format!("ssh 200 {}", "SSH-2.0-airlock-test\r\n".len()),
@@ -674,7 +797,7 @@ print("tls-http", tunnel(tls, [req]))
             .iter()
             .filter(|r| r.starts_with("plain HTTP inside a CONNECT tunnel"))
             .count(),
-        4,
+        6,
         "{reasons:?}"
     );
     assert_eq!(

@@ -40,10 +40,31 @@ pub struct Server {
     pub addr: SocketAddr,
     pub extra_args: Vec<String>,
     pub stderr_path: PathBuf,
+    /// Run the server and admin commands as uid/gid 65534 from this copy
+    /// of the binary (a rootless server).
+    pub unprivileged: Option<PathBuf>,
+}
+
+/// The command that runs the binary (as 65534 through setpriv, when
+/// `unprivileged` names the copy to run).
+fn airlock_cmd(unprivileged: Option<&Path>) -> Command {
+    match unprivileged {
+        Some(bin) => {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(bin);
+            c
+        }
+        None => Command::new(BIN),
+    }
 }
 
 pub fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
+    admin_as(None, dir, args)
+}
+
+fn admin_as(unprivileged: Option<&Path>, dir: &Path, args: &[&str]) -> std::process::Output {
+    airlock_cmd(unprivileged)
         .arg("admin")
         .arg("--data-dir")
         .arg(dir)
@@ -65,7 +86,23 @@ impl Server {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             stderr_path,
+            unprivileged: None,
         }
+    }
+
+    /// Starts as uid/gid 65534 (a rootless server; the test runs as root).
+    pub fn start_unprivileged(extra: &[&str]) -> Server {
+        use std::os::unix::fs::PermissionsExt;
+        let mut s = Server::new(extra);
+        std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = s.dir.path().join("airlock");
+        std::fs::copy(BIN, &bin).unwrap();
+        std::fs::create_dir(s.data()).unwrap();
+        std::fs::set_permissions(s.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::chown(s.data(), Some(65534), Some(65534)).unwrap();
+        s.unprivileged = Some(bin);
+        s.start();
+        s
     }
 
     /// Starts with defaults plus `extra` flags.
@@ -81,7 +118,11 @@ impl Server {
 
     /// Creates a tenant and returns a key for it.
     pub fn tenant(&self, name: &str) -> String {
-        let out = admin(&self.data(), &["tenant", "create", name]);
+        let out = admin_as(
+            self.unprivileged.as_deref(),
+            &self.data(),
+            &["tenant", "create", name],
+        );
         assert!(
             out.status.success(),
             "tenant create: {}",
@@ -91,7 +132,11 @@ impl Server {
     }
 
     pub fn key(&self, tenant: &str) -> String {
-        let out = admin(&self.data(), &["key", "create", "--tenant", tenant]);
+        let out = admin_as(
+            self.unprivileged.as_deref(),
+            &self.data(),
+            &["key", "create", "--tenant", tenant],
+        );
         assert!(out.status.success(), "key create");
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     }
@@ -102,7 +147,7 @@ impl Server {
             .append(true)
             .open(&self.stderr_path)
             .unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = airlock_cmd(self.unprivileged.as_deref())
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")

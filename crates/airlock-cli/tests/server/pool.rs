@@ -879,3 +879,30 @@ fn no_host_path_is_visible_in_warm_or_cold_sandboxes() {
     // And the host really has what was searched for.
     assert!(s.data().is_dir() && bin.is_file());
 }
+
+#[test]
+fn a_rootless_server_forks_warm_python_from_its_zygote() {
+    if !crate::is_root() {
+        return; // dropping privileges needs them first
+    }
+    let s = Server::start_unprivileged(&[]);
+    let key = s.tenant("acme");
+    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    let code = "import os\nprint(os.readlink('/proc/self/exe'), os.getuid())";
+    for _ in 0..3 {
+        let v = run(&s, &key, json!({"language": "python", "code": code}));
+        assert_eq!(v["status"], "finished", "{v}");
+        assert_eq!(
+            v["result"]["stdout"], "/memfd:airlock (deleted) 1000\n",
+            "{v}"
+        );
+        assert_eq!(v["result"]["enforced"]["host_uid"], 65534, "{v}");
+    }
+    // Positive control: these were warm, forked by the zygote (from the
+    // pool, or on demand when a refill had not caught up yet).
+    assert_eq!(
+        metric(&s, "airlock_pool_hits_total{language=\"python\"}")
+            + metric(&s, "airlock_pool_zygote_on_demand_total"),
+        3.0
+    );
+}
