@@ -142,7 +142,40 @@ pub fn run(json: bool, server: Option<&str>) -> ExitCode {
         }),
     }
 
-    let engine = crate::engine();
+    let engine = match crate::engine() {
+        Ok(e) => {
+            let bundle = Path::new(airlock_sandbox::rootfs::CA_BUNDLE_PATH).is_file();
+            checks.push(Check {
+                name: "ca_bundle",
+                ok: bundle || std::env::var_os("AIRLOCK_CA_BUNDLE").is_some(),
+                detail: match (bundle, std::env::var_os("AIRLOCK_CA_BUNDLE")) {
+                    (_, Some(p)) => format!(
+                        "the host's bundle{} plus {} (AIRLOCK_CA_BUNDLE)",
+                        if bundle { "" } else { " (none)" },
+                        Path::new(&p).display()
+                    ),
+                    (true, None) => format!(
+                        "sandboxes get {} read-only",
+                        airlock_sandbox::rootfs::CA_BUNDLE_PATH
+                    ),
+                    (false, None) => {
+                        "the host has no CA bundle: TLS through egress cannot verify servers".into()
+                    }
+                },
+                fix: (!bundle).then(|| "install ca-certificates".into()),
+            });
+            e
+        }
+        Err(crate::Usage(why)) => {
+            checks.push(Check {
+                name: "ca_bundle",
+                ok: false,
+                detail: why,
+                fix: Some("point AIRLOCK_CA_BUNDLE at a PEM file of CA certificates".into()),
+            });
+            airlock_sandbox::Engine::new(crate::engine_config_base())
+        }
+    };
     for lang in Language::ALL {
         let rt = engine.runtime(lang);
         checks.push(Check {

@@ -140,16 +140,25 @@ fn main() -> ExitCode {
             }
         },
         Command::Doctor { json, server } => doctor::run(json, server.as_deref()),
-        Command::Serve(args) => server::serve(args, engine_config()),
+        Command::Serve(args) => server::serve(args, engine_config_base()),
         Command::Admin(args) => server::admin(args),
     }
 }
 
-fn engine() -> Engine {
-    Engine::new(engine_config())
+/// The engine of `airlock run` and `doctor`: host settings from the
+/// environment, including the operator's CA bundle (`AIRLOCK_CA_BUNDLE`).
+fn engine() -> Result<Engine, Usage> {
+    let mut cfg = engine_config_base();
+    if let Some(p) = std::env::var_os("AIRLOCK_CA_BUNDLE") {
+        cfg.extra_ca = Some(
+            airlock_sandbox::rootfs::load_extra_ca(Path::new(&p))
+                .map_err(|e| Usage(format!("AIRLOCK_CA_BUNDLE: {e}")))?,
+        );
+    }
+    Ok(Engine::new(cfg))
 }
 
-fn engine_config() -> EngineConfig {
+fn engine_config_base() -> EngineConfig {
     let mut cfg = match EngineConfig::from_current_exe() {
         Ok(c) => c,
         Err(_) => EngineConfig {
@@ -157,6 +166,7 @@ fn engine_config() -> EngineConfig {
             interpreters: Default::default(),
             root_host_ids: (65534, 65534),
             use_cgroups: true,
+            extra_ca: None,
         },
     };
     for (lang, var) in [
@@ -258,7 +268,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             json: args.json,
         });
     }
-    let engine = engine();
+    let engine = engine()?;
     let req = Request {
         language,
         code: &code,

@@ -147,7 +147,7 @@ fn runtime(multi: bool) -> Result<tokio::runtime::Runtime, Fail> {
 }
 
 /// `airlock serve`.
-pub fn serve(args: ServeArgs, engine: airlock_sandbox::EngineConfig) -> ExitCode {
+pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AIRLOCK_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -170,6 +170,14 @@ pub fn serve(args: ServeArgs, engine: airlock_sandbox::EngineConfig) -> ExitCode
             cfg.shutdown_grace_ms = v;
         }
         cfg.validate().map_err(|e| Fail::Usage(e.to_string()))?;
+        let ca = cfg
+            .ca_bundle
+            .clone()
+            .or_else(|| std::env::var_os("AIRLOCK_CA_BUNDLE").map(PathBuf::from));
+        if let Some(p) = ca {
+            engine.extra_ca =
+                Some(airlock_sandbox::rootfs::load_extra_ca(&p).map_err(Fail::Usage)?);
+        }
         runtime(true)?
             .block_on(airlock_server::serve(cfg, engine))
             .map_err(|e| Fail::Failed(e.to_string()))

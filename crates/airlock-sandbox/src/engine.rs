@@ -47,6 +47,10 @@ pub struct EngineConfig {
     pub root_host_ids: (u32, u32),
     /// Use cgroups when available. Default true.
     pub use_cgroups: bool,
+    /// CA certificates (PEM) the operator adds to the host's for every
+    /// sandbox (checked with [`crate::rootfs::check_extra_ca`]). Default
+    /// none: the host's bundle alone.
+    pub extra_ca: Option<Arc<str>>,
 }
 
 impl EngineConfig {
@@ -57,6 +61,7 @@ impl EngineConfig {
             interpreters: BTreeMap::new(),
             root_host_ids: (65534, 65534),
             use_cgroups: true,
+            extra_ca: None,
         })
     }
 }
@@ -80,6 +85,9 @@ pub struct Engine {
     /// A sealed in-memory copy of the init binary that zygotes are
     /// executed from (see [`Engine::zygote_image`]).
     zygote_image: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
+    /// The CA bundle inside (host's + operator's) and the operator's
+    /// certificates alone, when the operator added some.
+    ca: Option<(Arc<str>, Arc<str>)>,
 }
 
 /// One execution request.
@@ -193,12 +201,28 @@ impl Engine {
         } else {
             None
         };
+        let ca = cfg
+            .extra_ca
+            .as_ref()
+            .map(|extra| (crate::rootfs::combine_ca(extra), extra.clone()));
         Engine {
             cfg,
             cgroups,
             runtimes: Mutex::new(BTreeMap::new()),
             zygote_image: Mutex::new(None),
+            ca,
         }
+    }
+
+    /// Environment the engine adds for every program (after the policy's
+    /// and the platform's extras): where the CA bundle is.
+    pub(crate) fn platform_env(&self) -> Vec<(String, String)> {
+        let has_bundle =
+            self.ca.is_some() || std::path::Path::new(crate::rootfs::CA_BUNDLE_PATH).is_file();
+        crate::rootfs::ca_env(has_bundle, self.ca.is_some())
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
     }
 
     /// The binary zygotes run: a sealed memfd copy of the init binary,
@@ -398,6 +422,7 @@ impl Engine {
                 Err(_) => {}
             }
         }
+        let (etc_files, etc_mounts) = crate::rootfs::etc(self.ca.as_ref());
         let init_cfg = InitConfig {
             cgroup_tasks: early_cgroup
                 .as_ref()
@@ -418,6 +443,8 @@ impl Engine {
                 m
             },
             symlinks: runtime.symlinks.clone(),
+            etc_files,
+            etc_mounts,
             files: extras
                 .files
                 .iter()
@@ -493,7 +520,12 @@ impl Engine {
             init_broker: extras.broker,
             prestarted: false,
             entry: extras.entry.clone(),
-            extra_env: extras.env.clone(),
+            extra_env: extras
+                .env
+                .iter()
+                .cloned()
+                .chain(self.platform_env())
+                .collect(),
             pid1: None,
             cgroup: None,
             runtime,

@@ -511,32 +511,36 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
         )?;
     }
 
-    // /etc: generated, never the host's.
+    // /etc: generated files, and the host's public files that programs
+    // expect, bound read-only (the list and the reasons: rootfs.json).
     at(
         Step::Etc,
         fs::DirBuilder::new().mode(0o755).create(nr("/etc")),
     )?;
-    let etc: [(&str, &str); 5] = [
-        (
-            "passwd",
-            "root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:1000:1000:sandbox:/workspace:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        ),
-        ("group", "root:x:0:\nsandbox:x:1000:\nnogroup:x:65534:\n"),
-        (
-            "hosts",
-            "127.0.0.1\tlocalhost airlock\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-        ),
-        (
-            "nsswitch.conf",
-            "passwd: files\ngroup: files\nhosts: files\n",
-        ),
-        ("hostname", "airlock\n"),
-    ];
-    for (name, content) in etc {
-        at(Step::Etc, fs::write(nr(&format!("/etc/{name}")), content))?;
+    for f in &cfg.etc_files {
+        let p = nr(&f.path);
+        if let Some(parent) = std::path::Path::new(&p).parent() {
+            at(
+                Step::Etc,
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent),
+            )?;
+        }
+        at(
+            Step::Etc,
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&p)
+                .and_then(|mut w| w.write_all(f.contents.as_bytes())),
+        )?;
     }
-    if std::path::Path::new("/etc/ld.so.cache").exists() {
-        bind_ro("/etc/ld.so.cache", &nr("/etc/ld.so.cache"), false).map_err(|e| (Step::Etc, e))?;
+    for m in &cfg.etc_mounts {
+        bind_ro(&m.host, &nr(&m.target), false).map_err(|e| (Step::Etc, e))?;
     }
 
     // /dev: a small tmpfs with five device nodes bound from the host.

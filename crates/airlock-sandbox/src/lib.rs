@@ -30,6 +30,7 @@ pub mod init;
 pub mod kvm;
 pub mod proto;
 pub mod result;
+pub mod rootfs;
 pub mod runtime;
 pub mod seccomp;
 pub mod sys;

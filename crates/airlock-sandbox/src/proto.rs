@@ -66,6 +66,10 @@ pub struct InitConfig {
     /// Read-only files written into the root (platform files such as the
     /// guest SDKs; never tenant data).
     pub files: Vec<RoFile>,
+    /// `/etc`: generated files ([`crate::rootfs`]), written first.
+    pub etc_files: Vec<RoFile>,
+    /// `/etc`: host files bound read-only at the same path.
+    pub etc_mounts: Vec<RoMount>,
     /// Size cap of each scratch tmpfs, bytes.
     pub scratch_bytes: u64,
     /// Inode cap of each scratch tmpfs.

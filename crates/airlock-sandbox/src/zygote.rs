@@ -523,7 +523,12 @@ impl crate::engine::Engine {
             &runtime,
             Some(entry),
             true,
-            &extras.env,
+            &extras
+                .env
+                .iter()
+                .cloned()
+                .chain(self.platform_env())
+                .collect::<Vec<_>>(),
             &format!("main.{}", runtime.extension),
         );
         let config = ZygoteConfig {

@@ -162,6 +162,10 @@ pub struct ServerConfig {
     pub pool: PoolConfig,
     /// Per-tenant shares of running and queued executions.
     pub tenants: TenantsConfig,
+    /// A PEM file of CA certificates added to the host's bundle in every
+    /// sandbox (a private CA of the operator's). Default: none
+    /// (`AIRLOCK_CA_BUNDLE` when set).
+    pub ca_bundle: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -185,6 +189,7 @@ impl Default for ServerConfig {
             egress: EgressConfig::default(),
             pool: PoolConfig::default(),
             tenants: TenantsConfig::default(),
+            ca_bundle: None,
         }
     }
 }

@@ -211,3 +211,55 @@ fn read_only_paths_expose_a_host_dir_without_write_access() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
+
+/// The tools a shell node uses work inside (the runtime root has the
+/// alternatives links, the loader cache, locale data, the CA bundle), and
+/// /etc holds nothing of the host's that is secret or identifying.
+#[test]
+fn a_shell_node_has_its_tools_and_no_host_secret_in_etc() {
+    let script = r#"
+set -u
+printf 'b\na\n' | sort | tr '\n' ' '; echo
+echo 'one two' | awk '{print $2}'
+echo abc | sed 's/b/X/' | grep -c aXc
+which sh
+env | grep -c '^HOME=/workspace$'
+printf hello | base64
+printf hello | sha256sum | cut -c1-16
+printf hello | gzip | gzip -d; echo
+mkdir -p /tmp/t && echo x > /tmp/t/f && tar -C /tmp -czf /tmp/t.tgz t && tar -tzf /tmp/t.tgz | head -1
+date -u -d @0 +%Y-%m-%dT%H:%M
+python3 -c "import ssl, sqlite3, json, zlib; print(ssl.create_default_context().cert_store_stats()['x509_ca'] > 0, sqlite3.sqlite_version_info >= (3,), zlib.crc32(b'x'))"
+for f in shadow gshadow resolv.conf machine-id ssh ssl/private sudoers localtime; do
+  [ -e /etc/$f ] && echo "present $f"
+done
+cat /etc/hosts | tr '\t' ' '
+echo end
+"#;
+    let r = run_json("shell", script, "", &[]);
+    assert_eq!(r["exit_code"], 0, "{r}");
+    let out: Vec<&str> = r["stdout"].as_str().unwrap().lines().collect();
+    assert_eq!(
+        out,
+        [
+            "a b ",
+            "two",
+            "1",
+            "/usr/bin/sh",
+            "1",
+            "aGVsbG8=",
+            "2cf24dba5fb0a30e",
+            "hello",
+            "t/",
+            "1970-01-01T00:00",
+            "True True 2363233923",
+            "127.0.0.1 localhost airlock",
+            "::1 localhost ip6-localhost ip6-loopback",
+            "end",
+        ],
+        "{r}"
+    );
+    // Positive control: the host has what the sandbox does not show.
+    assert!(std::path::Path::new("/etc/shadow").exists());
+    assert!(std::path::Path::new("/etc/resolv.conf").exists());
+}

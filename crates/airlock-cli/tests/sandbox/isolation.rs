@@ -54,6 +54,11 @@ fn host_environment_does_not_leak() {
         "PYTHONDONTWRITEBYTECODE",
         "PYTHONUNBUFFERED",
         "LC_CTYPE",
+        // Where the CA bundle is (set by the engine when there is one).
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "PIP_CERT",
+        "CURL_CA_BUNDLE",
     ];
     for k in env.keys() {
         assert!(allowed.contains(&k.as_str()), "unexpected variable {k}");

@@ -229,6 +229,11 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with("")
+}
+
+/// `setup` with these top-level configuration lines.
+fn setup_with(top: &str) -> Setup {
     let up = Upstream::start(Ipv4Addr::LOCALHOST, 0);
     let p = up.port;
     // A second host on another loopback address, same port (rebinding).
@@ -246,13 +251,14 @@ fn setup() -> Setup {
         ("rebind.test", vec![lo, Ipv4Addr::new(127, 0, 0, 2)]),
         ("tls.test", vec![Ipv4Addr::new(127, 0, 0, 3)]),
         ("silent.test", vec![Ipv4Addr::new(127, 0, 0, 4)]),
+        ("pkgs.test", vec![Ipv4Addr::new(127, 0, 0, 5)]),
     ]));
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("airlock.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[egress]\nallow = [\"*.public.test:{p}\", \"127.0.0.1:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\", \"tls.test:443\", \"silent.test:{p}\"]\ndns = \"{}\"\n",
+            "{top}\n[egress]\nallow = [\"*.public.test:{p}\", \"127.0.0.1:{p}\"]\nallow_private = [\"allowed.test:{p}\", \"*.wild.test:{p}\", \"rebind.test:{p}\", \"tls.test:443\", \"silent.test:{p}\", \"pkgs.test:{p}\"]\ndns = \"{}\"\n",
             dns.addr
         ),
     )
@@ -904,4 +910,178 @@ fn airlock_run_accepts_the_allowlist_from_a_policy_file() {
         .unwrap();
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["stdout"], "111\n", "{v}");
+}
+
+/// A test CA and a certificate for `pkgs.test` signed by it (openssl CLI,
+/// EC keys), in `dir`.
+fn test_ca(dir: &std::path::Path) {
+    let sh = format!(
+        "set -e; cd {d}
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=airlock-test-ca 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=pkgs.test 2>/dev/null
+printf 'subjectAltName=DNS:pkgs.test\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
+openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf 2>/dev/null",
+        d = dir.display()
+    );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&sh)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An HTTPS package index on 127.0.0.5:`port` under the test CA (python's
+/// http.server behind ssl, a test upstream): `/` answers `tls-ok`,
+/// `/simple/demo/` lists one wheel, which it serves.
+fn https_index(dir: &std::path::Path, port: u16) -> std::process::Child {
+    let script = r#"
+import hashlib, http.server, io, ssl, sys, zipfile
+d, port = sys.argv[1], int(sys.argv[2])
+buf = io.BytesIO()
+with zipfile.ZipFile(buf, "w") as z:
+    z.writestr("demo/__init__.py", "VALUE = 42\n")
+    z.writestr("demo-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo\nVersion: 1.0\n")
+    z.writestr("demo-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    z.writestr("demo-1.0.dist-info/RECORD", "")
+wheel = buf.getvalue()
+name = "demo-1.0-py3-none-any.whl"
+digest = hashlib.sha256(wheel).hexdigest()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/":
+            body, ctype = b"tls-ok", "text/plain"
+        elif self.path.rstrip("/") == "/simple/demo":
+            body = ('<html><body><a href="/files/%s#sha256=%s">%s</a></body></html>' % (name, digest, name)).encode()
+            ctype = "text/html"
+        elif self.path == "/files/" + name:
+            body, ctype = wheel, "application/octet-stream"
+        else:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(d + "/srv.pem", d + "/srv.key")
+srv = http.server.ThreadingHTTPServer(("127.0.0.5", port), H)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir)
+        .arg(port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    child
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn https_through_egress_works_for_real_clients_under_an_operator_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    test_ca(dir.path());
+    let ca = dir.path().join("ca.pem");
+    let t = setup_with(&format!("ca_bundle = {:?}", ca.display().to_string()));
+    let p = t.up.port;
+    let _index = KillOnDrop(https_index(dir.path(), p));
+    let net = json!({"allow_private": [format!("pkgs.test:{p}")]});
+    let post = |s: &Server, lang: &str, code: &str| -> Value {
+        let r = s.post(
+            "/v1/executions",
+            &t.key,
+            json!({"language": lang, "code": code, "network": net,
+                   "limits": {"wall_time_ms": 60000, "memory_mib": 512}}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    // python urllib (HTTPS_PROXY, the bundle through SSL_CERT_FILE).
+    let py = format!(
+        "import urllib.request, ssl\nprint(urllib.request.urlopen('https://pkgs.test:{p}/', timeout=20).read().decode())\nprint(ssl.create_default_context().cert_store_stats()['x509_ca'] > 100)\n"
+    );
+    let v = post(&t.s, "python", &py);
+    assert_eq!(v["result"]["stdout"], "tls-ok\nTrue\n", "{v}");
+    // pip download from the index (PIP_CERT).
+    let pip = format!(
+        "import subprocess, sys, os\nr = subprocess.run([sys.executable, '-m', 'pip', 'download', 'demo==1.0', '--no-deps', '--index-url', 'https://pkgs.test:{p}/simple', '-d', '/tmp/dl', '--disable-pip-version-check', '--no-cache-dir', '-q'], capture_output=True, text=True)\nprint(r.returncode, r.stderr[-300:])\nprint(os.listdir('/tmp/dl') if os.path.isdir('/tmp/dl') else [])\n"
+    );
+    let v = post(&t.s, "shell", &format!("python3 - <<'EOF'\n{pip}\nEOF\n"));
+    assert_eq!(
+        v["result"]["stdout"], "0 \n['demo-1.0-py3-none-any.whl']\n",
+        "{v}"
+    );
+    // node https over a CONNECT tunnel (node keeps its own store and adds
+    // NODE_EXTRA_CA_CERTS).
+    let js = format!(
+        r#"
+const http = require('http'), tls = require('tls');
+const req = http.request({{host: '127.0.0.1', port: 3128, method: 'CONNECT', path: 'pkgs.test:{p}'}});
+req.on('connect', (res, socket) => {{
+  const s = tls.connect({{socket, servername: 'pkgs.test'}}, () => {{
+    s.write('GET / HTTP/1.1\r\nHost: pkgs.test\r\nConnection: close\r\n\r\n');
+  }});
+  let out = '';
+  s.on('data', d => out += d);
+  s.on('end', () => console.log(out.split('\r\n\r\n')[1]));
+  s.on('error', e => console.log('error', e.code));
+}});
+req.end();
+"#
+    );
+    let v = post(&t.s, "javascript", &js);
+    assert_eq!(v["result"]["stdout"], "tls-ok\n", "{v}");
+    // curl (HTTPS_PROXY, CURL_CA_BUNDLE), where it is installed.
+    if std::path::Path::new("/usr/bin/curl").exists() {
+        let v = post(
+            &t.s,
+            "shell",
+            &format!("curl -sS https://pkgs.test:{p}/; echo; echo $?"),
+        );
+        assert_eq!(v["result"]["stdout"], "tls-ok\n0\n", "{v}");
+    }
+
+    // Positive control for the test CA: a server without the operator's
+    // bundle refuses the same certificate (python: verify failed; curl 60).
+    let plain = setup();
+    let _index2 = KillOnDrop(https_index(dir.path(), plain.up.port));
+    let q = plain.up.port;
+    let r = plain.s.post(
+        "/v1/executions",
+        &plain.key,
+        json!({"language": "python", "network": {"allow_private": [format!("pkgs.test:{q}")]},
+               "code": format!("import urllib.request, ssl\ntry:\n    urllib.request.urlopen('https://pkgs.test:{q}/', timeout=20)\n    print('verified')\nexcept Exception as e:\n    print(type(getattr(e, 'reason', e)).__name__, getattr(getattr(e, 'reason', e), 'verify_message', ''))\n")}),
+    );
+    let v = r.json();
+    assert_eq!(
+        v["result"]["stdout"], "SSLCertVerificationError unable to get local issuer certificate\n",
+        "{v}"
+    );
 }
