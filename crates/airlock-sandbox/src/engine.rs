@@ -134,6 +134,48 @@ pub struct Extras {
     pub egress: bool,
 }
 
+/// Limits below which a sandbox of `lang` cannot start at all: a request
+/// asking for less is refused as bad input (never left to fail as an
+/// isolation step, which would look like an operator's fault).
+///
+/// Tasks: stage 1, pid 1 and the program are three, the egress forwarder a
+/// fourth; node starts eight threads besides its own (below nine tasks it
+/// stalls creating them). Open files: node needs 20 (with 16 it crashes
+/// while starting); python and sh start with the policy minimum of 16.
+pub fn check_runnable(policy: &Policy, lang: Language) -> Result<(), SandboxError> {
+    let (pids, open_files) = match lang {
+        Language::Javascript => (9, 20),
+        Language::Python | Language::Shell => (3, 16),
+    };
+    let pids = pids + u64::from(policy.network.is_proxy());
+    let l = &policy.limits;
+    let mut short = Vec::new();
+    if l.pids < pids {
+        short.push(format!(
+            "limits.pids = {} is below {pids}, the fewest tasks a {} sandbox{} starts with",
+            l.pids,
+            lang.as_str(),
+            if policy.network.is_proxy() {
+                " with egress"
+            } else {
+                ""
+            }
+        ));
+    }
+    if l.open_files < open_files {
+        short.push(format!(
+            "limits.open_files = {} is below {open_files}, the fewest a {} sandbox starts with",
+            l.open_files,
+            lang.as_str()
+        ));
+    }
+    if short.is_empty() {
+        Ok(())
+    } else {
+        Err(SandboxError::InvalidRequest(short.join("; ")))
+    }
+}
+
 /// Most bytes of [`Extras::files`] (the root tmpfs holds 4 MiB).
 pub const MAX_EXTRA_FILES_BYTES: usize = 1 << 20;
 
@@ -290,7 +332,7 @@ impl Engine {
         }
         seccomp::programs_for(&req.policy.syscalls.deny)?;
         self.runtime(req.language)?;
-        Ok(())
+        check_runnable(req.policy, req.language)
     }
 
     /// Runs one request in a fresh sandbox. `on_output` sees every captured
@@ -341,6 +383,7 @@ impl Engine {
         zygote: Option<&Zygote>,
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
+        check_runnable(policy, lang)?;
         let files_bytes: usize = extras.files.iter().map(|(_, c)| c.len()).sum();
         if files_bytes > MAX_EXTRA_FILES_BYTES
             || extras.files.iter().any(|(target, _)| {

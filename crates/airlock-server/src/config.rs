@@ -370,7 +370,14 @@ impl ServerConfig {
         }
         self.policy
             .validate()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // Limits no sandbox of some language could start with would turn
+        // every such execution into an internal error.
+        for lang in airlock_policy::Language::ALL {
+            airlock_sandbox::engine::check_runnable(&self.policy, lang)
+                .map_err(|e| ConfigError::Invalid(format!("policy: {}", e.public_message())))?;
+        }
+        Ok(())
     }
 }
 

@@ -56,6 +56,48 @@ fn bad_input_exits_2_with_one_line_and_starts_nothing() {
     );
 }
 
+/// Limits that pass the policy's ranges but that no sandbox of the language
+/// can start with are bad input (exit 2, one line), never a sandbox
+/// failure (125).
+#[test]
+fn limits_too_small_to_start_are_bad_input_not_sandbox_failures() {
+    let cases: [(&str, &[&str], &str); 4] = [
+        ("python", &["--pids", "1"], "limits.pids = 1 is below 3"),
+        ("python", &["--pids", "2"], "limits.pids = 2 is below 3"),
+        ("shell", &["--pids", "2"], "limits.pids = 2 is below 3"),
+        ("javascript", &["--pids", "8"], "limits.pids = 8 is below 9"),
+    ];
+    for (lang, extra, want) in cases {
+        let mut args = vec!["run", "--lang", lang];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-c", "true"]);
+        assert!(bad(&args).contains(want), "{lang} {extra:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "[limits]\nopen_files = 16\n").unwrap();
+    let p = policy.to_str().unwrap();
+    assert!(
+        bad(&["run", "--lang", "javascript", "--policy", p, "-c", "1"])
+            .contains("limits.open_files = 16 is below 20")
+    );
+    // Positive controls: the smallest accepted values do start and run.
+    for (lang, pids, code) in [
+        ("python", "3", "print(1)"),
+        ("shell", "3", "echo 1"),
+        ("javascript", "9", "console.log(1)"),
+    ] {
+        let r = run_json(lang, code, "", &["--pids", pids]);
+        assert_eq!(
+            (r["reason"].as_str(), r["stdout"].as_str()),
+            (Some("exited"), Some("1\n")),
+            "{r}"
+        );
+    }
+    let r = run_json("python", "print(1)", "", &["--policy", p]);
+    assert_eq!(r["stdout"], "1\n", "{r}");
+}
+
 #[test]
 fn missing_runtime_is_a_clear_error() {
     let out = airlock()

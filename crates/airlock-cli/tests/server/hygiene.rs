@@ -342,3 +342,59 @@ fn queue_full_gets_429() {
     // Capacity is back.
     assert_eq!(s.post("/v1/executions", &key, slow).status, 202);
 }
+
+#[test]
+fn limits_no_sandbox_can_start_with_are_the_tenants_error_not_an_internal_one() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    for (lang, limits, want) in [
+        ("python", json!({"pids": 1}), "limits.pids = 1 is below 3"),
+        (
+            "javascript",
+            json!({"pids": 8}),
+            "limits.pids = 8 is below 9",
+        ),
+        (
+            "javascript",
+            json!({"open_files": 16}),
+            "limits.open_files = 16 is below 20",
+        ),
+    ] {
+        let r = s.post(
+            "/v1/executions",
+            &key,
+            json!({"language": lang, "code": "1", "limits": limits}),
+        );
+        let p = r.problem(400, "invalid_request");
+        assert!(p["detail"].as_str().unwrap().contains(want), "{p}");
+    }
+    // Nothing was recorded as an execution (refused before admission).
+    let list = s.get("/v1/executions", &key).json();
+    assert_eq!(list["executions"].as_array().unwrap().len(), 0);
+    // Positive control: the smallest accepted value runs.
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "python", "code": "print(1)", "limits": {"pids": 3}}),
+    );
+    assert_eq!(r.json()["result"]["stdout"], "1\n", "{}", r.text());
+    // A server whose own base policy no sandbox could start with refuses
+    // to start, with one line.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "[policy.limits]\npids = 2\n").unwrap();
+    let out = std::process::Command::new(crate::BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env("AIRLOCK_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.pids = 2 is below 3"), "{err}");
+}
