@@ -17,6 +17,39 @@ struct Check {
     fix: Option<String>,
 }
 
+/// How much a check matters, and for what: `required` checks failing make
+/// doctor exit 1 (that backend cannot run); `recommended` and `optional`
+/// ones only say what is lost.
+fn role(name: &str) -> (&'static str, &'static str) {
+    match name {
+        "user_namespaces" | "landlock" | "seccomp" | "sandbox_end_to_end" => {
+            ("required", "the process sandbox (every execution)")
+        }
+        "cgroups" => (
+            "recommended",
+            "cgroup memory, pids and CPU limits (without: rlimits, no CPU quota)",
+        ),
+        "ca_bundle" => ("recommended", "verified TLS through egress"),
+        "runtime_python" => ("optional", "python executions"),
+        "runtime_javascript" => ("optional", "JavaScript executions"),
+        "runtime_shell" => ("optional", "shell executions"),
+        "python_zygote" => ("optional", "warm python sandboxes forked from a zygote"),
+        "runsc" => ("optional", "the gVisor backend (not built yet)"),
+        "qemu_system_x86_64" | "kvm" => ("optional", "the microVM backend (not built yet)"),
+        _ => ("optional", "a running server's warm pools"),
+    }
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    name: &'static str,
+    ok: bool,
+    role: &'static str,
+    needed_for: &'static str,
+    detail: &'a str,
+    fix: Option<&'a str>,
+}
+
 fn read(p: &str) -> Option<String> {
     std::fs::read_to_string(p)
         .ok()
@@ -282,31 +315,55 @@ pub fn run(json: bool, server: Option<&str>) -> ExitCode {
         });
     }
 
+    let reports: Vec<Report<'_>> = checks
+        .iter()
+        .map(|c| {
+            let (role, needed_for) = role(c.name);
+            Report {
+                name: c.name,
+                ok: c.ok,
+                role,
+                needed_for,
+                detail: &c.detail,
+                fix: c.fix.as_deref(),
+            }
+        })
+        .collect();
+    let missing: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.role == "required" && !r.ok)
+        .map(|r| r.name)
+        .collect();
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&checks).unwrap_or_default()
+            serde_json::to_string_pretty(&reports).unwrap_or_default()
         );
     } else {
-        for c in &checks {
+        for r in &reports {
             println!(
                 "{} {:<20} {}",
-                if c.ok { "ok  " } else { "MISS" },
-                c.name,
-                c.detail
+                if r.ok { "ok  " } else { "MISS" },
+                r.name,
+                r.detail
             );
-            if !c.ok
-                && let Some(f) = &c.fix
-            {
-                println!("     {:<24} fix: {f}", "");
+            if !r.ok {
+                println!("     {:<24} {}: {}", "", r.role, r.needed_for);
+                if let Some(f) = r.fix {
+                    println!("     {:<24} fix: {f}", "");
+                }
             }
         }
+        if missing.is_empty() {
+            println!("the process sandbox has every required layer");
+        } else {
+            println!(
+                "the process sandbox cannot run: missing {}",
+                missing.join(", ")
+            );
+        }
     }
-    let core_ok = checks
-        .iter()
-        .filter(|c| matches!(c.name, "user_namespaces" | "seccomp" | "sandbox_end_to_end"))
-        .all(|c| c.ok);
-    if core_ok {
+    if missing.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -278,7 +278,40 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
         }
     }
     assert_eq!(get("sandbox_end_to_end")["ok"], true);
+    for (name, role) in [
+        ("landlock", "required"),
+        ("seccomp", "required"),
+        ("cgroups", "recommended"),
+        ("runsc", "optional"),
+    ] {
+        assert_eq!(get(name)["role"], role, "{name}");
+        assert!(
+            get(name)["needed_for"]
+                .as_str()
+                .is_some_and(|n| !n.is_empty())
+        );
+    }
     assert_eq!(out.status.code(), Some(0));
+}
+
+/// A required layer that does not work makes doctor exit 1 and name it;
+/// missing optional ones do not (positive control: the same host with the
+/// shell present exits 0 above).
+#[test]
+fn doctor_exits_1_naming_a_missing_required_layer() {
+    let out = airlock()
+        .arg("doctor")
+        .env("AIRLOCK_SH", "/nonexistent/sh")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the process sandbox cannot run: missing sandbox_end_to_end"),
+        "{text}"
+    );
+    assert!(text.contains("required: the process sandbox"), "{text}");
 }
 
 #[test]
