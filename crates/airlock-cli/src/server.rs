@@ -52,6 +52,9 @@ pub struct AdminArgs {
 
 #[derive(Subcommand, Debug)]
 enum AdminCommand {
+    /// Create the data directory (database, and a master key unless one is
+    /// given); every other command needs an existing one.
+    Init,
     /// Tenants.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -193,9 +196,17 @@ pub fn admin(args: AdminArgs) -> ExitCode {
     let r = (|| {
         let cfg = load_config(&args.common)?;
         runtime(false)?.block_on(async move {
-            let store = airlock_server::open_store(&cfg.data_dir)
-                .await
-                .map_err(|e| Fail::Failed(e.to_string()))?;
+            let init = matches!(args.command, AdminCommand::Init);
+            let store = if init {
+                airlock_server::open_store(&cfg.data_dir).await
+            } else {
+                airlock_server::open_existing_store(&cfg.data_dir).await
+            }
+            .map_err(|e| match e {
+                // A path that holds no data directory is the caller's input.
+                airlock_server::ServeError::Setup(m) => Fail::Usage(m),
+                e => Fail::Failed(e.to_string()),
+            })?;
             let r = admin_body(&store, args.command).await;
             store.close().await;
             r
@@ -224,6 +235,9 @@ async fn admin_body(
             .ok_or_else(|| Fail::Usage(format!("no tenant named {name:?}")))
     };
     match cmd {
+        AdminCommand::Init => {
+            println!("airlock data directory ready");
+        }
         AdminCommand::Tenant(TenantCommand::Create { name }) => {
             if !airlock_server::config::valid_tenant_name(&name) {
                 return Err(Fail::Usage(

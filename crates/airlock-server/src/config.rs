@@ -405,8 +405,8 @@ pub enum MasterKeySource {
 
 /// Resolves the master key: `AIRLOCK_MASTER_KEY` (64 hex), else
 /// `AIRLOCK_MASTER_KEY_FILE`, else `<data dir>/master.key`, generated
-/// (mode 0600) when missing.
-pub fn master_key(data_dir: &Path) -> Result<(MasterKey, MasterKeySource), String> {
+/// (mode 0600) when missing and `create` is set.
+pub fn master_key(data_dir: &Path, create: bool) -> Result<(MasterKey, MasterKeySource), String> {
     if let Ok(v) = std::env::var("AIRLOCK_MASTER_KEY") {
         return MasterKey::from_hex(&v)
             .map(|k| (k, MasterKeySource::Env))
@@ -424,6 +424,12 @@ pub fn master_key(data_dir: &Path) -> Result<(MasterKey, MasterKeySource), Strin
             .map(|k| (k, MasterKeySource::DataDir(p.clone())))
             .map_err(|e| format!("{}: {e}", p.display()));
     }
+    if !create {
+        return Err(format!(
+            "no master key: {} does not exist and neither AIRLOCK_MASTER_KEY nor AIRLOCK_MASTER_KEY_FILE is set",
+            p.display()
+        ));
+    }
     MasterKey::generate_into(&p)
         .map(|k| (k, MasterKeySource::Generated(p.clone())))
         .map_err(|e| format!("{}: {e}", p.display()))
@@ -434,6 +440,7 @@ pub fn master_key(data_dir: &Path) -> Result<(MasterKey, MasterKeySource), Strin
 pub fn prepare_data_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     if !dir.exists() {
+        // (Only reached by `open_store`: an existing store's directory exists.)
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)

@@ -98,10 +98,29 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("airlock.db")
 }
 
-/// Opens the data directory's store (for the server and admin commands).
+/// Opens the data directory's store, creating the directory, the database
+/// and (when none is given) the master key if they do not exist: for
+/// `airlock serve` and `airlock admin init` only.
 pub async fn open_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
+    open(data_dir, true).await
+}
+
+/// Opens an existing data directory's store (every admin command but
+/// `init`): a mistyped path is an error naming it, never a new database and
+/// master key.
+pub async fn open_existing_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
+    if !db_path(data_dir).is_file() {
+        return Err(ServeError::Setup(format!(
+            "no airlock data directory at {} (create one with `airlock admin init` or `airlock serve`)",
+            data_dir.display()
+        )));
+    }
+    open(data_dir, false).await
+}
+
+async fn open(data_dir: &Path, create: bool) -> Result<SqliteStore, ServeError> {
     config::prepare_data_dir(data_dir).map_err(ServeError::Setup)?;
-    let (key, source) = config::master_key(data_dir).map_err(ServeError::Setup)?;
+    let (key, source) = config::master_key(data_dir, create).map_err(ServeError::Setup)?;
     if let config::MasterKeySource::Generated(p) = &source {
         tracing::warn!(
             path = %p.display(),

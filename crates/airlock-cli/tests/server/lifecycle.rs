@@ -300,3 +300,41 @@ fn half_sent_requests_neither_block_shutdown_nor_slip_in_during_drain() {
         json!([])
     );
 }
+
+#[test]
+fn admin_commands_refuse_a_mistyped_data_directory_instead_of_creating_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("airlok-data");
+    for args in [
+        &["tenant", "list"][..],
+        &["key", "list", "--tenant", "acme"],
+        &["audit", "verify"],
+        &["tenant", "create", "acme"],
+        &["key", "revoke", "0123456789abcdef"],
+    ] {
+        let out = crate::admin(&typo, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("no airlock data directory at {}", typo.display())),
+            "{err}"
+        );
+        assert!(!typo.exists(), "{args:?} created {}", typo.display());
+    }
+    // An existing directory without a database is refused the same way,
+    // and gets no master key.
+    std::fs::create_dir(&typo).unwrap();
+    std::fs::set_permissions(&typo, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = crate::admin(&typo, &["tenant", "list"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read_dir(&typo).unwrap().count(), 0);
+    // Positive control: `init` creates it, then the same commands work.
+    let out = crate::admin(&typo, &["init"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(typo.join("airlock.db").is_file() && typo.join("master.key").is_file());
+    let out = crate::admin(&typo, &["tenant", "create", "acme"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = crate::admin(&typo, &["tenant", "list"]);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\tacme\n"));
+}
