@@ -383,23 +383,68 @@ fn truncate_for_message(s: &str) -> String {
     out
 }
 
+/// One line for a TOML error in `text`: the reason, the table it is in,
+/// the line and column, and for an unknown key the nearest valid one
+/// ("unknown field `max_concurent` at line 1, column 1; did you mean
+/// `max_concurrent`?").
+pub fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().replace('\n', " ");
+    let msg = msg.trim();
+    // serde's "unknown field `x`, expected one of `a`, `b`" (or "expected
+    // `a` or `b`"): the reason first, the location, a suggestion, then
+    // what was expected.
+    let (reason, expected) = match msg.split_once(", expected ") {
+        Some((r, x)) if r.starts_with("unknown field `") => (r.to_string(), Some(x)),
+        _ => (msg.to_string(), None),
+    };
+    let mut out = reason.clone();
+    if let Some(span) = e.span() {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        // The table the key sits in: the last header above it.
+        let table = before
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('[') && l.ends_with(']'));
+        if let Some(t) = table {
+            out.push_str(&format!(" in {t}"));
+        }
+        out.push_str(&format!(" at line {line}, column {col}"));
+    }
+    if let Some(expected) = expected {
+        let field = reason
+            .trim_start_matches("unknown field `")
+            .trim_end_matches('`');
+        let valid: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        let near = valid
+            .iter()
+            .map(|v| (strsim::levenshtein(field, v), *v))
+            .min()
+            .filter(|(d, v)| *d <= (v.len() / 3).max(2))
+            .map(|(_, v)| v)
+            // `memory` for `memory_mib`: a key with the unit left off.
+            .or_else(|| {
+                valid
+                    .iter()
+                    .copied()
+                    .find(|v| v.strip_prefix(field).is_some_and(|r| r.starts_with('_')))
+            });
+        if let Some(v) = near {
+            out.push_str(&format!("; did you mean `{v}`?"));
+        }
+        out.push_str(&format!(" (expected {expected})"));
+    }
+    out
+}
+
 impl Policy {
     /// Parses a TOML policy. Unknown fields and wrong types are errors; the
     /// message is one line with the line and column of the problem.
     pub fn from_toml(text: &str) -> Result<Self, PolicyError> {
-        let policy: Policy = toml::from_str(text).map_err(|e| {
-            let location = e
-                .span()
-                .map(|span| {
-                    let before = &text[..span.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                    format!(" at line {line}, column {col}")
-                })
-                .unwrap_or_default();
-            let msg = e.message().replace('\n', " ");
-            PolicyError::Parse(format!("{}{location}", msg.trim()))
-        })?;
+        let policy: Policy =
+            toml::from_str(text).map_err(|e| PolicyError::Parse(describe_toml_error(text, &e)))?;
         policy.validate()?;
         Ok(policy)
     }
@@ -588,6 +633,36 @@ fn validate_env(name: &str, value: &str) -> Result<(), PolicyError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_mistyped_key_is_named_with_its_table_line_and_nearest_valid_key() {
+        let text = "[limits]\nwall_time_ms = 5\nmemory = 3\n";
+        let e = Policy::from_toml(text).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                "unknown field `memory` in [limits] at line 3, column 1; did you mean `memory_mib`?"
+            ),
+            "{e}"
+        );
+        let e = Policy::from_toml("[filesystem]\nscratch_mb = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "`scratch_mb` in [filesystem] at line 2, column 1; did you mean `scratch_mib`?"
+            ),
+            "{e}"
+        );
+        let e = Policy::from_toml("[limtis]\n").unwrap_err().to_string();
+        assert!(e.contains("did you mean `limits`?"), "{e}");
+        // Nothing near: no suggestion, still the key, place and expected list.
+        let e = Policy::from_toml("zzzzzzzz = 1\n").unwrap_err().to_string();
+        assert!(
+            !e.contains("did you mean") && e.contains("`zzzzzzzz` at line 1"),
+            "{e}"
+        );
+        assert!(e.contains("(expected one of `limits`"), "{e}");
+    }
+
     use super::*;
 
     #[test]

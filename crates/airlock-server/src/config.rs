@@ -290,13 +290,7 @@ impl ServerConfig {
         })?;
         let cfg: ServerConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),
-            message: e.to_string().lines().next().unwrap_or("").to_string()
-                + &e.span()
-                    .map(|s| {
-                        let line = text[..s.start].matches('\n').count() + 1;
-                        format!(" (line {line})")
-                    })
-                    .unwrap_or_default(),
+            message: airlock_policy::describe_toml_error(&text, &e),
         })?;
         Ok(cfg)
     }

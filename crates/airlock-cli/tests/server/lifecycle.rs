@@ -338,3 +338,26 @@ fn admin_commands_refuse_a_mistyped_data_directory_instead_of_creating_one() {
     let out = crate::admin(&typo, &["tenant", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("\tacme\n"));
 }
+
+#[test]
+fn a_mistyped_config_key_is_named_with_where_it_is_and_the_nearest_valid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\n\n[pool]\npyton = 3\n").unwrap();
+    let out = std::process::Command::new(crate::BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("AIRLOCK_DATA_DIR", dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "invalid config file {}: unknown field `pyton` in [pool] at line 4, column 1; did you mean `python`?",
+            cfg.display()
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("data").exists(), "nothing was created");
+}
