@@ -50,6 +50,14 @@ enum Command {
         #[arg(long, value_name = "URL")]
         server: Option<String>,
     },
+    /// Print a shell completion script (e.g. `airlock completions bash >
+    /// /etc/bash_completion.d/airlock`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `airlock man | man -l -`.
+    Man,
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,6 +148,20 @@ fn main() -> ExitCode {
             }
         },
         Command::Doctor { json, server } => doctor::run(json, server.as_deref()),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "airlock", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            if clap_mangen::Man::new(cmd).render(&mut out).is_err() {
+                return ExitCode::from(1);
+            }
+            let _ = std::io::stdout().write_all(&out);
+            ExitCode::SUCCESS
+        }
         Command::Serve(args) => server::serve(args, engine_config_base()),
         Command::Admin(args) => server::admin(args),
     }

@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// On SIGTERM, ms running executions may continue before being killed.
     #[arg(long, env = "AIRLOCK_SHUTDOWN_GRACE_MS")]
     shutdown_grace_ms: Option<u64>,
+    /// Write the URL the server serves on to this file (atomically) once it
+    /// accepts connections, for scripts that must not race its start.
+    #[arg(long, env = "AIRLOCK_READY_FILE", value_name = "FILE")]
+    ready_file: Option<PathBuf>,
 }
 
 /// `airlock admin`.
@@ -171,6 +175,9 @@ pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> Exit
         }
         if let Some(v) = args.shutdown_grace_ms {
             cfg.shutdown_grace_ms = v;
+        }
+        if let Some(v) = args.ready_file {
+            cfg.ready_file = Some(v);
         }
         cfg.validate().map_err(|e| Fail::Usage(e.to_string()))?;
         let ca = cfg

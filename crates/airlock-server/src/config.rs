@@ -166,6 +166,9 @@ pub struct ServerConfig {
     /// sandbox (a private CA of the operator's). Default: none
     /// (`AIRLOCK_CA_BUNDLE` when set).
     pub ca_bundle: Option<PathBuf>,
+    /// A file the server writes its URL to (atomically, mode 0644) once it
+    /// accepts connections, and removes when it stops. Default: none.
+    pub ready_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -190,6 +193,7 @@ impl Default for ServerConfig {
             pool: PoolConfig::default(),
             tenants: TenantsConfig::default(),
             ca_bundle: None,
+            ready_file: None,
         }
     }
 }

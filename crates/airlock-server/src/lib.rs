@@ -320,11 +320,22 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
         )
         .await?;
     tracing::info!(addr = %local, data_dir = %cfg.data_dir.display(), "airlock serving");
-    // A line for scripts (and tests) that start the server on port 0.
+    // The socket listens (connections queue from here on): a line for
+    // scripts (and tests) that start the server on port 0, the ready file,
+    // and systemd's readiness notification.
     println!("airlock: listening on http://{local}");
+    if let Some(p) = &cfg.ready_file {
+        write_ready_file(p, &format!("http://{local}\n"))
+            .map_err(|e| ServeError::Setup(format!("ready file {}: {e}", p.display())))?;
+    }
+    notify_systemd(&format!("READY=1\nSTATUS=listening on http://{local}"));
 
     let app = api::router(state.clone());
     accept_loop(listener, app, state.clone()).await;
+    notify_systemd("STOPPING=1");
+    if let Some(p) = &cfg.ready_file {
+        let _ = std::fs::remove_file(p);
+    }
 
     exec.stop();
     store
@@ -334,6 +345,41 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("airlock stopped");
     Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, so a
+/// reader sees either nothing or all of it.
+fn write_ready_file(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("ready"),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `sd_notify`: one datagram to `$NOTIFY_SOCKET` (a path, or `@` for the
+/// abstract namespace) when systemd started the server with `Type=notify`.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(target.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name),
+        None => std::os::unix::net::SocketAddr::from_pathname(Path::new(&target)),
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| addr.and_then(|a| s.send_to_addr(state.as_bytes(), &a)));
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "systemd notification failed");
+    }
 }
 
 /// A client must send its request head within this time (slowloris).

@@ -338,3 +338,32 @@ fn time_zone_data_is_available() {
     );
     assert_eq!(r["stdout"], "2:00:00\n", "{r}");
 }
+
+#[test]
+fn completions_man_page_and_json_output_ending_in_a_newline() {
+    let run = |args: &[&str]| {
+        let out = airlock().args(args).stdin(Stdio::null()).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.starts_with("_airlock() {"), "{}", &bash[..100]);
+    for sub in ["run", "serve", "admin", "doctor", "completions"] {
+        assert!(bash.contains(sub), "{sub}");
+    }
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef airlock"));
+    assert!(run(&["completions", "fish"]).contains("complete -c airlock"));
+    let man = run(&["man"]);
+    assert!(man.contains(".TH airlock 1"), "{}", &man[..200]);
+    assert!(man.contains("serve") && man.contains("doctor"));
+    // An unknown shell is bad input.
+    assert!(bad(&["completions", "tcsh"]).contains("tcsh"));
+    // Every --json output is one document followed by a newline.
+    let out = run(&["run", "--json", "--lang", "shell", "-c", "true"]);
+    assert!(
+        out.ends_with("}\n") && out.matches('\n').count() == 1,
+        "{out:?}"
+    );
+    let out = run(&["doctor", "--json"]);
+    assert!(out.ends_with("]\n"), "{out:?}");
+}

@@ -361,3 +361,44 @@ fn a_mistyped_config_key_is_named_with_where_it_is_and_the_nearest_valid_one() {
     );
     assert!(!dir.path().join("data").exists(), "nothing was created");
 }
+
+#[test]
+fn ready_file_and_systemd_notification_say_when_the_server_accepts() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let sock_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut child = std::process::Command::new(crate::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
+        .env("AIRLOCK_DATA_DIR", dir.path().join("data"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env_remove("AIRLOCK_MASTER_KEY")
+        .env_remove("AIRLOCK_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("READY=1\n"), "{msg}");
+    // Written before READY was sent, and whole.
+    let url = std::fs::read_to_string(&ready).unwrap();
+    let addr = url.trim().strip_prefix("http://").unwrap().to_string();
+    assert!(msg.contains(&addr), "{msg} vs {url}");
+    let r = crate::raw(addr.parse().unwrap(), "GET", "/healthz", &[], None);
+    assert_eq!(r.status, 200, "accepting once ready");
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: `pid` is our own child, not yet waited for; kill has no
+    // memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let n = notify.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(child.wait().unwrap().success());
+    assert!(!ready.exists(), "removed when the server stops");
+}
