@@ -324,6 +324,146 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Why an execution ended.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReasonDoc {
+    /// The program exited (any code) or died of its own signal.
+    Exited,
+    /// The wall-clock limit.
+    Timeout,
+    /// The CPU-time limit.
+    CpuLimit,
+    /// The memory limit.
+    MemoryLimit,
+    /// The pids limit refused forks and the program failed.
+    PidsLimit,
+    /// stdout or stderr exceeded its cap.
+    OutputLimit,
+    /// Scratch space ran out and the program failed.
+    DiskLimit,
+    /// A seccomp kill.
+    PolicyViolation,
+    /// The sandbox itself failed.
+    InternalError,
+    /// Cancelled by the tenant.
+    Cancelled,
+    /// The server shut down.
+    ServerShutdown,
+    /// The server crashed while it ran.
+    ServerRestart,
+}
+
+/// Landlock as enforced.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LandlockDoc {
+    /// `strict` or `best_effort_dangerous`.
+    pub mode: String,
+    /// ABI in force (0: none).
+    pub abi: u32,
+    /// Every access right of the pinned ABI enforced.
+    pub fully_enforced: bool,
+}
+
+/// seccomp as installed.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SeccompDoc {
+    /// Filters installed.
+    pub filters: u32,
+    /// execve denied after start.
+    pub deny_execve: bool,
+    /// Action for what is not allowlisted.
+    pub default_action: String,
+}
+
+/// The isolation layers actually enforced.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EnforcedDoc {
+    /// Namespaces.
+    pub namespaces: Vec<String>,
+    /// pivot_root done, old root detached.
+    pub pivot_root: bool,
+    /// Landlock.
+    pub landlock: LandlockDoc,
+    /// seccomp.
+    pub seccomp: SeccompDoc,
+    /// Capabilities dropped, no_new_privs set.
+    pub capabilities_dropped: bool,
+    /// `v1` or `v2`; null without a cgroup.
+    pub cgroup: Option<String>,
+    /// Limits enforced another way than configured, with the fallback.
+    pub unavailable_limits: Vec<String>,
+    /// Host uid the sandbox runs as.
+    pub host_uid: u32,
+}
+
+/// The engine's result of one execution.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunResultDoc {
+    /// Exit code, when the program exited.
+    pub exit_code: Option<i32>,
+    /// Signal, when it was killed.
+    pub signal: Option<i32>,
+    /// Why it ended.
+    pub reason: ReasonDoc,
+    /// Wall time from hand-over to the end, ms.
+    pub wall_time_ms: f64,
+    /// Time to build the sandbox, ms.
+    pub setup_time_ms: f64,
+    /// User CPU, ms.
+    pub cpu_user_ms: f64,
+    /// System CPU, ms.
+    pub cpu_sys_ms: f64,
+    /// Peak memory, bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// stdout (UTF-8, lossy; secret values redacted; at most `stdout_bytes`).
+    pub stdout: String,
+    /// stderr (likewise).
+    pub stderr: String,
+    /// The program wrote more stdout than its cap.
+    pub stdout_truncated: bool,
+    /// The program wrote more stderr than its cap.
+    pub stderr_truncated: bool,
+    /// Layers in force.
+    pub enforced: EnforcedDoc,
+    /// For `internal_error`: what failed, safe to show.
+    pub error: Option<String>,
+}
+
+/// A handler's exception.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HandlerErrorDoc {
+    /// Exception type (or `LoadError`, `HandlerMissing`, `NotSerializable`,
+    /// `OutputTooLarge`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Message.
+    pub message: String,
+    /// Traceback, when there is one.
+    pub traceback: Option<String>,
+}
+
+/// One egress decision.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EgressEventDoc {
+    /// `allowed` or `denied`.
+    pub decision: String,
+    /// `CONNECT` or the HTTP method.
+    pub method: String,
+    /// Host (normalised; secret values redacted).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Why it was denied or cut off.
+    pub reason: Option<String>,
+    /// Address connected to.
+    pub address: Option<String>,
+    /// Bytes from the sandbox.
+    pub bytes_up: u64,
+    /// Bytes to the sandbox.
+    pub bytes_down: u64,
+}
+
 /// An execution as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ExecutionView {
@@ -332,13 +472,12 @@ pub struct ExecutionView {
     /// Owning tenant.
     pub tenant_id: String,
     /// `queued`, `running`, `finished` or `failed`.
+    #[schema(pattern = "^(queued|running|finished|failed)$")]
     pub status: String,
     /// Language.
     pub language: String,
-    /// Termination reason once final: `exited`, `timeout`, `cpu_limit`,
-    /// `memory_limit`, `pids_limit`, `output_limit`, `disk_limit`,
-    /// `policy_violation`, `internal_error`, `cancelled`, `server_shutdown`,
-    /// `server_restart`.
+    /// Termination reason once final.
+    #[schema(value_type = Option<ReasonDoc>)]
     pub reason: Option<String>,
     /// Why a failed execution has no result.
     pub error: Option<String>,
@@ -353,22 +492,23 @@ pub struct ExecutionView {
     /// RFC 3339.
     pub finished_at: Option<String>,
     /// The engine's result: exit_code, signal, reason, stdout, stderr,
-    /// usage and the isolation layers enforced.
-    #[schema(value_type = Option<Object>)]
+    /// usage and the isolation layers enforced (null until final, and in
+    /// listings).
+    #[schema(value_type = Option<RunResultDoc>)]
     pub result: Option<serde_json::Value>,
     /// Flow (memory scope).
     pub flow_id: String,
-    /// A handler's return value.
-    #[schema(value_type = Option<Object>)]
+    /// A handler's return value: any JSON (null in listings and for scripts).
+    #[schema(value_type = Option<serde_json::Value>)]
     pub output: Option<serde_json::Value>,
     /// A handler's exception: type, message, traceback.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HandlerErrorDoc>)]
     pub handler_error: Option<serde_json::Value>,
     /// Why the broker closed the sandbox's channel early (malformed,
     /// oversized or out-of-order frame), if it did.
     pub broker_error: Option<String>,
     /// Egress decisions (executions with a `network` allowlist).
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(value_type = Option<Vec<EgressEventDoc>>)]
     pub egress: Option<serde_json::Value>,
 }
 
@@ -479,20 +619,27 @@ pub struct AuditList {
 #[serde(deny_unknown_fields)]
 pub struct LimitsRequest {
     /// ms.
+    #[serde(default, deserialize_with = "body::opt_u64")]
     pub wall_time_ms: Option<u64>,
     /// ms.
+    #[serde(default, deserialize_with = "body::opt_u64")]
     pub cpu_time_ms: Option<u64>,
     /// MiB.
+    #[serde(default, deserialize_with = "body::opt_u64")]
     pub memory_mib: Option<u64>,
     /// Tasks.
+    #[serde(default, deserialize_with = "body::opt_u64")]
     pub pids: Option<u64>,
     /// Cores.
     pub cpus: Option<f64>,
     /// Bytes.
+    #[serde(default, deserialize_with = "body::opt_u64")]
     pub stdout_bytes: Option<u64>,
     /// Bytes.
+    #[serde(default, deserialize_with = "body::opt_u64")]
     pub stderr_bytes: Option<u64>,
     /// Files.
+    #[serde(default, deserialize_with = "body::opt_u64")]
     pub open_files: Option<u64>,
 }
 
@@ -681,25 +828,49 @@ async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, A
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
-/// Prometheus metrics.
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics(State(st): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        st.metrics.render(),
-    )
-        .into_response()
+/// Prometheus metrics: OpenMetrics when the scraper asks for it in
+/// `Accept`, else the Prometheus text format 0.0.4.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format 0.0.4, or OpenMetrics 1.0 when Accept asks for application/openmetrics-text", content_type = "text/plain")))]
+async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| {
+            let mut parts = v.split(';').map(str::trim);
+            let mime = parts.next().unwrap_or("");
+            // An explicit q=0 refuses it.
+            mime.eq_ignore_ascii_case("application/openmetrics-text")
+                && !parts.any(|p| p.replace(' ', "") == "q=0")
+        });
+    if openmetrics {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            st.metrics.render(),
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            st.metrics.render_text(),
+        )
+            .into_response()
+    }
 }
 
 /// This document.
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3.1 document")))]
-async fn openapi() -> Response {
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi(State(st): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        ApiDoc::openapi().to_json().unwrap_or_default(),
+        st.openapi.as_ref().clone(),
     )
         .into_response()
 }
@@ -1013,6 +1184,7 @@ fn parse_num(
         Some(v) => v
             .parse::<i64>()
             .ok()
+            .or_else(|| body::integral(v.parse::<f64>().ok()?))
             .filter(|n| (min..=max).contains(n))
             .map(Some)
             .ok_or_else(|| {
@@ -1025,7 +1197,8 @@ fn parse_num(
 #[utoipa::path(get, path = "/v1/executions", security(("bearer" = [])),
     params(("limit" = Option<u32>, Query, description = "1..=100, default 20"),
            ("cursor" = Option<String>, Query, description = "next_cursor of the previous page (an execution id)")),
-    responses((status = 200, body = ExecutionList), (status = 400, body = Problem)))]
+    responses((status = 200, body = ExecutionList), (status = 400, body = Problem),
+               (status = 404, description = "the cursor is not one of this tenant's executions", body = Problem)))]
 async fn list_executions(
     State(st): State<AppState>,
     ConnectInfo(peer): Peer,
@@ -1044,12 +1217,19 @@ async fn list_executions(
             let valid = c.len() == 35
                 && c.starts_with("ex_")
                 && c[3..].bytes().all(|b| b.is_ascii_hexdigit());
-            let seq = if valid {
-                st.store.execution_seq(&who.tenant_id, c).await?
-            } else {
-                None
-            };
-            Some(seq.ok_or_else(|| ApiError::InvalidRequest("unknown cursor".into()))?)
+            if !valid {
+                return Err(ApiError::InvalidRequest(
+                    "cursor is an execution id (next_cursor)".into(),
+                ));
+            }
+            // Well-formed but not one of this tenant's: absent, like
+            // anything of another tenant's.
+            Some(
+                st.store
+                    .execution_seq(&who.tenant_id, c)
+                    .await?
+                    .ok_or(ApiError::NotFound)?,
+            )
         }
     };
     let page = st
@@ -1303,7 +1483,8 @@ async fn delete_secret(
 #[utoipa::path(get, path = "/v1/audit", security(("bearer" = [])),
     params(("after" = Option<String>, Query, description = "hash of the record to start after (next_after)"),
            ("limit" = Option<u32>, Query, description = "1..=500, default 100")),
-    responses((status = 200, body = AuditList)))]
+    responses((status = 200, body = AuditList),
+               (status = 404, description = "the cursor is not one of this tenant's records", body = Problem)))]
 async fn list_audit(
     State(st): State<AppState>,
     ConnectInfo(peer): Peer,
@@ -1326,11 +1507,15 @@ async fn list_audit(
                         .collect()
                 })
                 .flatten();
-            let seq = match bytes {
-                Some(b) => st.store.audit_seq(&who.tenant_id, &b).await?,
-                None => None,
+            let Some(b) = bytes else {
+                return Err(ApiError::InvalidRequest(
+                    "after is a record's hash (64 hex digits, next_after)".into(),
+                ));
             };
-            seq.ok_or_else(|| ApiError::InvalidRequest("unknown cursor".into()))?
+            st.store
+                .audit_seq(&who.tenant_id, &b)
+                .await?
+                .ok_or(ApiError::NotFound)?
         }
     };
     let limit = parse_num(&q, "limit", 1, 500)?.unwrap_or(100) as u32;
@@ -1438,8 +1623,8 @@ pub struct MemoryView {
     pub flow: String,
     /// Key.
     pub key: String,
-    /// Value.
-    #[schema(value_type = Object)]
+    /// Value: any JSON.
+    #[schema(value_type = serde_json::Value)]
     pub value: serde_json::Value,
     /// Version (1 on first write).
     pub version: i64,
@@ -1472,10 +1657,10 @@ pub struct MemoryList {
 #[serde(deny_unknown_fields)]
 pub struct PutMemory {
     /// Any JSON value (at most 64 KiB serialised).
-    #[schema(value_type = Object)]
+    #[schema(value_type = serde_json::Value)]
     pub value: serde_json::Value,
     /// Write only if the current version is this (0: must not exist).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "body::opt_i64")]
     pub expected_version: Option<i64>,
 }
 
@@ -1709,6 +1894,7 @@ impl Modify for SecurityAddon {
           cancel_execution, execution_events, execution_logs, put_secret, list_secrets, delete_secret,
           list_audit, get_memory, put_memory, delete_memory, list_memory),
     components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest, NetworkRequest,
+                       RunResultDoc, EnforcedDoc, LandlockDoc, SeccompDoc, ReasonDoc, HandlerErrorDoc, EgressEventDoc,
                        SecretView, SecretList, PutSecret, AuditView, AuditList, LogView, LogList,
                        MemoryView, MemoryKeyView, MemoryList, PutMemory)),
     modifiers(&SecurityAddon)

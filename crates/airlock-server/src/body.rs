@@ -41,9 +41,16 @@ pub async fn json<T: DeserializeOwned>(
     parse(&bytes)
 }
 
-/// Parses bytes already read.
+/// Parses bytes already read: a JSON object (every request body is one; a
+/// struct would otherwise also accept an array of its fields in order).
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     check_depth(bytes)?;
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if matches!(first, Some(b) if *b != b'{') {
+        return Err(ApiError::InvalidRequest(
+            "the body must be a JSON object".into(),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| {
         use serde_json::error::Category;
         // serde_json's messages name fields and positions, never anything
@@ -54,6 +61,39 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             Category::Syntax | Category::Eof | Category::Io => ApiError::InvalidJson(msg),
         }
     })
+}
+
+/// The integer a JSON number stands for: `424` or `424.0` (JSON Schema
+/// calls both integers), never `424.5`.
+pub fn integral(f: f64) -> Option<i64> {
+    (f.is_finite() && f.fract() == 0.0 && f.abs() < 9.0e15).then_some(f as i64)
+}
+
+/// An optional non-negative integer field written as any JSON number that
+/// is an integer (`null`: absent).
+pub fn opt_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::Deserialize;
+    let n = Option::<serde_json::Number>::deserialize(d)?;
+    n.map(|n| {
+        n.as_u64()
+            .or_else(|| integral(n.as_f64()?).and_then(|i| u64::try_from(i).ok()))
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!("expected a non-negative integer, not {n}"))
+            })
+    })
+    .transpose()
+}
+
+/// Like [`opt_u64`], signed.
+pub fn opt_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::Deserialize;
+    let n = Option::<serde_json::Number>::deserialize(d)?;
+    n.map(|n| {
+        n.as_i64()
+            .or_else(|| integral(n.as_f64()?))
+            .ok_or_else(|| serde::de::Error::custom(format!("expected an integer, not {n}")))
+    })
+    .transpose()
 }
 
 /// Rejects nesting deeper than [`MAX_DEPTH`] before any parser recursion.
@@ -124,6 +164,11 @@ mod tests {
         assert!(matches!(
             parse::<T>(b"{\"a\":\"\xff\"}"),
             Err(ApiError::InvalidJson(_))
+        ));
+        // A struct's fields as an array are not a request.
+        assert!(matches!(
+            parse::<T>(b" [1]"),
+            Err(ApiError::InvalidRequest(_))
         ));
     }
 }

@@ -18,6 +18,7 @@ pub mod exec;
 pub mod guest;
 pub mod live;
 pub mod metrics;
+pub mod openapi;
 pub mod problem;
 
 use std::net::SocketAddr;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub limiter: Arc<api::AuthLimiter>,
     /// Requests in flight per tenant.
     pub tenant_requests: Arc<api::TenantRequests>,
+    /// `/openapi.json`, made once from the handlers and the configuration.
+    pub openapi: Arc<String>,
     /// Set once SIGTERM arrives.
     pub draining: Arc<AtomicBool>,
 }
@@ -301,6 +304,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
         metrics,
         limiter: Arc::new(api::AuthLimiter::default()),
         tenant_requests: Arc::new(api::TenantRequests::default()),
+        openapi: Arc::new(openapi::document(&cfg).to_string()),
         draining: Arc::new(AtomicBool::new(false)),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)

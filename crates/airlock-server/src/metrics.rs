@@ -189,7 +189,7 @@ impl Metrics {
         }
     }
 
-    /// Text exposition.
+    /// OpenMetrics text (what the encoder writes).
     pub fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
@@ -197,6 +197,50 @@ impl Metrics {
         }
         out
     }
+
+    /// The Prometheus text format 0.0.4, for scrapers that do not ask for
+    /// OpenMetrics: the same samples, with a counter's HELP and TYPE under
+    /// its sample name (`x_total`), and no `# EOF` or `# UNIT` lines.
+    pub fn render_text(&self) -> String {
+        to_text_format(&self.render())
+    }
+}
+
+/// OpenMetrics text -> Prometheus text format 0.0.4.
+fn to_text_format(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                out.push_str(prefix);
+                out.push_str(&name);
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {

@@ -267,13 +267,13 @@ fn tenants_cannot_see_each_other() {
     assert_eq!(s.get("/v1/executions", &b).json()["executions"], json!([]));
     // Another tenant's id is no cursor: nothing about it leaks through paging.
     s.get(&format!("/v1/executions?cursor={id}"), &b)
-        .problem(400, "invalid_request");
+        .problem(404, "not_found");
     let a_hash = s.get("/v1/audit?limit=1", &a).json()["events"][0]["hash"]
         .as_str()
         .unwrap()
         .to_string();
     s.get(&format!("/v1/audit?after={a_hash}"), &b)
-        .problem(400, "invalid_request");
+        .problem(404, "not_found");
     // ... and the execution was not cancelled by beta's attempt.
     let v = s.wait_status(&a, &id, &["finished"]);
     assert_eq!(v["reason"], "exited");

@@ -10,6 +10,7 @@ mod abuse;
 mod api;
 mod audit;
 mod broker;
+mod contract;
 mod egress;
 mod hygiene;
 mod lifecycle;
