@@ -150,6 +150,64 @@ impl Redactor {
         out
     }
 
+    /// Captured output as raw bytes (a program's binary output), redacted
+    /// like [`Redactor::redact_capped`]: every occurrence of a value's bytes
+    /// (also overlapping ones) is replaced, a tail that starts a value when
+    /// the output was cut, and the result cut back to `cap` bytes.
+    pub fn redact_bytes_capped(&self, bytes: &[u8], truncated: bool, cap: usize) -> Vec<u8> {
+        let g = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = Vec::new();
+        for (i, (_, v)) in g.iter().enumerate() {
+            let v = v.as_bytes();
+            for at in memchr::memmem::find_iter(bytes, v) {
+                all.push((at, at + v.len(), i));
+            }
+        }
+        all.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let mut merged: Vec<(usize, usize, usize)> = Vec::new();
+        for s in all {
+            match merged.last_mut() {
+                Some(l) if s.0 < l.1 => l.1 = l.1.max(s.1),
+                _ => merged.push(s),
+            }
+        }
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut pos = 0;
+        for (s, e, i) in merged {
+            out.extend_from_slice(&bytes[pos..s]);
+            out.extend_from_slice(format!("[REDACTED:{}]", g[i].0).as_bytes());
+            pos = e;
+        }
+        let mut tail = &bytes[pos..];
+        let mut marker = None;
+        if truncated {
+            // The longest end of the output that starts some value.
+            let mut best: Option<(usize, usize)> = None;
+            for (i, (_, v)) in g.iter().enumerate() {
+                let v = v.as_bytes();
+                let max = (v.len() - 1).min(tail.len());
+                for k in (MIN_REDACT_LEN.min(v.len() - 1).max(1)..=max).rev() {
+                    if tail.ends_with(&v[..k]) {
+                        if best.is_none_or(|(bk, _)| k > bk) {
+                            best = Some((k, i));
+                        }
+                        break;
+                    }
+                }
+            }
+            if let Some((k, i)) = best {
+                tail = &tail[..tail.len() - k];
+                marker = Some(format!("[REDACTED:{}]", g[i].0));
+            }
+        }
+        out.extend_from_slice(tail);
+        if let Some(m) = marker {
+            out.extend_from_slice(m.as_bytes());
+        }
+        out.truncate(cap);
+        out
+    }
+
     /// `text` with every value replaced.
     pub fn redact(&self, text: &str) -> String {
         let g = self.secrets.lock().unwrap_or_else(|p| p.into_inner());
@@ -370,6 +428,32 @@ mod tests {
         r.add("S", "XYZ1-middle-part-XYZ1");
         let out = r.redact("XYZ1-middle-part-XYZ1-middle-part-XYZ1");
         assert_eq!(out, "[REDACTED:S]");
+    }
+
+    #[test]
+    fn binary_output_is_redacted_as_bytes() {
+        let r = Redactor::default();
+        r.add("K", "s3cr3t-bytes");
+        let mut raw = vec![0u8, 0xff, 0xfe];
+        raw.extend_from_slice(b"s3cr3t-bytes");
+        raw.extend_from_slice(&[0x80, 0x00]);
+        let out = r.redact_bytes_capped(&raw, false, usize::MAX);
+        let mut want = vec![0u8, 0xff, 0xfe];
+        want.extend_from_slice(b"[REDACTED:K]");
+        want.extend_from_slice(&[0x80, 0x00]);
+        assert_eq!(out, want);
+        // Cut in the middle of the value: the tail is redacted; capped.
+        let cut = [&[0xffu8][..], b"s3cr3t"].concat();
+        assert_eq!(
+            r.redact_bytes_capped(&cut, true, usize::MAX),
+            [&[0xffu8][..], b"[REDACTED:K]"].concat()
+        );
+        assert_eq!(
+            r.redact_bytes_capped(&cut, false, usize::MAX),
+            cut,
+            "positive control"
+        );
+        assert_eq!(r.redact_bytes_capped(&raw, false, 5).len(), 5);
     }
 
     #[test]

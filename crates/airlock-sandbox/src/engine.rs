@@ -1419,6 +1419,8 @@ impl Sandbox {
             stderr_truncated: sup.err_truncated,
             enforced: self.enforced.clone(),
             error,
+            stdout_raw: sup.out,
+            stderr_raw: sup.err,
         }
     }
 }

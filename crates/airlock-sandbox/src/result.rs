@@ -129,4 +129,11 @@ pub struct RunResult {
     pub enforced: Enforced,
     /// For `internal_error`: a message safe to show to the tenant.
     pub error: Option<String>,
+    /// The captured stdout bytes as the program wrote them (up to the
+    /// cap), for callers that want them exactly (`stdout` is lossy UTF-8).
+    #[serde(skip)]
+    pub stdout_raw: Vec<u8>,
+    /// Likewise for stderr.
+    #[serde(skip)]
+    pub stderr_raw: Vec<u8>,
 }

@@ -420,6 +420,10 @@ pub struct RunResultDoc {
     pub stdout: String,
     /// stderr (likewise).
     pub stderr: String,
+    /// stdout's exact bytes, base64 (`output_encoding: base64` only).
+    pub stdout_base64: Option<String>,
+    /// stderr's exact bytes, base64 (`output_encoding: base64` only).
+    pub stderr_base64: Option<String>,
     /// The program wrote more stdout than its cap.
     pub stdout_truncated: bool,
     /// The program wrote more stderr than its cap.
@@ -687,6 +691,23 @@ pub struct CreateExecution {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub variables: serde_json::Map<String, serde_json::Value>,
+    /// `base64`: the record's result also carries the exact bytes of
+    /// stdout and stderr (`stdout_base64`, `stderr_base64`; secret values
+    /// redacted, capped like the text). Default `utf8`: text only (lossy
+    /// for bytes that are not UTF-8).
+    #[serde(default)]
+    pub output_encoding: OutputEncoding,
+}
+
+/// How a record carries the program's output.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputEncoding {
+    /// Text (UTF-8; other bytes become U+FFFD).
+    #[default]
+    Utf8,
+    /// Text, and the exact bytes as base64.
+    Base64,
 }
 
 /// A request's egress allowlist.
@@ -1082,6 +1103,7 @@ async fn create_execution(
         flow_id,
         trace_id: ctx.trace_id.clone(),
         grants,
+        base64_output: req.output_encoding == OutputEncoding::Base64,
     };
     // Recording and queueing happen in their own task: a client that
     // disconnects now must not leave a record that nothing will run.
@@ -1895,6 +1917,7 @@ impl Modify for SecurityAddon {
           list_audit, get_memory, put_memory, delete_memory, list_memory),
     components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest, NetworkRequest,
                        RunResultDoc, EnforcedDoc, LandlockDoc, SeccompDoc, ReasonDoc, HandlerErrorDoc, EgressEventDoc,
+                       OutputEncoding,
                        SecretView, SecretList, PutSecret, AuditView, AuditList, LogView, LogList,
                        MemoryView, MemoryKeyView, MemoryList, PutMemory)),
     modifiers(&SecurityAddon)

@@ -57,6 +57,8 @@ pub struct Submission {
     pub trace_id: String,
     /// What the broker may hand out.
     pub grants: Grants,
+    /// The record also carries stdout and stderr as base64 bytes.
+    pub base64_output: bool,
 }
 
 /// The executor no longer takes jobs.
@@ -1360,7 +1362,34 @@ impl Executor {
             result.stderr_truncated,
             capped(limits.stderr_bytes),
         );
-        let doc = serde_json::to_value(&result).ok();
+        let mut doc = serde_json::to_value(&result).ok();
+        if sub.base64_output
+            && let Some(obj) = doc.as_mut().and_then(serde_json::Value::as_object_mut)
+        {
+            use base64::Engine as _;
+            for (key, raw, truncated, cap) in [
+                (
+                    "stdout_base64",
+                    &result.stdout_raw,
+                    result.stdout_truncated,
+                    limits.stdout_bytes,
+                ),
+                (
+                    "stderr_base64",
+                    &result.stderr_raw,
+                    result.stderr_truncated,
+                    limits.stderr_bytes,
+                ),
+            ] {
+                let bytes = redactor.redact_bytes_capped(raw, truncated, capped(cap));
+                obj.insert(
+                    key.into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(bytes)
+                        .into(),
+                );
+            }
+        }
         let status = if result.reason == TerminationReason::InternalError {
             ExecStatus::Failed
         } else {

@@ -295,3 +295,46 @@ for i in range(25):
             .any(|e| e["kind"] == "broker.audit_suppressed" && e["subject"] == v2["id"])
     );
 }
+
+#[test]
+fn binary_output_comes_back_exactly_as_base64_and_redacted() {
+    use base64::Engine as _;
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    put_secret(&s, &key, "S", "bin-s3cr3t-value");
+    let code = r#"
+import airlock, sys
+v, _ = airlock.connect().secrets.get("S")
+sys.stdout.buffer.write(bytes(range(256)) + v.encode() + b"\xff\xfe")
+sys.stderr.buffer.write(b"\x00err\x80")
+"#;
+    let body = |enc: &str| json!({"language": "python", "code": code, "secrets": ["S"], "output_encoding": enc});
+    let v = exec(&s, &key, body("base64"));
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let out = b64
+        .decode(v["result"]["stdout_base64"].as_str().unwrap())
+        .unwrap();
+    let mut want: Vec<u8> = (0..=255u8).collect();
+    want.extend_from_slice(b"[REDACTED:S]\xff\xfe");
+    assert_eq!(out, want, "{v}");
+    let err = b64
+        .decode(v["result"]["stderr_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(err, b"\x00err\x80");
+    assert!(!v.to_string().contains("bin-s3cr3t"));
+    // Positive control: as text, the bytes that are not UTF-8 are lost, and
+    // without asking there is no base64.
+    let t = exec(&s, &key, body("utf8"));
+    let text = t["result"]["stdout"].as_str().unwrap();
+    assert!(
+        text.contains('\u{fffd}') && text.ends_with("[REDACTED:S]\u{fffd}\u{fffd}"),
+        "{t}"
+    );
+    assert!(t["result"].get("stdout_base64").is_none(), "{t}");
+    s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "python", "code": "1", "output_encoding": "hex"}),
+    )
+    .problem(400, "invalid_request");
+}
