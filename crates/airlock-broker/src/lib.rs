@@ -61,6 +61,20 @@ pub struct Grants {
     /// The code, for a runner that was started before its execution was
     /// bound (a warm, pooled sandbox): it gets its code in `hello`.
     pub code: Option<String>,
+    /// Secret values given directly (`airlock run --handler --secret`),
+    /// served instead of the store's for these names (which must also be
+    /// in `secrets`). The server never sets this.
+    pub given_secrets: GivenSecrets,
+}
+
+/// Secret values given to a local run. Never printed.
+#[derive(Clone, Default)]
+pub struct GivenSecrets(pub std::collections::BTreeMap<String, zeroize::Zeroizing<String>>);
+
+impl std::fmt::Debug for GivenSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GivenSecrets({} names)", self.0.len())
+    }
 }
 
 /// Per-execution bounds.
@@ -870,6 +884,12 @@ impl Session {
         // turn into a stream of database writes.
         if let Some(hit) = self.secret_cache().get(name) {
             return Ok(hit.as_ref().map(|v| v.to_string()));
+        }
+        if let Some(v) = self.grants.given_secrets.0.get(name) {
+            self.redactor.add(name, v);
+            self.secret_cache()
+                .insert(name.to_string(), Some(v.clone()));
+            return Ok(Some(v.to_string()));
         }
         let got = self
             .store

@@ -10,6 +10,7 @@
 
 mod doctor;
 mod egress;
+mod handler;
 mod remote;
 mod server;
 
@@ -84,6 +85,21 @@ struct RunArgs {
     /// the API key in AIRLOCK_API_KEY: warm sandboxes, the broker, audit.
     #[arg(long, value_name = "URL", env = "AIRLOCK_SERVER")]
     server: Option<String>,
+    /// Run `handler(ax, input)` from the code with a local broker (logs on
+    /// stderr, agent memory in AIRLOCK_LOCAL_DIR, secrets from --secret)
+    /// and print its output as JSON.
+    #[arg(long)]
+    handler: bool,
+    /// The handler's input: JSON, or @FILE.
+    #[arg(long, value_name = "JSON", requires = "handler")]
+    input: Option<String>,
+    /// A secret the handler may read: NAME=@FILE, or NAME to take the
+    /// environment variable NAME (repeatable; never stored).
+    #[arg(long = "secret", value_name = "NAME", requires = "handler")]
+    secrets: Vec<String>,
+    /// Flow id scoping the handler's agent memory (default `default`).
+    #[arg(long, value_name = "FLOW", requires = "handler")]
+    flow: Option<String>,
     /// Code given inline.
     #[arg(short = 'c', value_name = "CODE", conflicts_with = "file")]
     code: Option<String>,
@@ -264,6 +280,45 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             }
         },
     };
+    if args.handler {
+        if args.server.is_some() {
+            return Err(Usage(
+                "--handler runs locally; through a server use the API's \"handler\": true".into(),
+            ));
+        }
+        let input = match args.input.as_deref() {
+            None => serde_json::Value::Null,
+            Some(text) => {
+                let text = match text.strip_prefix('@') {
+                    Some(p) => std::fs::read_to_string(p).map_err(|e| {
+                        Usage(format!("--input: cannot read {p}: {}", short_io(&e)))
+                    })?,
+                    None => text.to_string(),
+                };
+                serde_json::from_str(&text)
+                    .map_err(|e| Usage(format!("--input is not JSON: {e}")))?
+            }
+        };
+        let mut secrets = airlock_broker::GivenSecrets::default();
+        for s in &args.secrets {
+            let (name, value) = handler::parse_secret(s)?;
+            secrets.0.insert(name, value);
+        }
+        let engine = engine()?;
+        return handler::run(
+            &engine,
+            handler::HandlerRun {
+                language,
+                code: &code,
+                file_name: file_name.as_deref(),
+                policy: &policy,
+                input,
+                secrets,
+                flow: args.flow.clone().unwrap_or_else(|| "default".into()),
+                json: args.json,
+            },
+        );
+    }
     let stdin = read_stdin(policy.limits.stdin_bytes)?;
     if let Some(url) = &args.server {
         if args.policy.is_some() {
@@ -351,9 +406,31 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             ExitCode::SUCCESS
         });
     }
+    if result.reason == TerminationReason::InternalError {
+        eprintln!(
+            "airlock: sandbox failed: {}",
+            result.error.as_deref().unwrap_or("internal error")
+        );
+        return Ok(ExitCode::from(125));
+    }
+    let line = limit_line(&result, &policy);
+    if let Some(line) = line {
+        eprintln!("airlock: {}: {line}", result.reason.as_str());
+    }
+    let code = match (result.exit_code, result.signal) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        (None, None) => 125,
+    };
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// The one line that names the limit that ended a run (none when the
+/// program ended by itself, or the sandbox failed).
+fn limit_line(result: &airlock_sandbox::RunResult, policy: &Policy) -> Option<String> {
     let l = &policy.limits;
-    let line = match result.reason {
-        TerminationReason::Exited => None,
+    match result.reason {
+        TerminationReason::Exited | TerminationReason::InternalError => None,
         TerminationReason::Timeout => {
             Some(format!("wall-clock limit of {} ms reached", l.wall_time_ms))
         }
@@ -377,23 +454,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         TerminationReason::Cancelled
         | TerminationReason::ServerShutdown
         | TerminationReason::ServerRestart => Some("stopped before the program ended".into()),
-        TerminationReason::InternalError => {
-            eprintln!(
-                "airlock: sandbox failed: {}",
-                result.error.as_deref().unwrap_or("internal error")
-            );
-            return Ok(ExitCode::from(125));
-        }
-    };
-    if let Some(line) = line {
-        eprintln!("airlock: {}: {line}", result.reason.as_str());
     }
-    let code = match (result.exit_code, result.signal) {
-        (Some(c), _) => c,
-        (None, Some(s)) => 128 + s,
-        (None, None) => 125,
-    };
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }
 
 fn read_code(path: &Path, cap: u64) -> Result<Vec<u8>, Usage> {

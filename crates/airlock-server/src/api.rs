@@ -988,6 +988,7 @@ async fn create_execution(
             .then(|| req.input.clone().unwrap_or(serde_json::Value::Null)),
         handler: req.handler,
         code: None,
+        given_secrets: Default::default(),
     };
     let mut policy = policy;
     let wanted = req.network.as_ref().map(|net| {

@@ -367,3 +367,127 @@ fn completions_man_page_and_json_output_ending_in_a_newline() {
     let out = run(&["doctor", "--json"]);
     assert!(out.ends_with("]\n"), "{out:?}");
 }
+
+/// `airlock run --handler`: the handler runs with a local broker; stdout
+/// carries its output alone, logs and the program's own output go to
+/// stderr (redacted), memory persists between runs in the local data
+/// directory, and secrets never come from the command line itself.
+#[test]
+fn run_handler_locally_with_logs_memory_and_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "tok-8f2e9a71\n").unwrap();
+    let code = dir.path().join("h.py");
+    std::fs::write(
+        &code,
+        "def handler(ax, input):\n    tok, found = ax.secrets.get('TOKEN')\n    env, _ = ax.secrets.get('FROM_ENV')\n    ax.log.info('seen', user=input['user'], tok=tok)\n    print('program says', tok)\n    n = ax.agent.memory.get('runs', 0) + 1\n    ax.agent.memory.put('runs', n)\n    return {'hi': input['user'], 'runs': n, 'found': found, 'env': env, 'leak': tok}\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        airlock()
+            .arg("run")
+            .args(args)
+            .env("AIRLOCK_LOCAL_DIR", &local)
+            .env("FROM_ENV", "env-value-1234")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let secret = format!("TOKEN=@{}", token.display());
+    let args = [
+        "--handler",
+        "--input",
+        r#"{"user": "ada"}"#,
+        "--secret",
+        &secret,
+        "--secret",
+        "FROM_ENV",
+        code.to_str().unwrap(),
+    ];
+    for runs in [1, 2] {
+        let out = run(&args);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"hi": "ada", "runs": runs, "found": true, "env": "[REDACTED:FROM_ENV]",
+                   "leak": "[REDACTED:TOKEN]"})
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("airlock: log info seen"), "{err}");
+        assert!(err.contains("program says [REDACTED:TOKEN]"), "{err}");
+        assert!(
+            !err.contains("tok-8f2e9a71") && !err.contains("env-value-1234"),
+            "{err}"
+        );
+    }
+    // The value never reaches the local database.
+    for f in std::fs::read_dir(&local).unwrap().flatten() {
+        let bytes = std::fs::read(f.path()).unwrap();
+        assert!(
+            !bytes.windows(12).any(|w| w == b"tok-8f2e9a71"),
+            "{}",
+            f.path().display()
+        );
+    }
+    // A handler's exception: exit 1, the error on stderr.
+    std::fs::write(
+        &code,
+        "def handler(ax, input):\n    raise ValueError('nope')\n",
+    )
+    .unwrap();
+    let out = run(&["--handler", code.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("handler failed: ValueError: nope"));
+    assert!(out.stdout.is_empty());
+    // JavaScript handlers too.
+    let js = dir.path().join("h.js");
+    std::fs::write(
+        &js,
+        "exports.handler = async (ax, input) => ({sum: input.a + input.b});\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "--handler",
+        "--input",
+        r#"{"a": 2, "b": 3}"#,
+        js.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "{\"sum\":5}\n",
+        "{out:?}"
+    );
+    // Bad input: a value on the command line, shell handlers, bad JSON.
+    assert!(
+        bad(&[
+            "run",
+            "--handler",
+            "--secret",
+            "TOKEN=plain",
+            "-c",
+            "1",
+            "--lang",
+            "python"
+        ])
+        .contains("never on the command line")
+    );
+    assert!(
+        bad(&["run", "--handler", "--lang", "shell", "-c", "true"])
+            .contains("python or javascript")
+    );
+    assert!(
+        bad(&[
+            "run",
+            "--handler",
+            "--input",
+            "{nope",
+            "--lang",
+            "python",
+            "-c",
+            "1"
+        ])
+        .contains("--input is not JSON")
+    );
+}
