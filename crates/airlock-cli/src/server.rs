@@ -79,6 +79,20 @@ enum TenantCommand {
     },
     /// List tenants.
     List,
+    /// Delete a tenant: its keys are revoked, its secrets' data key is
+    /// destroyed (sealed values can never be read again), its secrets and
+    /// memory are removed, and its execution records and logs too unless
+    /// --keep-records. Audited; the audit chain keeps its records.
+    Delete {
+        /// Tenant name.
+        name: String,
+        /// Keep its execution records and logs (for later review).
+        #[arg(long)]
+        keep_records: bool,
+        /// Confirm: deletion cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,6 +102,19 @@ enum KeyCommand {
         /// Tenant name.
         #[arg(long)]
         tenant: String,
+        /// Expire the key after this long: 90s, 15m, 12h, 30d. Default:
+        /// never (until revoked).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// Replace a key: a new key is printed once, and the old one stops
+    /// working after --grace (default at once).
+    Rotate {
+        /// Key id (the 16 hex digits after `alk_`).
+        id: String,
+        /// How long the old key keeps working: 90s, 15m, 12h, 30d.
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<String>,
     },
     /// Revoke a key by id.
     Revoke {
@@ -198,6 +225,30 @@ pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> Exit
     }
 }
 
+/// `90s`, `15m`, `12h`, `30d` in ms (at least a second, at most ten years).
+fn parse_duration(text: &str) -> Result<i64, Fail> {
+    let bad = || {
+        Fail::Usage(format!(
+            "{text:?} is not a duration like 90s, 15m, 12h or 30d"
+        ))
+    };
+    let split = text.len().checked_sub(1).ok_or_else(bad)?;
+    let (num, unit) = text.split_at(split);
+    let n: i64 = num.parse().map_err(|_| bad())?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    let ms = n.checked_mul(unit_ms).ok_or_else(bad)?;
+    if !(1_000..=10 * 365 * 86_400_000).contains(&ms) {
+        return Err(bad());
+    }
+    Ok(ms)
+}
+
 /// `airlock admin ...`.
 pub fn admin(args: AdminArgs) -> ExitCode {
     let r = (|| {
@@ -267,13 +318,74 @@ async fn admin_body(
                 println!("{}\t{}", t.id, t.name);
             }
         }
-        AdminCommand::Key(KeyCommand::Create { tenant: name }) => {
+        AdminCommand::Tenant(TenantCommand::Delete {
+            name,
+            keep_records,
+            yes,
+        }) => {
             let t = tenant(name).await?;
-            let (info, key) = store.create_api_key(&t.id, &actor).await.map_err(db)?;
+            if !yes {
+                return Err(Fail::Usage(format!(
+                    "deleting tenant {:?} cannot be undone: add --yes",
+                    t.name
+                )));
+            }
+            let d = store
+                .delete_tenant(&t.id, keep_records, &actor)
+                .await
+                .map_err(|e| match e {
+                    airlock_store::StoreError::Conflict(_) => Fail::Usage(format!(
+                        "tenant {:?} has queued or running executions; retry when they have finished",
+                        t.name
+                    )),
+                    e => db(e),
+                })?;
+            println!(
+                "deleted tenant {}: {} keys revoked, {} secrets, {} memory entries, {} executions, {} log records removed",
+                t.name, d.keys_revoked, d.secrets, d.memory, d.executions, d.logs
+            );
+        }
+        AdminCommand::Key(KeyCommand::Create {
+            tenant: name,
+            expires,
+        }) => {
+            let t = tenant(name).await?;
+            let expires_at = expires
+                .map(|d| parse_duration(&d).map(|ms| airlock_store::now_ms() + ms))
+                .transpose()?;
+            let (info, key) = store
+                .create_api_key(&t.id, expires_at, &actor)
+                .await
+                .map_err(db)?;
             println!("{}", &*key.key);
             eprintln!(
                 "airlock: created key {} for tenant {}; it is shown only this once",
                 info.id, t.name
+            );
+        }
+        AdminCommand::Key(KeyCommand::Rotate { id, grace }) => {
+            if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Fail::Usage("key ids are 16 hex digits".into()));
+            }
+            let grace_ms = grace.map(|g| parse_duration(&g)).transpose()?.unwrap_or(0);
+            let Some((info, key)) = store
+                .rotate_api_key(&id, grace_ms, &actor)
+                .await
+                .map_err(db)?
+            else {
+                return Err(Fail::Usage(format!(
+                    "no active key with id {id} (unknown, revoked or expired)"
+                )));
+            };
+            println!("{}", &*key.key);
+            eprintln!(
+                "airlock: key {id} replaced by {}; the old key {}",
+                info.id,
+                if grace_ms > 0 {
+                    format!("works for {} s more", grace_ms / 1000)
+                } else {
+                    "no longer works".into()
+                }
             );
         }
         AdminCommand::Key(KeyCommand::Revoke { id }) => {
@@ -289,16 +401,15 @@ async fn admin_body(
         }
         AdminCommand::Key(KeyCommand::List { tenant: name }) => {
             let t = tenant(name).await?;
+            let now = airlock_store::now_ms();
             for k in store.list_api_keys(&t.id).await.map_err(db)? {
-                println!(
-                    "{}\t{}",
-                    k.id,
-                    if k.revoked_at_ms.is_some() {
-                        "revoked"
-                    } else {
-                        "active"
-                    }
-                );
+                let state = match (k.revoked_at_ms, k.expires_at_ms) {
+                    (Some(_), _) => "revoked".to_string(),
+                    (None, Some(e)) if e <= now => "expired".to_string(),
+                    (None, Some(e)) => format!("active, expires in {} s", (e - now) / 1000),
+                    (None, None) => "active".to_string(),
+                };
+                println!("{}\t{state}", k.id);
             }
         }
         AdminCommand::Audit(AuditCommand::Verify) => {

@@ -289,6 +289,7 @@ pub async fn authenticate(
         Some(AuthOutcome::Malformed) => ("malformed", None),
         Some(AuthOutcome::Unknown) => ("unknown", None),
         Some(AuthOutcome::Revoked { tenant_id, key_id }) => ("revoked", Some((tenant_id, key_id))),
+        Some(AuthOutcome::Expired { tenant_id, key_id }) => ("expired", Some((tenant_id, key_id))),
     };
     st.metrics.auth_failures.inc();
     let crossed = st.limiter.fail(peer, limit, window);

@@ -114,6 +114,16 @@ pub struct TenantsConfig {
     pub limits: std::collections::BTreeMap<String, ShareConfig>,
 }
 
+/// How long execution records and their logs are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days after an execution ends that its record and logs are removed
+    /// (checked at start and every hour; each removal audited as
+    /// `retention.sweep`). Default: kept for ever.
+    pub executions_days: Option<u64>,
+}
+
 /// Everything `airlock serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -169,6 +179,8 @@ pub struct ServerConfig {
     /// A file the server writes its URL to (atomically, mode 0644) once it
     /// accepts connections, and removes when it stops. Default: none.
     pub ready_file: Option<PathBuf>,
+    /// How long execution records are kept.
+    pub retention: RetentionConfig,
 }
 
 impl Default for ServerConfig {
@@ -194,6 +206,7 @@ impl Default for ServerConfig {
             tenants: TenantsConfig::default(),
             ca_bundle: None,
             ready_file: None,
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -332,6 +345,15 @@ impl ServerConfig {
         if self.max_connections_per_client == 0 || self.max_requests_per_tenant == 0 {
             return Err(ConfigError::Invalid(
                 "max_connections_per_client and max_requests_per_tenant must be at least 1".into(),
+            ));
+        }
+        if self
+            .retention
+            .executions_days
+            .is_some_and(|d| !(1..=36_500).contains(&d))
+        {
+            return Err(ConfigError::Invalid(
+                "retention.executions_days must be in 1..=36500".into(),
             ));
         }
         let t = &self.tenants;

@@ -334,6 +334,29 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     }
     notify_systemd(&format!("READY=1\nSTATUS=listening on http://{local}"));
 
+    if let Some(days) = cfg.retention.executions_days {
+        // Old records go at start and every hour after; each sweep that
+        // removed something is audited.
+        let store = store.clone();
+        tokio::spawn(async move {
+            let actor = airlock_store::Actor {
+                actor: "server".into(),
+                request_id: None,
+            };
+            loop {
+                let before = now_ms() - i64::try_from(days).unwrap_or(36_500) * 86_400_000;
+                match store.sweep_executions(before, &actor).await {
+                    Ok((0, 0)) => {}
+                    Ok((executions, logs)) => {
+                        tracing::info!(executions, logs, days, "retention: removed old records")
+                    }
+                    Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        });
+    }
+
     let app = api::router(state.clone());
     accept_loop(listener, app, state.clone()).await;
     notify_systemd("STOPPING=1");

@@ -79,6 +79,8 @@ pub struct ApiKeyInfo {
     pub created_at_ms: i64,
     /// Revocation time, Unix ms.
     pub revoked_at_ms: Option<i64>,
+    /// Expiry, Unix ms (none: until revoked).
+    pub expires_at_ms: Option<i64>,
 }
 
 /// A key row with its hash, for authentication only.
@@ -217,6 +219,28 @@ pub enum AuthOutcome {
         /// Key id.
         key_id: String,
     },
+    /// A key past its expiry.
+    Expired {
+        /// Tenant.
+        tenant_id: String,
+        /// Key id.
+        key_id: String,
+    },
+}
+
+/// What deleting a tenant removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TenantDeletion {
+    /// Keys revoked.
+    pub keys_revoked: u64,
+    /// Secrets removed (their data key is destroyed either way).
+    pub secrets: u64,
+    /// Memory entries removed.
+    pub memory: u64,
+    /// Execution records removed (0 when kept).
+    pub executions: u64,
+    /// Log records removed (0 when kept).
+    pub logs: u64,
 }
 
 /// Who did something, for audit records.
@@ -319,12 +343,42 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Lists tenants.
     async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError>;
 
-    /// Stores a new key's hash for a tenant.
+    /// Stores a new key's hash for a tenant; it expires at `expires_at_ms`
+    /// when given.
     async fn create_api_key(
         &self,
         tenant_id: &str,
+        expires_at_ms: Option<i64>,
         actor: &Actor,
     ) -> Result<(ApiKeyInfo, NewApiKey), StoreError>;
+    /// Replaces an active key: a new key for the same tenant, and the old
+    /// one expiring `grace_ms` from now (0: revoked now). `None` when there
+    /// is no such active key.
+    async fn rotate_api_key(
+        &self,
+        id: &str,
+        grace_ms: i64,
+        actor: &Actor,
+    ) -> Result<Option<(ApiKeyInfo, NewApiKey)>, StoreError>;
+    /// Deletes a tenant: every key revoked, its data key destroyed (its
+    /// sealed secrets can never be read again) and its secrets and memory
+    /// removed; its execution records and logs removed unless
+    /// `keep_records`. The row stays (renamed) for the audit records that
+    /// name it. Refused (`Conflict`) while it has unfinished executions.
+    async fn delete_tenant(
+        &self,
+        tenant_id: &str,
+        keep_records: bool,
+        actor: &Actor,
+    ) -> Result<TenantDeletion, StoreError>;
+    /// Removes finished execution records (and their logs) that ended
+    /// before `before_ms`; audited when it removed anything. Returns
+    /// (executions, logs).
+    async fn sweep_executions(
+        &self,
+        before_ms: i64,
+        actor: &Actor,
+    ) -> Result<(u64, u64), StoreError>;
     /// Fetches a key row for authentication.
     async fn api_key(&self, id: &str) -> Result<Option<ApiKeyAuth>, StoreError>;
     /// Checks a presented key: shape, keyed hash compared in constant time,

@@ -19,8 +19,8 @@ use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport
 use crate::crypto::{self, Keyring, NewApiKey};
 use crate::{
     Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, LogRecord,
-    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, Store, StoreError, Tenant, new_id,
-    now_ms,
+    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, Store, StoreError, Tenant,
+    TenantDeletion, new_id, now_ms,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -232,7 +232,37 @@ fn key_row(r: &sqlx::sqlite::SqliteRow) -> Result<ApiKeyInfo, StoreError> {
         tenant_id: r.try_get("tenant_id")?,
         created_at_ms: r.try_get("created_at")?,
         revoked_at_ms: r.try_get("revoked_at")?,
+        expires_at_ms: r.try_get("expires_at")?,
     })
+}
+
+/// Inserts a fresh key for `tenant_id` inside a write transaction.
+async fn insert_key(
+    c: &mut sqlx::SqliteConnection,
+    keys: &Keyring,
+    tenant_id: &str,
+    expires_at_ms: Option<i64>,
+) -> Result<(ApiKeyInfo, NewApiKey), StoreError> {
+    let new = crypto::generate_api_key()?;
+    let info = ApiKeyInfo {
+        id: new.id.clone(),
+        tenant_id: tenant_id.to_string(),
+        created_at_ms: now_ms(),
+        revoked_at_ms: None,
+        expires_at_ms,
+    };
+    let hash = keys.api_key_hash(&new.key);
+    sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&info.id)
+    .bind(&info.tenant_id)
+    .bind(hash.as_slice())
+    .bind(info.created_at_ms)
+    .bind(info.expires_at_ms)
+    .execute(&mut *c)
+    .await?;
+    Ok((info, new))
 }
 
 fn secret_row(r: &sqlx::sqlite::SqliteRow) -> Result<SecretMeta, StoreError> {
@@ -377,54 +407,44 @@ impl Store for SqliteStore {
     }
 
     async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>, StoreError> {
-        let r = sqlx::query("SELECT id, name, created_at FROM tenants WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
+        let r = sqlx::query(
+            "SELECT id, name, created_at FROM tenants WHERE name = ? AND deleted_at IS NULL",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
         r.as_ref().map(tenant_row).transpose()
     }
 
     async fn list_tenants(&self) -> Result<Vec<Tenant>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, created_at FROM tenants ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, name, created_at FROM tenants WHERE deleted_at IS NULL ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(tenant_row).collect()
     }
 
     async fn create_api_key(
         &self,
         tenant_id: &str,
+        expires_at_ms: Option<i64>,
         actor: &Actor,
     ) -> Result<(ApiKeyInfo, NewApiKey), StoreError> {
         let tenant_id = tenant_id.to_string();
         let actor = actor.clone();
         self.write_tx(move |c, keys| {
             Box::pin(async move {
-                let known: Option<String> =
-                    sqlx::query_scalar("SELECT id FROM tenants WHERE id = ?")
-                        .bind(&tenant_id)
-                        .fetch_optional(&mut *c)
-                        .await?;
+                let known: Option<String> = sqlx::query_scalar(
+                    "SELECT id FROM tenants WHERE id = ? AND deleted_at IS NULL",
+                )
+                .bind(&tenant_id)
+                .fetch_optional(&mut *c)
+                .await?;
                 if known.is_none() {
                     return Err(StoreError::NotFound("tenant"));
                 }
-                let new = crypto::generate_api_key()?;
-                let info = ApiKeyInfo {
-                    id: new.id.clone(),
-                    tenant_id: tenant_id.clone(),
-                    created_at_ms: now_ms(),
-                    revoked_at_ms: None,
-                };
-                let hash = keys.api_key_hash(&new.key);
-                sqlx::query(
-                    "INSERT INTO api_keys (id, tenant_id, hash, created_at) VALUES (?, ?, ?, ?)",
-                )
-                .bind(&info.id)
-                .bind(&info.tenant_id)
-                .bind(hash.as_slice())
-                .bind(info.created_at_ms)
-                .execute(&mut *c)
-                .await?;
+                let (info, new) = insert_key(c, keys, &tenant_id, expires_at_ms).await?;
                 append_in(
                     c,
                     keys,
@@ -434,7 +454,8 @@ impl Store for SqliteStore {
                         &actor.actor,
                         &info.id,
                         actor.request_id.as_deref(),
-                    ),
+                    )
+                    .with_detail(serde_json::json!({ "expires_at_ms": expires_at_ms })),
                 )
                 .await?;
                 Ok((info, new))
@@ -443,9 +464,205 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn rotate_api_key(
+        &self,
+        id: &str,
+        grace_ms: i64,
+        actor: &Actor,
+    ) -> Result<Option<(ApiKeyInfo, NewApiKey)>, StoreError> {
+        let id = id.to_string();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let now = now_ms();
+                let row: Option<(String, Option<i64>)> = sqlx::query_as(
+                    "SELECT tenant_id, expires_at FROM api_keys WHERE id = ? AND revoked_at IS NULL \
+                     AND (expires_at IS NULL OR expires_at > ?)",
+                )
+                .bind(&id)
+                .bind(now)
+                .fetch_optional(&mut *c)
+                .await?;
+                let Some((tenant, old_expiry)) = row else {
+                    return Ok(None);
+                };
+                let (info, new) = insert_key(c, keys, &tenant, None).await?;
+                if grace_ms <= 0 {
+                    sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ?")
+                        .bind(now)
+                        .bind(&id)
+                        .execute(&mut *c)
+                        .await?;
+                } else {
+                    let until = old_expiry.map_or(now + grace_ms, |e| e.min(now + grace_ms));
+                    sqlx::query("UPDATE api_keys SET expires_at = ? WHERE id = ?")
+                        .bind(until)
+                        .bind(&id)
+                        .execute(&mut *c)
+                        .await?;
+                }
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&tenant),
+                        "api_key.rotate",
+                        &actor.actor,
+                        &id,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({ "new_key": info.id, "grace_ms": grace_ms.max(0) })),
+                )
+                .await?;
+                Ok(Some((info, new)))
+            })
+        })
+        .await
+    }
+
+    async fn delete_tenant(
+        &self,
+        tenant_id: &str,
+        keep_records: bool,
+        actor: &Actor,
+    ) -> Result<TenantDeletion, StoreError> {
+        let tenant_id = tenant_id.to_string();
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let name: Option<String> = sqlx::query_scalar(
+                    "SELECT name FROM tenants WHERE id = ? AND deleted_at IS NULL",
+                )
+                .bind(&tenant_id)
+                .fetch_optional(&mut *c)
+                .await?;
+                let Some(name) = name else {
+                    return Err(StoreError::NotFound("tenant"));
+                };
+                let unfinished: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM executions WHERE tenant_id = ? AND status IN ('queued', 'running')",
+                )
+                .bind(&tenant_id)
+                .fetch_one(&mut *c)
+                .await?;
+                if unfinished > 0 {
+                    return Err(StoreError::Conflict("unfinished executions"));
+                }
+                let now = now_ms();
+                let mut d = TenantDeletion {
+                    keys_revoked: sqlx::query(
+                        "UPDATE api_keys SET revoked_at = ? WHERE tenant_id = ? AND revoked_at IS NULL",
+                    )
+                    .bind(now)
+                    .bind(&tenant_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected(),
+                    secrets: sqlx::query("DELETE FROM secrets WHERE tenant_id = ?")
+                        .bind(&tenant_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected(),
+                    memory: sqlx::query("DELETE FROM memory WHERE tenant_id = ?")
+                        .bind(&tenant_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected(),
+                    ..TenantDeletion::default()
+                };
+                if !keep_records {
+                    d.logs = sqlx::query(
+                        "DELETE FROM execution_logs WHERE execution_id IN \
+                         (SELECT id FROM executions WHERE tenant_id = ?)",
+                    )
+                    .bind(&tenant_id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected();
+                    d.executions = sqlx::query("DELETE FROM executions WHERE tenant_id = ?")
+                        .bind(&tenant_id)
+                        .execute(&mut *c)
+                        .await?
+                        .rows_affected();
+                }
+                // The data key goes: whatever sealed value might remain
+                // anywhere (a backup of this database) can never be opened.
+                sqlx::query(
+                    "UPDATE tenants SET wrapped_dek = X'', deleted_at = ?, name = ? WHERE id = ?",
+                )
+                .bind(now)
+                .bind(format!("deleted:{tenant_id}"))
+                .bind(&tenant_id)
+                .execute(&mut *c)
+                .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&tenant_id),
+                        "tenant.delete",
+                        &actor.actor,
+                        &name,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({
+                        "kept_records": keep_records,
+                        "removed": d,
+                    })),
+                )
+                .await?;
+                Ok(d)
+            })
+        })
+        .await
+    }
+
+    async fn sweep_executions(
+        &self,
+        before_ms: i64,
+        actor: &Actor,
+    ) -> Result<(u64, u64), StoreError> {
+        let actor = actor.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let logs = sqlx::query(
+                    "DELETE FROM execution_logs WHERE execution_id IN (SELECT id FROM executions \
+                     WHERE status IN ('finished', 'failed') AND finished_at IS NOT NULL AND finished_at < ?)",
+                )
+                .bind(before_ms)
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+                let executions = sqlx::query(
+                    "DELETE FROM executions WHERE status IN ('finished', 'failed') \
+                     AND finished_at IS NOT NULL AND finished_at < ?",
+                )
+                .bind(before_ms)
+                .execute(&mut *c)
+                .await?
+                .rows_affected();
+                if executions + logs > 0 {
+                    append_in(
+                        c,
+                        keys,
+                        &NewAudit::new(None, "retention.sweep", &actor.actor, "executions", None)
+                            .with_detail(serde_json::json!({
+                                "before_ms": before_ms,
+                                "executions": executions,
+                                "logs": logs,
+                            })),
+                    )
+                    .await?;
+                }
+                Ok((executions, logs))
+            })
+        })
+        .await
+    }
+
     async fn api_key(&self, id: &str) -> Result<Option<ApiKeyAuth>, StoreError> {
         let r = sqlx::query(
-            "SELECT id, tenant_id, hash, created_at, revoked_at FROM api_keys WHERE id = ?",
+            "SELECT id, tenant_id, hash, created_at, revoked_at, expires_at FROM api_keys WHERE id = ?",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -474,9 +691,12 @@ impl Store for SqliteStore {
         )) {
             return Ok(AuthOutcome::Unknown);
         }
+        let expired = row.info.expires_at_ms.is_some_and(|e| e <= now_ms());
         let (tenant_id, key_id) = (row.info.tenant_id, row.info.id);
         Ok(if row.info.revoked_at_ms.is_some() {
             AuthOutcome::Revoked { tenant_id, key_id }
+        } else if expired {
+            AuthOutcome::Expired { tenant_id, key_id }
         } else {
             AuthOutcome::Valid { tenant_id, key_id }
         })
@@ -521,7 +741,7 @@ impl Store for SqliteStore {
 
     async fn list_api_keys(&self, tenant_id: &str) -> Result<Vec<ApiKeyInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, tenant_id, created_at, revoked_at FROM api_keys WHERE tenant_id = ? ORDER BY created_at",
+            "SELECT id, tenant_id, created_at, revoked_at, expires_at FROM api_keys WHERE tenant_id = ? ORDER BY created_at",
         )
         .bind(tenant_id)
         .fetch_all(&self.pool)
@@ -1274,7 +1494,7 @@ mod tests {
         ));
         // Authentication: the issued key, a flipped secret, a revoked key.
         let s = SqliteStore::open(&db, keys()).await.unwrap();
-        let (info, new) = s.create_api_key(&a.id, &admin()).await.unwrap();
+        let (info, new) = s.create_api_key(&a.id, None, &admin()).await.unwrap();
         assert_eq!(
             s.authenticate(&new.key).await.unwrap(),
             AuthOutcome::Valid {

@@ -16,6 +16,7 @@ mod hygiene;
 mod lifecycle;
 mod pool;
 mod redaction;
+mod tenants;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,0 +1,254 @@
+//! Tenants over time: deletion (keys revoked, data key destroyed, data
+//! removed or kept, the audit chain still verifiable), keys that expire and
+//! rotate, and retention of execution records.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::{Server, admin};
+
+/// Runs a query with python's sqlite3 and returns the rows as JSON.
+fn query(db: &Path, sql: &str) -> Value {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json,sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
+             rows=c.execute(sys.argv[2]).fetchall()\nc.commit()\n\
+             print(json.dumps([[x.hex() if isinstance(x, bytes) else x for x in r] for r in rows]))",
+        )
+        .arg(db)
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn tenant_id(s: &Server, name: &str) -> String {
+    let out = admin(&s.data(), &["tenant", "list"]);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find(|l| l.ends_with(&format!("\t{name}")))
+        .unwrap_or_else(|| panic!("no tenant {name}"))
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn deleting_a_tenant_revokes_its_keys_destroys_its_data_key_and_keeps_the_chain() {
+    let s = Server::start_with(&[]);
+    let a = s.tenant("alpha");
+    let b = s.tenant("beta");
+    let alpha = tenant_id(&s, "alpha");
+    for key in [&a, &b] {
+        let r = s.req(
+            "PUT",
+            "/v1/secrets/DB",
+            Some(key),
+            Some(&json!({"value": "pw-4d2c"})),
+        );
+        assert_eq!(r.status, 200);
+        let r = s.req(
+            "PUT",
+            "/v1/memory/f/k",
+            Some(key),
+            Some(&json!({"value": 1})),
+        );
+        assert_eq!(r.status, 200);
+        s.run(
+            key,
+            "python",
+            "import airlock\nairlock.connect().log.info('x')\nprint(1)",
+        );
+    }
+    let db = s.data().join("airlock.db");
+    // Refused without confirmation, and while an execution is unfinished.
+    let out = admin(&s.data(), &["tenant", "delete", "alpha"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--yes"));
+    let r = s.post(
+        "/v1/executions",
+        &a,
+        json!({"language": "shell", "code": "sleep 2", "wait": false}),
+    );
+    let running = r.json()["id"].as_str().unwrap().to_string();
+    let out = admin(&s.data(), &["tenant", "delete", "alpha", "--yes"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("queued or running"));
+    s.wait_status(&a, &running, &["finished"]);
+    // Deleted, while the server runs.
+    let out = admin(&s.data(), &["tenant", "delete", "alpha", "--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "1 keys revoked, 1 secrets, 1 memory entries, 2 executions, 1 log records removed"
+        ),
+        "{text}"
+    );
+    // Its key is refused like any unknown one; beta is untouched.
+    s.get("/v1/secrets", &a).problem(401, "unauthorized");
+    assert_eq!(s.get("/v1/secrets", &b).json()["secrets"][0]["name"], "DB");
+    assert_eq!(s.get("/v1/memory/f/k", &b).json()["value"], 1);
+    // Its data key is gone and nothing of its data is left.
+    let row = query(
+        &db,
+        &format!(
+            "SELECT length(wrapped_dek), name, deleted_at IS NOT NULL FROM tenants WHERE id = '{alpha}'"
+        ),
+    );
+    assert_eq!(row, json!([[0, format!("deleted:{alpha}"), 1]]));
+    for table in ["secrets", "memory", "executions"] {
+        let n = query(
+            &db,
+            &format!("SELECT COUNT(*) FROM {table} WHERE tenant_id = '{alpha}'"),
+        );
+        assert_eq!(n, json!([[0]]), "{table}");
+    }
+    // The deletion is audited, the chain verifies, the name is free again.
+    let kinds = query(
+        &db,
+        &format!(
+            "SELECT COUNT(*) FROM audit WHERE tenant_id = '{alpha}' AND kind = 'tenant.delete'"
+        ),
+    );
+    assert_eq!(kinds, json!([[1]]));
+    let out = admin(&s.data(), &["audit", "verify"]);
+    assert!(out.status.success(), "{out:?}");
+    let a2 = s.tenant("alpha");
+    assert_eq!(s.get("/v1/secrets", &a2).json()["secrets"], json!([]));
+    // With --keep-records, the records stay for review.
+    let beta = tenant_id(&s, "beta");
+    let out = admin(
+        &s.data(),
+        &["tenant", "delete", "beta", "--yes", "--keep-records"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let n = query(
+        &db,
+        &format!("SELECT COUNT(*) FROM executions WHERE tenant_id = '{beta}'"),
+    );
+    assert_eq!(n, json!([[1]]));
+    s.get("/v1/secrets", &b).problem(401, "unauthorized");
+}
+
+#[test]
+fn keys_expire_and_rotate_and_an_expired_key_is_refused_like_any_other() {
+    let s = Server::start_with(&[]);
+    let forever = s.tenant("acme");
+    let make = |args: &[&str]| {
+        let out = admin(&s.data(), args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let short = make(&["key", "create", "--tenant", "acme", "--expires", "2s"]);
+    assert_eq!(
+        s.get("/v1/secrets", &short).status,
+        200,
+        "works before it expires"
+    );
+    // Rotation with a grace period: both work, then only the new one.
+    let old = make(&["key", "create", "--tenant", "acme"]);
+    let new = make(&["key", "rotate", &old[4..20], "--grace", "2s"]);
+    assert_eq!(s.get("/v1/secrets", &old).status, 200);
+    assert_eq!(s.get("/v1/secrets", &new).status, 200);
+    // Rotation without one: the old key stops at once.
+    let newer = make(&["key", "rotate", &new[4..20]]);
+    s.get("/v1/secrets", &new).problem(401, "unauthorized");
+    std::thread::sleep(Duration::from_millis(2500));
+    let expired = s.get("/v1/secrets", &short);
+    let unknown = s.get(
+        "/v1/secrets",
+        "alk_0123456789abcdef_0000000000000000000000000000000000000000000000000000000000000000",
+    );
+    expired.problem(401, "unauthorized");
+    assert_eq!(expired.body, unknown.body, "one identical 401 body");
+    s.get("/v1/secrets", &old).problem(401, "unauthorized");
+    // Positive controls: keys without expiry keep working.
+    assert_eq!(s.get("/v1/secrets", &newer).status, 200);
+    assert_eq!(s.get("/v1/secrets", &forever).status, 200);
+    let list = make(&["key", "list", "--tenant", "acme"]);
+    assert_eq!(list.matches("\texpired").count(), 2, "{list}");
+    assert_eq!(list.matches("\trevoked").count(), 1, "{list}");
+    let audit = s.get("/v1/audit?limit=500", &forever).json();
+    let reasons: Vec<&str> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "auth.failure")
+        .filter_map(|e| e["detail"]["reason"].as_str())
+        .collect();
+    assert!(reasons.contains(&"expired"), "{reasons:?}");
+    assert!(audit.to_string().contains("api_key.rotate"));
+    // Bad durations are bad input.
+    for d in ["0s", "12x", "-1h", "99999d"] {
+        let out = admin(
+            &s.data(),
+            &["key", "create", "--tenant", "acme", "--expires", d],
+        );
+        assert_eq!(out.status.code(), Some(2), "{d}");
+    }
+}
+
+#[test]
+fn retention_removes_old_execution_records_at_start_and_audits_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "[retention]\nexecutions_days = 1\n").unwrap();
+    let mut s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    let old = s.run(
+        &key,
+        "python",
+        "import airlock\nairlock.connect().log.info('old')",
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let recent = s.run(&key, "shell", "true")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.terminate();
+    let db = s.data().join("airlock.db");
+    // One record ended two days ago.
+    query(
+        &db,
+        &format!(
+            "UPDATE executions SET finished_at = finished_at - 2 * 86400000 WHERE id = '{old}'"
+        ),
+    );
+    s.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.get(&format!("/v1/executions/{old}"), &key).status != 404 {
+        assert!(std::time::Instant::now() < deadline, "old record kept");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Positive control: the recent one stays.
+    assert_eq!(s.get(&format!("/v1/executions/{recent}"), &key).status, 200);
+    let logs = query(
+        &db,
+        &format!("SELECT COUNT(*) FROM execution_logs WHERE execution_id = '{old}'"),
+    );
+    assert_eq!(logs, json!([[0]]));
+    let sweep = query(
+        &db,
+        "SELECT detail FROM audit WHERE kind = 'retention.sweep'",
+    );
+    let detail: Value = serde_json::from_str(sweep[0][0].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (detail["executions"].as_u64(), detail["logs"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(admin(&s.data(), &["audit", "verify"]).status.success());
+}
