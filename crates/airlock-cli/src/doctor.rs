@@ -78,25 +78,18 @@ fn version_of(bin: &str, arg: &str) -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
-/// Pool lines of a running server's /metrics (plain HTTP on `url`).
-fn pool_state(url: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let hostport = url
-        .strip_prefix("http://")
-        .ok_or("only http:// URLs")?
-        .trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(hostport).map_err(|e| format!("{hostport}: {e}"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-        .ok();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut body = String::new();
-    s.take(1 << 20)
-        .read_to_string(&mut body)
+/// Pool lines of a running server's /metrics (`url`: http:// or https://,
+/// verified with `ca` or the system's CAs).
+fn pool_state(url: &str, ca: Option<&Path>) -> Result<String, String> {
+    let t = crate::client::target(url)?;
+    let mut conn = crate::client::connect(&t, ca, std::time::Duration::from_secs(5))?;
+    let req = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        t.authority
+    );
+    let raw = crate::client::exchange(conn.as_mut(), req.as_bytes(), 1 << 20)
         .map_err(|e| e.to_string())?;
+    let body = String::from_utf8_lossy(&raw).into_owned();
     let pools: Vec<String> = body
         .lines()
         .filter(|l| l.starts_with("airlock_pool_") && !l.contains("_bucket") && !l.starts_with('#'))
@@ -108,7 +101,7 @@ fn pool_state(url: &str) -> Result<String, String> {
     Ok(pools.join(", "))
 }
 
-pub fn run(json: bool, server: Option<&str>) -> ExitCode {
+pub fn run(json: bool, server: Option<&str>, ca: Option<&Path>) -> ExitCode {
     let mut checks = Vec::new();
 
     let max_userns = read("/proc/sys/user/max_user_namespaces")
@@ -302,7 +295,7 @@ pub fn run(json: bool, server: Option<&str>) -> ExitCode {
     });
 
     if let Some(url) = server {
-        let state = pool_state(url);
+        let state = pool_state(url, ca);
         checks.push(Check {
             name: "warm_pools",
             ok: state.is_ok(),

@@ -8,6 +8,7 @@
 //! Exit codes: the program's own code; 128+N when it died of signal N; 2 for
 //! bad input (nothing was started); 125 when the sandbox itself failed.
 
+mod client;
 mod doctor;
 mod egress;
 mod handler;
@@ -50,6 +51,9 @@ enum Command {
         /// (e.g. http://127.0.0.1:7070), read from its /metrics.
         #[arg(long, value_name = "URL")]
         server: Option<String>,
+        /// CA certificates (PEM) to verify an https:// server with.
+        #[arg(long, value_name = "FILE", env = "AIRLOCK_CA", requires = "server")]
+        ca: Option<PathBuf>,
     },
     /// Print a shell completion script (e.g. `airlock completions bash >
     /// /etc/bash_completion.d/airlock`).
@@ -85,6 +89,10 @@ struct RunArgs {
     /// the API key in AIRLOCK_API_KEY: warm sandboxes, the broker, audit.
     #[arg(long, value_name = "URL", env = "AIRLOCK_SERVER")]
     server: Option<String>,
+    /// CA certificates (PEM) to verify an https:// --server with (default:
+    /// the system's).
+    #[arg(long, value_name = "FILE", env = "AIRLOCK_CA")]
+    ca: Option<PathBuf>,
     /// Run `handler(ax, input)` from the code with a local broker (logs on
     /// stderr, agent memory in AIRLOCK_LOCAL_DIR, secrets from --secret)
     /// and print its output as JSON.
@@ -145,12 +153,21 @@ fn main() -> ExitCode {
                 let _ = e.print();
                 return ExitCode::SUCCESS;
             }
+            // clap's first paragraph, on one line (a missing argument is
+            // named on the line after the message).
             let text = e.to_string();
-            let line = text
+            let first: Vec<&str> = text
                 .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let line = first.join(" ");
+            let line = line.trim_start_matches("error: ");
+            let line = if line.is_empty() {
+                "invalid arguments"
+            } else {
+                line
+            };
             eprintln!("airlock: {line} (see airlock --help)");
             return ExitCode::from(2);
         }
@@ -163,7 +180,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Doctor { json, server } => doctor::run(json, server.as_deref()),
+        Command::Doctor { json, server, ca } => doctor::run(json, server.as_deref(), ca.as_deref()),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "airlock", &mut std::io::stdout());
@@ -343,6 +360,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             stdin: &stdin,
             limits,
             json: args.json,
+            ca: args.ca.as_deref(),
         });
     }
     let engine = engine()?;

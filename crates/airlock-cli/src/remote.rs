@@ -3,8 +3,7 @@
 //! sandbox. The API key comes from `AIRLOCK_API_KEY` (never from the command
 //! line, where other users could read it in the process list).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,17 +23,9 @@ pub struct Remote<'a> {
     pub stdin: &'a [u8],
     pub limits: serde_json::Map<String, Value>,
     pub json: bool,
-}
-
-fn host_port(url: &str) -> Result<&str, Usage> {
-    let hp = url
-        .strip_prefix("http://")
-        .ok_or_else(|| Usage(format!("--server {url}: only http:// URLs")))?
-        .trim_end_matches('/');
-    if hp.is_empty() || hp.contains('/') || hp.contains('@') {
-        return Err(Usage(format!("--server {url}: expected http://HOST:PORT")));
-    }
-    Ok(hp)
+    /// CA certificates to verify an https:// server with (default: the
+    /// system's).
+    pub ca: Option<&'a std::path::Path>,
 }
 
 /// Body of an HTTP/1.1 response read to its end (Content-Length or chunked).
@@ -65,7 +56,7 @@ fn split_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
 }
 
 pub fn run(r: Remote<'_>) -> Result<ExitCode, Usage> {
-    let hp = host_port(r.url)?;
+    let t = crate::client::target(r.url).map_err(|e| Usage(format!("--server {e}")))?;
     let key = std::env::var("AIRLOCK_API_KEY")
         .map_err(|_| Usage("--server needs the API key in AIRLOCK_API_KEY".into()))?;
     if key.is_empty() || key.len() > 256 || !key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -80,24 +71,19 @@ pub fn run(r: Remote<'_>) -> Result<ExitCode, Usage> {
         body["limits"] = Value::Object(r.limits);
     }
     let body = serde_json::to_vec(&body).map_err(|e| Usage(e.to_string()))?;
-    let unreachable = |e: std::io::Error| Usage(format!("--server {}: {e}", r.url));
-    let mut s = TcpStream::connect(hp).map_err(unreachable)?;
-    let _ = s.set_nodelay(true);
     // The server answers when the execution ends: allow its longest limit.
-    s.set_read_timeout(Some(Duration::from_secs(24 * 3600 + 60)))
-        .map_err(unreachable)?;
+    let mut conn = crate::client::connect(&t, r.ca, Duration::from_secs(24 * 3600 + 60))
+        .map_err(|e| Usage(format!("--server {}: {e}", r.url)))?;
     let mut req = format!(
-        "POST /v1/executions HTTP/1.1\r\nHost: {hp}\r\nAuthorization: Bearer {key}\r\n\
+        "POST /v1/executions HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {key}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        t.authority,
         body.len()
     )
     .into_bytes();
     req.extend_from_slice(&body);
-    s.write_all(&req).map_err(unreachable)?;
-    let mut raw = Vec::new();
-    s.take(MAX_RESPONSE)
-        .read_to_end(&mut raw)
-        .map_err(unreachable)?;
+    let raw = crate::client::exchange(conn.as_mut(), &req, MAX_RESPONSE)
+        .map_err(|e| Usage(format!("--server {}: {e}", r.url)))?;
     let (status, body) = split_response(&raw)
         .ok_or_else(|| Usage(format!("--server {}: not an HTTP response", r.url)))?;
     let doc: Value = serde_json::from_slice(&body)
@@ -161,19 +147,5 @@ mod tests {
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffff\r\nab";
         assert_eq!(split_response(raw), None);
         assert_eq!(split_response(b"garbage\r\n\r\n"), None);
-    }
-
-    #[test]
-    fn only_plain_host_port_urls() {
-        assert!(host_port("http://127.0.0.1:7070/").is_ok());
-        for bad in [
-            "https://x:1",
-            "http://",
-            "http://u@h:1",
-            "http://h:1/path",
-            "ftp://h",
-        ] {
-            assert!(host_port(bad).is_err(), "{bad}");
-        }
     }
 }

@@ -43,6 +43,23 @@ pub struct ServeArgs {
     /// accepts connections, for scripts that must not race its start.
     #[arg(long, env = "AIRLOCK_READY_FILE", value_name = "FILE")]
     ready_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key;
+    /// reloaded on SIGHUP).
+    #[arg(
+        long,
+        env = "AIRLOCK_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's PEM private key.
+    #[arg(
+        long,
+        env = "AIRLOCK_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
 }
 
 /// `airlock admin`.
@@ -206,6 +223,9 @@ pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> Exit
         if let Some(v) = args.ready_file {
             cfg.ready_file = Some(v);
         }
+        if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+            cfg.tls = Some(airlock_server::tls::TlsConfig { cert, key });
+        }
         cfg.validate().map_err(|e| Fail::Usage(e.to_string()))?;
         let ca = cfg
             .ca_bundle
@@ -214,6 +234,11 @@ pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> Exit
         if let Some(p) = ca {
             engine.extra_ca =
                 Some(airlock_sandbox::rootfs::load_extra_ca(&p).map_err(Fail::Usage)?);
+        }
+        if let Some(t) = &cfg.tls {
+            // A certificate that does not load is bad input: exit 2 before
+            // anything starts.
+            airlock_server::tls::load(t).map_err(|e| Fail::Usage(e.to_string()))?;
         }
         runtime(true)?
             .block_on(airlock_server::serve(cfg, engine))

@@ -181,6 +181,9 @@ pub struct ServerConfig {
     pub ready_file: Option<PathBuf>,
     /// How long execution records are kept.
     pub retention: RetentionConfig,
+    /// Serve HTTPS with this certificate and key (`[tls]`, both required).
+    /// Default: plain HTTP, meant for loopback.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -207,6 +210,7 @@ impl Default for ServerConfig {
             ca_bundle: None,
             ready_file: None,
             retention: RetentionConfig::default(),
+            tls: None,
         }
     }
 }

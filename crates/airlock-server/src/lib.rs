@@ -20,6 +20,7 @@ pub mod live;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +72,9 @@ pub enum ServeError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] airlock_store::StoreError),
+    /// The TLS certificate or key could not be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Binding or serving failed.
     #[error("listen on {addr}: {source}")]
     Listen {
@@ -228,6 +232,12 @@ pub async fn recover(
 /// Runs the server until SIGTERM or SIGINT, then drains.
 pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), ServeError> {
     cfg.validate()?;
+    // Before anything is touched: a bad certificate is a configuration
+    // error.
+    let tls = match &cfg.tls {
+        Some(t) => Some(Arc::new(tls::Tls::new(t.clone())?)),
+        None => None,
+    };
     config::prepare_data_dir(&cfg.data_dir).map_err(ServeError::Setup)?;
     // One server per data directory: a second one would mark the first
     // one's running executions as crashed.
@@ -323,16 +333,25 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
                 .with_detail(serde_json::json!({ "pid": std::process::id() })),
         )
         .await?;
-    tracing::info!(addr = %local, data_dir = %cfg.data_dir.display(), "airlock serving");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(addr = %local, data_dir = %cfg.data_dir.display(), tls = tls.is_some(), "airlock serving");
+    if tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(
+            addr = %local,
+            "serving plain HTTP beyond loopback: API keys and secrets cross the network in clear; \
+             configure [tls] (or --tls-cert/--tls-key) or put a TLS proxy in front"
+        );
+    }
+    spawn_reloader(tls.clone(), store.clone());
     // The socket listens (connections queue from here on): a line for
     // scripts (and tests) that start the server on port 0, the ready file,
     // and systemd's readiness notification.
-    println!("airlock: listening on http://{local}");
+    println!("airlock: listening on {scheme}://{local}");
     if let Some(p) = &cfg.ready_file {
-        write_ready_file(p, &format!("http://{local}\n"))
+        write_ready_file(p, &format!("{scheme}://{local}\n"))
             .map_err(|e| ServeError::Setup(format!("ready file {}: {e}", p.display())))?;
     }
-    notify_systemd(&format!("READY=1\nSTATUS=listening on http://{local}"));
+    notify_systemd(&format!("READY=1\nSTATUS=listening on {scheme}://{local}"));
 
     if let Some(days) = cfg.retention.executions_days {
         // Old records go at start and every hour after; each sweep that
@@ -358,7 +377,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     }
 
     let app = api::router(state.clone());
-    accept_loop(listener, app, state.clone()).await;
+    accept_loop(listener, app, state.clone(), tls).await;
     notify_systemd("STOPPING=1");
     if let Some(p) = &cfg.ready_file {
         let _ = std::fs::remove_file(p);
@@ -372,6 +391,43 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("airlock stopped");
     Ok(())
+}
+
+/// SIGHUP reloads the TLS certificate and key (systemd's `ExecReload=kill
+/// -HUP $MAINPID`, a renewal hook). Without TLS it is logged and ignored, so
+/// a stray SIGHUP never stops the server. Each reload is audited.
+fn spawn_reloader(tls: Option<Arc<tls::Tls>>, store: Arc<dyn Store>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP: certificates reload only on restart");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: nothing to reload (no TLS configured)");
+                continue;
+            };
+            let detail = match tls.reload() {
+                Ok(()) => {
+                    tracing::info!("SIGHUP: TLS certificate and key reloaded");
+                    serde_json::json!({ "ok": true })
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS reload failed; the previous certificate stays in use");
+                    serde_json::json!({ "ok": false, "error": e.to_string() })
+                }
+            };
+            let audit =
+                NewAudit::new(None, "server.tls_reload", "server", "", None).with_detail(detail);
+            if let Err(e) = store.append_audit(audit).await {
+                tracing::error!(error = %e, "audit of the TLS reload failed");
+            }
+        }
+    });
 }
 
 /// Writes `text` to `path` through a temporary file and a rename, so a
@@ -412,12 +468,17 @@ fn notify_systemd(state: &str) {
 /// A client must send its request head within this time (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A TLS client must complete its handshake within this time.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Accepts connections until the drain completes, then gives open
 /// connections a bounded time to finish.
-async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: AppState) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    st: AppState,
+    tls: Option<Arc<tls::Tls>>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let limits = conn::ConnLimits::new(st.cfg.max_connections, st.cfg.max_connections_per_client);
     let mut drained = std::pin::pin!(drain(st));
@@ -437,30 +498,34 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: A
         let permit = match limits.admit(peer.ip()) {
             Ok(p) => p,
             Err(why) => {
-                // Answered, not reset: the client learns why and when to
-                // come back. Nothing of the request is read.
-                let answer = match why {
-                    conn::Refused::ServerFull => conn::problem_response(
-                        503,
-                        "Service Unavailable",
-                        "server_busy",
-                        "Server busy",
-                        "the server holds as many connections as it serves; retry later",
-                        Some(1),
-                    ),
-                    conn::Refused::ClientFull => conn::problem_response(
-                        429,
-                        "Too Many Requests",
-                        "too_many_connections",
-                        "Too many connections",
-                        "this client holds as many connections as it may; close some or retry later",
-                        Some(1),
-                    ),
-                };
-                // One non-blocking write (a fresh connection's buffer holds
-                // it) and close: a refused connection costs no task and
-                // holds no descriptor.
-                let _ = stream.try_write(&answer);
+                if tls.is_none() {
+                    // Answered, not reset: the client learns why and when
+                    // to come back. Nothing of the request is read.
+                    let answer = match why {
+                        conn::Refused::ServerFull => conn::problem_response(
+                            503,
+                            "Service Unavailable",
+                            "server_busy",
+                            "Server busy",
+                            "the server holds as many connections as it serves; retry later",
+                            Some(1),
+                        ),
+                        conn::Refused::ClientFull => conn::problem_response(
+                            429,
+                            "Too Many Requests",
+                            "too_many_connections",
+                            "Too many connections",
+                            "this client holds as many connections as it may; close some or retry later",
+                            Some(1),
+                        ),
+                    };
+                    // One non-blocking write (a fresh connection's buffer
+                    // holds it) and close: a refused connection costs no
+                    // task and holds no descriptor.
+                    let _ = stream.try_write(&answer);
+                }
+                // Over TLS an answer would cost a handshake, the very work
+                // the limit spares: the connection is closed unanswered.
                 drop(stream);
                 continue;
             }
@@ -469,18 +534,27 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: A
         let svc = app
             .clone()
             .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(
-                TokioIo::new(conn::Guarded::new(stream)),
-                TowerToHyperService::new(svc),
-            );
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
+        // Subscribed now, so a connection whose handshake ends after the
+        // drain began is still shut down gracefully (and waited for).
+        let watcher = graceful.watcher();
+        match &tls {
+            None => {
+                tokio::spawn(serve_conn(stream, svc, watcher, permit));
+            }
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => serve_conn(s, svc, watcher, permit).await,
+                        // Scanners and plain-HTTP clients: nothing to tell
+                        // an operator at the default level.
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     // Drained: every execution is final. Open connections (a slow reader,
@@ -491,6 +565,29 @@ async fn accept_loop(listener: tokio::net::TcpListener, app: axum::Router, st: A
     {
         tracing::warn!("connections still open 5 s after the drain; closing them");
     }
+}
+
+/// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it
+/// closes; the connection's slot is released at the end.
+async fn serve_conn<IO>(
+    io: IO,
+    svc: axum::Router,
+    watcher: hyper_util::server::graceful::Watcher,
+    permit: conn::ConnSlot,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(
+            TokioIo::new(conn::Guarded::new(io)),
+            TowerToHyperService::new(svc),
+        );
+    let _ = watcher.watch(conn).await;
+    drop(permit);
 }
 
 /// Waits for SIGTERM/SIGINT, then: refuse new executions, stop queued

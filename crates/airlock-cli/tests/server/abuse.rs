@@ -345,7 +345,7 @@ fn the_http_librarys_own_errors_are_problem_documents() {
 
 /// Audit rows (kind, detail) of this data directory, read with python's
 /// sqlite3: auth failures of no known tenant are in no tenant's trail.
-fn audit_rows(db: &std::path::Path) -> Vec<(String, Value)> {
+pub fn audit_rows(db: &std::path::Path) -> Vec<(String, Value)> {
     let out = std::process::Command::new("python3")
         .arg("-c")
         .arg(

@@ -912,29 +912,6 @@ fn airlock_run_accepts_the_allowlist_from_a_policy_file() {
     assert_eq!(v["stdout"], "111\n", "{v}");
 }
 
-/// A test CA and a certificate for `pkgs.test` signed by it (openssl CLI,
-/// EC keys), in `dir`.
-fn test_ca(dir: &std::path::Path) {
-    let sh = format!(
-        "set -e; cd {d}
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=airlock-test-ca 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=pkgs.test 2>/dev/null
-printf 'subjectAltName=DNS:pkgs.test\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
-openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf 2>/dev/null",
-        d = dir.display()
-    );
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(&sh)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// An HTTPS package index on 127.0.0.5:`port` under the test CA (python's
 /// http.server behind ssl, a test upstream): `/` answers `tls-ok`,
 /// `/simple/demo/` lists one wheel, which it serves.
@@ -1007,7 +984,7 @@ impl Drop for KillOnDrop {
 #[test]
 fn https_through_egress_works_for_real_clients_under_an_operator_ca() {
     let dir = tempfile::tempdir().unwrap();
-    test_ca(dir.path());
+    crate::test_ca(dir.path(), "DNS:pkgs.test");
     let ca = dir.path().join("ca.pem");
     let t = setup_with(&format!("ca_bundle = {:?}", ca.display().to_string()));
     let p = t.up.port;

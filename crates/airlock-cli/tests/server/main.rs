@@ -17,6 +17,7 @@ mod lifecycle;
 mod pool;
 mod redaction;
 mod tenants;
+mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -45,6 +46,8 @@ pub struct Server {
     /// Run the server and admin commands as uid/gid 65534 from this copy
     /// of the binary (a rootless server).
     pub unprivileged: Option<PathBuf>,
+    /// `--listen` (default 127.0.0.1:0).
+    pub listen: String,
 }
 
 /// The command that runs the binary (as 65534 through setpriv, when
@@ -89,6 +92,7 @@ impl Server {
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             stderr_path,
             unprivileged: None,
+            listen: "127.0.0.1:0".into(),
         }
     }
 
@@ -152,7 +156,7 @@ impl Server {
         let mut child = airlock_cmd(self.unprivileged.as_deref())
             .arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(&self.listen)
             .arg("--data-dir")
             .arg(self.data())
             .args(&self.extra_args)
@@ -168,9 +172,10 @@ impl Server {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
+        let line = line.trim();
         let addr = line
-            .trim()
             .strip_prefix("airlock: listening on http://")
+            .or_else(|| line.strip_prefix("airlock: listening on https://"))
             .unwrap_or_else(|| panic!("server did not start: {line:?} {}", self.log()));
         self.addr = addr.parse().unwrap();
         self.child = Some(child);
@@ -255,6 +260,26 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A test CA (`ca.pem`, `ca.key`) and a server certificate signed by it for
+/// `san` (`srv.pem`, `srv.key`; e.g. `DNS:pkgs.test` or
+/// `IP:127.0.0.1,DNS:localhost`) in `dir`: openssl CLI, EC P-256 keys.
+pub fn test_ca(dir: &Path, san: &str) {
+    let sh = format!(
+        "set -e; cd {d}
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=airlock-test-ca 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout srv.key -out srv.csr -subj /CN=airlock-test-server 2>/dev/null
+printf 'subjectAltName={san}\\nbasicConstraints=CA:FALSE\\n' > ext.cnf
+openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext.cnf 2>/dev/null",
+        d = dir.display()
+    );
+    let out = Command::new("sh").arg("-c").arg(&sh).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for Server {
