@@ -18,6 +18,7 @@ def start_server(airlock, data, workers, config=None):
             sys.exit(f"airlock admin {' '.join(args)} failed: {p.stderr}")
         return p.stdout.strip()
 
+    admin("init")
     admin("tenant", "create", "bench")
     key = admin("key", "create", "--tenant", "bench")
     log = open(os.path.join(data, "..", "server.log"), "w")

@@ -88,6 +88,9 @@ fn tls_config(ca: Option<&Path>) -> Result<rustls::ClientConfig, String> {
             for c in rustls_native_certs::load_native_certs().certs {
                 let _ = roots.add(c);
             }
+            if roots.is_empty() {
+                return Err("no CA certificates found on this system; pass --ca FILE".into());
+            }
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -113,7 +116,7 @@ pub fn connect(t: &Target, ca: Option<&Path>, timeout: Duration) -> Result<Box<d
     } else {
         None
     };
-    let s = TcpStream::connect(&t.authority).map_err(|e| format!("{}: {e}", t.authority))?;
+    let s = connect_tcp(&t.authority)?;
     let _ = s.set_nodelay(true);
     s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
@@ -129,6 +132,28 @@ pub fn connect(t: &Target, ca: Option<&Path>, timeout: Duration) -> Result<Box<d
             .map_err(|e| format!("TLS with {}: {e}", t.authority))?;
     }
     Ok(Box::new(tls))
+}
+
+/// How long connecting may take (per address the name resolves to).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the first address of `authority` that answers.
+fn connect_tcp(authority: &str) -> Result<TcpStream, String> {
+    use std::net::ToSocketAddrs;
+    let addrs = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("{authority}: {e}"))?;
+    let mut last = None;
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(match last {
+        Some(e) => format!("{authority}: {e}"),
+        None => format!("{authority}: the name has no address"),
+    })
 }
 
 /// Sends one request and reads the whole response (at most `max` bytes).

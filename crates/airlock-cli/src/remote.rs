@@ -39,7 +39,17 @@ fn split_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
         l.starts_with("transfer-encoding:") && l.contains("chunked")
     });
     if !chunked {
-        return Some((status, body.to_vec()));
+        // A response cut short (a connection closed early, a TLS stream
+        // ended without close_notify) is not a response.
+        let length = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        });
+        return match length {
+            Some(n) => Some((status, body.get(..n)?.to_vec())),
+            None => Some((status, body.to_vec())),
+        };
     }
     let (mut out, mut rest) = (Vec::new(), body);
     loop {
@@ -144,6 +154,8 @@ mod tests {
         assert_eq!(split_response(raw), Some((201, b"{\"a\":1}".to_vec())));
         // Truncated or malformed: refused, never a panic.
         assert_eq!(split_response(b"HTTP/1.1 200 OK\r\n"), None);
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{\"a\":";
+        assert_eq!(split_response(raw), None);
         let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffff\r\nab";
         assert_eq!(split_response(raw), None);
         assert_eq!(split_response(b"garbage\r\n\r\n"), None);

@@ -132,6 +132,10 @@ enum KeyCommand {
         /// How long the old key keeps working: 90s, 15m, 12h, 30d.
         #[arg(long, value_name = "DURATION")]
         grace: Option<String>,
+        /// How long the new key works (default: as long as the old one was
+        /// issued for; never expiring if it never did).
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
     },
     /// Revoke a key by id.
     Revoke {
@@ -388,13 +392,14 @@ async fn admin_body(
                 info.id, t.name
             );
         }
-        AdminCommand::Key(KeyCommand::Rotate { id, grace }) => {
+        AdminCommand::Key(KeyCommand::Rotate { id, grace, expires }) => {
             if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Fail::Usage("key ids are 16 hex digits".into()));
             }
             let grace_ms = grace.map(|g| parse_duration(&g)).transpose()?.unwrap_or(0);
+            let lifetime_ms = expires.map(|e| parse_duration(&e)).transpose()?;
             let Some((info, key)) = store
-                .rotate_api_key(&id, grace_ms, &actor)
+                .rotate_api_key(&id, grace_ms, lifetime_ms, &actor)
                 .await
                 .map_err(db)?
             else {

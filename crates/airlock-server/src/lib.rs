@@ -232,6 +232,9 @@ pub async fn recover(
 /// Runs the server until SIGTERM or SIGINT, then drains.
 pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), ServeError> {
     cfg.validate()?;
+    // First: from here on a SIGHUP (a reload sent early by a unit's
+    // ExecReload) must not take the default action and kill the server.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // Before anything is touched: a bad certificate is a configuration
     // error.
     let tls = match &cfg.tls {
@@ -342,7 +345,7 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
              configure [tls] (or --tls-cert/--tls-key) or put a TLS proxy in front"
         );
     }
-    spawn_reloader(tls.clone(), store.clone());
+    let reloader = spawn_reloader(hup, tls.clone(), store.clone());
     // The socket listens (connections queue from here on): a line for
     // scripts (and tests) that start the server on port 0, the ready file,
     // and systemd's readiness notification.
@@ -353,11 +356,12 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     }
     notify_systemd(&format!("READY=1\nSTATUS=listening on {scheme}://{local}"));
 
+    let mut background: Vec<tokio::task::JoinHandle<()>> = reloader.into_iter().collect();
     if let Some(days) = cfg.retention.executions_days {
         // Old records go at start and every hour after; each sweep that
         // removed something is audited.
         let store = store.clone();
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             let actor = airlock_store::Actor {
                 actor: "server".into(),
                 request_id: None,
@@ -373,12 +377,18 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
                 }
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
-        });
+        }));
     }
 
     let app = api::router(state.clone());
     accept_loop(listener, app, state.clone(), tls).await;
     notify_systemd("STOPPING=1");
+    // Nothing runs against the store once it closes (also when the server
+    // is embedded in a longer-lived runtime).
+    for task in background {
+        task.abort();
+        let _ = task.await;
+    }
     if let Some(p) = &cfg.ready_file {
         let _ = std::fs::remove_file(p);
     }
@@ -396,16 +406,19 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
 /// SIGHUP reloads the TLS certificate and key (systemd's `ExecReload=kill
 /// -HUP $MAINPID`, a renewal hook). Without TLS it is logged and ignored, so
 /// a stray SIGHUP never stops the server. Each reload is audited.
-fn spawn_reloader(tls: Option<Arc<tls::Tls>>, store: Arc<dyn Store>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
+fn spawn_reloader(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    tls: Option<Arc<tls::Tls>>,
+    store: Arc<dyn Store>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let mut hup = match hup {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot handle SIGHUP: certificates reload only on restart");
-            return;
+            return None;
         }
     };
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         while hup.recv().await.is_some() {
             let Some(tls) = &tls else {
                 tracing::info!("SIGHUP: nothing to reload (no TLS configured)");
@@ -427,7 +440,7 @@ fn spawn_reloader(tls: Option<Arc<tls::Tls>>, store: Arc<dyn Store>) {
                 tracing::error!(error = %e, "audit of the TLS reload failed");
             }
         }
-    });
+    }))
 }
 
 /// Writes `text` to `path` through a temporary file and a rename, so a
@@ -482,9 +495,15 @@ async fn accept_loop(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let limits = conn::ConnLimits::new(st.cfg.max_connections, st.cfg.max_connections_per_client);
     let mut drained = std::pin::pin!(drain(st));
+    // Every connection's task: reaped as they end, aborted if they outlive
+    // the drain's bound (so none runs once the store is closed).
+    let mut conns = tokio::task::JoinSet::new();
+    // Handshakes still in progress when the drain ends are abandoned.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut drained => break,
+            _ = conns.join_next(), if !conns.is_empty() => continue,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -539,24 +558,29 @@ async fn accept_loop(
         let watcher = graceful.watcher();
         match &tls {
             None => {
-                tokio::spawn(serve_conn(stream, svc, watcher, permit));
+                conns.spawn(serve_conn(stream, svc, watcher, permit));
             }
             Some(tls) => {
                 let acceptor = tls.acceptor();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => serve_conn(s, svc, watcher, permit).await,
-                        // Scanners and plain-HTTP clients: nothing to tell
-                        // an operator at the default level.
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                let mut stopped = stopped.clone();
+                conns.spawn(async move {
+                    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    tokio::select! {
+                        r = handshake => match r {
+                            Ok(Ok(s)) => serve_conn(s, svc, watcher, permit).await,
+                            // Scanners and plain-HTTP clients: nothing to
+                            // tell an operator at the default level.
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        },
+                        _ = stopped.changed() => {}
                     }
                 });
             }
         }
     }
     drop(listener);
+    let _ = stop.send(true);
     // Drained: every execution is final. Open connections (a slow reader,
     // a client that never finishes its request) get a bounded time.
     if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
@@ -565,6 +589,8 @@ async fn accept_loop(
     {
         tracing::warn!("connections still open 5 s after the drain; closing them");
     }
+    conns.abort_all();
+    while conns.join_next().await.is_some() {}
 }
 
 /// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it

@@ -237,6 +237,11 @@ impl ApiError {
 
 impl From<airlock_store::StoreError> for ApiError {
     fn from(e: airlock_store::StoreError) -> Self {
+        if matches!(e, airlock_store::StoreError::TenantDeleted) {
+            // The key was valid a moment ago; now it is not: the same 401
+            // as any other invalid key.
+            return ApiError::Unauthorized;
+        }
         tracing::error!(error = %e, "store error");
         ApiError::Internal
     }

@@ -43,6 +43,10 @@ pub enum StoreError {
     /// A referenced row does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The tenant was deleted (a request authenticated just before its
+    /// deletion must not write anything for it).
+    #[error("the tenant was deleted")]
+    TenantDeleted,
     /// The master key is not the one this data directory was created with.
     #[error("the master key does not match this data directory")]
     WrongMasterKey,
@@ -352,12 +356,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         actor: &Actor,
     ) -> Result<(ApiKeyInfo, NewApiKey), StoreError>;
     /// Replaces an active key: a new key for the same tenant, and the old
-    /// one expiring `grace_ms` from now (0: revoked now). `None` when there
-    /// is no such active key.
+    /// one expiring `grace_ms` from now (0: revoked now). The new key lives
+    /// `lifetime_ms` when given, else as long as the old one was issued for
+    /// (a key issued for 30 days is replaced by one for 30 days; one that
+    /// never expired, by one that never expires). `None` when there is no
+    /// such active key.
     async fn rotate_api_key(
         &self,
         id: &str,
         grace_ms: i64,
+        lifetime_ms: Option<i64>,
         actor: &Actor,
     ) -> Result<Option<(ApiKeyInfo, NewApiKey)>, StoreError>;
     /// Deletes a tenant: every key revoked, its data key destroyed (its

@@ -51,6 +51,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
+            // Deleted rows (a deleted tenant's wrapped key and memory,
+            // swept records, revoked secrets) are overwritten with zeros,
+            // not left in free pages for anyone who copies the file.
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
@@ -347,12 +351,32 @@ async fn tenant_dek(
     keys: &Keyring,
     tenant_id: &str,
 ) -> Result<crypto::DataKey, StoreError> {
-    let wrapped: Vec<u8> = sqlx::query_scalar("SELECT wrapped_dek FROM tenants WHERE id = ?")
-        .bind(tenant_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or(StoreError::NotFound("tenant"))?;
+    let (wrapped, deleted): (Vec<u8>, Option<i64>) =
+        sqlx::query_as("SELECT wrapped_dek, deleted_at FROM tenants WHERE id = ?")
+            .bind(tenant_id)
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or(StoreError::NotFound("tenant"))?;
+    if deleted.is_some() {
+        return Err(StoreError::TenantDeleted);
+    }
     Ok(keys.unwrap_dek(tenant_id, &wrapped)?)
+}
+
+/// Inside a write transaction: the tenant exists and is not deleted. A
+/// request authenticated before `tenant delete` may reach its write after
+/// it; that write must not bring the tenant's data back.
+async fn live_tenant(conn: &mut Conn, tenant_id: &str) -> Result<(), StoreError> {
+    let deleted: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT deleted_at FROM tenants WHERE id = ?")
+            .bind(tenant_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    match deleted {
+        None => Err(StoreError::NotFound("tenant")),
+        Some(Some(_)) => Err(StoreError::TenantDeleted),
+        Some(None) => Ok(()),
+    }
 }
 
 const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
@@ -468,6 +492,7 @@ impl Store for SqliteStore {
         &self,
         id: &str,
         grace_ms: i64,
+        lifetime_ms: Option<i64>,
         actor: &Actor,
     ) -> Result<Option<(ApiKeyInfo, NewApiKey)>, StoreError> {
         let id = id.to_string();
@@ -475,18 +500,21 @@ impl Store for SqliteStore {
         self.write_tx(move |c, keys| {
             Box::pin(async move {
                 let now = now_ms();
-                let row: Option<(String, Option<i64>)> = sqlx::query_as(
-                    "SELECT tenant_id, expires_at FROM api_keys WHERE id = ? AND revoked_at IS NULL \
-                     AND (expires_at IS NULL OR expires_at > ?)",
+                let row: Option<(String, i64, Option<i64>)> = sqlx::query_as(
+                    "SELECT tenant_id, created_at, expires_at FROM api_keys WHERE id = ? \
+                     AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)",
                 )
                 .bind(&id)
                 .bind(now)
                 .fetch_optional(&mut *c)
                 .await?;
-                let Some((tenant, old_expiry)) = row else {
+                let Some((tenant, created, old_expiry)) = row else {
                     return Ok(None);
                 };
-                let (info, new) = insert_key(c, keys, &tenant, None).await?;
+                live_tenant(c, &tenant).await?;
+                let lifetime = lifetime_ms.or(old_expiry.map(|e| (e - created).max(1_000)));
+                let new_expiry = lifetime.map(|l| now.saturating_add(l));
+                let (info, new) = insert_key(c, keys, &tenant, new_expiry).await?;
                 if grace_ms <= 0 {
                     sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ?")
                         .bind(now)
@@ -511,7 +539,11 @@ impl Store for SqliteStore {
                         &id,
                         actor.request_id.as_deref(),
                     )
-                    .with_detail(serde_json::json!({ "new_key": info.id, "grace_ms": grace_ms.max(0) })),
+                    .with_detail(serde_json::json!({
+                        "new_key": info.id,
+                        "grace_ms": grace_ms.max(0),
+                        "new_expires_at_ms": new_expiry,
+                    })),
                 )
                 .await?;
                 Ok(Some((info, new)))
@@ -528,7 +560,7 @@ impl Store for SqliteStore {
     ) -> Result<TenantDeletion, StoreError> {
         let tenant_id = tenant_id.to_string();
         let actor = actor.clone();
-        self.write_tx(move |c, keys| {
+        let d = self.write_tx(move |c, keys| {
             Box::pin(async move {
                 let name: Option<String> = sqlx::query_scalar(
                     "SELECT name FROM tenants WHERE id = ? AND deleted_at IS NULL",
@@ -585,8 +617,8 @@ impl Store for SqliteStore {
                         .await?
                         .rows_affected();
                 }
-                // The data key goes: whatever sealed value might remain
-                // anywhere (a backup of this database) can never be opened.
+                // The data key goes: a sealed value that remains in a copy
+                // of the database taken from now on can never be opened.
                 sqlx::query(
                     "UPDATE tenants SET wrapped_dek = X'', deleted_at = ?, name = ? WHERE id = ?",
                 )
@@ -614,7 +646,21 @@ impl Store for SqliteStore {
                 Ok(d)
             })
         })
-        .await
+        .await?;
+        // Earlier versions of the deleted pages (the wrapped data key, the
+        // secrets and memory) still sit in the write-ahead log: copy the
+        // zeroed ones into the database and empty the log. Best effort: a
+        // reader holding an old snapshot keeps its frames until the next
+        // checkpoint.
+        let busy: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await;
+        match busy {
+            Ok((0, _, _)) => {}
+            Ok(_) => tracing::warn!("tenant deleted; the write-ahead log could not be emptied yet"),
+            Err(e) => tracing::warn!(error = %e, "tenant deleted; checkpoint failed"),
+        }
+        Ok(d)
     }
 
     async fn sweep_executions(
@@ -922,6 +968,7 @@ impl Store for SqliteStore {
         let actor = actor.clone();
         self.write_tx(move |c, keys| {
             Box::pin(async move {
+                live_tenant(c, &rec.tenant_id).await?;
                 sqlx::query(
                     "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id)
                      VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1218,6 +1265,7 @@ impl Store for SqliteStore {
         // interleave with another writer's (compare-and-set is atomic).
         self.write_tx(move |c, _| {
             Box::pin(async move {
+                live_tenant(c, &t).await?;
                 let current: Option<i64> = sqlx::query_scalar(
                     "SELECT version FROM memory WHERE tenant_id = ? AND flow_id = ? AND key = ?",
                 )
@@ -1523,6 +1571,96 @@ mod tests {
             keys,
             ..MemoryLimits::default()
         }
+    }
+
+    /// A request authenticated just before `tenant delete` reaches its
+    /// write after it: nothing may be written for the deleted tenant, and
+    /// nothing of its data is left in the file.
+    #[tokio::test]
+    async fn a_deleted_tenant_gets_no_writes_and_leaves_no_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let s = SqliteStore::open(&db, keys()).await.unwrap();
+        let t = s.create_tenant("t", &admin()).await.unwrap();
+        let rec = |id: &str| ExecutionRecord {
+            id: id.into(),
+            tenant_id: t.id.clone(),
+            status: ExecStatus::Queued,
+            language: "python".into(),
+            request_id: "r".into(),
+            trace_id: "0".repeat(32),
+            created_at_ms: now_ms(),
+            started_at_ms: None,
+            finished_at_ms: None,
+            reason: None,
+            result: None,
+            error: None,
+            flow_id: "f".into(),
+            output: None,
+            handler_error: None,
+            broker_error: None,
+            egress: None,
+            host_state: None,
+        };
+        let v = serde_json::json!("memory-7f3e-marker");
+        // Positive controls: every write works while the tenant lives.
+        s.put_secret(&t.id, "S", b"secret-9b1d-marker", &admin())
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.memory_put(&t.id, "f", "k", &v, None, lim(8))
+                .await
+                .unwrap(),
+            MemoryWrite::Written(1)
+        ));
+        let (key, _) = s.create_api_key(&t.id, None, &admin()).await.unwrap();
+        s.insert_execution(&rec("ex_1"), &admin()).await.unwrap();
+        s.finish_execution(
+            "ex_1",
+            &Finish::new(ExecStatus::Finished, "exited", now_ms()),
+        )
+        .await
+        .unwrap();
+        let wrapped: Vec<u8> = sqlx::query_scalar("SELECT wrapped_dek FROM tenants WHERE id = ?")
+            .bind(&t.id)
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert!(wrapped.len() >= 32);
+        s.delete_tenant(&t.id, false, &admin()).await.unwrap();
+
+        let gone = |r: Result<(), StoreError>| {
+            assert!(matches!(r, Err(StoreError::TenantDeleted)), "{r:?}");
+        };
+        gone(s.insert_execution(&rec("ex_2"), &admin()).await);
+        gone(
+            s.memory_put(&t.id, "f", "k2", &v, None, lim(8))
+                .await
+                .map(|_| ()),
+        );
+        gone(s.put_secret(&t.id, "S2", b"x", &admin()).await.map(|_| ()));
+        assert!(s.get_secret(&t.id, "S", &admin()).await.unwrap().is_none());
+        assert!(
+            s.rotate_api_key(&key.id, 0, None, &admin())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // secure_delete and the checkpoint: while the store is open (as a
+        // running server keeps it), neither the database nor its log holds
+        // the memory value (plaintext) or the wrapped data key.
+        for f in [db.clone(), db.with_extension("db-wal")] {
+            let bytes = std::fs::read(&f).unwrap_or_default();
+            for marker in [&b"memory-7f3e-marker"[..], &wrapped] {
+                assert!(
+                    !bytes.windows(marker.len()).any(|w| w == marker),
+                    "{} holds {:?}",
+                    f.display(),
+                    String::from_utf8_lossy(marker)
+                );
+            }
+        }
+        s.close().await;
     }
 
     #[tokio::test]

@@ -115,6 +115,19 @@ fn deleting_a_tenant_revokes_its_keys_destroys_its_data_key_and_keeps_the_chain(
         );
         assert_eq!(n, json!([[0]]), "{table}");
     }
+    // Its logs went with its records (beta's stay), its keys are revoked.
+    let logs = query(
+        &db,
+        "SELECT COUNT(*) FROM execution_logs WHERE execution_id NOT IN (SELECT id FROM executions)",
+    );
+    assert_eq!(logs, json!([[0]]));
+    let beta_logs = query(&db, "SELECT COUNT(*) FROM execution_logs");
+    assert_eq!(beta_logs, json!([[1]]));
+    let keys = query(
+        &db,
+        &format!("SELECT COUNT(*), COUNT(revoked_at) FROM api_keys WHERE tenant_id = '{alpha}'"),
+    );
+    assert_eq!(keys, json!([[1, 1]]));
     // The deletion is audited, the chain verifies, the name is free again.
     let kinds = query(
         &db,
@@ -142,30 +155,63 @@ fn deleting_a_tenant_revokes_its_keys_destroys_its_data_key_and_keeps_the_chain(
     s.get("/v1/secrets", &b).problem(401, "unauthorized");
 }
 
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+/// (created_at, expires_at, revoked_at) of key `id`.
+fn key_times(db: &Path, id: &str) -> (i64, Option<i64>, Option<i64>) {
+    let r = query(
+        db,
+        &format!("SELECT created_at, expires_at, revoked_at FROM api_keys WHERE id = '{id}'"),
+    );
+    (
+        r[0][0].as_i64().unwrap(),
+        r[0][1].as_i64(),
+        r[0][2].as_i64(),
+    )
+}
+
+/// Moves key `id`'s expiry into the past, as the clock would.
+fn expire(db: &Path, id: &str) {
+    query(
+        db,
+        &format!(
+            "UPDATE api_keys SET expires_at = {} WHERE id = '{id}'",
+            now_ms() - 1
+        ),
+    );
+}
+
 #[test]
 fn keys_expire_and_rotate_and_an_expired_key_is_refused_like_any_other() {
     let s = Server::start_with(&[]);
+    let db = s.data().join("airlock.db");
     let forever = s.tenant("acme");
     let make = |args: &[&str]| {
         let out = admin(&s.data(), args);
         assert!(out.status.success(), "{args:?}: {out:?}");
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
-    let short = make(&["key", "create", "--tenant", "acme", "--expires", "2s"]);
+    let id = |key: &str| key[4..20].to_string();
+    let short = make(&["key", "create", "--tenant", "acme", "--expires", "1h"]);
+    let (created, expires, _) = key_times(&db, &id(&short));
+    assert!(
+        (expires.unwrap() - created - 3_600_000).abs() < 1000,
+        "--expires 1h"
+    );
     assert_eq!(
         s.get("/v1/secrets", &short).status,
         200,
         "works before it expires"
     );
-    // Rotation with a grace period: both work, then only the new one.
-    let old = make(&["key", "create", "--tenant", "acme"]);
-    let new = make(&["key", "rotate", &old[4..20], "--grace", "2s"]);
-    assert_eq!(s.get("/v1/secrets", &old).status, 200);
-    assert_eq!(s.get("/v1/secrets", &new).status, 200);
-    // Rotation without one: the old key stops at once.
-    let newer = make(&["key", "rotate", &new[4..20]]);
-    s.get("/v1/secrets", &new).problem(401, "unauthorized");
-    std::thread::sleep(Duration::from_millis(2500));
+    expire(&db, &id(&short));
     let expired = s.get("/v1/secrets", &short);
     let unknown = s.get(
         "/v1/secrets",
@@ -173,13 +219,44 @@ fn keys_expire_and_rotate_and_an_expired_key_is_refused_like_any_other() {
     );
     expired.problem(401, "unauthorized");
     assert_eq!(expired.body, unknown.body, "one identical 401 body");
+
+    // Rotation with a grace period: both work, then only the new one.
+    let old = make(&["key", "create", "--tenant", "acme", "--expires", "30d"]);
+    let new = make(&["key", "rotate", &id(&old), "--grace", "1h"]);
+    assert_eq!(s.get("/v1/secrets", &old).status, 200);
+    assert_eq!(s.get("/v1/secrets", &new).status, 200);
+    let (_, old_until, _) = key_times(&db, &id(&old));
+    let left = old_until.unwrap() - now_ms();
+    assert!(
+        (3_500_000..=3_600_000).contains(&left),
+        "grace 1h: {left} ms left"
+    );
+    // The new key is issued for as long as the old one was (30 days).
+    let (c, e, _) = key_times(&db, &id(&new));
+    assert!((e.unwrap() - c - 30 * 86_400_000).abs() < 1000, "{c} {e:?}");
+    expire(&db, &id(&old));
     s.get("/v1/secrets", &old).problem(401, "unauthorized");
+    assert_eq!(s.get("/v1/secrets", &new).status, 200);
+    // Without a grace period the old key stops at once; --expires sets
+    // the new one's lifetime.
+    let newer = make(&["key", "rotate", &id(&new), "--expires", "12h"]);
+    s.get("/v1/secrets", &new).problem(401, "unauthorized");
+    let (c, e, _) = key_times(&db, &id(&newer));
+    assert!((e.unwrap() - c - 12 * 3_600_000).abs() < 1000, "{c} {e:?}");
+    // A key that never expired is replaced by one that never expires.
+    let plain = make(&["key", "create", "--tenant", "acme"]);
+    let plain2 = make(&["key", "rotate", &id(&plain)]);
+    assert_eq!(key_times(&db, &id(&plain2)).1, None);
+    // An expired key cannot be rotated.
+    let out = admin(&s.data(), &["key", "rotate", &id(&short)]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     // Positive controls: keys without expiry keep working.
     assert_eq!(s.get("/v1/secrets", &newer).status, 200);
+    assert_eq!(s.get("/v1/secrets", &plain2).status, 200);
     assert_eq!(s.get("/v1/secrets", &forever).status, 200);
     let list = make(&["key", "list", "--tenant", "acme"]);
     assert_eq!(list.matches("\texpired").count(), 2, "{list}");
-    assert_eq!(list.matches("\trevoked").count(), 1, "{list}");
+    assert_eq!(list.matches("\trevoked").count(), 2, "{list}");
     let audit = s.get("/v1/audit?limit=500", &forever).json();
     let reasons: Vec<&str> = audit["events"]
         .as_array()
@@ -200,6 +277,63 @@ fn keys_expire_and_rotate_and_an_expired_key_is_refused_like_any_other() {
     }
 }
 
+/// A request that authenticated before `tenant delete` and sends its body
+/// after it writes nothing for the deleted tenant.
+#[test]
+fn a_request_in_flight_across_a_tenant_delete_writes_nothing() {
+    use std::io::{Read, Write};
+    let s = Server::start_with(&[]);
+    let key = s.tenant("alpha");
+    let alpha = tenant_id(&s, "alpha");
+    let db = s.data().join("airlock.db");
+    let body = json!({"language": "shell", "code": "echo hi"}).to_string();
+    let open = |path: &str, method: &str, body: &str| {
+        let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // Everything but the last byte of the body.
+        write!(
+            c,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            &body[..body.len() - 1]
+        )
+        .unwrap();
+        c
+    };
+    let finish = |mut c: std::net::TcpStream, body: &str| {
+        c.write_all(&body.as_bytes()[body.len() - 1..]).unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).unwrap();
+        crate::parse_response(&out)
+    };
+    let memory = json!({"value": "after-delete"}).to_string();
+    // Positive control: the same slow requests succeed for a live tenant.
+    let c = open("/v1/executions", "POST", &body);
+    assert_eq!(finish(c, &body).status, 200);
+    let c = open("/v1/memory/f/k", "PUT", &memory);
+    assert_eq!(finish(c, &memory).status, 200);
+    let exec = open("/v1/executions", "POST", &body);
+    let mem = open("/v1/memory/f/k2", "PUT", &memory);
+    let secret_body = json!({"value": "pw"}).to_string();
+    let secret = open("/v1/secrets/S", "PUT", &secret_body);
+    // The requests are past authentication (their heads are read) when
+    // the tenant goes.
+    std::thread::sleep(Duration::from_millis(300));
+    let out = admin(&s.data(), &["tenant", "delete", "alpha", "--yes"]);
+    assert!(out.status.success(), "{out:?}");
+    finish(exec, &body).problem(401, "unauthorized");
+    finish(mem, &memory).problem(401, "unauthorized");
+    finish(secret, &secret_body).problem(401, "unauthorized");
+    for table in ["executions", "memory", "secrets"] {
+        let n = query(
+            &db,
+            &format!("SELECT COUNT(*) FROM {table} WHERE tenant_id = '{alpha}'"),
+        );
+        assert_eq!(n, json!([[0]]), "{table}");
+    }
+}
+
 #[test]
 fn retention_removes_old_execution_records_at_start_and_audits_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -215,7 +349,11 @@ fn retention_removes_old_execution_records_at_start_and_audits_it() {
         .as_str()
         .unwrap()
         .to_string();
-    let recent = s.run(&key, "shell", "true")["id"]
+    let recent = s.run(
+        &key,
+        "python",
+        "import airlock\nairlock.connect().log.info('recent')",
+    )["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -234,8 +372,13 @@ fn retention_removes_old_execution_records_at_start_and_audits_it() {
         assert!(std::time::Instant::now() < deadline, "old record kept");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Positive control: the recent one stays.
+    // Positive control: the recent one stays, with its logs.
     assert_eq!(s.get(&format!("/v1/executions/{recent}"), &key).status, 200);
+    let kept = query(
+        &db,
+        &format!("SELECT COUNT(*) FROM execution_logs WHERE execution_id = '{recent}'"),
+    );
+    assert_eq!(kept, json!([[1]]));
     let logs = query(
         &db,
         &format!("SELECT COUNT(*) FROM execution_logs WHERE execution_id = '{old}'"),

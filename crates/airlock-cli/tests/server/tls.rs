@@ -90,14 +90,12 @@ fn the_cli_runs_over_https_verifies_the_certificate_and_sighup_swaps_it() {
         .unwrap();
     let mut got = Vec::new();
     let _ = c.read_to_end(&mut got);
-    assert!(
-        !got.starts_with(b"HTTP/"),
-        "{:?}",
-        String::from_utf8_lossy(&got)
-    );
+    // A TLS alert record (content type 21, version 3.x), nothing else.
+    assert_eq!(got.get(..2), Some(&[21u8, 3][..]), "{got:?}");
+    assert!(got.len() <= 7, "{got:?}");
     refused(
         &cli_run(&format!("http://{}", s.addr), None, &key),
-        "--server",
+        "not an HTTP response",
     );
 
     // doctor reads the pools over HTTPS too.
@@ -260,4 +258,61 @@ fn plain_http_beyond_loopback_is_warned_about() {
         srv.terminate();
         assert!(!srv.log().contains(WARNING), "{}", srv.log());
     }
+}
+
+/// A TLS client that never sends its ClientHello holds its slot for the
+/// handshake bound at most, and over the per-client limit a connection is
+/// closed at once, unanswered.
+#[test]
+fn silent_tls_clients_are_bounded_and_counted() {
+    let (mut s, tls) = https_server();
+    let cfg = s.dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "max_connections_per_client = 2\n").unwrap();
+    s.extra_args
+        .extend(["--config".into(), cfg.display().to_string()]);
+    s.start();
+    let key = s.tenant("acme");
+    let url = format!("https://{}", s.addr);
+    let ca = tls.join("ca.pem");
+    let silent = || {
+        let c = std::net::TcpStream::connect(s.addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        c
+    };
+    let t0 = Instant::now();
+    let mut first = silent();
+    let second = silent();
+    // Over the limit: closed without a byte (no handshake is spent on it).
+    let mut third = silent();
+    let mut buf = [0u8; 64];
+    let t = Instant::now();
+    let n = third.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let out = cli_run(&url, Some(&ca), &key);
+    assert_eq!(out.status.code(), Some(2), "the CLI is over the limit too");
+    // Positive control: one silent client leaves, the CLI gets its slot.
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = cli_run(&url, Some(&ca), &key);
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The other is closed by the server when the handshake bound (10 s)
+    // ends, unanswered.
+    let n = first.read(&mut buf).unwrap_or(0);
+    let held = t0.elapsed();
+    assert_eq!(n, 0);
+    assert!(
+        held >= Duration::from_secs(9) && held < Duration::from_secs(20),
+        "held {held:?}"
+    );
 }
