@@ -115,26 +115,15 @@ pub fn run(engine: &Engine, r: HandlerRun<'_>) -> Result<ExitCode, Usage> {
         .map_err(|e| Usage(format!("local data directory: {e}")))?;
     let id = new_id("ex");
     let trace_id = uuid_hex();
-    let rec = ExecutionRecord {
-        id: id.clone(),
-        tenant_id: tenant.id.clone(),
-        status: ExecStatus::Queued,
-        language: r.language.as_str().into(),
-        request_id: "local".into(),
-        trace_id: trace_id.clone(),
-        created_at_ms: now_ms(),
-        started_at_ms: None,
-        finished_at_ms: None,
-        reason: None,
-        result: None,
-        error: None,
-        host_state: None,
-        flow_id: r.flow.clone(),
-        output: None,
-        handler_error: None,
-        broker_error: None,
-        egress: None,
-    };
+    let rec = ExecutionRecord::queued(
+        id.clone(),
+        tenant.id.clone(),
+        r.language.as_str(),
+        "local".into(),
+        trace_id.clone(),
+        r.flow.clone(),
+        now_ms(),
+    );
     let actor = airlock_store::Actor {
         actor: "local".into(),
         request_id: None,

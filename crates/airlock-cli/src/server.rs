@@ -239,14 +239,14 @@ pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> Exit
             engine.extra_ca =
                 Some(airlock_sandbox::rootfs::load_extra_ca(&p).map_err(Fail::Usage)?);
         }
-        if let Some(t) = &cfg.tls {
-            // A certificate that does not load is bad input: exit 2 before
-            // anything starts.
-            airlock_server::tls::load(t).map_err(|e| Fail::Usage(e.to_string()))?;
-        }
         runtime(true)?
             .block_on(airlock_server::serve(cfg, engine))
-            .map_err(|e| Fail::Failed(e.to_string()))
+            .map_err(|e| match e {
+                // A certificate that does not load is bad input (refused
+                // before anything is touched): exit 2.
+                airlock_server::ServeError::Tls(e) => Fail::Usage(e.to_string()),
+                e => Fail::Failed(e.to_string()),
+            })
     })();
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -62,8 +62,10 @@ const MAX_FIRST_LINE: usize = 8 << 10;
 
 /// One decision, for the audit log and the execution's egress log.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct EgressEvent {
     /// `allowed` or `denied`.
+    #[cfg_attr(feature = "schema", schema(value_type = String, pattern = "^(allowed|denied)$"))]
     pub decision: &'static str,
     /// `CONNECT` or the HTTP method.
     pub method: String,

@@ -18,6 +18,7 @@ use crate::error::SandboxError;
 
 /// Which cgroup version a sandbox uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum CgroupVersion {
     /// Legacy per-controller hierarchies.

@@ -658,15 +658,14 @@ impl Engine {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls fcntl(F_DUPFD/F_SETFD) and dup2, which are
-        // async-signal-safe and allocate nothing. The descriptors it names
-        // (`child_fd`, `child_broker_fd`, `child_egress_fd`) are owned by
-        // the caller's socket ends, which stay alive until after
-        // this function returns, so they are open in the child. The broker
-        // and egress ends are first copied to >= 16, so placing the control
-        // end at 3 cannot overwrite them, and their final dup2 to 4 and 5
-        // cannot overwrite 3.
+        // The descriptors the closure names (`child_fd`, `child_broker_fd`,
+        // `child_egress_fd`) are owned by the caller's socket ends, alive
+        // until after this function returns, so they are open in the child.
+        // The broker and egress ends are first copied to >= 16, so placing
+        // the control end at 3 cannot overwrite them, and their final dup2
+        // to 4 and 5 cannot overwrite 3.
+        // SAFETY: between fork and exec the closure calls only fcntl and
+        // dup2 (async-signal-safe, no allocation) on those open descriptors.
         unsafe {
             cmd.pre_exec(move || {
                 // Park the broker end above 4 first, so placing the control

@@ -192,6 +192,38 @@ impl Step {
 
 type StepResult<T> = Result<T, (Step, i32)>;
 
+/// Writes read-only (0444) files into the new root, creating their parent
+/// directories; never follows a link and never replaces what exists.
+fn write_ro_files(
+    files: &[crate::proto::RoFile],
+    step: Step,
+    nr: &dyn Fn(&str) -> String,
+) -> StepResult<()> {
+    for f in files {
+        let p = nr(&f.path);
+        if let Some(parent) = std::path::Path::new(&p).parent() {
+            at(
+                step,
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent),
+            )?;
+        }
+        at(
+            step,
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&p)
+                .and_then(|mut w| w.write_all(f.contents.as_bytes())),
+        )?;
+    }
+    Ok(())
+}
+
 fn at<T, E: Into<StepErr>>(step: Step, r: Result<T, E>) -> StepResult<T> {
     r.map_err(|e| (step, e.into().0))
 }
@@ -488,28 +520,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
         at(Step::Symlinks, std::os::unix::fs::symlink(target, &p))?;
     }
 
-    for f in &cfg.files {
-        let p = nr(&f.path);
-        if let Some(parent) = std::path::Path::new(&p).parent() {
-            at(
-                Step::PlatformFiles,
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(parent),
-            )?;
-        }
-        at(
-            Step::PlatformFiles,
-            fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o444)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&p)
-                .and_then(|mut w| w.write_all(f.contents.as_bytes())),
-        )?;
-    }
+    write_ro_files(&cfg.files, Step::PlatformFiles, &nr)?;
 
     // /etc: generated files, and the host's public files that programs
     // expect, bound read-only (the list and the reasons: rootfs.json).
@@ -517,28 +528,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
         Step::Etc,
         fs::DirBuilder::new().mode(0o755).create(nr("/etc")),
     )?;
-    for f in &cfg.etc_files {
-        let p = nr(&f.path);
-        if let Some(parent) = std::path::Path::new(&p).parent() {
-            at(
-                Step::Etc,
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(parent),
-            )?;
-        }
-        at(
-            Step::Etc,
-            fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o444)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&p)
-                .and_then(|mut w| w.write_all(f.contents.as_bytes())),
-        )?;
-    }
+    write_ro_files(&cfg.etc_files, Step::Etc, &nr)?;
     for m in &cfg.etc_mounts {
         bind_ro(&m.host, &nr(&m.target), false).map_err(|e| (Step::Etc, e))?;
     }

@@ -6,6 +6,7 @@ use crate::cgroup::CgroupVersion;
 
 /// Why the sandbox ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum TerminationReason {
     /// The program exited (any code) or died of a signal of its own.
@@ -57,6 +58,7 @@ impl TerminationReason {
 
 /// Landlock as actually enforced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct LandlockReport {
     /// `strict` or `best_effort_dangerous`.
     pub mode: String,
@@ -68,6 +70,7 @@ pub struct LandlockReport {
 
 /// seccomp as installed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct SeccompReport {
     /// Filters installed (baseline 3, +1 with `syscalls.deny`, +1 with deny_execve).
     pub filters: usize,
@@ -79,6 +82,7 @@ pub struct SeccompReport {
 
 /// The layers actually enforced for this execution.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct Enforced {
     /// Namespaces the sandbox runs in.
     pub namespaces: Vec<String>,
@@ -100,6 +104,7 @@ pub struct Enforced {
 
 /// Everything known about one finished execution.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct RunResult {
     /// Exit code, when the program exited.
     pub exit_code: Option<i32>,

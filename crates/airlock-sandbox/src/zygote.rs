@@ -163,10 +163,9 @@ impl Python {
             )
         };
         let exe = CString::new(py.config.executable.as_str()).map_err(|_| "bad executable")?;
-        // SAFETY: Py_DecodeLocale takes a C string and returns a heap copy
-        // (kept alive for the process's life, as Py_SetProgramName requires);
-        // both run before Py_InitializeEx on the only thread. Install
-        // python's signal handlers like a normal interpreter start does.
+        // Install python's signal handlers like a normal interpreter start.
+        // SAFETY: Py_DecodeLocale's heap copy lives for the process, as
+        // Py_SetProgramName needs; both precede Py_InitializeEx, one thread.
         unsafe {
             let wide = decode(exe.as_ptr(), std::ptr::null_mut());
             if wide.is_null() {
@@ -212,10 +211,9 @@ impl Python {
             libc::signal(libc::SIGPIPE, libc::SIG_IGN);
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
         }
-        // SAFETY: the interpreter was initialised in the zygote; this
-        // process descends from a fork bracketed by PyOS_BeforeFork and has
-        // run no python since, which is the state PyOS_AfterFork_Child
-        // expects. Single-threaded.
+        // The interpreter was initialised in the zygote, single-threaded.
+        // SAFETY: this process comes from a fork bracketed by PyOS_BeforeFork
+        // and has run no python since: what PyOS_AfterFork_Child expects.
         unsafe { (self.after_fork_child)() };
         let argv = &self.config.argv;
         let tail = argv.len().saturating_sub(2);

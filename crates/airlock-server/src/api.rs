@@ -325,114 +325,18 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Why an execution ended.
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ReasonDoc {
-    /// The program exited (any code) or died of its own signal.
-    Exited,
-    /// The wall-clock limit.
-    Timeout,
-    /// The CPU-time limit.
-    CpuLimit,
-    /// The memory limit.
-    MemoryLimit,
-    /// The pids limit refused forks and the program failed.
-    PidsLimit,
-    /// stdout or stderr exceeded its cap.
-    OutputLimit,
-    /// Scratch space ran out and the program failed.
-    DiskLimit,
-    /// A seccomp kill.
-    PolicyViolation,
-    /// The sandbox itself failed.
-    InternalError,
-    /// Cancelled by the tenant.
-    Cancelled,
-    /// The server shut down.
-    ServerShutdown,
-    /// The server crashed while it ran.
-    ServerRestart,
-}
-
-/// Landlock as enforced.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct LandlockDoc {
-    /// `strict` or `best_effort_dangerous`.
-    pub mode: String,
-    /// ABI in force (0: none).
-    pub abi: u32,
-    /// Every access right of the pinned ABI enforced.
-    pub fully_enforced: bool,
-}
-
-/// seccomp as installed.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct SeccompDoc {
-    /// Filters installed.
-    pub filters: u32,
-    /// execve denied after start.
-    pub deny_execve: bool,
-    /// Action for what is not allowlisted.
-    pub default_action: String,
-}
-
-/// The isolation layers actually enforced.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EnforcedDoc {
-    /// Namespaces.
-    pub namespaces: Vec<String>,
-    /// pivot_root done, old root detached.
-    pub pivot_root: bool,
-    /// Landlock.
-    pub landlock: LandlockDoc,
-    /// seccomp.
-    pub seccomp: SeccompDoc,
-    /// Capabilities dropped, no_new_privs set.
-    pub capabilities_dropped: bool,
-    /// `v1` or `v2`; null without a cgroup.
-    pub cgroup: Option<String>,
-    /// Limits enforced another way than configured, with the fallback.
-    pub unavailable_limits: Vec<String>,
-    /// Host uid the sandbox runs as.
-    pub host_uid: u32,
-}
-
-/// The engine's result of one execution.
+/// The engine's result of one execution as the API shows it: the engine's
+/// own fields (secret values redacted in stdout and stderr), plus the exact
+/// bytes when asked for.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RunResultDoc {
-    /// Exit code, when the program exited.
-    pub exit_code: Option<i32>,
-    /// Signal, when it was killed.
-    pub signal: Option<i32>,
-    /// Why it ended.
-    pub reason: ReasonDoc,
-    /// Wall time from hand-over to the end, ms.
-    pub wall_time_ms: f64,
-    /// Time to build the sandbox, ms.
-    pub setup_time_ms: f64,
-    /// User CPU, ms.
-    pub cpu_user_ms: f64,
-    /// System CPU, ms.
-    pub cpu_sys_ms: f64,
-    /// Peak memory, bytes.
-    pub peak_memory_bytes: Option<u64>,
-    /// stdout (UTF-8, lossy; secret values redacted; at most `stdout_bytes`).
-    pub stdout: String,
-    /// stderr (likewise).
-    pub stderr: String,
+    /// The engine's result.
+    #[serde(flatten)]
+    pub result: airlock_sandbox::RunResult,
     /// stdout's exact bytes, base64 (`output_encoding: base64` only).
     pub stdout_base64: Option<String>,
     /// stderr's exact bytes, base64 (`output_encoding: base64` only).
     pub stderr_base64: Option<String>,
-    /// The program wrote more stdout than its cap.
-    pub stdout_truncated: bool,
-    /// The program wrote more stderr than its cap.
-    pub stderr_truncated: bool,
-    /// Layers in force.
-    pub enforced: EnforcedDoc,
-    /// For `internal_error`: what failed, safe to show.
-    pub error: Option<String>,
 }
 
 /// A handler's exception.
@@ -448,27 +352,6 @@ pub struct HandlerErrorDoc {
     pub traceback: Option<String>,
 }
 
-/// One egress decision.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EgressEventDoc {
-    /// `allowed` or `denied`.
-    pub decision: String,
-    /// `CONNECT` or the HTTP method.
-    pub method: String,
-    /// Host (normalised; secret values redacted).
-    pub host: String,
-    /// Port.
-    pub port: u16,
-    /// Why it was denied or cut off.
-    pub reason: Option<String>,
-    /// Address connected to.
-    pub address: Option<String>,
-    /// Bytes from the sandbox.
-    pub bytes_up: u64,
-    /// Bytes to the sandbox.
-    pub bytes_down: u64,
-}
-
 /// An execution as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ExecutionView {
@@ -482,7 +365,7 @@ pub struct ExecutionView {
     /// Language.
     pub language: String,
     /// Termination reason once final.
-    #[schema(value_type = Option<ReasonDoc>)]
+    #[schema(value_type = Option<airlock_sandbox::TerminationReason>)]
     pub reason: Option<String>,
     /// Why a failed execution has no result.
     pub error: Option<String>,
@@ -513,7 +396,7 @@ pub struct ExecutionView {
     /// oversized or out-of-order frame), if it did.
     pub broker_error: Option<String>,
     /// Egress decisions (executions with a `network` allowlist).
-    #[schema(value_type = Option<Vec<EgressEventDoc>>)]
+    #[schema(value_type = Option<Vec<airlock_egress::EgressEvent>>)]
     pub egress: Option<serde_json::Value>,
 }
 
@@ -1074,26 +957,15 @@ async fn create_execution(
             });
         }
     };
-    let rec = ExecutionRecord {
-        id: new_id("ex"),
-        tenant_id: who.tenant_id.clone(),
-        status: ExecStatus::Queued,
-        language: language.as_str().into(),
-        request_id: ctx.request_id.clone(),
-        trace_id: ctx.trace_id.clone(),
-        created_at_ms: now_ms(),
-        started_at_ms: None,
-        finished_at_ms: None,
-        reason: None,
-        result: None,
-        error: None,
-        host_state: None,
-        flow_id: flow_id.clone(),
-        output: None,
-        handler_error: None,
-        broker_error: None,
-        egress: None,
-    };
+    let rec = ExecutionRecord::queued(
+        new_id("ex"),
+        who.tenant_id.clone(),
+        language.as_str(),
+        ctx.request_id.clone(),
+        ctx.trace_id.clone(),
+        flow_id.clone(),
+        now_ms(),
+    );
     let sub = Submission {
         id: rec.id.clone(),
         tenant_id: who.tenant_id.clone(),
@@ -1918,7 +1790,10 @@ impl Modify for SecurityAddon {
           cancel_execution, execution_events, execution_logs, put_secret, list_secrets, delete_secret,
           list_audit, get_memory, put_memory, delete_memory, list_memory),
     components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest, NetworkRequest,
-                       RunResultDoc, EnforcedDoc, LandlockDoc, SeccompDoc, ReasonDoc, HandlerErrorDoc, EgressEventDoc,
+                       RunResultDoc, airlock_sandbox::RunResult, airlock_sandbox::Enforced,
+                       airlock_sandbox::result::LandlockReport, airlock_sandbox::result::SeccompReport,
+                       airlock_sandbox::TerminationReason, airlock_sandbox::cgroup::CgroupVersion,
+                       HandlerErrorDoc, airlock_egress::EgressEvent,
                        OutputEncoding,
                        SecretView, SecretList, PutSecret, AuditView, AuditList, LogView, LogList,
                        MemoryView, MemoryKeyView, MemoryList, PutMemory)),

@@ -230,17 +230,25 @@ impl<T: AsyncWrite + Unpin> Guarded<T> {
         ))
     }
 
-    fn write_timed(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Pending => match self.stalled(cx) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
+    /// A write's outcome under the stall deadline: pending arms (or fires)
+    /// it, anything else disarms it.
+    fn timed(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Pending => self.stalled(cx).map(Err),
             done => {
                 self.stall = None;
                 done
             }
         }
+    }
+
+    fn write_timed(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.timed(cx, r)
     }
 
     /// Writes what is left of a replacement response.
@@ -302,16 +310,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
             let _ = self.drain(cx)?;
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => match self.stalled(cx) {
-                Poll::Ready(e) => Poll::Ready(Err(e)),
-                Poll::Pending => Poll::Pending,
-            },
-            done => {
-                self.stall = None;
-                done
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.timed(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -193,6 +193,40 @@ pub struct ExecutionRecord {
     pub host_state: Option<String>,
 }
 
+impl ExecutionRecord {
+    /// A newly accepted execution: queued, nothing known about its end.
+    pub fn queued(
+        id: String,
+        tenant_id: String,
+        language: &str,
+        request_id: String,
+        trace_id: String,
+        flow_id: String,
+        created_at_ms: i64,
+    ) -> Self {
+        ExecutionRecord {
+            id,
+            tenant_id,
+            status: ExecStatus::Queued,
+            language: language.into(),
+            request_id,
+            trace_id,
+            created_at_ms,
+            started_at_ms: None,
+            finished_at_ms: None,
+            reason: None,
+            result: None,
+            error: None,
+            flow_id,
+            output: None,
+            handler_error: None,
+            broker_error: None,
+            egress: None,
+            host_state: None,
+        }
+    }
+}
+
 /// One page of a listing.
 #[derive(Debug, Clone)]
 pub struct Page<T> {

@@ -459,15 +459,7 @@ impl Store for SqliteStore {
         let actor = actor.clone();
         self.write_tx(move |c, keys| {
             Box::pin(async move {
-                let known: Option<String> = sqlx::query_scalar(
-                    "SELECT id FROM tenants WHERE id = ? AND deleted_at IS NULL",
-                )
-                .bind(&tenant_id)
-                .fetch_optional(&mut *c)
-                .await?;
-                if known.is_none() {
-                    return Err(StoreError::NotFound("tenant"));
-                }
+                live_tenant(c, &tenant_id).await?;
                 let (info, new) = insert_key(c, keys, &tenant_id, expires_at_ms).await?;
                 append_in(
                     c,
@@ -1582,25 +1574,16 @@ mod tests {
         let db = dir.path().join("a.db");
         let s = SqliteStore::open(&db, keys()).await.unwrap();
         let t = s.create_tenant("t", &admin()).await.unwrap();
-        let rec = |id: &str| ExecutionRecord {
-            id: id.into(),
-            tenant_id: t.id.clone(),
-            status: ExecStatus::Queued,
-            language: "python".into(),
-            request_id: "r".into(),
-            trace_id: "0".repeat(32),
-            created_at_ms: now_ms(),
-            started_at_ms: None,
-            finished_at_ms: None,
-            reason: None,
-            result: None,
-            error: None,
-            flow_id: "f".into(),
-            output: None,
-            handler_error: None,
-            broker_error: None,
-            egress: None,
-            host_state: None,
+        let rec = |id: &str| {
+            ExecutionRecord::queued(
+                id.into(),
+                t.id.clone(),
+                "python",
+                "r".into(),
+                "0".repeat(32),
+                "f".into(),
+                now_ms(),
+            )
         };
         let v = serde_json::json!("memory-7f3e-marker");
         // Positive controls: every write works while the tenant lives.

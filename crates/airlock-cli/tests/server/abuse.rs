@@ -343,21 +343,19 @@ fn the_http_librarys_own_errors_are_problem_documents() {
     assert_eq!(get_from(c, to, "/healthz", None).status, 200);
 }
 
-/// Audit rows (kind, detail) of this data directory, read with python's
-/// sqlite3: auth failures of no known tenant are in no tenant's trail.
+/// Audit rows (kind, detail) of this data directory: auth failures of no
+/// known tenant are in no tenant's trail.
 pub fn audit_rows(db: &std::path::Path) -> Vec<(String, Value)> {
-    let out = std::process::Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import json,sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
-             print(json.dumps(c.execute('select kind, detail from audit order by seq').fetchall()))",
-        )
-        .arg(db)
-        .output()
-        .unwrap();
-    let rows: Vec<(String, String)> = serde_json::from_slice(&out.stdout).unwrap();
-    rows.into_iter()
-        .map(|(k, d)| (k, serde_json::from_str(&d).unwrap()))
+    let rows = crate::query(db, "SELECT kind, detail FROM audit ORDER BY seq");
+    rows.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_str().unwrap().to_string(),
+                serde_json::from_str(r[1].as_str().unwrap()).unwrap(),
+            )
+        })
         .collect()
 }
 

@@ -32,28 +32,12 @@ def call(i, op, **args):
     return recv()
 "#;
 
-fn exec(s: &Server, key: &str, body: Value) -> Value {
-    let r = s.post("/v1/executions", key, body);
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-fn put_secret(s: &Server, key: &str, name: &str, value: &str) {
-    let r = s.req(
-        "PUT",
-        &format!("/v1/secrets/{name}"),
-        Some(key),
-        Some(&json!({ "value": value })),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
 #[test]
 fn python_handler_uses_logs_secrets_memory_and_everything_is_redacted() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
     let secret = "pw-7f3e9c1d-canary";
-    put_secret(&s, &key, "DB_PASSWORD", secret);
+    s.put_secret(&key, "DB_PASSWORD", secret);
     let code = r#"
 import sys
 def handler(ax, input):
@@ -70,7 +54,7 @@ def handler(ax, input):
     let body = json!({"language": "python", "handler": true, "code": code, "flow": "flow-a",
                       "input": {"user": "u1"}, "secrets": ["DB_PASSWORD"],
                       "variables": {"mode": "test"}});
-    let v = exec(&s, &key, body.clone());
+    let v = s.exec(&key, body.clone());
     assert_eq!(v["status"], "finished", "{v}");
     assert_eq!(v["result"]["exit_code"], 0, "{v}");
     let out = &v["output"];
@@ -109,7 +93,7 @@ def handler(ax, input):
     );
     assert!(!everything.contains(secret), "secret value leaked");
     // Memory is durable per (tenant, flow): a second run sees the first.
-    let v2 = exec(&s, &key, body);
+    let v2 = s.exec(&key, body);
     assert_eq!(v2["output"]["runs"], 2);
     let m = s.get("/v1/memory/flow-a/runs", &key).json();
     assert_eq!(
@@ -132,7 +116,7 @@ def handler(ax, input):
 fn javascript_handlers_commonjs_and_esm() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    put_secret(&s, &key, "TOKEN", "tok-5a5a5a5a");
+    s.put_secret(&key, "TOKEN", "tok-5a5a5a5a");
     let cjs = r#"
 exports.handler = function (ax, input) {
   const { value, found } = ax.secrets.get('TOKEN');
@@ -141,9 +125,7 @@ exports.handler = function (ax, input) {
   return { doubled: input.n * 2, found, value, version: v, exec: ax.execution_id };
 };
 "#;
-    let v = exec(
-        &s,
-        &key,
+    let v = s.exec(&key,
         json!({"language": "javascript", "handler": true, "code": cjs, "input": {"n": 21}, "secrets": ["TOKEN"]}),
     );
     assert_eq!(v["result"]["exit_code"], 0, "{v}");
@@ -162,17 +144,14 @@ export async function handler(ax, input) {
   return { prev, sum: input.a + input.b };
 }
 "#;
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "javascript", "handler": true, "code": esm, "input": {"a": 1, "b": 2}}),
     );
     assert_eq!(v["output"], json!({"prev": {"n": 21}, "sum": 3}), "{v}");
 
     // A thrown error is a structured error with the stack.
-    let v = exec(
-        &s,
-        &key,
+    let v = s.exec(&key,
         json!({"language": "javascript", "handler": true,
                "code": "module.exports.handler = () => { throw new TypeError('bad input here'); };"}),
     );
@@ -191,9 +170,7 @@ export async function handler(ax, input) {
 fn handler_errors_are_structured() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    let v = exec(
-        &s,
-        &key,
+    let v = s.exec(&key,
         json!({"language": "python", "handler": true,
                "code": "def helper(x):\n    raise ValueError(f'no {x}')\n\ndef handler(ax, input):\n    return helper(input)\n",
                "input": "thing"}),
@@ -205,20 +182,16 @@ fn handler_errors_are_structured() {
     assert_eq!(e["message"], "no thing");
     let tb = e["traceback"].as_str().unwrap();
     assert!(tb.contains("in helper") && tb.contains("line 2"), "{tb}");
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "handler": true, "code": "x = 1\n"}),
     );
     assert_eq!(v["handler_error"]["type"], "HandlerMissing", "{v}");
-    let v = exec(
-        &s,
-        &key,
+    let v = s.exec(&key,
         json!({"language": "python", "handler": true, "code": "def handler(ax, input):\n    return object()\n"}),
     );
     assert_eq!(v["handler_error"]["type"], "NotSerializable", "{v}");
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "handler": true, "code": "def handler(ax, input:\n"}),
     );
@@ -256,8 +229,7 @@ fn forged_tenant_and_flow_fields_are_ignored_and_audited() {
     let code = format!(
         "{RAW}\nr = call(1, 'memory.put', key='k', value='forged', tenant_id='{beta_id}', flow_id='shared', tenant='{beta_id}', flow='shared')\nprint(json.dumps(r))\nr = call(2, 'hello', tenant_id='{beta_id}')\nprint(json.dumps(r))\n"
     );
-    let v = exec(
-        &s,
+    let v = s.exec(
         &a,
         json!({"language": "python", "code": code, "flow": "mine"}),
     );
@@ -302,14 +274,13 @@ fn secrets_are_scoped_by_tenant_and_policy() {
     let s = Server::start_with(&[]);
     let a = s.tenant("alpha");
     let b = s.tenant("beta");
-    put_secret(&s, &a, "ALLOWED", "alpha-allowed-1");
-    put_secret(&s, &a, "NOT_GRANTED", "alpha-not-granted-2");
-    put_secret(&s, &b, "BETA_ONLY", "beta-only-3");
+    s.put_secret(&a, "ALLOWED", "alpha-allowed-1");
+    s.put_secret(&a, "NOT_GRANTED", "alpha-not-granted-2");
+    s.put_secret(&b, "BETA_ONLY", "beta-only-3");
     let code = format!(
         "{RAW}\nfor i, n in enumerate(['ALLOWED', 'NOT_GRANTED', 'BETA_ONLY'], 1):\n    print(json.dumps(call(i, 'secrets.get', name=n)))\n"
     );
-    let v = exec(
-        &s,
+    let v = s.exec(
         &a,
         json!({"language": "python", "code": code, "secrets": ["ALLOWED", "BETA_ONLY"]}),
     );
@@ -368,8 +339,7 @@ fn hostile_frames_close_only_that_channel() {
         ),
     ];
     for (name, body, want) in cases {
-        let v = exec(
-            &s,
+        let v = s.exec(
             &key,
             json!({"language": "python", "code": format!("{RAW}\n{body}\n")}),
         );
@@ -386,8 +356,7 @@ fn hostile_frames_close_only_that_channel() {
     let code = format!(
         "{RAW}\nfor i, (op, a) in enumerate([('memory.put', {{'key': '../etc/passwd', 'value': 1}}), ('memory.put', {{'key': 'a\\x00b', 'value': 1}}), ('memory.get', {{'key': 'k' * 300}}), ('nope', {{}}), ('log', {{'level': 'loud', 'message': 'x'}}), ('memory.put', {{'key': '%2e%2e/x', 'value': 'literal'}})], 1):\n    print(json.dumps(call(i, op, **a)))\n"
     );
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": code, "flow": "f"}),
     );
@@ -480,8 +449,7 @@ sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pr
 print(recv()["ok"])
 "#
     );
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": code, "limits": {"open_files": 512}}),
     );
@@ -593,8 +561,7 @@ try:
 except airlock.AirlockError as e:
     print(e.code)
 "#;
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": code, "limits": {"wall_time_ms": 20000}}),
     );
@@ -627,7 +594,7 @@ fn secret_values_never_escape_through_side_channels() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
     let secret = "sv-91b2c3d4e5-canary";
-    put_secret(&s, &key, "S", secret);
+    s.put_secret(&key, "S", secret);
     // Stream: the value is printed while a client follows the live stream,
     // split across two writes.
     let code = format!(

@@ -239,13 +239,25 @@ impl Server {
 
     /// Runs code and waits for the record.
     pub fn run(&self, key: &str, lang: &str, code: &str) -> Value {
-        let r = self.post(
-            "/v1/executions",
-            key,
-            serde_json::json!({"language": lang, "code": code}),
-        );
+        self.exec(key, serde_json::json!({"language": lang, "code": code}))
+    }
+
+    /// Creates an execution from `body` and waits for its record (200).
+    pub fn exec(&self, key: &str, body: Value) -> Value {
+        let r = self.post("/v1/executions", key, body);
         assert_eq!(r.status, 200, "{}", r.text());
         r.json()
+    }
+
+    /// Stores a secret (200).
+    pub fn put_secret(&self, key: &str, name: &str, value: &str) {
+        let r = self.req(
+            "PUT",
+            &format!("/v1/secrets/{name}"),
+            Some(key),
+            Some(&serde_json::json!({ "value": value })),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
     }
 
     /// Polls until the execution's status is one of `want`.
@@ -260,6 +272,42 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Runs SQL on a data directory's database with python's sqlite3 (not our
+/// code) and returns the rows as JSON (blobs as hex).
+pub fn query(db: &Path, sql: &str) -> Value {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import json,sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
+             rows=c.execute(sys.argv[2]).fetchall()\nc.commit()\n\
+             print(json.dumps([[x.hex() if isinstance(x, bytes) else x for x in r] for r in rows]))",
+        )
+        .arg(db)
+        .arg(sql)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The `warm_pools` line of `airlock doctor --server URL EXTRA...`.
+pub fn doctor_pools_line(url: &str, extra: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(["doctor", "--server", url])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains("warm_pools"))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_string()
 }
 
 /// A test CA (`ca.pem`, `ca.key`) and a server certificate signed by it for

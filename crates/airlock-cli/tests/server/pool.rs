@@ -98,19 +98,13 @@ fn zygote_of(server: u32) -> Option<u32> {
         })
 }
 
-fn run(s: &Server, key: &str, body: Value) -> Value {
-    let r = s.post("/v1/executions", key, body);
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
 #[test]
 fn warm_sandboxes_are_as_isolated_as_cold_ones_and_never_reused() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    let warm1 = run(&s, &key, json!({"language": "python", "code": PROBE}));
-    let warm2 = run(&s, &key, json!({"language": "python", "code": PROBE}));
+    let warm1 = s.exec(&key, json!({"language": "python", "code": PROBE}));
+    let warm2 = s.exec(&key, json!({"language": "python", "code": PROBE}));
     // Positive control for "warm": both came from the pool, forked by the
     // zygote.
     assert_eq!(
@@ -119,8 +113,7 @@ fn warm_sandboxes_are_as_isolated_as_cold_ones_and_never_reused() {
     );
     assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 2.0);
     // A request with its own limits does not fit the pool: cold.
-    let cold = run(
-        &s,
+    let cold = s.exec(
         &key,
         json!({"language": "python", "code": PROBE, "limits": {"memory_mib": 200}}),
     );
@@ -205,8 +198,7 @@ fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
     std::thread::sleep(Duration::from_millis(200));
     // The next execution does not get a dead sandbox: it is discarded and
     // the execution still runs (from a fresh warm one or cold).
-    let v = run(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": "print('alive')"}),
     );
@@ -247,16 +239,13 @@ fn warm_handlers_and_javascript() {
     let key = s.tenant("acme");
     wait_metric(&s, "airlock_pool_size{language=\"javascript\"}", 1.0);
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    let v = run(
-        &s,
-        &key,
+    let v = s.exec(&key,
         json!({"language": "javascript", "handler": true, "input": {"n": 4},
                "code": "exports.handler = (ax, input) => ({ sq: input.n * input.n, id: ax.execution_id });"}),
     );
     assert_eq!(v["output"]["sq"], 16, "{v}");
     assert_eq!(v["output"]["id"], v["id"]);
-    let v = run(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "handler": true, "input": 3, "stdin": "from stdin",
                "code": "import sys\ndef handler(ax, n):\n    return [n, sys.stdin.read()]"}),
@@ -299,7 +288,7 @@ fn warm_runner_keeps_python_exit_semantics() {
         ),
     ];
     for (code, exit, out, err) in cases {
-        let v = run(&s, &key, json!({"language": "python", "code": code}));
+        let v = s.exec(&key, json!({"language": "python", "code": code}));
         assert_eq!(v["result"]["exit_code"], exit, "{v}");
         assert_eq!(v["result"]["stdout"], out, "{v}");
         assert!(v["result"]["stderr"].as_str().unwrap().contains(err), "{v}");
@@ -327,9 +316,7 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
     assert_eq!(r.status, 200);
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     // Non-daemon threads finish before a warm runner exits.
-    let v = run(
-        &s,
-        &key,
+    let v = s.exec(&key,
         json!({"language": "python", "code": "import threading, time\ndef late():\n    time.sleep(0.2)\n    print('thread done')\nthreading.Thread(target=late).start()"}),
     );
     assert_eq!(v["result"]["stdout"], "thread done\n", "{v}");
@@ -339,8 +326,7 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
         .text()
         .matches("secret.read")
         .count();
-    let v = run(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": "print('no sdk here')", "secrets": ["S"]}),
     );
@@ -352,22 +338,20 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
         .count();
     assert_eq!(before, after, "a warm handshake read secrets");
     // ... and one that does gets them (variables are fetched on use).
-    let v = run(
-        &s,
-        &key,
+    let v = s.exec(&key,
         json!({"language": "python", "secrets": ["S"],
                "code": "import airlock\nax = airlock.connect()\nprint(len(ax.variables['secrets']['S']))"}),
     );
     assert_eq!(v["result"]["stdout"], "17\n", "{v}");
     // Code too big for the warm handshake runs cold, correctly.
     let big = format!("x = '{}'\nprint(len(x))", "a".repeat(900_000));
-    let v = run(&s, &key, json!({"language": "python", "code": big}));
+    let v = s.exec(&key, json!({"language": "python", "code": big}));
     assert_eq!(v["result"]["stdout"], "900000\n", "{v}");
     assert!(v["broker_error"].is_null());
     // The runner's start-up CPU is not billed to a warm execution.
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     let hits = metric(&s, "airlock_pool_hits_total{language=\"python\"}");
-    let v = run(&s, &key, json!({"language": "python", "code": "pass"}));
+    let v = s.exec(&key, json!({"language": "python", "code": "pass"}));
     assert_eq!(
         metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
         hits + 1.0
@@ -381,16 +365,7 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
 fn doctor_reports_the_pools_of_a_running_server() {
     let s = Server::start_with(&[]);
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    let out = std::process::Command::new(crate::BIN)
-        .args(["doctor", "--server"])
-        .arg(format!("http://{}", s.addr))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("warm_pools"))
-        .unwrap_or_else(|| panic!("{text}"));
+    let line = crate::doctor_pools_line(&format!("http://{}", s.addr), &[]);
     assert!(line.starts_with("ok"), "{line}");
     assert!(line.contains("size{language=\"python\"} 2"), "{line}");
     // Positive control for the negative: nothing listening there.
@@ -450,10 +425,9 @@ fn zygote_forked_sandboxes_match_cold_ones_and_share_nothing() {
         )
         .unwrap_or_else(|e| panic!("{e}: {v}"))
     };
-    let w1 = out(&run(&s, &key, json!({"language": "python", "code": STATE})));
-    let w2 = out(&run(&s, &key, json!({"language": "python", "code": STATE})));
-    let cold = out(&run(
-        &s,
+    let w1 = out(&s.exec(&key, json!({"language": "python", "code": STATE})));
+    let w2 = out(&s.exec(&key, json!({"language": "python", "code": STATE})));
+    let cold = out(&s.exec(
         &key,
         json!({"language": "python", "code": STATE, "limits": {"wall_time_ms": 9000}}),
     ));
@@ -512,8 +486,7 @@ fn a_dead_zygote_is_replaced_and_no_execution_is_lost() {
     // Its idle sandboxes died with it; executions still run (discarded
     // sandboxes are replaced, cold if need be) ...
     for i in 0..3 {
-        let v = run(
-            &s,
+        let v = s.exec(
             &key,
             json!({"language": "python", "code": format!("print({i})")}),
         );
@@ -529,8 +502,7 @@ fn a_dead_zygote_is_replaced_and_no_execution_is_lost() {
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    let v = run(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": "print('warm again')"}),
     );
@@ -548,7 +520,7 @@ fn deny_execve_holds_in_zygote_forked_sandboxes() {
     let key = s.tenant("acme");
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 1.0);
-    let v = run(&s, &key, json!({"language": "python", "code": code}));
+    let v = s.exec(&key, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "EPERM\n", "{v}");
     assert_eq!(
         metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
@@ -558,7 +530,7 @@ fn deny_execve_holds_in_zygote_forked_sandboxes() {
     let s2 = Server::start_with(&[]);
     let key2 = s2.tenant("acme");
     wait_metric(&s2, "airlock_pool_size{language=\"python\"}", 2.0);
-    let v = run(&s2, &key2, json!({"language": "python", "code": code}));
+    let v = s2.exec(&key2, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "1\n", "{v}");
     assert_eq!(
         metric(&s2, "airlock_pool_hits_total{language=\"python\"}"),
@@ -718,7 +690,7 @@ fn a_policy_change_replaces_the_pool_and_its_zygote() {
     let code = "import os, errno\ntry:\n    os.execv('/usr/bin/python3', ['python3', '-c', 'print(\"exec ok\")'])\nexcept OSError as e:\n    print(errno.errorcode[e.errno])";
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     let old_zygote = zygote_of(s.pid()).expect("zygote");
-    let v = run(&s, &key, json!({"language": "python", "code": code}));
+    let v = s.exec(&key, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "exec ok\n", "{v}");
     assert_eq!(
         metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
@@ -746,7 +718,7 @@ fn a_policy_change_replaces_the_pool_and_its_zygote() {
     .unwrap();
     s.start();
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    let v = run(&s, &key, json!({"language": "python", "code": code}));
+    let v = s.exec(&key, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "EPERM\n", "{v}");
     assert_eq!(
         metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
@@ -838,8 +810,7 @@ fn no_host_path_is_visible_in_warm_or_cold_sandboxes() {
     .collect();
     let needles = json!(needles);
     let probe = |limits: Value| {
-        run(
-            &s,
+        s.exec(
             &key,
             json!({"language": "python", "code": HOST_PATHS_PROBE, "stdin": needles.to_string(),
                    "limits": limits}),
@@ -890,7 +861,7 @@ fn a_rootless_server_forks_warm_python_from_its_zygote() {
     wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
     let code = "import os\nprint(os.readlink('/proc/self/exe'), os.getuid())";
     for _ in 0..3 {
-        let v = run(&s, &key, json!({"language": "python", "code": code}));
+        let v = s.exec(&key, json!({"language": "python", "code": code}));
         assert_eq!(v["status"], "finished", "{v}");
         assert_eq!(
             v["result"]["stdout"], "/memfd:airlock (deleted) 1000\n",

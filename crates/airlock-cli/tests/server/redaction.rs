@@ -3,6 +3,8 @@
 //! live stream, a value used as a memory key. Every test has its positive
 //! control (the same path without the secret, or the value really printed).
 
+use std::time::Instant;
+
 use serde_json::{Value, json};
 
 use crate::{Server, follow_sse};
@@ -15,20 +17,16 @@ fn long_name() -> String {
     format!("S{}", "N".repeat(127))
 }
 
-fn put_secret(s: &Server, key: &str, name: &str, value: &str) {
-    let r = s.req(
-        "PUT",
-        &format!("/v1/secrets/{name}"),
-        Some(key),
-        Some(&json!({ "value": value })),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
-fn exec(s: &Server, key: &str, body: Value) -> Value {
-    let r = s.post("/v1/executions", key, body);
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
+/// Follows an execution's event stream to its end: the events, and the
+/// stdout they carried.
+fn stream_stdout(s: &Server, key: &str, id: &str) -> (Vec<(Instant, String, Value)>, String) {
+    let events = follow_sse(s.addr, &format!("/v1/executions/{id}/events"), key);
+    let stdout = events
+        .iter()
+        .filter(|e| e.1 == "stdout")
+        .map(|e| e.2["data"].as_str().unwrap().to_string())
+        .collect();
+    (events, stdout)
 }
 
 fn stdout_lines(v: &Value) -> Vec<String> {
@@ -45,7 +43,7 @@ fn redaction_markers_cannot_grow_memory_or_logs_past_their_caps() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
     let name = long_name();
-    put_secret(&s, &key, &name, SHORT);
+    s.put_secret(&key, &name, SHORT);
     let marker_len = format!("[REDACTED:{name}]").len();
     assert_eq!(marker_len, 139);
     // 60 KiB of the value passes the 64 KiB check as sent and would be
@@ -81,8 +79,7 @@ for i in range(190):
 print(n, why)
 "#
     );
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": code, "secrets": [name], "flow": "f",
                "limits": {"wall_time_ms": 30000}}),
@@ -129,7 +126,7 @@ fn the_live_stream_carries_at_most_the_output_cap_after_redaction() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
     let name = long_name();
-    put_secret(&s, &key, &name, SHORT);
+    s.put_secret(&key, &name, SHORT);
     // 64 KiB of output made of the value: 2.2 MiB once redacted.
     let cap = 64 << 10;
     let code = format!(
@@ -150,12 +147,7 @@ time.sleep(0.3)
     );
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let events = follow_sse(s.addr, &format!("/v1/executions/{id}/events"), &key);
-    let streamed: String = events
-        .iter()
-        .filter(|e| e.1 == "stdout")
-        .map(|e| e.2["data"].as_str().unwrap().to_string())
-        .collect();
+    let (events, streamed) = stream_stdout(&s, &key, &id);
     let rec = s.get(&format!("/v1/executions/{id}"), &key).json();
     let stored = rec["result"]["stdout"].as_str().unwrap();
     // Positive control: the program really wrote the value (redacted), and
@@ -173,7 +165,7 @@ fn ascii_escaped_values_cut_tails_on_the_stream_and_memory_keys_are_redacted() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
     let secret = "pässwörd-€-canary-0815";
-    put_secret(&s, &key, "S", secret);
+    s.put_secret(&key, "S", secret);
     let code = r#"
 import airlock, json, sys, time
 ax = airlock.connect()
@@ -193,8 +185,7 @@ print(attempt(lambda: ax.agent.memory.put("user/" + json.dumps(v)[1:-1], 1)))
 print(attempt(lambda: ax.agent.memory.put("user/plain", 1)))
 print(json.dumps(ax.agent.memory.list("user/")))
 "#;
-    let v = exec(
-        &s,
+    let v = s.exec(
         &key,
         json!({"language": "python", "code": code, "secrets": ["S"], "flow": "f"}),
     );
@@ -238,12 +229,7 @@ time.sleep(0.3)
                "limits": {"stdout_bytes": 64}}),
     );
     let id = r.json()["id"].as_str().unwrap().to_string();
-    let events = follow_sse(s.addr, &format!("/v1/executions/{id}/events"), &key);
-    let streamed: String = events
-        .iter()
-        .filter(|e| e.1 == "stdout")
-        .map(|e| e.2["data"].as_str().unwrap().to_string())
-        .collect();
+    let (events, streamed) = stream_stdout(&s, &key, &id);
     let rec = s.get(&format!("/v1/executions/{id}"), &key).json();
     assert_eq!(rec["result"]["stdout_truncated"], true, "{rec}");
     assert_eq!(rec["result"]["stdout"], format!("{filler}[REDACTED:S]"));
@@ -264,7 +250,7 @@ for i in range(25):
     except airlock.AirlockError as e:
         pass
 "#;
-    let v = exec(&s, &key, json!({"language": "python", "code": code}));
+    let v = s.exec(&key, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["exit_code"], 0, "{v}");
     let audit = s.get("/v1/audit?limit=500", &key).json();
     let events = audit["events"].as_array().unwrap();
@@ -281,8 +267,7 @@ for i in range(25):
     assert_eq!(summary[0]["detail"]["not_audited"]["secret.denied"], 5);
     assert_eq!(summary[0]["subject"], v["id"]);
     // Positive control: an execution that stays under the cap leaves none.
-    let v2 = exec(
-        &s,
+    let v2 = s.exec(
         &key,
         json!({"language": "python", "code": code.replace("25", "3")}),
     );
@@ -301,7 +286,7 @@ fn binary_output_comes_back_exactly_as_base64_and_redacted() {
     use base64::Engine as _;
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    put_secret(&s, &key, "S", "bin-s3cr3t-value");
+    s.put_secret(&key, "S", "bin-s3cr3t-value");
     let code = r#"
 import airlock, sys
 v, _ = airlock.connect().secrets.get("S")
@@ -309,7 +294,7 @@ sys.stdout.buffer.write(bytes(range(256)) + v.encode() + b"\xff\xfe")
 sys.stderr.buffer.write(b"\x00err\x80")
 "#;
     let body = |enc: &str| json!({"language": "python", "code": code, "secrets": ["S"], "output_encoding": enc});
-    let v = exec(&s, &key, body("base64"));
+    let v = s.exec(&key, body("base64"));
     let b64 = base64::engine::general_purpose::STANDARD;
     let out = b64
         .decode(v["result"]["stdout_base64"].as_str().unwrap())
@@ -324,7 +309,7 @@ sys.stderr.buffer.write(b"\x00err\x80")
     assert!(!v.to_string().contains("bin-s3cr3t"));
     // Positive control: as text, the bytes that are not UTF-8 are lost, and
     // without asking there is no base64.
-    let t = exec(&s, &key, body("utf8"));
+    let t = s.exec(&key, body("utf8"));
     let text = t["result"]["stdout"].as_str().unwrap();
     assert!(
         text.contains('\u{fffd}') && text.ends_with("[REDACTED:S]\u{fffd}\u{fffd}"),

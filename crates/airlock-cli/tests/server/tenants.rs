@@ -3,33 +3,11 @@
 //! rotate, and retention of execution records.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::{Server, admin};
-
-/// Runs a query with python's sqlite3 and returns the rows as JSON.
-fn query(db: &Path, sql: &str) -> Value {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import json,sqlite3,sys\nc=sqlite3.connect(sys.argv[1])\n\
-             rows=c.execute(sys.argv[2]).fetchall()\nc.commit()\n\
-             print(json.dumps([[x.hex() if isinstance(x, bytes) else x for x in r] for r in rows]))",
-        )
-        .arg(db)
-        .arg(sql)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
+use crate::{Server, admin, query};
 
 fn tenant_id(s: &Server, name: &str) -> String {
     let out = admin(&s.data(), &["tenant", "list"]);

@@ -99,16 +99,7 @@ fn the_cli_runs_over_https_verifies_the_certificate_and_sighup_swaps_it() {
     );
 
     // doctor reads the pools over HTTPS too.
-    let out = Command::new(BIN)
-        .args(["doctor", "--server", &url, "--ca"])
-        .arg(&ca1)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("warm_pools"))
-        .unwrap_or_else(|| panic!("{text}"));
+    let line = crate::doctor_pools_line(&url, &["--ca", &ca1.display().to_string()]);
     assert!(line.starts_with("ok"), "{line}");
 
     // A renewed certificate under another CA, swapped in by SIGHUP.
