@@ -122,7 +122,7 @@ struct Usage(String);
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     // The sandbox init path: dispatched before anything else touches the process.
-    if args.get(1).map(String::as_str) == Some(airlock_sandbox::init::INIT_ARG) {
+    if args.get(1).map(String::as_str) == Some(airlock_sandbox::launch::INIT_ARG) {
         airlock_sandbox::init::main(&args[2..]);
     }
     if args.get(1).map(String::as_str) == Some(airlock_sandbox::zygote::ZYGOTE_ARG) {

@@ -248,12 +248,80 @@ pub struct Env {
     pub vars: BTreeMap<String, String>,
 }
 
-/// How strictly kernel isolation features are required.
+/// How strictly isolation is required: the boundary the code must be
+/// behind, and what happens when a backend cannot enforce a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Isolation {
     /// Landlock enforcement mode.
     pub landlock: LandlockMode,
+    /// The weakest isolation level the code may run behind. Default none:
+    /// the cheapest backend the operator offers (every backend enforces
+    /// the whole policy or refuses it; the level is about the boundary).
+    pub minimum: Option<IsolationLevel>,
+    /// What a backend does with a policy layer it cannot enforce. Default
+    /// `refuse`: the execution does not start.
+    pub missing_layers: MissingLayers,
+}
+
+/// The boundary between the code and the host, ordered weakest first: a
+/// request for a level is met by that level or any stronger one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationLevel {
+    /// Kernel namespaces, cgroups, seccomp and Landlock around the code,
+    /// which talks to the host kernel directly (the process sandbox, OCI
+    /// containers).
+    Container,
+    /// A user-space kernel (gVisor) between the code and the host kernel:
+    /// the code's system calls are served by the sentry, not the host.
+    Gvisor,
+    /// Hardware virtualisation: the code runs on its own guest kernel.
+    Microvm,
+}
+
+impl IsolationLevel {
+    /// Every level, weakest first.
+    pub const ALL: [IsolationLevel; 3] = [
+        IsolationLevel::Container,
+        IsolationLevel::Gvisor,
+        IsolationLevel::Microvm,
+    ];
+
+    /// The name used in policies and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsolationLevel::Container => "container",
+            IsolationLevel::Gvisor => "gvisor",
+            IsolationLevel::Microvm => "microvm",
+        }
+    }
+
+    /// Parses a level name.
+    pub fn parse(name: &str) -> Result<Self, PolicyError> {
+        Self::ALL
+            .into_iter()
+            .find(|l| l.as_str() == name)
+            .ok_or_else(|| PolicyError::UnknownIsolation(name.chars().take(32).collect()))
+    }
+}
+
+impl fmt::Display for IsolationLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a backend does with a policy layer it cannot enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingLayers {
+    /// Refuse to run (strict mode). The default.
+    #[default]
+    Refuse,
+    /// DANGEROUS: run without the layer and name it in the result's
+    /// `enforced.missing_layers`.
+    RecordDangerous,
 }
 
 /// Landlock enforcement mode.
@@ -373,6 +441,9 @@ pub enum PolicyError {
     /// Unknown language name.
     #[error("unknown language {0:?} (expected python, javascript or shell)")]
     UnknownLanguage(String),
+    /// Unknown isolation level name.
+    #[error("unknown isolation level {0:?} (expected container, gvisor or microvm)")]
+    UnknownIsolation(String),
 }
 
 fn truncate_for_message(s: &str) -> String {

@@ -26,8 +26,9 @@ use airlock_policy::{LandlockMode, Language, Policy};
 
 use crate::cgroup::{self, Cgroup, CgroupLimits, Layout};
 use crate::error::SandboxError;
-use crate::init::{
-    BROKER_FD, CONTROL_FD, EGRESS_FD, INIT_ARG, PROXY_PORT, SANDBOX_GID, SANDBOX_UID,
+use crate::launch::{
+    BROKER_FD, CONTROL_FD, EGRESS_FD, Extras, INIT_ARG, InitProc, SANDBOX_GID, SANDBOX_UID,
+    Started, program_argv_env, safe_file_name,
 };
 use crate::proto::{self, FromInit, InitConfig, Job, ToInit};
 use crate::result::{Enforced, LandlockReport, RunResult, SeccompReport, TerminationReason};
@@ -107,32 +108,6 @@ pub struct Request<'a> {
 }
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// What a platform adds to a sandbox beyond its policy. Nothing here is
-/// tenant-specific: identity, code and input arrive later.
-#[derive(Debug, Clone, Default)]
-pub struct Extras {
-    /// Read-only files written into the sandbox's root: (absolute path
-    /// inside, contents), e.g. the guest SDKs. Written, not bind-mounted,
-    /// so no host path shows in the sandbox (its mount table names the
-    /// source of every bind).
-    pub files: Vec<(String, Arc<str>)>,
-    /// Give the program a broker channel: one end of a socketpair at
-    /// descriptor [`BROKER_FD`] (named by `AIRLOCK_BROKER_FD`); the other
-    /// end is returned by [`Sandbox::take_broker`].
-    pub broker: bool,
-    /// Run this script (a path inside the sandbox) with the code file as its
-    /// argument, instead of running the code file directly.
-    pub entry: Option<String>,
-    /// Extra environment for the program; names must start with `AIRLOCK_`
-    /// (the policy's environment rules cannot be bypassed through here).
-    pub env: Vec<(String, String)>,
-    /// Give the sandbox an egress forwarder on 127.0.0.1 whose
-    /// connections are handed to the host-side proxy over a socketpair
-    /// (the other end is returned by [`Sandbox::take_egress`]). Required
-    /// by, and only allowed with, `network.mode = "proxy"`.
-    pub egress: bool,
-}
 
 /// Limits below which a sandbox of `lang` cannot start at all: a request
 /// asking for less is refused as bad input (never left to fail as an
@@ -281,6 +256,19 @@ impl Engine {
         );
         *g = Some(fd.clone());
         Ok(fd)
+    }
+
+    /// Starts a python zygote for sandboxes with `policy` and `extras` (a
+    /// guest runner entry and a broker channel: the pooled program shape).
+    /// Must be called from a long-lived thread: the zygote dies with it.
+    pub fn start_zygote(&self, policy: &Policy, extras: &Extras) -> Result<Zygote, SandboxError> {
+        crate::zygote::start(crate::zygote::Spawn {
+            runtime: self.runtime(Language::Python)?,
+            image: self.zygote_image()?,
+            platform_env: self.platform_env(),
+            policy,
+            extras,
+        })
     }
 
     /// The binary that acts as init (and zygote).
@@ -527,7 +515,13 @@ impl Engine {
         } else {
             (None, None)
         };
-        let (init, stdin_w, stdout_r, stderr_r, pid) = match zygote {
+        let Started {
+            init,
+            stdin: stdin_w,
+            stdout: stdout_r,
+            stderr: stderr_r,
+            pid,
+        } = match zygote {
             Some(z) => z.fork(&child_ctrl, child_broker.as_ref(), child_egress.as_ref())?,
             None => {
                 let mut child = self.spawn_init(
@@ -535,11 +529,13 @@ impl Engine {
                     child_broker.as_ref().map(|c| c.as_raw_fd()),
                     child_egress.as_ref().map(|c| c.as_raw_fd()),
                 )?;
-                let stdin_w = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
-                let stdout_r = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
-                let stderr_r = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
-                let pid = child.id() as i32;
-                (InitProc::Child(child), stdin_w, stdout_r, stderr_r, pid)
+                Started {
+                    stdin: child.stdin.take().map(|p| File::from(OwnedFd::from(p))),
+                    stdout: child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
+                    stderr: child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
+                    pid: child.id() as i32,
+                    init: InitProc::Child(child),
+                }
             }
         };
         drop(child_ctrl);
@@ -574,6 +570,9 @@ impl Engine {
             runtime,
             policy: policy.clone(),
             enforced: Enforced {
+                backend: "process".into(),
+                isolation: airlock_policy::IsolationLevel::Container,
+                missing_layers: Vec::new(),
                 namespaces: ["user", "pid", "mount", "network", "ipc", "uts", "cgroup"]
                     .map(String::from)
                     .to_vec(),
@@ -696,72 +695,12 @@ impl Engine {
     }
 }
 
-fn egress_env(policy: &Policy) -> Vec<(&'static str, String)> {
-    if !policy.network.is_proxy() {
-        return Vec::new();
-    }
-    let url = format!("http://127.0.0.1:{PROXY_PORT}");
-    let mut v: Vec<(&'static str, String)> = [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ]
-    .into_iter()
-    .map(|k| (k, url.clone()))
-    .collect();
-    v.push(("NO_PROXY", "localhost,127.0.0.1,::1".into()));
-    v.push(("no_proxy", "localhost,127.0.0.1,::1".into()));
-    v
-}
-
-/// The program's argv and environment (`NAME=value`) for a job whose code
-/// is `/workspace/<file_name>`.
-pub(crate) fn program_argv_env(
-    policy: &Policy,
-    runtime: &Runtime,
-    entry: Option<&str>,
-    broker: bool,
-    extra_env: &[(String, String)],
-    file_name: &str,
-) -> (Vec<String>, Vec<String>) {
-    let mut argv = vec![runtime.interpreter.clone()];
-    argv.extend(runtime.args.iter().cloned());
-    if let Some(entry) = entry {
-        argv.push(entry.to_string());
-    }
-    argv.push(format!("/workspace/{file_name}"));
-    let env = policy
-        .program_env()
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .chain(broker.then(|| format!("AIRLOCK_BROKER_FD={BROKER_FD}")))
-        .chain(extra_env.iter().map(|(k, v)| format!("{k}={v}")))
-        .chain(
-            egress_env(policy)
-                .into_iter()
-                .map(|(k, v)| format!("{k}={v}")),
-        )
-        .collect();
-    (argv, env)
-}
-
 /// What is left of a sandbox once its result is known: processes that were
 /// sent SIGKILL and its cgroup. Dropping it waits until every process is
 /// gone and removes the cgroup.
 #[derive(Debug)]
 pub struct Teardown {
     _sandbox: Sandbox,
-}
-
-/// Stage 1 of a sandbox's init: a child of the engine, or forked by a
-/// zygote (then only a pidfd is held; the zygote reaps it).
-#[derive(Debug)]
-pub(crate) enum InitProc {
-    Child(Child),
-    Forked(OwnedFd),
 }
 
 /// A sandbox with every layer applied, waiting for exactly one job.
@@ -1480,13 +1419,4 @@ impl Supervision {
         }
         false
     }
-}
-
-/// A plain basename: letters, digits, `.`, `_`, `-`; not hidden; at most 128 bytes.
-pub fn safe_file_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 128
-        && !n.starts_with('.')
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }

@@ -44,11 +44,10 @@ pub enum SandboxError {
     /// I/O on the sandbox's stdio pipes or waiting for it failed.
     #[error("sandbox supervision failed: {0}")]
     Supervise(io::Error),
-    /// The request was invalid (size caps etc.).
     /// The python zygote (a forking interpreter) is unavailable or failed.
     #[error("python zygote: {0}")]
     Zygote(String),
-
+    /// The request was invalid (size caps etc.).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 }

@@ -18,7 +18,7 @@
 use std::ffi::{CStr, CString};
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 
@@ -27,25 +27,12 @@ use landlock::{
     RulesetCreatedAttr, RulesetStatus,
 };
 
+use crate::launch::{
+    BROKER_FD, CONTROL_FD, EGRESS_FD, Launch, PROXY_PORT, SANDBOX_GID, SANDBOX_UID,
+};
 use crate::proto::{self, FromInit, InitConfig, Job, ToInit};
 use crate::sys::{self, ChildStatus, Forked};
 
-/// argv[1] that makes the airlock binary act as sandbox init.
-pub const INIT_ARG: &str = "__airlock-init";
-/// The uid the program runs as inside the sandbox.
-pub const SANDBOX_UID: u32 = 1000;
-/// The gid the program runs as inside the sandbox.
-pub const SANDBOX_GID: u32 = 1000;
-/// The control socket's descriptor number in init.
-pub const CONTROL_FD: RawFd = 3;
-/// Descriptor of the broker channel, when the engine gives one. The program
-/// inherits it (and `AIRLOCK_BROKER_FD` names it); init never reads it.
-pub const BROKER_FD: RawFd = 4;
-/// Descriptor of the egress channel (a SOCK_SEQPACKET socketpair end), when
-/// the policy allows egress. Only the forwarder holds it.
-pub const EGRESS_FD: RawFd = 5;
-/// Where the forwarder listens inside the sandbox (`HTTP_PROXY` points here).
-pub const PROXY_PORT: u16 = 3128;
 /// The Landlock ABI airlock pins. Strict mode requires every access right of
 /// this ABI to be enforced (Linux 6.10+).
 pub const LANDLOCK_ABI: ABI = ABI::V5;
@@ -263,15 +250,6 @@ fn report(ctrl: &mut UnixStream, (step, errno): (Step, i32)) {
     );
 }
 
-/// How the program process starts once every layer is applied.
-#[derive(Clone, Copy)]
-pub(crate) enum Launch<'a> {
-    /// execve the job's argv (a freshly exec'd init).
-    Exec,
-    /// Continue in the interpreter inherited from the zygote.
-    Python(&'a crate::zygote::Python),
-}
-
 fn stage1(args: &[String]) -> Result<i32, ()> {
     let expected_parent: i32 = args.first().and_then(|a| a.parse().ok()).ok_or(())?;
     stage1_from(expected_parent, Launch::Exec)
@@ -298,7 +276,7 @@ pub(crate) fn stage1_from(expected_parent: i32, launch: Launch<'_>) -> Result<i3
         }
     };
     // The engine says which start-up it arranged; anything else is refused.
-    if cfg.zygote != matches!(launch, Launch::Python(_)) {
+    if cfg.zygote != matches!(launch, Launch::Inherited(_)) {
         report(&mut ctrl, (Step::ReadConfig, libc::EINVAL));
         return Err(());
     }
@@ -934,21 +912,22 @@ fn run_job(
     launch: Launch<'_>,
 ) -> StepResult<()> {
     let broker = cfg.broker;
-    if let Launch::Python(py) = launch {
+    if let Launch::Inherited(py) = launch {
         // A zygote serves exactly one program shape: the argv and
         // environment it was started with.
-        let mut want = py.config.env.clone();
+        let (argv, env) = py.shape();
+        let mut want = env.to_vec();
         let mut got = job.env.clone();
         want.sort();
         got.sort();
-        if job.argv != py.config.argv || want != got {
+        if job.argv != argv || want != got {
             return Err((Step::ReadJob, libc::EINVAL));
         }
     }
     if cfg.egress {
         start_forwarder(broker)?;
     }
-    if !crate::engine::safe_file_name(&job.file_name) || job.argv.is_empty() {
+    if !crate::launch::safe_file_name(&job.file_name) || job.argv.is_empty() {
         return Err((Step::ReadJob, libc::EINVAL));
     }
     let path = format!("/workspace/{}", job.file_name);
@@ -978,7 +957,7 @@ fn run_job(
     match at(Step::ForkProgram, unsafe { sys::fork() })? {
         Forked::Child => {
             drop(err_r);
-            if let Launch::Python(py) = launch {
+            if let Launch::Inherited(py) = launch {
                 if let Err(errno) = program_setup(job, true) {
                     let mut w = fs::File::from(err_w);
                     let _ = w.write_all(&errno.to_le_bytes());

@@ -28,6 +28,7 @@ pub mod engine;
 pub mod error;
 pub mod init;
 pub mod kvm;
+pub mod launch;
 pub mod proto;
 pub mod result;
 pub mod rootfs;
@@ -36,7 +37,8 @@ pub mod seccomp;
 pub mod sys;
 pub mod zygote;
 
-pub use engine::{CancelToken, Engine, EngineConfig, Extras, Request, Sandbox, Stream, Teardown};
+pub use engine::{CancelToken, Engine, EngineConfig, Request, Sandbox, Stream, Teardown};
 pub use error::SandboxError;
+pub use launch::Extras;
 pub use result::{Enforced, RunResult, TerminationReason};
 pub use zygote::Zygote;

@@ -78,12 +78,12 @@ pub struct InitConfig {
     pub landlock_strict: bool,
     /// Seccomp programs to install, in order, as (code, jt, jf, k).
     pub seccomp: Vec<Vec<(u16, u8, u8, u32)>>,
-    /// The engine passed a broker socket at [`crate::init::BROKER_FD`]; it
+    /// The engine passed a broker socket at [`crate::launch::BROKER_FD`]; it
     /// is handed to the program (and only to it). When false, that
     /// descriptor is closed at once whatever it is.
     pub broker: bool,
-    /// The engine passed an egress channel at [`crate::init::EGRESS_FD`]:
-    /// pid 1 starts the forwarder on 127.0.0.1:[`crate::init::PROXY_PORT`]
+    /// The engine passed an egress channel at [`crate::launch::EGRESS_FD`]:
+    /// pid 1 starts the forwarder on 127.0.0.1:[`crate::launch::PROXY_PORT`]
     /// before the program; the program never holds the channel.
     pub egress: bool,
     /// Init was forked by a python zygote ([`crate::zygote`]): the program

@@ -84,6 +84,15 @@ pub struct SeccompReport {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub struct Enforced {
+    /// The backend that ran the code: `process`, `oci` or `gvisor`.
+    pub backend: String,
+    /// Its isolation level: `container`, `gvisor` or `microvm`.
+    #[cfg_attr(feature = "schema", schema(value_type = String, example = "container"))]
+    pub isolation: airlock_policy::IsolationLevel,
+    /// Policy layers this backend could not enforce and ran without
+    /// (only under `isolation.missing_layers = "record_dangerous"`; by
+    /// default such a policy is refused instead).
+    pub missing_layers: Vec<String>,
     /// Namespaces the sandbox runs in.
     pub namespaces: Vec<String>,
     /// New root via pivot_root, old root detached.

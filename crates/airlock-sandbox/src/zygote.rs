@@ -33,7 +33,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::init::{BROKER_FD, CONTROL_FD, EGRESS_FD};
+use crate::launch::{BROKER_FD, CONTROL_FD, EGRESS_FD, Extras, InitProc, Started};
 use crate::sys::{self, Forked};
 
 /// argv[1] that makes the airlock binary act as a zygote.
@@ -203,7 +203,7 @@ impl Python {
     /// In the sandbox's program process, after every layer and the
     /// program's rlimits: continue as the program in the inherited
     /// interpreter. Never returns.
-    pub(crate) fn run_program(&self) -> ! {
+    fn continue_as_program(&self) -> ! {
         // What a starting interpreter installs: SIGPIPE and SIGXFSZ ignored
         // (SIGINT's handler is re-installed from python below).
         // SAFETY: SIG_IGN for valid signal numbers; no Rust handler involved.
@@ -230,6 +230,16 @@ impl Python {
         );
         let _ = self.run(&code);
         sys::exit_now(1)
+    }
+}
+
+impl crate::launch::Inherited for Python {
+    fn shape(&self) -> (&[String], &[String]) {
+        (&self.config.argv, &self.config.env)
+    }
+
+    fn run_program(&self) -> ! {
+        self.continue_as_program()
     }
 }
 
@@ -409,7 +419,8 @@ fn child(zygote: i32, flags: u8, fds: Vec<OwnedFd>, python: &Python) -> ! {
     // Everything above the highest target goes: the parked copies and the
     // zygote's own descriptors (its request socket was at 3, now replaced).
     let _ = sys::close_from(EGRESS_FD as u32 + 1);
-    let code = crate::init::stage1_from(zygote, crate::init::Launch::Python(python)).unwrap_or(1);
+    let code =
+        crate::init::stage1_from(zygote, crate::launch::Launch::Inherited(python)).unwrap_or(1);
     sys::exit_now(code)
 }
 
@@ -419,26 +430,17 @@ fn child(zygote: i32, flags: u8, fds: Vec<OwnedFd>, python: &Python) -> ! {
 /// A running zygote, owned by the engine side (a warm pool). Dropping it
 /// closes its request socket: the zygote then exits once every sandbox it
 /// forked has ended (they die with it), and is reaped by a later
-/// [`Engine::start_zygote`](crate::engine::Engine::start_zygote).
+/// [`crate::engine::Engine::start_zygote`].
 #[derive(Debug)]
 pub struct Zygote {
     child: Option<std::process::Child>,
     sock: OwnedFd,
     lock: std::sync::Mutex<()>,
     pub(crate) policy: airlock_policy::Policy,
-    pub(crate) extras: crate::engine::Extras,
+    pub(crate) extras: Extras,
     version: String,
     forks: std::sync::atomic::AtomicU64,
 }
-
-/// What the host side gets back for one forked init.
-pub(crate) type Forked4 = (
-    crate::engine::InitProc,
-    Option<std::fs::File>,
-    Option<std::fs::File>,
-    Option<std::fs::File>,
-    i32,
-);
 
 fn zerr(what: &str) -> crate::SandboxError {
     crate::SandboxError::Zygote(what.to_string())
@@ -483,141 +485,148 @@ pub fn libpython_of(interpreter: &str) -> Result<(String, String), crate::Sandbo
     Ok((path.display().to_string(), version.to_string()))
 }
 
-impl crate::engine::Engine {
-    /// Starts a python zygote for sandboxes with `policy` and `extras` (a
-    /// guest runner entry and a broker channel: the pooled program shape).
-    /// Must be called from a long-lived thread: the zygote dies with it.
-    pub fn start_zygote(
-        &self,
-        policy: &airlock_policy::Policy,
-        extras: &crate::engine::Extras,
-    ) -> Result<Zygote, crate::SandboxError> {
-        use std::os::unix::process::CommandExt;
-        reap_retired();
-        let runtime = self.runtime(airlock_policy::Language::Python)?;
-        let entry = extras
-            .entry
-            .as_deref()
-            .filter(|_| extras.broker && !extras.egress)
-            .ok_or_else(|| zerr("a zygote serves a runner entry with a broker channel"))?;
-        // The guest SDK: the extra files beside the entry.
-        let (entry_dir, _) = entry.rsplit_once('/').ok_or_else(|| zerr("entry"))?;
-        let guest_sources: std::collections::BTreeMap<String, String> = extras
-            .files
+/// What the engine hands [`start`]: the python runtime, the sealed image
+/// to execute, the environment the platform adds, and the program shape.
+pub(crate) struct Spawn<'a> {
+    pub runtime: crate::runtime::Runtime,
+    pub image: std::sync::Arc<OwnedFd>,
+    pub platform_env: Vec<(String, String)>,
+    pub policy: &'a airlock_policy::Policy,
+    pub extras: &'a Extras,
+}
+
+/// Starts a python zygote (see [`crate::engine::Engine::start_zygote`]).
+pub(crate) fn start(spawn: Spawn<'_>) -> Result<Zygote, crate::SandboxError> {
+    use std::os::unix::process::CommandExt;
+    let Spawn {
+        runtime,
+        image,
+        platform_env,
+        policy,
+        extras,
+    } = spawn;
+    reap_retired();
+    let entry = extras
+        .entry
+        .as_deref()
+        .filter(|_| extras.broker && !extras.egress)
+        .ok_or_else(|| zerr("a zygote serves a runner entry with a broker channel"))?;
+    // The guest SDK: the extra files beside the entry.
+    let (entry_dir, _) = entry.rsplit_once('/').ok_or_else(|| zerr("entry"))?;
+    let guest_sources: std::collections::BTreeMap<String, String> = extras
+        .files
+        .iter()
+        .filter_map(|(path, contents)| {
+            let name = path.strip_prefix(entry_dir)?.strip_prefix('/')?;
+            (!name.contains('/')).then(|| (name.to_string(), contents.to_string()))
+        })
+        .collect();
+    for needed in ["airlock.py", "runner.py"] {
+        if !guest_sources.contains_key(needed) {
+            return Err(zerr("the entry's directory lacks the python guest SDK"));
+        }
+    }
+    let (libpython, version) = libpython_of(&runtime.interpreter)?;
+    let (argv, env) = crate::launch::program_argv_env(
+        policy,
+        &runtime,
+        Some(entry),
+        true,
+        &extras
+            .env
             .iter()
-            .filter_map(|(path, contents)| {
-                let name = path.strip_prefix(entry_dir)?.strip_prefix('/')?;
-                (!name.contains('/')).then(|| (name.to_string(), contents.to_string()))
-            })
-            .collect();
-        for needed in ["airlock.py", "runner.py"] {
-            if !guest_sources.contains_key(needed) {
-                return Err(zerr("the entry's directory lacks the python guest SDK"));
+            .cloned()
+            .chain(platform_env)
+            .collect::<Vec<_>>(),
+        &format!("main.{}", runtime.extension),
+    );
+    let config = ZygoteConfig {
+        libpython,
+        executable: runtime.interpreter.clone(),
+        guest_sources,
+        guest_target: entry_dir.to_string(),
+        engine_pid: std::process::id() as i32,
+        argv,
+        env: env.clone(),
+        visible: runtime
+            .mounts
+            .iter()
+            .map(|m| m.target.clone())
+            .chain(policy.filesystem.read_only_paths.iter().cloned())
+            .chain(std::iter::once(entry_dir.to_string()))
+            .chain(runtime.symlinks.iter().map(|(p, _)| p.clone()))
+            .collect(),
+    };
+    let (host, child_end) = rustix::net::socketpair(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::SEQPACKET,
+        rustix::net::SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(|e| crate::SandboxError::SpawnInit(e.into()))?;
+    let child_fd = child_end.as_raw_fd();
+    // From the sealed in-memory image, named by a name: nothing a forked
+    // program can read of itself (exe, maps, cmdline) names a host path.
+    sys::make_execute_only(&image).map_err(crate::SandboxError::SpawnInit)?;
+    let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", image.as_raw_fd()));
+    cmd.arg0("airlock")
+        .arg(ZYGOTE_ARG)
+        .env_clear()
+        .envs(env.iter().filter_map(|kv| kv.split_once('=')))
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only calls dup2/fcntl (async-signal-safe, no allocation) on
+    // `child_fd`, which `child_end` keeps open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if child_fd == REQUEST_FD {
+                sys::clear_cloexec(child_fd)
+            } else {
+                sys::dup2(child_fd, REQUEST_FD)
             }
+        });
+    }
+    let child = cmd.spawn().map_err(crate::SandboxError::SpawnInit)?;
+    drop(child_end);
+    let mut z = Zygote {
+        child: Some(child),
+        sock: host,
+        lock: std::sync::Mutex::new(()),
+        policy: policy.clone(),
+        extras: extras.clone(),
+        version: String::new(),
+        forks: std::sync::atomic::AtomicU64::new(0),
+    };
+    rustix::net::sockopt::set_socket_timeout(
+        &z.sock,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(std::time::Duration::from_secs(10)),
+    )
+    .map_err(|e| crate::SandboxError::SpawnInit(e.into()))?;
+    let msg = serde_json::to_vec(&config).map_err(|_| zerr("config"))?;
+    if msg.len() > MAX_CONFIG {
+        return Err(zerr("configuration too large"));
+    }
+    sys::send_with_fds(z.sock.as_raw_fd(), &msg, &[]).map_err(|_| zerr("unreachable"))?;
+    let mut buf = [0u8; 512];
+    let (n, _) = sys::recv_with_fds(z.sock.as_raw_fd(), &mut buf, 0)
+        .map_err(|_| zerr("no answer from the zygote"))?;
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    match answer.strip_prefix("ready ") {
+        // The embedded interpreter must be the one a cold sandbox runs.
+        Some(v) if v == version => {
+            z.version = v.to_string();
+            Ok(z)
         }
-        let (libpython, version) = libpython_of(&runtime.interpreter)?;
-        let (argv, env) = crate::engine::program_argv_env(
-            policy,
-            &runtime,
-            Some(entry),
-            true,
-            &extras
-                .env
-                .iter()
-                .cloned()
-                .chain(self.platform_env())
-                .collect::<Vec<_>>(),
-            &format!("main.{}", runtime.extension),
-        );
-        let config = ZygoteConfig {
-            libpython,
-            executable: runtime.interpreter.clone(),
-            guest_sources,
-            guest_target: entry_dir.to_string(),
-            engine_pid: std::process::id() as i32,
-            argv,
-            env: env.clone(),
-            visible: runtime
-                .mounts
-                .iter()
-                .map(|m| m.target.clone())
-                .chain(policy.filesystem.read_only_paths.iter().cloned())
-                .chain(std::iter::once(entry_dir.to_string()))
-                .chain(runtime.symlinks.iter().map(|(p, _)| p.clone()))
-                .collect(),
-        };
-        let (host, child_end) = rustix::net::socketpair(
-            rustix::net::AddressFamily::UNIX,
-            rustix::net::SocketType::SEQPACKET,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )
-        .map_err(|e| crate::SandboxError::SpawnInit(e.into()))?;
-        let child_fd = child_end.as_raw_fd();
-        // From the sealed in-memory image, named by a name: nothing a forked
-        // program can read of itself (exe, maps, cmdline) names a host path.
-        let image = self.zygote_image()?;
-        sys::make_execute_only(&image).map_err(crate::SandboxError::SpawnInit)?;
-        let mut cmd = std::process::Command::new(format!("/proc/self/fd/{}", image.as_raw_fd()));
-        cmd.arg0("airlock")
-            .arg(ZYGOTE_ARG)
-            .env_clear()
-            .envs(env.iter().filter_map(|kv| kv.split_once('=')))
-            .current_dir("/")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls dup2/fcntl (async-signal-safe, no allocation) on
-        // `child_fd`, which `child_end` keeps open until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if child_fd == REQUEST_FD {
-                    sys::clear_cloexec(child_fd)
-                } else {
-                    sys::dup2(child_fd, REQUEST_FD)
-                }
-            });
-        }
-        let child = cmd.spawn().map_err(crate::SandboxError::SpawnInit)?;
-        drop(child_end);
-        let mut z = Zygote {
-            child: Some(child),
-            sock: host,
-            lock: std::sync::Mutex::new(()),
-            policy: policy.clone(),
-            extras: extras.clone(),
-            version: String::new(),
-            forks: std::sync::atomic::AtomicU64::new(0),
-        };
-        rustix::net::sockopt::set_socket_timeout(
-            &z.sock,
-            rustix::net::sockopt::Timeout::Recv,
-            Some(std::time::Duration::from_secs(10)),
-        )
-        .map_err(|e| crate::SandboxError::SpawnInit(e.into()))?;
-        let msg = serde_json::to_vec(&config).map_err(|_| zerr("config"))?;
-        if msg.len() > MAX_CONFIG {
-            return Err(zerr("configuration too large"));
-        }
-        sys::send_with_fds(z.sock.as_raw_fd(), &msg, &[]).map_err(|_| zerr("unreachable"))?;
-        let mut buf = [0u8; 512];
-        let (n, _) = sys::recv_with_fds(z.sock.as_raw_fd(), &mut buf, 0)
-            .map_err(|_| zerr("no answer from the zygote"))?;
-        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
-        match answer.strip_prefix("ready ") {
-            // The embedded interpreter must be the one a cold sandbox runs.
-            Some(v) if v == version => {
-                z.version = v.to_string();
-                Ok(z)
-            }
-            Some(v) => Err(zerr(&format!(
-                "libpython is python {v}, the interpreter is {version}"
-            ))),
-            None => Err(zerr(
-                answer.strip_prefix("error ").unwrap_or("failed to start"),
-            )),
-        }
+        Some(v) => Err(zerr(&format!(
+            "libpython is python {v}, the interpreter is {version}"
+        ))),
+        None => Err(zerr(
+            answer.strip_prefix("error ").unwrap_or("failed to start"),
+        )),
     }
 }
 
@@ -646,7 +655,7 @@ impl Zygote {
         ctrl: &std::os::unix::net::UnixStream,
         broker: Option<&std::os::unix::net::UnixStream>,
         egress: Option<&OwnedFd>,
-    ) -> Result<Forked4, crate::SandboxError> {
+    ) -> Result<Started, crate::SandboxError> {
         let (stdin_r, stdin_w) = sys::pipe().map_err(crate::SandboxError::SpawnInit)?;
         let (stdout_r, stdout_w) = sys::pipe().map_err(crate::SandboxError::SpawnInit)?;
         let (stderr_r, stderr_w) = sys::pipe().map_err(crate::SandboxError::SpawnInit)?;
@@ -678,13 +687,13 @@ impl Zygote {
         self.forks
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pidfd = got.remove(0);
-        Ok((
-            crate::engine::InitProc::Forked(pidfd),
-            Some(std::fs::File::from(stdin_w)),
-            Some(std::fs::File::from(stdout_r)),
-            Some(std::fs::File::from(stderr_r)),
+        Ok(Started {
+            init: InitProc::Forked(pidfd),
+            stdin: Some(std::fs::File::from(stdin_w)),
+            stdout: Some(std::fs::File::from(stdout_r)),
+            stderr: Some(std::fs::File::from(stderr_r)),
             pid,
-        ))
+        })
     }
 }
 
