@@ -233,8 +233,8 @@ def main():
             metrics = mc.getresponse().read().decode()
             pool = {l.split("{")[0].replace("airlock_pool_", ""): l.rsplit(" ", 1)[1]
                     for l in metrics.splitlines()
-                    if l.startswith(("airlock_pool_hits_total{language=\"python\"}",
-                                     "airlock_pool_misses_total{language=\"python\"}"))}
+                    if l.startswith(("airlock_pool_hits_total{backend=\"process\",language=\"python\"}",
+                                     "airlock_pool_misses_total{backend=\"process\",language=\"python\"}"))}
         finally:
             srv.terminate()
             srv.wait(timeout=60)

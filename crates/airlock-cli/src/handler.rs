@@ -12,9 +12,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use airlock_backend::{
+    Backend, BackendError, CancelToken, Extras, Hooks, Job, SandboxError, Spec, Stream,
+    TerminationReason,
+};
 use airlock_broker::{GivenSecrets, Grants, Identity, Quotas, Session, StreamRedactor};
 use airlock_policy::{Language, Policy};
-use airlock_sandbox::{CancelToken, Engine, Extras, SandboxError, Stream, TerminationReason};
 use airlock_store::{ExecStatus, ExecutionRecord, Finish, Store, new_id, now_ms};
 use serde_json::{Value, json};
 
@@ -82,7 +85,7 @@ pub fn parse_secret(arg: &str) -> Result<(String, zeroize::Zeroizing<String>), U
     Ok((name.to_string(), value))
 }
 
-pub fn run(engine: &Engine, r: HandlerRun<'_>) -> Result<ExitCode, Usage> {
+pub fn run(backend: &dyn Backend, r: HandlerRun<'_>) -> Result<ExitCode, Usage> {
     if r.language == Language::Shell {
         return Err(Usage("handlers are python or javascript".into()));
     }
@@ -173,9 +176,19 @@ pub fn run(engine: &Engine, r: HandlerRun<'_>) -> Result<ExitCode, Usage> {
         egress: r.policy.network.is_proxy(),
     };
     let rules = r.policy.network.rules().map_err(|e| Usage(e.to_string()))?;
-    let mut sandbox = match engine.prepare_with(r.policy, r.language, &extras) {
+    let mut sandbox = match backend.prepare(&Spec {
+        policy: r.policy,
+        language: r.language,
+        extras: &extras,
+    }) {
         Ok(sb) => sb,
-        Err(e @ (SandboxError::InvalidRequest(_) | SandboxError::RuntimeMissing(_))) => {
+        Err(
+            e @ (BackendError::Sandbox(
+                SandboxError::InvalidRequest(_) | SandboxError::RuntimeMissing(_),
+            )
+            | BackendError::Unsupported { .. }
+            | BackendError::Unavailable { .. }),
+        ) => {
             return Err(Usage(e.to_string()));
         }
         Err(e) => {
@@ -204,8 +217,8 @@ pub fn run(engine: &Engine, r: HandlerRun<'_>) -> Result<ExitCode, Usage> {
         StreamRedactor::capped(usize::MAX),
     ];
     let mut carry = [
-        airlock_server::live::Utf8Carry::default(),
-        airlock_server::live::Utf8Carry::default(),
+        airlock_runtime::live::Utf8Carry::default(),
+        airlock_runtime::live::Utf8Carry::default(),
     ];
     let json_mode = r.json;
     let mut on_output = |s: Stream, data: &[u8]| {
@@ -217,13 +230,17 @@ pub fn run(engine: &Engine, r: HandlerRun<'_>) -> Result<ExitCode, Usage> {
         let _ = std::io::stderr().write_all(text.as_bytes());
     };
     let cancel = CancelToken::new();
-    let (result, teardown) = sandbox.execute_deferred(
-        r.code,
-        r.file_name,
-        b"",
-        &mut on_output,
-        &cancel,
-        &mut start_broker,
+    let (result, teardown) = sandbox.execute(
+        Job {
+            code: r.code,
+            file_name: r.file_name,
+            stdin: b"",
+        },
+        Hooks {
+            on_output: &mut on_output,
+            on_start: &mut start_broker,
+            cancel: &cancel,
+        },
     );
     drop(teardown);
     if !r.json {

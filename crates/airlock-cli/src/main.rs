@@ -18,7 +18,11 @@ mod server;
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use airlock_backend::process::ProcessBackend;
+use airlock_backend::{Backend, BackendError, Backends, CancelToken, Hooks, Job, Spec, Want};
+use airlock_policy::IsolationLevel;
 use airlock_policy::{Language, Policy};
 use airlock_sandbox::{Engine, EngineConfig, Request, SandboxError, Stream, TerminationReason};
 use clap::{Parser, Subcommand};
@@ -79,6 +83,13 @@ struct RunArgs {
     /// Maximum number of tasks (overrides the policy).
     #[arg(long)]
     pids: Option<u64>,
+    /// The weakest isolation the code may run behind: container, gvisor or
+    /// microvm (the cheapest backend here that meets it runs the code).
+    #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
+    isolation: Option<IsolationLevel>,
+    /// Run on this backend: process, oci or gvisor (see `airlock doctor`).
+    #[arg(long, value_name = "NAME")]
+    backend: Option<String>,
     /// Policy file (TOML).
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -114,6 +125,10 @@ struct RunArgs {
     /// File with the code.
     #[arg(value_name = "FILE", required_unless_present = "code")]
     file: Option<PathBuf>,
+}
+
+fn parse_level(s: &str) -> Result<IsolationLevel, String> {
+    IsolationLevel::parse(s).map_err(|e| e.to_string())
 }
 
 /// A bad-input error: one line, exit 2.
@@ -213,6 +228,24 @@ fn engine() -> Result<Engine, Usage> {
     Ok(Engine::new(cfg))
 }
 
+/// The backends a local run may use: the process sandbox always.
+fn local_backends() -> Result<Backends, Usage> {
+    let process: Arc<dyn Backend> = Arc::new(ProcessBackend::new(Arc::new(engine()?)));
+    Ok(Backends::new(vec![process]))
+}
+
+/// The backend that runs a local execution: the one `--backend` names, or
+/// the cheapest here that meets the policy's minimum isolation.
+fn local_backend(policy: &Policy, name: Option<&str>) -> Result<Arc<dyn Backend>, Usage> {
+    local_backends()?
+        .select(Want {
+            minimum: policy.isolation.minimum,
+            backend: name,
+        })
+        .cloned()
+        .map_err(|e| Usage(e.to_string()))
+}
+
 fn engine_config_base() -> EngineConfig {
     let mut cfg = match EngineConfig::from_current_exe() {
         Ok(c) => c,
@@ -267,6 +300,7 @@ fn load_policy(args: &RunArgs) -> Result<Policy, Usage> {
     if let Some(p) = args.pids {
         policy.limits.pids = p;
     }
+    policy.isolation.minimum = policy.isolation.minimum.max(args.isolation);
     policy.validate().map_err(|e| Usage(e.to_string()))?;
     Ok(policy)
 }
@@ -321,9 +355,9 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             let (name, value) = handler::parse_secret(s)?;
             secrets.0.insert(name, value);
         }
-        let engine = engine()?;
+        let backend = local_backend(&policy, args.backend.as_deref())?;
         return handler::run(
-            &engine,
+            backend.as_ref(),
             handler::HandlerRun {
                 language,
                 code: &code,
@@ -359,11 +393,13 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             code: &code,
             stdin: &stdin,
             limits,
+            isolation: args.isolation.map(IsolationLevel::as_str),
+            backend: args.backend.as_deref(),
             json: args.json,
             ca: args.ca.as_deref(),
         });
     }
-    let engine = engine()?;
+    let backend = local_backend(&policy, args.backend.as_deref())?;
     let req = Request {
         language,
         code: &code,
@@ -384,16 +420,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             Stream::Stderr => err.write_all(data),
         };
     };
-    let usage_or_125 = |e: SandboxError| match e {
-        SandboxError::InvalidRequest(_) | SandboxError::RuntimeMissing(_) => {
-            Err(Usage(e.to_string()))
-        }
-        e => {
-            eprintln!("airlock: sandbox failed: {e}");
-            Ok(ExitCode::from(125))
-        }
-    };
-    if let Err(e) = engine.validate(&req) {
+    if let Err(e) = backend.validate(&req) {
         return usage_or_125(e);
     }
     let rules = policy.network.rules().map_err(|e| Usage(e.to_string()))?;
@@ -401,7 +428,11 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         egress: policy.network.is_proxy(),
         ..Default::default()
     };
-    let mut sandbox = match engine.prepare_with(&policy, language, &extras) {
+    let mut sandbox = match backend.prepare(&Spec {
+        policy: &policy,
+        language,
+        extras: &extras,
+    }) {
         Ok(sb) => sb,
         Err(e) => return usage_or_125(e),
     };
@@ -409,7 +440,19 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         Some(ch) => Some(egress::LocalProxy::start(ch, rules, json).map_err(Usage)?),
         None => None,
     };
-    let result = sandbox.execute(&code, file_name.as_deref(), &stdin, &mut pass);
+    let (result, teardown) = sandbox.execute(
+        Job {
+            code: &code,
+            file_name: file_name.as_deref(),
+            stdin: &stdin,
+        },
+        Hooks {
+            on_output: &mut pass,
+            on_start: &mut || {},
+            cancel: &CancelToken::new(),
+        },
+    );
+    drop(teardown);
     let decisions = proxy.map(egress::LocalProxy::finish);
     if json {
         let mut doc = serde_json::to_value(&result).unwrap_or_default();
@@ -441,6 +484,22 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         (None, None) => 125,
     };
     Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+/// A backend error of a local run: bad input exits 2 with its line, a
+/// sandbox that failed 125.
+fn usage_or_125(e: BackendError) -> Result<ExitCode, Usage> {
+    match e {
+        BackendError::Sandbox(
+            SandboxError::InvalidRequest(_) | SandboxError::RuntimeMissing(_),
+        )
+        | BackendError::Unsupported { .. }
+        | BackendError::Unavailable { .. } => Err(Usage(e.to_string())),
+        e => {
+            eprintln!("airlock: sandbox failed: {e}");
+            Ok(ExitCode::from(125))
+        }
+    }
 }
 
 /// The one line that names the limit that ended a run (none when the

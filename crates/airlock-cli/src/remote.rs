@@ -22,6 +22,10 @@ pub struct Remote<'a> {
     pub code: &'a [u8],
     pub stdin: &'a [u8],
     pub limits: serde_json::Map<String, Value>,
+    /// The weakest isolation the server may run the code behind.
+    pub isolation: Option<&'a str>,
+    /// One of the server's backends by name.
+    pub backend: Option<&'a str>,
     pub json: bool,
     /// CA certificates to verify an https:// server with (default: the
     /// system's).
@@ -77,6 +81,12 @@ pub fn run(r: Remote<'_>) -> Result<ExitCode, Usage> {
     let stdin = std::str::from_utf8(r.stdin)
         .map_err(|_| Usage("--server sends stdin as text: it must be UTF-8".into()))?;
     let mut body = json!({"language": r.language, "code": code, "stdin": stdin});
+    if let Some(level) = r.isolation {
+        body["isolation"] = level.into();
+    }
+    if let Some(name) = r.backend {
+        body["backend"] = name.into();
+    }
     if !r.limits.is_empty() {
         body["limits"] = Value::Object(r.limits);
     }

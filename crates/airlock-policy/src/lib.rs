@@ -268,6 +268,7 @@ pub struct Isolation {
 /// request for a level is met by that level or any stronger one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "schema", derive(utoipa::ToSchema))]
 pub enum IsolationLevel {
     /// Kernel namespaces, cgroups, seccomp and Landlock around the code,
     /// which talks to the host kernel directly (the process sandbox, OCI

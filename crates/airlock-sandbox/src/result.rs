@@ -87,7 +87,6 @@ pub struct Enforced {
     /// The backend that ran the code: `process`, `oci` or `gvisor`.
     pub backend: String,
     /// Its isolation level: `container`, `gvisor` or `microvm`.
-    #[cfg_attr(feature = "schema", schema(value_type = String, example = "container"))]
     pub isolation: airlock_policy::IsolationLevel,
     /// Policy layers this backend could not enforce and ran without
     /// (only under `isolation.missing_layers = "record_dangerous"`; by

@@ -27,8 +27,9 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::AppState;
 use crate::body;
-use crate::exec::Submission;
 use crate::problem::{ApiError, Problem};
+use airlock_backend::{BackendError, Want};
+use airlock_runtime::Submission;
 
 // ---------------------------------------------------------------- context
 
@@ -581,6 +582,16 @@ pub struct CreateExecution {
     /// for bytes that are not UTF-8).
     #[serde(default)]
     pub output_encoding: OutputEncoding,
+    /// The weakest isolation the code may run behind (`container` <
+    /// `gvisor` < `microvm`); the server runs the cheapest backend it
+    /// offers that meets it, or answers 422 `isolation_unavailable`.
+    #[serde(default)]
+    pub isolation: Option<airlock_policy::IsolationLevel>,
+    /// One backend by name (`process`, `oci`, `gvisor`), which the server
+    /// must offer (and which must meet `isolation` too).
+    #[serde(default)]
+    #[schema(max_length = 32)]
+    pub backend: Option<String>,
 }
 
 /// How a record carries the program's output.
@@ -782,19 +793,34 @@ async fn openapi(State(st): State<AppState>) -> Response {
 
 /// A policy denial: audited, then answered with 422.
 async fn deny(st: &AppState, who: &Principal, ctx: &ReqCtx, why: String) -> ApiError {
+    match audit_denial(st, who, ctx, "policy.denied", &why).await {
+        Ok(()) => ApiError::PolicyDenied(why),
+        Err(e) => e,
+    }
+}
+
+/// Records a refused execution request. Fails closed: a denial that
+/// cannot be recorded is an error.
+async fn audit_denial(
+    st: &AppState,
+    who: &Principal,
+    ctx: &ReqCtx,
+    action: &str,
+    why: &str,
+) -> Result<(), ApiError> {
     let ev = NewAudit::new(
         Some(&who.tenant_id),
-        "policy.denied",
+        action,
         &who.actor(ctx).actor,
         "execution",
         Some(&ctx.request_id),
     )
     .with_detail(serde_json::json!({ "reason": why }));
-    match st.store.append_audit(ev).await {
-        Ok(_) => ApiError::PolicyDenied(why),
-        // Fail closed: a denial that cannot be recorded is an error.
-        Err(e) => e.into(),
-    }
+    st.store
+        .append_audit(ev)
+        .await
+        .map(|_| ())
+        .map_err(Into::into)
 }
 
 /// Runs code in a fresh sandbox.
@@ -927,7 +953,21 @@ async fn create_execution(
     }
     let code = req.code.into_bytes();
     let stdin = req.stdin.into_bytes();
-    st.engine
+    // The boundary: the stronger of the base policy's minimum and the
+    // request's, met by the cheapest offered backend (or the one named).
+    policy.isolation.minimum = policy.isolation.minimum.max(req.isolation);
+    let backend = match st.exec.backends().select(Want {
+        minimum: policy.isolation.minimum,
+        backend: req.backend.as_deref(),
+    }) {
+        Ok(b) => b.clone(),
+        Err(e) => {
+            let why = e.public_message();
+            audit_denial(&st, &who, &ctx, "isolation.unavailable", &why).await?;
+            return Err(ApiError::IsolationUnavailable(why));
+        }
+    };
+    backend
         .validate(&EngineRequest {
             language,
             code: &code,
@@ -936,8 +976,13 @@ async fn create_execution(
             policy: &policy,
         })
         .map_err(|e| match e {
-            SandboxError::RuntimeMissing(_) => ApiError::RuntimeUnavailable(e.public_message()),
-            SandboxError::InvalidRequest(m) => ApiError::InvalidRequest(m),
+            BackendError::Sandbox(SandboxError::RuntimeMissing(_)) => {
+                ApiError::RuntimeUnavailable(e.public_message())
+            }
+            BackendError::Sandbox(SandboxError::InvalidRequest(m)) => ApiError::InvalidRequest(m),
+            BackendError::Unsupported { .. } | BackendError::Unavailable { .. } => {
+                ApiError::IsolationUnavailable(e.public_message())
+            }
             other => {
                 tracing::error!(error = %other, "request validation failed");
                 ApiError::Internal
@@ -946,11 +991,11 @@ async fn create_execution(
     let share = st.exec.share_for(&who.tenant_id).await?;
     let slot = match st.exec.try_admit(&who.tenant_id, share) {
         Ok(slot) => slot,
-        Err(crate::exec::Full::Server) => {
+        Err(airlock_runtime::Full::Server) => {
             st.metrics.rejected.inc();
             return Err(ApiError::QueueFull);
         }
-        Err(crate::exec::Full::Tenant(share)) => {
+        Err(airlock_runtime::Full::Tenant(share)) => {
             return Err(ApiError::TenantQueueFull {
                 running: share.max_running,
                 queued: share.max_queued,
@@ -978,6 +1023,7 @@ async fn create_execution(
         trace_id: ctx.trace_id.clone(),
         grants,
         base64_output: req.output_encoding == OutputEncoding::Base64,
+        backend: backend.name().to_string(),
     };
     // Recording and queueing happen in their own task: a client that
     // disconnects now must not leave a record that nothing will run.
@@ -1237,7 +1283,9 @@ async fn execution_events(
         .into_response())
 }
 
-fn live_stream(live: Arc<crate::live::Live>) -> impl Stream<Item = Result<Event, Infallible>> {
+fn live_stream(
+    live: Arc<airlock_runtime::live::Live>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
     let rx = live.subscribe();
     stream::unfold((live, rx, 0usize), |(live, mut rx, i)| async move {
         loop {

@@ -260,12 +260,12 @@ pub fn default_data_dir() -> PathBuf {
 
 impl ServerConfig {
     /// The share of a tenant configured under `name` (or of any other).
-    pub fn tenant_share(&self, name: Option<&str>) -> crate::exec::TenantShare {
+    pub fn tenant_share(&self, name: Option<&str>) -> airlock_runtime::TenantShare {
         let t = &self.tenants;
         let own = name.and_then(|n| t.limits.get(n));
         // Clamped to the node's own limits, so one config fits hosts of
         // any size.
-        crate::exec::TenantShare {
+        airlock_runtime::TenantShare {
             max_running: own
                 .and_then(|o| o.max_running)
                 .or(t.max_running)
@@ -285,8 +285,8 @@ impl ServerConfig {
     pub fn tenant_shares(
         &self,
     ) -> (
-        crate::exec::TenantShare,
-        std::collections::HashMap<String, crate::exec::TenantShare>,
+        airlock_runtime::TenantShare,
+        std::collections::HashMap<String, airlock_runtime::TenantShare>,
     ) {
         (
             self.tenant_share(None),

@@ -25,7 +25,7 @@ const FILES: [(&str, &str); 4] = [
 ];
 
 /// The guest files at their paths inside sandboxes (under
-/// [`crate::exec::GUEST_MOUNT`]); the contents are shared, not copied.
+/// [`airlock_runtime::GUEST_MOUNT`]); the contents are shared, not copied.
 pub fn files() -> Vec<(String, Arc<str>)> {
     static FILES_AT: OnceLock<Vec<(String, Arc<str>)>> = OnceLock::new();
     FILES_AT
@@ -34,7 +34,7 @@ pub fn files() -> Vec<(String, Arc<str>)> {
                 .iter()
                 .map(|(rel, text)| {
                     (
-                        format!("{}/{rel}", crate::exec::GUEST_MOUNT),
+                        format!("{}/{rel}", airlock_runtime::GUEST_MOUNT),
                         Arc::from(*text),
                     )
                 })

@@ -14,9 +14,7 @@ pub mod api;
 pub mod body;
 pub mod config;
 pub mod conn;
-pub mod exec;
 pub mod guest;
-pub mod live;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
@@ -28,9 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use airlock_sandbox::cgroup::{self, CgroupVersion, Layout};
-use airlock_sandbox::{Engine, EngineConfig, TerminationReason};
-use airlock_store::{ExecStatus, Finish, Keyring, NewAudit, SqliteStore, Store, now_ms};
+use airlock_backend::{Backends, TerminationReason};
+use airlock_runtime::Executor;
+use airlock_store::{Keyring, NewAudit, SqliteStore, Store, now_ms};
 
 pub use config::ServerConfig;
 
@@ -41,10 +39,8 @@ pub struct AppState {
     pub cfg: Arc<ServerConfig>,
     /// Storage.
     pub store: Arc<dyn Store>,
-    /// The sandbox engine.
-    pub engine: Arc<Engine>,
-    /// Admission and workers.
-    pub exec: Arc<exec::Executor>,
+    /// Admission, workers, pools and the offered backends.
+    pub exec: Arc<Executor>,
     /// Metrics.
     pub metrics: Arc<metrics::Metrics>,
     /// Failed-auth throttle.
@@ -142,95 +138,8 @@ async fn open(data_dir: &Path, create: bool) -> Result<SqliteStore, ServeError> 
     Ok(SqliteStore::open(&db_path(data_dir), Keyring::new(&key)).await?)
 }
 
-#[derive(serde::Deserialize)]
-struct HostState {
-    cgroups: Vec<PathBuf>,
-}
-
-/// Marks executions a crashed server left unfinished as failed
-/// (`server_restart`) and reaps their cgroups (killing whatever is left in
-/// them), then sweeps cgroups of engines that are gone. Sandboxes have no
-/// host mounts or scratch directories: their mounts and tmpfs scratch
-/// live in their own mount namespace and vanish with their last process.
-pub async fn recover(
-    store: &dyn Store,
-    layout: Option<&Layout>,
-    previous_pid: Option<u32>,
-) -> Result<(usize, usize), ServeError> {
-    let version = match layout {
-        Some(Layout::V2 { .. }) => CgroupVersion::V2,
-        _ => CgroupVersion::V1,
-    };
-    let mut reaped = 0;
-    let leftovers = store.unfinished_executions().await?;
-    for rec in &leftovers {
-        if let Some(hs) = rec
-            .host_state
-            .as_deref()
-            .and_then(|s| serde_json::from_str::<HostState>(s).ok())
-        {
-            for dir in hs.cgroups {
-                // Only ever touch `<sandbox parent>/<pid>-<n>`: the row is
-                // data, and data can be tampered with.
-                let plain = dir.components().all(|c| {
-                    matches!(
-                        c,
-                        std::path::Component::RootDir | std::path::Component::Normal(_)
-                    )
-                });
-                let name_ok = dir
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.split_once('-'))
-                    .is_some_and(|(a, b)| {
-                        !a.is_empty()
-                            && !b.is_empty()
-                            && a.bytes().all(|c| c.is_ascii_digit())
-                            && b.bytes().all(|c| c.is_ascii_digit())
-                    });
-                let ours = plain
-                    && name_ok
-                    && layout.is_some_and(|l| {
-                        cgroup::sandbox_parents(l)
-                            .iter()
-                            .any(|(_, p)| dir.parent() == Some(p.as_path()))
-                    });
-                if ours && dir.exists() && cgroup::reap_dir(version, &dir) {
-                    reaped += 1;
-                }
-            }
-        }
-        store
-            .finish_execution(
-                &rec.id,
-                &Finish {
-                    error: Some("the server stopped unexpectedly while this execution ran"),
-                    ..Finish::new(
-                        ExecStatus::Failed,
-                        TerminationReason::ServerRestart.as_str(),
-                        now_ms(),
-                    )
-                },
-            )
-            .await?;
-    }
-    if let Some(l) = layout {
-        reaped += cgroup::reap_stale(l, previous_pid).len();
-    }
-    if !leftovers.is_empty() || reaped > 0 {
-        store
-            .append_audit(
-                NewAudit::new(None, "server.recovered", "server", "", None).with_detail(
-                    serde_json::json!({ "executions": leftovers.len(), "cgroups_reaped": reaped }),
-                ),
-            )
-            .await?;
-    }
-    Ok((leftovers.len(), reaped))
-}
-
 /// Runs the server until SIGTERM or SIGINT, then drains.
-pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), ServeError> {
+pub async fn serve(cfg: ServerConfig, backends: Backends) -> Result<(), ServeError> {
     cfg.validate()?;
     // First: from here on a SIGHUP (a reload sent early by a unit's
     // ExecReload) must not take the default action and kill the server.
@@ -256,14 +165,14 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     raise_fd_limit();
     let store = open_store(&cfg.data_dir).await?;
     let store: Arc<dyn Store> = Arc::new(store);
-    let engine = Arc::new(Engine::new(engine_cfg));
 
     let pid_file = cfg.data_dir.join("server.pid");
     let previous_pid = std::fs::read_to_string(&pid_file)
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
         .filter(|p| *p != std::process::id());
-    let (recovered, reaped) = recover(store.as_ref(), engine.cgroup_layout(), previous_pid).await?;
+    let (recovered, reaped) =
+        airlock_runtime::recover(store.as_ref(), &backends, previous_pid).await?;
     if recovered > 0 || reaped > 0 {
         tracing::warn!(
             executions = recovered,
@@ -287,22 +196,23 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     };
     let metrics = Arc::new(metrics::Metrics::new());
     let shares = cfg.tenant_shares();
-    let exec = exec::Executor::start(
+    let exec = Executor::start(
         cfg.max_concurrent,
         cfg.queue_size,
-        exec::Deps {
+        airlock_runtime::Deps {
             store: store.clone(),
-            engine: engine.clone(),
-            metrics: metrics.clone(),
+            backends,
+            metrics: metrics.runtime.clone(),
             render: Box::new(api::render_record),
-            guest: Some(guest::files()),
+            guest: guest::files(),
             resolver,
-            pool: Some(exec::PoolSpec {
+            pool: Some(airlock_runtime::PoolSpec {
                 policy: cfg.policy.clone(),
                 targets: vec![
                     (airlock_policy::Language::Python, cfg.pool.python),
                     (airlock_policy::Language::Javascript, cfg.pool.javascript),
                 ],
+                backends: None,
             }),
             shares,
         },
@@ -312,12 +222,22 @@ pub async fn serve(cfg: ServerConfig, engine_cfg: EngineConfig) -> Result<(), Se
     let state = AppState {
         cfg: cfg.clone(),
         store: store.clone(),
-        engine,
         exec: exec.clone(),
         metrics,
         limiter: Arc::new(api::AuthLimiter::default()),
         tenant_requests: Arc::new(api::TenantRequests::default()),
-        openapi: Arc::new(openapi::document(&cfg).to_string()),
+        openapi: Arc::new(
+            openapi::document(
+                &cfg,
+                &exec
+                    .backends()
+                    .all()
+                    .iter()
+                    .map(|b| (b.name(), b.level()))
+                    .collect::<Vec<_>>(),
+            )
+            .to_string(),
+        ),
         draining: Arc::new(AtomicBool::new(false)),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -14,6 +14,7 @@
 //! no schema can know: a missing resource, a full queue, a missing runtime);
 //! CI checks this with schemathesis against a real server.
 
+use airlock_policy::IsolationLevel;
 use serde_json::{Value, json};
 use utoipa::OpenApi;
 
@@ -68,12 +69,51 @@ fn default_description(status: &str) -> &'static str {
 }
 
 /// The document this server serves at `/openapi.json`.
-pub fn document(cfg: &ServerConfig) -> Value {
+/// `offered`: the backends this server runs, as (name, level).
+pub fn document(cfg: &ServerConfig, offered: &[(&str, IsolationLevel)]) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
     complete_responses(&mut doc);
     constrain_parameters(&mut doc);
     constrain_bodies(&mut doc, cfg);
+    constrain_isolation(&mut doc, offered);
     doc
+}
+
+/// A request may name only offered backends, and only levels some offered
+/// backend meets (a named backend: levels it meets itself).
+fn constrain_isolation(doc: &mut Value, offered: &[(&str, IsolationLevel)]) {
+    let Some(s) = schema(doc, "CreateExecution") else {
+        return;
+    };
+    let up_to = |max: IsolationLevel| -> Vec<&str> {
+        IsolationLevel::ALL
+            .into_iter()
+            .filter(|l| *l <= max)
+            .map(IsolationLevel::as_str)
+            .collect()
+    };
+    let strongest = offered
+        .iter()
+        .map(|(_, l)| *l)
+        .max()
+        .unwrap_or(IsolationLevel::Container);
+    let names: Vec<&str> = offered.iter().map(|(n, _)| *n).collect();
+    s["properties"]["backend"] = json!({"type": ["string", "null"], "enum": names,
+        "description": "One backend by name, among those this server offers."});
+    s["properties"]["isolation"] = json!({"anyOf": [{"type": "null"}, {"enum": up_to(strongest)}],
+        "description": "The weakest isolation the code may run behind, among the levels this server's backends meet."});
+    let rules: Vec<Value> = offered
+        .iter()
+        .map(|(name, level)| {
+            json!({"if": {"required": ["backend"], "properties": {"backend": {"const": name}}},
+                   "then": {"properties": {"isolation": {"anyOf": [{"type": "null"}, {"enum": up_to(*level)}]}}}})
+        })
+        .collect();
+    if let Some(all) = s.get_mut("allOf").and_then(Value::as_array_mut) {
+        all.extend(rules);
+    } else {
+        s["allOf"] = Value::Array(rules);
+    }
 }
 
 fn operations(doc: &mut Value) -> Vec<(String, &mut Value)> {
@@ -306,7 +346,10 @@ mod tests {
 
     #[test]
     fn every_error_is_a_problem_document_and_bodies_are_closed() {
-        let doc = document(&ServerConfig::default());
+        let doc = document(
+            &ServerConfig::default(),
+            &[("process", IsolationLevel::Container)],
+        );
         let paths = doc["paths"].as_object().unwrap();
         for (path, item) in paths {
             for (method, op) in item.as_object().unwrap() {

@@ -65,6 +65,10 @@ pub enum ApiError {
     /// The language's runtime is not installed on this host.
     #[error("runtime unavailable: {0}")]
     RuntimeUnavailable(String),
+    /// No backend this server offers meets the requested isolation (or
+    /// the backend named is not offered); names what is offered.
+    #[error("isolation unavailable: {0}")]
+    IsolationUnavailable(String),
     /// Queue full.
     #[error("queue full")]
     QueueFull,
@@ -147,6 +151,11 @@ impl ApiError {
                 "runtime_unavailable",
                 "Runtime unavailable",
             ),
+            IsolationUnavailable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "isolation_unavailable",
+                "Isolation unavailable",
+            ),
             QueueFull => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "queue_full",
@@ -205,6 +214,7 @@ impl ApiError {
             | InvalidRequest(m)
             | PolicyDenied(m)
             | RuntimeUnavailable(m)
+            | IsolationUnavailable(m)
             | VersionConflict(m)
             | QuotaExceeded(m) => m.clone(),
             QueueFull => "too many executions are queued; retry later".into(),

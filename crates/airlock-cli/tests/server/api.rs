@@ -147,7 +147,7 @@ fn full_tenant_flow() {
     assert_eq!(s.req("GET", "/readyz", None, None).status, 200);
     let m = s.req("GET", "/metrics", None, None).text();
     assert!(
-        m.contains("airlock_executions_total{reason=\"exited\"} 3"),
+        m.contains("airlock_executions_total{reason=\"exited\",backend=\"process\"} 3"),
         "{m}"
     );
     assert!(m.contains("airlock_execution_duration_seconds_bucket"));

@@ -115,7 +115,7 @@ fn metrics_pass_promtool_and_openmetrics_is_served_when_asked() {
     );
     let text = plain.text();
     assert!(
-        text.contains("airlock_executions_total{reason=\"exited\"} 2"),
+        text.contains("airlock_executions_total{reason=\"exited\",backend=\"process\"} 2"),
         "{text}"
     );
     assert!(!text.contains("# EOF"));

@@ -9,6 +9,7 @@
 mod abuse;
 mod api;
 mod audit;
+mod backends;
 mod broker;
 mod contract;
 mod egress;

@@ -102,23 +102,38 @@ fn zygote_of(server: u32) -> Option<u32> {
 fn warm_sandboxes_are_as_isolated_as_cold_ones_and_never_reused() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let warm1 = s.exec(&key, json!({"language": "python", "code": PROBE}));
     let warm2 = s.exec(&key, json!({"language": "python", "code": PROBE}));
     // Positive control for "warm": both came from the pool, forked by the
     // zygote.
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         2.0
     );
-    assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 2.0);
+    assert!(
+        metric(
+            &s,
+            "airlock_pool_zygote_forks{backend=\"process\",language=\"python\"}"
+        ) >= 2.0
+    );
     // A request with its own limits does not fit the pool: cold.
     let cold = s.exec(
         &key,
         json!({"language": "python", "code": PROBE, "limits": {"memory_mib": 200}}),
     );
     assert_eq!(
-        metric(&s, "airlock_pool_misses_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_misses_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
     let p = |v: &Value| -> Value {
@@ -153,7 +168,11 @@ fn warm_sandboxes_are_as_isolated_as_cold_ones_and_never_reused() {
 fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
     let s = Server::start_with(&["--max-concurrent", "4"]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     // Kill the idle warm runners of this server (its descendants only:
     // other tests' servers run beside it).
     let server = s.pid();
@@ -203,10 +222,19 @@ fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
         json!({"language": "python", "code": "print('alive')"}),
     );
     assert_eq!(v["result"]["stdout"], "alive\n", "{v}");
-    assert!(metric(&s, "airlock_pool_discarded_total{language=\"python\"}") >= 1.0);
+    assert!(
+        metric(
+            &s,
+            "airlock_pool_discarded_total{backend=\"process\",language=\"python\"}"
+        ) >= 1.0
+    );
     // A burst empties the pool; it refills to its target afterwards. (The
     // pool first recovers from the deaths above, after its back-off.)
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let ids: Vec<String> = (0..6)
         .map(|_| {
             s.post(
@@ -224,12 +252,24 @@ fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
         let v = s.wait_status(&key, id, &["finished"]);
         assert_eq!(v["result"]["stdout"], "1\n", "{v}");
     }
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    assert!(metric(&s, "airlock_pool_hits_total{language=\"python\"}") >= 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
+    assert!(
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ) >= 2.0
+    );
     // Misses that fit the pool are forked from the zygote on demand
     // (whether the burst empties the pool depends on timing, so only the
     // bound is checked here).
-    let misses = metric(&s, "airlock_pool_misses_total{language=\"python\"}");
+    let misses = metric(
+        &s,
+        "airlock_pool_misses_total{backend=\"process\",language=\"python\"}",
+    );
     assert!(metric(&s, "airlock_pool_zygote_on_demand_total") <= misses);
 }
 
@@ -237,8 +277,16 @@ fn pools_refill_after_bursts_and_drop_sandboxes_that_died_idle() {
 fn warm_handlers_and_javascript() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"javascript\"}", 1.0);
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"javascript\"}",
+        1.0,
+    );
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let v = s.exec(&key,
         json!({"language": "javascript", "handler": true, "input": {"n": 4},
                "code": "exports.handler = (ax, input) => ({ sq: input.n * input.n, id: ax.execution_id });"}),
@@ -252,11 +300,17 @@ fn warm_handlers_and_javascript() {
     );
     assert_eq!(v["output"], json!([3, "from stdin"]), "{v}");
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"javascript\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"javascript\"}"
+        ),
         1.0
     );
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
 }
@@ -265,7 +319,11 @@ fn warm_handlers_and_javascript() {
 fn warm_runner_keeps_python_exit_semantics() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let cases = [
         (
             "import atexit, sys\natexit.register(lambda: print('bye'))\nprint('hi', end='')\nsys.exit(3)",
@@ -295,8 +353,14 @@ fn warm_runner_keeps_python_exit_semantics() {
     }
     // Back to back, the pool may be empty for one of them (a cold start):
     // every execution was either warm or counted as a miss.
-    let hits = metric(&s, "airlock_pool_hits_total{language=\"python\"}");
-    let misses = metric(&s, "airlock_pool_misses_total{language=\"python\"}");
+    let hits = metric(
+        &s,
+        "airlock_pool_hits_total{backend=\"process\",language=\"python\"}",
+    );
+    let misses = metric(
+        &s,
+        "airlock_pool_misses_total{backend=\"process\",language=\"python\"}",
+    );
     assert!(
         hits >= 2.0 && hits + misses == 4.0,
         "{hits} hits, {misses} misses"
@@ -314,7 +378,11 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
         Some(&json!({"value": "warm-secret-value"})),
     );
     assert_eq!(r.status, 200);
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     // Non-daemon threads finish before a warm runner exits.
     let v = s.exec(&key,
         json!({"language": "python", "code": "import threading, time\ndef late():\n    time.sleep(0.2)\n    print('thread done')\nthreading.Thread(target=late).start()"}),
@@ -349,11 +417,21 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
     assert_eq!(v["result"]["stdout"], "900000\n", "{v}");
     assert!(v["broker_error"].is_null());
     // The runner's start-up CPU is not billed to a warm execution.
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    let hits = metric(&s, "airlock_pool_hits_total{language=\"python\"}");
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
+    let hits = metric(
+        &s,
+        "airlock_pool_hits_total{backend=\"process\",language=\"python\"}",
+    );
     let v = s.exec(&key, json!({"language": "python", "code": "pass"}));
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         hits + 1.0
     );
     let cpu =
@@ -364,10 +442,17 @@ fn warm_and_cold_agree_on_threads_big_code_secrets_and_cpu() {
 #[test]
 fn doctor_reports_the_pools_of_a_running_server() {
     let s = Server::start_with(&[]);
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let line = crate::doctor_pools_line(&format!("http://{}", s.addr), &[]);
     assert!(line.starts_with("ok"), "{line}");
-    assert!(line.contains("size{language=\"python\"} 2"), "{line}");
+    assert!(
+        line.contains("size{backend=\"process\",language=\"python\"} 2"),
+        "{line}"
+    );
     // Positive control for the negative: nothing listening there.
     let out = std::process::Command::new(crate::BIN)
         .args(["doctor", "--server", "http://127.0.0.1:1"])
@@ -414,8 +499,15 @@ print(json.dumps({
 fn zygote_forked_sandboxes_match_cold_ones_and_share_nothing() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    let forks = metric(&s, "airlock_pool_zygote_forks{language=\"python\"}");
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
+    let forks = metric(
+        &s,
+        "airlock_pool_zygote_forks{backend=\"process\",language=\"python\"}",
+    );
     assert!(forks >= 1.0, "no zygote: {}", s.log());
     let out = |v: &Value| -> Value {
         serde_json::from_str(
@@ -432,11 +524,17 @@ fn zygote_forked_sandboxes_match_cold_ones_and_share_nothing() {
         json!({"language": "python", "code": STATE, "limits": {"wall_time_ms": 9000}}),
     ));
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         2.0
     );
     assert_eq!(
-        metric(&s, "airlock_pool_misses_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_misses_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
     for k in [
@@ -478,7 +576,11 @@ fn zygote_forked_sandboxes_match_cold_ones_and_share_nothing() {
 fn a_dead_zygote_is_replaced_and_no_execution_is_lost() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let z = zygote_of(s.pid()).unwrap_or_else(|| panic!("no zygote: {}", s.log()));
     // SAFETY: the zygote is a child of the server this test started.
     assert_eq!(unsafe { libc::kill(z as i32, libc::SIGKILL) }, 0);
@@ -501,13 +603,22 @@ fn a_dead_zygote_is_replaced_and_no_execution_is_lost() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let v = s.exec(
         &key,
         json!({"language": "python", "code": "print('warm again')"}),
     );
     assert_eq!(v["result"]["stdout"], "warm again\n");
-    assert!(metric(&s, "airlock_pool_discarded_total{language=\"python\"}") >= 1.0);
+    assert!(
+        metric(
+            &s,
+            "airlock_pool_discarded_total{backend=\"process\",language=\"python\"}"
+        ) >= 1.0
+    );
 }
 
 #[test]
@@ -518,22 +629,41 @@ fn deny_execve_holds_in_zygote_forked_sandboxes() {
     let code = "import os, errno\ntry:\n    os.execv('/usr/bin/python3', ['python3', '-c', 'print(1)'])\nexcept OSError as e:\n    print(errno.errorcode[e.errno])";
     let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
-    assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 1.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
+    assert!(
+        metric(
+            &s,
+            "airlock_pool_zygote_forks{backend=\"process\",language=\"python\"}"
+        ) >= 1.0
+    );
     let v = s.exec(&key, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "EPERM\n", "{v}");
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
     // Positive control: the same exec succeeds where the policy allows it.
     let s2 = Server::start_with(&[]);
     let key2 = s2.tenant("acme");
-    wait_metric(&s2, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s2,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let v = s2.exec(&key2, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "1\n", "{v}");
     assert_eq!(
-        metric(&s2, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s2,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
 }
@@ -542,7 +672,11 @@ fn deny_execve_holds_in_zygote_forked_sandboxes() {
 fn the_cli_runs_warm_through_a_server() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let url = format!("http://{}", s.addr);
     let cli = |key: Option<&str>, args: &[&str], stdin: &str| {
         let mut c = std::process::Command::new(crate::BIN);
@@ -578,7 +712,10 @@ fn the_cli_runs_warm_through_a_server() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "got payload\n");
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
     // The tenant's own record of it exists on the server.
@@ -688,12 +825,19 @@ fn a_policy_change_replaces_the_pool_and_its_zygote() {
     s.start();
     let key = s.tenant("acme");
     let code = "import os, errno\ntry:\n    os.execv('/usr/bin/python3', ['python3', '-c', 'print(\"exec ok\")'])\nexcept OSError as e:\n    print(errno.errorcode[e.errno])";
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let old_zygote = zygote_of(s.pid()).expect("zygote");
     let v = s.exec(&key, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "exec ok\n", "{v}");
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
     // The operator changes the base policy; the restarted server's pool and
@@ -717,14 +861,26 @@ fn a_policy_change_replaces_the_pool_and_its_zygote() {
     )
     .unwrap();
     s.start();
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let v = s.exec(&key, json!({"language": "python", "code": code}));
     assert_eq!(v["result"]["stdout"], "EPERM\n", "{v}");
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         1.0
     );
-    assert!(metric(&s, "airlock_pool_zygote_forks{language=\"python\"}") >= 1.0);
+    assert!(
+        metric(
+            &s,
+            "airlock_pool_zygote_forks{backend=\"process\",language=\"python\"}"
+        ) >= 1.0
+    );
 }
 
 /// Everything a program can read about itself that could name a host path:
@@ -789,7 +945,11 @@ print(json.dumps({"found": {k: sorted(set(v)) for k, v in found.items()}, "scann
 fn no_host_path_is_visible_in_warm_or_cold_sandboxes() {
     let s = Server::start_with(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let server = s.pid();
     let bin = std::fs::canonicalize(crate::BIN).unwrap();
     let needles: Vec<String> = [
@@ -817,7 +977,10 @@ fn no_host_path_is_visible_in_warm_or_cold_sandboxes() {
         )
     };
     assert!(zygote_of(server).is_some(), "the pool has a zygote");
-    let hits = metric(&s, "airlock_pool_hits_total{language=\"python\"}");
+    let hits = metric(
+        &s,
+        "airlock_pool_hits_total{backend=\"process\",language=\"python\"}",
+    );
     // Warm (forked from the zygote, which has the server's memory layout
     // and its own configuration in memory) and cold (its own limits).
     let warm = probe(json!({}));
@@ -839,7 +1002,10 @@ fn no_host_path_is_visible_in_warm_or_cold_sandboxes() {
             .clone()
     };
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ),
         hits + 1.0
     );
     assert_eq!(exe(&warm), "/memfd:airlock (deleted)");
@@ -858,7 +1024,11 @@ fn a_rootless_server_forks_warm_python_from_its_zygote() {
     }
     let s = Server::start_unprivileged(&[]);
     let key = s.tenant("acme");
-    wait_metric(&s, "airlock_pool_size{language=\"python\"}", 2.0);
+    wait_metric(
+        &s,
+        "airlock_pool_size{backend=\"process\",language=\"python\"}",
+        2.0,
+    );
     let code = "import os\nprint(os.readlink('/proc/self/exe'), os.getuid())";
     for _ in 0..3 {
         let v = s.exec(&key, json!({"language": "python", "code": code}));
@@ -872,8 +1042,10 @@ fn a_rootless_server_forks_warm_python_from_its_zygote() {
     // Positive control: these were warm, forked by the zygote (from the
     // pool, or on demand when a refill had not caught up yet).
     assert_eq!(
-        metric(&s, "airlock_pool_hits_total{language=\"python\"}")
-            + metric(&s, "airlock_pool_zygote_on_demand_total"),
+        metric(
+            &s,
+            "airlock_pool_hits_total{backend=\"process\",language=\"python\"}"
+        ) + metric(&s, "airlock_pool_zygote_on_demand_total"),
         3.0
     );
 }
