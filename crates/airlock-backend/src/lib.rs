@@ -25,6 +25,7 @@
 //! that created it (PR_SET_PDEATHSIG follows the spawning thread), so
 //! callers prepare sandboxes from long-lived threads.
 
+pub mod oci;
 pub mod process;
 
 use std::fmt;
@@ -311,6 +312,40 @@ impl Backends {
             }),
         }
     }
+}
+
+/// A backend installed here that could not be set up, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotHere {
+    /// Backend name.
+    pub name: &'static str,
+    /// What went wrong.
+    pub why: String,
+}
+
+/// Every backend this host can run: the process sandbox, and the OCI
+/// runtime and gVisor when installed, their state under `run_dir`.
+pub fn on_this_host(
+    engine: Arc<airlock_sandbox::Engine>,
+    run_dir: &std::path::Path,
+) -> (Vec<Arc<dyn Backend>>, Vec<NotHere>) {
+    let mut list: Vec<Arc<dyn Backend>> =
+        vec![Arc::new(process::ProcessBackend::new(engine.clone()))];
+    let mut failed = Vec::new();
+    for rt in oci::installed(run_dir) {
+        let name = match rt.kind {
+            oci::Kind::Gvisor => "gvisor",
+            _ => "oci",
+        };
+        match oci::OciBackend::new(engine.clone(), rt) {
+            Ok(b) => list.push(Arc::new(b)),
+            Err(e) => failed.push(NotHere {
+                name,
+                why: e.to_string(),
+            }),
+        }
+    }
+    (list, failed)
 }
 
 /// A template that prepares every sandbox cold through `backend`.

@@ -94,26 +94,7 @@ impl Backend for ProcessBackend {
     }
 
     fn reap(&self, host_state: &serde_json::Value) -> usize {
-        let Some(layout) = self.engine.cgroup_layout() else {
-            return 0;
-        };
-        let version = match layout {
-            Layout::V2 { .. } => CgroupVersion::V2,
-            _ => CgroupVersion::V1,
-        };
-        let dirs = host_state
-            .get("cgroups")
-            .and_then(serde_json::Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let mut reaped = 0;
-        for dir in dirs.iter().filter_map(serde_json::Value::as_str) {
-            let dir = PathBuf::from(dir);
-            if is_sandbox_cgroup(layout, &dir) && dir.exists() && cgroup::reap_dir(version, &dir) {
-                reaped += 1;
-            }
-        }
-        reaped
+        reap_cgroups(&self.engine, host_state)
     }
 
     fn reap_stale(&self, previous_pid: Option<u32>) -> usize {
@@ -154,6 +135,31 @@ impl Backend for ProcessBackend {
     }
 }
 
+/// Removes the cgroups a stored host state names, when they are sandbox
+/// cgroups of this host's layout; returns how many.
+pub(crate) fn reap_cgroups(engine: &Engine, host_state: &serde_json::Value) -> usize {
+    let Some(layout) = engine.cgroup_layout() else {
+        return 0;
+    };
+    let version = match layout {
+        Layout::V2 { .. } => CgroupVersion::V2,
+        _ => CgroupVersion::V1,
+    };
+    let dirs = host_state
+        .get("cgroups")
+        .and_then(serde_json::Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let mut reaped = 0;
+    for dir in dirs.iter().filter_map(serde_json::Value::as_str) {
+        let dir = PathBuf::from(dir);
+        if is_sandbox_cgroup(layout, &dir) && dir.exists() && cgroup::reap_dir(version, &dir) {
+            reaped += 1;
+        }
+    }
+    reaped
+}
+
 /// Only ever `<sandbox parent>/<pid>-<n>`: a stored row is data, and data
 /// can be tampered with.
 fn is_sandbox_cgroup(layout: &Layout, dir: &std::path::Path) -> bool {
@@ -183,6 +189,19 @@ fn is_sandbox_cgroup(layout: &Layout, dir: &std::path::Path) -> bool {
 /// A prepared process sandbox.
 #[derive(Debug)]
 pub struct ProcessSandbox(Sandbox);
+
+impl From<Sandbox> for ProcessSandbox {
+    fn from(sb: Sandbox) -> Self {
+        ProcessSandbox(sb)
+    }
+}
+
+impl ProcessSandbox {
+    /// The sandbox's name on this host (`<pid>-<n>`).
+    pub fn name(&self) -> &str {
+        self.0.name()
+    }
+}
 
 impl Prepared for ProcessSandbox {
     fn enforced(&self) -> &Enforced {

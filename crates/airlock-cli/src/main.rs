@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use airlock_backend::process::ProcessBackend;
 use airlock_backend::{Backend, BackendError, Backends, CancelToken, Hooks, Job, Spec, Want};
 use airlock_policy::IsolationLevel;
 use airlock_policy::{Language, Policy};
@@ -140,6 +139,9 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some(airlock_sandbox::launch::INIT_ARG) {
         airlock_sandbox::init::main(&args[2..]);
     }
+    if args.get(1).map(String::as_str) == Some(airlock_sandbox::agent::AGENT_ARG) {
+        airlock_sandbox::agent::main(&args[2..]);
+    }
     if args.get(1).map(String::as_str) == Some(airlock_sandbox::zygote::ZYGOTE_ARG) {
         airlock_sandbox::zygote::main(&args[2..]);
     }
@@ -228,16 +230,38 @@ fn engine() -> Result<Engine, Usage> {
     Ok(Engine::new(cfg))
 }
 
-/// The backends a local run may use: the process sandbox always.
-fn local_backends() -> Result<Backends, Usage> {
-    let process: Arc<dyn Backend> = Arc::new(ProcessBackend::new(Arc::new(engine()?)));
-    Ok(Backends::new(vec![process]))
+/// The backends a local run may use: the process sandbox always, and the
+/// OCI runtime and gVisor when they are installed (chosen only when asked
+/// for: the process sandbox is the cheapest).
+fn local_backends() -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> {
+    let (list, failed) = airlock_backend::on_this_host(Arc::new(engine()?), &run_dir());
+    Ok((Backends::new(list), failed))
+}
+
+/// Where local runs keep runtime state: /run/airlock as root, else the
+/// user's runtime directory.
+fn run_dir() -> PathBuf {
+    if airlock_sandbox::sys::geteuid() == 0 {
+        return PathBuf::from("/run/airlock");
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(|d| PathBuf::from(d).join("airlock"))
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("airlock-{}", airlock_sandbox::sys::geteuid()))
+        })
 }
 
 /// The backend that runs a local execution: the one `--backend` names, or
 /// the cheapest here that meets the policy's minimum isolation.
 fn local_backend(policy: &Policy, name: Option<&str>) -> Result<Arc<dyn Backend>, Usage> {
-    local_backends()?
+    let (backends, failed) = local_backends()?;
+    if let Some(f) = failed.iter().find(|f| Some(f.name) == name) {
+        return Err(Usage(format!(
+            "backend {} cannot start here: {}",
+            f.name, f.why
+        )));
+    }
+    backends
         .select(Want {
             minimum: policy.isolation.minimum,
             backend: name,

@@ -323,6 +323,19 @@ impl Cgroup {
         }
     }
 
+    /// Files a process writes "0" to in order to join this cgroup itself
+    /// (every hierarchy for v1), before it execs anything.
+    pub fn join_files(&self) -> Vec<String> {
+        match self.version {
+            CgroupVersion::V1 => self.self_join_files(),
+            CgroupVersion::V2 => self
+                .dirs
+                .iter()
+                .filter_map(|(_, d)| d.join("cgroup.procs").to_str().map(String::from))
+                .collect(),
+        }
+    }
+
     /// Moves a process into the cgroup (every hierarchy for v1).
     pub fn add(&self, pid: i32) -> Result<(), SandboxError> {
         for (_, d) in &self.dirs {
@@ -485,6 +498,14 @@ pub fn sandbox_parents(layout: &Layout) -> Vec<(CgroupVersion, PathBuf)> {
             .map(|(_, own)| (CgroupVersion::V1, own.join("airlock")))
             .collect(),
     }
+}
+
+/// Whether cgroup v1 is in use while the v2 hierarchy (mounted beside it)
+/// has controllers: the "hybrid" layout some OCI runtimes refuse.
+pub fn is_hybrid_with_v2_controllers() -> bool {
+    matches!(detect(), Some(Layout::V1 { .. }))
+        && fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+            .is_ok_and(|c| !c.trim().is_empty())
 }
 
 /// Reaps sandbox cgroups (`airlock/<pid>-<n>`) left by an engine that is

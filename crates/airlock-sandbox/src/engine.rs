@@ -86,6 +86,9 @@ pub struct Engine {
     /// A sealed in-memory copy of the init binary that zygotes are
     /// executed from (see [`Engine::zygote_image`]).
     zygote_image: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
+    /// The same for the agent a runtime starts as an unprivileged id
+    /// (executable, not readable, by all).
+    agent_image: Mutex<Option<Arc<std::os::fd::OwnedFd>>>,
     /// The CA bundle inside (host's + operator's) and the operator's
     /// certificates alone, when the operator added some.
     ca: Option<(Arc<str>, Arc<str>)>,
@@ -107,7 +110,8 @@ pub struct Request<'a> {
     pub policy: &'a Policy,
 }
 
-static SEQ: AtomicU64 = AtomicU64::new(0);
+/// Numbers the sandboxes of this process (cgroup and container names).
+pub(crate) static SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// Limits below which a sandbox of `lang` cannot start at all: a request
 /// asking for less is refused as bad input (never left to fail as an
@@ -227,6 +231,7 @@ impl Engine {
             cgroups,
             runtimes: Mutex::new(BTreeMap::new()),
             zygote_image: Mutex::new(None),
+            agent_image: Mutex::new(None),
             ca,
         }
     }
@@ -271,8 +276,32 @@ impl Engine {
         })
     }
 
+    /// The CA bundle inside and the operator's certificates, when added.
+    pub(crate) fn ca(&self) -> Option<&(Arc<str>, Arc<str>)> {
+        self.ca.as_ref()
+    }
+
+    /// Host ids sandboxes run as when the engine runs as root.
+    pub(crate) fn root_host_ids(&self) -> (u32, u32) {
+        self.cfg.root_host_ids
+    }
+
+    /// The sealed in-memory image runtimes execute the agent from.
+    pub(crate) fn agent_image(&self) -> Result<Arc<std::os::fd::OwnedFd>, SandboxError> {
+        let mut g = self.agent_image.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fd) = g.as_ref() {
+            return Ok(fd.clone());
+        }
+        let fd = Arc::new(
+            sys::sealed_copy_mode("airlock", self.init_path(), 0o111)
+                .map_err(SandboxError::SpawnInit)?,
+        );
+        *g = Some(fd.clone());
+        Ok(fd)
+    }
+
     /// The binary that acts as init (and zygote).
-    pub(crate) fn init_path(&self) -> &std::path::Path {
+    pub fn init_path(&self) -> &std::path::Path {
         &self.cfg.init_path
     }
 
@@ -371,63 +400,7 @@ impl Engine {
         zygote: Option<&Zygote>,
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
-        check_runnable(policy, lang)?;
-        let files_bytes: usize = extras.files.iter().map(|(_, c)| c.len()).sum();
-        if files_bytes > MAX_EXTRA_FILES_BYTES
-            || extras.files.iter().any(|(target, _)| {
-                !valid_target(target) || RESERVED_ROOTS.iter().any(|r| under(target, r))
-            })
-        {
-            return Err(SandboxError::InvalidRequest(format!(
-                "extra files need absolute paths outside {} and at most {} bytes in all",
-                RESERVED_ROOTS.join(", "),
-                MAX_EXTRA_FILES_BYTES
-            )));
-        }
-        if extras.env.iter().any(|(k, v)| {
-            !k.starts_with("AIRLOCK_")
-                || !k
-                    .bytes()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-                || v.contains('\0')
-                || v.len() > 4096
-        }) {
-            return Err(SandboxError::InvalidRequest(
-                "extra environment names must be AIRLOCK_[A-Z0-9_]*".into(),
-            ));
-        }
-        let wants_proxy = policy.network.is_proxy();
-        if wants_proxy != extras.egress {
-            // Fail closed both ways: no silent "no network" for a policy
-            // that asked for egress, no forwarder without a policy.
-            return Err(SandboxError::InvalidRequest(if wants_proxy {
-                "network.mode = \"proxy\" needs the egress proxy of `airlock serve` or `airlock run`".into()
-            } else {
-                "an egress channel needs network.mode = \"proxy\"".into()
-            }));
-        }
-        if extras.entry.as_deref().is_some_and(|e| !valid_target(e)) {
-            return Err(SandboxError::InvalidRequest(
-                "entry must be an absolute path".into(),
-            ));
-        }
-        let runtime = self.runtime(lang)?;
-        // Platform files go into the root's own tmpfs: never into (or
-        // through) a bind mount or a symlink of the runtime, or of the
-        // policy's read-only paths.
-        let occupied = runtime
-            .mounts
-            .iter()
-            .map(|m| m.target.as_str())
-            .chain(runtime.symlinks.iter().map(|(p, _)| p.as_str()))
-            .chain(policy.filesystem.read_only_paths.iter().map(String::as_str));
-        for o in occupied {
-            if extras.files.iter().any(|(f, _)| under(f, o) || under(o, f)) {
-                return Err(SandboxError::InvalidRequest(
-                    "extra files may not overlap the runtime's mounts or symlinks".into(),
-                ));
-            }
-        }
+        let runtime = self.check_spec(policy, lang, extras)?;
         let mut programs = seccomp::programs_for(&policy.syscalls.deny)?;
         let euid = sys::geteuid();
         let cgroup_name = format!(
@@ -453,7 +426,7 @@ impl Engine {
                 Err(_) => {}
             }
         }
-        let (etc_files, etc_mounts) = crate::rootfs::etc(self.ca.as_ref());
+        let (etc_files, etc_mounts) = crate::rootfs::etc(self.ca());
         let init_cfg = InitConfig {
             cgroup_tasks: early_cgroup
                 .as_ref()
@@ -593,6 +566,8 @@ impl Engine {
                 host_uid,
             },
             setup_time: Duration::ZERO,
+            cleanup: None,
+            name: cgroup_name.clone(),
         };
         sb.enforced.landlock.mode = match policy.isolation.landlock {
             LandlockMode::Strict => "strict".into(),
@@ -637,6 +612,75 @@ impl Engine {
         sb.expect_ready()?;
         sb.setup_time = started.elapsed();
         Ok(sb)
+    }
+
+    /// Checks what a sandbox is built from (the policy's minimums for the
+    /// language, the platform's files, environment, entry and egress) and
+    /// resolves the runtime.
+    pub(crate) fn check_spec(
+        &self,
+        policy: &Policy,
+        lang: Language,
+        extras: &Extras,
+    ) -> Result<Runtime, SandboxError> {
+        check_runnable(policy, lang)?;
+        let files_bytes: usize = extras.files.iter().map(|(_, c)| c.len()).sum();
+        if files_bytes > MAX_EXTRA_FILES_BYTES
+            || extras.files.iter().any(|(target, _)| {
+                !valid_target(target) || RESERVED_ROOTS.iter().any(|r| under(target, r))
+            })
+        {
+            return Err(SandboxError::InvalidRequest(format!(
+                "extra files need absolute paths outside {} and at most {} bytes in all",
+                RESERVED_ROOTS.join(", "),
+                MAX_EXTRA_FILES_BYTES
+            )));
+        }
+        if extras.env.iter().any(|(k, v)| {
+            !k.starts_with("AIRLOCK_")
+                || !k
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                || v.contains('\0')
+                || v.len() > 4096
+        }) {
+            return Err(SandboxError::InvalidRequest(
+                "extra environment names must be AIRLOCK_[A-Z0-9_]*".into(),
+            ));
+        }
+        let wants_proxy = policy.network.is_proxy();
+        if wants_proxy != extras.egress {
+            // Fail closed both ways: no silent "no network" for a policy
+            // that asked for egress, no forwarder without a policy.
+            return Err(SandboxError::InvalidRequest(if wants_proxy {
+                "network.mode = \"proxy\" needs the egress proxy of `airlock serve` or `airlock run`".into()
+            } else {
+                "an egress channel needs network.mode = \"proxy\"".into()
+            }));
+        }
+        if extras.entry.as_deref().is_some_and(|e| !valid_target(e)) {
+            return Err(SandboxError::InvalidRequest(
+                "entry must be an absolute path".into(),
+            ));
+        }
+        let runtime = self.runtime(lang)?;
+        // Platform files go into the root's own tmpfs: never into (or
+        // through) a bind mount or a symlink of the runtime, or of the
+        // policy's read-only paths.
+        let occupied = runtime
+            .mounts
+            .iter()
+            .map(|m| m.target.as_str())
+            .chain(runtime.symlinks.iter().map(|(p, _)| p.as_str()))
+            .chain(policy.filesystem.read_only_paths.iter().map(String::as_str));
+        for o in occupied {
+            if extras.files.iter().any(|(f, _)| under(f, o) || under(o, f)) {
+                return Err(SandboxError::InvalidRequest(
+                    "extra files may not overlap the runtime's mounts or symlinks".into(),
+                ));
+            }
+        }
+        Ok(runtime)
     }
 
     /// Spawns a fresh `airlock __airlock-init` with the control socket at
@@ -725,6 +769,38 @@ pub struct Sandbox {
     policy: Policy,
     enforced: Enforced,
     setup_time: Duration,
+    /// Removes a runtime's state once every process is gone.
+    cleanup: Option<Cleanup>,
+    /// `<engine pid>-<n>`: its cgroup's and container's name.
+    name: String,
+}
+
+/// A runtime's cleanup, run once when the sandbox is destroyed.
+struct Cleanup(Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Cleanup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cleanup")
+    }
+}
+
+/// What [`crate::hosted`] builds a sandbox from.
+pub(crate) struct HostedParts<'a> {
+    pub child: InitProc,
+    pub stdin: Option<File>,
+    pub stdout: Option<File>,
+    pub stderr: Option<File>,
+    pub ctrl: UnixStream,
+    pub broker: Option<UnixStream>,
+    pub egress: Option<OwnedFd>,
+    pub extras: &'a Extras,
+    pub runtime: Runtime,
+    pub policy: &'a Policy,
+    pub enforced: Enforced,
+    pub cgroup: Option<Cgroup>,
+    pub cleanup: Option<Box<dyn FnOnce() + Send>>,
+    pub platform_env: Vec<(String, String)>,
+    pub name: String,
 }
 
 fn control_err(what: &str) -> impl Fn(io::Error) -> SandboxError + '_ {
@@ -732,6 +808,67 @@ fn control_err(what: &str) -> impl Fn(io::Error) -> SandboxError + '_ {
 }
 
 impl Sandbox {
+    /// A sandbox around an agent a runtime started (see [`crate::hosted`]).
+    pub(crate) fn hosted(p: HostedParts<'_>) -> Sandbox {
+        Sandbox {
+            child: Some(p.child),
+            stdin: p.stdin,
+            stdout: p.stdout,
+            stderr: p.stderr,
+            ctrl: p.ctrl,
+            broker: p.broker,
+            egress: p.egress,
+            init_broker: p.extras.broker,
+            prestarted: false,
+            entry: p.extras.entry.clone(),
+            extra_env: p.extras.env.iter().cloned().chain(p.platform_env).collect(),
+            pid1: None,
+            cgroup: p.cgroup,
+            runtime: p.runtime,
+            policy: p.policy.clone(),
+            enforced: p.enforced,
+            setup_time: Duration::ZERO,
+            cleanup: p.cleanup.map(Cleanup),
+            name: p.name,
+        }
+    }
+
+    /// `<engine pid>-<n>`: the name of its cgroup (and container).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Up to 2 KiB of what a failed runtime wrote on stderr (one line),
+    /// once its process has ended (waiting at most a second).
+    pub(crate) fn runtime_stderr(&mut self) -> String {
+        if let Some(InitProc::Child(c)) = self.child.as_mut() {
+            let until = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < until && matches!(c.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let Some(f) = self.stderr.as_mut() else {
+            return String::new();
+        };
+        if sys::set_nonblocking(f.as_raw_fd()).is_err() {
+            return String::new();
+        }
+        let mut buf = vec![0u8; 2048];
+        let n = f.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n])
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    pub(crate) fn ctrl_mut(&mut self) -> &mut UnixStream {
+        &mut self.ctrl
+    }
+
+    pub(crate) fn set_setup_time(&mut self, d: Duration) {
+        self.setup_time = d;
+    }
+
     fn recv(&mut self) -> Result<FromInit, SandboxError> {
         let msg: FromInit = proto::read_msg(&mut self.ctrl, proto::MAX_FROM_INIT)
             .map_err(control_err("receive"))?;
@@ -798,6 +935,11 @@ impl Sandbox {
     fn expect_ready(&mut self) -> Result<(), SandboxError> {
         proto::write_msg(&mut self.ctrl, &ToInit::Attached)
             .map_err(control_err("send attached"))?;
+        self.expect_ready_msg()
+    }
+
+    /// Waits for `Ready` and records the Landlock status it reports.
+    pub(crate) fn expect_ready_msg(&mut self) -> Result<(), SandboxError> {
         match self.recv()? {
             FromInit::Ready {
                 landlock_abi,
@@ -1366,6 +1508,9 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.destroy();
+        if let Some(Cleanup(f)) = self.cleanup.take() {
+            f();
+        }
         if let Some(mut cg) = self.cgroup.take() {
             cg.remove();
         }

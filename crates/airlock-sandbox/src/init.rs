@@ -177,7 +177,7 @@ impl Step {
     }
 }
 
-type StepResult<T> = Result<T, (Step, i32)>;
+pub(crate) type StepResult<T> = Result<T, (Step, i32)>;
 
 /// Writes read-only (0444) files into the new root, creating their parent
 /// directories; never follows a link and never replaces what exists.
@@ -211,12 +211,12 @@ fn write_ro_files(
     Ok(())
 }
 
-fn at<T, E: Into<StepErr>>(step: Step, r: Result<T, E>) -> StepResult<T> {
+pub(crate) fn at<T, E: Into<StepErr>>(step: Step, r: Result<T, E>) -> StepResult<T> {
     r.map_err(|e| (step, e.into().0))
 }
 
 /// An errno carrier so `at` accepts io errors and plain failures alike.
-struct StepErr(i32);
+pub(crate) struct StepErr(i32);
 impl From<std::io::Error> for StepErr {
     fn from(e: std::io::Error) -> Self {
         StepErr(e.raw_os_error().unwrap_or(0))
@@ -240,7 +240,7 @@ pub fn main(args: &[String]) -> ! {
     sys::exit_now(code)
 }
 
-fn report(ctrl: &mut UnixStream, (step, errno): (Step, i32)) {
+pub(crate) fn report(ctrl: &mut UnixStream, (step, errno): (Step, i32)) {
     let _ = proto::write_msg(
         ctrl,
         &FromInit::Failed {
@@ -428,7 +428,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
             sys::exit_now(1)
         }
     };
-    match run_job(&mut ctrl, &job, &code, cfg, launch) {
+    match run_job(&mut ctrl, &job, &code, (cfg.broker, cfg.egress), launch) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             report(&mut ctrl, e);
@@ -581,11 +581,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
         "size={},nr_inodes={}",
         cfg.scratch_bytes, cfg.scratch_inodes
     );
-    for (dir, mode) in [
-        ("/tmp", "1777"),
-        ("/workspace", "0755"),
-        ("/dev/shm", "1777"),
-    ] {
+    for (dir, mode) in crate::rootfs::SCRATCH {
         let target = nr(dir);
         if dir != "/dev/shm" {
             at(
@@ -649,7 +645,28 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     }
     at(Step::CgroupNamespace, sys::unshare(libc::CLONE_NEWCGROUP))?;
 
-    at(Step::Setsid, sys::setsid())?;
+    lock_down(cfg.landlock_strict, &cfg.seccomp)
+}
+
+/// The layers every init applies last, whoever built the isolation around
+/// it (this init's own namespaces and root, an OCI runtime, gVisor): its
+/// own session, no descriptors but the channels, non-dumpable, no core
+/// files, the program as the OOM victim, no capabilities, no_new_privs,
+/// Landlock (`landlock`: Some(strict); None where the kernel the code
+/// meets has none, as under gVisor), then the seccomp programs. Returns
+/// (Landlock ABI in force, fully enforced).
+pub(crate) fn lock_down(
+    landlock: impl Into<Option<bool>>,
+    seccomp: &[Vec<(u16, u8, u8, u32)>],
+) -> StepResult<(u32, bool)> {
+    match sys::setsid() {
+        Ok(()) => {}
+        // A runtime may have made this process a group leader already (in
+        // a session of its own, made before it exec'd): what the step is
+        // for is that no controlling terminal is reachable.
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && sys::no_controlling_terminal() => {}
+        Err(e) => return Err((Step::Setsid, e.raw_os_error().unwrap_or(0))),
+    }
     at(Step::CloseFds, sys::close_from(EGRESS_FD as u32 + 1))?;
     // The uid change above made the process non-dumpable, which makes its
     // /proc files root-owned; lift that for one write, then lock it again.
@@ -669,9 +686,12 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     }
     at(Step::NoNewPrivs, sys::set_no_new_privs())?;
 
-    let (abi, full) = apply_landlock(cfg.landlock_strict)?;
+    let (abi, full) = match landlock.into() {
+        Some(strict) => apply_landlock(strict)?,
+        None => (0, false),
+    };
 
-    for prog in &cfg.seccomp {
+    for prog in seccomp {
         let filter: Vec<seccompiler::sock_filter> = prog
             .iter()
             .map(|&(code, jt, jf, k)| seccompiler::sock_filter { code, jt, jf, k })
@@ -745,23 +765,7 @@ fn mask_proc(proc_root: &str, dev_null: &str) -> Result<(), i32> {
     let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(0);
     // Files replaced by /dev/null: kernel memory, keyrings, timer and
     // scheduler internals (address leaks), and the magic SysRq trigger.
-    for f in [
-        "kcore",
-        "keys",
-        "timer_list",
-        "sched_debug",
-        "sysrq-trigger",
-        "latency_stats",
-        "kallsyms",
-        "kpagecount",
-        "kpageflags",
-        "kpagecgroup",
-        "key-users",
-        "slabinfo",
-        "vmallocinfo",
-        "pagetypeinfo",
-        "iomem",
-    ] {
+    for f in crate::rootfs::MASKED_PROC_FILES {
         let p = format!("{proc_root}/{f}");
         if fs::symlink_metadata(&p).is_ok() {
             sys::mount(Some(&cstr(dev_null)), &cstr(&p), None, libc::MS_BIND, None)
@@ -769,7 +773,7 @@ fn mask_proc(proc_root: &str, dev_null: &str) -> Result<(), i32> {
         }
     }
     // Directories replaced by an empty read-only tmpfs.
-    for d in ["acpi", "scsi", "firmware", "asound"] {
+    for d in crate::rootfs::MASKED_PROC_DIRS {
         let p = format!("{proc_root}/{d}");
         if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
             sys::mount(
@@ -783,7 +787,7 @@ fn mask_proc(proc_root: &str, dev_null: &str) -> Result<(), i32> {
         }
     }
     // Kernel tunables and hardware interfaces: visible but read-only.
-    for d in ["sys", "sysvipc", "irq", "bus", "fs"] {
+    for d in crate::rootfs::READ_ONLY_PROC_DIRS {
         let p = format!("{proc_root}/{d}");
         if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
             let c = cstr(&p);
@@ -904,14 +908,13 @@ fn start_forwarder(broker: bool) -> StepResult<()> {
     }
 }
 
-fn run_job(
+pub(crate) fn run_job(
     ctrl: &mut UnixStream,
     job: &Job,
     code: &[u8],
-    cfg: &InitConfig,
+    (broker, egress): (bool, bool),
     launch: Launch<'_>,
 ) -> StepResult<()> {
-    let broker = cfg.broker;
     if let Launch::Inherited(py) = launch {
         // A zygote serves exactly one program shape: the argv and
         // environment it was started with.
@@ -924,7 +927,7 @@ fn run_job(
             return Err((Step::ReadJob, libc::EINVAL));
         }
     }
-    if cfg.egress {
+    if egress {
         start_forwarder(broker)?;
     }
     if !crate::launch::safe_file_name(&job.file_name) || job.argv.is_empty() {
@@ -1014,9 +1017,9 @@ fn run_job(
                 }
             };
             let (user_us, sys_us, maxrss_kib) = sys::children_usage();
-            let scratch_full = ["/tmp", "/workspace", "/dev/shm"]
+            let scratch_full = crate::rootfs::SCRATCH
                 .iter()
-                .any(|p| sys::fs_full(&cstr(p)));
+                .any(|(p, _)| sys::fs_full(&cstr(p)));
             let (code, signal) = match status {
                 ChildStatus::Exited(c) => (Some(c), None),
                 ChildStatus::Signaled(s) => (None, Some(s)),

@@ -23,9 +23,11 @@
 //! no_new_privs → Landlock → seccomp → (job) → rlimits → optional execve
 //! lock → exec.
 
+pub mod agent;
 pub mod cgroup;
 pub mod engine;
 pub mod error;
+pub mod hosted;
 pub mod init;
 pub mod kvm;
 pub mod launch;

@@ -177,6 +177,31 @@ pub enum ToInit {
     Attached,
     /// Run this job; a raw frame of `code_len` bytes follows.
     Job(Box<Job>),
+    /// Configuration of an agent ([`crate::agent`]): init inside an
+    /// isolation someone else built (first frame instead of `Config`).
+    AgentConfig(Box<AgentConfig>),
+}
+
+/// What the agent applies itself: everything the container runtime (or
+/// gVisor) does not. Nothing tenant-specific.
+///
+/// Sequence: `AgentConfig` ─▶, ◀─ `Ready | Failed{step}`, then `Job` and
+/// its code ─▶, ◀─ `Exited | Failed`, as for init.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Landlock: `Some(strict)` where the code's system calls reach the
+    /// host kernel; `None` under a user-space kernel that has none.
+    pub landlock: Option<bool>,
+    /// Seccomp programs to install, in order, as (code, jt, jf, k).
+    pub seccomp: Vec<Vec<(u16, u8, u8, u32)>>,
+    /// A broker socket is at [`crate::launch::BROKER_FD`].
+    pub broker: bool,
+    /// An egress channel is at [`crate::launch::EGRESS_FD`].
+    pub egress: bool,
+    /// Bring loopback up (the runtime made the network namespace and left
+    /// it down).
+    pub loopback: bool,
 }
 
 /// Writes one frame.

@@ -68,6 +68,42 @@ fn under(path: &str, root: &str) -> bool {
     path == root || path.strip_prefix(root).is_some_and(|r| r.starts_with('/'))
 }
 
+/// Files of /proc replaced by /dev/null on every backend: kernel memory,
+/// keyrings, timer and scheduler internals (address leaks), the magic
+/// SysRq trigger.
+pub const MASKED_PROC_FILES: [&str; 15] = [
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "sysrq-trigger",
+    "latency_stats",
+    "kallsyms",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "key-users",
+    "slabinfo",
+    "vmallocinfo",
+    "pagetypeinfo",
+    "iomem",
+];
+
+/// Directories of /proc replaced by an empty read-only tmpfs: hardware
+/// interfaces.
+pub const MASKED_PROC_DIRS: [&str; 4] = ["acpi", "scsi", "firmware", "asound"];
+
+/// Directories of /proc left visible but read-only: kernel tunables.
+pub const READ_ONLY_PROC_DIRS: [&str; 5] = ["sys", "sysvipc", "irq", "bus", "fs"];
+
+/// The scratch filesystems (path, mode): private, size- and inode-capped
+/// tmpfs, the only writable places.
+pub const SCRATCH: [(&str, &str); 3] = [
+    ("/tmp", "1777"),
+    ("/workspace", "0755"),
+    ("/dev/shm", "1777"),
+];
+
 /// Whether `path` is one of the paths a sandbox never holds (or lies under
 /// one).
 pub fn is_never(path: &str) -> bool {

@@ -67,7 +67,20 @@ pub fn close_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range only closes descriptors; no Rust object in this
     // process owns a descriptor >= `first` at the call sites (init holds only
     // 0-3 and the engine never calls this).
-    cvt(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) }).map(|_| ())
+    match cvt(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) }) {
+        Ok(_) => Ok(()),
+        // gVisor refuses the open-ended range (EINVAL); old kernels lack the
+        // call. Close one by one up to the descriptor limit instead.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
+            let (soft, _) = get_rlimit(libc::RLIMIT_NOFILE)?;
+            for fd in first..soft.min(1 << 20) as u32 {
+                // SAFETY: as above: nothing here owns these descriptors.
+                unsafe { libc::close(fd as RawFd) };
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `prctl` with integer arguments.
@@ -101,23 +114,66 @@ pub fn set_no_new_privs() -> io::Result<()> {
 /// Drops every capability from the bounding set, clears the ambient set and
 /// locks securebits so no later exec or uid change can regain privileges.
 pub fn drop_bounding_and_ambient() -> io::Result<()> {
+    // Without CAP_SETPCAP (a process a runtime started unprivileged, with
+    // an empty bounding set) the drops are refused even for capabilities
+    // that are gone, and gVisor answers some of these calls with EINVAL:
+    // what counts is the state reached, checked at the end from
+    // /proc/self/status.
     for cap in 0..64 {
         match prctl(libc::PR_CAPBSET_DROP, cap, 0) {
             Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
             // EINVAL: past the kernel's last capability.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
             Err(e) => return Err(e),
         }
     }
-    prctl(
+    let cleared = prctl(
         libc::PR_CAP_AMBIENT,
         libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
         0,
-    )?;
+    );
     // SECBIT_NOROOT | _LOCKED, SECBIT_NO_SETUID_FIXUP | _LOCKED,
     // SECBIT_KEEP_CAPS_LOCKED, SECBIT_NO_CAP_AMBIENT_RAISE | _LOCKED.
     let bits: libc::c_ulong = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80;
-    prctl(libc::PR_SET_SECUREBITS, bits, 0).map(|_| ())
+    let locked = prctl(libc::PR_SET_SECUREBITS, bits, 0);
+    // gVisor reports no CapAmb line; the ambient set is a subset of
+    // permitted and inheritable, so those being empty proves it empty.
+    let ambient_gone = caps_zero(&["CapAmb:"])? || caps_zero(&["CapPrm:", "CapInh:"])?;
+    if !(caps_zero(&["CapBnd:"])? && ambient_gone) {
+        return Err(cleared
+            .err()
+            .unwrap_or_else(|| io::Error::from_raw_os_error(libc::EPERM)));
+    }
+    match locked {
+        Ok(_) => Ok(()),
+        // The bits keep a uid-0 transition from regaining capabilities;
+        // with an empty bounding set (checked above) and no_new_privs (the
+        // next step) there is nothing it could regain. Setting them needs
+        // CAP_SETPCAP, which an unprivileged agent does not have.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EINVAL)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether every capability set named (`CapEff:`, `CapBnd:` ...) in
+/// /proc/self/status is empty.
+fn caps_zero(sets: &[&str]) -> io::Result<bool> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let mut seen = 0;
+    for l in status.lines() {
+        if sets.iter().any(|s| l.starts_with(s)) {
+            seen += 1;
+            if !l
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|v| v.trim_start_matches('0').is_empty())
+            {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(seen == sets.len())
 }
 
 /// Clears the effective, permitted and inheritable capability sets.
@@ -152,15 +208,7 @@ pub fn clear_capabilities() -> io::Result<()> {
 
 /// Reads the effective capability mask of this process (for self-checks).
 pub fn effective_caps_zero() -> io::Result<bool> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    Ok(status
-        .lines()
-        .filter(|l| l.starts_with("CapEff:") || l.starts_with("CapPrm:"))
-        .all(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|v| v.trim_start_matches('0').is_empty())
-        }))
+    caps_zero(&["CapEff:", "CapPrm:"])
 }
 
 /// `setgroups(0, NULL)`: drop every supplementary group.
@@ -528,6 +576,18 @@ pub fn setsid() -> io::Result<()> {
     cvt_i(unsafe { libc::setsid() }).map(|_| ())
 }
 
+/// Whether the process has no controlling terminal: opening /dev/tty
+/// fails with ENXIO (Linux), EIO (gVisor), or there is no /dev/tty.
+pub fn no_controlling_terminal() -> bool {
+    match std::fs::OpenOptions::new().read(true).open("/dev/tty") {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.raw_os_error(),
+            Some(libc::ENXIO) | Some(libc::ENOENT) | Some(libc::EIO)
+        ),
+    }
+}
+
 /// Current (soft, hard) of an rlimit.
 pub fn get_rlimit(resource: libc::__rlimit_resource_t) -> io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
@@ -567,6 +627,12 @@ pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 /// through `/proc/self/fd/<fd>`, neither it nor its size can change, and
 /// nobody can read it.
 pub fn sealed_copy(name: &str, from: &std::path::Path) -> io::Result<OwnedFd> {
+    sealed_copy_mode(name, from, 0o100)
+}
+
+/// [`sealed_copy`] with the exec bits `mode` (0o100: the owner only;
+/// 0o111: also the unprivileged ids a runtime starts the agent as).
+pub fn sealed_copy_mode(name: &str, from: &std::path::Path, mode: u32) -> io::Result<OwnedFd> {
     use rustix::fs::{MemfdFlags, SealFlags};
     let base = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
     // MFD_EXEC says so explicitly where `vm.memfd_noexec` exists (6.3+);
@@ -580,7 +646,7 @@ pub fn sealed_copy(name: &str, from: &std::path::Path) -> io::Result<OwnedFd> {
     let mut dst = std::fs::File::from(fd);
     io::copy(&mut std::fs::File::open(from)?, &mut dst)?;
     let fd = OwnedFd::from(dst);
-    make_execute_only(&fd)?;
+    set_exec_mode(&fd, mode)?;
     // The exec bits are sealed where the kernel can (6.3+): nobody holding
     // the file can make it unexecutable for the next start.
     if rustix::fs::fcntl_add_seals(&fd, SealFlags::EXEC).is_err() {
@@ -599,14 +665,18 @@ pub fn sealed_copy(name: &str, from: &std::path::Path) -> io::Result<OwnedFd> {
 /// [`sealed_copy`]: without the exec seal, a holder with the owner's uid
 /// (a rootless engine's sandboxes) could change the mode.
 pub fn make_execute_only(fd: &OwnedFd) -> io::Result<()> {
-    match rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(0o100)) {
+    set_exec_mode(fd, 0o100)
+}
+
+fn set_exec_mode(fd: &OwnedFd, want: u32) -> io::Result<()> {
+    match rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(want)) {
         // Sealed exec bits refuse even an unchanged mode; what matters is
         // the mode it has.
         Err(rustix::io::Errno::PERM) => {}
         r => r?,
     }
     let mode = rustix::fs::fstat(fd)?.st_mode & 0o7777;
-    if mode != 0o100 {
+    if mode != want {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             "the zygote image's mode was changed",
@@ -663,6 +733,25 @@ pub fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
 }
 
 /// Clears FD_CLOEXEC on a descriptor.
+/// Writes `data` to the file at `path` with raw system calls only (open,
+/// write, close): usable between fork and exec.
+pub fn write_raw(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
+    // SAFETY: `path` is a valid NUL-terminated string for the call.
+    let fd = cvt_i(unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    // SAFETY: `data` is valid for `data.len()` bytes; `fd` was just opened.
+    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: `fd` is open and owned here; closing it once.
+    unsafe { libc::close(fd) };
+    if n < 0 {
+        return Err(err);
+    }
+    if n as usize != data.len() {
+        return Err(io::Error::from(io::ErrorKind::WriteZero));
+    }
+    Ok(())
+}
+
 pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_SETFD takes an integer argument only.
     cvt_i(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(|_| ())

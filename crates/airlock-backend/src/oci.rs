@@ -1,0 +1,772 @@
+//! OCI runtimes as backends: `oci` (crun or runc: the host kernel behind
+//! the runtime's namespaces, cgroup and read-only root) and `gvisor`
+//! (runsc: gVisor's user-space kernel between the code and the host).
+//!
+//! Each sandbox gets a bundle generated with the `oci-spec` crate (never
+//! hand-written JSON): the same read-only runtime root as the process
+//! sandbox (the interpreter's binds, a generated /etc, the platform files
+//! written into the root), capped scratch tmpfs, /proc with the same
+//! masked and read-only paths, new pid/mount/ipc/uts/cgroup/network
+//! namespaces and a user namespace mapping the sandbox user to an
+//! unprivileged host id, no capabilities (crun: only CAP_NET_ADMIN, for the
+//! agent to bring loopback up, dropped before anything else runs),
+//! no_new_privs. The first process is airlock's agent, executed from a
+//! sealed in-memory image passed as a descriptor (no host path of the
+//! binary is mounted); it applies the same seccomp programs (and, on crun,
+//! Landlock) and runs the job as init does. The runtime process itself
+//! joins the sandbox's cgroup before it execs, so the runtime, gVisor's
+//! sentry and gofer, and every process of the code are counted and killed
+//! together; the runtime is told not to manage cgroups.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use airlock_policy::{IsolationLevel, Language, Policy};
+use airlock_sandbox::hosted::{AgentLaunch, Isolated, Launched, Launcher};
+use airlock_sandbox::launch::{SANDBOX_GID, SANDBOX_UID};
+use airlock_sandbox::{Engine, SandboxError};
+use oci_spec::runtime::{
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxIdMappingBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, Mount, MountBuilder, ProcessBuilder, RootBuilder,
+    Spec, SpecBuilder, UserBuilder,
+};
+
+use crate::process::check_level;
+use crate::{
+    Backend, BackendError, Enforced, Hooks, Job, Prepared, Probe, Request, RunResult,
+    Spec as SbSpec, Teardown, Template,
+};
+
+/// Which OCI runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// crun: namespaces on the host kernel, told to leave cgroups alone
+    /// (the sandbox stays in the cgroup its runtime process joined).
+    Crun,
+    /// runc: as crun, but runc always manages a cgroup: it makes one
+    /// nested in the sandbox's (whose limits then hold for it), removed by
+    /// `runc delete`.
+    Runc,
+    /// runsc: gVisor, told to leave cgroups alone.
+    Gvisor,
+}
+
+/// An OCI runtime binary and where its state lives.
+#[derive(Debug, Clone)]
+pub struct OciRuntime {
+    /// crun/runc or runsc.
+    pub kind: Kind,
+    /// The runtime binary.
+    pub binary: PathBuf,
+    /// Where bundles are made (one directory per sandbox, removed after).
+    pub bundles: PathBuf,
+    /// gVisor's platform (`systrap`, `ptrace`, `kvm`).
+    pub platform: Option<String>,
+}
+
+impl OciRuntime {
+    /// The runtime's `--version` first line, when it runs.
+    pub fn version(&self) -> Option<String> {
+        let out = Command::new(&self.binary)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.status
+            .success()
+            .then(|| text.lines().next().unwrap_or("").trim().to_string())
+    }
+}
+
+/// The runtimes installed here, as airlock would drive them with state
+/// under `run_dir`: crun (else runc) for `oci`, runsc for `gvisor`.
+pub fn installed(run_dir: &Path) -> Vec<OciRuntime> {
+    let mut v = Vec::new();
+    // crun 1.8 refuses hosts whose cgroup v2 hierarchy has controllers
+    // while v1 is in use ("hybrid"); runc runs there.
+    let hybrid = airlock_sandbox::cgroup::is_hybrid_with_v2_controllers();
+    let oci = match (find_binary(&["crun"]), find_binary(&["runc"])) {
+        (Some(_), Some(runc)) if hybrid => Some((Kind::Runc, runc)),
+        (Some(crun), _) => Some((Kind::Crun, crun)),
+        (None, Some(runc)) => Some((Kind::Runc, runc)),
+        (None, None) => None,
+    };
+    if let Some((kind, binary)) = oci {
+        v.push(OciRuntime {
+            kind,
+            binary,
+            bundles: run_dir.join("bundles"),
+            platform: None,
+        });
+    }
+    if let Some(binary) = find_binary(&["runsc"]) {
+        v.push(OciRuntime {
+            kind: Kind::Gvisor,
+            binary,
+            bundles: run_dir.join("bundles"),
+            platform: None,
+        });
+    }
+    v
+}
+
+/// The first of `names` found in the usual binary directories.
+pub fn find_binary(names: &[&str]) -> Option<PathBuf> {
+    for dir in [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ] {
+        for n in names {
+            let p = Path::new(dir).join(n);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Memory (MiB) and host tasks gVisor's sentry and gofer take beside the
+/// code: the host cgroup holds them too.
+const GVISOR_OVERHEAD: (u64, u64) = (256, 256);
+
+#[derive(Debug)]
+struct OciLauncher {
+    rt: OciRuntime,
+}
+
+impl OciLauncher {
+    fn name(&self) -> &'static str {
+        match self.rt.kind {
+            Kind::Crun | Kind::Runc => "oci",
+            Kind::Gvisor => "gvisor",
+        }
+    }
+}
+
+impl Launcher for OciLauncher {
+    fn isolated(&self, _policy: &Policy) -> Isolated {
+        match self.rt.kind {
+            Kind::Crun | Kind::Runc => Isolated {
+                backend: "oci",
+                isolation: IsolationLevel::Container,
+                namespaces: ["user", "pid", "mount", "network", "ipc", "uts", "cgroup"]
+                    .map(String::from)
+                    .to_vec(),
+                landlock: true,
+                // The runtime process (runc also its init stage).
+                overhead: (0, 2),
+                unavailable_limits: Vec::new(),
+            },
+            Kind::Gvisor => Isolated {
+                backend: "gvisor",
+                isolation: IsolationLevel::Gvisor,
+                namespaces: [
+                    "gvisor-sentry",
+                    "user",
+                    "pid",
+                    "mount",
+                    "network",
+                    "ipc",
+                    "uts",
+                ]
+                .map(String::from)
+                .to_vec(),
+                landlock: false,
+                overhead: GVISOR_OVERHEAD,
+                unavailable_limits: vec![format!(
+                    "memory and pids: the host cgroup also holds gVisor's sentry and gofer \
+                     (+{} MiB, +{} tasks)",
+                    GVISOR_OVERHEAD.0, GVISOR_OVERHEAD.1
+                )],
+            },
+        }
+    }
+
+    fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {
+        let spawn = |e: std::io::Error| SandboxError::SpawnInit(e);
+        let bundle = self.rt.bundles.join(l.name);
+        let rootfs = bundle.join("rootfs");
+        // A leftover of the same name (a pid reused after a crash) goes.
+        let _ = fs::remove_dir_all(&bundle);
+        // The bundle: traversable only (its config.json is root's); the root
+        // inside: readable by the mapped ids (it holds the public view).
+        fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&bundle)
+            .and_then(|()| fs::DirBuilder::new().mode(0o755).create(&rootfs))
+            .map_err(spawn)?;
+        let cleanup_bundle = bundle.clone();
+        let made = (|| {
+            build_rootfs(&rootfs, l)?;
+            let spec = bundle_spec(l, self.rt.kind)?;
+            let text = serde_json::to_vec(&spec).map_err(std::io::Error::other)?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(bundle.join("config.json"))
+                .and_then(|mut f| f.write_all(&text))
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_dir_all(&bundle);
+            return Err(spawn(e));
+        }
+        // The runtime's state for this one container lives in its bundle:
+        // removing the bundle removes every trace, and nothing is shared
+        // between sandboxes.
+        let state = bundle.join("state");
+        let mut cmd = Command::new(&self.rt.binary);
+        cmd.arg("--root").arg(&state);
+        match self.rt.kind {
+            Kind::Crun | Kind::Runc => {
+                if self.rt.kind == Kind::Crun {
+                    cmd.arg("--cgroup-manager=disabled");
+                }
+                cmd.arg("run")
+                    .arg("--bundle")
+                    .arg(&bundle)
+                    .arg(format!("--preserve-fds={}", AgentLaunch::PASSED_FDS))
+                    .arg("--no-new-keyring");
+            }
+            Kind::Gvisor => {
+                cmd.arg("--network=none").arg("--ignore-cgroups");
+                if let Some(p) = &self.rt.platform {
+                    cmd.arg(format!("--platform={p}"));
+                }
+                cmd.arg("run").arg("--bundle").arg(&bundle);
+                for fd in 3..3 + AgentLaunch::PASSED_FDS {
+                    cmd.arg(format!("--pass-fd={fd}:{fd}"));
+                }
+            }
+        }
+        cmd.arg(l.name)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        l.channels(&mut cmd);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&bundle);
+                return Err(spawn(e));
+            }
+        };
+        let (binary, name) = (self.rt.binary.clone(), l.name.to_string());
+        let kind = self.rt.kind;
+        // gVisor's `delete` waits about 1.5 s on a sandbox that is gone
+        // already; when the sandbox has a cgroup, every process of it
+        // (sentry and gofer included) is dead before this runs, and
+        // removing the bundle (its state inside) is all there is to do.
+        // runc must remove the cgroup it nested in the sandbox's.
+        let delete = kind != Kind::Gvisor || !l.has_cgroup();
+        Ok(Launched {
+            child,
+            cleanup: Some(Box::new(move || {
+                if delete {
+                    delete_container(kind, &binary, &state, &name);
+                }
+                let _ = fs::remove_dir_all(&cleanup_bundle);
+            })),
+        })
+    }
+}
+
+/// Removes a container's runtime state (it has no processes left).
+fn delete_container(kind: Kind, binary: &Path, state: &Path, name: &str) {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--root").arg(state);
+    if kind == Kind::Gvisor {
+        cmd.arg("--ignore-cgroups");
+    }
+    let _ = cmd
+        .args(["delete", "--force", name])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Writes the platform files and /etc into the root, and makes every mount
+/// point and symlink: the root is read-only inside.
+fn build_rootfs(rootfs: &Path, l: &AgentLaunch<'_>) -> std::io::Result<()> {
+    let inside = |p: &str| rootfs.join(p.trim_start_matches('/'));
+    let mkdir = |p: &Path| fs::DirBuilder::new().recursive(true).mode(0o755).create(p);
+    for f in &l.view.files {
+        let p = inside(&f.path);
+        if let Some(parent) = p.parent() {
+            mkdir(parent)?;
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)?
+            .write_all(f.contents.as_bytes())?;
+    }
+    for (path, target) in &l.view.symlinks {
+        let p = inside(path);
+        if let Some(parent) = p.parent() {
+            mkdir(parent)?;
+        }
+        symlink(target, &p)?;
+    }
+    for m in &l.view.mounts {
+        let p = inside(&m.target);
+        if let Some(parent) = p.parent() {
+            mkdir(parent)?;
+        }
+        if fs::metadata(&m.host)?.is_dir() {
+            mkdir(&p)?;
+        } else if fs::symlink_metadata(&p).is_err() {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&p)?;
+        }
+    }
+    for d in ["proc", "dev", "tmp", "workspace", ".airlock"] {
+        mkdir(&rootfs.join(d))?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(inside(airlock_sandbox::hosted::AGENT_PATH))?;
+    Ok(())
+}
+
+fn mount(dest: &str, typ: &str, source: &str, options: &[String]) -> std::io::Result<Mount> {
+    MountBuilder::default()
+        .destination(dest)
+        .typ(typ)
+        .source(source)
+        .options(options.to_vec())
+        .build()
+        .map_err(std::io::Error::other)
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_string()).collect()
+}
+
+/// The bundle's `config.json`.
+fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
+    let e = std::io::Error::other;
+    let (sandbox_uid, sandbox_gid) = if l.setup_ids == l.host_ids {
+        (0, 0)
+    } else {
+        (SANDBOX_UID, SANDBOX_GID)
+    };
+    let mut mounts = vec![
+        mount(
+            "/proc",
+            "proc",
+            "proc",
+            &strings(&["nosuid", "noexec", "nodev"]),
+        )?,
+        mount(
+            "/dev",
+            "tmpfs",
+            "tmpfs",
+            &strings(&["nosuid", "noexec", "strictatime", "mode=755", "size=65536k"]),
+        )?,
+    ];
+    for (dir, mode) in airlock_sandbox::rootfs::SCRATCH {
+        let mut opts = vec![
+            "nosuid".to_string(),
+            "nodev".into(),
+            format!("size={}", l.view.scratch_bytes),
+            format!("mode={mode}"),
+        ];
+        if kind == Kind::Gvisor {
+            // gVisor's tmpfs takes no inode cap; the sentry's memory
+            // accounting bounds it instead.
+        } else {
+            opts.push(format!("nr_inodes={}", l.view.scratch_inodes));
+        }
+        opts.push(format!("uid={sandbox_uid}"));
+        opts.push(format!("gid={sandbox_gid}"));
+        mounts.push(mount(dir, "tmpfs", "scratch", &opts)?);
+    }
+    for m in &l.view.mounts {
+        mounts.push(mount(
+            &m.target,
+            "bind",
+            &m.host,
+            &strings(&["rbind", "ro", "nosuid", "nodev"]),
+        )?);
+    }
+    let agent = match kind {
+        // gVisor loads programs through its own filesystem only: the
+        // binary is bound read-only (nothing else of its directory).
+        Kind::Gvisor => {
+            mounts.push(mount(
+                airlock_sandbox::hosted::AGENT_PATH,
+                "bind",
+                &l.agent_binary.to_string_lossy(),
+                &strings(&["bind", "ro", "nosuid", "nodev"]),
+            )?);
+            airlock_sandbox::hosted::AGENT_PATH.to_string()
+        }
+        Kind::Crun | Kind::Runc => {
+            format!("/proc/self/fd/{}", airlock_sandbox::hosted::AGENT_IMAGE_FD)
+        }
+    };
+    // No capability at all: the bounding set is empty before the agent
+    // starts (it checks, and that none is effective or permitted).
+    // Loopback is up already (crun and runc bring it up in the new network
+    // namespace; gVisor's netstack has it).
+    let none: std::collections::HashSet<Capability> = std::collections::HashSet::new();
+    let capabilities = LinuxCapabilitiesBuilder::default()
+        .bounding(none.clone())
+        .effective(none.clone())
+        .permitted(none.clone())
+        .inheritable(none.clone())
+        .ambient(none)
+        .build()
+        .map_err(e)?;
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .user(
+            UserBuilder::default()
+                .uid(sandbox_uid)
+                .gid(sandbox_gid)
+                .build()
+                .map_err(e)?,
+        )
+        .args(strings(&[&agent, airlock_sandbox::agent::AGENT_ARG]))
+        .env(Vec::<String>::new())
+        .cwd("/")
+        .capabilities(capabilities)
+        .no_new_privileges(true)
+        .build()
+        .map_err(e)?;
+    let ns = |t| LinuxNamespaceBuilder::default().typ(t).build().map_err(e);
+    let mut namespaces = vec![
+        ns(LinuxNamespaceType::Pid)?,
+        ns(LinuxNamespaceType::Mount)?,
+        ns(LinuxNamespaceType::Ipc)?,
+        ns(LinuxNamespaceType::Uts)?,
+        ns(LinuxNamespaceType::Network)?,
+        ns(LinuxNamespaceType::User)?,
+    ];
+    if kind != Kind::Gvisor {
+        namespaces.push(ns(LinuxNamespaceType::Cgroup)?);
+    }
+    let map = |inside: u32, host: u32| {
+        LinuxIdMappingBuilder::default()
+            .container_id(inside)
+            .host_id(host)
+            .size(1u32)
+            .build()
+            .map_err(e)
+    };
+    let proc_path = |p: &str| format!("/proc/{p}");
+    let masked: Vec<String> = airlock_sandbox::rootfs::MASKED_PROC_FILES
+        .iter()
+        .chain(airlock_sandbox::rootfs::MASKED_PROC_DIRS.iter())
+        .map(|p| proc_path(p))
+        .collect();
+    let read_only: Vec<String> = airlock_sandbox::rootfs::READ_ONLY_PROC_DIRS
+        .iter()
+        .map(|p| proc_path(p))
+        .collect();
+    // The sandbox user, and the runtime's own setup as root inside (nothing
+    // of the code runs as it: the agent starts as the sandbox user).
+    let (uids, gids) = if l.setup_ids.0 == l.host_ids.0 {
+        (vec![map(0, l.host_ids.0)?], vec![map(0, l.host_ids.1)?])
+    } else {
+        (
+            vec![map(SANDBOX_UID, l.host_ids.0)?, map(0, l.setup_ids.0)?],
+            vec![map(SANDBOX_GID, l.host_ids.1)?, map(0, l.setup_ids.1)?],
+        )
+    };
+    let mut linux = LinuxBuilder::default()
+        .namespaces(namespaces)
+        .uid_mappings(uids)
+        .gid_mappings(gids)
+        .masked_paths(masked)
+        .readonly_paths(read_only)
+        .resources(
+            oci_spec::runtime::LinuxResourcesBuilder::default()
+                .build()
+                .map_err(e)?,
+        )
+        .build()
+        .map_err(e)?;
+    if kind == Kind::Runc {
+        // Relative: nested in the cgroup the runc process joined (the
+        // sandbox's), so the sandbox's limits hold for it.
+        linux.set_cgroups_path(Some(PathBuf::from(l.name)));
+    }
+    SpecBuilder::default()
+        .version("1.0.2")
+        .root(
+            RootBuilder::default()
+                .path("rootfs")
+                .readonly(true)
+                .build()
+                .map_err(e)?,
+        )
+        .hostname("sandbox")
+        .mounts(mounts)
+        .process(process)
+        .linux(linux)
+        .build()
+        .map_err(e)
+}
+
+/// An OCI runtime (or gVisor) as a backend.
+#[derive(Debug, Clone)]
+pub struct OciBackend {
+    engine: Arc<Engine>,
+    launcher: Arc<OciLauncher>,
+}
+
+impl OciBackend {
+    /// A backend driving `rt`, with airlock's engine for everything but
+    /// starting the runtime. Creates its state and bundle directories
+    /// (0700).
+    pub fn new(engine: Arc<Engine>, rt: OciRuntime) -> std::io::Result<Self> {
+        // Bundles must be traversable by the sandbox's mapped ids (the
+        // runtime mounts the root from inside the user namespace), not
+        // listable: 0711 down to them.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&rt.bundles)?;
+        let mut p = Some(rt.bundles.as_path());
+        while let Some(d) = p {
+            if d.parent().is_none() || d.as_os_str().is_empty() {
+                break;
+            }
+            let meta = fs::metadata(d)?;
+            use std::os::unix::fs::PermissionsExt;
+            if meta.permissions().mode() & 0o111 != 0o111 {
+                return Err(std::io::Error::other(format!(
+                    "{} must be traversable (mode o+x) for sandboxes' mapped users",
+                    d.display()
+                )));
+            }
+            p = d.parent();
+        }
+        Ok(OciBackend {
+            engine,
+            launcher: Arc::new(OciLauncher { rt }),
+        })
+    }
+
+    /// The runtime it drives.
+    pub fn runtime(&self) -> &OciRuntime {
+        &self.launcher.rt
+    }
+
+    /// Refuses what this backend cannot provide. Egress under gVisor: the
+    /// forwarder hands each connection to the host proxy as a descriptor,
+    /// and gVisor cannot pass a descriptor of its own out to the host
+    /// (sendmsg with SCM_RIGHTS on a host socket is EINVAL there). Refused
+    /// whatever `missing_layers` says: running without it would not be
+    /// the policy asked for.
+    fn check_layers(&self, policy: &Policy) -> Result<(), BackendError> {
+        if self.launcher.rt.kind == Kind::Gvisor && policy.network.is_proxy() {
+            return Err(BackendError::Unsupported {
+                backend: self.name(),
+                layers: vec!["network.mode = \"proxy\" (egress)".into()],
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Backend for OciBackend {
+    fn name(&self) -> &'static str {
+        self.launcher.name()
+    }
+
+    fn level(&self) -> IsolationLevel {
+        match self.launcher.rt.kind {
+            Kind::Crun | Kind::Runc => IsolationLevel::Container,
+            Kind::Gvisor => IsolationLevel::Gvisor,
+        }
+    }
+
+    fn validate(&self, req: &Request<'_>) -> Result<(), BackendError> {
+        check_level(self.name(), self.level(), req.policy)?;
+        self.check_layers(req.policy)?;
+        Ok(self.engine.validate(req)?)
+    }
+
+    fn prepare(&self, spec: &SbSpec<'_>) -> Result<Box<dyn Prepared>, BackendError> {
+        check_level(self.name(), self.level(), spec.policy)?;
+        self.check_layers(spec.policy)?;
+        let sb = self.engine.prepare_agent(
+            spec.policy,
+            spec.language,
+            spec.extras,
+            self.launcher.as_ref(),
+        )?;
+        Ok(Box::new(OciSandbox {
+            inner: crate::process::ProcessSandbox::from(sb),
+            backend: self.name(),
+        }))
+    }
+
+    fn template(&self, _spec: &SbSpec<'_>) -> Result<Option<Arc<dyn Template>>, BackendError> {
+        Ok(None)
+    }
+
+    fn reap(&self, host_state: &serde_json::Value) -> usize {
+        let mut n = crate::process::reap_cgroups(&self.engine, host_state);
+        if let Some(name) = host_state
+            .get("container")
+            .and_then(serde_json::Value::as_str)
+            .filter(|n| is_sandbox_name(n))
+        {
+            let rt = &self.launcher.rt;
+            let bundle = rt.bundles.join(name);
+            delete_container(rt.kind, &rt.binary, &bundle.join("state"), name);
+            if fs::remove_dir_all(bundle).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn reap_stale(&self, previous_pid: Option<u32>) -> usize {
+        // Bundles (and containers) of a previous server process: named
+        // `<pid>-<n>` like its cgroups.
+        let rt = &self.launcher.rt;
+        let mut n = 0;
+        if let (Some(pid), Ok(dir)) = (previous_pid, fs::read_dir(&rt.bundles)) {
+            for ent in dir.flatten() {
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if is_sandbox_name(&name) && name.split('-').next() == Some(&pid.to_string()) {
+                    delete_container(rt.kind, &rt.binary, &ent.path().join("state"), &name);
+                    if fs::remove_dir_all(ent.path()).is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    fn probe(&self) -> Probe {
+        let version = self.launcher.rt.version();
+        let policy = Policy::default();
+        let extras = airlock_sandbox::Extras::default();
+        let (works, fix) = if version.is_none() {
+            (
+                false,
+                Some(format!(
+                    "{} does not run; install it (Debian: apt-get install {})",
+                    self.launcher.rt.binary.display(),
+                    match self.launcher.rt.kind {
+                        Kind::Crun => "crun",
+                        Kind::Runc => "runc",
+                        Kind::Gvisor => "runsc",
+                    }
+                )),
+            )
+        } else {
+            match self.engine.prepare_agent(
+                &policy,
+                Language::Shell,
+                &extras,
+                self.launcher.as_ref(),
+            ) {
+                Ok(sb) => {
+                    let r = sb.execute(b"exit 0", None, b"", &mut |_, _| {});
+                    if r.exit_code == Some(0) {
+                        (true, None)
+                    } else {
+                        (
+                            false,
+                            Some(format!(
+                                "a trivial sandbox ended with {}{}",
+                                r.reason.as_str(),
+                                r.error.map(|e| format!(": {e}")).unwrap_or_default()
+                            )),
+                        )
+                    }
+                }
+                Err(e) => (false, Some(e.to_string())),
+            }
+        };
+        Probe {
+            backend: self.name(),
+            isolation: self.level(),
+            version,
+            works,
+            fix,
+        }
+    }
+}
+
+/// `<pid>-<n>`, as the engine names sandboxes: never a path.
+fn is_sandbox_name(n: &str) -> bool {
+    n.split_once('-').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
+/// A prepared OCI or gVisor sandbox: a process sandbox's supervision
+/// around the agent, with the container's name in its host state.
+#[derive(Debug)]
+struct OciSandbox {
+    inner: crate::process::ProcessSandbox,
+    backend: &'static str,
+}
+
+impl Prepared for OciSandbox {
+    fn enforced(&self) -> &Enforced {
+        self.inner.enforced()
+    }
+
+    fn prestart(&mut self) -> Result<(), BackendError> {
+        self.inner.prestart()
+    }
+
+    fn is_alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+
+    fn take_broker(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.inner.take_broker()
+    }
+
+    fn take_egress(&mut self) -> Option<std::os::fd::OwnedFd> {
+        self.inner.take_egress()
+    }
+
+    fn host_state(&self) -> serde_json::Value {
+        let mut v = self.inner.host_state();
+        v["backend"] = self.backend.into();
+        v["container"] = self.inner.name().into();
+        v
+    }
+
+    fn execute(self: Box<Self>, job: Job<'_>, hooks: Hooks<'_>) -> (RunResult, Teardown) {
+        Box::new(self.inner).execute(job, hooks)
+    }
+}

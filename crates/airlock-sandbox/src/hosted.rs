@@ -1,0 +1,394 @@
+//! Sandboxes whose isolation a runtime builds (an OCI runtime, gVisor),
+//! with airlock's agent ([`crate::agent`]) as their first process.
+//!
+//! The engine keeps everything that is not the runtime's: the checks of
+//! what the sandbox is built from, its cgroup (the runtime process joins it
+//! itself before it execs, so the runtime and everything it starts is
+//! inside before anything runs), the channels, the agent's configuration
+//! and handshake, and, from `Ready` on, the very supervision, limits,
+//! accounting and teardown of a process sandbox. A [`Launcher`] only turns
+//! an [`AgentLaunch`] (the filesystem view, the policy, the channels) into
+//! a started runtime process.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use airlock_policy::{IsolationLevel, LandlockMode, Language, Policy};
+
+use crate::cgroup::{Cgroup, CgroupLimits};
+use crate::engine::{Engine, SEQ, Sandbox};
+use crate::error::SandboxError;
+use crate::launch::{CONTROL_FD, Extras, InitProc};
+use crate::proto::{self, AgentConfig, RoFile, RoMount, ToInit};
+use crate::result::{Enforced, LandlockReport, SeccompReport};
+use crate::{seccomp, sys};
+
+/// Where the agent's image (a sealed in-memory copy of the airlock binary)
+/// is passed: the runtime executes `/proc/self/fd/6`, so no host path of
+/// the binary is ever mounted into the sandbox.
+pub const AGENT_IMAGE_FD: RawFd = 6;
+
+/// Where a runtime that binds the agent shows it inside.
+pub const AGENT_PATH: &str = "/.airlock/agent";
+
+/// The filesystem view a runtime builds: the same one the process sandbox
+/// builds for itself.
+#[derive(Debug, Clone)]
+pub struct AgentView {
+    /// Read-only binds of the host (the runtime, the policy's read-only
+    /// paths, host files of /etc).
+    pub mounts: Vec<RoMount>,
+    /// Symlinks such as /bin -> usr/bin.
+    pub symlinks: Vec<(String, String)>,
+    /// Files written into the root (generated /etc, platform files).
+    pub files: Vec<RoFile>,
+    /// Size cap of each scratch tmpfs (/tmp, /workspace, /dev/shm), bytes.
+    pub scratch_bytes: u64,
+    /// Inode cap of each scratch tmpfs.
+    pub scratch_inodes: u64,
+}
+
+/// Everything a [`Launcher`] gets to start one sandbox.
+#[derive(Debug)]
+pub struct AgentLaunch<'a> {
+    /// A name unique on this host (container id, state directory name).
+    pub name: &'a str,
+    /// The view to build.
+    pub view: &'a AgentView,
+    /// The policy (limits, network).
+    pub policy: &'a Policy,
+    /// The language.
+    pub language: Language,
+    /// Host uid and gid the sandbox's user maps to.
+    pub host_ids: (u32, u32),
+    /// Host uid and gid the runtime's own setup runs as (root inside the
+    /// user namespace, gone before the agent starts as the sandbox user):
+    /// as root, the ids just below `host_ids` (65533 beside nobody's
+    /// 65534); unprivileged, the same as `host_ids` (one id to map: the
+    /// sandbox user is then root inside, without any capability).
+    pub setup_ids: (u32, u32),
+    /// The airlock binary on the host, for a runtime that cannot execute
+    /// the agent from its passed image (gVisor loads programs through its
+    /// own filesystem): bound read-only at [`AGENT_PATH`].
+    pub agent_binary: &'a std::path::Path,
+    fds: [RawFd; 4],
+    join: Vec<CString>,
+}
+
+/// What a launcher reports of the isolation it built.
+#[derive(Debug, Clone)]
+pub struct Isolated {
+    /// Backend name for the result.
+    pub backend: &'static str,
+    /// Its level.
+    pub isolation: IsolationLevel,
+    /// Namespaces (or their equivalent) the code runs in.
+    pub namespaces: Vec<String>,
+    /// Landlock is applied by the agent (the code meets the host kernel).
+    pub landlock: bool,
+    /// Extra memory (MiB) and tasks the runtime's own processes take in
+    /// the sandbox's cgroup (gVisor's sentry and gofer), on top of the
+    /// policy's limits.
+    pub overhead: (u64, u64),
+    /// Limits the runtime cannot enforce as configured, with the fallback.
+    pub unavailable_limits: Vec<String>,
+}
+
+/// A started runtime process.
+pub struct Launched {
+    /// The runtime process (`crun run`, `runsc run`): stdio is the
+    /// program's, it ends when the sandbox does.
+    pub child: Child,
+    /// Removes the runtime's state once every process is gone (container
+    /// state, bundle directory).
+    pub cleanup: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Launched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launched")
+            .field("child", &self.child)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a runtime around the agent.
+pub trait Launcher: Send + Sync + std::fmt::Debug {
+    /// What the isolation it builds is.
+    fn isolated(&self, policy: &Policy) -> Isolated;
+    /// Starts the runtime for one sandbox. `cmd` must be prepared with
+    /// [`AgentLaunch::channels`] so the channels reach the agent.
+    fn launch(&self, launch: &AgentLaunch<'_>) -> Result<Launched, SandboxError>;
+}
+
+impl AgentLaunch<'_> {
+    /// How many descriptors beyond stdio the runtime must pass (3..=6).
+    pub const PASSED_FDS: u32 = 4;
+
+    /// The sandbox has a cgroup: killing it kills every process the
+    /// runtime started, before the launcher's cleanup runs.
+    pub fn has_cgroup(&self) -> bool {
+        !self.join.is_empty()
+    }
+
+    /// Arranges for `cmd`'s process to join the sandbox cgroup and to hold
+    /// the control socket, the broker and egress channels (or /dev/null in
+    /// their place) and the agent image at 3, 4, 5 and 6 when it execs.
+    pub fn channels(&self, cmd: &mut Command) {
+        let fds = self.fds;
+        let join = self.join.clone();
+        // The descriptors in `fds` are owned by the engine's socket ends and
+        // the image, alive until spawn returns, so they are open in the
+        // child. All are first copied to >= 16, so placing one at 3..=6
+        // cannot overwrite another still to be placed. `join` holds
+        // NUL-terminated paths made before the fork.
+        // SAFETY: between fork and exec the closure only calls setsid, open,
+        // write, close, fcntl and dup2 (async-signal-safe, no allocation: the
+        // paths and the array are moved in whole).
+        unsafe {
+            cmd.pre_exec(move || {
+                // A session of its own: the runtime and the sandbox never
+                // have the server's controlling terminal.
+                sys::setsid()?;
+                for path in &join {
+                    sys::write_raw(path, b"0")?;
+                }
+                let mut parked = [0; 4];
+                for (i, fd) in fds.iter().enumerate() {
+                    parked[i] = sys::dup_above(*fd, 16)?;
+                }
+                for (i, fd) in parked.iter().enumerate() {
+                    sys::dup2(*fd, CONTROL_FD + i as RawFd)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+impl Engine {
+    /// Builds a sandbox whose isolation `launcher`'s runtime makes, with the
+    /// agent inside applying the rest; from `Ready` on it is supervised
+    /// exactly like a process sandbox.
+    pub fn prepare_agent(
+        &self,
+        policy: &Policy,
+        lang: Language,
+        extras: &Extras,
+        launcher: &dyn Launcher,
+    ) -> Result<Sandbox, SandboxError> {
+        let started = Instant::now();
+        let runtime = self.check_spec(policy, lang, extras)?;
+        let isolated = launcher.isolated(policy);
+        let programs = seccomp::programs_for(&policy.syscalls.deny)?;
+        let euid = sys::geteuid();
+        let name = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let (mem_extra, pids_extra) = isolated.overhead;
+        let cgroup = match self.cgroup_layout() {
+            Some(layout) => {
+                let limits = CgroupLimits {
+                    memory_bytes: (policy.limits.memory_mib + mem_extra) << 20,
+                    pids: policy.limits.pids + pids_extra,
+                    cpus: policy.limits.cpus,
+                };
+                match Cgroup::create(layout, &name, &limits) {
+                    Ok(cg) => Some(cg),
+                    Err(e) if euid == 0 => return Err(e),
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        let join = cgroup
+            .as_ref()
+            .map(Cgroup::join_files)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                CString::new(p)
+                    .map_err(|_| SandboxError::SpawnInit(std::io::Error::other("cgroup path")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (etc_files, etc_mounts) = crate::rootfs::etc(self.ca());
+        let mut mounts = runtime.mounts.clone();
+        mounts.extend(policy.filesystem.read_only_paths.iter().map(|p| RoMount {
+            host: p.clone(),
+            target: p.clone(),
+        }));
+        mounts.extend(etc_mounts);
+        let mut files = etc_files;
+        files.extend(extras.files.iter().map(|(path, contents)| RoFile {
+            path: path.clone(),
+            contents: contents.to_string(),
+        }));
+        let view = AgentView {
+            mounts,
+            symlinks: runtime.symlinks.clone(),
+            files,
+            scratch_bytes: policy.filesystem.scratch_mib << 20,
+            scratch_inodes: policy.filesystem.scratch_inodes,
+        };
+
+        let (host_ctrl, child_ctrl) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
+        let null = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(SandboxError::SpawnInit)?;
+        let (host_broker, child_broker) = if extras.broker {
+            let (h, c) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
+            (Some(h), Some(OwnedFd::from(c)))
+        } else {
+            (None, None)
+        };
+        let (host_egress, child_egress) = if extras.egress {
+            let (h, c) = rustix::net::socketpair(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::SEQPACKET,
+                rustix::net::SocketFlags::CLOEXEC,
+                None,
+            )
+            .map_err(|e| SandboxError::SpawnInit(e.into()))?;
+            (Some(h), Some(c))
+        } else {
+            (None, None)
+        };
+        let image = self.agent_image()?;
+        let (host_ids, setup_ids) = if euid == 0 {
+            let ids = self.root_host_ids();
+            (ids, (ids.0.saturating_sub(1), ids.1.saturating_sub(1)))
+        } else {
+            let ids = (euid, sys::getegid());
+            (ids, ids)
+        };
+        let launch = AgentLaunch {
+            name: &name,
+            view: &view,
+            policy,
+            language: lang,
+            host_ids,
+            setup_ids,
+            agent_binary: self.init_path(),
+            fds: [
+                child_ctrl.as_raw_fd(),
+                child_broker
+                    .as_ref()
+                    .map_or(null.as_raw_fd(), AsRawFd::as_raw_fd),
+                child_egress
+                    .as_ref()
+                    .map_or(null.as_raw_fd(), AsRawFd::as_raw_fd),
+                image.as_raw_fd(),
+            ],
+            join,
+        };
+        let launched = launcher.launch(&launch)?;
+        drop((child_ctrl, child_broker, child_egress, null));
+        let Launched { mut child, cleanup } = launched;
+        let stdin = child.stdin.take().map(|p| File::from(OwnedFd::from(p)));
+        let stdout = child.stdout.take().map(|p| File::from(OwnedFd::from(p)));
+        let stderr = child.stderr.take().map(|p| File::from(OwnedFd::from(p)));
+        let landlock = isolated
+            .landlock
+            .then_some(policy.isolation.landlock == LandlockMode::Strict);
+        let enforced = Enforced {
+            backend: isolated.backend.into(),
+            isolation: isolated.isolation,
+            missing_layers: Vec::new(),
+            namespaces: isolated.namespaces.clone(),
+            pivot_root: true,
+            landlock: LandlockReport {
+                mode: match (landlock, policy.isolation.landlock) {
+                    (None, _) => "not_applicable".into(),
+                    (Some(_), LandlockMode::Strict) => "strict".into(),
+                    (Some(_), LandlockMode::BestEffortDangerous) => "best_effort_dangerous".into(),
+                },
+                abi: 0,
+                fully_enforced: false,
+            },
+            seccomp: SeccompReport {
+                filters: programs.len() + usize::from(policy.syscalls.deny_execve),
+                deny_execve: policy.syscalls.deny_execve,
+                default_action: "errno(EPERM)".into(),
+            },
+            capabilities_dropped: true,
+            cgroup: cgroup.as_ref().map(Cgroup::version),
+            unavailable_limits: if cgroup.is_none() {
+                vec![
+                    "memory: no cgroup, RLIMIT_DATA used (no swap control, no tmpfs accounting)"
+                        .into(),
+                    "pids: no cgroup, RLIMIT_NPROC used".into(),
+                    "cpu quota: no cgroup, not enforced (CPU time still limited by RLIMIT_CPU)"
+                        .into(),
+                ]
+            } else {
+                isolated.unavailable_limits.clone()
+            },
+            host_uid: host_ids.0,
+        };
+        let mut sb = Sandbox::hosted(crate::engine::HostedParts {
+            child: InitProc::Child(child),
+            stdin,
+            stdout,
+            stderr,
+            ctrl: host_ctrl,
+            broker: host_broker,
+            egress: host_egress,
+            extras,
+            runtime,
+            policy,
+            enforced,
+            cgroup,
+            cleanup,
+            platform_env: self.platform_env(),
+            name: name.clone(),
+        });
+        let cfg = AgentConfig {
+            landlock,
+            seccomp: programs,
+            broker: extras.broker,
+            egress: extras.egress,
+            loopback: false,
+        };
+        if let Err(e) = sb.agent_handshake(&cfg) {
+            // What the runtime said (its own errors go to the stderr it
+            // shares with the agent): for the operator's log, never a
+            // tenant's message (public_message names the step only).
+            let said = sb.runtime_stderr();
+            return Err(match (e, said.is_empty()) {
+                (SandboxError::Control(m), false) => {
+                    SandboxError::Control(format!("{m}; the runtime said: {said}"))
+                }
+                (e, _) => e,
+            });
+        }
+        sb.set_setup_time(started.elapsed());
+        Ok(sb)
+    }
+}
+
+/// Answers of the agent's handshake are bounded in time: a runtime that
+/// never starts it must not hold a worker.
+pub(crate) const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Sandbox {
+    /// Sends the agent its configuration and waits until every layer is
+    /// applied.
+    fn agent_handshake(&mut self, cfg: &AgentConfig) -> Result<(), SandboxError> {
+        let ctrl = self.ctrl_mut();
+        ctrl.set_read_timeout(Some(AGENT_START_TIMEOUT))
+            .map_err(|e| SandboxError::Control(format!("timeout: {e}")))?;
+        proto::write_msg(ctrl, &ToInit::AgentConfig(Box::new(cfg.clone())))
+            .map_err(|e| SandboxError::Control(format!("send config: {e}")))?;
+        self.expect_ready_msg()
+    }
+}
