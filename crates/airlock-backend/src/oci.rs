@@ -167,6 +167,7 @@ impl Launcher for OciLauncher {
                 // The runtime process (runc also its init stage).
                 overhead: (0, 2),
                 unavailable_limits: Vec::new(),
+                pids_by_rlimit: false,
             },
             Kind::Gvisor => Isolated {
                 backend: "gvisor",
@@ -184,11 +185,16 @@ impl Launcher for OciLauncher {
                 .to_vec(),
                 landlock: false,
                 overhead: GVISOR_OVERHEAD,
-                unavailable_limits: vec![format!(
-                    "memory and pids: the host cgroup also holds gVisor's sentry and gofer \
-                     (+{} MiB, +{} tasks)",
-                    GVISOR_OVERHEAD.0, GVISOR_OVERHEAD.1
-                )],
+                unavailable_limits: vec![
+                    format!(
+                        "memory: the host cgroup also holds gVisor's sentry and gofer (+{} MiB)",
+                        GVISOR_OVERHEAD.0
+                    ),
+                    "pids: RLIMIT_NPROC inside gVisor (its tasks are not host tasks); a \
+                     program stopped by it sees EAGAIN and ends as it chooses"
+                        .into(),
+                ],
+                pids_by_rlimit: true,
             },
         }
     }
@@ -233,8 +239,13 @@ impl Launcher for OciLauncher {
                 if self.rt.kind == Kind::Crun {
                     cmd.arg("--cgroup-manager=disabled");
                 }
-                cmd.arg("run")
-                    .arg("--bundle")
+                cmd.arg("run");
+                if self.rt.kind == Kind::Runc {
+                    // Its nested cgroup stays until the cleanup's delete:
+                    // the sandbox's accounting (an OOM kill) is read first.
+                    cmd.arg("--keep");
+                }
+                cmd.arg("--bundle")
                     .arg(&bundle)
                     .arg(format!("--preserve-fds={}", AgentLaunch::PASSED_FDS))
                     .arg("--no-new-keyring");
@@ -525,7 +536,7 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
                 .build()
                 .map_err(e)?,
         )
-        .hostname("sandbox")
+        .hostname("airlock")
         .mounts(mounts)
         .process(process)
         .linux(linux)

@@ -379,8 +379,12 @@ impl Cgroup {
                 let pids = self.dir("pids").map(Path::to_path_buf).unwrap_or_default();
                 let acct = self.dir("cpuacct").map(Path::to_path_buf);
                 CgroupStats {
-                    oom_kills: read_kv(&mem.join("memory.oom_control"), "oom_kill").unwrap_or(0),
-                    pids_max_hits: read_kv(&pids.join("pids.events"), "max").unwrap_or(0),
+                    // v1 counts an OOM kill (and a refused fork) in the
+                    // cgroup of the task it hit, not in the ancestor whose
+                    // limit it reached: a runtime may nest one cgroup of
+                    // its own inside the sandbox's (runc does).
+                    oom_kills: sum_below(&mem, "memory.oom_control", "oom_kill"),
+                    pids_max_hits: sum_below(&pids, "pids.events", "max"),
                     cpu_user_ns: acct
                         .as_ref()
                         .and_then(|a| read_u64(&a.join("cpuacct.usage_user"))),
@@ -466,6 +470,20 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         self.remove();
     }
+}
+
+/// `key` of `file` in `dir` and in its child cgroups (one level: the
+/// deepest a runtime nests), summed.
+fn sum_below(dir: &Path, file: &str, key: &str) -> u64 {
+    let mut n = read_kv(&dir.join(file), key).unwrap_or(0);
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                n += read_kv(&e.path().join(file), key).unwrap_or(0);
+            }
+        }
+    }
+    n
 }
 
 fn missing() -> SandboxError {

@@ -568,6 +568,7 @@ impl Engine {
             setup_time: Duration::ZERO,
             cleanup: None,
             name: cgroup_name.clone(),
+            pids_by_rlimit: false,
         };
         sb.enforced.landlock.mode = match policy.isolation.landlock {
             LandlockMode::Strict => "strict".into(),
@@ -773,6 +774,10 @@ pub struct Sandbox {
     cleanup: Option<Cleanup>,
     /// `<engine pid>-<n>`: its cgroup's and container's name.
     name: String,
+    /// The host cgroup's pids limit cannot count the code's processes (a
+    /// user-space kernel's tasks are not host tasks): RLIMIT_NPROC holds
+    /// them instead.
+    pids_by_rlimit: bool,
 }
 
 /// A runtime's cleanup, run once when the sandbox is destroyed.
@@ -801,6 +806,7 @@ pub(crate) struct HostedParts<'a> {
     pub cleanup: Option<Box<dyn FnOnce() + Send>>,
     pub platform_env: Vec<(String, String)>,
     pub name: String,
+    pub pids_by_rlimit: bool,
 }
 
 fn control_err(what: &str) -> impl Fn(io::Error) -> SandboxError + '_ {
@@ -830,6 +836,7 @@ impl Sandbox {
             setup_time: Duration::ZERO,
             cleanup: p.cleanup.map(Cleanup),
             name: p.name,
+            pids_by_rlimit: p.pids_by_rlimit,
         }
     }
 
@@ -1135,7 +1142,7 @@ impl Sandbox {
             open_files: l.open_files,
             // Above the scratch cap, so a full tmpfs reports ENOSPC first.
             file_size: (self.policy.filesystem.scratch_mib + 1) << 20,
-            nproc: (!have_cg).then_some(l.pids),
+            nproc: (!have_cg || self.pids_by_rlimit).then_some(l.pids),
             data_bytes: (!have_cg).then_some(l.memory_mib << 20),
             deny_execve: self.policy.syscalls.deny_execve,
         }

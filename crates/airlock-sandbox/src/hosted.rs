@@ -98,6 +98,10 @@ pub struct Isolated {
     pub overhead: (u64, u64),
     /// Limits the runtime cannot enforce as configured, with the fallback.
     pub unavailable_limits: Vec<String>,
+    /// The code's processes are not host tasks (gVisor): the policy's
+    /// pids limit is RLIMIT_NPROC inside, the host cgroup's only bounds
+    /// the runtime.
+    pub pids_by_rlimit: bool,
 }
 
 /// A started runtime process.
@@ -351,6 +355,7 @@ impl Engine {
             cleanup,
             platform_env: self.platform_env(),
             name: name.clone(),
+            pids_by_rlimit: isolated.pids_by_rlimit,
         });
         let cfg = AgentConfig {
             landlock,

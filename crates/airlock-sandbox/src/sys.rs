@@ -353,7 +353,8 @@ pub fn fs_full(path: &CStr) -> bool {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return false;
     }
-    st.f_bfree == 0 || st.f_ffree == 0
+    // No inode count at all (f_files 0: gVisor's tmpfs) is not "full".
+    st.f_bfree == 0 || (st.f_files > 0 && st.f_ffree == 0)
 }
 
 /// Mount flags (`ST_*`) of the filesystem at `path`.

@@ -9,6 +9,7 @@
 // Test helpers may panic: a panic is a test failure with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod backends;
 mod cli;
 mod escapes;
 mod isolation;
