@@ -314,6 +314,19 @@ impl Backends {
     }
 }
 
+/// Where runtime state lives by default: /run/airlock as root, else
+/// `$XDG_RUNTIME_DIR/airlock` (or a per-user directory under /tmp).
+pub fn default_run_dir() -> std::path::PathBuf {
+    let euid = airlock_sandbox::sys::geteuid();
+    if euid == 0 {
+        return "/run/airlock".into();
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|d| std::path::PathBuf::from(d).join("airlock"))
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-{euid}")))
+}
+
 /// A backend installed here that could not be set up, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotHere {

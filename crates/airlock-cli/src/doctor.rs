@@ -34,7 +34,8 @@ fn role(name: &str) -> (&'static str, &'static str) {
         "runtime_javascript" => ("optional", "JavaScript executions"),
         "runtime_shell" => ("optional", "shell executions"),
         "python_zygote" => ("optional", "warm python sandboxes forked from a zygote"),
-        "runsc" => ("optional", "the gVisor backend (not built yet)"),
+        "backend_oci" => ("optional", "the oci backend (an OCI runtime: crun or runc)"),
+        "backend_gvisor" => ("optional", "the gvisor backend (gVisor's runsc)"),
         "qemu_system_x86_64" | "kvm" => ("optional", "the microVM backend (not built yet)"),
         _ => ("optional", "a running server's warm pools"),
     }
@@ -246,16 +247,50 @@ pub fn run(json: bool, server: Option<&str>, ca: Option<&Path>) -> ExitCode {
         fix: Some("see the failing layer above".into()),
     });
 
-    let runsc = which("runsc");
-    checks.push(Check {
-        name: "runsc",
-        ok: runsc.is_some(),
-        detail: runsc
-            .as_ref()
-            .and_then(|p| version_of(p, "--version"))
-            .unwrap_or_else(|| "not installed".into()),
-        fix: Some("apt install runsc (bookworm-backports has a newer one)".into()),
-    });
+    // The other backends: installed, version, and a trivial sandbox run
+    // end to end through each (not only a binary found).
+    let engine = std::sync::Arc::new(engine);
+    let (backends, failed) =
+        airlock_backend::on_this_host(engine.clone(), &airlock_backend::default_run_dir());
+    for (name, fix) in [
+        (
+            "backend_oci",
+            "apt install crun runc (runc where crun refuses a hybrid cgroup layout)",
+        ),
+        (
+            "backend_gvisor",
+            "apt install -t bookworm-backports runsc (the 2024 build: platform systrap)",
+        ),
+    ] {
+        let short = name.trim_start_matches("backend_");
+        let (ok, detail) = match (
+            backends.iter().find(|b| b.name() == short),
+            failed.iter().find(|f| f.name == short),
+        ) {
+            (_, Some(f)) => (false, format!("cannot start here: {}", f.why)),
+            (Some(b), None) => {
+                let p = b.probe();
+                let version = p.version.unwrap_or_else(|| "unknown version".into());
+                match p.fix {
+                    None if p.works => (
+                        true,
+                        format!(
+                            "{version}: ran a sandbox end to end (isolation {})",
+                            p.isolation
+                        ),
+                    ),
+                    fix => (false, format!("{version}: {}", fix.unwrap_or_default())),
+                }
+            }
+            (None, None) => (false, "not installed".into()),
+        };
+        checks.push(Check {
+            name,
+            ok,
+            detail,
+            fix: Some(fix.into()),
+        });
+    }
     let zygote = engine
         .runtime(airlock_policy::Language::Python)
         .map_err(|e| e.to_string())

@@ -234,21 +234,9 @@ fn engine() -> Result<Engine, Usage> {
 /// OCI runtime and gVisor when they are installed (chosen only when asked
 /// for: the process sandbox is the cheapest).
 fn local_backends() -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> {
-    let (list, failed) = airlock_backend::on_this_host(Arc::new(engine()?), &run_dir());
+    let (list, failed) =
+        airlock_backend::on_this_host(Arc::new(engine()?), &airlock_backend::default_run_dir());
     Ok((Backends::new(list), failed))
-}
-
-/// Where local runs keep runtime state: /run/airlock as root, else the
-/// user's runtime directory.
-fn run_dir() -> PathBuf {
-    if airlock_sandbox::sys::geteuid() == 0 {
-        return PathBuf::from("/run/airlock");
-    }
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .map(|d| PathBuf::from(d).join("airlock"))
-        .unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("airlock-{}", airlock_sandbox::sys::geteuid()))
-        })
 }
 
 /// The backend that runs a local execution: the one `--backend` names, or

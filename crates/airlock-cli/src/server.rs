@@ -240,11 +240,12 @@ pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> Exit
                 Some(airlock_sandbox::rootfs::load_extra_ca(&p).map_err(Fail::Usage)?);
         }
         runtime(true)?
-            .block_on(airlock_server::serve(cfg, server_backends(engine)))
+            .block_on(airlock_server::serve(cfg, engine))
             .map_err(|e| match e {
                 // A certificate that does not load is bad input (refused
                 // before anything is touched): exit 2.
                 airlock_server::ServeError::Tls(e) => Fail::Usage(e.to_string()),
+                airlock_server::ServeError::Config(e) => Fail::Usage(e.to_string()),
                 e => Fail::Failed(e.to_string()),
             })
     })();
@@ -457,13 +458,4 @@ async fn admin_body(
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The backends `airlock serve` offers: the process sandbox.
-fn server_backends(engine: airlock_sandbox::EngineConfig) -> airlock_backend::Backends {
-    let process: std::sync::Arc<dyn airlock_backend::Backend> =
-        std::sync::Arc::new(airlock_backend::process::ProcessBackend::new(
-            std::sync::Arc::new(airlock_sandbox::Engine::new(engine)),
-        ));
-    airlock_backend::Backends::new(vec![process])
 }

@@ -87,6 +87,36 @@ impl Default for PoolConfig {
     }
 }
 
+/// The isolation backends this node offers (`[backends]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendsConfig {
+    /// Backends offered, by name: `process` (the process sandbox), `oci`
+    /// (crun or runc), `gvisor` (runsc). Default `["process"]`. Each one
+    /// must be installed and run a sandbox end to end when the server
+    /// starts, or the server does not start.
+    pub offer: Vec<String>,
+    /// Backends that keep warm pools (default: every offered one).
+    pub pools: Option<Vec<String>>,
+    /// Where OCI bundles and runtime state live (default: /run/airlock as
+    /// root, else `$XDG_RUNTIME_DIR/airlock`). Must be traversable (o+x)
+    /// down to it.
+    pub run_dir: Option<PathBuf>,
+}
+
+impl Default for BackendsConfig {
+    fn default() -> Self {
+        BackendsConfig {
+            offer: vec!["process".into()],
+            pools: None,
+            run_dir: None,
+        }
+    }
+}
+
+/// The backend names `[backends]` knows.
+pub const BACKEND_NAMES: [&str; 3] = ["process", "oci", "gvisor"];
+
 /// One tenant's share of the node: executions it may run at once and have
 /// waiting. Unset fields take the `[tenants]` defaults.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -170,6 +200,8 @@ pub struct ServerConfig {
     pub egress: EgressConfig,
     /// Warm pools.
     pub pool: PoolConfig,
+    /// Isolation backends offered.
+    pub backends: BackendsConfig,
     /// Per-tenant shares of running and queued executions.
     pub tenants: TenantsConfig,
     /// A PEM file of CA certificates added to the host's bundle in every
@@ -206,6 +238,7 @@ impl Default for ServerConfig {
             ceilings: LimitCeilings::default(),
             egress: EgressConfig::default(),
             pool: PoolConfig::default(),
+            backends: BackendsConfig::default(),
             tenants: TenantsConfig::default(),
             ca_bundle: None,
             ready_file: None,
@@ -322,6 +355,26 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "max_concurrent must be in 1..=1024".into(),
             ));
+        }
+        let b = &self.backends;
+        for name in b.offer.iter().chain(b.pools.iter().flatten()) {
+            if !BACKEND_NAMES.contains(&name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "backends: unknown backend {:?} (expected {})",
+                    name.chars().take(32).collect::<String>(),
+                    BACKEND_NAMES.join(", ")
+                )));
+            }
+        }
+        if b.offer.is_empty() {
+            return Err(ConfigError::Invalid(
+                "backends.offer must name at least one backend".into(),
+            ));
+        }
+        if let Some(p) = b.pools.iter().flatten().find(|p| !b.offer.contains(p)) {
+            return Err(ConfigError::Invalid(format!(
+                "backends.pools names {p}, which backends.offer does not offer"
+            )));
         }
         if self.pool.python > 64 || self.pool.javascript > 64 {
             return Err(ConfigError::Invalid("pool sizes must be at most 64".into()));

@@ -138,8 +138,66 @@ async fn open(data_dir: &Path, create: bool) -> Result<SqliteStore, ServeError> 
     Ok(SqliteStore::open(&db_path(data_dir), Keyring::new(&key)).await?)
 }
 
+/// The backends `[backends]` offers, each installed and proven to run a
+/// sandbox here (a trivial one, end to end) before the server serves:
+/// a backend the operator offers that cannot run is a configuration error.
+fn offered_backends(
+    cfg: &ServerConfig,
+    engine_cfg: airlock_sandbox::EngineConfig,
+) -> Result<Backends, ServeError> {
+    let engine = Arc::new(airlock_sandbox::Engine::new(engine_cfg));
+    let run_dir = cfg
+        .backends
+        .run_dir
+        .clone()
+        .unwrap_or_else(airlock_backend::default_run_dir);
+    let wanted = &cfg.backends.offer;
+    let (all, failed) = if wanted.iter().all(|n| n == "process") {
+        (
+            vec![
+                Arc::new(airlock_backend::process::ProcessBackend::new(engine))
+                    as Arc<dyn airlock_backend::Backend>,
+            ],
+            Vec::new(),
+        )
+    } else {
+        airlock_backend::on_this_host(engine, &run_dir)
+    };
+    let mut offered = Vec::new();
+    for name in wanted {
+        if let Some(f) = failed.iter().find(|f| f.name == name) {
+            return Err(config::ConfigError::Invalid(format!(
+                "backends.offer: {name} cannot start here: {}",
+                f.why
+            ))
+            .into());
+        }
+        let Some(b) = all.iter().find(|b| b.name() == name) else {
+            return Err(config::ConfigError::Invalid(format!(
+                "backends.offer: {name} is not installed here (see `airlock doctor`)"
+            ))
+            .into());
+        };
+        if name != "process" {
+            let probe = b.probe();
+            if !probe.works {
+                return Err(config::ConfigError::Invalid(format!(
+                    "backends.offer: {name} does not run a sandbox here: {}",
+                    probe.fix.unwrap_or_default()
+                ))
+                .into());
+            }
+        }
+        offered.push(b.clone());
+    }
+    Ok(Backends::new(offered))
+}
+
 /// Runs the server until SIGTERM or SIGINT, then drains.
-pub async fn serve(cfg: ServerConfig, backends: Backends) -> Result<(), ServeError> {
+pub async fn serve(
+    cfg: ServerConfig,
+    engine_cfg: airlock_sandbox::EngineConfig,
+) -> Result<(), ServeError> {
     cfg.validate()?;
     // First: from here on a SIGHUP (a reload sent early by a unit's
     // ExecReload) must not take the default action and kill the server.
@@ -163,6 +221,7 @@ pub async fn serve(cfg: ServerConfig, backends: Backends) -> Result<(), ServeErr
         .map_err(|_| ServeError::Locked(cfg.data_dir.display().to_string()))?;
 
     raise_fd_limit();
+    let backends = offered_backends(&cfg, engine_cfg)?;
     let store = open_store(&cfg.data_dir).await?;
     let store: Arc<dyn Store> = Arc::new(store);
 
@@ -212,7 +271,7 @@ pub async fn serve(cfg: ServerConfig, backends: Backends) -> Result<(), ServeErr
                     (airlock_policy::Language::Python, cfg.pool.python),
                     (airlock_policy::Language::Javascript, cfg.pool.javascript),
                 ],
-                backends: None,
+                backends: cfg.backends.pools.clone(),
             }),
             shares,
         },

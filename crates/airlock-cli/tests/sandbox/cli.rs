@@ -263,7 +263,8 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
         "landlock",
         "seccomp",
         "cgroups",
-        "runsc",
+        "backend_oci",
+        "backend_gvisor",
         "qemu_system_x86_64",
         "kvm",
         "runtime_python",
@@ -278,11 +279,35 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
         }
     }
     assert_eq!(get("sandbox_end_to_end")["ok"], true);
+    // Where the runtime is installed (.ci/run installs it), the backend
+    // must really have run a sandbox, not only have been found.
+    for (name, bins) in [
+        ("backend_oci", &["crun", "runc"][..]),
+        ("backend_gvisor", &["runsc"][..]),
+    ] {
+        let installed = bins
+            .iter()
+            .any(|b| std::path::Path::new("/usr/bin").join(b).is_file())
+            || bins
+                .iter()
+                .any(|b| std::path::Path::new("/usr/sbin").join(b).is_file());
+        if installed && is_root() {
+            let c = get(name);
+            assert_eq!(c["ok"], true, "{c}");
+            assert!(
+                c["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("ran a sandbox end to end")),
+                "{c}"
+            );
+        }
+    }
     for (name, role) in [
         ("landlock", "required"),
         ("seccomp", "required"),
         ("cgroups", "recommended"),
-        ("runsc", "optional"),
+        ("backend_oci", "optional"),
+        ("backend_gvisor", "optional"),
     ] {
         assert_eq!(get(name)["role"], role, "{name}");
         assert!(

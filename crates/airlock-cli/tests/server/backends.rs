@@ -84,3 +84,158 @@ fn a_level_or_backend_not_offered_is_refused_with_422_audited_and_nothing_starts
         .unwrap();
     assert_eq!(audited, 4);
 }
+
+/// The non-process backends installed here (as `.ci/run` installs them).
+fn container_backends() -> Vec<&'static str> {
+    let has = |n: &str| {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(n).is_file())
+    };
+    let mut v = Vec::new();
+    if crate::is_root() && (has("crun") || has("runc")) {
+        v.push("oci");
+    }
+    if crate::is_root() && has("runsc") {
+        v.push("gvisor");
+    }
+    v
+}
+
+#[test]
+fn the_server_serves_every_offered_backend_warm_with_the_broker_and_refuses_what_one_cannot_do() {
+    let extra = container_backends();
+    if extra.is_empty() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    let offer: Vec<String> = std::iter::once("process")
+        .chain(extra.iter().copied())
+        .map(|n| format!("{n:?}"))
+        .collect();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[backends]\noffer = [{}]\n[pool]\npython = 1\njavascript = 0\n\
+             [egress]\nallow = [\"example.com:443\"]\ndns = \"127.0.0.1:53\"\n",
+            offer.join(", ")
+        ),
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    s.put_secret(&key, "TOKEN", "tok-5e1f-canary");
+    // The cheapest still runs what asks for nothing.
+    let v = s.exec(&key, json!({"language": "shell", "code": "echo ok"}));
+    assert_eq!(v["result"]["enforced"]["backend"], "process", "{v}");
+    let code = r#"
+def handler(ax, input):
+    value, found = ax.secrets.get("TOKEN")
+    ax.log.info("got " + value)
+    n = ax.agent.memory.get("runs", 0) + 1
+    ax.agent.memory.put("runs", n)
+    return {"found": found, "leak": value, "runs": n, "twice": input["x"] * 2}
+"#;
+    for (i, b) in extra.iter().enumerate() {
+        let label = format!("{{backend=\"{b}\",language=\"python\"}}");
+        crate::pool::wait_metric(&s, &format!("airlock_pool_size{label}"), 1.0);
+        let hits = crate::pool::metric(&s, &format!("airlock_pool_hits_total{label}"));
+        let level = if *b == "gvisor" {
+            "gvisor"
+        } else {
+            "container"
+        };
+        let body = json!({"language": "python", "handler": true, "code": code, "backend": b,
+                          "input": {"x": 21}, "secrets": ["TOKEN"]});
+        let v = s.exec(&key, body);
+        assert_eq!(v["status"], "finished", "{b}: {v}");
+        assert_eq!(v["result"]["enforced"]["backend"], *b, "{v}");
+        assert_eq!(v["result"]["enforced"]["isolation"], level, "{v}");
+        // The broker: secrets (redacted on the way out), memory, input.
+        assert_eq!(v["output"]["found"], true, "{b}: {v}");
+        assert_eq!(v["output"]["leak"], "[REDACTED:TOKEN]", "{b}: {v}");
+        assert_eq!(v["output"]["runs"], i + 1, "{b}: {v}");
+        assert_eq!(v["output"]["twice"], 42, "{b}: {v}");
+        assert_eq!(
+            crate::pool::metric(&s, &format!("airlock_pool_hits_total{label}")),
+            hits + 1.0,
+            "{b} was not served warm"
+        );
+    }
+    if extra.contains(&"gvisor") {
+        // A minimum of gvisor is met by gVisor, not the cheaper backends.
+        let v = s.exec(
+            &key,
+            json!({"language": "python", "code": "print(1)", "isolation": "gvisor"}),
+        );
+        assert_eq!(v["result"]["enforced"]["backend"], "gvisor", "{v}");
+        // gVisor cannot hand a connection to the host proxy: egress there
+        // is refused, not run without it.
+        let r = s.post(
+            "/v1/executions",
+            &key,
+            json!({"language": "python", "code": "print(1)", "backend": "gvisor",
+                   "network": {"allow": ["example.com:443"]}}),
+        );
+        assert_eq!(r.status, 422, "{}", r.text());
+        let p = r.json();
+        assert_eq!(p["code"], "isolation_unavailable", "{p}");
+        assert_eq!(
+            p["detail"],
+            "the gvisor backend cannot enforce network.mode = \"proxy\" (egress)"
+        );
+    }
+}
+
+#[test]
+fn a_backend_offered_but_unknown_or_not_runnable_stops_the_server_before_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let serve = |toml: &str| {
+        let cfg = dir.path().join("airlock.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        std::process::Command::new(crate::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("AIRLOCK_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let refused = |out: std::process::Output, want: &str| {
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{err}");
+        assert!(out.stdout.is_empty(), "it listened: {out:?}");
+    };
+    refused(
+        serve("[backends]\noffer = [\"process\", \"firecracker\"]\n"),
+        "unknown backend \"firecracker\" (expected process, oci, gvisor)",
+    );
+    refused(
+        serve("[backends]\noffer = []\n"),
+        "backends.offer must name at least one backend",
+    );
+    refused(
+        serve("[backends]\noffer = [\"process\"]\npools = [\"gvisor\"]\n"),
+        "backends.pools names gvisor, which backends.offer does not offer",
+    );
+    // Installed but unable to run here: bundles under a directory the
+    // sandbox's mapped users cannot traverse.
+    if container_backends().contains(&"oci") {
+        let closed = dir.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        refused(
+            serve(&format!(
+                "[backends]\noffer = [\"process\", \"oci\"]\nrun_dir = \"{}\"\n",
+                closed.join("run").display()
+            )),
+            "backends.offer: oci cannot start here",
+        );
+    }
+}

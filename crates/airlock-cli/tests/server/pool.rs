@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::Server;
 
-fn metric(s: &Server, name: &str) -> f64 {
+pub(crate) fn metric(s: &Server, name: &str) -> f64 {
     let m = s.req("GET", "/metrics", None, None).text();
     m.lines()
         .find(|l| l.starts_with(name))
@@ -16,7 +16,7 @@ fn metric(s: &Server, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-fn wait_metric(s: &Server, name: &str, want: f64) {
+pub(crate) fn wait_metric(s: &Server, name: &str, want: f64) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while metric(s, name) != want {
         assert!(
