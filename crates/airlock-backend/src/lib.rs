@@ -153,6 +153,10 @@ pub trait Prepared: Send + fmt::Debug {
     /// waits for its code on the broker channel). Limits count from
     /// [`Prepared::execute`].
     fn prestart(&mut self) -> Result<(), BackendError>;
+    /// Applies limits tighter than the ones it was built with (a warm
+    /// sandbox serving a request that only tightens the pool's policy);
+    /// refuses, changing nothing, what it cannot tighten any more.
+    fn tighten(&mut self, limits: &airlock_policy::Limits) -> Result<(), BackendError>;
     /// Whether an idle sandbox is still whole (nothing died, nothing
     /// reported).
     fn is_alive(&self) -> bool;

@@ -758,6 +758,10 @@ impl Prepared for OciSandbox {
         self.inner.prestart()
     }
 
+    fn tighten(&mut self, limits: &airlock_policy::Limits) -> Result<(), BackendError> {
+        self.inner.tighten(limits)
+    }
+
     fn is_alive(&self) -> bool {
         self.inner.is_alive()
     }

@@ -212,6 +212,10 @@ impl Prepared for ProcessSandbox {
         Ok(self.0.prestart()?)
     }
 
+    fn tighten(&mut self, limits: &airlock_policy::Limits) -> Result<(), BackendError> {
+        Ok(self.0.tighten(limits)?)
+    }
+
     fn is_alive(&self) -> bool {
         self.0.is_alive()
     }

@@ -41,6 +41,26 @@ fn label(key: Key) -> PoolLabel {
     }
 }
 
+/// Whether `want` is the pool's policy with limits at most as high
+/// (each one), and the same open-file limit: a prestarted program already
+/// holds it as an rlimit.
+fn only_tightens(base: &Policy, want: &Policy) -> bool {
+    let (b, w) = (&base.limits, &want.limits);
+    let mut same = want.clone();
+    same.limits = b.clone();
+    same == *base
+        && w.wall_time_ms <= b.wall_time_ms
+        && w.cpu_time_ms <= b.cpu_time_ms
+        && w.memory_mib <= b.memory_mib
+        && w.pids <= b.pids
+        && w.cpus <= b.cpus
+        && w.stdout_bytes <= b.stdout_bytes
+        && w.stderr_bytes <= b.stderr_bytes
+        && w.stdin_bytes <= b.stdin_bytes
+        && w.code_bytes <= b.code_bytes
+        && w.open_files == b.open_files
+}
+
 /// A template and when to try again after it failed.
 struct Source {
     template: Option<Arc<dyn Template>>,
@@ -348,7 +368,7 @@ impl Pools {
                 .backends
                 .as_ref()
                 .is_none_or(|names| names.iter().any(|n| n == backend))
-            && *policy == self.spec.policy
+            && only_tightens(&self.spec.policy, policy)
             && !policy.network.is_proxy()
             // The code travels in one broker reply (at most 1 MiB): big
             // code and input start cold instead.
@@ -385,7 +405,23 @@ impl Pools {
                 .get_mut(&key)
                 .and_then(VecDeque::pop_front);
             match next {
-                Some(sb) if sb.is_alive() => break Some(sb),
+                Some(mut sb) if sb.is_alive() => {
+                    if policy.limits == self.spec.policy.limits {
+                        break Some(sb);
+                    }
+                    // Tighter limits, applied now that it is bound.
+                    match sb.tighten(&policy.limits) {
+                        Ok(()) => break Some(sb),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "warm sandbox not tightened; starting cold");
+                            self.metrics.pool_discarded.get_or_create(&label(key)).inc();
+                            drop(sb);
+                            self.metrics.pool_misses.get_or_create(&label(key)).inc();
+                            self.wake();
+                            return None;
+                        }
+                    }
+                }
                 Some(dead) => {
                     // Died while idle: destroyed here, never used.
                     self.metrics.pool_discarded.get_or_create(&label(key)).inc();

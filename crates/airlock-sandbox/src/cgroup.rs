@@ -132,6 +132,8 @@ pub struct Cgroup {
     version: CgroupVersion,
     /// v2: one dir; v1: one per controller (name, dir).
     dirs: Vec<(&'static str, PathBuf)>,
+    /// The limits written last.
+    limits: CgroupLimits,
 }
 
 /// Counters read at the end of a run.
@@ -183,26 +185,17 @@ impl Cgroup {
                 let base = Self::v2_base(mount, own)?;
                 let dir = base.join(name);
                 mk(&dir)?;
-                let cg = Cgroup {
+                let mut cg = Cgroup {
                     version: CgroupVersion::V2,
                     dirs: vec![("unified", dir.clone())],
+                    limits: *limits,
                 };
                 let r = (|| {
-                    write(
-                        &dir.join("memory.max"),
-                        &limits.memory_bytes.to_string(),
-                        "memory.max",
-                    )?;
                     if dir.join("memory.swap.max").exists() {
                         write(&dir.join("memory.swap.max"), "0", "memory.swap.max")?;
                     }
                     write(&dir.join("memory.oom.group"), "1", "memory.oom.group")?;
-                    write(&dir.join("pids.max"), &limits.pids.to_string(), "pids.max")?;
-                    if dir.join("cpu.max").exists() {
-                        let quota = (limits.cpus * 100_000.0).round().max(1000.0) as u64;
-                        write(&dir.join("cpu.max"), &format!("{quota} 100000"), "cpu.max")?;
-                    }
-                    Ok(())
+                    cg.set_limits(limits)
                 })();
                 r.map(|_| cg)
             }
@@ -210,6 +203,7 @@ impl Cgroup {
                 let mut cg = Cgroup {
                     version: CgroupVersion::V1,
                     dirs: Vec::new(),
+                    limits: *limits,
                 };
                 for (c, own) in dirs {
                     let dir = own.join("airlock").join(name);
@@ -221,35 +215,8 @@ impl Cgroup {
                 }
                 let r = (|| {
                     let mem = cg.dir("memory").ok_or_else(missing)?;
-                    write(
-                        &mem.join("memory.limit_in_bytes"),
-                        &limits.memory_bytes.to_string(),
-                        "memory.limit_in_bytes",
-                    )?;
-                    if mem.join("memory.memsw.limit_in_bytes").exists() {
-                        write(
-                            &mem.join("memory.memsw.limit_in_bytes"),
-                            &limits.memory_bytes.to_string(),
-                            "memory.memsw.limit_in_bytes",
-                        )?;
-                    }
                     let _ = fs::write(mem.join("memory.swappiness"), "0");
-                    let pids = cg.dir("pids").ok_or_else(missing)?;
-                    write(&pids.join("pids.max"), &limits.pids.to_string(), "pids.max")?;
-                    if let Some(cpu) = cg.dir("cpu") {
-                        let quota = (limits.cpus * 100_000.0).round().max(1000.0) as u64;
-                        write(
-                            &cpu.join("cpu.cfs_period_us"),
-                            "100000",
-                            "cpu.cfs_period_us",
-                        )?;
-                        write(
-                            &cpu.join("cpu.cfs_quota_us"),
-                            &quota.to_string(),
-                            "cpu.cfs_quota_us",
-                        )?;
-                    }
-                    Ok(())
+                    cg.set_limits(limits)
                 })();
                 match r {
                     Ok(()) => Ok(cg),
@@ -260,6 +227,64 @@ impl Cgroup {
                 }
             }
         }
+    }
+
+    /// Writes the memory (without swap), pids and CPU limits. Also used to
+    /// tighten a warm sandbox's limits when it is bound: memory is written
+    /// before the memory+swap cap, which may never be below it (a lower
+    /// value is the order that keeps it above).
+    pub fn set_limits(&mut self, limits: &CgroupLimits) -> Result<(), SandboxError> {
+        let quota = (limits.cpus * 100_000.0).round().max(1000.0) as u64;
+        match self.version {
+            CgroupVersion::V2 => {
+                let dir = self.dir("").ok_or_else(missing)?;
+                write(
+                    &dir.join("memory.max"),
+                    &limits.memory_bytes.to_string(),
+                    "memory.max",
+                )?;
+                write(&dir.join("pids.max"), &limits.pids.to_string(), "pids.max")?;
+                if dir.join("cpu.max").exists() {
+                    write(&dir.join("cpu.max"), &format!("{quota} 100000"), "cpu.max")?;
+                }
+            }
+            CgroupVersion::V1 => {
+                let mem = self.dir("memory").ok_or_else(missing)?;
+                write(
+                    &mem.join("memory.limit_in_bytes"),
+                    &limits.memory_bytes.to_string(),
+                    "memory.limit_in_bytes",
+                )?;
+                if mem.join("memory.memsw.limit_in_bytes").exists() {
+                    write(
+                        &mem.join("memory.memsw.limit_in_bytes"),
+                        &limits.memory_bytes.to_string(),
+                        "memory.memsw.limit_in_bytes",
+                    )?;
+                }
+                let pids = self.dir("pids").ok_or_else(missing)?;
+                write(&pids.join("pids.max"), &limits.pids.to_string(), "pids.max")?;
+                if let Some(cpu) = self.dir("cpu") {
+                    write(
+                        &cpu.join("cpu.cfs_period_us"),
+                        "100000",
+                        "cpu.cfs_period_us",
+                    )?;
+                    write(
+                        &cpu.join("cpu.cfs_quota_us"),
+                        &quota.to_string(),
+                        "cpu.cfs_quota_us",
+                    )?;
+                }
+            }
+        }
+        self.limits = *limits;
+        Ok(())
+    }
+
+    /// The limits written last.
+    pub fn limits(&self) -> &CgroupLimits {
+        &self.limits
     }
 
     fn v2_base(mount: &Path, own: &str) -> Result<PathBuf, SandboxError> {
@@ -499,6 +524,11 @@ pub fn reap_dir(version: CgroupVersion, dir: &Path) -> bool {
     let mut cg = Cgroup {
         version,
         dirs: vec![("", dir.to_path_buf())],
+        limits: CgroupLimits {
+            memory_bytes: 0,
+            pids: 0,
+            cpus: 0.0,
+        },
     };
     cg.remove();
     !dir.exists()

@@ -986,6 +986,72 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Applies limits tighter than the ones the sandbox was built with, at
+    /// the moment it is bound to an execution (a warm sandbox built for the
+    /// base policy serving a request that only tightens it). Every field
+    /// must be at most what it is; what a prestarted program already holds
+    /// as an rlimit (open files; pids and memory where no cgroup counts
+    /// them; CPU time where no cgroup is polled) can only stay equal.
+    /// Nothing is changed when it refuses.
+    pub fn tighten(&mut self, want: &airlock_policy::Limits) -> Result<(), SandboxError> {
+        let have = &self.policy.limits;
+        let refuse = |why: &str| {
+            Err(SandboxError::InvalidRequest(format!(
+                "not a tightening: {why}"
+            )))
+        };
+        let looser = [
+            ("wall_time_ms", want.wall_time_ms > have.wall_time_ms),
+            ("cpu_time_ms", want.cpu_time_ms > have.cpu_time_ms),
+            ("memory_mib", want.memory_mib > have.memory_mib),
+            ("pids", want.pids > have.pids),
+            ("cpus", want.cpus > have.cpus),
+            ("stdout_bytes", want.stdout_bytes > have.stdout_bytes),
+            ("stderr_bytes", want.stderr_bytes > have.stderr_bytes),
+            ("stdin_bytes", want.stdin_bytes > have.stdin_bytes),
+            ("code_bytes", want.code_bytes > have.code_bytes),
+            ("open_files", want.open_files > have.open_files),
+        ];
+        if let Some((f, _)) = looser.iter().find(|(_, l)| *l) {
+            return refuse(&format!("limits.{f} is above the sandbox's"));
+        }
+        let cg = self.cgroup.is_some();
+        if self.prestarted {
+            let held = [
+                ("open_files", want.open_files != have.open_files),
+                ("cpu_time_ms", !cg && want.cpu_time_ms != have.cpu_time_ms),
+                (
+                    "pids",
+                    (!cg || self.pids_by_rlimit) && want.pids != have.pids,
+                ),
+                ("memory_mib", !cg && want.memory_mib != have.memory_mib),
+            ];
+            if let Some((f, _)) = held.iter().find(|(_, d)| *d) {
+                return refuse(&format!(
+                    "limits.{f} is an rlimit the program already holds"
+                ));
+            }
+        }
+        if let Some(cg) = &mut self.cgroup
+            && (want.memory_mib != have.memory_mib
+                || want.pids != have.pids
+                || want.cpus != have.cpus)
+        {
+            // The host cgroup may hold more than the code (gVisor's sentry):
+            // the difference the sandbox was built with is kept.
+            let built = cg.limits();
+            let extra_mem = built.memory_bytes.saturating_sub(have.memory_mib << 20);
+            let extra_pids = built.pids.saturating_sub(have.pids);
+            cg.set_limits(&CgroupLimits {
+                memory_bytes: (want.memory_mib << 20) + extra_mem,
+                pids: want.pids + extra_pids,
+                cpus: want.cpus,
+            })?;
+        }
+        self.policy.limits = want.clone();
+        Ok(())
+    }
+
     /// Whether an idle (pooled) sandbox is still whole: pid 1 alive and
     /// nothing reported on the control channel (such as the program's exit).
     pub fn is_alive(&self) -> bool {

@@ -124,10 +124,10 @@ fn warm_sandboxes_are_as_isolated_as_cold_ones_and_never_reused() {
             "airlock_pool_zygote_forks{backend=\"process\",language=\"python\"}"
         ) >= 2.0
     );
-    // A request with its own limits does not fit the pool: cold.
+    // A request with looser limits than the pool's policy: cold.
     let cold = s.exec(
         &key,
-        json!({"language": "python", "code": PROBE, "limits": {"memory_mib": 200}}),
+        json!({"language": "python", "code": PROBE, "limits": {"memory_mib": 300}}),
     );
     assert_eq!(
         metric(
@@ -521,7 +521,7 @@ fn zygote_forked_sandboxes_match_cold_ones_and_share_nothing() {
     let w2 = out(&s.exec(&key, json!({"language": "python", "code": STATE})));
     let cold = out(&s.exec(
         &key,
-        json!({"language": "python", "code": STATE, "limits": {"wall_time_ms": 9000}}),
+        json!({"language": "python", "code": STATE, "limits": {"wall_time_ms": 11_000}}),
     ));
     assert_eq!(
         metric(
@@ -984,7 +984,8 @@ fn no_host_path_is_visible_in_warm_or_cold_sandboxes() {
     // Warm (forked from the zygote, which has the server's memory layout
     // and its own configuration in memory) and cold (its own limits).
     let warm = probe(json!({}));
-    let cold = probe(json!({"wall_time_ms": 9999}));
+    // A looser limit than the pool's policy: never warm.
+    let cold = probe(json!({"wall_time_ms": 10_001}));
     for (what, v) in [("warm", &warm), ("cold", &cold)] {
         assert_eq!(v["result"]["exit_code"], 0, "{what}: {v}");
         let out: Value = serde_json::from_str(v["result"]["stdout"].as_str().unwrap()).unwrap();
@@ -1048,4 +1049,68 @@ fn a_rootless_server_forks_warm_python_from_its_zygote() {
         ) + metric(&s, "airlock_pool_zygote_on_demand_total"),
         3.0
     );
+}
+
+#[test]
+fn a_request_that_only_tightens_limits_is_served_warm_and_held_to_them() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let label = "{backend=\"process\",language=\"python\"}";
+    wait_metric(&s, &format!("airlock_pool_size{label}"), 2.0);
+    let hits = || metric(&s, &format!("airlock_pool_hits_total{label}"));
+    let misses = || metric(&s, &format!("airlock_pool_misses_total{label}"));
+    let alloc = "b = bytearray(100 << 20)\nb[::4096] = b'x' * len(b[::4096])\nprint('held')";
+    // Positive control: the base policy (256 MiB) lets 100 MiB through, warm.
+    let (h, m) = (hits(), misses());
+    let v = s.exec(&key, json!({"language": "python", "code": alloc}));
+    assert_eq!(v["result"]["stdout"], "held\n", "{v}");
+    assert_eq!((hits(), misses()), (h + 1.0, m));
+    // Tighter memory, pids, wall time and CPU: still warm, and the tighter
+    // memory limit kills the same allocation.
+    wait_metric(&s, &format!("airlock_pool_size{label}"), 2.0);
+    let tight = json!({"memory_mib": 64, "pids": 16, "wall_time_ms": 5000, "cpus": 0.5});
+    let v = s.exec(
+        &key,
+        json!({"language": "python", "code": alloc, "limits": tight}),
+    );
+    assert_eq!(v["reason"], "memory_limit", "{v}");
+    assert_eq!((hits(), misses()), (h + 2.0, m), "not served warm");
+    // The pids limit too: a fork bomb stops at 16.
+    wait_metric(&s, &format!("airlock_pool_size{label}"), 2.0);
+    let bomb = "import os, time\nkids = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n        kids += 1\nexcept OSError as e:\n    print(kids, e.errno)\n    raise SystemExit(1)\n";
+    let v = s.exec(
+        &key,
+        json!({"language": "python", "code": bomb, "limits": tight}),
+    );
+    assert_eq!(v["reason"], "pids_limit", "{v}");
+    let kids: u64 = v["result"]["stdout"]
+        .as_str()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(kids < 16, "{v}");
+    assert_eq!((hits(), misses()), (h + 3.0, m), "not served warm");
+    // And the wall clock: tightened to 1 s, a sleeper is cut at 1 s.
+    wait_metric(&s, &format!("airlock_pool_size{label}"), 2.0);
+    let v = s.exec(
+        &key,
+        json!({"language": "python", "code": "import time\ntime.sleep(5)",
+               "limits": {"wall_time_ms": 1000}}),
+    );
+    assert_eq!(v["reason"], "timeout", "{v}");
+    assert!(
+        v["result"]["wall_time_ms"].as_f64().unwrap() < 2000.0,
+        "{v}"
+    );
+    assert_eq!((hits(), misses()), (h + 4.0, m), "not served warm");
+    // Looser than the pool's policy (more memory, up to the ceiling): cold.
+    let v = s.exec(
+        &key,
+        json!({"language": "python", "code": "print(1)", "limits": {"memory_mib": 512}}),
+    );
+    assert_eq!(v["result"]["stdout"], "1\n", "{v}");
+    assert_eq!(misses(), m + 1.0, "a looser policy was served warm");
 }
