@@ -8,9 +8,8 @@
 //! written into the root), capped scratch tmpfs, /proc with the same
 //! masked and read-only paths, new pid/mount/ipc/uts/cgroup/network
 //! namespaces and a user namespace mapping the sandbox user to an
-//! unprivileged host id, no capabilities (crun: only CAP_NET_ADMIN, for the
-//! agent to bring loopback up, dropped before anything else runs),
-//! no_new_privs. The first process is airlock's agent, executed from a
+//! unprivileged host id, no capabilities at all (the agent checks the
+//! bounding set is empty), no_new_privs. The first process is airlock's agent, executed from a
 //! sealed in-memory image passed as a descriptor (no host path of the
 //! binary is mounted); it applies the same seccomp programs (and, on crun,
 //! Landlock) and runs the job as init does. The runtime process itself
@@ -203,17 +202,17 @@ impl Launcher for OciLauncher {
         let spawn = |e: std::io::Error| SandboxError::SpawnInit(e);
         let bundle = self.rt.bundles.join(l.name);
         let rootfs = bundle.join("rootfs");
-        // A leftover of the same name (a pid reused after a crash) goes.
-        let _ = fs::remove_dir_all(&bundle);
         // The bundle: traversable only (its config.json is root's); the root
         // inside: readable by the mapped ids (it holds the public view).
+        // Created exclusively: a bundle that exists is another sandbox's
+        // (or a dead one's, for recovery to reap), never reused or removed.
         fs::DirBuilder::new()
             .mode(0o711)
             .create(&bundle)
-            .and_then(|()| fs::DirBuilder::new().mode(0o755).create(&rootfs))
             .map_err(spawn)?;
         let cleanup_bundle = bundle.clone();
         let made = (|| {
+            fs::DirBuilder::new().mode(0o755).create(&rootfs)?;
             build_rootfs(&rootfs, l)?;
             let spec = bundle_spec(l, self.rt.kind)?;
             let text = serde_json::to_vec(&spec).map_err(std::io::Error::other)?;
@@ -661,18 +660,34 @@ impl Backend for OciBackend {
     }
 
     fn reap_stale(&self, previous_pid: Option<u32>) -> usize {
-        // Bundles (and containers) of a previous server process: named
-        // `<pid>-<n>` like its cgroups.
+        // Bundles (and containers) named `<pid>-<n>` like their cgroups:
+        // of the previous server process, or of an engine that is gone
+        // (no such pid here) and whose sandbox has no cgroup left (an
+        // engine in another pid namespace may have a pid this one cannot
+        // see: its live sandboxes still have their cgroups).
         let rt = &self.launcher.rt;
+        let parents = self
+            .engine
+            .cgroup_layout()
+            .map(airlock_sandbox::cgroup::sandbox_parents)
+            .unwrap_or_default();
         let mut n = 0;
-        if let (Some(pid), Ok(dir)) = (previous_pid, fs::read_dir(&rt.bundles)) {
-            for ent in dir.flatten() {
-                let name = ent.file_name().to_string_lossy().into_owned();
-                if is_sandbox_name(&name) && name.split('-').next() == Some(&pid.to_string()) {
-                    delete_container(rt.kind, &rt.binary, &ent.path().join("state"), &name);
-                    if fs::remove_dir_all(ent.path()).is_ok() {
-                        n += 1;
-                    }
+        let Ok(dir) = fs::read_dir(&rt.bundles) else {
+            return 0;
+        };
+        for ent in dir.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if !is_sandbox_name(&name) {
+                continue;
+            }
+            let owner = name.split('-').next().unwrap_or("");
+            let previous = previous_pid.is_some_and(|p| p.to_string() == owner);
+            let gone = !Path::new("/proc").join(owner).exists()
+                && !parents.iter().any(|(_, p)| p.join(&name).exists());
+            if previous || gone {
+                delete_container(rt.kind, &rt.binary, &ent.path().join("state"), &name);
+                if fs::remove_dir_all(ent.path()).is_ok() {
+                    n += 1;
                 }
             }
         }

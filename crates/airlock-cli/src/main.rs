@@ -236,6 +236,14 @@ fn engine() -> Result<Engine, Usage> {
 fn local_backends() -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> {
     let (list, failed) =
         airlock_backend::on_this_host(Arc::new(engine()?), &airlock_backend::default_run_dir());
+    // What an earlier run killed before its teardown left (a CLI has no
+    // crash recovery of its own): only what no live engine owns, cgroups
+    // (the process backend, first) before bundles.
+    if airlock_sandbox::sys::geteuid() == 0 {
+        for b in &list {
+            b.reap_stale(None);
+        }
+    }
     Ok((Backends::new(list), failed))
 }
 

@@ -28,6 +28,10 @@ use crate::sys;
 pub const AGENT_ARG: &str = "__airlock-agent";
 
 /// Entry point of the agent (`airlock __airlock-agent`). Never returns.
+///
+/// The agent leaves (and, as pid 1, ends every process of the sandbox) as
+/// soon as its control channel hangs up, while it waits for its job and
+/// while the program runs: its engine is gone.
 pub fn main(args: &[String]) -> ! {
     if !args.is_empty() {
         sys::exit_now(2);
@@ -92,7 +96,7 @@ pub fn main(args: &[String]) -> ! {
         &mut ctrl,
         &job,
         &code,
-        (cfg.broker, cfg.egress),
+        (cfg.broker, cfg.egress, true),
         Launch::Exec,
     ) {
         Ok(()) => sys::exit_now(0),

@@ -174,11 +174,16 @@ impl Cgroup {
         name: &str,
         limits: &CgroupLimits,
     ) -> Result<Cgroup, SandboxError> {
+        // The parents may exist; the sandbox's own directory must not: two
+        // sandboxes never share a cgroup (its limits, its accounting).
         let mk = |p: &Path| {
-            fs::create_dir_all(p).map_err(|source| SandboxError::Cgroup {
-                step: "create",
-                source,
-            })
+            p.parent()
+                .map_or(Ok(()), fs::create_dir_all)
+                .and_then(|()| fs::create_dir(p))
+                .map_err(|source| SandboxError::Cgroup {
+                    step: "create",
+                    source,
+                })
         };
         match layout {
             Layout::V2 { mount, own } => {
@@ -422,11 +427,23 @@ impl Cgroup {
         }
     }
 
+    /// Every process of the cgroup, including a cgroup a runtime nested in
+    /// it (one level: runc's).
     fn procs(&self) -> Vec<i32> {
         let mut out = Vec::new();
-        for (_, d) in &self.dirs {
+        let mut read = |d: &Path| {
             if let Ok(text) = fs::read_to_string(d.join("cgroup.procs")) {
                 out.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            }
+        };
+        for (_, d) in &self.dirs {
+            read(d);
+            if let Ok(rd) = fs::read_dir(d) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        read(&e.path());
+                    }
+                }
             }
         }
         out.sort_unstable();
@@ -480,6 +497,15 @@ impl Cgroup {
         }
         self.kill_all();
         for (_, d) in self.dirs.drain(..) {
+            // A runtime's own cgroup nested inside (runc's), emptied by the
+            // kill above: it goes first, or the sandbox's cannot.
+            if let Ok(rd) = fs::read_dir(&d) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        let _ = fs::remove_dir(e.path());
+                    }
+                }
+            }
             for _ in 0..200 {
                 match fs::remove_dir(&d) {
                     Ok(()) => break,

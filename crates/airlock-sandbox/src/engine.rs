@@ -110,8 +110,22 @@ pub struct Request<'a> {
     pub policy: &'a Policy,
 }
 
-/// Numbers the sandboxes of this process (cgroup and container names).
-pub(crate) static SEQ: AtomicU64 = AtomicU64::new(0);
+/// Numbers the sandboxes of this process where no randomness is available.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A sandbox's name on this host (its cgroup's, bundle's and container's):
+/// `<engine pid>-<64 random bits>`. Random, not a counter: engines in
+/// other pid namespaces may share the pid, and a counter would tell a
+/// tenant (who can see its bundle's name) how many sandboxes others ran.
+/// Creation is exclusive anyway: a name that exists is an error.
+pub(crate) fn sandbox_name() -> String {
+    let mut b = [0u8; 8];
+    let n = match sys::getrandom(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => SEQ.fetch_add(1, Ordering::Relaxed),
+    };
+    format!("{}-{n}", std::process::id())
+}
 
 /// Limits below which a sandbox of `lang` cannot start at all: a request
 /// asking for less is refused as bad input (never left to fail as an
@@ -403,11 +417,7 @@ impl Engine {
         let runtime = self.check_spec(policy, lang, extras)?;
         let mut programs = seccomp::programs_for(&policy.syscalls.deny)?;
         let euid = sys::geteuid();
-        let cgroup_name = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let cgroup_name = sandbox_name();
         let cgroup_limits = CgroupLimits {
             memory_bytes: policy.limits.memory_mib << 20,
             pids: policy.limits.pids,

@@ -16,13 +16,12 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use airlock_policy::{IsolationLevel, LandlockMode, Language, Policy};
 
 use crate::cgroup::{Cgroup, CgroupLimits};
-use crate::engine::{Engine, SEQ, Sandbox};
+use crate::engine::{Engine, Sandbox};
 use crate::error::SandboxError;
 use crate::launch::{CONTROL_FD, Extras, InitProc};
 use crate::proto::{self, AgentConfig, RoFile, RoMount, ToInit};
@@ -152,20 +151,27 @@ impl AgentLaunch<'_> {
         // child. All are first copied to >= 16, so placing one at 3..=6
         // cannot overwrite another still to be placed. `join` holds
         // NUL-terminated paths made before the fork.
-        // SAFETY: between fork and exec the closure only calls setsid, open,
-        // write, close, fcntl and dup2 (async-signal-safe, no allocation: the
+        // SAFETY: between fork and exec the closure only calls setsid,
+        // prctl, open, write, close, fcntl and dup2 (async-signal-safe, no allocation: the
         // paths and the array are moved in whole).
         unsafe {
             cmd.pre_exec(move || {
                 // A session of its own: the runtime and the sandbox never
                 // have the server's controlling terminal.
                 sys::setsid()?;
+                // The runtime dies with the thread that started it, as the
+                // process sandbox's init does (runc's container follows
+                // it; the agent also leaves when its control channel
+                // hangs up, which covers runsc's sentry).
+                sys::set_parent_death_kill()?;
                 for path in &join {
                     sys::write_raw(path, b"0")?;
                 }
+                // Parked close-on-exec: only the copies at 3..=6 reach the
+                // runtime (and through it the agent).
                 let mut parked = [0; 4];
                 for (i, fd) in fds.iter().enumerate() {
-                    parked[i] = sys::dup_above(*fd, 16)?;
+                    parked[i] = sys::dup_above_cloexec(*fd, 16)?;
                 }
                 for (i, fd) in parked.iter().enumerate() {
                     sys::dup2(*fd, CONTROL_FD + i as RawFd)?;
@@ -192,11 +198,7 @@ impl Engine {
         let isolated = launcher.isolated(policy);
         let programs = seccomp::programs_for(&policy.syscalls.deny)?;
         let euid = sys::geteuid();
-        let name = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = crate::engine::sandbox_name();
         let (mem_extra, pids_extra) = isolated.overhead;
         let cgroup = match self.cgroup_layout() {
             Some(layout) => {

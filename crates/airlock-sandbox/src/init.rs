@@ -428,7 +428,13 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
             sys::exit_now(1)
         }
     };
-    match run_job(&mut ctrl, &job, &code, (cfg.broker, cfg.egress), launch) {
+    match run_job(
+        &mut ctrl,
+        &job,
+        &code,
+        (cfg.broker, cfg.egress, false),
+        launch,
+    ) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             report(&mut ctrl, e);
@@ -912,7 +918,7 @@ pub(crate) fn run_job(
     ctrl: &mut UnixStream,
     job: &Job,
     code: &[u8],
-    (broker, egress): (bool, bool),
+    (broker, egress, watch): (bool, bool, bool),
     launch: Launch<'_>,
 ) -> StepResult<()> {
     if let Launch::Inherited(py) = launch {
@@ -1010,9 +1016,19 @@ pub(crate) fn run_job(
                 }
             }
             let status = loop {
-                match sys::wait_any() {
+                // An agent watches its control channel too: a runtime does
+                // not tie the sandbox to the engine's life as PDEATHSIG
+                // does for init, so when the engine is gone, pid 1 leaves
+                // and takes every process with it.
+                let waited = if watch {
+                    sys::wait_any_watching(ctrl.as_raw_fd())
+                } else {
+                    sys::wait_any()
+                };
+                match waited {
                     Ok((p, st)) if p == pid => break st,
                     Ok(_) => continue,
+                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => sys::exit_now(1),
                     Err(_) => break ChildStatus::Signaled(libc::SIGKILL),
                 }
             };

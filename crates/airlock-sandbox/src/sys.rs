@@ -283,6 +283,43 @@ pub enum ChildStatus {
     Signaled(i32),
 }
 
+/// [`wait_any`], giving up with EPIPE as soon as `watch` hangs up: its
+/// peer (the engine) is gone, and nothing will read what a child does.
+pub fn wait_any_watching(watch: RawFd) -> io::Result<(libc::pid_t, ChildStatus)> {
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid out-pointer for the call's duration.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid > 0 {
+            return Ok((pid, decode_status(status)));
+        }
+        if pid == -1 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
+        }
+        match poll(&[(watch, libc::POLLIN)], 100) {
+            Ok(r) if r[0] & (libc::POLLHUP | libc::POLLERR | libc::POLLIN) != 0 => {
+                return Err(io::Error::from_raw_os_error(libc::EPIPE));
+            }
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn decode_status(status: libc::c_int) -> ChildStatus {
+    if libc::WIFEXITED(status) {
+        ChildStatus::Exited(libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        ChildStatus::Signaled(libc::WTERMSIG(status))
+    } else {
+        ChildStatus::Signaled(0)
+    }
+}
+
 /// Waits for any child; returns its pid and status. Retries on EINTR.
 pub fn wait_any() -> io::Result<(libc::pid_t, ChildStatus)> {
     loop {
@@ -452,6 +489,10 @@ pub fn dup2(old: RawFd, new: RawFd) -> io::Result<()> {
 
 /// Duplicates `fd` to the lowest free descriptor >= `min` (F_DUPFD, no
 /// CLOEXEC). Async-signal-safe.
+pub fn dup_above_cloexec(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only creates a new descriptor.
+    cvt_i(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })
+}
 pub fn dup_above(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
     // SAFETY: fcntl(F_DUPFD) only creates a new descriptor.
     cvt_i(unsafe { libc::fcntl(fd, libc::F_DUPFD, min) })

@@ -266,3 +266,129 @@ fn limits_hold_and_nothing_is_left_behind_on_every_backend() {
         assert!(stale.is_empty(), "{b}: bundles left: {stale:?}");
     }
 }
+
+/// Tasks listed in cgroups whose directory name starts with `prefix`
+/// (and in the cgroups nested in them), below `dir`.
+fn cgroup_tasks(dir: &std::path::Path, prefix: &str, depth: usize) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) || depth > 6 {
+            continue;
+        }
+        let path = e.path();
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            for f in ["tasks", "cgroup.threads"] {
+                n += std::fs::read_to_string(path.join(f))
+                    .map(|t| t.lines().count())
+                    .unwrap_or(0);
+            }
+        }
+        n += cgroup_tasks(&path, prefix, depth + 1);
+    }
+    n
+}
+
+/// Host processes whose command line contains `needle`.
+fn host_processes_with(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(needle)
+                .then(|| format!("{}: {cmd}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_runtime_and_the_sandbox_die_with_a_killed_engine_and_the_next_run_reaps_the_rest() {
+    for b in backends().into_iter().filter(|b| *b != "process") {
+        // A sleep only this test runs (under gVisor it is not a host
+        // process at all: the runtime's processes are what must go).
+        let marker = format!(
+            "{}.{}",
+            3000 + std::process::id() % 1000,
+            std::process::id()
+        );
+        let mut child = airlock()
+            .args([
+                "run",
+                "--backend",
+                b,
+                "--timeout",
+                "60",
+                "--lang",
+                "shell",
+                "-c",
+            ])
+            .arg(format!("trap '' TERM; echo up; sleep {marker}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The runtime's processes carry the sandbox's name, `<engine pid>-…`.
+        let name = format!("{}-", child.id());
+        let runtime = || {
+            host_processes_with(&name)
+                .into_iter()
+                .filter(|p| p.contains("runc") || p.contains("runsc"))
+                .count()
+        };
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line, "up\n", "{b}: the sandbox did not start");
+        // Positive control: the runtime runs while the engine does.
+        assert!(runtime() > 0, "{b}: no runtime process found");
+        child.kill().unwrap(); // SIGKILL: the engine cannot clean up
+        child.wait().unwrap();
+        let engine = format!("{}:", child.id());
+        let program = || {
+            host_processes_with(&marker)
+                .into_iter()
+                .filter(|p| !p.starts_with(&engine))
+                .count()
+        };
+        // Every task (thread) left in the sandbox's cgroups, in any
+        // hierarchy (gVisor's sentry threads die after its leader).
+        let in_cgroup = || cgroup_tasks(std::path::Path::new("/sys/fs/cgroup"), &name, 0);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while (runtime() > 0 || program() > 0 || in_cgroup() > 0)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(
+            host_processes_with(&name)
+                .into_iter()
+                .filter(|p| p.contains("runc") || p.contains("runsc"))
+                .collect::<Vec<_>>(),
+            Vec::<String>::new(),
+            "{b}: the runtime outlived its engine"
+        );
+        assert_eq!(program(), 0, "{b}: the program outlived its engine");
+        assert_eq!(in_cgroup(), 0, "{b}: processes left in its cgroup");
+        // Its bundle is left (nothing ran the teardown) until the next run
+        // sees that no live engine owns it.
+        let bundles = std::path::Path::new("/run/airlock/bundles");
+        let left = || {
+            std::fs::read_dir(bundles)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+                .count()
+        };
+        // (Another test's run may reap it first: it is no live engine's.)
+        assert!(left() <= 1, "{b}: the killed run's bundle");
+        run_json("shell", "true", "", &["--backend", b]);
+        assert_eq!(left(), 0, "{b}: the next run did not reap it");
+    }
+}
