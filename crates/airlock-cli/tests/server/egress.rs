@@ -1062,3 +1062,60 @@ req.end();
         "{v}"
     );
 }
+
+#[test]
+fn egress_holds_the_same_way_through_an_oci_container() {
+    let has_oci = ["crun", "runc"]
+        .iter()
+        .any(|b| std::path::Path::new("/usr/bin").join(b).is_file())
+        && crate::is_root();
+    if !has_oci {
+        return;
+    }
+    let t = setup_with("[backends]\noffer = [\"process\", \"oci\"]\n[pool]\npython = 0\njavascript = 0\n");
+    let p = t.up.port;
+    let net = json!({"allow_private": [format!("allowed.test:{p}")]});
+    let code = format!(
+        r#"
+for h in ["allowed.test", "denied.test", "127.0.0.1"]:
+    r = talk(("CONNECT %s:{p} HTTP/1.1\r\nHost: x\r\n\r\n" % h).encode(), then=b"ping\r\n")
+    print(h, status(r), "ping" in r.split("\r\n\r\n", 1)[-1])
+"#
+    );
+    for backend in ["process", "oci"] {
+        let r = t.s.post(
+            "/v1/executions",
+            &t.key,
+            json!({"language": "python", "code": format!("{CLIENT}\n{code}"), "network": net,
+                   "backend": backend, "limits": {"wall_time_ms": 30000}}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["result"]["enforced"]["backend"], backend, "{v}");
+        assert_eq!(
+            lines(&v),
+            [
+                "allowed.test 200 True",
+                "denied.test 403 False",
+                "127.0.0.1 403 False"
+            ],
+            "{backend}: {v}"
+        );
+        let decisions: Vec<(String, String)> = v["egress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["host"].as_str().unwrap().to_string(),
+                    e["decision"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert!(
+            decisions.contains(&("allowed.test".into(), "allowed".into()))
+                && decisions.contains(&("denied.test".into(), "denied".into())),
+            "{backend}: {decisions:?}"
+        );
+    }
+}
