@@ -320,7 +320,7 @@ fn load_policy(args: &RunArgs) -> Result<Policy, Usage> {
     if let Some(p) = args.pids {
         policy.limits.pids = p;
     }
-    policy.isolation.minimum = policy.isolation.minimum.max(args.isolation);
+    policy.isolation.require(args.isolation);
     policy.validate().map_err(|e| Usage(e.to_string()))?;
     Ok(policy)
 }

@@ -137,6 +137,178 @@ impl Default for Limits {
     }
 }
 
+/// Ceilings on what a request may ask for in its limits (the operator's
+/// `[ceilings]`). A request can lower any limit freely; raising one above
+/// its ceiling is a denial. Units are in the field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitCeilings {
+    /// Default 60 000 ms.
+    pub wall_time_ms: u64,
+    /// Default 60 000 ms.
+    pub cpu_time_ms: u64,
+    /// Default 1024 MiB.
+    pub memory_mib: u64,
+    /// Default 256 tasks.
+    pub pids: u64,
+    /// Default 2 cores.
+    pub cpus: f64,
+    /// Default 8 MiB.
+    pub stdout_bytes: u64,
+    /// Default 8 MiB.
+    pub stderr_bytes: u64,
+    /// Default 1024.
+    pub open_files: u64,
+}
+
+impl Default for LimitCeilings {
+    fn default() -> Self {
+        LimitCeilings {
+            wall_time_ms: 60_000,
+            cpu_time_ms: 60_000,
+            memory_mib: 1024,
+            pids: 256,
+            cpus: 2.0,
+            stdout_bytes: 8 << 20,
+            stderr_bytes: 8 << 20,
+            open_files: 1024,
+        }
+    }
+}
+
+/// The limits a request asks for; unset ones keep the base policy's.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LimitsRequest {
+    /// ms.
+    pub wall_time_ms: Option<u64>,
+    /// ms.
+    pub cpu_time_ms: Option<u64>,
+    /// MiB.
+    pub memory_mib: Option<u64>,
+    /// Tasks.
+    pub pids: Option<u64>,
+    /// Cores.
+    pub cpus: Option<f64>,
+    /// Bytes.
+    pub stdout_bytes: Option<u64>,
+    /// Bytes.
+    pub stderr_bytes: Option<u64>,
+    /// Files.
+    pub open_files: Option<u64>,
+}
+
+/// A limit a request asked for above its ceiling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Denial {
+    /// Dotted field name (`limits.memory_mib`).
+    pub field: &'static str,
+    /// What was asked.
+    pub value: String,
+    /// The ceiling.
+    pub max: String,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} = {} exceeds the allowed maximum {}",
+            self.field, self.value, self.max
+        )
+    }
+}
+
+impl Limits {
+    /// The limits of a request against these (the base policy's): each one
+    /// it sets replaces the base's if at most its ceiling; any above its
+    /// ceiling (or not a number) is a denial, and nothing is granted then.
+    /// Unset fields keep the base's. The result is never above a ceiling
+    /// the request touched, nor different from the base where it did not.
+    pub fn narrow(
+        &self,
+        want: &LimitsRequest,
+        ceiling: &LimitCeilings,
+    ) -> Result<Limits, Vec<Denial>> {
+        let mut out = self.clone();
+        let mut denied = Vec::new();
+        let mut set = |field: &'static str, v: Option<u64>, max: u64, slot: &mut u64| {
+            if let Some(v) = v {
+                if v > max {
+                    denied.push(Denial {
+                        field,
+                        value: v.to_string(),
+                        max: max.to_string(),
+                    });
+                } else {
+                    *slot = v;
+                }
+            }
+        };
+        let c = ceiling;
+        set(
+            "limits.wall_time_ms",
+            want.wall_time_ms,
+            c.wall_time_ms,
+            &mut out.wall_time_ms,
+        );
+        set(
+            "limits.cpu_time_ms",
+            want.cpu_time_ms,
+            c.cpu_time_ms,
+            &mut out.cpu_time_ms,
+        );
+        set(
+            "limits.memory_mib",
+            want.memory_mib,
+            c.memory_mib,
+            &mut out.memory_mib,
+        );
+        set("limits.pids", want.pids, c.pids, &mut out.pids);
+        set(
+            "limits.stdout_bytes",
+            want.stdout_bytes,
+            c.stdout_bytes,
+            &mut out.stdout_bytes,
+        );
+        set(
+            "limits.stderr_bytes",
+            want.stderr_bytes,
+            c.stderr_bytes,
+            &mut out.stderr_bytes,
+        );
+        set(
+            "limits.open_files",
+            want.open_files,
+            c.open_files,
+            &mut out.open_files,
+        );
+        if let Some(v) = want.cpus {
+            if !v.is_finite() || v > c.cpus {
+                denied.push(Denial {
+                    field: "limits.cpus",
+                    value: v.to_string(),
+                    max: c.cpus.to_string(),
+                });
+            } else {
+                out.cpus = v;
+            }
+        }
+        if denied.is_empty() {
+            Ok(out)
+        } else {
+            Err(denied)
+        }
+    }
+}
+
+impl Isolation {
+    /// The stronger of this minimum and a request's: a request can raise
+    /// the boundary its code runs behind, never lower it.
+    pub fn require(&mut self, minimum: Option<IsolationLevel>) {
+        self.minimum = self.minimum.max(minimum);
+    }
+}
+
 /// Filesystem view. The root is always read-only and minimal; only scratch
 /// (`/tmp`, `/workspace`, `/dev/shm`) is writable, each a private tmpfs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -867,5 +1039,142 @@ mod tests {
         assert_eq!(Language::from_file_name("README"), None);
         assert!(Language::parse("cobol").is_err());
         assert_eq!(Language::parse("JS").unwrap(), Language::Javascript);
+    }
+
+    /// A wildcard or an empty entry in a deny list is an error, never an
+    /// allow (nor a silent no-op).
+    #[test]
+    fn a_wildcard_or_empty_deny_rule_is_a_validation_error() {
+        for bad in ["", "*", "get*", " ", "ptrace,", "ptrace*"] {
+            let text = format!("[syscalls]\ndeny = [{bad:?}]\n");
+            assert!(
+                matches!(
+                    Policy::from_toml(&text),
+                    Err(PolicyError::BadSyscallName(_))
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        Policy::from_toml("[syscalls]\ndeny = [\"ptrace\"]\n").unwrap();
+    }
+
+    mod merge {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        fn opt(max: u64) -> impl Strategy<Value = Option<u64>> {
+            proptest::option::of(0..=max)
+        }
+
+        fn request() -> impl Strategy<Value = LimitsRequest> {
+            (
+                (opt(200_000), opt(200_000), opt(4096), opt(2048)),
+                (
+                    proptest::option::of(0.0f64..8.0),
+                    opt(32 << 20),
+                    opt(32 << 20),
+                    opt(4096),
+                ),
+            )
+                .prop_map(|((w, c, m, p), (cpus, o, e, f))| LimitsRequest {
+                    wall_time_ms: w,
+                    cpu_time_ms: c,
+                    memory_mib: m,
+                    pids: p,
+                    cpus,
+                    stdout_bytes: o,
+                    stderr_bytes: e,
+                    open_files: f,
+                })
+        }
+
+        fn ceiling() -> impl Strategy<Value = LimitCeilings> {
+            (
+                (1u64..100_000, 1u64..100_000, 1u64..2048, 1u64..1024),
+                (0.1f64..4.0, 1u64..(16 << 20), 1u64..(16 << 20), 16u64..2048),
+            )
+                .prop_map(|((w, c, m, p), (cpus, o, e, f))| LimitCeilings {
+                    wall_time_ms: w,
+                    cpu_time_ms: c,
+                    memory_mib: m,
+                    pids: p,
+                    cpus,
+                    stdout_bytes: o,
+                    stderr_bytes: e,
+                    open_files: f,
+                })
+        }
+
+        fn level() -> impl Strategy<Value = Option<IsolationLevel>> {
+            proptest::option::of(proptest::sample::select(IsolationLevel::ALL.to_vec()))
+        }
+
+        proptest! {
+            // No regression files in the tree: a failure prints its
+            // minimal input, which becomes a named test.
+            #![proptest_config(ProptestConfig { failure_persistence: None, ..ProptestConfig::default() })]
+
+            /// Narrowing never grants above a ceiling, never changes what
+            /// the request did not name, and a single limit above its
+            /// ceiling refuses the whole request, naming exactly those.
+            #[test]
+            fn narrowing_never_widens(req in request(), c in ceiling()) {
+                let base = Limits::default();
+                let fields: [(&str, Option<f64>, f64, f64); 8] = [
+                    ("limits.wall_time_ms", req.wall_time_ms.map(|v| v as f64), c.wall_time_ms as f64, base.wall_time_ms as f64),
+                    ("limits.cpu_time_ms", req.cpu_time_ms.map(|v| v as f64), c.cpu_time_ms as f64, base.cpu_time_ms as f64),
+                    ("limits.memory_mib", req.memory_mib.map(|v| v as f64), c.memory_mib as f64, base.memory_mib as f64),
+                    ("limits.pids", req.pids.map(|v| v as f64), c.pids as f64, base.pids as f64),
+                    ("limits.cpus", req.cpus, c.cpus, base.cpus),
+                    ("limits.stdout_bytes", req.stdout_bytes.map(|v| v as f64), c.stdout_bytes as f64, base.stdout_bytes as f64),
+                    ("limits.stderr_bytes", req.stderr_bytes.map(|v| v as f64), c.stderr_bytes as f64, base.stderr_bytes as f64),
+                    ("limits.open_files", req.open_files.map(|v| v as f64), c.open_files as f64, base.open_files as f64),
+                ];
+                let over: Vec<&str> = fields
+                    .iter()
+                    .filter(|(_, v, max, _)| v.is_some_and(|v| v > *max))
+                    .map(|(f, ..)| *f)
+                    .collect();
+                match base.narrow(&req, &c) {
+                    Ok(out) => {
+                        prop_assert!(over.is_empty());
+                        let got = [
+                            out.wall_time_ms as f64, out.cpu_time_ms as f64, out.memory_mib as f64,
+                            out.pids as f64, out.cpus, out.stdout_bytes as f64,
+                            out.stderr_bytes as f64, out.open_files as f64,
+                        ];
+                        for ((name, v, max, b), g) in fields.iter().zip(got) {
+                            match v {
+                                Some(v) => {
+                                    prop_assert_eq!(g, *v, "{}", name);
+                                    prop_assert!(g <= *max, "{} above its ceiling", name);
+                                }
+                                None => prop_assert_eq!(g, *b, "{} changed unasked", name),
+                            }
+                        }
+                        prop_assert_eq!(out.stdin_bytes, base.stdin_bytes);
+                        prop_assert_eq!(out.code_bytes, base.code_bytes);
+                    }
+                    Err(denied) => {
+                        let mut named: Vec<&str> = denied.iter().map(|d| d.field).collect();
+                        let mut over = over;
+                        named.sort_unstable();
+                        over.sort_unstable();
+                        prop_assert_eq!(named, over);
+                    }
+                }
+            }
+
+            /// The isolation a request gets is never below the policy's
+            /// minimum nor the request's: the strictest of them.
+            #[test]
+            fn isolation_is_the_strictest_of_base_and_request(base in level(), asked in level()) {
+                let mut iso = Isolation { minimum: base, ..Isolation::default() };
+                iso.require(asked);
+                prop_assert_eq!(iso.minimum, base.max(asked));
+                prop_assert!(iso.minimum >= base && iso.minimum >= asked);
+            }
+        }
     }
 }

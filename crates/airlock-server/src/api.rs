@@ -532,6 +532,22 @@ pub struct LimitsRequest {
     pub open_files: Option<u64>,
 }
 
+impl LimitsRequest {
+    /// The policy crate's form of it.
+    fn to_policy(&self) -> airlock_policy::LimitsRequest {
+        airlock_policy::LimitsRequest {
+            wall_time_ms: self.wall_time_ms,
+            cpu_time_ms: self.cpu_time_ms,
+            memory_mib: self.memory_mib,
+            pids: self.pids,
+            cpus: self.cpus,
+            stdout_bytes: self.stdout_bytes,
+            stderr_bytes: self.stderr_bytes,
+            open_files: self.open_files,
+        }
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -657,61 +673,19 @@ fn valid_secret_name(n: &str) -> bool {
 /// Applies request limits to the base policy. Above a ceiling: denial.
 fn resolve_policy(st: &AppState, req: Option<&LimitsRequest>) -> Result<Policy, ApiError> {
     let mut p = st.cfg.policy.clone();
-    let c = &st.cfg.ceilings;
     let Some(r) = req else { return Ok(p) };
-    let mut deny = Vec::new();
-    let mut set = |name: &str, v: Option<u64>, max: u64, slot: &mut u64| {
-        if let Some(v) = v {
-            if v > max {
-                deny.push(format!(
-                    "limits.{name} = {v} exceeds the allowed maximum {max}"
-                ));
-            } else {
-                *slot = v;
-            }
-        }
-    };
-    let l = &mut p.limits;
-    set(
-        "wall_time_ms",
-        r.wall_time_ms,
-        c.wall_time_ms,
-        &mut l.wall_time_ms,
-    );
-    set(
-        "cpu_time_ms",
-        r.cpu_time_ms,
-        c.cpu_time_ms,
-        &mut l.cpu_time_ms,
-    );
-    set("memory_mib", r.memory_mib, c.memory_mib, &mut l.memory_mib);
-    set("pids", r.pids, c.pids, &mut l.pids);
-    set(
-        "stdout_bytes",
-        r.stdout_bytes,
-        c.stdout_bytes,
-        &mut l.stdout_bytes,
-    );
-    set(
-        "stderr_bytes",
-        r.stderr_bytes,
-        c.stderr_bytes,
-        &mut l.stderr_bytes,
-    );
-    set("open_files", r.open_files, c.open_files, &mut l.open_files);
-    if let Some(v) = r.cpus {
-        if !v.is_finite() || v > c.cpus {
-            deny.push(format!(
-                "limits.cpus = {v} exceeds the allowed maximum {}",
-                c.cpus
-            ));
-        } else {
-            l.cpus = v;
-        }
-    }
-    if !deny.is_empty() {
-        return Err(ApiError::PolicyDenied(deny.join("; ")));
-    }
+    p.limits = p
+        .limits
+        .narrow(&r.to_policy(), &st.cfg.ceilings)
+        .map_err(|denied| {
+            ApiError::PolicyDenied(
+                denied
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
     p.validate()
         .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     Ok(p)
@@ -955,7 +929,7 @@ async fn create_execution(
     let stdin = req.stdin.into_bytes();
     // The boundary: the stronger of the base policy's minimum and the
     // request's, met by the cheapest offered backend (or the one named).
-    policy.isolation.minimum = policy.isolation.minimum.max(req.isolation);
+    policy.isolation.require(req.isolation);
     let backend = match st.exec.backends().select(Want {
         minimum: policy.isolation.minimum,
         backend: req.backend.as_deref(),

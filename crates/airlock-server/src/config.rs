@@ -11,44 +11,9 @@ use airlock_policy::Policy;
 use airlock_store::MasterKey;
 use serde::Deserialize;
 
-/// Ceilings on what a tenant request may ask for in `limits`. A request can
-/// lower any limit freely; raising one above its ceiling is a policy
-/// denial (422, audited).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitCeilings {
-    /// Default 60 000 ms.
-    pub wall_time_ms: u64,
-    /// Default 60 000 ms.
-    pub cpu_time_ms: u64,
-    /// Default 1024 MiB.
-    pub memory_mib: u64,
-    /// Default 256 tasks.
-    pub pids: u64,
-    /// Default 2 cores.
-    pub cpus: f64,
-    /// Default 8 MiB.
-    pub stdout_bytes: u64,
-    /// Default 8 MiB.
-    pub stderr_bytes: u64,
-    /// Default 1024.
-    pub open_files: u64,
-}
-
-impl Default for LimitCeilings {
-    fn default() -> Self {
-        LimitCeilings {
-            wall_time_ms: 60_000,
-            cpu_time_ms: 60_000,
-            memory_mib: 1024,
-            pids: 256,
-            cpus: 2.0,
-            stdout_bytes: 8 << 20,
-            stderr_bytes: 8 << 20,
-            open_files: 1024,
-        }
-    }
-}
+/// Ceilings on what a tenant request may ask for in `limits` (the
+/// policy crate owns the type and the narrowing).
+pub use airlock_policy::LimitCeilings;
 
 /// What tenants may ask for in a request's `network` (nothing by default:
 /// egress is the operator's grant) and where names are resolved.

@@ -1072,7 +1072,9 @@ fn egress_holds_the_same_way_through_an_oci_container() {
     if !has_oci {
         return;
     }
-    let t = setup_with("[backends]\noffer = [\"process\", \"oci\"]\n[pool]\npython = 0\njavascript = 0\n");
+    let t = setup_with(
+        "[backends]\noffer = [\"process\", \"oci\"]\n[pool]\npython = 0\njavascript = 0\n",
+    );
     let p = t.up.port;
     let net = json!({"allow_private": [format!("allowed.test:{p}")]});
     let code = format!(
