@@ -167,6 +167,7 @@ impl Launcher for OciLauncher {
                 overhead: (0, 2),
                 unavailable_limits: Vec::new(),
                 pids_by_rlimit: false,
+                egress_relay: false,
             },
             Kind::Gvisor => Isolated {
                 backend: "gvisor",
@@ -194,6 +195,7 @@ impl Launcher for OciLauncher {
                         .into(),
                 ],
                 pids_by_rlimit: true,
+                egress_relay: true,
             },
         }
     }
@@ -587,22 +589,6 @@ impl OciBackend {
     pub fn runtime(&self) -> &OciRuntime {
         &self.launcher.rt
     }
-
-    /// Refuses what this backend cannot provide. Egress under gVisor: the
-    /// forwarder hands each connection to the host proxy as a descriptor,
-    /// and gVisor cannot pass a descriptor of its own out to the host
-    /// (sendmsg with SCM_RIGHTS on a host socket is EINVAL there). Refused
-    /// whatever `missing_layers` says: running without it would not be
-    /// the policy asked for.
-    fn check_layers(&self, policy: &Policy) -> Result<(), BackendError> {
-        if self.launcher.rt.kind == Kind::Gvisor && policy.network.is_proxy() {
-            return Err(BackendError::Unsupported {
-                backend: self.name(),
-                layers: vec!["network.mode = \"proxy\" (egress)".into()],
-            });
-        }
-        Ok(())
-    }
 }
 
 impl Backend for OciBackend {
@@ -619,13 +605,11 @@ impl Backend for OciBackend {
 
     fn validate(&self, req: &Request<'_>) -> Result<(), BackendError> {
         check_level(self.name(), self.level(), req.policy)?;
-        self.check_layers(req.policy)?;
         Ok(self.engine.validate(req)?)
     }
 
     fn prepare(&self, spec: &SbSpec<'_>) -> Result<Box<dyn Prepared>, BackendError> {
         check_level(self.name(), self.level(), spec.policy)?;
-        self.check_layers(spec.policy)?;
         let sb = self.engine.prepare_agent(
             spec.policy,
             spec.language,

@@ -32,8 +32,15 @@ use airlock_policy::egress::{
     AddrClass, EgressRule, Host, classify, normalize_host, split_host_port,
 };
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A connection from the sandbox: a TCP connection its forwarder accepted
+/// (handed over as a descriptor), or the host end of a socket pair the
+/// forwarder relays one through (where descriptors cannot leave the
+/// sandbox: gVisor).
+pub trait Client: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Client for T {}
 
 /// Largest request head read from the sandbox.
 pub const MAX_HEAD: usize = 16 << 10;
@@ -234,17 +241,23 @@ impl Proxy {
         // The channel is a SOCK_SEQPACKET socket, which tokio does not
         // drive; a blocking reader thread hands descriptors over. It ends
         // when the sandbox side closes (its last process is gone).
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<OwnedFd>(8);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Incoming>(8);
         tokio::task::spawn_blocking(move || {
             loop {
-                match recv_fd(&channel) {
-                    Ok(Some(Some(fd))) => {
-                        if tx.blocking_send(fd).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Some(None)) => {}
+                let got = match recv_fd(&channel) {
+                    Ok(Some((_, Some(fd)))) => Incoming::Accepted(fd),
+                    // A relay request (one byte, no descriptor): a fresh
+                    // socket pair, one end sent back into the sandbox for
+                    // its forwarder to relay the connection through.
+                    Ok(Some((RELAY_REQUEST, None))) => match relay_pair(&channel) {
+                        Ok(host_end) => Incoming::Relayed(host_end),
+                        Err(_) => return,
+                    },
+                    Ok(Some(_)) => continue,
                     Ok(None) | Err(_) => return,
+                };
+                if tx.blocking_send(got).is_err() {
+                    return;
                 }
             }
         });
@@ -264,16 +277,13 @@ impl Proxy {
                     return;
                 }
             };
-            let Some(fd) = fd else {
+            let Some(incoming) = fd else {
                 // Channel closed: open connections may finish (or be cut
                 // by `stop`).
                 open = false;
                 if conns.is_empty() {
                     return;
                 }
-                continue;
-            };
-            let Some(stream) = tcp_from(Some(fd)) else {
                 continue;
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
@@ -283,10 +293,26 @@ impl Proxy {
                 continue;
             };
             let me = self.clone();
-            conns.spawn(async move {
-                me.handle(stream).await;
-                drop((permit, total));
-            });
+            match incoming {
+                Incoming::Accepted(fd) => {
+                    let Some(stream) = tcp_from(Some(fd)) else {
+                        continue;
+                    };
+                    conns.spawn(async move {
+                        me.handle(stream).await;
+                        drop((permit, total));
+                    });
+                }
+                Incoming::Relayed(host_end) => {
+                    let Ok(stream) = tokio::net::UnixStream::from_std(host_end) else {
+                        continue;
+                    };
+                    conns.spawn(async move {
+                        me.handle(stream).await;
+                        drop((permit, total));
+                    });
+                }
+            }
         }
     }
 
@@ -308,7 +334,7 @@ impl Proxy {
     }
 
     /// Handles one connection from the sandbox.
-    pub async fn handle(&self, mut client: TcpStream) {
+    pub async fn handle<C: Client>(&self, mut client: C) {
         let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
             Ok(Ok(h)) => h,
             Ok(Err(why)) => {
@@ -386,7 +412,7 @@ impl Proxy {
         })
     }
 
-    async fn connect(&self, mut client: TcpStream, head: Head) {
+    async fn connect<C: Client>(&self, mut client: C, head: Head) {
         let Some((raw_host, port)) = split_host_port(&head.target) else {
             let _ = respond(&mut client, 400, "CONNECT needs host:port").await;
             self.deny_event("CONNECT", &head.target, 0, "malformed CONNECT target");
@@ -433,7 +459,7 @@ impl Proxy {
         // TLS ClientHello must name the CONNECT host. The destination may
         // speak first (it is relayed meanwhile).
         let flow = Flow::new(self, "CONNECT", &host, port, addr);
-        let (mut cr, mut cw) = client.into_split();
+        let (mut cr, mut cw) = tokio::io::split(client);
         let (mut ur, mut uw) = upstream.split();
         let mut first = head.rest;
         let down = async {
@@ -544,7 +570,7 @@ impl Proxy {
         flow.finish(up_res.err());
     }
 
-    async fn forward(&self, mut client: TcpStream, head: Head) {
+    async fn forward<C: Client>(&self, mut client: C, head: Head) {
         let method = head.method.clone();
         let Some((raw_host, port, path)) = absolute_form(&head.target) else {
             // (refusals are all audited)
@@ -775,7 +801,7 @@ fn absolute_form(target: &str) -> Option<(&str, u16, String)> {
     Some((authority, 80, path))
 }
 
-async fn read_head(client: &mut TcpStream) -> Result<Head, Denied> {
+async fn read_head<C: Client>(client: &mut C) -> Result<Head, Denied> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     let mut scanned = 0usize;
@@ -836,7 +862,7 @@ async fn read_head(client: &mut TcpStream) -> Result<Head, Denied> {
     })
 }
 
-async fn respond(client: &mut TcpStream, status: u16, why: &str) -> std::io::Result<()> {
+async fn respond<C: Client>(client: &mut C, status: u16, why: &str) -> std::io::Result<()> {
     let reason = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -874,7 +900,22 @@ where
 }
 
 /// One descriptor from the channel: `Some` for a message, `None` at EOF.
-fn recv_fd(sock: &OwnedFd) -> std::io::Result<Option<Option<OwnedFd>>> {
+/// The byte a forwarder sends, without a descriptor, to ask for a relay
+/// socket (see [`Incoming::Relayed`]).
+pub const RELAY_REQUEST: u8 = b'r';
+
+/// What arrives on an egress channel.
+enum Incoming {
+    /// A connection the forwarder accepted, as its descriptor.
+    Accepted(OwnedFd),
+    /// The host end of a socket pair whose other end went back to the
+    /// forwarder, which relays one accepted connection through it.
+    Relayed(std::os::unix::net::UnixStream),
+}
+
+/// One message: its first byte and the first descriptor it carried (any
+/// further one is closed). None at end of stream.
+fn recv_fd(sock: &OwnedFd) -> std::io::Result<Option<(u8, Option<OwnedFd>)>> {
     use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut cmsg = RecvAncillaryBuffer::new(&mut space);
@@ -899,7 +940,30 @@ fn recv_fd(sock: &OwnedFd) -> std::io::Result<Option<Option<OwnedFd>>> {
             }
         }
     }
-    Ok(Some(first))
+    Ok(Some((byte[0], first)))
+}
+
+/// Makes a socket pair, sends one end over `channel` and returns the
+/// other (nonblocking, for the proxy).
+fn relay_pair(channel: &OwnedFd) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    use std::os::fd::AsFd;
+    let (host, sandbox) = std::os::unix::net::UnixStream::pair()?;
+    let fds = [sandbox.as_fd()];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut cmsg = SendAncillaryBuffer::new(&mut space);
+    if !cmsg.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(std::io::Error::other("control buffer"));
+    }
+    rustix::net::sendmsg(
+        channel,
+        &[std::io::IoSlice::new(&[RELAY_REQUEST])],
+        &mut cmsg,
+        SendFlags::NOSIGNAL,
+    )?;
+    drop(sandbox);
+    host.set_nonblocking(true)?;
+    Ok(host)
 }
 
 /// Accepts only what the forwarder may send: a connected TCP socket.

@@ -19,7 +19,7 @@
 
 use std::os::unix::net::UnixStream;
 
-use crate::init::{Step, StepResult, at, lock_down, report, run_job};
+use crate::init::{JobChannels, Step, StepResult, at, lock_down, report, run_job};
 use crate::launch::{BROKER_FD, CONTROL_FD, EGRESS_FD, Launch};
 use crate::proto::{self, AgentConfig, FromInit, ToInit};
 use crate::sys;
@@ -96,7 +96,12 @@ pub fn main(args: &[String]) -> ! {
         &mut ctrl,
         &job,
         &code,
-        (cfg.broker, cfg.egress, true),
+        JobChannels {
+            broker: cfg.broker,
+            egress: cfg.egress,
+            relay: cfg.egress_relay,
+            watch: true,
+        },
         Launch::Exec,
     ) {
         Ok(()) => sys::exit_now(0),

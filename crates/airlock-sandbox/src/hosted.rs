@@ -101,6 +101,9 @@ pub struct Isolated {
     /// pids limit is RLIMIT_NPROC inside, the host cgroup's only bounds
     /// the runtime.
     pub pids_by_rlimit: bool,
+    /// Connections cannot leave as descriptors (gVisor): the forwarder
+    /// relays them through sockets the host sends in.
+    pub egress_relay: bool,
 }
 
 /// A started runtime process.
@@ -364,6 +367,7 @@ impl Engine {
             seccomp: programs,
             broker: extras.broker,
             egress: extras.egress,
+            egress_relay: isolated.egress_relay,
             loopback: false,
         };
         if let Err(e) = sb.agent_handshake(&cfg) {

@@ -432,7 +432,12 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
         &mut ctrl,
         &job,
         &code,
-        (cfg.broker, cfg.egress, false),
+        JobChannels {
+            broker: cfg.broker,
+            egress: cfg.egress,
+            relay: false,
+            watch: false,
+        },
         launch,
     ) {
         Ok(()) => sys::exit_now(0),
@@ -890,7 +895,7 @@ fn forwarder(listener: std::net::TcpListener) -> ! {
 
 /// Starts the forwarder (a child of pid 1) and gives up pid 1's copy of
 /// the channel, so the program never inherits it.
-fn start_forwarder(broker: bool) -> StepResult<()> {
+fn start_forwarder(broker: bool, relay: bool) -> StepResult<()> {
     let listener = at(
         Step::Egress,
         std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, PROXY_PORT)),
@@ -904,6 +909,9 @@ fn start_forwarder(broker: bool) -> StepResult<()> {
             if broker {
                 sys::close_unowned(BROKER_FD);
             }
+            if relay {
+                crate::relay::forwarder(listener)
+            }
             forwarder(listener)
         }
         Forked::Parent(_) => {
@@ -914,11 +922,24 @@ fn start_forwarder(broker: bool) -> StepResult<()> {
     }
 }
 
+/// The channels a job runs with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct JobChannels {
+    /// A broker socket is at descriptor 4 (the program's).
+    pub broker: bool,
+    /// An egress channel is at 5: the forwarder starts.
+    pub egress: bool,
+    /// The forwarder relays connections instead of handing them over.
+    pub relay: bool,
+    /// Pid 1 leaves when the control channel hangs up (an agent).
+    pub watch: bool,
+}
+
 pub(crate) fn run_job(
     ctrl: &mut UnixStream,
     job: &Job,
     code: &[u8],
-    (broker, egress, watch): (bool, bool, bool),
+    channels: JobChannels,
     launch: Launch<'_>,
 ) -> StepResult<()> {
     if let Launch::Inherited(py) = launch {
@@ -933,8 +954,14 @@ pub(crate) fn run_job(
             return Err((Step::ReadJob, libc::EINVAL));
         }
     }
+    let JobChannels {
+        broker,
+        egress,
+        relay,
+        watch,
+    } = channels;
     if egress {
-        start_forwarder(broker)?;
+        start_forwarder(broker, relay)?;
     }
     if !crate::launch::safe_file_name(&job.file_name) || job.argv.is_empty() {
         return Err((Step::ReadJob, libc::EINVAL));

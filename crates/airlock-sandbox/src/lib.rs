@@ -32,6 +32,7 @@ pub mod init;
 pub mod kvm;
 pub mod launch;
 pub mod proto;
+pub mod relay;
 pub mod result;
 pub mod rootfs;
 pub mod runtime;

@@ -199,6 +199,9 @@ pub struct AgentConfig {
     pub broker: bool,
     /// An egress channel is at [`crate::launch::EGRESS_FD`].
     pub egress: bool,
+    /// The forwarder relays each connection through a socket the host
+    /// sends ([`crate::relay`]) instead of handing it over.
+    pub egress_relay: bool,
     /// Bring loopback up (the runtime made the network namespace and left
     /// it down).
     pub loopback: bool,
