@@ -168,6 +168,7 @@ impl Launcher for OciLauncher {
                 unavailable_limits: Vec::new(),
                 pids_by_rlimit: false,
                 egress_relay: false,
+                protect_pid1: false,
             },
             Kind::Gvisor => Isolated {
                 backend: "gvisor",
@@ -196,6 +197,7 @@ impl Launcher for OciLauncher {
                 ],
                 pids_by_rlimit: true,
                 egress_relay: true,
+                protect_pid1: true,
             },
         }
     }

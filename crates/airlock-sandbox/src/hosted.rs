@@ -104,6 +104,9 @@ pub struct Isolated {
     /// Connections cannot leave as descriptors (gVisor): the forwarder
     /// relays them through sockets the host sends in.
     pub egress_relay: bool,
+    /// The kernel does not shield pid 1 from its namespace's signals
+    /// (gVisor): a filter refuses signalling it ([`seccomp::protect_pid1`]).
+    pub protect_pid1: bool,
 }
 
 /// A started runtime process.
@@ -199,7 +202,10 @@ impl Engine {
         let started = Instant::now();
         let runtime = self.check_spec(policy, lang, extras)?;
         let isolated = launcher.isolated(policy);
-        let programs = seccomp::programs_for(&policy.syscalls.deny)?;
+        let mut programs = seccomp::programs_for(&policy.syscalls.deny)?;
+        if isolated.protect_pid1 {
+            programs.push(seccomp::protect_pid1()?);
+        }
         let euid = sys::geteuid();
         let name = crate::engine::sandbox_name();
         let (mem_extra, pids_extra) = isolated.overhead;

@@ -101,6 +101,47 @@ pub fn programs_for(extra_deny: &[String]) -> Result<Vec<WireProgram>, SandboxEr
 /// `path_ptr` lies in a page mapped at a random address by the caller; after
 /// the exec that address space is gone, so the program would have to guess
 /// a ~47-bit value to pass the check again.
+/// A filter that refuses (EPERM) every way of signalling pid 1 by its
+/// number: kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo, and
+/// pidfd_open (whose descriptor could signal it). The host kernel ignores
+/// signals to a namespace's init it has no handler for; gVisor's sentry
+/// delivers them, so under gVisor the code could kill or stop the agent
+/// and have its own execution recorded as a platform failure. kill(-1)
+/// already spares pid 1 everywhere.
+pub fn protect_pid1() -> Result<WireProgram, SandboxError> {
+    let build = || -> seccompiler::Result<BpfProgram> {
+        let pid_is_1 = || -> seccompiler::Result<Vec<SeccompRule>> {
+            Ok(vec![SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                1,
+            )?])?])
+        };
+        let mut rules = BTreeMap::new();
+        for nr in [
+            libc::SYS_kill,
+            libc::SYS_tkill,
+            libc::SYS_tgkill,
+            libc::SYS_rt_sigqueueinfo,
+            libc::SYS_rt_tgsigqueueinfo,
+            libc::SYS_pidfd_open,
+        ] {
+            rules.insert(nr, pid_is_1()?);
+        }
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EPERM as u32),
+            ARCH,
+        )?;
+        filter.try_into().map_err(seccompiler::Error::Backend)
+    };
+    build()
+        .map(|p| to_wire(&p))
+        .map_err(|e| SandboxError::SeccompPolicy(e.to_string()))
+}
+
 pub fn install_deny_execve(path_ptr: Option<u64>) -> Result<(), i32> {
     let build = || -> seccompiler::Result<BpfProgram> {
         let mut rules = BTreeMap::new();

@@ -392,3 +392,37 @@ fn the_runtime_and_the_sandbox_die_with_a_killed_engine_and_the_next_run_reaps_t
         assert_eq!(left(), 0, "{b}: the next run did not reap it");
     }
 }
+
+#[test]
+fn the_code_cannot_kill_or_stop_the_sandboxs_pid_1_on_any_backend() {
+    // The host kernel drops signals to a namespace's init that has no
+    // handler (kill returns 0); gVisor delivers them, so there a filter
+    // refuses them (EPERM). Either way the agent survives and reports.
+    let code = "import os, signal, time\n\
+        errs = []\n\
+        for s in (signal.SIGTERM, signal.SIGKILL, signal.SIGSTOP, signal.SIGINT):\n\
+        \x20   try:\n\
+        \x20       os.kill(1, s)\n\
+        \x20       errs.append(0)\n\
+        \x20   except OSError as e:\n\
+        \x20       errs.append(e.errno)\n\
+        try:\n\
+        \x20   os.pidfd_open(1)\n\
+        \x20   errs.append(0)\n\
+        except OSError as e:\n\
+        \x20   errs.append(e.errno)\n\
+        time.sleep(0.3)\n\
+        print(errs, 'alive')";
+    for b in backends() {
+        let r = run_json("python", code, "", &["--backend", b]);
+        assert_eq!(r["reason"], "exited", "{b}: {r}");
+        assert_eq!(r["exit_code"], 0, "{b}: {r}");
+        let e = libc::EPERM;
+        let want = match b {
+            "gvisor" => format!("[{e}, {e}, {e}, {e}, {e}] alive\n"),
+            // A pidfd of init signals no more than kill does.
+            _ => "[0, 0, 0, 0, 0] alive\n".to_string(),
+        };
+        assert_eq!(r["stdout"], want, "{b}: {r}");
+    }
+}
