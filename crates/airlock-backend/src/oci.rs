@@ -194,6 +194,9 @@ impl Launcher for OciLauncher {
                     "pids: RLIMIT_NPROC inside gVisor (its tasks are not host tasks); a \
                      program stopped by it sees EAGAIN and ends as it chooses"
                         .into(),
+                    "scratch inodes: gVisor's tmpfs has no inode cap; scratch is bounded by \
+                     its byte cap and the sandbox's memory"
+                        .into(),
                 ],
                 pids_by_rlimit: true,
                 egress_relay: true,
