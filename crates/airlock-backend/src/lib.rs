@@ -233,6 +233,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn probe(&self) -> Probe;
 }
 
+/// Whether a probe's trivial sandbox (`exit 0`) ran, and what to say
+/// when it did not.
+pub(crate) fn verdict(ran: Result<RunResult, String>) -> (bool, Option<String>) {
+    match ran {
+        Ok(r) if r.exit_code == Some(0) => (true, None),
+        Ok(r) => (
+            false,
+            Some(format!(
+                "a trivial sandbox ended with {}{}",
+                r.reason.as_str(),
+                r.error.map(|e| format!(": {e}")).unwrap_or_default()
+            )),
+        ),
+        Err(e) => (false, Some(e)),
+    }
+}
+
 /// The backends one node offers, cheapest first.
 #[derive(Debug, Clone)]
 pub struct Backends {

@@ -701,29 +701,12 @@ impl Backend for OciBackend {
                 )),
             )
         } else {
-            match self.engine.prepare_agent(
-                &policy,
-                Language::Shell,
-                &extras,
-                self.launcher.as_ref(),
-            ) {
-                Ok(sb) => {
-                    let r = sb.execute(b"exit 0", None, b"", &mut |_, _| {});
-                    if r.exit_code == Some(0) {
-                        (true, None)
-                    } else {
-                        (
-                            false,
-                            Some(format!(
-                                "a trivial sandbox ended with {}{}",
-                                r.reason.as_str(),
-                                r.error.map(|e| format!(": {e}")).unwrap_or_default()
-                            )),
-                        )
-                    }
-                }
-                Err(e) => (false, Some(e.to_string())),
-            }
+            crate::verdict(
+                self.engine
+                    .prepare_agent(&policy, Language::Shell, &extras, self.launcher.as_ref())
+                    .map(|sb| sb.execute(b"exit 0", None, b"", &mut |_, _| {}))
+                    .map_err(|e| e.to_string()),
+            )
         };
         Probe {
             backend: self.name(),

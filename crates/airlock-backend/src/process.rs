@@ -112,19 +112,11 @@ impl Backend for ProcessBackend {
             stdin: b"",
             policy: &policy,
         };
-        let ran = self.engine.run(&req, &mut |_, _| {});
-        let (works, fix) = match ran {
-            Ok(r) if r.exit_code == Some(0) => (true, None),
-            Ok(r) => (
-                false,
-                Some(format!(
-                    "a trivial sandbox ended with {}{}",
-                    r.reason.as_str(),
-                    r.error.map(|e| format!(": {e}")).unwrap_or_default()
-                )),
-            ),
-            Err(e) => (false, Some(e.to_string())),
-        };
+        let (works, fix) = crate::verdict(
+            self.engine
+                .run(&req, &mut |_, _| {})
+                .map_err(|e| e.to_string()),
+        );
         Probe {
             backend: self.name(),
             isolation: self.level(),

@@ -19,9 +19,9 @@
 
 use std::os::unix::net::UnixStream;
 
-use crate::init::{JobChannels, Step, StepResult, at, lock_down, report, run_job};
+use crate::init::{JobChannels, Step, StepResult, at, lock_down, report, serve_job};
 use crate::launch::{BROKER_FD, CONTROL_FD, EGRESS_FD, Launch};
-use crate::proto::{self, AgentConfig, FromInit, ToInit};
+use crate::proto::{self, AgentConfig, ToInit};
 use crate::sys;
 
 /// argv[1] that makes the airlock binary act as the agent.
@@ -64,38 +64,9 @@ pub fn main(args: &[String]) -> ! {
             sys::exit_now(1)
         }
     };
-    if proto::write_msg(
-        &mut ctrl,
-        &FromInit::Ready {
-            landlock_abi: abi,
-            landlock_full: full,
-        },
-    )
-    .is_err()
-    {
-        sys::exit_now(1);
-    }
-    let job = match proto::read_msg::<_, ToInit>(&mut ctrl, proto::MAX_TO_INIT) {
-        Ok(ToInit::Job(job)) => job,
-        _ => {
-            report(&mut ctrl, (Step::ReadJob, 0));
-            sys::exit_now(1)
-        }
-    };
-    let code = match proto::read_frame(
-        &mut ctrl,
-        job.code_len.min(proto::MAX_TO_INIT as u64) as usize,
-    ) {
-        Ok(c) if c.len() as u64 == job.code_len => c,
-        _ => {
-            report(&mut ctrl, (Step::ReadJob, 0));
-            sys::exit_now(1)
-        }
-    };
-    match run_job(
-        &mut ctrl,
-        &job,
-        &code,
+    serve_job(
+        ctrl,
+        (abi, full),
         JobChannels {
             broker: cfg.broker,
             egress: cfg.egress,
@@ -103,13 +74,7 @@ pub fn main(args: &[String]) -> ! {
             watch: true,
         },
         Launch::Exec,
-    ) {
-        Ok(()) => sys::exit_now(0),
-        Err(e) => {
-            report(&mut ctrl, e);
-            sys::exit_now(1)
-        }
-    }
+    )
 }
 
 /// Checks the channels the configuration announces and applies the

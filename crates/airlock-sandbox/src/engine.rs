@@ -477,27 +477,14 @@ impl Engine {
         };
         let filters = init_cfg.seccomp.len();
 
-        let (host_ctrl, child_ctrl) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
-        let (host_broker, child_broker) = if extras.broker {
-            let (h, c) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
-            (Some(h), Some(c))
-        } else {
-            (None, None)
-        };
-        // The egress channel carries one descriptor per message: a
-        // SOCK_SEQPACKET pair keeps message boundaries.
-        let (host_egress, child_egress) = if extras.egress {
-            let (h, c) = rustix::net::socketpair(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::SEQPACKET,
-                rustix::net::SocketFlags::CLOEXEC,
-                None,
-            )
-            .map_err(|e| SandboxError::SpawnInit(e.into()))?;
-            (Some(h), Some(c))
-        } else {
-            (None, None)
-        };
+        let Channels {
+            host_ctrl,
+            child_ctrl,
+            host_broker,
+            child_broker,
+            host_egress,
+            child_egress,
+        } = Channels::new(extras)?;
         let Started {
             init,
             stdin: stdin_w,
@@ -747,6 +734,51 @@ impl Engine {
             });
         }
         cmd.spawn().map_err(SandboxError::SpawnInit)
+    }
+}
+
+/// The socket pairs between the host and a sandbox: control, and the
+/// broker and egress channels when the extras ask for them.
+pub(crate) struct Channels {
+    pub host_ctrl: UnixStream,
+    pub child_ctrl: UnixStream,
+    pub host_broker: Option<UnixStream>,
+    pub child_broker: Option<UnixStream>,
+    pub host_egress: Option<OwnedFd>,
+    pub child_egress: Option<OwnedFd>,
+}
+
+impl Channels {
+    pub(crate) fn new(extras: &Extras) -> Result<Channels, SandboxError> {
+        let (host_ctrl, child_ctrl) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
+        let (host_broker, child_broker) = if extras.broker {
+            let (h, c) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
+            (Some(h), Some(c))
+        } else {
+            (None, None)
+        };
+        // The egress channel carries one descriptor per message: a
+        // SOCK_SEQPACKET pair keeps message boundaries.
+        let (host_egress, child_egress) = if extras.egress {
+            let (h, c) = rustix::net::socketpair(
+                rustix::net::AddressFamily::UNIX,
+                rustix::net::SocketType::SEQPACKET,
+                rustix::net::SocketFlags::CLOEXEC,
+                None,
+            )
+            .map_err(|e| SandboxError::SpawnInit(e.into()))?;
+            (Some(h), Some(c))
+        } else {
+            (None, None)
+        };
+        Ok(Channels {
+            host_ctrl,
+            child_ctrl,
+            host_broker,
+            child_broker,
+            host_egress,
+            child_egress,
+        })
     }
 }
 

@@ -13,7 +13,6 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -254,30 +253,19 @@ impl Engine {
             scratch_inodes: policy.filesystem.scratch_inodes,
         };
 
-        let (host_ctrl, child_ctrl) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
+        let crate::engine::Channels {
+            host_ctrl,
+            child_ctrl,
+            host_broker,
+            child_broker,
+            host_egress,
+            child_egress,
+        } = crate::engine::Channels::new(extras)?;
         let null = File::options()
             .read(true)
             .write(true)
             .open("/dev/null")
             .map_err(SandboxError::SpawnInit)?;
-        let (host_broker, child_broker) = if extras.broker {
-            let (h, c) = UnixStream::pair().map_err(SandboxError::SpawnInit)?;
-            (Some(h), Some(OwnedFd::from(c)))
-        } else {
-            (None, None)
-        };
-        let (host_egress, child_egress) = if extras.egress {
-            let (h, c) = rustix::net::socketpair(
-                rustix::net::AddressFamily::UNIX,
-                rustix::net::SocketType::SEQPACKET,
-                rustix::net::SocketFlags::CLOEXEC,
-                None,
-            )
-            .map_err(|e| SandboxError::SpawnInit(e.into()))?;
-            (Some(h), Some(c))
-        } else {
-            (None, None)
-        };
         let image = self.agent_image()?;
         let (host_ids, setup_ids) = if euid == 0 {
             let ids = self.root_host_ids();

@@ -400,6 +400,28 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
             sys::exit_now(1)
         }
     };
+    serve_job(
+        ctrl,
+        (abi, full),
+        JobChannels {
+            broker: cfg.broker,
+            egress: cfg.egress,
+            relay: false,
+            watch: false,
+        },
+        launch,
+    )
+}
+
+/// From `Ready` on, for init and the agent alike: reports every layer
+/// applied (the Landlock status reached), waits for exactly one job and its
+/// code, runs it and exits (as pid 1, ending every process left).
+pub(crate) fn serve_job(
+    mut ctrl: UnixStream,
+    (abi, full): (u32, bool),
+    channels: JobChannels,
+    launch: Launch<'_>,
+) -> ! {
     if proto::write_msg(
         &mut ctrl,
         &FromInit::Ready {
@@ -428,18 +450,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
             sys::exit_now(1)
         }
     };
-    match run_job(
-        &mut ctrl,
-        &job,
-        &code,
-        JobChannels {
-            broker: cfg.broker,
-            egress: cfg.egress,
-            relay: false,
-            watch: false,
-        },
-        launch,
-    ) {
+    match run_job(&mut ctrl, &job, &code, channels, launch) {
         Ok(()) => sys::exit_now(0),
         Err(e) => {
             report(&mut ctrl, e);
