@@ -258,6 +258,10 @@ impl Launcher for OciLauncher {
             }
             Kind::Gvisor => {
                 cmd.arg("--network=none").arg("--ignore-cgroups");
+                if l.setup_ids == l.host_ids {
+                    // Unprivileged: runsc's own rootless mode.
+                    cmd.arg("--rootless");
+                }
                 if let Some(p) = &self.rt.platform {
                     cmd.arg(format!("--platform={p}"));
                 }
@@ -482,8 +486,12 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
         ns(LinuxNamespaceType::Ipc)?,
         ns(LinuxNamespaceType::Uts)?,
         ns(LinuxNamespaceType::Network)?,
-        ns(LinuxNamespaceType::User)?,
     ];
+    // runsc's rootless mode makes the user namespace itself.
+    let rootless_gvisor = kind == Kind::Gvisor && l.setup_ids == l.host_ids;
+    if !rootless_gvisor {
+        namespaces.push(ns(LinuxNamespaceType::User)?);
+    }
     if kind != Kind::Gvisor {
         namespaces.push(ns(LinuxNamespaceType::Cgroup)?);
     }
@@ -515,6 +523,11 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
             vec![map(SANDBOX_GID, l.host_ids.1)?, map(0, l.setup_ids.1)?],
         )
     };
+    let (uids, gids) = if rootless_gvisor {
+        (Vec::new(), Vec::new())
+    } else {
+        (uids, gids)
+    };
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
         .uid_mappings(uids)
@@ -528,9 +541,10 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
         )
         .build()
         .map_err(e)?;
-    if kind == Kind::Runc {
+    if kind == Kind::Runc && l.has_cgroup() {
         // Relative: nested in the cgroup the runc process joined (the
-        // sandbox's), so the sandbox's limits hold for it.
+        // sandbox's), so the sandbox's limits hold for it. Without one
+        // (unprivileged, no delegation) runc runs rootless and makes none.
         linux.set_cgroups_path(Some(PathBuf::from(l.name)));
     }
     SpecBuilder::default()

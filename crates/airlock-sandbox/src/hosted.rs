@@ -157,8 +157,8 @@ impl AgentLaunch<'_> {
         // cannot overwrite another still to be placed. `join` holds
         // NUL-terminated paths made before the fork.
         // SAFETY: between fork and exec the closure only calls setsid,
-        // prctl, open, write, close, fcntl and dup2 (async-signal-safe, no allocation: the
-        // paths and the array are moved in whole).
+        // prctl, open, write, close, fcntl and dup2 (async-signal-safe; no
+        // allocation: the paths and the array are moved in whole).
         unsafe {
             cmd.pre_exec(move || {
                 // A session of its own: the runtime and the sandbox never

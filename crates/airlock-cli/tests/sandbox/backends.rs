@@ -426,3 +426,54 @@ fn the_code_cannot_kill_or_stop_the_sandboxs_pid_1_on_any_backend() {
         assert_eq!(r["stdout"], want, "{b}: {r}");
     }
 }
+
+#[test]
+fn oci_and_gvisor_run_rootless_when_airlock_is_not_root() {
+    let rootless: Vec<&str> = backends().into_iter().filter(|b| *b != "process").collect();
+    if rootless.is_empty() {
+        return;
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-rootless")
+        .tempdir_in("/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.path().join("airlock");
+    std::fs::copy(env!("CARGO_BIN_EXE_airlock"), &bin).unwrap();
+    let run_dir = dir.path().join("xdg");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::os::unix::fs::chown(&run_dir, Some(65534), Some(65534)).unwrap();
+    for b in rootless {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg("env")
+            .arg("-i")
+            .arg("PATH=/usr/bin:/bin")
+            .arg(format!("XDG_RUNTIME_DIR={}", run_dir.display()))
+            .arg(&bin)
+            .args(["run", "--json", "--backend", b, "--lang", "python", "-c"])
+            .arg("import os\ncaps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'CapBnd'))]\nprint(os.getuid(), *caps)\nopen('/etc/x', 'w')")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{b}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["enforced"]["backend"], b, "{r}");
+        // Root inside its own user namespace (one id to map), without a
+        // single capability, on the host the unprivileged user it is.
+        assert_eq!(r["enforced"]["host_uid"], 65534, "{r}");
+        let z = "0000000000000000";
+        assert_eq!(r["stdout"], format!("0 {z} {z} {z}\n"), "{b}: {r}");
+        assert!(
+            r["stderr"].as_str().unwrap().contains("Errno 30")
+                || r["stderr"].as_str().unwrap().contains("Errno 13"),
+            "{b}: the root is writable: {r}"
+        );
+        assert!(r["enforced"]["cgroup"].is_null(), "{r}");
+    }
+}
