@@ -608,6 +608,25 @@ impl OciBackend {
     pub fn runtime(&self) -> &OciRuntime {
         &self.launcher.rt
     }
+
+    /// gVisor without a host cgroup cannot bound memory: the sentry keeps
+    /// the code's memory in its own (RLIMIT_DATA, the process sandbox's
+    /// fallback, does not reach it). Refused unless the policy accepts the
+    /// danger, which the result then names.
+    fn unbounded_memory(
+        &self,
+        policy: &Policy,
+        has_cgroup: bool,
+    ) -> Result<Vec<String>, BackendError> {
+        crate::check_layers(
+            self.name(),
+            policy,
+            &[(
+                "limits.memory_mib (no cgroup: gVisor's memory is unbounded)",
+                self.launcher.rt.kind == Kind::Gvisor && !has_cgroup,
+            )],
+        )
+    }
 }
 
 impl Backend for OciBackend {
@@ -624,17 +643,26 @@ impl Backend for OciBackend {
 
     fn validate(&self, req: &Request<'_>) -> Result<(), BackendError> {
         check_level(self.name(), self.level(), req.policy)?;
+        // Unprivileged, no cgroup can be counted on (prepare checks the
+        // one it got).
+        if airlock_sandbox::sys::geteuid() != 0 {
+            self.unbounded_memory(req.policy, false)?;
+        }
         Ok(self.engine.validate(req)?)
     }
 
     fn prepare(&self, spec: &SbSpec<'_>) -> Result<Box<dyn Prepared>, BackendError> {
         check_level(self.name(), self.level(), spec.policy)?;
-        let sb = self.engine.prepare_agent(
+        let mut sb = self.engine.prepare_agent(
             spec.policy,
             spec.language,
             spec.extras,
             self.launcher.as_ref(),
         )?;
+        let missing = self.unbounded_memory(spec.policy, sb.enforced().cgroup.is_some())?;
+        if !missing.is_empty() {
+            sb.record_missing_layers(missing);
+        }
         Ok(Box::new(OciSandbox {
             inner: crate::process::ProcessSandbox::from(sb),
             backend: self.name(),
@@ -684,10 +712,12 @@ impl Backend for OciBackend {
                 continue;
             }
             let owner = name.split('-').next().unwrap_or("");
+            // A live process of that pid may own it (a pid reused since the
+            // previous server died): never.
+            let alive = Path::new("/proc").join(owner).exists();
             let previous = previous_pid.is_some_and(|p| p.to_string() == owner);
-            let gone = !Path::new("/proc").join(owner).exists()
-                && !parents.iter().any(|(_, p)| p.join(&name).exists());
-            if previous || gone {
+            let orphaned = !parents.iter().any(|(_, p)| p.join(&name).exists());
+            if !alive && (previous || orphaned) {
                 delete_container(rt.kind, &rt.binary, &ent.path().join("state"), &name);
                 if fs::remove_dir_all(ent.path()).is_ok() {
                     n += 1;

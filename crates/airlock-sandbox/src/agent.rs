@@ -92,5 +92,10 @@ fn prepare(cfg: &AgentConfig) -> StepResult<(u32, bool)> {
     if cfg.loopback {
         at(Step::Loopback, sys::loopback_up())?;
     }
+    // Linux spares a namespace's init the signals it has no handler for;
+    // gVisor does not: nothing the code routes here may end the agent.
+    if cfg.protect_pid1 {
+        sys::ignore_signals();
+    }
     lock_down(cfg.landlock, &cfg.seccomp)
 }

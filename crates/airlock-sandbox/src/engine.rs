@@ -882,6 +882,13 @@ impl Sandbox {
         }
     }
 
+    /// Names policy layers the sandbox runs without (only under
+    /// `isolation.missing_layers = "record_dangerous"`, decided by its
+    /// backend).
+    pub fn record_missing_layers(&mut self, layers: Vec<String>) {
+        self.enforced.missing_layers.extend(layers);
+    }
+
     /// `<engine pid>-<n>`: the name of its cgroup (and container).
     pub fn name(&self) -> &str {
         &self.name

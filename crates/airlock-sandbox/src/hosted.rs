@@ -363,6 +363,7 @@ impl Engine {
             egress: extras.egress,
             egress_relay: isolated.egress_relay,
             loopback: false,
+            protect_pid1: isolated.protect_pid1,
         };
         if let Err(e) = sb.agent_handshake(&cfg) {
             // What the runtime said (its own errors go to the stderr it

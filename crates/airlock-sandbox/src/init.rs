@@ -920,6 +920,16 @@ fn start_forwarder(broker: bool, relay: bool) -> StepResult<()> {
             if broker {
                 sys::close_unowned(BROKER_FD);
             }
+            // Nor the sandbox's stdio (the program's pipes).
+            if let Ok(null) = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                for fd in 0..3 {
+                    let _ = sys::dup2(null.as_raw_fd(), fd);
+                }
+            }
             if relay {
                 crate::relay::forwarder(listener)
             }

@@ -205,6 +205,9 @@ pub struct AgentConfig {
     /// Bring loopback up (the runtime made the network namespace and left
     /// it down).
     pub loopback: bool,
+    /// The kernel delivers signals to pid 1 (gVisor): the agent ignores
+    /// every catchable one (and a filter refuses signalling it).
+    pub protect_pid1: bool,
 }
 
 /// Writes one frame.

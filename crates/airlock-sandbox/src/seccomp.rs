@@ -92,22 +92,17 @@ pub fn programs_for(extra_deny: &[String]) -> Result<Vec<WireProgram>, SandboxEr
     Ok(progs)
 }
 
-/// Installs, in the calling (single-threaded) process, a filter that lets
-/// exactly one more `execve` through: the one whose path argument is the
-/// pointer `path_ptr`. Every other execve and every execveat gets EPERM.
-/// Without a pointer (a program that continues in an inherited
-/// interpreter and never execs), every execve gets EPERM.
-///
-/// `path_ptr` lies in a page mapped at a random address by the caller; after
-/// the exec that address space is gone, so the program would have to guess
-/// a ~47-bit value to pass the check again.
+/// fcntl's F_SETSIG (linux/fcntl.h; not exported by the libc crate).
+const F_SETSIG: u64 = 10;
+
 /// A filter that refuses (EPERM) every way of signalling pid 1 by its
 /// number: kill, tkill, tgkill, rt_sigqueueinfo, rt_tgsigqueueinfo, and
-/// pidfd_open (whose descriptor could signal it). The host kernel ignores
-/// signals to a namespace's init it has no handler for; gVisor's sentry
-/// delivers them, so under gVisor the code could kill or stop the agent
-/// and have its own execution recorded as a platform failure. kill(-1)
-/// already spares pid 1 everywhere.
+/// pidfd_open (whose descriptor could signal it); and fcntl(F_SETSIG),
+/// which could make a descriptor owned by pid 1 send it any signal. The
+/// host kernel ignores signals to a namespace's init it has no handler
+/// for; gVisor's sentry delivers them, so under gVisor the code could kill
+/// or stop the agent and have its own execution recorded as a platform
+/// failure. kill(-1) already spares pid 1 everywhere.
 pub fn protect_pid1() -> Result<WireProgram, SandboxError> {
     let build = || -> seccompiler::Result<BpfProgram> {
         let pid_is_1 = || -> seccompiler::Result<Vec<SeccompRule>> {
@@ -129,6 +124,19 @@ pub fn protect_pid1() -> Result<WireProgram, SandboxError> {
         ] {
             rules.insert(nr, pid_is_1()?);
         }
+        // A descriptor's owner can be pid 1 (F_SETOWN, F_SETOWN_EX, the
+        // FIOSETOWN/SIOCSPGRP ioctls, some behind a pointer): the signal
+        // it sends is SIGIO or SIGURG, which the agent ignores, unless
+        // F_SETSIG picks another. F_SETSIG is refused outright.
+        rules.insert(
+            libc::SYS_fcntl,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                F_SETSIG,
+            )?])?],
+        );
         let filter = SeccompFilter::new(
             rules,
             SeccompAction::Allow,
@@ -142,6 +150,15 @@ pub fn protect_pid1() -> Result<WireProgram, SandboxError> {
         .map_err(|e| SandboxError::SeccompPolicy(e.to_string()))
 }
 
+/// Installs, in the calling (single-threaded) process, a filter that lets
+/// exactly one more `execve` through: the one whose path argument is the
+/// pointer `path_ptr`. Every other execve and every execveat gets EPERM.
+/// Without a pointer (a program that continues in an inherited
+/// interpreter and never execs), every execve gets EPERM.
+///
+/// `path_ptr` lies in a page mapped at a random address by the caller; after
+/// the exec that address space is gone, so the program would have to guess
+/// a ~47-bit value to pass the check again.
 pub fn install_deny_execve(path_ptr: Option<u64>) -> Result<(), i32> {
     let build = || -> seccompiler::Result<BpfProgram> {
         let mut rules = BTreeMap::new();

@@ -802,6 +802,26 @@ pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
 /// Restores every catchable signal to its default action and unblocks all
 /// signals. Ignored signals survive execve, and the Rust runtime ignores
 /// SIGPIPE, so without this the program would start with SIGPIPE ignored.
+/// Ignores every catchable signal but SIGCHLD (whose default keeps
+/// children waitable). For an init whose kernel delivers its namespace's
+/// signals to it (gVisor's sentry): no signal the code can route to it
+/// (kill, or SIGIO/SIGURG of a descriptor it made pid 1 the owner of) ends
+/// it. A forked program restores the defaults ([`reset_signals`]).
+pub fn ignore_signals() {
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL
+            || sig == libc::SIGSTOP
+            || sig == libc::SIGCHLD
+            || (32..libc::SIGRTMIN()).contains(&sig)
+        {
+            continue;
+        }
+        // SAFETY: installing SIG_IGN for a valid, catchable signal number
+        // involves no Rust handler and no shared state.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
 pub fn reset_signals() -> io::Result<()> {
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP || (32..libc::SIGRTMIN()).contains(&sig) {

@@ -411,6 +411,16 @@ fn the_code_cannot_kill_or_stop_the_sandboxs_pid_1_on_any_backend() {
         \x20   errs.append(0)\n\
         except OSError as e:\n\
         \x20   errs.append(e.errno)\n\
+        import fcntl, socket\n\
+        a, b = socket.socketpair()\n\
+        fcntl.fcntl(a.fileno(), fcntl.F_SETOWN, 1)\n\
+        fcntl.fcntl(a.fileno(), fcntl.F_SETFL, fcntl.fcntl(a.fileno(), fcntl.F_GETFL) | os.O_ASYNC)\n\
+        try:\n\
+        \x20   fcntl.fcntl(a.fileno(), 10, signal.SIGKILL)\n\
+        \x20   errs.append(0)\n\
+        except OSError as e:\n\
+        \x20   errs.append(e.errno)\n\
+        b.send(b'x')\n\
         time.sleep(0.3)\n\
         print(errs, 'alive')";
     for b in backends() {
@@ -418,10 +428,12 @@ fn the_code_cannot_kill_or_stop_the_sandboxs_pid_1_on_any_backend() {
         assert_eq!(r["reason"], "exited", "{b}: {r}");
         assert_eq!(r["exit_code"], 0, "{b}: {r}");
         let e = libc::EPERM;
+        // Then SIGIO from a socket whose owner is pid 1 (F_SETSIG asking
+        // for SIGKILL instead: refused under gVisor, spared init on Linux).
         let want = match b {
-            "gvisor" => format!("[{e}, {e}, {e}, {e}, {e}] alive\n"),
+            "gvisor" => format!("[{e}, {e}, {e}, {e}, {e}, {e}] alive\n"),
             // A pidfd of init signals no more than kill does.
-            _ => "[0, 0, 0, 0, 0] alive\n".to_string(),
+            _ => "[0, 0, 0, 0, 0, 0] alive\n".to_string(),
         };
         assert_eq!(r["stdout"], want, "{b}: {r}");
     }
@@ -444,17 +456,47 @@ fn oci_and_gvisor_run_rootless_when_airlock_is_not_root() {
     let run_dir = dir.path().join("xdg");
     std::fs::create_dir(&run_dir).unwrap();
     std::os::unix::fs::chown(&run_dir, Some(65534), Some(65534)).unwrap();
-    for b in rootless {
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    // gVisor without a host cgroup cannot bound memory: refused by
+    // default, run only when the policy accepts the danger (and named).
+    let dangerous = dir.path().join("dangerous.toml");
+    std::fs::write(
+        &dangerous,
+        "[isolation]\nmissing_layers = \"record_dangerous\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&dangerous, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let unprivileged = |extra: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg("env")
             .arg("-i")
             .arg("PATH=/usr/bin:/bin")
             .arg(format!("XDG_RUNTIME_DIR={}", run_dir.display()))
             .arg(&bin)
-            .args(["run", "--json", "--backend", b, "--lang", "python", "-c"])
+            .arg("run")
+            .args(extra)
+            .stdin(Stdio::null());
+        c
+    };
+    if rootless.contains(&"gvisor") {
+        let out = unprivileged(&["--backend", "gvisor", "--lang", "shell", "-c", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "airlock: the gvisor backend cannot enforce limits.memory_mib (no cgroup: gVisor's memory is unbounded)\n"
+        );
+    }
+    for b in rootless {
+        let policy = if b == "gvisor" {
+            vec!["--policy", dangerous.to_str().unwrap()]
+        } else {
+            vec![]
+        };
+        let out = unprivileged(&policy)
+            .args(["--json", "--backend", b, "--lang", "python", "-c"])
             .arg("import os\ncaps = [l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm', 'CapBnd'))]\nprint(os.getuid(), *caps)\nopen('/etc/x', 'w')")
-            .stdin(Stdio::null())
             .output()
             .unwrap();
         assert!(
@@ -475,5 +517,11 @@ fn oci_and_gvisor_run_rootless_when_airlock_is_not_root() {
             "{b}: the root is writable: {r}"
         );
         assert!(r["enforced"]["cgroup"].is_null(), "{r}");
+        let missing = if b == "gvisor" {
+            serde_json::json!(["limits.memory_mib (no cgroup: gVisor's memory is unbounded)"])
+        } else {
+            serde_json::json!([])
+        };
+        assert_eq!(r["enforced"]["missing_layers"], missing, "{r}");
     }
 }
