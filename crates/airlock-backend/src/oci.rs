@@ -808,6 +808,7 @@ impl Prepared for OciSandbox {
     fn host_state(&self) -> serde_json::Value {
         let mut v = self.inner.host_state();
         v["backend"] = self.backend.into();
+        v["isolation"] = self.inner.enforced().isolation.as_str().into();
         v["container"] = self.inner.name().into();
         v
     }

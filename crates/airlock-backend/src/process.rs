@@ -223,6 +223,7 @@ impl Prepared for ProcessSandbox {
     fn host_state(&self) -> serde_json::Value {
         serde_json::json!({
             "backend": "process",
+            "isolation": self.0.enforced().isolation,
             "cgroups": self
                 .0
                 .cgroup_dirs()

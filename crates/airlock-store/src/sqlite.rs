@@ -1017,10 +1017,21 @@ impl Store for SqliteStore {
                 .ok_or(StoreError::NotFound("queued execution"))?;
                 let tenant: String = r.try_get(0)?;
                 let req: String = r.try_get(1)?;
+                // What runs it, from the state the runtime recorded (which
+                // also names host paths: those stay out of the audit).
+                let hs: serde_json::Value = serde_json::from_str(&host_state).unwrap_or_default();
+                let name = |k: &str| {
+                    hs.get(k)
+                        .and_then(serde_json::Value::as_str)
+                        .map(|v| v.chars().take(32).collect::<String>())
+                };
                 append_in(
                     c,
                     keys,
-                    &NewAudit::new(Some(&tenant), "execution.start", "server", &id, Some(&req)),
+                    &NewAudit::new(Some(&tenant), "execution.start", "server", &id, Some(&req))
+                        .with_detail(serde_json::json!({
+                            "backend": name("backend"), "isolation": name("isolation"),
+                        })),
                 )
                 .await?;
                 Ok(())

@@ -23,6 +23,16 @@ fn the_cheapest_offered_backend_meeting_the_minimum_runs_and_the_result_names_it
         assert_eq!(v["result"]["enforced"]["backend"], "process");
         assert_eq!(v["result"]["enforced"]["isolation"], "container");
         assert_eq!(v["result"]["enforced"]["missing_layers"], json!([]));
+        // The audit chain names it too.
+        let detail = query(
+            &s.data().join("airlock.db"),
+            &format!(
+                "SELECT detail FROM audit WHERE kind = 'execution.start' AND subject = '{}'",
+                v["id"].as_str().unwrap()
+            ),
+        );
+        let d: serde_json::Value = serde_json::from_str(detail[0][0].as_str().unwrap()).unwrap();
+        assert_eq!(d, json!({"backend": "process", "isolation": "container"}));
     }
 }
 
