@@ -74,14 +74,6 @@ impl BackendError {
             other => other.to_string(),
         }
     }
-
-    /// The request was at fault (bad input), not the host.
-    pub fn invalid_request(&self) -> Option<&str> {
-        match self {
-            BackendError::Sandbox(SandboxError::InvalidRequest(m)) => Some(m),
-            _ => None,
-        }
-    }
 }
 
 /// What the sandbox gets besides its policy: its language and what the
@@ -293,13 +285,6 @@ impl Backends {
             .iter()
             .map(|b| format!("{} ({})", b.name(), b.level()))
             .collect()
-    }
-
-    /// The levels offered, weakest first, without repeats.
-    pub fn levels(&self) -> Vec<IsolationLevel> {
-        let mut v: Vec<_> = self.list.iter().map(|b| b.level()).collect();
-        v.dedup();
-        v
     }
 
     /// The backend that runs a request: the one it names, which must meet

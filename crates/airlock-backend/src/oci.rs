@@ -604,11 +604,6 @@ impl OciBackend {
         })
     }
 
-    /// The runtime it drives.
-    pub fn runtime(&self) -> &OciRuntime {
-        &self.launcher.rt
-    }
-
     /// gVisor without a host cgroup cannot bound memory: the sentry keeps
     /// the code's memory in its own (RLIMIT_DATA, the process sandbox's
     /// fallback, does not reach it). Refused unless the policy accepts the

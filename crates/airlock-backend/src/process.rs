@@ -34,11 +34,6 @@ impl ProcessBackend {
     pub fn new(engine: Arc<Engine>) -> Self {
         ProcessBackend { engine }
     }
-
-    /// The engine underneath (for doctor's host checks).
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
-    }
 }
 
 /// Refuses a policy whose minimum level is above `level` (a backend never

@@ -147,17 +147,8 @@ impl Pools {
     fn keys(&self) -> Vec<(Arc<dyn Backend>, Language, usize)> {
         let mut v = Vec::new();
         for b in self.backends.all() {
-            if self
-                .spec
-                .backends
-                .as_ref()
-                .is_some_and(|names| !names.iter().any(|n| n == b.name()))
-            {
-                continue;
-            }
             for (lang, n) in &self.spec.targets {
-                // Shell has no runner that could wait for its code.
-                if *n > 0 && *lang != Language::Shell {
+                if self.pooled(b.name(), *lang) {
                     v.push((b.clone(), *lang, *n));
                 }
             }
@@ -356,9 +347,8 @@ impl Pools {
             );
     }
 
-    /// Whether an execution of `lang` with `policy` (code and input sizes
-    /// in `handshake`, JSON bytes) can be served from `backend`'s pool.
-    fn fits(&self, backend: &str, lang: Language, policy: &Policy, handshake: usize) -> bool {
+    /// Whether `backend` keeps a pool for `lang`.
+    fn pooled(&self, backend: &str, lang: Language) -> bool {
         self.spec
             .targets
             .iter()
@@ -368,7 +358,12 @@ impl Pools {
                 .backends
                 .as_ref()
                 .is_none_or(|names| names.iter().any(|n| n == backend))
-            && only_tightens(&self.spec.policy, policy)
+    }
+
+    /// Whether an execution with `policy` (code and input sizes in
+    /// `handshake`, JSON bytes) can be served from a pool.
+    fn fits(&self, policy: &Policy, handshake: usize) -> bool {
+        only_tightens(&self.spec.policy, policy)
             && !policy.network.is_proxy()
             // The code travels in one broker reply (at most 1 MiB): big
             // code and input start cold instead.
@@ -385,15 +380,10 @@ impl Pools {
         handshake: usize,
     ) -> Option<Box<dyn Prepared>> {
         let key = (backend.name(), lang);
-        if !self
-            .spec
-            .targets
-            .iter()
-            .any(|(l, n)| *l == lang && *n > 0 && *l != Language::Shell)
-        {
+        if !self.pooled(backend.name(), lang) {
             return None;
         }
-        if !self.fits(backend.name(), lang, policy, handshake) {
+        if !self.fits(policy, handshake) {
             self.metrics.pool_misses.get_or_create(&label(key)).inc();
             return None;
         }

@@ -1009,6 +1009,9 @@ pub(crate) fn run_job(
         .map(|a| CString::new(a.as_str()))
         .collect::<Result<_, _>>()
         .map_err(|_| (Step::ReadJob, libc::EINVAL))?;
+    if watch {
+        at(Step::ForkProgram, sys::wake_on_sigchld())?;
+    }
     let (err_r, err_w) = at(Step::ForkProgram, sys::pipe())?;
     // SAFETY: init is single-threaded.
     match at(Step::ForkProgram, unsafe { sys::fork() })? {

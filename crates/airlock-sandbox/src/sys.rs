@@ -283,9 +283,51 @@ pub enum ChildStatus {
     Signaled(i32),
 }
 
+extern "C" fn on_sigchld(_: libc::c_int) {}
+
+/// Makes SIGCHLD wake [`wait_any_watching`]: a handler that does nothing
+/// (so a wait is interrupted) and the signal blocked until that wait
+/// unblocks it atomically (no exit can slip between a check and the
+/// sleep). Call before forking the children to wait for; a forked program
+/// restores both ([`reset_signals`]).
+pub fn wake_on_sigchld() -> io::Result<()> {
+    // SAFETY: sigaction and sigprocmask with plain-old-data structures we
+    // own; the handler is an extern "C" fn that touches nothing.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigchld as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_NOCLDSTOP;
+        libc::sigemptyset(&mut sa.sa_mask);
+        cvt_i(libc::sigaction(libc::SIGCHLD, &sa, std::ptr::null_mut()))?;
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        cvt_i(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+    }
+    Ok(())
+}
+
 /// [`wait_any`], giving up with EPIPE as soon as `watch` hangs up: its
 /// peer (the engine) is gone, and nothing will read what a child does.
+/// Sleeps until a child ends or `watch` changes (after
+/// [`wake_on_sigchld`]): no polling interval, no added latency.
 pub fn wait_any_watching(watch: RawFd) -> io::Result<(libc::pid_t, ChildStatus)> {
+    // SAFETY: sigset_t is plain old data; sigprocmask only reads the
+    // current mask into it.
+    let unblocked = unsafe {
+        let mut cur: libc::sigset_t = std::mem::zeroed();
+        cvt_i(libc::sigprocmask(
+            libc::SIG_BLOCK,
+            std::ptr::null(),
+            &mut cur,
+        ))?;
+        libc::sigdelset(&mut cur, libc::SIGCHLD);
+        cur
+    };
     loop {
         let mut status: libc::c_int = 0;
         // SAFETY: `status` is a valid out-pointer for the call's duration.
@@ -299,13 +341,21 @@ pub fn wait_any_watching(watch: RawFd) -> io::Result<(libc::pid_t, ChildStatus)>
                 return Err(err);
             }
         }
-        match poll(&[(watch, libc::POLLIN)], 100) {
-            Ok(r) if r[0] & (libc::POLLHUP | libc::POLLERR | libc::POLLIN) != 0 => {
-                return Err(io::Error::from_raw_os_error(libc::EPIPE));
+        let mut pfd = libc::pollfd {
+            fd: watch,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no timeout, and a signal mask we own.
+        let r = unsafe { libc::ppoll(&mut pfd, 1, std::ptr::null(), &unblocked) };
+        if r > 0 && pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLIN) != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EPIPE));
+        }
+        if r < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
             }
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(e),
         }
     }
 }
