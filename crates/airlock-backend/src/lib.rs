@@ -25,6 +25,7 @@
 //! that created it (PR_SET_PDEATHSIG follows the spawning thread), so
 //! callers prepare sandboxes from long-lived threads.
 
+pub mod image;
 pub mod oci;
 pub mod process;
 
@@ -343,10 +344,13 @@ pub struct NotHere {
 }
 
 /// Every backend this host can run: the process sandbox, and the OCI
-/// runtime and gVisor when installed, their state under `run_dir`.
+/// runtime and gVisor when installed, their state under `run_dir`; `images`
+/// gives the OCI and gVisor backends an image's root by backend name
+/// instead of the host's runtime.
 pub fn on_this_host(
     engine: Arc<airlock_sandbox::Engine>,
     run_dir: &std::path::Path,
+    images: &std::collections::BTreeMap<String, airlock_sandbox::hosted::ImageRoot>,
 ) -> (Vec<Arc<dyn Backend>>, Vec<NotHere>) {
     let mut list: Vec<Arc<dyn Backend>> =
         vec![Arc::new(process::ProcessBackend::new(engine.clone()))];
@@ -357,7 +361,10 @@ pub fn on_this_host(
             _ => "oci",
         };
         match oci::OciBackend::new(engine.clone(), rt) {
-            Ok(b) => list.push(Arc::new(b)),
+            Ok(b) => list.push(Arc::new(match images.get(name) {
+                Some(image) => b.with_image(image.clone()),
+                None => b,
+            })),
             Err(e) => failed.push(NotHere {
                 name,
                 why: e.to_string(),

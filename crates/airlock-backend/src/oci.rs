@@ -25,7 +25,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use airlock_policy::{IsolationLevel, Language, Policy};
-use airlock_sandbox::hosted::{AgentLaunch, Isolated, Launched, Launcher};
+use airlock_sandbox::hosted::{
+    AgentLaunch, IMAGE_AIRLOCK_DIR, IMAGE_GUEST_ROOT, ImageRoot, Isolated, Launched, Launcher,
+};
 use airlock_sandbox::launch::{SANDBOX_GID, SANDBOX_UID};
 use airlock_sandbox::{Engine, SandboxError};
 use oci_spec::runtime::{
@@ -142,6 +144,9 @@ const GVISOR_OVERHEAD: (u64, u64) = (256, 256);
 #[derive(Debug)]
 struct OciLauncher {
     rt: OciRuntime,
+    /// The image whose root sandboxes run in, instead of the host's
+    /// runtime.
+    image: Option<ImageRoot>,
 }
 
 impl OciLauncher {
@@ -205,6 +210,10 @@ impl Launcher for OciLauncher {
         }
     }
 
+    fn image(&self) -> Option<&ImageRoot> {
+        self.image.as_ref()
+    }
+
     fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {
         let spawn = |e: std::io::Error| SandboxError::SpawnInit(e);
         let bundle = self.rt.bundles.join(l.name);
@@ -219,9 +228,14 @@ impl Launcher for OciLauncher {
             .map_err(spawn)?;
         let cleanup_bundle = bundle.clone();
         let made = (|| {
-            fs::DirBuilder::new().mode(0o755).create(&rootfs)?;
-            build_rootfs(&rootfs, l)?;
-            let spec = bundle_spec(l, self.rt.kind)?;
+            match &l.view.image {
+                None => {
+                    fs::DirBuilder::new().mode(0o755).create(&rootfs)?;
+                    build_rootfs(&rootfs, l)?;
+                }
+                Some(_) => build_image_files(&bundle, l)?,
+            }
+            let spec = bundle_spec(l, self.rt.kind, &bundle)?;
             let text = serde_json::to_vec(&spec).map_err(std::io::Error::other)?;
             fs::OpenOptions::new()
                 .write(true)
@@ -257,7 +271,12 @@ impl Launcher for OciLauncher {
                     .arg("--no-new-keyring");
             }
             Kind::Gvisor => {
-                cmd.arg("--network=none").arg("--ignore-cgroups");
+                // No overlay over the root: it is read-only, and runsc's
+                // default overlay would keep its backing file in the root
+                // directory (an image's root is shared).
+                cmd.arg("--network=none")
+                    .arg("--ignore-cgroups")
+                    .arg("--overlay2=none");
                 if l.setup_ids == l.host_ids {
                     // Unprivileged: runsc's own rootless mode.
                     cmd.arg("--rootless");
@@ -373,6 +392,93 @@ fn build_rootfs(rootfs: &Path, l: &AgentLaunch<'_>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// For an image root: the sandbox's own files, outside the shared image,
+/// in two directories of the bundle bound read-only over the image's
+/// (empty) `/opt/airlock` and `/.airlock`.
+fn build_image_files(bundle: &Path, l: &AgentLaunch<'_>) -> std::io::Result<()> {
+    let guest = bundle.join("guest");
+    let own = bundle.join("airlock");
+    let mkdir = |p: &Path| fs::DirBuilder::new().recursive(true).mode(0o755).create(p);
+    mkdir(&guest)?;
+    mkdir(&own)?;
+    for f in &l.view.files {
+        let (base, rest) = if let Some(r) = f.path.strip_prefix(IMAGE_GUEST_ROOT) {
+            (&guest, r)
+        } else if let Some(r) = f.path.strip_prefix(IMAGE_AIRLOCK_DIR) {
+            (&own, r)
+        } else {
+            return Err(std::io::Error::other(
+                "a file outside the image's file roots",
+            ));
+        };
+        // Paths were checked by the engine (absolute, no `..`); the
+        // directories here are new and the bundle's own.
+        let p = base.join(rest.trim_start_matches('/'));
+        if let Some(parent) = p.parent() {
+            mkdir(parent)?;
+        }
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&p)?
+            .write_all(f.contents.as_bytes())?;
+    }
+    // The agent and its libraries are bound over these.
+    let lib = own.join("lib");
+    mkdir(&lib)?;
+    let mount_point = |p: &Path| {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(p)
+            .map(drop)
+    };
+    mount_point(&own.join("agent"))?;
+    for (_, name) in agent_libs() {
+        mount_point(&lib.join(name))?;
+    }
+    Ok(())
+}
+
+/// The shared libraries the airlock binary runs with (this process is
+/// that binary), as mapped now: host path and file name. Read once.
+fn agent_libs() -> &'static [(PathBuf, String)] {
+    static LIBS: std::sync::OnceLock<Vec<(PathBuf, String)>> = std::sync::OnceLock::new();
+    LIBS.get_or_init(|| {
+        let maps = fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let mut out: Vec<(PathBuf, String)> = Vec::new();
+        for line in maps.lines() {
+            let Some(path) = line.split_whitespace().nth(5) else {
+                continue;
+            };
+            let p = Path::new(path);
+            let Some(name) = p.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let system = path.starts_with("/lib") || path.starts_with("/usr/lib");
+            if system
+                && name.contains(".so")
+                && airlock_sandbox::launch::safe_file_name(name)
+                && !out.iter().any(|(_, n)| n == name)
+            {
+                out.push((p.to_path_buf(), name.to_string()));
+            }
+        }
+        out
+    })
+}
+
+/// The dynamic loader among [`agent_libs`] (none: a static binary).
+fn agent_loader() -> Option<&'static str> {
+    agent_libs()
+        .iter()
+        .map(|(_, n)| n.as_str())
+        .find(|n| n.starts_with("ld-linux") || n.starts_with("ld-musl"))
+}
+
 fn mount(dest: &str, typ: &str, source: &str, options: &[String]) -> std::io::Result<Mount> {
     MountBuilder::default()
         .destination(dest)
@@ -388,7 +494,7 @@ fn strings(v: &[&str]) -> Vec<String> {
 }
 
 /// The bundle's `config.json`.
-fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
+fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind, bundle: &Path) -> std::io::Result<Spec> {
     let e = std::io::Error::other;
     let (sandbox_uid, sandbox_gid) = if l.setup_ids == l.host_ids {
         (0, 0)
@@ -434,9 +540,54 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
             &strings(&["rbind", "ro", "nosuid", "nodev"]),
         )?);
     }
+    if l.view.image.is_some() {
+        // The sandbox's own files over the image's empty directories (the
+        // bundle's path is absolute: the runtime is started in /).
+        for (dir, target) in [("guest", IMAGE_GUEST_ROOT), ("airlock", IMAGE_AIRLOCK_DIR)] {
+            mounts.push(mount(
+                target,
+                "bind",
+                &bundle.join(dir).to_string_lossy(),
+                &strings(&["rbind", "ro", "nosuid", "nodev"]),
+            )?);
+        }
+    }
+    let image_root = l.view.image.is_some();
+    if image_root {
+        // An image has its own libraries (or none, or musl's): the agent
+        // runs with the host's loader and the libraries it was linked
+        // with, bound read-only under /.airlock/lib; the program it then
+        // executes is the image's, with the image's own.
+        for (host, name) in agent_libs() {
+            mounts.push(mount(
+                &format!("{IMAGE_AIRLOCK_DIR}/lib/{name}"),
+                "bind",
+                &host.to_string_lossy(),
+                &strings(&["bind", "ro", "nosuid", "nodev"]),
+            )?);
+        }
+    }
+    let mut args = Vec::new();
+    if image_root && let Some(loader) = agent_loader() {
+        args.extend([
+            format!("{IMAGE_AIRLOCK_DIR}/lib/{loader}"),
+            "--library-path".into(),
+            format!("{IMAGE_AIRLOCK_DIR}/lib"),
+        ]);
+    }
     let agent = match kind {
-        // gVisor loads programs through its own filesystem only: the
-        // binary is bound read-only (nothing else of its directory).
+        // gVisor loads programs through its own filesystem only, and the
+        // host's loader must read the agent to load it into an image root:
+        // the binary is bound read-only (nothing else of its directory).
+        _ if image_root => {
+            mounts.push(mount(
+                airlock_sandbox::hosted::AGENT_PATH,
+                "bind",
+                &l.agent_binary.to_string_lossy(),
+                &strings(&["bind", "ro", "nosuid", "nodev"]),
+            )?);
+            airlock_sandbox::hosted::AGENT_PATH.to_string()
+        }
         Kind::Gvisor => {
             mounts.push(mount(
                 airlock_sandbox::hosted::AGENT_PATH,
@@ -472,7 +623,10 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
                 .build()
                 .map_err(e)?,
         )
-        .args(strings(&[&agent, airlock_sandbox::agent::AGENT_ARG]))
+        .args({
+            args.extend([agent, airlock_sandbox::agent::AGENT_ARG.to_string()]);
+            args
+        })
         .env(Vec::<String>::new())
         .cwd("/")
         .capabilities(capabilities)
@@ -547,11 +701,17 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind) -> std::io::Result<Spec> {
         // (unprivileged, no delegation) runc runs rootless and makes none.
         linux.set_cgroups_path(Some(PathBuf::from(l.name)));
     }
+    let root = match &l.view.image {
+        // The image's root, shared and never written: every mount point
+        // exists in it (checked at import and when the backend loads it).
+        Some(img) => img.rootfs.clone(),
+        None => PathBuf::from("rootfs"),
+    };
     SpecBuilder::default()
         .version("1.0.2")
         .root(
             RootBuilder::default()
-                .path("rootfs")
+                .path(root)
                 .readonly(true)
                 .build()
                 .map_err(e)?,
@@ -600,8 +760,24 @@ impl OciBackend {
         }
         Ok(OciBackend {
             engine,
-            launcher: Arc::new(OciLauncher { rt }),
+            launcher: Arc::new(OciLauncher { rt, image: None }),
         })
+    }
+
+    /// The same backend with `image`'s root instead of the host's runtime.
+    pub fn with_image(self, image: ImageRoot) -> Self {
+        OciBackend {
+            engine: self.engine,
+            launcher: Arc::new(OciLauncher {
+                rt: self.launcher.rt.clone(),
+                image: Some(image),
+            }),
+        }
+    }
+
+    /// The image its sandboxes run in, when not the host's runtime.
+    pub fn image(&self) -> Option<&ImageRoot> {
+        self.launcher.image.as_ref()
     }
 
     /// gVisor without a host cgroup cannot bound memory: the sentry keeps
@@ -638,6 +814,10 @@ impl Backend for OciBackend {
 
     fn validate(&self, req: &Request<'_>) -> Result<(), BackendError> {
         check_level(self.name(), self.level(), req.policy)?;
+        if let Some(image) = self.image() {
+            // The image's interpreter, not the host's, runs the code.
+            airlock_sandbox::runtime::in_image(req.language, image)?;
+        }
         // Unprivileged, no cgroup can be counted on (prepare checks the
         // one it got).
         if airlock_sandbox::sys::geteuid() != 0 {
@@ -740,10 +920,26 @@ impl Backend for OciBackend {
                 )),
             )
         } else {
+            // A language the root has: an image may have no shell.
+            let (lang, code): (Language, &[u8]) = match self.image() {
+                Some(image)
+                    if !image
+                        .interpreters
+                        .iter()
+                        .any(|(l, _)| *l == Language::Shell) =>
+                {
+                    match image.interpreters.first() {
+                        Some((Language::Python, _)) => (Language::Python, b"pass"),
+                        Some((Language::Javascript, _)) => (Language::Javascript, b""),
+                        _ => (Language::Shell, b"exit 0"),
+                    }
+                }
+                _ => (Language::Shell, b"exit 0"),
+            };
             crate::verdict(
                 self.engine
-                    .prepare_agent(&policy, Language::Shell, &extras, self.launcher.as_ref())
-                    .map(|sb| sb.execute(b"exit 0", None, b"", &mut |_, _| {}))
+                    .prepare_agent(&policy, lang, &extras, self.launcher.as_ref())
+                    .map(|sb| sb.execute(code, None, b"", &mut |_, _| {}))
                     .map_err(|e| e.to_string()),
             )
         };

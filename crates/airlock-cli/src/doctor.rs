@@ -250,8 +250,11 @@ pub fn run(json: bool, server: Option<&str>, ca: Option<&Path>) -> ExitCode {
     // The other backends: installed, version, and a trivial sandbox run
     // end to end through each (not only a binary found).
     let engine = std::sync::Arc::new(engine);
-    let (backends, failed) =
-        airlock_backend::on_this_host(engine.clone(), &airlock_backend::default_run_dir());
+    let (backends, failed) = airlock_backend::on_this_host(
+        engine.clone(),
+        &airlock_backend::default_run_dir(),
+        &Default::default(),
+    );
     for (name, fix) in [
         (
             "backend_oci",

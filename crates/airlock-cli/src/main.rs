@@ -12,6 +12,7 @@ mod client;
 mod doctor;
 mod egress;
 mod handler;
+mod image;
 mod remote;
 mod server;
 
@@ -45,6 +46,9 @@ enum Command {
     Serve(server::ServeArgs),
     /// Administer tenants, API keys and the audit log of a data directory.
     Admin(server::AdminArgs),
+    /// Import, list and remove OCI images that the oci and gvisor
+    /// backends can use as their root.
+    Image(image::ImageArgs),
     /// Report which isolation layers this host supports.
     Doctor {
         /// Print JSON instead of text.
@@ -89,6 +93,10 @@ struct RunArgs {
     /// Run on this backend: process, oci or gvisor (see `airlock doctor`).
     #[arg(long, value_name = "NAME")]
     backend: Option<String>,
+    /// Run in this imported image's root (`airlock image list`) instead
+    /// of the host's runtime: on oci, or gvisor when asked for.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
     /// Policy file (TOML).
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -197,6 +205,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Image(args) => image::run(args),
         Command::Doctor { json, server, ca } => doctor::run(json, server.as_deref(), ca.as_deref()),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -233,9 +242,20 @@ fn engine() -> Result<Engine, Usage> {
 /// The backends a local run may use: the process sandbox always, and the
 /// OCI runtime and gVisor when they are installed (chosen only when asked
 /// for: the process sandbox is the cheapest).
-fn local_backends() -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> {
-    let (list, failed) =
-        airlock_backend::on_this_host(Arc::new(engine()?), &airlock_backend::default_run_dir());
+fn local_backends(image: Option<&str>) -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> {
+    let mut images = std::collections::BTreeMap::new();
+    if let Some(reference) = image {
+        let root = image::store()
+            .root(reference)
+            .map_err(|e| Usage(format!("--image: {e}")))?;
+        images.insert("oci".to_string(), root.clone());
+        images.insert("gvisor".to_string(), root);
+    }
+    let (mut list, failed) = airlock_backend::on_this_host(
+        Arc::new(engine()?),
+        &airlock_backend::default_run_dir(),
+        &images,
+    );
     // What an earlier run killed before its teardown left (a CLI has no
     // crash recovery of its own): only what no live engine owns, cgroups
     // (the process backend, first) before bundles.
@@ -244,13 +264,26 @@ fn local_backends() -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> 
             b.reap_stale(None);
         }
     }
+    if image.is_some() {
+        // The process sandbox has no image root: never picked for one.
+        list.retain(|b| b.name() != "process");
+    }
     Ok((Backends::new(list), failed))
 }
 
 /// The backend that runs a local execution: the one `--backend` names, or
 /// the cheapest here that meets the policy's minimum isolation.
-fn local_backend(policy: &Policy, name: Option<&str>) -> Result<Arc<dyn Backend>, Usage> {
-    let (backends, failed) = local_backends()?;
+fn local_backend(
+    policy: &Policy,
+    name: Option<&str>,
+    image: Option<&str>,
+) -> Result<Arc<dyn Backend>, Usage> {
+    if image.is_some() && name == Some("process") {
+        return Err(Usage(
+            "--image runs on the oci or gvisor backend, not process".into(),
+        ));
+    }
+    let (backends, failed) = local_backends(image)?;
     if let Some(f) = failed.iter().find(|f| Some(f.name) == name) {
         return Err(Usage(format!(
             "backend {} cannot start here: {}",
@@ -375,7 +408,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             let (name, value) = handler::parse_secret(s)?;
             secrets.0.insert(name, value);
         }
-        let backend = local_backend(&policy, args.backend.as_deref())?;
+        let backend = local_backend(&policy, args.backend.as_deref(), args.image.as_deref())?;
         return handler::run(
             backend.as_ref(),
             handler::HandlerRun {
@@ -395,6 +428,13 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
         if args.policy.is_some() {
             return Err(Usage(
                 "--policy applies to local runs; with --server the server's policy governs".into(),
+            ));
+        }
+        if args.image.is_some() {
+            return Err(Usage(
+                "--image applies to local runs; a server's images are its operator's \
+                 [backends] images"
+                    .into(),
             ));
         }
         let mut limits = serde_json::Map::new();
@@ -419,7 +459,7 @@ fn run(args: RunArgs) -> Result<ExitCode, Usage> {
             ca: args.ca.as_deref(),
         });
     }
-    let backend = local_backend(&policy, args.backend.as_deref())?;
+    let backend = local_backend(&policy, args.backend.as_deref(), args.image.as_deref())?;
     let req = Request {
         language,
         code: &code,

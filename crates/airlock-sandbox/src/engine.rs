@@ -255,10 +255,13 @@ impl Engine {
     pub(crate) fn platform_env(&self) -> Vec<(String, String)> {
         let has_bundle =
             self.ca.is_some() || std::path::Path::new(crate::rootfs::CA_BUNDLE_PATH).is_file();
-        crate::rootfs::ca_env(has_bundle, self.ca.is_some())
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+        crate::rootfs::ca_env(
+            has_bundle.then_some(crate::rootfs::CA_BUNDLE_PATH),
+            self.ca.is_some().then_some(crate::rootfs::EXTRA_CA_PATH),
+        )
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 
     /// The binary zygotes run: a sealed memfd copy of the init binary,
@@ -561,6 +564,7 @@ impl Engine {
                 cgroup: None,
                 unavailable_limits: Vec::new(),
                 host_uid,
+                image: None,
             },
             setup_time: Duration::ZERO,
             cleanup: None,
@@ -621,6 +625,20 @@ impl Engine {
         lang: Language,
         extras: &Extras,
     ) -> Result<Runtime, SandboxError> {
+        self.check_spec_in(policy, lang, extras, None)
+    }
+
+    /// [`Self::check_spec`] for a root that is `image` when given: the
+    /// runtime is the image's, the policy may not bind host paths into it,
+    /// and platform files go under [`crate::hosted::IMAGE_GUEST_ROOT`] (the
+    /// only place an image root takes them).
+    pub(crate) fn check_spec_in(
+        &self,
+        policy: &Policy,
+        lang: Language,
+        extras: &Extras,
+        image: Option<&crate::hosted::ImageRoot>,
+    ) -> Result<Runtime, SandboxError> {
         check_runnable(policy, lang)?;
         let files_bytes: usize = extras.files.iter().map(|(_, c)| c.len()).sum();
         if files_bytes > MAX_EXTRA_FILES_BYTES
@@ -660,6 +678,26 @@ impl Engine {
             return Err(SandboxError::InvalidRequest(
                 "entry must be an absolute path".into(),
             ));
+        }
+        if let Some(image) = image {
+            if !policy.filesystem.read_only_paths.is_empty() {
+                return Err(SandboxError::InvalidRequest(
+                    "filesystem.read_only_paths name host paths, and this backend's root is \
+                     an image: it holds none of the host"
+                        .into(),
+                ));
+            }
+            if extras
+                .files
+                .iter()
+                .any(|(f, _)| !under(f, crate::hosted::IMAGE_GUEST_ROOT))
+            {
+                return Err(SandboxError::InvalidRequest(format!(
+                    "extra files of an image root go under {}",
+                    crate::hosted::IMAGE_GUEST_ROOT
+                )));
+            }
+            return runtime::in_image(lang, image);
         }
         let runtime = self.runtime(lang)?;
         // Platform files go into the root's own tmpfs: never into (or

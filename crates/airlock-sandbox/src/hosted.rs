@@ -35,6 +35,32 @@ pub const AGENT_IMAGE_FD: RawFd = 6;
 /// Where a runtime that binds the agent shows it inside.
 pub const AGENT_PATH: &str = "/.airlock/agent";
 
+/// Where platform files (the guest SDKs) go in a sandbox whose root is an
+/// image: the image has this directory empty (checked at import), and the
+/// runtime binds the sandbox's own files over it.
+pub const IMAGE_GUEST_ROOT: &str = "/opt/airlock";
+
+/// Where an image root's sandbox holds airlock's own files (the agent for
+/// gVisor, the operator's CA bundle): bound from the bundle, empty in the
+/// image.
+pub const IMAGE_AIRLOCK_DIR: &str = "/.airlock";
+
+/// An imported OCI image used as the root filesystem instead of the host's
+/// runtime: read-only, shared by every sandbox of it, its mount points
+/// checked to be real empty directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRoot {
+    /// `sha256:<hex>` of the image's configuration.
+    pub id: String,
+    /// The unpacked root on the host.
+    pub rootfs: std::path::PathBuf,
+    /// Interpreter path inside the image, per language it has.
+    pub interpreters: Vec<(Language, String)>,
+    /// The image's own CA bundle (`/etc/ssl/certs/ca-certificates.crt`,
+    /// read inside its root), which the operator's certificates extend.
+    pub ca_bundle: Option<std::sync::Arc<str>>,
+}
+
 /// The filesystem view a runtime builds: the same one the process sandbox
 /// builds for itself.
 #[derive(Debug, Clone)]
@@ -50,6 +76,10 @@ pub struct AgentView {
     pub scratch_bytes: u64,
     /// Inode cap of each scratch tmpfs.
     pub scratch_inodes: u64,
+    /// The image whose root replaces the host's runtime (then `mounts` and
+    /// `symlinks` are empty and every file is under [`IMAGE_GUEST_ROOT`] or
+    /// [`IMAGE_AIRLOCK_DIR`]).
+    pub image: Option<ImageRoot>,
 }
 
 /// Everything a [`Launcher`] gets to start one sandbox.
@@ -133,6 +163,10 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// Starts the runtime for one sandbox. `cmd` must be prepared with
     /// [`AgentLaunch::channels`] so the channels reach the agent.
     fn launch(&self, launch: &AgentLaunch<'_>) -> Result<Launched, SandboxError>;
+    /// The image the sandbox's root is, when not the host's runtime.
+    fn image(&self) -> Option<&ImageRoot> {
+        None
+    }
 }
 
 impl AgentLaunch<'_> {
@@ -199,7 +233,8 @@ impl Engine {
         launcher: &dyn Launcher,
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
-        let runtime = self.check_spec(policy, lang, extras)?;
+        let image_root = launcher.image();
+        let runtime = self.check_spec_in(policy, lang, extras, image_root)?;
         let isolated = launcher.isolated(policy);
         let mut programs = seccomp::programs_for(&policy.syscalls.deny)?;
         if isolated.protect_pid1 {
@@ -233,24 +268,65 @@ impl Engine {
                     .map_err(|_| SandboxError::SpawnInit(std::io::Error::other("cgroup path")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let (etc_files, etc_mounts) = crate::rootfs::etc(self.ca());
-        let mut mounts = runtime.mounts.clone();
-        mounts.extend(policy.filesystem.read_only_paths.iter().map(|p| RoMount {
-            host: p.clone(),
-            target: p.clone(),
-        }));
-        mounts.extend(etc_mounts);
-        let mut files = etc_files;
-        files.extend(extras.files.iter().map(|(path, contents)| RoFile {
-            path: path.clone(),
-            contents: contents.to_string(),
-        }));
-        let view = AgentView {
-            mounts,
-            symlinks: runtime.symlinks.clone(),
-            files,
-            scratch_bytes: policy.filesystem.scratch_mib << 20,
-            scratch_inodes: policy.filesystem.scratch_inodes,
+        let view = match image_root {
+            None => {
+                let (etc_files, etc_mounts) = crate::rootfs::etc(self.ca());
+                let mut mounts = runtime.mounts.clone();
+                mounts.extend(policy.filesystem.read_only_paths.iter().map(|p| RoMount {
+                    host: p.clone(),
+                    target: p.clone(),
+                }));
+                mounts.extend(etc_mounts);
+                let mut files = etc_files;
+                files.extend(extras.files.iter().map(|(path, contents)| RoFile {
+                    path: path.clone(),
+                    contents: contents.to_string(),
+                }));
+                AgentView {
+                    mounts,
+                    symlinks: runtime.symlinks.clone(),
+                    files,
+                    scratch_bytes: policy.filesystem.scratch_mib << 20,
+                    scratch_inodes: policy.filesystem.scratch_inodes,
+                    image: None,
+                }
+            }
+            Some(img) => {
+                // The image's own /etc, untouched: only the platform's
+                // files, and the operator's CA certificates after the
+                // image's own when there are some.
+                let mut files: Vec<RoFile> = extras
+                    .files
+                    .iter()
+                    .map(|(path, contents)| RoFile {
+                        path: path.clone(),
+                        contents: contents.to_string(),
+                    })
+                    .collect();
+                if let Some((_, extra)) = self.ca() {
+                    let mut bundle = img.ca_bundle.as_deref().unwrap_or("").to_string();
+                    if !bundle.is_empty() && !bundle.ends_with('\n') {
+                        bundle.push('\n');
+                    }
+                    bundle.push_str(extra);
+                    files.push(RoFile {
+                        path: crate::rootfs::IMAGE_CA_BUNDLE_PATH.into(),
+                        contents: bundle,
+                    });
+                    files.push(RoFile {
+                        path: crate::rootfs::IMAGE_EXTRA_CA_PATH.into(),
+                        contents: extra.to_string(),
+                    });
+                }
+                AgentView {
+                    mounts: Vec::new(),
+                    symlinks: Vec::new(),
+                    files,
+                    scratch_bytes: policy.filesystem.scratch_mib << 20,
+                    scratch_inodes: policy.filesystem.scratch_inodes,
+                    image: Some(img.clone()),
+                }
+            }
         };
 
         let crate::engine::Channels {
@@ -337,6 +413,7 @@ impl Engine {
                 isolated.unavailable_limits.clone()
             },
             host_uid: host_ids.0,
+            image: image_root.map(|i| i.id.clone()),
         };
         let mut sb = Sandbox::hosted(crate::engine::HostedParts {
             child: InitProc::Child(child),
@@ -352,7 +429,16 @@ impl Engine {
             enforced,
             cgroup,
             cleanup,
-            platform_env: self.platform_env(),
+            platform_env: match image_root {
+                None => self.platform_env(),
+                Some(_) => crate::rootfs::ca_env(
+                    self.ca().map(|_| crate::rootfs::IMAGE_CA_BUNDLE_PATH),
+                    self.ca().map(|_| crate::rootfs::IMAGE_EXTRA_CA_PATH),
+                )
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            },
             name: name.clone(),
             pids_by_rlimit: isolated.pids_by_rlimit,
         });

@@ -108,6 +108,11 @@ pub struct Enforced {
     pub unavailable_limits: Vec<String>,
     /// Host uid the sandbox's processes run as.
     pub host_uid: u32,
+    /// The imported OCI image (`sha256:` id of its configuration) whose
+    /// read-only root the code ran in; absent: the host's runtime,
+    /// read-only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// Everything known about one finished execution.

@@ -216,23 +216,30 @@ pub(crate) fn combine_ca(extra: &str) -> Arc<str> {
 /// curl (`CURL_CA_BUNDLE`), and node, which keeps its own store and adds
 /// only the operator's certificates (`NODE_EXTRA_CA_CERTS`: the whole
 /// bundle would cost every node start tens of milliseconds).
-pub(crate) fn ca_env(has_bundle: bool, extra: bool) -> Vec<(&'static str, String)> {
+pub(crate) fn ca_env(bundle: Option<&str>, extra: Option<&str>) -> Vec<(&'static str, String)> {
     let mut env = Vec::new();
-    if has_bundle {
+    if let Some(bundle) = bundle {
         for k in [
             "SSL_CERT_FILE",
             "REQUESTS_CA_BUNDLE",
             "PIP_CERT",
             "CURL_CA_BUNDLE",
         ] {
-            env.push((k, CA_BUNDLE_PATH.to_string()));
+            env.push((k, bundle.to_string()));
         }
     }
-    if extra {
-        env.push(("NODE_EXTRA_CA_CERTS", EXTRA_CA_PATH.to_string()));
+    if let Some(extra) = extra {
+        env.push(("NODE_EXTRA_CA_CERTS", extra.to_string()));
     }
     env
 }
+
+/// Where an image root's sandbox finds the image's own CA bundle followed
+/// by the operator's certificates (only when the operator added some: an
+/// image otherwise keeps its own store untouched).
+pub const IMAGE_CA_BUNDLE_PATH: &str = "/.airlock/ca-certificates.crt";
+/// The operator's certificates alone, in an image root's sandbox.
+pub const IMAGE_EXTRA_CA_PATH: &str = "/.airlock/extra-ca.crt";
 
 #[cfg(test)]
 mod tests {

@@ -158,16 +158,42 @@ pub fn resolve(lang: Language, interpreter: Option<&Path>) -> Result<Runtime, Sa
     // `chosen` itself runs through a top-level symlink (/bin/sh), the
     // recreated /bin link covers it.
 
-    let (args, extension) = match lang {
-        Language::Python => (vec!["-I".into(), "-B".into(), "-u".into()], "py"),
-        Language::Javascript => (vec![], "js"),
-        Language::Shell => (vec![], "sh"),
-    };
+    let (args, extension) = args_and_extension(lang);
     Ok(Runtime {
         language: lang,
         interpreter,
         mounts,
         symlinks,
+        args,
+        extension,
+    })
+}
+
+/// The interpreter's arguments before the script, and the script's
+/// extension.
+fn args_and_extension(lang: Language) -> (Vec<String>, &'static str) {
+    match lang {
+        Language::Python => (vec!["-I".into(), "-B".into(), "-u".into()], "py"),
+        Language::Javascript => (vec![], "js"),
+        Language::Shell => (vec![], "sh"),
+    }
+}
+
+/// `lang`'s runtime inside an image: its own interpreter, nothing of the
+/// host bound.
+pub fn in_image(lang: Language, image: &crate::hosted::ImageRoot) -> Result<Runtime, SandboxError> {
+    let interpreter = image
+        .interpreters
+        .iter()
+        .find(|(l, _)| *l == lang)
+        .map(|(_, p)| p.clone())
+        .ok_or(SandboxError::RuntimeMissing(lang.as_str()))?;
+    let (args, extension) = args_and_extension(lang);
+    Ok(Runtime {
+        language: lang,
+        interpreter,
+        mounts: Vec::new(),
+        symlinks: Vec::new(),
         args,
         extension,
     })

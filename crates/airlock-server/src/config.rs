@@ -67,6 +67,14 @@ pub struct BackendsConfig {
     /// root, else `$XDG_RUNTIME_DIR/airlock`). Must be traversable (o+x)
     /// down to it.
     pub run_dir: Option<PathBuf>,
+    /// An imported image (`airlock image import`: a name or `sha256:` id)
+    /// whose read-only root replaces the host's runtime, by backend:
+    /// `images = { oci = "python:3.12-slim" }`. Only `oci` and `gvisor`
+    /// take one; the process sandbox always runs the host's runtime.
+    pub images: std::collections::BTreeMap<String, String>,
+    /// Where imported images are (default: /var/lib/airlock/images as
+    /// root, else `$XDG_DATA_HOME/airlock/images`).
+    pub image_store: Option<PathBuf>,
 }
 
 impl Default for BackendsConfig {
@@ -75,6 +83,8 @@ impl Default for BackendsConfig {
             offer: vec!["process".into()],
             pools: None,
             run_dir: None,
+            images: std::collections::BTreeMap::new(),
+            image_store: None,
         }
     }
 }
@@ -335,6 +345,19 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "backends.offer must name at least one backend".into(),
             ));
+        }
+        for name in b.images.keys() {
+            if !matches!(name.as_str(), "oci" | "gvisor") {
+                return Err(ConfigError::Invalid(format!(
+                    "backends.images: {:?} takes no image (only oci and gvisor do)",
+                    name.chars().take(32).collect::<String>()
+                )));
+            }
+            if !b.offer.contains(name) {
+                return Err(ConfigError::Invalid(format!(
+                    "backends.images names {name}, which backends.offer does not offer"
+                )));
+            }
         }
         if let Some(p) = b.pools.iter().flatten().find(|p| !b.offer.contains(p)) {
             return Err(ConfigError::Invalid(format!(

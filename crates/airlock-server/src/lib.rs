@@ -161,7 +161,20 @@ fn offered_backends(
             Vec::new(),
         )
     } else {
-        airlock_backend::on_this_host(engine, &run_dir)
+        let store = airlock_backend::image::Store::new(
+            cfg.backends
+                .image_store
+                .clone()
+                .unwrap_or_else(airlock_backend::image::default_store),
+        );
+        let mut images = std::collections::BTreeMap::new();
+        for (name, reference) in &cfg.backends.images {
+            let root = store.root(reference).map_err(|e| {
+                config::ConfigError::Invalid(format!("backends.images.{name}: {e}"))
+            })?;
+            images.insert(name.clone(), root);
+        }
+        airlock_backend::on_this_host(engine, &run_dir, &images)
     };
     let mut offered = Vec::new();
     for name in wanted {
