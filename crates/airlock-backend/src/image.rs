@@ -353,7 +353,8 @@ impl Store {
                 None => {
                     // A `docker save` layer is named by its uncompressed
                     // digest only: check that now, before unpacking.
-                    let actual = hash_reader(decompress(f)?, limits.max_bytes)?;
+                    let actual =
+                        hash_reader(decompress(f)?, limits.max_bytes, &format!("layer {i}"))?;
                     expect_digest(&format!("layer {i}"), &diff_ids[i], &actual)?;
                 }
             }
@@ -379,7 +380,8 @@ impl Store {
             let mut hashing = HashingReader::new(decompress(f)?);
             unpack.layer(i, &mut hashing)?;
             // The rest of the stream (tar padding) counts for the digest.
-            io::copy(&mut hashing, &mut io::sink()).map_err(|e| read_err("layer", e))?;
+            io::copy(&mut hashing, &mut io::sink())
+                .map_err(|e| read_err(&format!("layer {i}"), e))?;
             expect_digest(
                 &format!("layer {i} (unpacked)"),
                 &diff_ids[i],
@@ -748,10 +750,10 @@ fn expect_digest(what: &str, expected: &str, actual: &str) -> Result<(), ImageEr
     Ok(())
 }
 
-fn hash_reader(mut r: impl Read, max: u64) -> Result<String, ImageError> {
+fn hash_reader(mut r: impl Read, max: u64, what: &str) -> Result<String, ImageError> {
     let mut h = HashingReader::new(&mut r);
     let n =
-        io::copy(&mut (&mut h).take(max + 1), &mut io::sink()).map_err(|e| read_err("layer", e))?;
+        io::copy(&mut (&mut h).take(max + 1), &mut io::sink()).map_err(|e| read_err(what, e))?;
     if n > max {
         return Err(ImageError::TooLarge(format!("a layer exceeds {max} bytes")));
     }
@@ -760,7 +762,7 @@ fn hash_reader(mut r: impl Read, max: u64) -> Result<String, ImageError> {
 
 /// Hashes a blob from its start and rewinds it.
 fn verify(f: &mut File, digest: &str, what: &str, max: u64) -> Result<(), ImageError> {
-    let actual = hash_reader(&mut *f, max)?;
+    let actual = hash_reader(&mut *f, max, what)?;
     expect_digest(what, digest, &actual)?;
     f.rewind().map_err(|e| read_err(what, e))
 }

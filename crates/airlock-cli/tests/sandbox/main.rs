@@ -12,6 +12,7 @@
 mod backends;
 mod cli;
 mod escapes;
+mod images;
 mod isolation;
 mod limits;
 mod syscalls;
