@@ -224,6 +224,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn reap_stale(&self, previous_pid: Option<u32>) -> usize;
     /// Runs a trivial sandbox end to end and reports (doctor).
     fn probe(&self) -> Probe;
+    /// Whether its root has `language`'s runtime (an image may have only
+    /// some): pools are kept only for those.
+    fn runs(&self, language: airlock_policy::Language) -> bool {
+        let _ = language;
+        true
+    }
 }
 
 /// Whether a probe's trivial sandbox (`exit 0`) ran, and what to say

@@ -844,6 +844,11 @@ impl Backend for OciBackend {
         }))
     }
 
+    fn runs(&self, language: Language) -> bool {
+        self.image()
+            .is_none_or(|i| i.interpreters.iter().any(|(l, _)| *l == language))
+    }
+
     fn template(&self, _spec: &SbSpec<'_>) -> Result<Option<Arc<dyn Template>>, BackendError> {
         Ok(None)
     }

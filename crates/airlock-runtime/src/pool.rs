@@ -148,7 +148,7 @@ impl Pools {
         let mut v = Vec::new();
         for b in self.backends.all() {
             for (lang, n) in &self.spec.targets {
-                if self.pooled(b.name(), *lang) {
+                if self.pooled(b.name(), *lang) && b.runs(*lang) {
                     v.push((b.clone(), *lang, *n));
                 }
             }

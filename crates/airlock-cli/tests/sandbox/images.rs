@@ -100,44 +100,13 @@ fn busybox_base() -> Vec<Value> {
     ]
 }
 
-/// The file a host path names, through its symlinks.
-fn real(p: &str) -> String {
-    std::fs::canonicalize(p).unwrap().display().to_string()
-}
-
-/// A python image from the host's python (its binary, standard library
-/// and the libraries they load), imported into a store of its own.
+/// A python image from the host's python (mkimage.py's `host-python`),
+/// imported into a store of its own.
 fn python_image() -> (tempfile::TempDir, String) {
     {
         let dir = open_dir();
         let store = dir.path().join("store");
-        let mut layer = vec![
-            json!({"path": "usr", "type": "dir"}),
-            json!({"path": "usr/bin", "type": "dir"}),
-            json!({"path": "usr/bin/python3.11", "type": "host", "host": "/usr/bin/python3.11"}),
-            json!({"path": "usr/bin/python3", "type": "symlink", "target": "python3.11"}),
-            json!({"path": "usr/lib/python3.11", "type": "host", "host": "/usr/lib/python3.11",
-                   "exclude": ["test", "__pycache__", "idlelib", "tkinter", "ensurepip"]}),
-            json!({"path": "lib", "type": "symlink", "target": "usr/lib"}),
-            json!({"path": "lib64", "type": "symlink", "target": "usr/lib64"}),
-            json!({"path": "usr/lib64", "type": "dir"}),
-            json!({"path": "usr/lib64/ld-linux-x86-64.so.2", "type": "host",
-                   "host": real("/lib64/ld-linux-x86-64.so.2")}),
-            json!({"path": "etc", "type": "dir"}),
-            json!({"path": "etc/os-release", "data": "NAME=airlock-python-image\n"}),
-        ];
-        for lib in [
-            "libc.so.6",
-            "libm.so.6",
-            "libz.so.1",
-            "libexpat.so.1",
-            "libffi.so.8",
-        ] {
-            layer.push(
-                json!({"path": format!("usr/lib/x86_64-linux-gnu/{lib}"), "type": "host",
-                              "host": real(&format!("/lib/x86_64-linux-gnu/{lib}"))}),
-            );
-        }
+        let layer = vec![json!({"type": "preset", "name": "host-python"})];
         let file = dir.path().join("python.tar");
         build(
             &json!({"format": "oci", "gzip": true, "layers": [layer]}),

@@ -8,6 +8,8 @@
 #         "char" | "fifo" | "host", "data": str, "mode": int, "target": str,
 #         "host": host path (a file, or a directory copied whole, skipping
 #         "exclude" names)}
+# or {"type": "preset", "name": "host-python"}: the host's python3, its
+# standard library and the libraries they load, laid out as Debian does.
 # Writes the image to argv[1] and prints the configuration's digest.
 import gzip, hashlib, io, json, os, sys, tarfile
 
@@ -36,7 +38,33 @@ def add_host(t, path, host, exclude):
             t.addfile(ti, f)
 
 
+def host_python():
+    ver = "python%d.%d" % sys.version_info[:2]
+    real = os.path.realpath
+    out = [
+        {"path": "usr", "type": "dir"},
+        {"path": "usr/bin", "type": "dir"},
+        {"path": "usr/bin/" + ver, "type": "host", "host": real("/usr/bin/" + ver)},
+        {"path": "usr/bin/python3", "type": "symlink", "target": ver},
+        {"path": "usr/lib/" + ver, "type": "host", "host": "/usr/lib/" + ver,
+         "exclude": ["test", "__pycache__", "idlelib", "tkinter", "ensurepip"]},
+        {"path": "lib", "type": "symlink", "target": "usr/lib"},
+        {"path": "lib64", "type": "symlink", "target": "usr/lib64"},
+        {"path": "usr/lib64", "type": "dir"},
+        {"path": "usr/lib64/ld-linux-x86-64.so.2", "type": "host",
+         "host": real("/lib64/ld-linux-x86-64.so.2")},
+        {"path": "etc", "type": "dir"},
+        {"path": "etc/os-release", "data": "NAME=airlock-python-image\n"},
+    ]
+    for lib in ["libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.8"]:
+        out.append({"path": "usr/lib/x86_64-linux-gnu/" + lib, "type": "host",
+                    "host": real("/lib/x86_64-linux-gnu/" + lib)})
+    return out
+
+
 def layer(entries):
+    entries = [x for e in entries
+               for x in (host_python() if e.get("type") == "preset" else [e])]
     b = io.BytesIO()
     with tarfile.open(fileobj=b, mode="w", format=tarfile.PAX_FORMAT) as t:
         for e in entries:

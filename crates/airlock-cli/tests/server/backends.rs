@@ -233,3 +233,131 @@ fn a_backend_offered_but_unknown_or_not_runnable_stops_the_server_before_it_serv
         );
     }
 }
+
+/// An image (mkimage.py's host python, imported with `airlock image
+/// import`) in a store the sandboxes' mapped users can traverse.
+fn python_image(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = dir.join("python.tar");
+    let mut child = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", include_str!("../sandbox/mkimage.py")])
+        .arg(&file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            json!({"format": "docker", "layers": [[{"type": "preset", "name": "host-python"}]]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let store = dir.join("images");
+    let out = std::process::Command::new(crate::BIN)
+        .args(["image", "import", "--name", "python:test"])
+        .arg(&file)
+        .env("AIRLOCK_IMAGE_STORE", &store)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    (store, id)
+}
+
+#[test]
+fn an_imported_image_is_served_warm_with_the_broker_and_a_missing_one_stops_the_server() {
+    let extra = container_backends();
+    if !extra.contains(&"oci") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (store, id) = python_image(dir.path());
+    let cfg = dir.path().join("airlock.toml");
+    let toml = |image: &str| {
+        format!(
+            "[backends]\noffer = [\"process\", \"oci\"]\nimage_store = {:?}\n\
+             [backends.images]\noci = {image:?}\n[pool]\npython = 1\njavascript = 1\n",
+            store.display().to_string()
+        )
+    };
+    // A name the store does not have: the server does not start.
+    std::fs::write(&cfg, toml("python:nope")).unwrap();
+    let out = std::process::Command::new(crate::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data0"))
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("AIRLOCK_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("backends.images.oci: no image \"python:nope\""),
+        "{err}"
+    );
+    std::fs::write(&cfg, toml("python:test")).unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    s.put_secret(&key, "TOKEN", "tok-9c3a-canary");
+    let label = "{backend=\"oci\",language=\"python\"}";
+    crate::pool::wait_metric(&s, &format!("airlock_pool_size{label}"), 1.0);
+    let hits = crate::pool::metric(&s, &format!("airlock_pool_hits_total{label}"));
+    let code = r#"
+import sys
+def handler(ax, input):
+    value, found = ax.secrets.get("TOKEN")
+    return {"found": found, "leak": value, "exe": sys.executable,
+            "os": open("/etc/os-release").read()}
+"#;
+    let v = s.exec(
+        &key,
+        json!({"language": "python", "handler": true, "code": code, "backend": "oci",
+               "input": {}, "secrets": ["TOKEN"]}),
+    );
+    assert_eq!(v["status"], "finished", "{v}");
+    assert_eq!(v["result"]["enforced"]["image"], id.as_str(), "{v}");
+    assert_eq!(
+        v["output"],
+        json!({"found": true, "leak": "[REDACTED:TOKEN]", "exe": "/usr/bin/python3",
+               "os": "NAME=airlock-python-image\n"}),
+        "{v}"
+    );
+    assert_eq!(
+        crate::pool::metric(&s, &format!("airlock_pool_hits_total{label}")),
+        hits + 1.0,
+        "not served warm"
+    );
+    // The image has no node: no javascript pool on oci, and a javascript
+    // request there is refused before anything starts.
+    assert_eq!(
+        crate::pool::metric(
+            &s,
+            "airlock_pool_size{backend=\"oci\",language=\"javascript\"}"
+        ),
+        0.0
+    );
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "javascript", "code": "1", "backend": "oci"}),
+    );
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(
+        r.text().contains("the javascript runtime is not installed"),
+        "{}",
+        r.text()
+    );
+    // The process backend still runs the host's runtime.
+    let v = s.exec(&key, json!({"language": "python", "code": "print(1)"}));
+    assert_eq!(v["result"]["enforced"]["backend"], "process");
+    assert!(v["result"]["enforced"].get("image").is_none(), "{v}");
+}
