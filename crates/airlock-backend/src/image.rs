@@ -116,6 +116,8 @@ const MAX_JSON: u64 = 4 << 20;
 const MAX_LAYERS: usize = 256;
 /// Most of an image's CA bundle read (Debian's is about 220 KiB).
 const MAX_CA_BUNDLE: usize = 4 << 20;
+/// Largest PAX or GNU long-name record read.
+const MAX_META: u64 = 1 << 20;
 /// Longest symlink target or entry path accepted.
 const MAX_PATH: usize = 4096;
 
@@ -865,8 +867,14 @@ impl Unpack<'_> {
     fn layer(&mut self, layer: usize, stream: &mut dyn Read) -> Result<(), ImageError> {
         let mut archive = tar::Archive::new(stream);
         let mut created: HashSet<PathBuf> = HashSet::new();
-        let mut opaque: Vec<PathBuf> = Vec::new();
-        let entries = archive.entries().map_err(|e| read_err(&label(layer), e))?;
+        // Raw: PAX and GNU long-name records come as entries, read here
+        // within a cap (the tar crate would read any size into memory).
+        let entries = archive
+            .entries()
+            .map_err(|e| read_err(&label(layer), e))?
+            .raw(true);
+        let mut long_path: Option<PathBuf> = None;
+        let mut long_link: Option<PathBuf> = None;
         for entry in entries {
             let mut entry = entry.map_err(|e| read_err(&label(layer), e))?;
             self.entries += 1;
@@ -876,10 +884,70 @@ impl Unpack<'_> {
                     self.limits.max_entries
                 )));
             }
-            let raw = entry
-                .path()
-                .map_err(|e| read_err(&label(layer), e))?
-                .into_owned();
+            let kind = entry.header().entry_type();
+            if matches!(
+                kind,
+                tar::EntryType::XHeader
+                    | tar::EntryType::XGlobalHeader
+                    | tar::EntryType::GNULongName
+                    | tar::EntryType::GNULongLink
+            ) {
+                let size = entry.size();
+                if size > MAX_META {
+                    return Err(ImageError::TooLarge(format!(
+                        "{}: an extended header of {size} bytes (at most {MAX_META})",
+                        label(layer)
+                    )));
+                }
+                let mut data = Vec::with_capacity(size as usize);
+                (&mut entry)
+                    .take(MAX_META)
+                    .read_to_end(&mut data)
+                    .map_err(|e| read_err(&label(layer), e))?;
+                let as_path = |b: &[u8]| {
+                    use std::os::unix::ffi::OsStrExt;
+                    let b = b.split(|c| *c == 0).next().unwrap_or_default();
+                    PathBuf::from(std::ffi::OsStr::from_bytes(b))
+                };
+                match kind {
+                    tar::EntryType::GNULongName => long_path = Some(as_path(&data)),
+                    tar::EntryType::GNULongLink => long_link = Some(as_path(&data)),
+                    tar::EntryType::XHeader => {
+                        for ext in tar::PaxExtensions::new(&data) {
+                            let ext = ext.map_err(|e| read_err(&label(layer), e))?;
+                            match ext.key_bytes() {
+                                b"path" => long_path = Some(as_path(ext.value_bytes())),
+                                b"linkpath" => long_link = Some(as_path(ext.value_bytes())),
+                                // A size the header does not hold would be
+                                // misread as archive structure: refused.
+                                b"size" => {
+                                    return Err(ImageError::Format(format!(
+                                        "{}: PAX size records are not supported",
+                                        label(layer)
+                                    )));
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            let raw = match long_path.take() {
+                Some(p) => p,
+                None => entry
+                    .path()
+                    .map_err(|e| read_err(&label(layer), e))?
+                    .into_owned(),
+            };
+            let link = match long_link.take() {
+                Some(p) => Some(p),
+                None => entry
+                    .link_name()
+                    .map_err(|e| read_err(&label(layer), e))?
+                    .map(std::borrow::Cow::into_owned),
+            };
             let path = inside(layer, &raw)?;
             if path.as_os_str().is_empty() {
                 continue;
@@ -891,17 +959,22 @@ impl Unpack<'_> {
             let parent = path.parent().map(Path::to_path_buf).unwrap_or_default();
             // Whiteouts: the layer removes what lower layers had.
             if file_name == ".wh..wh..opq" {
-                opaque.push(parent);
+                self.opaque(layer, &parent, &created)?;
                 continue;
             }
             if let Some(gone) = file_name.strip_prefix(".wh.") {
+                if gone.is_empty() || gone == "." {
+                    return Err(ImageError::Format(format!(
+                        "{}: a whiteout without a name",
+                        label(layer)
+                    )));
+                }
                 let target = parent.join(gone);
                 inside(layer, &target)?;
                 self.remove(layer, &target)?;
                 continue;
             }
             let mode = entry.header().mode().unwrap_or(0o644);
-            let kind = entry.header().entry_type();
             let make_parent = |root: &Root| {
                 if !parent.as_os_str().is_empty() {
                     root.mkdir_all(&parent, &Permissions::from_mode(0o755))
@@ -953,11 +1026,9 @@ impl Unpack<'_> {
                         .map_err(|e| unpack_err(layer, &path, e))?;
                 }
                 tar::EntryType::Symlink => {
-                    let target = entry
-                        .link_name()
-                        .map_err(|e| unpack_err(layer, &path, e))?
-                        .ok_or_else(|| unpack_err(layer, &path, "symlink without target"))?
-                        .into_owned();
+                    let target = link
+                        .clone()
+                        .ok_or_else(|| unpack_err(layer, &path, "symlink without target"))?;
                     if target.as_os_str().is_empty() || target.as_os_str().len() > MAX_PATH {
                         return Err(unpack_err(layer, &path, "bad symlink target"));
                     }
@@ -971,11 +1042,9 @@ impl Unpack<'_> {
                         .map_err(|e| unpack_err(layer, &path, e))?;
                 }
                 tar::EntryType::Link => {
-                    let target = entry
-                        .link_name()
-                        .map_err(|e| unpack_err(layer, &path, e))?
-                        .ok_or_else(|| unpack_err(layer, &path, "hard link without target"))?
-                        .into_owned();
+                    let target = link
+                        .clone()
+                        .ok_or_else(|| unpack_err(layer, &path, "hard link without target"))?;
                     let target = inside(layer, &target)?;
                     make_parent(self.root)?;
                     self.remove(layer, &path)?;
@@ -1001,7 +1070,6 @@ impl Unpack<'_> {
                     }
                     continue;
                 }
-                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
                 other => {
                     return Err(unpack_err(
                         layer,
@@ -1010,28 +1078,45 @@ impl Unpack<'_> {
                     ));
                 }
             }
-            created.insert(path);
-        }
-        // Opaque directories: whatever lower layers put there goes; what
-        // this layer put there stays.
-        for dir in opaque {
-            let Ok(handle) = self.root.resolve_nofollow(&dir) else {
-                continue;
-            };
-            let Ok(d) = handle.reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY) else {
-                continue;
-            };
-            let names: Vec<PathBuf> = rustix::fs::Dir::read_from(&d)
-                .map_err(|e| unpack_err(layer, &dir, e))?
-                .flatten()
-                .map(|e| PathBuf::from(e.file_name().to_string_lossy().into_owned()))
-                .filter(|n| n != Path::new(".") && n != Path::new(".."))
-                .collect();
-            for n in names {
-                let child = dir.join(n);
-                if !created.iter().any(|c| c.starts_with(&child)) {
-                    self.remove(layer, &child)?;
+            // The entry and every directory above it are this layer's.
+            let mut p = Some(path.as_path());
+            while let Some(q) = p.filter(|q| !q.as_os_str().is_empty()) {
+                if !created.insert(q.to_path_buf()) {
+                    break;
                 }
+                p = q.parent();
+            }
+        }
+        Ok(())
+    }
+
+    /// An opaque directory: whatever lower layers put in `dir` goes now;
+    /// what this layer put there so far stays.
+    fn opaque(
+        &self,
+        layer: usize,
+        dir: &Path,
+        created: &HashSet<PathBuf>,
+    ) -> Result<(), ImageError> {
+        let Ok(handle) = self.root.resolve_nofollow(dir) else {
+            return Ok(());
+        };
+        let Ok(d) = handle.reopen(OpenFlags::O_RDONLY | OpenFlags::O_DIRECTORY) else {
+            return Ok(());
+        };
+        let names: Vec<PathBuf> = rustix::fs::Dir::read_from(&d)
+            .map_err(|e| unpack_err(layer, dir, e))?
+            .flatten()
+            .map(|e| {
+                use std::os::unix::ffi::OsStrExt;
+                PathBuf::from(std::ffi::OsStr::from_bytes(e.file_name().to_bytes()))
+            })
+            .filter(|n| n != Path::new(".") && n != Path::new(".."))
+            .collect();
+        for n in names {
+            let child = dir.join(n);
+            if !created.contains(&child) {
+                self.remove(layer, &child)?;
             }
         }
         Ok(())

@@ -633,6 +633,31 @@ fn entries_and_links_cannot_leave_the_image_root() {
         "written through the link"
     );
     image_cmd(&store, &["remove", &id]);
+    // A whiteout without a name, and an extended header past its cap
+    // (the tar crate would read any size into memory): refused.
+    for (entry, reason) in [
+        (
+            json!({"path": "etc/.wh.", "data": ""}),
+            "a whiteout without a name",
+        ),
+        (
+            json!({"path": "etc/big", "data": "x", "pax_bytes": 2 << 20}),
+            "an extended header of",
+        ),
+    ] {
+        let file = dir.path().join("meta.tar");
+        let mut layer = busybox_base();
+        layer.push(entry);
+        build(&json!({"format": "oci", "layers": [layer]}), &file);
+        refused(&store, &file, reason);
+    }
+    // Positive control: a record under the cap is fine.
+    let mut layer = busybox_base();
+    layer.push(json!({"path": "etc/big", "data": "x", "pax_bytes": 4096}));
+    let file = dir.path().join("meta-ok.tar");
+    let id = build(&json!({"format": "oci", "layers": [layer]}), &file);
+    imported(&store, &file, "meta:ok");
+    image_cmd(&store, &["remove", &id]);
     // Past the size cap: refused, nothing kept.
     let big = dir.path().join("big.tar");
     build(

@@ -7,7 +7,7 @@
 # entry: {"path": p, "type": "file" | "dir" | "symlink" | "hardlink" |
 #         "char" | "fifo" | "host", "data": str, "mode": int, "target": str,
 #         "host": host path (a file, or a directory copied whole, skipping
-#         "exclude" names)}
+#         "exclude" names), "pax_bytes": n (a PAX comment record that long)}
 # or {"type": "preset", "name": "host-python"}: the host's python3, its
 # standard library and the libraries they load, laid out as Debian does.
 # Writes the image to argv[1] and prints the configuration's digest.
@@ -74,6 +74,8 @@ def layer(entries):
                 continue
             ti = tarfile.TarInfo(e["path"])
             ti.mode = e.get("mode", 0o755 if kind == "dir" else 0o644)
+            if "pax_bytes" in e:
+                ti.pax_headers = {"comment": "x" * e["pax_bytes"]}
             data = None
             if kind == "file":
                 data = e.get("data", "").encode()
