@@ -367,14 +367,7 @@ impl Store {
             .create(&rootfs)
             .map_err(store_err)?;
         let root = Root::open(&rootfs).map_err(store_err)?;
-        let mut unpack = Unpack {
-            root: &root,
-            limits,
-            bytes: 0,
-            entries: 0,
-            skipped: 0,
-            dir_modes: BTreeMap::new(),
-        };
+        let mut unpack = Unpack::new(&root, limits);
         for (i, l) in image.layers.iter().enumerate() {
             let f = layout_root
                 .open_subpath(&l.path, OpenFlags::O_RDONLY)
@@ -863,7 +856,18 @@ fn unpack_err(layer: usize, path: &Path, e: impl std::fmt::Display) -> ImageErro
     ))
 }
 
-impl Unpack<'_> {
+impl<'a> Unpack<'a> {
+    fn new(root: &'a Root, limits: ImportLimits) -> Self {
+        Unpack {
+            root,
+            limits,
+            bytes: 0,
+            entries: 0,
+            skipped: 0,
+            dir_modes: BTreeMap::new(),
+        }
+    }
+
     fn layer(&mut self, layer: usize, stream: &mut dyn Read) -> Result<(), ImageError> {
         let mut archive = tar::Archive::new(stream);
         let mut created: HashSet<PathBuf> = HashSet::new();
@@ -1269,14 +1273,7 @@ fn find_interpreters(root: &Root) -> BTreeMap<String, String> {
 fn stage_archive(source: &Path, dest: &Path, limits: ImportLimits) -> Result<(), ImageError> {
     let f = File::open(source).map_err(|e| read_err(&source.display().to_string(), e))?;
     let root = Root::open(dest).map_err(store_err)?;
-    let mut unpack = Unpack {
-        root: &root,
-        limits,
-        bytes: 0,
-        entries: 0,
-        skipped: 0,
-        dir_modes: BTreeMap::new(),
-    };
+    let mut unpack = Unpack::new(&root, limits);
     let mut r = decompress(f)?;
     unpack.layer(ARCHIVE, &mut r).map_err(|e| match e {
         ImageError::Escape { path, .. } => {

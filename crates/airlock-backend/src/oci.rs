@@ -347,17 +347,7 @@ fn build_rootfs(rootfs: &Path, l: &AgentLaunch<'_>) -> std::io::Result<()> {
     let inside = |p: &str| rootfs.join(p.trim_start_matches('/'));
     let mkdir = |p: &Path| fs::DirBuilder::new().recursive(true).mode(0o755).create(p);
     for f in &l.view.files {
-        let p = inside(&f.path);
-        if let Some(parent) = p.parent() {
-            mkdir(parent)?;
-        }
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o444)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)?
-            .write_all(f.contents.as_bytes())?;
+        write_new(&inside(&f.path), &f.contents)?;
     }
     for (path, target) in &l.view.symlinks {
         let p = inside(path);
@@ -392,6 +382,23 @@ fn build_rootfs(rootfs: &Path, l: &AgentLaunch<'_>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A new read-only file (never through a symlink), its directories made.
+fn write_new(p: &Path, contents: &str) -> std::io::Result<()> {
+    if let Some(parent) = p.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)?
+        .write_all(contents.as_bytes())
+}
+
 /// For an image root: the sandbox's own files, outside the shared image,
 /// in two directories of the bundle bound read-only over the image's
 /// (empty) `/opt/airlock` and `/.airlock`.
@@ -413,17 +420,7 @@ fn build_image_files(bundle: &Path, l: &AgentLaunch<'_>) -> std::io::Result<()> 
         };
         // Paths were checked by the engine (absolute, no `..`); the
         // directories here are new and the bundle's own.
-        let p = base.join(rest.trim_start_matches('/'));
-        if let Some(parent) = p.parent() {
-            mkdir(parent)?;
-        }
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o444)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&p)?
-            .write_all(f.contents.as_bytes())?;
+        write_new(&base.join(rest.trim_start_matches('/')), &f.contents)?;
     }
     // The agent and its libraries are bound over these.
     let lib = own.join("lib");
@@ -575,31 +572,20 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind, bundle: &Path) -> std::io::Resul
             format!("{IMAGE_AIRLOCK_DIR}/lib"),
         ]);
     }
-    let agent = match kind {
-        // gVisor loads programs through its own filesystem only, and the
-        // host's loader must read the agent to load it into an image root:
-        // the binary is bound read-only (nothing else of its directory).
-        _ if image_root => {
-            mounts.push(mount(
-                airlock_sandbox::hosted::AGENT_PATH,
-                "bind",
-                &l.agent_binary.to_string_lossy(),
-                &strings(&["bind", "ro", "nosuid", "nodev"]),
-            )?);
-            airlock_sandbox::hosted::AGENT_PATH.to_string()
-        }
-        Kind::Gvisor => {
-            mounts.push(mount(
-                airlock_sandbox::hosted::AGENT_PATH,
-                "bind",
-                &l.agent_binary.to_string_lossy(),
-                &strings(&["bind", "ro", "nosuid", "nodev"]),
-            )?);
-            airlock_sandbox::hosted::AGENT_PATH.to_string()
-        }
-        Kind::Crun | Kind::Runc => {
-            format!("/proc/self/fd/{}", airlock_sandbox::hosted::AGENT_IMAGE_FD)
-        }
+    // gVisor loads programs through its own filesystem only, and the
+    // host's loader must read the agent to load it into an image root:
+    // there the binary is bound read-only (nothing else of its directory);
+    // runc and crun execute the sealed image passed as a descriptor.
+    let agent = if image_root || kind == Kind::Gvisor {
+        mounts.push(mount(
+            airlock_sandbox::hosted::AGENT_PATH,
+            "bind",
+            &l.agent_binary.to_string_lossy(),
+            &strings(&["bind", "ro", "nosuid", "nodev"]),
+        )?);
+        airlock_sandbox::hosted::AGENT_PATH.to_string()
+    } else {
+        format!("/proc/self/fd/{}", airlock_sandbox::hosted::AGENT_IMAGE_FD)
     };
     // No capability at all: the bounding set is empty before the agent
     // starts (it checks, and that none is effective or permitted).
