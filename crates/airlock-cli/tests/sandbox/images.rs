@@ -390,6 +390,39 @@ fn hostile_probes_hold_in_a_python_image_and_the_broker_works_there() {
             "{backend}"
         );
     }
+    // The operator's CA certificates reach an image root too, after the
+    // image's own bundle (this image has none), at /.airlock; without
+    // them the image's own TLS defaults stay untouched.
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIBtestonly\n-----END CERTIFICATE-----\n";
+    let ca = secret_dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let show = "import os\nf = os.environ.get('SSL_CERT_FILE')\nprint(f, os.environ.get('NODE_EXTRA_CA_CERTS'))\nprint(f and open(f).read(), end='')";
+    for backend in image_backends() {
+        let out = airlock()
+            .args(["run", "--backend", backend, "--image", "python:test"])
+            .args(["--lang", "python", "-c", show])
+            .env("AIRLOCK_IMAGE_STORE", &store)
+            .env("AIRLOCK_CA_BUNDLE", &ca)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("/.airlock/ca-certificates.crt /.airlock/extra-ca.crt\n{pem}"),
+            "{backend}: {out:?}"
+        );
+        let out = airlock()
+            .args(["run", "--backend", backend, "--image", "python:test"])
+            .args(["--lang", "python", "-c", show])
+            .env("AIRLOCK_IMAGE_STORE", &store)
+            .env_remove("AIRLOCK_CA_BUNDLE")
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "None None\nNone",
+            "{backend}"
+        );
+    }
     // The broker: a handler with the guest SDK at /opt/airlock, in the
     // image.
     let code = secret_dir.path().join("h.py");
