@@ -40,9 +40,9 @@ pub const AGENT_PATH: &str = "/.airlock/agent";
 /// runtime binds the sandbox's own files over it.
 pub const IMAGE_GUEST_ROOT: &str = "/opt/airlock";
 
-/// Where an image root's sandbox holds airlock's own files (the agent for
-/// gVisor, the operator's CA bundle): bound from the bundle, empty in the
-/// image.
+/// Where an image root's sandbox holds airlock's own files (the agent, the
+/// host libraries it is loaded with, the operator's CA bundle): bound from
+/// the bundle, empty in the image.
 pub const IMAGE_AIRLOCK_DIR: &str = "/.airlock";
 
 /// An imported OCI image used as the root filesystem instead of the host's
