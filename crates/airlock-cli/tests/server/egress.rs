@@ -234,8 +234,15 @@ fn setup() -> Setup {
 
 /// `setup` with these top-level configuration lines.
 fn setup_with(top: &str) -> Setup {
+    setup_with_port(|_| top.to_string())
+}
+
+/// `setup` with the configuration lines `top` makes from the test host's
+/// port.
+fn setup_with_port(top: impl FnOnce(u16) -> String) -> Setup {
     let up = Upstream::start(Ipv4Addr::LOCALHOST, 0);
     let p = up.port;
+    let top = top(p);
     // A second host on another loopback address, same port (rebinding).
     let other = Upstream::start(Ipv4Addr::new(127, 0, 0, 2), p);
     let lo = Ipv4Addr::LOCALHOST;
@@ -858,6 +865,84 @@ fn network_is_default_deny_and_requests_stay_within_the_server_grant() {
         json!({"language": "python", "code": "pass", "network": {"allow": ["no-port.test"]}}),
     );
     r.problem(400, "invalid_request");
+}
+
+#[test]
+fn an_empty_allowlist_means_no_network_even_when_the_base_policy_has_one() {
+    // The server's base policy gives every execution a proxy to
+    // allowed.test (within its own grant).
+    let t = setup_with_port(|p| {
+        format!("[policy.network]\nmode = \"proxy\"\nallow_private = [\"allowed.test:{p}\"]\n")
+    });
+    let p = t.up.port;
+    let code = format!(
+        r#"
+import os
+print(sorted(k for k in os.environ if k.lower().endswith("_proxy")))
+print(os.environ.get("HTTPS_PROXY"))
+try:
+    socket.create_connection(PROXY, timeout=2).close()
+    print("connected")
+except OSError as e:
+    print(e.errno)
+try:
+    print(status(talk(b"CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n")))
+except OSError as e:
+    print(e.errno)
+"#
+    );
+    let proxied = [
+        "['ALL_PROXY', 'HTTPS_PROXY', 'HTTP_PROXY', 'NO_PROXY', 'all_proxy', 'http_proxy', 'https_proxy', 'no_proxy']",
+        "http://127.0.0.1:3128",
+        "connected",
+        "200",
+    ];
+    // The record has both connections (in either order): the bare one,
+    // and the tunnel.
+    let tunnelled = |v: &Value| {
+        let mut egress: Vec<(String, String, String)> = v["egress"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+                (s("host"), s("decision"), s("reason"))
+            })
+            .collect();
+        egress.sort();
+        assert_eq!(
+            egress,
+            [
+                (
+                    "?".into(),
+                    "denied".into(),
+                    "connection closed before a request".into()
+                ),
+                ("allowed.test".into(), "allowed".into(), String::new()),
+            ],
+            "{v}"
+        );
+    };
+    // Positive control: without a `network` field the base policy's
+    // network is there.
+    let base = run(&t, &code, Value::Null);
+    assert_eq!(lines(&base), proxied, "{base}");
+    tunnelled(&base);
+    // An empty allowlist asks for no network at all, whatever the base
+    // policy has: no proxy variables, nothing listens on 3128.
+    for empty in [json!({}), json!({"allow": [], "allow_private": []})] {
+        let e = run(&t, &code, empty.clone());
+        assert_eq!(lines(&e), ["[]", "None", "111", "111"], "{empty} {e}");
+        assert!(e["egress"].is_null(), "{empty} {e}");
+    }
+    // Positive control: a request with one rule connects.
+    let one = run(
+        &t,
+        &code,
+        json!({"allow_private": [format!("allowed.test:{p}")]}),
+    );
+    assert_eq!(lines(&one), proxied, "{one}");
+    tunnelled(&one);
 }
 
 #[test]

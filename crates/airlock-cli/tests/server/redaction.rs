@@ -323,3 +323,150 @@ sys.stderr.buffer.write(b"\x00err\x80")
     )
     .problem(400, "invalid_request");
 }
+
+/// Runs `code` in one python execution with the long-named secret granted
+/// and returns its stdout lines.
+fn python_lines(s: &Server, key: &str, name: &str, code: &str) -> (Value, Vec<String>) {
+    let v = s.exec(
+        key,
+        json!({"language": "python", "code": code, "secrets": [name], "flow": "f",
+               "limits": {"wall_time_ms": 60000}}),
+    );
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    let out = stdout_lines(&v);
+    (v, out)
+}
+
+#[test]
+fn the_memory_write_quota_counts_the_redacted_bytes_stored() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let name = long_name();
+    s.put_secret(&key, &name, SHORT);
+    let marker = format!("[REDACTED:{name}]");
+    let (value_cap, quota) = (64usize << 10, 8usize << 20);
+    // The most copies of the value whose redacted form still fits one
+    // memory value: 471 copies, 1 886 bytes as sent, 65 471 as stored.
+    let copies = (value_cap - 2) / marker.len();
+    let (sent, stored) = (SHORT.len() * copies + 2, marker.len() * copies + 2);
+    assert_eq!((copies, sent, stored), (471, 1886, 65471));
+    // 128 such writes fit the 8 MiB quota; the 129th would pass 8 MiB.
+    let fit = quota / stored;
+    assert_eq!(fit, 128);
+    let writes = fit + 1;
+    let program = |value: &str| {
+        format!(
+            r#"
+import airlock
+ax = airlock.connect()
+v, _ = ax.secrets.get({name:?})
+value = {value}
+n, why = 0, "ok"
+for i in range({writes}):
+    try:
+        ax.agent.memory.put("w/%03d" % i, value)
+    except airlock.AirlockError as e:
+        why = e.code + " " + e.message
+        break
+    n += 1
+print(n, why)
+"#
+        )
+    };
+    let (v, out) = python_lines(&s, &key, &name, &program(&format!("v * {copies}")));
+    assert_eq!(
+        out,
+        [format!(
+            "{fit} quota_exceeded this execution may write at most {quota} bytes of memory"
+        )],
+        "the quota counts the stored (redacted) bytes: {v}"
+    );
+    // What was stored: exactly `fit` values, each the redacted form.
+    let last = s.get(&format!("/v1/memory/f/w/{:03}", fit - 1), &key);
+    assert_eq!(last.status, 200, "{}", last.text());
+    assert_eq!(last.json()["value"], marker.repeat(copies));
+    s.get(&format!("/v1/memory/f/w/{fit:03}"), &key)
+        .problem(404, "not_found");
+    assert!(!v.to_string().contains(SHORT));
+
+    // Positive control: the same number of writes of the same number of
+    // raw bytes, as plain text, stays well within the quota.
+    let (v, out) = python_lines(
+        &s,
+        &key,
+        &name,
+        &program(&format!("\"w\" * {}", SHORT.len() * copies)),
+    );
+    assert_eq!(
+        out,
+        [format!("{writes} ok")],
+        "plain text of the same size: {v}"
+    );
+    let last = s.get(&format!("/v1/memory/f/w/{fit:03}"), &key);
+    assert_eq!(last.status, 200, "{}", last.text());
+    assert_eq!(
+        json_len(&last.json()["value"]),
+        sent,
+        "the control sent as many bytes per write"
+    );
+}
+
+fn json_len(v: &Value) -> usize {
+    v.to_string().len()
+}
+
+#[test]
+fn handler_output_over_the_cap_after_redaction_is_refused() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let name = long_name();
+    s.put_secret(&key, &name, SHORT);
+    let marker = format!("[REDACTED:{name}]");
+    let cap = 512usize << 10;
+    // 3 771 copies of the value and `pad` plain bytes: 15 204 bytes as
+    // sent with pad 117, 524 288 (exactly the cap) once redacted.
+    let copies = (cap - 2) / marker.len();
+    let pad = cap - 2 - copies * marker.len();
+    assert_eq!((copies, pad), (3771, 117));
+    let code = format!(
+        r#"
+def handler(ax, input):
+    v, _ = ax.secrets.get({name:?})
+    return v * {copies} + "w" * input["pad"]
+"#
+    );
+    let run = |pad: usize| {
+        s.exec(
+            &key,
+            json!({"language": "python", "handler": true, "code": code, "secrets": [name],
+                   "input": {"pad": pad}, "limits": {"wall_time_ms": 30000}}),
+        )
+    };
+    // Positive control: exactly the cap after redaction is kept.
+    let v = run(pad);
+    assert_eq!(v["status"], "finished", "{v}");
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    assert!(v["handler_error"].is_null(), "{v}");
+    let want = format!("{}{}", marker.repeat(copies), "w".repeat(pad));
+    assert_eq!(json_len(&json!(want)), cap);
+    assert_eq!(v["output"], want.as_str(), "output at the cap");
+    // One byte more: still 15 205 bytes as sent, one over the cap stored.
+    assert!(SHORT.len() * copies + pad + 1 + 2 < cap);
+    let v = run(pad + 1);
+    assert_eq!(v["status"], "finished", "{v}");
+    assert_eq!(v["result"]["exit_code"], 1, "{v}");
+    assert!(v["output"].is_null(), "{v}");
+    assert_eq!(v["handler_error"]["type"], "OutputTooLarge", "{v}");
+    assert_eq!(
+        v["handler_error"]["message"],
+        format!("handler output exceeds {cap} bytes"),
+        "{v}"
+    );
+    // The runner's report was refused with the broker's code.
+    let stderr = v["result"]["stderr"].as_str().unwrap();
+    assert!(
+        stderr.contains("airlock.AirlockError: too_large: output too large"),
+        "{v}"
+    );
+    assert!(!v.to_string().contains(SHORT));
+}
