@@ -137,6 +137,26 @@ impl Default for Limits {
     }
 }
 
+/// Memory (MiB) a sandbox's own two processes (stage 1 and pid 1) are
+/// charged before the program starts, rounded up: measured at 64-320 KiB
+/// on the process backend, so a code that leaves less than this free
+/// cannot even be written.
+pub const SANDBOX_OWN_MIB: u64 = 1;
+
+/// The smallest `limits.memory_mib` any policy may have.
+pub const MIN_MEMORY_MIB: u64 = 8;
+
+impl Limits {
+    /// The least `memory_mib` these limits can start a sandbox with: the
+    /// code is written into `/workspace`, a scratch tmpfs whose pages are
+    /// charged to the sandbox's memory, so the largest code accepted
+    /// (`code_bytes`) and the sandbox's own processes must fit; never below
+    /// [`MIN_MEMORY_MIB`].
+    pub fn min_memory_mib(&self) -> u64 {
+        (self.code_bytes.div_ceil(1 << 20) + SANDBOX_OWN_MIB).max(MIN_MEMORY_MIB)
+    }
+}
+
 /// Ceilings on what a request may ask for in its limits (the operator's
 /// `[ceilings]`). A request can lower any limit freely; raising one above
 /// its ceiling is a denial. Units are in the field names.
@@ -592,6 +612,10 @@ pub enum PolicyError {
         /// Highest allowed.
         max: String,
     },
+    /// Fields each in range that together no sandbox can start with (the
+    /// largest code accepted does not fit where it is written).
+    #[error("invalid policy: {0}")]
+    Unrunnable(String),
     /// A read-only path is not acceptable.
     #[error("invalid policy: filesystem.read_only_paths entry {path:?}: {reason}")]
     BadPath {
@@ -709,7 +733,12 @@ impl Policy {
             1,
             ceilings::WALL_TIME_MS,
         )?;
-        range_u64("limits.memory_mib", l.memory_mib, 8, ceilings::MEMORY_MIB)?;
+        range_u64(
+            "limits.memory_mib",
+            l.memory_mib,
+            MIN_MEMORY_MIB,
+            ceilings::MEMORY_MIB,
+        )?;
         range_u64("limits.pids", l.pids, 1, ceilings::PIDS)?;
         if !(l.cpus.is_finite() && l.cpus >= 0.01 && l.cpus <= ceilings::CPUS) {
             return Err(PolicyError::OutOfRange {
@@ -752,6 +781,25 @@ impl Policy {
             16,
             ceilings::SCRATCH_INODES,
         )?;
+        // The code is written into /workspace before the program starts:
+        // a code_bytes it cannot hold would turn an accepted code into a
+        // sandbox failure.
+        if l.code_bytes > f.scratch_mib << 20 {
+            return Err(PolicyError::Unrunnable(format!(
+                "limits.code_bytes = {} does not fit in filesystem.scratch_mib = {} \
+                 (the code is written into /workspace, a scratch tmpfs of that size)",
+                l.code_bytes, f.scratch_mib
+            )));
+        }
+        let memory = l.min_memory_mib();
+        if l.memory_mib < memory {
+            return Err(PolicyError::Unrunnable(format!(
+                "limits.memory_mib = {} is below {memory}, the least that holds \
+                 limits.code_bytes = {} (written into scratch, which is charged to the \
+                 sandbox's memory) and the sandbox's own processes",
+                l.memory_mib, l.code_bytes
+            )));
+        }
         if f.read_only_paths.len() > ceilings::READ_ONLY_PATHS {
             return Err(PolicyError::OutOfRange {
                 field: "filesystem.read_only_paths",
@@ -959,6 +1007,46 @@ mod tests {
         assert!(Policy::from_toml("[limits]\ncpus = nan\n").is_err());
         assert!(Policy::from_toml("[limits]\ncpus = -1.0\n").is_err());
         assert!(Policy::from_toml("[limits]\nwall_time_ms = 0\n").is_err());
+    }
+
+    /// The largest code a policy accepts must fit where it is written:
+    /// /workspace's scratch tmpfs, whose pages the sandbox's memory pays
+    /// for besides its own processes. At the boundary it is accepted.
+    #[test]
+    fn the_largest_code_accepted_fits_in_scratch_and_memory() {
+        let mib = 1u64 << 20;
+        let policy = |code: u64, scratch: u64, memory: u64| {
+            format!(
+                "[limits]\ncode_bytes = {code}\nmemory_mib = {memory}\n\
+                 [filesystem]\nscratch_mib = {scratch}\n"
+            )
+        };
+        let err = Policy::from_toml(&policy(mib + 1, 1, 64)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid policy: limits.code_bytes = 1048577 does not fit in filesystem.scratch_mib = 1 \
+             (the code is written into /workspace, a scratch tmpfs of that size)"
+        );
+        Policy::from_toml(&policy(mib, 1, 64)).unwrap();
+        // 7 MiB of code and 1 MiB for the sandbox's own processes: 8.
+        let err = Policy::from_toml(&policy(7 * mib + 1, 64, 8)).unwrap_err();
+        assert!(matches!(err, PolicyError::Unrunnable(_)), "{err}");
+        assert!(
+            err.to_string().contains(
+                "limits.memory_mib = 8 is below 9, the least that holds limits.code_bytes = 7340033"
+            ),
+            "{err}"
+        );
+        Policy::from_toml(&policy(7 * mib, 64, 8)).unwrap();
+        Policy::from_toml(&policy(7 * mib + 1, 64, 9)).unwrap();
+        // Never below the range's own minimum, whatever the code.
+        let tiny = Limits {
+            code_bytes: 1,
+            ..Limits::default()
+        };
+        assert_eq!(tiny.min_memory_mib(), MIN_MEMORY_MIB);
+        assert_eq!(Limits::default().min_memory_mib(), MIN_MEMORY_MIB);
+        Policy::default().validate().unwrap();
     }
 
     #[test]

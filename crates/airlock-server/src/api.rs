@@ -718,41 +718,28 @@ async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, A
     Ok(Json(serde_json::json!({ "status": "ready" })))
 }
 
-/// Prometheus metrics: OpenMetrics when the scraper asks for it in
-/// `Accept`, else the Prometheus text format 0.0.4.
+/// Prometheus metrics: OpenMetrics when the scraper's `Accept` prefers it
+/// (q-values weighed), else the Prometheus text format 0.0.4.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format 0.0.4, or OpenMetrics 1.0 when Accept asks for application/openmetrics-text", content_type = "text/plain")))]
 async fn metrics(State(st): State<AppState>, headers: HeaderMap) -> Response {
-    let openmetrics = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|v| {
-            let mut parts = v.split(';').map(str::trim);
-            let mime = parts.next().unwrap_or("");
-            // An explicit q=0 refuses it.
-            mime.eq_ignore_ascii_case("application/openmetrics-text")
-                && !parts.any(|p| p.replace(' ', "") == "q=0")
-        });
-    if openmetrics {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            st.metrics.render(),
-        )
-            .into_response()
-    } else {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            st.metrics.render_text(),
-        )
-            .into_response()
-    }
+    let format = crate::metrics::Format::negotiate(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+    );
+    let body = match format {
+        crate::metrics::Format::OpenMetrics => st.metrics.render(),
+        crate::metrics::Format::Text => st.metrics.render_text(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::VARY, "accept"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 /// This document.
@@ -1207,8 +1194,9 @@ async fn cancel_execution(
 }
 
 /// Events of an execution as Server-Sent Events: `started`, `stdout`,
-/// `stderr` (data `{"data": text}`), `finished` (the record). Live while it
-/// runs, replayed from the record afterwards.
+/// `stderr` (data `{"data": text}`), `log` (a handler's log record),
+/// `finished` (the record). Live while it runs, replayed from the record
+/// afterwards. Each event's data is documented as `ExecutionEvent`.
 #[utoipa::path(get, path = "/v1/executions/{id}/events", security(("bearer" = [])),
     params(("id" = String, Path, description = "execution id")),
     responses((status = 200, description = "text/event-stream", content_type = "text/event-stream"), (status = 404, body = Problem)))]
@@ -1282,7 +1270,9 @@ fn live_stream(
     })
 }
 
-fn replay(rec: &ExecutionRecord, logs: &[airlock_store::LogRecord]) -> Vec<Event> {
+/// The events of a finished execution, from its record (the same events
+/// a live stream sent; `openapi::execution_events` documents them).
+pub(crate) fn replay(rec: &ExecutionRecord, logs: &[airlock_store::LogRecord]) -> Vec<Event> {
     let mut out = Vec::new();
     if let Some(at) = rec.started_at_ms {
         out.push((

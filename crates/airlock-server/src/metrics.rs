@@ -1,5 +1,7 @@
-//! Prometheus metrics (text exposition at `/metrics`).
+//! Prometheus metrics at `/metrics`: the Prometheus text format, or
+//! OpenMetrics when the scraper's `Accept` prefers it.
 
+use std::cmp::Ordering;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
@@ -69,6 +71,152 @@ impl Metrics {
     }
 }
 
+/// The exposition formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4 ([`Metrics::render_text`]).
+    Text,
+    /// OpenMetrics 1.0.0 ([`Metrics::render`]).
+    OpenMetrics,
+}
+
+impl Format {
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+
+    /// (type, subtype, the `version` this server writes).
+    fn media(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Format::Text => ("text", "plain", "0.0.4"),
+            Format::OpenMetrics => ("application", "openmetrics-text", "1.0.0"),
+        }
+    }
+
+    /// Content negotiation over the values of every `Accept` header (RFC
+    /// 9110, 12.5.1): each format gets the q-value of the most specific
+    /// media range that matches it (`type/subtype` with this server's
+    /// `version` or none, then `type/*`, then `*/*`; a range naming another
+    /// version does not match), and the higher q-value wins. On equal
+    /// q-values the more specific match wins, and OpenMetrics is chosen
+    /// only when named (a bare `*/*` gets the text format). No `Accept`,
+    /// nothing acceptable, or only malformed ranges: the text format, which
+    /// every Prometheus scraper reads.
+    pub fn negotiate<'a>(accept: impl IntoIterator<Item = &'a str>) -> Format {
+        let ranges: Vec<Range<'a>> = accept
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .filter_map(Range::parse)
+            .collect();
+        // (q in thousandths, specificity) of a format's best match.
+        let weigh = |f: Format| -> (u16, u8) {
+            ranges
+                .iter()
+                .filter_map(|r| r.specificity(f).map(|s| (s, r.q)))
+                // The most specific ranges decide; among equals, the best q.
+                .max()
+                .map_or((0, 0), |(s, q)| (q, s))
+        };
+        let (om, text) = (weigh(Format::OpenMetrics), weigh(Format::Text));
+        let openmetrics = om.0 > 0
+            && match (om.0.cmp(&text.0), om.1.cmp(&text.1)) {
+                (Ordering::Greater, _) => true,
+                (Ordering::Less, _) => false,
+                (Ordering::Equal, Ordering::Equal) => om.1 >= Range::NAMED,
+                (Ordering::Equal, by_specificity) => by_specificity == Ordering::Greater,
+            };
+        if openmetrics {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+}
+
+/// One media range of an `Accept` value.
+#[derive(Debug)]
+struct Range<'a> {
+    kind: &'a str,
+    subtype: &'a str,
+    version: Option<&'a str>,
+    /// The q-value in thousandths (0..=1000).
+    q: u16,
+}
+
+impl<'a> Range<'a> {
+    /// Specificity of `type/subtype` (without a version or with the one
+    /// served).
+    const NAMED: u8 = 2;
+
+    fn parse(text: &'a str) -> Option<Range<'a>> {
+        let mut parts = text.split(';').map(str::trim);
+        let (kind, subtype) = parts.next()?.split_once('/')?;
+        let (kind, subtype) = (kind.trim(), subtype.trim());
+        if kind.is_empty() || subtype.is_empty() || (kind == "*" && subtype != "*") {
+            return None;
+        }
+        let mut range = Range {
+            kind,
+            subtype,
+            version: None,
+            q: 1000,
+        };
+        for p in parts.filter(|p| !p.is_empty()) {
+            let (name, value) = p.split_once('=')?;
+            let (name, value) = (name.trim(), value.trim().trim_matches('"'));
+            if name.eq_ignore_ascii_case("q") {
+                range.q = parse_q(value)?;
+            } else if name.eq_ignore_ascii_case("version") {
+                range.version = Some(value);
+            }
+        }
+        Some(range)
+    }
+
+    /// How specifically this range names `f` (3: with its version, 2:
+    /// without one, 1: `type/*`, 0: `*/*`), or None if it does not match.
+    fn specificity(&self, f: Format) -> Option<u8> {
+        let (kind, subtype, version) = f.media();
+        let eq = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+        if self.kind == "*" {
+            return Some(0);
+        }
+        if !eq(self.kind, kind) {
+            return None;
+        }
+        if self.subtype == "*" {
+            return Some(1);
+        }
+        if !eq(self.subtype, subtype) {
+            return None;
+        }
+        match self.version {
+            None => Some(Self::NAMED),
+            Some(v) if v == version => Some(Self::NAMED + 1),
+            Some(_) => None,
+        }
+    }
+}
+
+/// A q-value (`0`, `0.5`, `1.000`: at most three decimals, at most 1) in
+/// thousandths.
+fn parse_q(v: &str) -> Option<u16> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let frac_value: u16 = format!("{frac:0<3}").parse().ok()?;
+    match int {
+        "0" => Some(frac_value),
+        "1" if frac_value == 0 => Some(1000),
+        _ => None,
+    }
+}
+
 /// OpenMetrics text -> Prometheus text format 0.0.4.
 fn to_text_format(om: &str) -> String {
     let counters: std::collections::HashSet<&str> = om
@@ -109,5 +257,76 @@ fn to_text_format(om: &str) -> String {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_q_values_choose_the_format() {
+        use Format::{OpenMetrics as Om, Text};
+        for (accept, want) in [
+            // No preference: the text format.
+            ("", Text),
+            ("*/*", Text),
+            ("text/plain", Text),
+            ("text/plain;q=1, application/openmetrics-text;q=0.1", Text),
+            ("application/openmetrics-text;q=0.9, text/plain;q=0.5", Om),
+            ("application/openmetrics-text; version=1.0.0", Om),
+            ("application/openmetrics-text", Om),
+            // Prometheus' own scrape header.
+            (
+                "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                Om,
+            ),
+            // Refused outright, or only a version this server does not write.
+            ("application/openmetrics-text;q=0, */*", Text),
+            ("application/openmetrics-text;version=0.0.1", Text),
+            // The most specific range decides, whatever the wildcard says.
+            ("*/*;q=0.1, application/openmetrics-text;q=0.2", Om),
+            ("application/*;q=0.9, text/plain;q=0.8", Om),
+            ("text/*;q=0.9, application/openmetrics-text;q=0.8", Text),
+            ("application/openmetrics-text;q=0.5, text/*;q=0.5", Om),
+            ("text/plain;q=0.5, */*;q=0.5", Text),
+            (
+                "APPLICATION/OpenMetrics-Text ; Q=0.9 , text/plain ; q=0.3",
+                Om,
+            ),
+            // Malformed ranges are ignored.
+            ("application/openmetrics-text;q=2, text/plain;q=0.1", Text),
+            ("application/openmetrics-text;q=0.1234", Text),
+            ("garbage, application/openmetrics-text;q=0.9", Om),
+        ] {
+            let values: Vec<&str> = accept.split('|').filter(|v| !v.is_empty()).collect();
+            assert_eq!(Format::negotiate(values), want, "Accept: {accept}");
+        }
+        // Several Accept headers are one list.
+        assert_eq!(
+            Format::negotiate(["text/plain;q=0.2", "application/openmetrics-text;q=0.3"]),
+            Om
+        );
+        assert_eq!(Format::negotiate(std::iter::empty()), Text);
+    }
+
+    #[test]
+    fn q_values_parse_as_rfc_9110_writes_them() {
+        for (v, want) in [
+            ("1", Some(1000)),
+            ("1.000", Some(1000)),
+            ("0", Some(0)),
+            ("0.5", Some(500)),
+            ("0.125", Some(125)),
+            ("0.", Some(0)),
+            ("1.001", None),
+            ("2", None),
+            ("-0.5", None),
+            ("0.1234", None),
+            ("", None),
+            ("0.a", None),
+        ] {
+            assert_eq!(parse_q(v), want, "{v:?}");
+        }
     }
 }

@@ -9,6 +9,8 @@
 //! - request bodies closed to unknown fields, with the languages, the
 //!   server's limit ceilings, the egress grant and the rules that tie fields
 //!   together (`input` only with `handler`, handlers not in shell).
+//! - the events of `/v1/executions/{id}/events` (text/event-stream): each
+//!   event's `event:` name and the JSON schema of its `data:` line.
 //!
 //! A request the document calls valid is accepted (or fails only for what
 //! no schema can know: a missing resource, a full queue, a missing runtime);
@@ -76,7 +78,141 @@ pub fn document(cfg: &ServerConfig, offered: &[(&str, IsolationLevel)]) -> Value
     constrain_parameters(&mut doc);
     constrain_bodies(&mut doc, cfg);
     constrain_isolation(&mut doc, offered);
+    describe_events(&mut doc);
+    describe_metrics(&mut doc);
     doc
+}
+
+/// `/metrics` answers in either format, as `Accept` prefers
+/// (`metrics::Format::negotiate`).
+fn describe_metrics(doc: &mut Value) {
+    if let Some(ok) = doc.pointer_mut("/paths/~1metrics/get/responses/200") {
+        let text = json!({"schema": {"type": "string"}});
+        ok["description"] = json!(
+            "The Prometheus text format 0.0.4, or OpenMetrics 1.0.0 when Accept prefers \
+             application/openmetrics-text (q-values weighed; no preference: the text format)."
+        );
+        ok["content"] = json!({"text/plain": text, "application/openmetrics-text": text});
+    }
+}
+
+/// The path whose 200 answer is the stream of [`execution_events`].
+const EVENTS_PATH: &str = "/v1/executions/{id}/events";
+
+/// Every event `GET /v1/executions/{id}/events` sends, as (the `event:`
+/// name, its component schema's name, what it is, the schema of the JSON
+/// in its `data:` line). The stream sends `started` once the sandbox
+/// starts, `stdout`, `stderr` and `log` as they happen, and `finished`
+/// last; a replay of a finished execution sends the same events from the
+/// record (`started`, every `log`, the whole `stdout` and `stderr`, then
+/// `finished`). Each event's `id:` is its position in the stream, from 0.
+pub fn execution_events() -> [(&'static str, &'static str, &'static str, Value); 5] {
+    let record = |name: &str| json!({"$ref": format!("#/components/schemas/{name}")});
+    [
+        (
+            "started",
+            "StartedEvent",
+            "The sandbox started: the execution's clocks run from `started_at_ms`.",
+            json!({"type": "object", "additionalProperties": false,
+                "required": ["id", "started_at_ms"],
+                "properties": {
+                    "id": {"type": "string", "pattern": EXECUTION_ID, "description": "Execution id."},
+                    "started_at_ms": {"type": "integer", "description": "Unix time in milliseconds."}}}),
+        ),
+        (
+            "stdout",
+            "StdoutEvent",
+            "Program output on stdout, redacted, in chunks of any size (a replay sends it whole).",
+            json!({"type": "object", "additionalProperties": false, "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "UTF-8 text."}}}),
+        ),
+        (
+            "stderr",
+            "StderrEvent",
+            "Program output on stderr, as `stdout`.",
+            json!({"type": "object", "additionalProperties": false, "required": ["data"],
+                "properties": {"data": {"type": "string", "description": "UTF-8 text."}}}),
+        ),
+        (
+            "log",
+            "LogEvent",
+            "A record the handler wrote with `ax.log` (as `GET /v1/executions/{id}/logs` lists it).",
+            json!({"type": "object", "additionalProperties": false,
+                "required": ["seq", "level", "message", "fields", "execution_id", "tenant_id", "trace_id"],
+                "properties": {
+                    "seq": {"type": "integer", "minimum": 1, "description": "Order within the execution, from 1."},
+                    "level": {"enum": ["debug", "info", "warn", "error"]},
+                    "message": {"type": "string"},
+                    "fields": {"type": "object", "description": "Structured fields."},
+                    "execution_id": {"type": "string", "pattern": EXECUTION_ID},
+                    "tenant_id": {"type": "string"},
+                    "trace_id": {"type": "string", "description": "W3C trace id."}}}),
+        ),
+        (
+            "finished",
+            "FinishedEvent",
+            "The execution ended: its record, as `GET /v1/executions/{id}` answers (only id, \
+             status and reason when the record could not be read back). Always the last event.",
+            json!({"anyOf": [
+                record("ExecutionView"),
+                {"type": "object", "required": ["id", "status", "reason"],
+                 "properties": {"id": {"type": "string", "pattern": EXECUTION_ID},
+                                "status": {"enum": ["finished", "failed"]},
+                                "reason": {"type": "string"}}}]}),
+        ),
+    ]
+}
+
+/// Names every event of the execution stream and the shape of its data:
+/// one component per event (an SSE event as an object: `event` the name,
+/// `id` its position, `data` a string holding JSON of `contentSchema`),
+/// `ExecutionEvent` the one of them each event is, as the stream's schema.
+fn describe_events(doc: &mut Value) {
+    let events = execution_events();
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let mut mapping = serde_json::Map::new();
+    for (name, component, description, data) in &events {
+        let r = format!("#/components/schemas/{component}");
+        schemas.insert(
+            (*component).to_string(),
+            json!({"type": "object", "description": description,
+                "required": ["event", "id", "data"],
+                "properties": {
+                    "event": {"const": name},
+                    "id": {"type": "string", "pattern": "^[0-9]+$",
+                           "description": "Position in the stream, from 0."},
+                    "data": {"type": "string", "contentMediaType": "application/json",
+                             "contentSchema": data}}}),
+        );
+        mapping.insert((*name).to_string(), json!(r));
+    }
+    let names: Vec<&str> = events.iter().map(|e| e.0).collect();
+    schemas.insert(
+        "ExecutionEvent".into(),
+        json!({"description": format!(
+                "One Server-Sent Event of an execution's stream: `event:` names it ({}), \
+                 `data:` is one line of JSON. Comment lines (`:`) keep an idle stream alive.",
+                names.join(", ")),
+            "oneOf": mapping.values().map(|r| json!({"$ref": r})).collect::<Vec<_>>(),
+            "discriminator": {"propertyName": "event", "mapping": mapping}}),
+    );
+    let pointer = format!(
+        "/paths/{}/get/responses/200",
+        EVENTS_PATH.replace('~', "~0").replace('/', "~1")
+    );
+    if let Some(ok) = doc.pointer_mut(&pointer) {
+        ok["description"] = json!(format!(
+            "The execution's events as Server-Sent Events (each one an ExecutionEvent): {}",
+            names.join(", ")
+        ));
+        ok["content"] = json!({"text/event-stream": {"schema":
+            {"$ref": "#/components/schemas/ExecutionEvent"}}});
+    }
 }
 
 /// A request may name only offered backends, and only levels some offered
@@ -286,7 +422,8 @@ fn constrain_bodies(doc: &mut Value, cfg: &ServerConfig) {
         };
         range(p, "wall_time_ms", 1, c.wall_time_ms);
         range(p, "cpu_time_ms", 1, c.cpu_time_ms);
-        range(p, "memory_mib", 8, c.memory_mib);
+        // The largest code accepted is held in the sandbox's memory.
+        range(p, "memory_mib", limits.min_memory_mib(), c.memory_mib);
         range(p, "pids", 3, c.pids);
         range(p, "stdout_bytes", 0, c.stdout_bytes);
         range(p, "stderr_bytes", 0, c.stderr_bytes);
@@ -382,6 +519,240 @@ mod tests {
         assert_eq!(
             doc["components"]["schemas"]["LimitsRequest"]["properties"]["memory_mib"]["maximum"],
             1024
+        );
+    }
+
+    /// What the server's own code writes on an execution's stream: the
+    /// replay of a record with every part (a start, a log record, stdout,
+    /// stderr, an end), through axum's SSE encoder, parsed back as
+    /// (`event:`, `id:`, `data:` as JSON).
+    fn emitted_events() -> Vec<(String, String, Value)> {
+        use airlock_store::{ExecStatus, ExecutionRecord, LogRecord};
+        use axum::response::IntoResponse;
+        let mut rec = ExecutionRecord::queued(
+            format!("ex_{}", "0".repeat(32)),
+            "tn_1".into(),
+            "python",
+            "req_1".into(),
+            "0af7651916cd43dd8448eb211c80319c".into(),
+            "default".into(),
+            1_000,
+        );
+        rec.status = ExecStatus::Finished;
+        rec.started_at_ms = Some(1_001);
+        rec.finished_at_ms = Some(1_002);
+        rec.reason = Some("exited".into());
+        rec.result = Some(json!({"exit_code": 0, "stdout": "out\n", "stderr": "err\n"}));
+        let logs = [LogRecord {
+            seq: 1,
+            ts_ms: 1_001,
+            level: "info".into(),
+            message: "hello".into(),
+            fields: json!({"k": 1}),
+        }];
+        let events = crate::api::replay(&rec, &logs);
+        let sse = axum::response::sse::Sse::new(futures_util::stream::iter(
+            events.into_iter().map(Ok::<_, std::convert::Infallible>),
+        ));
+        let body = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(
+                sse.into_response().into_body(),
+                usize::MAX,
+            ))
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        text.split("\n\n")
+            .filter(|block| !block.trim().is_empty())
+            .map(|block| {
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                        .unwrap_or_else(|| panic!("no {name} in {block:?}"))
+                        .to_string()
+                };
+                let data = serde_json::from_str(&field("data")).unwrap();
+                (field("event"), field("id"), data)
+            })
+            .collect()
+    }
+
+    /// Whether `v` conforms to `schema` (resolving `$ref`s in `doc`):
+    /// `$ref`, `anyOf`, `oneOf`, `const`, `enum` and `type` everywhere;
+    /// `required`, `properties` and `additionalProperties: false` of
+    /// objects down to `depth` levels (a record's nested result document is
+    /// checked for its type only).
+    fn conforms(doc: &Value, schema: &Value, v: &Value, depth: u32) -> Result<(), String> {
+        if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+            let target = doc
+                .pointer(r.trim_start_matches('#'))
+                .ok_or_else(|| format!("dangling {r}"))?;
+            return conforms(doc, target, v, depth);
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(options) = schema.get(key).and_then(Value::as_array) {
+                let errors: Vec<String> = options
+                    .iter()
+                    .filter_map(|o| conforms(doc, o, v, depth).err())
+                    .collect();
+                if errors.len() == options.len() {
+                    return Err(format!("{v} matches none of {key}: {errors:?}"));
+                }
+            }
+        }
+        if let Some(c) = schema.get("const")
+            && c != v
+        {
+            return Err(format!("{v} is not {c}"));
+        }
+        if let Some(e) = schema.get("enum").and_then(Value::as_array)
+            && !e.contains(v)
+        {
+            return Err(format!("{v} is not one of {e:?}"));
+        }
+        if let Some(t) = schema.get("type") {
+            let types: Vec<&str> = match t {
+                Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+                t => t.as_str().into_iter().collect(),
+            };
+            let is = |t: &str| match t {
+                "null" => v.is_null(),
+                "string" => v.is_string(),
+                "integer" => v.is_i64() || v.is_u64(),
+                "number" => v.is_number(),
+                "boolean" => v.is_boolean(),
+                "object" => v.is_object(),
+                "array" => v.is_array(),
+                _ => false,
+            };
+            if !types.iter().any(|t| is(t)) {
+                return Err(format!("{v} is not of type {t}"));
+            }
+        }
+        if let (true, Some(obj)) = (depth > 0, v.as_object()) {
+            for key in schema
+                .get("required")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let key = key.as_str().unwrap_or_default();
+                if !obj.contains_key(key) {
+                    return Err(format!("{v} lacks required {key}"));
+                }
+            }
+            let properties = schema.get("properties").and_then(Value::as_object);
+            for (key, value) in obj {
+                match properties.and_then(|p| p.get(key)) {
+                    Some(p) => {
+                        conforms(doc, p, value, depth - 1).map_err(|e| format!("{key}: {e}"))?
+                    }
+                    None if schema.get("additionalProperties") == Some(&json!(false)) => {
+                        return Err(format!("{key} is not in the schema"));
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The document names every event the server writes on an execution's
+    /// stream, and only those: the list is derived from what the server's
+    /// own code emits (its replay of a record with every part, through the
+    /// SSE encoder; the live stream sends the same events), never a copy.
+    /// Each event's `data` conforms to its documented schema, and the
+    /// stream's media type points at them.
+    #[test]
+    fn the_document_names_every_event_the_server_streams_with_its_data() {
+        let doc = document(
+            &ServerConfig::default(),
+            &[("process", IsolationLevel::Container)],
+        );
+        let emitted = emitted_events();
+        let names: std::collections::BTreeSet<&str> =
+            emitted.iter().map(|(e, ..)| e.as_str()).collect();
+        // Positive control: the record had every part, so every kind of
+        // event came out (a replay of a smaller record would prove less).
+        assert_eq!(names.len(), 5, "{emitted:?}");
+        let union = &doc["components"]["schemas"]["ExecutionEvent"];
+        let documented: std::collections::BTreeSet<&str> = union["discriminator"]["mapping"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(names, documented, "emitted vs documented events");
+        assert_eq!(
+            union["oneOf"].as_array().unwrap().len(),
+            documented.len(),
+            "{union}"
+        );
+        for (event, id, data) in &emitted {
+            let r = union["discriminator"]["mapping"][event.as_str()]
+                .as_str()
+                .unwrap();
+            let component = doc.pointer(r.trim_start_matches('#')).unwrap();
+            assert_eq!(component["properties"]["event"]["const"], *event);
+            let wrapped = json!({"event": event, "id": id, "data": data.to_string()});
+            conforms(&doc, component, &wrapped, 2).unwrap_or_else(|e| panic!("{event}: {e}"));
+            let data_schema = &component["properties"]["data"];
+            assert_eq!(data_schema["contentMediaType"], "application/json");
+            conforms(&doc, &data_schema["contentSchema"], data, 2)
+                .unwrap_or_else(|e| panic!("{event} data {data}: {e}"));
+        }
+        // Negative control: the check does catch data of the wrong shape.
+        let started =
+            &doc["components"]["schemas"]["StartedEvent"]["properties"]["data"]["contentSchema"];
+        assert!(conforms(&doc, started, &json!({"id": "ex_1"}), 2).is_err());
+        assert!(
+            conforms(
+                &doc,
+                started,
+                &json!({"id": "x", "started_at_ms": 1, "extra": 1}),
+                2
+            )
+            .is_err()
+        );
+        let ok = doc
+            .pointer("/paths/~1v1~1executions~1{id}~1events/get/responses/200")
+            .unwrap();
+        assert_eq!(
+            ok["content"]["text/event-stream"]["schema"]["$ref"],
+            "#/components/schemas/ExecutionEvent"
+        );
+        for name in &names {
+            assert!(ok["description"].as_str().unwrap().contains(name), "{ok}");
+        }
+    }
+
+    /// `memory_mib` may not go below what holds the largest code accepted.
+    #[test]
+    fn the_memory_minimum_follows_the_code_limit() {
+        let mut cfg = ServerConfig::default();
+        let doc = document(&cfg, &[("process", IsolationLevel::Container)]);
+        let memory = &doc["components"]["schemas"]["LimitsRequest"]["properties"]["memory_mib"];
+        assert_eq!(memory["minimum"], 8);
+        cfg.policy.limits.code_bytes = 16 << 20;
+        cfg.policy.limits.memory_mib = 64;
+        let doc = document(&cfg, &[("process", IsolationLevel::Container)]);
+        let memory = &doc["components"]["schemas"]["LimitsRequest"]["properties"]["memory_mib"];
+        assert_eq!(memory["minimum"], 17);
+    }
+
+    #[test]
+    fn metrics_name_both_formats() {
+        let doc = document(
+            &ServerConfig::default(),
+            &[("process", IsolationLevel::Container)],
+        );
+        let content = &doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"];
+        assert!(content.get("text/plain").is_some(), "{content}");
+        assert!(
+            content.get("application/openmetrics-text").is_some(),
+            "{content}"
         );
     }
 

@@ -98,6 +98,133 @@ fn limits_too_small_to_start_are_bad_input_not_sandbox_failures() {
     assert_eq!(r["stdout"], "1\n", "{r}");
 }
 
+/// One task more with egress (the forwarder): the smallest pids without
+/// it is bad input with it, and one more runs.
+#[test]
+fn limits_count_the_egress_forwarder_as_a_task() {
+    let (_dir, p) = policy_file("[network]\nmode = \"proxy\"\nallow = [\"127.0.0.1:9\"]\n");
+    for (lang, pids, want) in [
+        (
+            "python",
+            "3",
+            "limits.pids = 3 is below 4, the fewest tasks a python sandbox with egress",
+        ),
+        (
+            "shell",
+            "3",
+            "limits.pids = 3 is below 4, the fewest tasks a shell sandbox with egress",
+        ),
+        (
+            "javascript",
+            "9",
+            "limits.pids = 9 is below 10, the fewest tasks a javascript sandbox with egress",
+        ),
+    ] {
+        let err = bad(&[
+            "run", "--lang", lang, "--policy", &p, "--pids", pids, "-c", "true",
+        ]);
+        assert!(err.contains(want), "{lang}: {err}");
+    }
+    // Positive controls: one more task starts the sandbox and its
+    // forwarder, and the program runs.
+    for (lang, pids, code) in [
+        ("python", "4", "print(1)"),
+        ("shell", "4", "echo 1"),
+        ("javascript", "10", "console.log(1)"),
+    ] {
+        let r = run_json(lang, code, "", &["--policy", &p, "--pids", pids]);
+        assert_eq!(
+            (r["reason"].as_str(), r["stdout"].as_str()),
+            (Some("exited"), Some("1\n")),
+            "{lang}: {r}"
+        );
+    }
+}
+
+/// The code is written into /workspace, a scratch tmpfs charged to the
+/// sandbox's memory, before the program starts: a policy whose largest
+/// accepted code fits in neither is bad input (exit 2, one line), never a
+/// sandbox failure (125, `write_code` or a killed init) once such a code
+/// arrives. At the boundary, the largest code does start.
+#[test]
+fn limits_the_largest_code_does_not_fit_are_bad_input_not_sandbox_failures() {
+    let mib: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    // A python program of exactly `n` bytes: print(1) and a comment.
+    let program = |name: &str, n: usize| {
+        let path = dir.path().join(name);
+        let mut code = b"print(1)\n".to_vec();
+        while code.len() < n {
+            let line = (n - code.len()).min(1000);
+            code.extend(std::iter::repeat_n(b'#', line - 1));
+            code.push(b'\n');
+        }
+        std::fs::write(&path, &code).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    // Scratch: 1 MiB holds 1 MiB of code, not a byte more.
+    let (_d1, over) = policy_file(&format!(
+        "[limits]\ncode_bytes = {}\n[filesystem]\nscratch_mib = 1\n",
+        mib + 1
+    ));
+    let big = program("big.py", mib + 1);
+    let err = bad(&["run", "--policy", &over, &big]);
+    assert!(
+        err.contains("limits.code_bytes = 1048577 does not fit in filesystem.scratch_mib = 1"),
+        "{err}"
+    );
+    let (_d2, fits) = policy_file(&format!(
+        "[limits]\ncode_bytes = {mib}\n[filesystem]\nscratch_mib = 1\n"
+    ));
+    let exact = program("exact.py", mib);
+    let out = airlock()
+        .args(["run", "--json", "--policy", &fits, &exact])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (r["reason"].as_str(), r["stdout"].as_str()),
+        (Some("exited"), Some("1\n")),
+        "{r}"
+    );
+    // Memory: 7 MiB of code and 1 MiB for the sandbox's own processes.
+    let (_d3, code7) = policy_file(&format!("[limits]\ncode_bytes = {}\n", 7 * mib + 1));
+    let err = bad(&[
+        "run", "--policy", &code7, "--memory", "8", "--lang", "python", "-c", "1",
+    ]);
+    assert!(err.contains("limits.memory_mib = 8 is below 9"), "{err}");
+    let (_d4, code7) = policy_file(&format!("[limits]\ncode_bytes = {}\n", 7 * mib));
+    // The largest code accepted starts (a program that big may well need
+    // more memory than is left: that is its own limit, not a failure).
+    let largest = program("largest.py", 7 * mib);
+    let out = airlock()
+        .args([
+            "run", "--json", "--memory", "8", "--policy", &code7, &largest,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        matches!(r["reason"].as_str(), Some("exited" | "memory_limit")),
+        "the largest accepted code did not start: {r}"
+    );
+    let r = run_json(
+        "python",
+        "print(1)",
+        "",
+        &["--memory", "8", "--policy", &code7],
+    );
+    assert_eq!(
+        (r["reason"].as_str(), r["stdout"].as_str()),
+        (Some("exited"), Some("1\n")),
+        "{r}"
+    );
+}
+
 #[test]
 fn missing_runtime_is_a_clear_error() {
     let out = airlock()

@@ -8,7 +8,7 @@
 
 use std::process::Command;
 
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::Server;
 
@@ -133,4 +133,110 @@ fn metrics_pass_promtool_and_openmetrics_is_served_when_asked() {
         Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
     );
     assert!(om.text().trim_end().ends_with("# EOF"));
+    // q-values are weighed: the format the scraper prefers, not merely
+    // one it names.
+    for (accept, want) in [
+        (
+            "text/plain;q=1, application/openmetrics-text;q=0.1",
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        (
+            "application/openmetrics-text;q=0.9, text/plain;q=0.5",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+        ("text/plain", "text/plain; version=0.0.4; charset=utf-8"),
+    ] {
+        let r = crate::raw(s.addr, "GET", "/metrics", &[("Accept", accept)], None);
+        assert_eq!(r.status, 200, "{accept}");
+        assert_eq!(r.header("content-type"), Some(want), "Accept: {accept}");
+        assert_eq!(r.header("vary"), Some("accept"), "Accept: {accept}");
+        let eof = r.text().trim_end().ends_with("# EOF");
+        assert_eq!(eof, want.starts_with("application/"), "Accept: {accept}");
+    }
+}
+
+/// The resolved schema of `schema` (through `$ref`).
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => resolve(doc, doc.pointer(r.trim_start_matches('#')).unwrap()),
+        None => schema,
+    }
+}
+
+/// Whether an object meets a schema's top level: its required fields are
+/// there, and a closed schema has nothing else (`anyOf`: one option does).
+fn meets(doc: &Value, schema: &Value, v: &Value) -> Result<(), String> {
+    let schema = resolve(doc, schema);
+    if let Some(options) = schema.get("anyOf").and_then(Value::as_array) {
+        let errors: Vec<String> = options
+            .iter()
+            .filter_map(|o| meets(doc, o, v).err())
+            .collect();
+        return if errors.len() < options.len() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        };
+    }
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("{v} is not an object"))?;
+    for key in schema["required"].as_array().into_iter().flatten() {
+        if !obj.contains_key(key.as_str().unwrap()) {
+            return Err(format!("{v} lacks {key}"));
+        }
+    }
+    if schema["additionalProperties"] == false {
+        for key in obj.keys() {
+            if schema["properties"].get(key).is_none() {
+                return Err(format!("{key} is not documented"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A client that follows `/openapi.json` understands every event a real
+/// stream sends, live and replayed: each event's name is one the document
+/// names, and its data has the documented shape.
+#[test]
+fn every_event_a_stream_sends_is_in_the_openapi_document() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let doc = s.req("GET", "/openapi.json", None, None).json();
+    let mapping = &doc["components"]["schemas"]["ExecutionEvent"]["discriminator"]["mapping"];
+    // A handler that makes every kind of event, and is still running
+    // when the stream is followed (so it is followed live).
+    let code = "import sys, time\ndef handler(ax, input):\n    ax.log.info('hi', n=1)\n    \
+                print('out', flush=True)\n    print('err', file=sys.stderr, flush=True)\n    \
+                time.sleep(1)\n    return 1\n";
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "python", "handler": true, "code": code, "wait": false}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let path = format!("/v1/executions/{id}/events");
+    let live = crate::follow_sse(s.addr, &path, &key);
+    let replay = crate::follow_sse(s.addr, &path, &key);
+    for (how, events) in [("live", live), ("replayed", replay)] {
+        let kinds: std::collections::BTreeSet<&str> =
+            events.iter().map(|(_, k, _)| k.as_str()).collect();
+        // Positive control: every kind was sent.
+        assert_eq!(
+            kinds.into_iter().collect::<Vec<_>>(),
+            ["finished", "log", "started", "stderr", "stdout"],
+            "{how}"
+        );
+        for (_, kind, data) in &events {
+            let component = mapping[kind.as_str()]
+                .as_str()
+                .unwrap_or_else(|| panic!("{how} event {kind:?} is not in the document"));
+            let component = doc.pointer(component.trim_start_matches('#')).unwrap();
+            assert_eq!(component["properties"]["event"]["const"], *kind);
+            let schema = &component["properties"]["data"]["contentSchema"];
+            meets(&doc, schema, data).unwrap_or_else(|e| panic!("{how} {kind} {data}: {e}"));
+        }
+    }
 }

@@ -398,3 +398,89 @@ fn limits_no_sandbox_can_start_with_are_the_tenants_error_not_an_internal_one() 
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("limits.pids = 2 is below 3"), "{err}");
 }
+
+/// A request's `memory_mib` must hold the largest code this server
+/// accepts (it is written into scratch, charged to the sandbox's memory):
+/// below that it is the tenant's error, 400 before anything is admitted
+/// (as the OpenAPI document's minimum says), never an internal error once
+/// a big code arrives. Egress costs a task (the forwarder). A base policy
+/// whose largest code fits in neither its scratch nor its memory stops
+/// the server at start, with one line.
+#[test]
+fn limits_the_largest_code_or_egress_needs_are_the_tenants_error_not_an_internal_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "[policy.limits]\ncode_bytes = 16777216\n[egress]\nallow = [\"127.0.0.1:9\"]\ndns = \"127.0.0.1:53\"\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    let egress = json!({"allow": ["127.0.0.1:9"]});
+    for (body, want) in [
+        (
+            json!({"language": "python", "code": "print(1)", "limits": {"memory_mib": 16}}),
+            "limits.memory_mib = 16 is below 17, the least that holds limits.code_bytes = 16777216",
+        ),
+        (
+            json!({"language": "python", "code": "print(1)", "network": egress, "limits": {"pids": 3}}),
+            "limits.pids = 3 is below 4, the fewest tasks a python sandbox with egress starts with",
+        ),
+        (
+            json!({"language": "javascript", "code": "1", "network": egress, "limits": {"pids": 9}}),
+            "limits.pids = 9 is below 10, the fewest tasks a javascript sandbox with egress starts with",
+        ),
+    ] {
+        let r = s.post("/v1/executions", &key, body);
+        let p = r.problem(400, "invalid_request");
+        assert!(p["detail"].as_str().unwrap().contains(want), "{p}");
+    }
+    let list = s.get("/v1/executions", &key).json();
+    assert_eq!(list["executions"].as_array().unwrap().len(), 0, "{list}");
+    // The document says so.
+    let doc = s.req("GET", "/openapi.json", None, None).json();
+    assert_eq!(
+        doc["components"]["schemas"]["LimitsRequest"]["properties"]["memory_mib"]["minimum"],
+        17
+    );
+    // Positive controls: the smallest accepted values run.
+    for body in [
+        json!({"language": "python", "code": "print(1)", "limits": {"memory_mib": 17}}),
+        json!({"language": "python", "code": "print(1)", "network": egress, "limits": {"pids": 4}}),
+        json!({"language": "javascript", "code": "console.log(1)", "network": egress, "limits": {"pids": 10}}),
+    ] {
+        let v = s.exec(&key, body.clone());
+        assert_eq!(
+            (
+                v["result"]["reason"].as_str(),
+                v["result"]["stdout"].as_str()
+            ),
+            (Some("exited"), Some("1\n")),
+            "{body}: {v}"
+        );
+    }
+    // Base policies no code of their largest size could start with.
+    for (config, want) in [
+        (
+            "[policy.filesystem]\nscratch_mib = 1\n[policy.limits]\ncode_bytes = 1048577\n",
+            "limits.code_bytes = 1048577 does not fit in filesystem.scratch_mib = 1",
+        ),
+        (
+            "[policy.limits]\nmemory_mib = 8\ncode_bytes = 8388608\n",
+            "limits.memory_mib = 8 is below 9",
+        ),
+    ] {
+        std::fs::write(&cfg, config).unwrap();
+        let out = std::process::Command::new(crate::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .env("AIRLOCK_DATA_DIR", dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{config}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{err}");
+    }
+}
