@@ -26,6 +26,7 @@
 //! callers prepare sandboxes from long-lived threads.
 
 pub mod image;
+pub mod microvm;
 pub mod oci;
 pub mod process;
 

@@ -174,6 +174,7 @@ impl Launcher for OciLauncher {
                 pids_by_rlimit: false,
                 egress_relay: false,
                 protect_pid1: false,
+                accelerator: None,
             },
             Kind::Gvisor => Isolated {
                 backend: "gvisor",
@@ -206,6 +207,7 @@ impl Launcher for OciLauncher {
                 pids_by_rlimit: true,
                 egress_relay: true,
                 protect_pid1: true,
+                accelerator: None,
             },
         }
     }
@@ -857,40 +859,10 @@ impl Backend for OciBackend {
     }
 
     fn reap_stale(&self, previous_pid: Option<u32>) -> usize {
-        // Bundles (and containers) named `<pid>-<n>` like their cgroups:
-        // of the previous server process, or of an engine that is gone
-        // (no such pid here) and whose sandbox has no cgroup left (an
-        // engine in another pid namespace may have a pid this one cannot
-        // see: its live sandboxes still have their cgroups).
         let rt = &self.launcher.rt;
-        let parents = self
-            .engine
-            .cgroup_layout()
-            .map(airlock_sandbox::cgroup::sandbox_parents)
-            .unwrap_or_default();
-        let mut n = 0;
-        let Ok(dir) = fs::read_dir(&rt.bundles) else {
-            return 0;
-        };
-        for ent in dir.flatten() {
-            let name = ent.file_name().to_string_lossy().into_owned();
-            if !is_sandbox_name(&name) {
-                continue;
-            }
-            let owner = name.split('-').next().unwrap_or("");
-            // A live process of that pid may own it (a pid reused since the
-            // previous server died): never.
-            let alive = Path::new("/proc").join(owner).exists();
-            let previous = previous_pid.is_some_and(|p| p.to_string() == owner);
-            let orphaned = !parents.iter().any(|(_, p)| p.join(&name).exists());
-            if !alive && (previous || orphaned) {
-                delete_container(rt.kind, &rt.binary, &ent.path().join("state"), &name);
-                if fs::remove_dir_all(ent.path()).is_ok() {
-                    n += 1;
-                }
-            }
-        }
-        n
+        reap_stale_states(&self.engine, &rt.bundles, previous_pid, |name, dir| {
+            delete_container(rt.kind, &rt.binary, &dir.join("state"), name);
+        })
     }
 
     fn probe(&self) -> Probe {
@@ -944,8 +916,49 @@ impl Backend for OciBackend {
     }
 }
 
+/// Removes the per-sandbox state directories under `dir` (named `<pid>-<n>`
+/// like their cgroups) of the previous server process, or of an engine
+/// that is gone (no such pid here) and whose sandbox has no cgroup left (an
+/// engine in another pid namespace may have a pid this one cannot see: its
+/// live sandboxes still have their cgroups). `before` runs first on each
+/// (a runtime's own delete). Returns how many were removed.
+pub(crate) fn reap_stale_states(
+    engine: &Engine,
+    dir: &Path,
+    previous_pid: Option<u32>,
+    before: impl Fn(&str, &Path),
+) -> usize {
+    let parents = engine
+        .cgroup_layout()
+        .map(airlock_sandbox::cgroup::sandbox_parents)
+        .unwrap_or_default();
+    let mut n = 0;
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    for ent in entries.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if !is_sandbox_name(&name) {
+            continue;
+        }
+        let owner = name.split('-').next().unwrap_or("");
+        // A live process of that pid may own it (a pid reused since the
+        // previous server died): never.
+        let alive = Path::new("/proc").join(owner).exists();
+        let previous = previous_pid.is_some_and(|p| p.to_string() == owner);
+        let orphaned = !parents.iter().any(|(_, p)| p.join(&name).exists());
+        if !alive && (previous || orphaned) {
+            before(&name, &ent.path());
+            if fs::remove_dir_all(ent.path()).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// `<pid>-<n>`, as the engine names sandboxes: never a path.
-fn is_sandbox_name(n: &str) -> bool {
+pub(crate) fn is_sandbox_name(n: &str) -> bool {
     n.split_once('-').is_some_and(|(a, b)| {
         !a.is_empty()
             && !b.is_empty()

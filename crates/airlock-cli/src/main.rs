@@ -90,7 +90,8 @@ struct RunArgs {
     /// microvm (the cheapest backend here that meets it runs the code).
     #[arg(long, value_name = "LEVEL", value_parser = parse_level)]
     isolation: Option<IsolationLevel>,
-    /// Run on this backend: process, oci or gvisor (see `airlock doctor`).
+    /// Run on this backend: process, oci, gvisor or microvm (see `airlock
+    /// doctor`).
     #[arg(long, value_name = "NAME")]
     backend: Option<String>,
     /// Run in this imported image's root (`airlock image list`) instead
@@ -152,6 +153,12 @@ fn main() -> ExitCode {
     }
     if args.get(1).map(String::as_str) == Some(airlock_sandbox::zygote::ZYGOTE_ARG) {
         airlock_sandbox::zygote::main(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some(airlock_sandbox::vminit::VMINIT_ARG) {
+        airlock_sandbox::vminit::main(&args[2..]);
+    }
+    if args.get(1).map(String::as_str) == Some(airlock_backend::microvm::VMM_ARG) {
+        airlock_backend::microvm::vmm_main(&args[2..]);
     }
     if args.get(1).map(String::as_str) == Some(airlock_sandbox::kvm::KVM_PROBE_ARG) {
         return match airlock_sandbox::kvm::probe() {
@@ -242,7 +249,10 @@ fn engine() -> Result<Engine, Usage> {
 /// The backends a local run may use: the process sandbox always, and the
 /// OCI runtime and gVisor when they are installed (chosen only when asked
 /// for: the process sandbox is the cheapest).
-fn local_backends(image: Option<&str>) -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> {
+fn local_backends(
+    image: Option<&str>,
+    microvm: bool,
+) -> Result<(Backends, Vec<airlock_backend::NotHere>), Usage> {
     let mut images = std::collections::BTreeMap::new();
     if let Some(reference) = image {
         let root = image::store()
@@ -251,11 +261,20 @@ fn local_backends(image: Option<&str>) -> Result<(Backends, Vec<airlock_backend:
         images.insert("oci".to_string(), root.clone());
         images.insert("gvisor".to_string(), root);
     }
-    let (mut list, failed) = airlock_backend::on_this_host(
-        Arc::new(engine()?),
-        &airlock_backend::default_run_dir(),
-        &images,
-    );
+    let engine = Arc::new(engine()?);
+    let run_dir = airlock_backend::default_run_dir();
+    let (mut list, mut failed) = airlock_backend::on_this_host(engine.clone(), &run_dir, &images);
+    // The microVM backend builds its guest's artifacts on first use:
+    // only when a run asks for it.
+    if microvm {
+        match microvm_backend(engine, &run_dir) {
+            Ok(b) => list.push(b),
+            Err(why) => failed.push(airlock_backend::NotHere {
+                name: "microvm",
+                why,
+            }),
+        }
+    }
     // What an earlier run killed before its teardown left (a CLI has no
     // crash recovery of its own): only what no live engine owns, cgroups
     // (the process backend, first) before bundles.
@@ -283,7 +302,14 @@ fn local_backend(
             "--image runs on the oci or gvisor backend, not process".into(),
         ));
     }
-    let (backends, failed) = local_backends(image)?;
+    if image.is_some() && name == Some("microvm") {
+        return Err(Usage(
+            "--image runs on the oci or gvisor backend, not microvm".into(),
+        ));
+    }
+    let microvm = name == Some("microvm")
+        || (name.is_none() && policy.isolation.minimum == Some(IsolationLevel::Microvm));
+    let (backends, failed) = local_backends(image, microvm)?;
     if let Some(f) = failed.iter().find(|f| Some(f.name) == name) {
         return Err(Usage(format!(
             "backend {} cannot start here: {}",
@@ -297,6 +323,45 @@ fn local_backend(
         })
         .cloned()
         .map_err(|e| Usage(e.to_string()))
+}
+
+/// The microVM backend for a local run: QEMU and the guest kernel found
+/// here (or named by `AIRLOCK_QEMU`, `AIRLOCK_VM_KERNEL`), KVM when it runs
+/// a guest, otherwise QEMU's software emulation (the person running the CLI
+/// is the operator; a line on stderr says so, and the result's
+/// `enforced.accelerator` names it). `AIRLOCK_VM_ACCEL=kvm|tcg` forces one.
+pub(crate) fn microvm_backend(
+    engine: Arc<Engine>,
+    run_dir: &Path,
+) -> Result<Arc<dyn Backend>, String> {
+    use airlock_backend::microvm::{self, Accel, Settings};
+    let accel = match std::env::var("AIRLOCK_VM_ACCEL").ok().as_deref() {
+        None | Some("") => None,
+        Some("kvm") => Some(Accel::Kvm),
+        Some("tcg") => Some(Accel::Tcg),
+        Some(other) => return Err(format!("AIRLOCK_VM_ACCEL={other:?}: expected kvm or tcg")),
+    };
+    let settings = Settings {
+        qemu: std::env::var_os("AIRLOCK_QEMU").map(PathBuf::from),
+        kernel: std::env::var_os("AIRLOCK_VM_KERNEL").map(PathBuf::from),
+        accel,
+        allow_tcg: true,
+        store: None,
+    };
+    let host = microvm::discover(&settings)?;
+    if host.accel == Accel::Tcg && accel.is_none() {
+        eprintln!(
+            "airlock: no working KVM here; the microVM runs under QEMU's software emulation \
+             (TCG: slow, for development and tests)"
+        );
+    }
+    let store = settings
+        .store
+        .clone()
+        .unwrap_or_else(microvm::default_store);
+    Ok(Arc::new(microvm::MicrovmBackend::new(
+        engine, host, &store, run_dir,
+    )?))
 }
 
 fn engine_config_base() -> EngineConfig {

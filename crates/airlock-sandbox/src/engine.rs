@@ -565,6 +565,7 @@ impl Engine {
                 unavailable_limits: Vec::new(),
                 host_uid,
                 image: None,
+                accelerator: None,
             },
             setup_time: Duration::ZERO,
             cleanup: None,

@@ -136,6 +136,8 @@ pub struct Isolated {
     /// The kernel does not shield pid 1 from its namespace's signals
     /// (gVisor): a filter refuses signalling it ([`seccomp::protect_pid1`]).
     pub protect_pid1: bool,
+    /// A virtual machine's accelerator (`kvm`, `tcg`), for the result.
+    pub accelerator: Option<&'static str>,
 }
 
 /// A started runtime process.
@@ -414,6 +416,7 @@ impl Engine {
             },
             host_uid: host_ids.0,
             image: image_root.map(|i| i.id.clone()),
+            accelerator: isolated.accelerator.map(String::from),
         };
         let mut sb = Sandbox::hosted(crate::engine::HostedParts {
             child: InitProc::Child(child),

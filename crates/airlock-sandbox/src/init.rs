@@ -461,6 +461,29 @@ pub(crate) fn serve_job(
 
 /// Applies every isolation layer in order. Returns (Landlock ABI, fully enforced).
 fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
+    build_root(cfg)?;
+    // The engine moves this process into the sandbox cgroup while the view
+    // above is built; the cgroup namespace must be rooted there.
+    at(
+        Step::CgroupNamespace,
+        proto::write_msg(ctrl, &FromInit::Built),
+    )?;
+    match proto::read_msg::<_, ToInit>(ctrl, 1024) {
+        Ok(ToInit::Attached) => {}
+        _ => return Err((Step::CgroupNamespace, 0)),
+    }
+    at(Step::CgroupNamespace, sys::unshare(libc::CLONE_NEWCGROUP))?;
+
+    lock_down(cfg.landlock_strict, &cfg.seccomp)
+}
+
+/// The mount, network, IPC and UTS namespaces and the new root: read-only
+/// binds of `cfg.mounts` (their sources resolved in the caller's mount
+/// namespace: the host's, or a microVM guest's root image), platform files,
+/// /etc, a minimal /dev, a fresh masked /proc, capped scratch, pivot_root,
+/// then the root read-only, the hostname and loopback. The process
+/// sandbox's init and a microVM guest's init build the same view with it.
+pub(crate) fn build_root(cfg: &InitConfig) -> StepResult<()> {
     at(
         Step::Namespaces,
         sys::unshare(
@@ -653,21 +676,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     )?;
 
     at(Step::Hostname, sys::sethostname("airlock"))?;
-    at(Step::Loopback, sys::loopback_up())?;
-
-    // The engine moves this process into the sandbox cgroup while the view
-    // above is built; the cgroup namespace must be rooted there.
-    at(
-        Step::CgroupNamespace,
-        proto::write_msg(ctrl, &FromInit::Built),
-    )?;
-    match proto::read_msg::<_, ToInit>(ctrl, 1024) {
-        Ok(ToInit::Attached) => {}
-        _ => return Err((Step::CgroupNamespace, 0)),
-    }
-    at(Step::CgroupNamespace, sys::unshare(libc::CLONE_NEWCGROUP))?;
-
-    lock_down(cfg.landlock_strict, &cfg.seccomp)
+    at(Step::Loopback, sys::loopback_up())
 }
 
 /// The layers every init applies last, whoever built the isolation around

@@ -38,6 +38,8 @@ pub mod rootfs;
 pub mod runtime;
 pub mod seccomp;
 pub mod sys;
+pub mod vmchan;
+pub mod vminit;
 pub mod zygote;
 
 pub use engine::{CancelToken, Engine, EngineConfig, Request, Sandbox, Stream, Teardown};

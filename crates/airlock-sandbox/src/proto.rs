@@ -292,3 +292,22 @@ mod tests {
         assert!(read_frame(&mut buf.as_slice(), MAX_FROM_INIT).is_err());
     }
 }
+
+/// What a microVM guest's init receives from the host before anything
+/// else: the sandbox's view (built inside the guest by the same code as
+/// the process sandbox's root, its bind sources read from the guest's
+/// read-only root image) and what the guest needs to be a fresh machine.
+/// Nothing tenant-specific.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmGuestConfig {
+    /// The view; only the filesystem fields are used (mounts, symlinks,
+    /// files, etc_files, etc_mounts, scratch); the rest must be empty.
+    pub root: InitConfig,
+    /// Host randomness (hex) mixed into the guest's pool before the agent
+    /// starts.
+    pub seed: String,
+}
+
+/// Largest [`VmGuestConfig`] a guest accepts.
+pub const MAX_VM_CONFIG: usize = 8 << 20;

@@ -113,6 +113,10 @@ pub struct Enforced {
     /// read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// What ran a microVM's guest: `kvm` (hardware virtualisation) or
+    /// `tcg` (QEMU's software emulation: development and tests only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
 }
 
 /// Everything known about one finished execution.

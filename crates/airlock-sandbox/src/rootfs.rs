@@ -196,6 +196,13 @@ pub(crate) fn etc(ca: Option<&(Arc<str>, Arc<str>)>) -> (Vec<RoFile>, Vec<RoMoun
     (files, binds)
 }
 
+/// The host files of /etc a sandbox sees (bound read-only), those that
+/// exist here: what a microVM's root image must carry for the guest to
+/// show the same /etc.
+pub fn host_etc_paths() -> Vec<String> {
+    etc(None).1.into_iter().map(|m| m.host).collect()
+}
+
 /// The host's CA bundle followed by the operator's certificates.
 pub(crate) fn combine_ca(extra: &str) -> Arc<str> {
     let host = std::fs::read_to_string(CA_BUNDLE_PATH).unwrap_or_default();

@@ -970,3 +970,104 @@ pub fn reap_children() {
 pub fn pidfd_wait_exit(pidfd: &OwnedFd, timeout_ms: i32) -> bool {
     matches!(poll(&[(pidfd.as_raw_fd(), libc::POLLIN)], timeout_ms), Ok(r) if r[0] != 0)
 }
+
+/// `finit_module(2)` of an xz- or uncompressed kernel module (the kernel
+/// decompresses it): a microVM guest's init loads its drivers with it.
+pub fn load_module(module: &std::fs::File) -> io::Result<()> {
+    const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+    // SAFETY: the descriptor is open for the call; the parameter string is
+    // a valid NUL-terminated empty string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            module.as_raw_fd(),
+            c"".as_ptr(),
+            MODULE_INIT_COMPRESSED_FILE,
+        )
+    };
+    match cvt(r) {
+        Ok(_) => Ok(()),
+        // Built into this kernel, or loaded already.
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// `chroot(2)`.
+pub fn chroot(path: &CStr) -> io::Result<()> {
+    // SAFETY: `path` is a valid NUL-terminated string for the call.
+    cvt_i(unsafe { libc::chroot(path.as_ptr()) }).map(|_| ())
+}
+
+/// `clone(2)` with `flags` (namespace flags) like fork: the child continues
+/// here on a copy of the stack.
+///
+/// # Safety
+/// As [`fork`]: the calling process must be single-threaded.
+pub unsafe fn fork_with(flags: libc::c_int) -> io::Result<Forked> {
+    // SAFETY: a raw clone without CLONE_VM and with a null stack duplicates
+    // the address space as fork does; the caller guarantees a single thread.
+    let pid = cvt(unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    })?;
+    Ok(if pid == 0 {
+        Forked::Child
+    } else {
+        Forked::Parent(pid as libc::pid_t)
+    })
+}
+
+/// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: executes the file `fd`
+/// refers to; returns only on failure.
+pub fn execve_fd(fd: RawFd, argv: &[CString], envp: &[CString]) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: the path is an empty NUL-terminated string, every argv/envp
+    // element is a NUL-terminated string that outlives the call and both
+    // pointer arrays are NULL-terminated.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv_ptrs.as_ptr(),
+            envp_ptrs.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    io::Error::last_os_error()
+}
+
+/// Mixes `seed` into the kernel's random pool and credits it as entropy
+/// (`RNDADDENTROPY`, root only): a guest restored from a snapshot must not
+/// continue the random state every other restore of it shares.
+pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    let mut buf = Vec::with_capacity(8 + seed.len());
+    buf.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    buf.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    buf.extend_from_slice(seed);
+    // SAFETY: `buf` is a `struct rand_pool_info` (entropy_count,
+    // buf_size, then buf_size bytes), valid for the call.
+    cvt_i(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, buf.as_ptr()) }).map(|_| ())
+}
+
+/// Powers the machine off at once (a microVM guest's init, whose VM then
+/// ends). Never returns.
+pub fn power_off() -> ! {
+    // SAFETY: integer-only syscall; pid 1 of a guest owns the machine.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    exit_now(1)
+}

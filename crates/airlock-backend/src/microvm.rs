@@ -1,0 +1,1657 @@
+//! The microVM backend: every sandbox is a fresh QEMU `microvm` machine
+//! with its own guest kernel, whose init is airlock itself
+//! ([`airlock_sandbox::vminit`]) building the same sandbox inside the guest
+//! that the process backend builds on the host, so the virtual machine is a
+//! second wall, not the only one.
+//!
+//! Host side, per sandbox: the engine starts `airlock __airlock-vmm` (the
+//! VM monitor, [`vmm_main`]) exactly as it starts an OCI runtime, with the
+//! sandbox's stdio, control, broker and egress channels; the monitor starts
+//! QEMU (in the sandbox's cgroup, as an unprivileged user, under QEMU's own
+//! seccomp sandbox) and relays those channels over the one virtio-serial
+//! port ([`airlock_sandbox::vmchan`]): no network device exists in the
+//! guest, and nothing the guest sends is trusted beyond the channel's
+//! bounds. The engine, the agent's handshake, supervision, limits and
+//! teardown are those of every hosted backend.
+//!
+//! Guest artifacts, built on first use and cached content-addressed under
+//! the store ([`Store`]): the initramfs (the airlock binary, its shared
+//! libraries and the kernel modules the guest needs) and the read-only root
+//! image (erofs) holding the host's runtimes (python3, node, sh and common
+//! tools, their libraries, the files of /etc a sandbox sees).
+//!
+//! Accelerator: KVM where `/dev/kvm` really runs a guest; otherwise QEMU's
+//! software emulation (TCG), only when the operator allows it (slow: for
+//! development and tests). The result's `enforced.accelerator` says which.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use airlock_policy::{IsolationLevel, Language, Policy};
+use airlock_sandbox::hosted::{AgentLaunch, Isolated, Launched, Launcher};
+use airlock_sandbox::proto::{InitConfig, RoFile, RoMount, VmGuestConfig};
+use airlock_sandbox::vmchan::{ChanError, Mux, Sink, Source, stream};
+use airlock_sandbox::{Enforced, Engine, RunResult, SandboxError, sys};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::process::check_level;
+use crate::{
+    Backend, BackendError, Hooks, Job, Prepared, Probe, Request, Spec, Teardown, Template,
+};
+
+/// argv[1] of the VM monitor.
+pub const VMM_ARG: &str = "__airlock-vmm";
+
+/// Guest memory beyond the policy's: the guest kernel, the initramfs
+/// (the airlock binary) and page cache of the root image.
+const GUEST_OVERHEAD_MIB: u64 = 160;
+/// Host memory beyond the guest's: QEMU itself (TCG's translation cache
+/// is capped at 64 MiB).
+const QEMU_OVERHEAD_MIB: u64 = 160;
+/// Host tasks of QEMU (its threads) and the monitor.
+const HOST_TASKS: u64 = 64;
+/// How long a guest kernel may take to boot and stop under KVM when
+/// checking that KVM really runs one.
+const KVM_CHECK_SECS: u64 = 15;
+
+/// Bumped when what goes into the guest's artifacts changes.
+const ARTIFACT_FORMAT: u32 = 1;
+
+/// Which accelerator runs guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// Its name in results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// What the operator chose.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// QEMU binary (default: `qemu-system-x86_64` on PATH).
+    pub qemu: Option<PathBuf>,
+    /// Guest kernel (default: the newest `/boot/vmlinuz-*`, a Debian cloud
+    /// kernel preferred); its modules are read from
+    /// `/lib/modules/<version>`.
+    pub kernel: Option<PathBuf>,
+    /// Force an accelerator; `None` picks KVM when it runs a guest here.
+    pub accel: Option<Accel>,
+    /// Run under TCG when KVM does not work (otherwise the backend is not
+    /// available without KVM).
+    pub allow_tcg: bool,
+    /// Where guest artifacts are cached (default [`default_store`]).
+    pub store: Option<PathBuf>,
+}
+
+/// Where guest artifacts are cached: `AIRLOCK_VM_STORE`, else
+/// /var/lib/airlock/vm as root, else the user's data directory.
+pub fn default_store() -> PathBuf {
+    if let Some(p) = std::env::var_os("AIRLOCK_VM_STORE").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    if sys::geteuid() == 0 {
+        return "/var/lib/airlock/vm".into();
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("airlock/vm")
+}
+
+/// The host's pieces for running guests.
+#[derive(Debug, Clone)]
+pub struct VmHost {
+    /// QEMU.
+    pub qemu: PathBuf,
+    /// Its version line.
+    pub qemu_version: String,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Its modules directory.
+    pub modules: PathBuf,
+    /// The accelerator guests run with.
+    pub accel: Accel,
+}
+
+/// Finds QEMU, a kernel and an accelerator, or says what is missing.
+pub fn discover(settings: &Settings) -> Result<VmHost, String> {
+    let qemu = match &settings.qemu {
+        Some(p) => p.clone(),
+        None => crate::oci::find_binary(&["qemu-system-x86_64"]).ok_or(
+            "qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)",
+        )?,
+    };
+    let out = Command::new(&qemu)
+        .arg("--version")
+        .env_clear()
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("{} does not run: {e}", qemu.display()))?;
+    let qemu_version = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let kernel = match &settings.kernel {
+        Some(k) => k.clone(),
+        None => find_kernel()
+            .ok_or("no guest kernel in /boot (Debian: apt-get install linux-image-cloud-amd64)")?,
+    };
+    let version = kernel
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .ok_or_else(|| format!("{}: not named vmlinuz-<version>", kernel.display()))?;
+    let modules = Path::new("/lib/modules").join(version);
+    if !modules.join("modules.dep").is_file() {
+        return Err(format!(
+            "{}: no modules.dep for the guest kernel",
+            modules.display()
+        ));
+    }
+    fs::File::open(&kernel).map_err(|e| format!("{}: {e}", kernel.display()))?;
+    let store = settings.store.clone().unwrap_or_else(default_store);
+    let accel = match settings.accel {
+        Some(a) => a,
+        None if kvm_runs_guests() && kvm_boots(&qemu, &qemu_version, &kernel, &store) => Accel::Kvm,
+        None if settings.allow_tcg => Accel::Tcg,
+        None => {
+            return Err(
+                "KVM does not run a guest here; allow software emulation (TCG, slow, \
+                 development only) to use the microvm backend anyway"
+                    .into(),
+            );
+        }
+    };
+    Ok(VmHost {
+        qemu,
+        qemu_version,
+        kernel,
+        modules,
+        accel,
+    })
+}
+
+/// Whether /dev/kvm runs a guest (the doctor's probe, in a child process:
+/// a broken KVM must not hang or crash this one).
+fn kvm_runs_guests() -> bool {
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return false;
+    };
+    let Ok(mut child) = Command::new(exe)
+        .arg(airlock_sandbox::kvm::KVM_PROBE_ARG)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return s.success(),
+            Ok(None) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// Whether the guest kernel itself runs under KVM here: some nested or
+/// paravirtual KVM devices run the doctor's few instructions but crash or
+/// hang a real kernel. Boots it without a root (it panics and the machine
+/// stops at once when it runs); the verdict is kept in the store per
+/// (QEMU, kernel).
+fn kvm_boots(qemu: &Path, qemu_version: &str, kernel: &Path, store: &Path) -> bool {
+    let mut key = Sha256::new();
+    key.update(qemu_version.as_bytes());
+    key_file(&mut key, qemu);
+    key_file(&mut key, kernel);
+    let verdict = store
+        .join("refs")
+        .join(format!("kvm-{}", hex(&key.finalize())));
+    match fs::read_to_string(&verdict).as_deref() {
+        Ok("boots") => return true,
+        Ok("fails") => return false,
+        _ => {}
+    }
+    let Ok(mut child) = Command::new(qemu)
+        .args([
+            "-M",
+            "microvm,isa-serial=off,rtc=off",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+        ])
+        .args([
+            "-m",
+            "128",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
+        .args(["-nic", "none", "-no-reboot", "-kernel"])
+        .arg(kernel)
+        .args(["-append", "quiet loglevel=0 panic=-1"])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(KVM_CHECK_SECS);
+    let boots = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s.success(),
+            Ok(None) if std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break false;
+            }
+        }
+    };
+    if fs::create_dir_all(store.join("refs")).is_ok() {
+        let _ = fs::write(&verdict, if boots { "boots" } else { "fails" });
+    }
+    boots
+}
+
+/// The newest `/boot/vmlinuz-*`, a cloud kernel (made for virtual
+/// machines: virtio drivers, small) preferred.
+fn find_kernel() -> Option<PathBuf> {
+    let mut found: Vec<(bool, Vec<u64>, PathBuf)> = fs::read_dir("/boot")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let ver = name.strip_prefix("vmlinuz-")?.to_string();
+            let nums = ver
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .take(4)
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            Some((ver.contains("cloud"), nums, e.path()))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, _, p)| p)
+}
+
+// ---------------------------------------------------------------------
+// Guest artifacts
+
+/// The guest artifacts' store: `initrd/<sha256>.cpio` and
+/// `root/<sha256>.erofs` (content-addressed, read-only), `refs/<key>`
+/// naming the artifact built from inputs whose key that is, `tmp/` for
+/// builds in progress.
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+/// The artifacts one guest boots from.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// The initramfs.
+    pub initrd: PathBuf,
+    /// The read-only root image.
+    pub root: PathBuf,
+    /// `sha256:<hex>` of the root image.
+    pub root_id: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Store {
+    /// The store at `dir` (created 0755: QEMU reads it as an unprivileged
+    /// user; nothing in it is secret).
+    pub fn open(dir: &Path) -> std::io::Result<Store> {
+        for sub in ["initrd", "root", "refs", "tmp"] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir.join(sub))?;
+        }
+        Ok(Store { dir: dir.into() })
+    }
+
+    fn lookup(&self, key: &str) -> Option<PathBuf> {
+        let digest = fs::read_to_string(self.dir.join("refs").join(key)).ok()?;
+        let digest = digest.trim();
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let kind = key.split('-').next()?;
+        let ext = if kind == "initrd" { "cpio" } else { "erofs" };
+        let p = self.dir.join(kind).join(format!("{digest}.{ext}"));
+        p.is_file().then_some(p)
+    }
+
+    /// Moves a finished build into place under its digest and records
+    /// `key` for it.
+    fn commit(&self, key: &str, built: &Path, kind: &str, ext: &str) -> std::io::Result<PathBuf> {
+        let mut h = Sha256::new();
+        let mut f = fs::File::open(built)?;
+        std::io::copy(&mut f, &mut h)?;
+        let digest = hex(&h.finalize());
+        fs::set_permissions(built, fs::Permissions::from_mode(0o444))?;
+        let dest = self.dir.join(kind).join(format!("{digest}.{ext}"));
+        fs::rename(built, &dest)?;
+        let tmp_ref = self.dir.join("tmp").join(format!("{key}.ref"));
+        fs::write(&tmp_ref, &digest)?;
+        fs::rename(tmp_ref, self.dir.join("refs").join(key))?;
+        Ok(dest)
+    }
+
+    fn tmp_path(&self, what: &str) -> std::io::Result<PathBuf> {
+        let mut rnd = [0u8; 8];
+        sys::getrandom(&mut rnd)?;
+        Ok(self.dir.join("tmp").join(format!("{what}-{}", hex(&rnd))))
+    }
+
+    /// The guest's artifacts for `engine`'s runtimes on `host`, built now
+    /// when missing (seconds; once per change of their inputs).
+    pub fn artifacts(&self, engine: &Engine, host: &VmHost) -> Result<Artifacts, String> {
+        let initrd = self.initrd(engine, host)?;
+        let (root, root_id) = self.root_image(engine)?;
+        Ok(Artifacts {
+            initrd,
+            root,
+            root_id,
+        })
+    }
+
+    fn initrd(&self, engine: &Engine, host: &VmHost) -> Result<PathBuf, String> {
+        let binary = engine.init_path();
+        let modules = guest_modules(&host.modules)?;
+        let libs = binary_libs(binary)?;
+        let mut key = Sha256::new();
+        key.update(ARTIFACT_FORMAT.to_le_bytes());
+        for p in std::iter::once(binary.to_path_buf())
+            .chain(modules.iter().cloned())
+            .chain(libs.iter().map(|(p, _)| p.clone()))
+        {
+            key_file(&mut key, &p);
+        }
+        let key = format!("initrd-{}", hex(&key.finalize()));
+        if let Some(p) = self.lookup(&key) {
+            return Ok(p);
+        }
+        let e = |what: &'static str| {
+            move |err: std::io::Error| format!("building the initramfs: {what}: {err}")
+        };
+        let out = self.tmp_path("initrd").map_err(e("temporary file"))?;
+        let stripped = self.tmp_path("init").map_err(e("temporary file"))?;
+        // Debug information is most of a development build's size; the
+        // whole initramfs is unpacked into the guest's memory.
+        let init_src = match Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&stripped)
+            .arg(binary)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+        {
+            Ok(s) if s.success() => stripped.clone(),
+            _ => binary.to_path_buf(),
+        };
+        let made = write_initrd(&out, &init_src, &libs, &modules);
+        let _ = fs::remove_file(&stripped);
+        if let Err(err) = made {
+            let _ = fs::remove_file(&out);
+            return Err(format!("building the initramfs: {err}"));
+        }
+        self.commit(&key, &out, "initrd", "cpio")
+            .map_err(e("store"))
+    }
+
+    fn root_image(&self, engine: &Engine) -> Result<(PathBuf, String), String> {
+        let tree = root_tree(engine)?;
+        let mut key = Sha256::new();
+        key.update(ARTIFACT_FORMAT.to_le_bytes());
+        for (path, entry) in &tree {
+            key.update(path.as_os_str().as_encoded_bytes());
+            key.update([0]);
+            match entry {
+                Entry::Dir => key.update(b"d"),
+                Entry::Link(t) => {
+                    key.update(b"l");
+                    key.update(t.as_os_str().as_encoded_bytes());
+                }
+                Entry::File => key_file(&mut key, path),
+            }
+        }
+        let key = format!("root-{}", hex(&key.finalize()));
+        let found = match self.lookup(&key) {
+            Some(p) => p,
+            None => self.build_root(&key, &tree)?,
+        };
+        let id = found
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(|s| format!("sha256:{s}"))
+            .unwrap_or_default();
+        Ok((found, id))
+    }
+
+    fn build_root(&self, key: &str, tree: &BTreeMap<PathBuf, Entry>) -> Result<PathBuf, String> {
+        let e = |what: &'static str| {
+            move |err: std::io::Error| format!("building the root image: {what}: {err}")
+        };
+        let staging = self.tmp_path("rootfs").map_err(e("staging"))?;
+        let out = self.tmp_path("root").map_err(e("staging"))?;
+        let made = (|| -> Result<(), String> {
+            fs::DirBuilder::new()
+                .mode(0o755)
+                .create(&staging)
+                .map_err(e("staging"))?;
+            for (path, entry) in tree {
+                let rel = path.strip_prefix("/").unwrap_or(path);
+                let dest = staging.join(rel);
+                if let Some(parent) = dest.parent() {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(parent)
+                        .map_err(e("staging"))?;
+                }
+                match entry {
+                    Entry::Dir => match fs::DirBuilder::new().mode(0o755).create(&dest) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(err) => return Err(e("staging")(err)),
+                    },
+                    Entry::Link(t) => {
+                        std::os::unix::fs::symlink(t, &dest).map_err(e("staging"))?;
+                    }
+                    Entry::File => {
+                        if fs::hard_link(path, &dest).is_err() {
+                            fs::copy(path, &dest).map_err(e("copy"))?;
+                        }
+                    }
+                }
+            }
+            let out_status = Command::new("mkfs.erofs")
+                .arg("--all-root")
+                .arg("-T0")
+                .arg("--quiet")
+                .arg(&out)
+                .arg(&staging)
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|err| {
+                    format!("mkfs.erofs does not run ({err}); Debian: apt-get install erofs-utils")
+                })?;
+            if !out_status.status.success() {
+                return Err(format!(
+                    "mkfs.erofs failed: {}",
+                    String::from_utf8_lossy(&out_status.stderr).trim()
+                ));
+            }
+            Ok(())
+        })();
+        let _ = fs::remove_dir_all(&staging);
+        if let Err(err) = made {
+            let _ = fs::remove_file(&out);
+            return Err(err);
+        }
+        self.commit(key, &out, "root", "erofs").map_err(e("store"))
+    }
+}
+
+/// A file's identity for a cache key: path, size, modification time,
+/// inode and mode (contents are hashed only once built).
+fn key_file(key: &mut Sha256, p: &Path) {
+    key.update(p.as_os_str().as_encoded_bytes());
+    key.update([0]);
+    if let Ok(m) = fs::metadata(p) {
+        for v in [
+            m.size(),
+            m.mtime() as u64,
+            m.mtime_nsec() as u64,
+            m.ino(),
+            u64::from(m.mode()),
+        ] {
+            key.update(v.to_le_bytes());
+        }
+    }
+}
+
+/// Modules the guest loads, dependencies first: the virtio-mmio transport,
+/// the block device, erofs and the entropy device (the console is built
+/// into the kernels this uses, or listed too).
+fn guest_modules(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let dep = fs::read_to_string(dir.join("modules.dep"))
+        .map_err(|e| format!("{}: {e}", dir.join("modules.dep").display()))?;
+    let builtin = fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default();
+    let deps: BTreeMap<String, Vec<String>> = dep
+        .lines()
+        .filter_map(|l| {
+            let (m, rest) = l.split_once(':')?;
+            Some((
+                m.to_string(),
+                rest.split_whitespace().map(String::from).collect(),
+            ))
+        })
+        .collect();
+    let by_name = |name: &str| {
+        deps.keys()
+            .find(|k| {
+                Path::new(k)
+                    .file_name()
+                    .and_then(|f| f.to_str())
+                    .and_then(|f| f.split(".ko").next())
+                    .is_some_and(|f| f.replace('-', "_") == name.replace('-', "_"))
+            })
+            .cloned()
+    };
+    let mut order: Vec<String> = Vec::new();
+    fn visit(m: &str, deps: &BTreeMap<String, Vec<String>>, order: &mut Vec<String>, depth: u32) {
+        if depth > 16 || order.iter().any(|o| o == m) {
+            return;
+        }
+        for d in deps.get(m).into_iter().flatten() {
+            visit(d, deps, order, depth + 1);
+        }
+        order.push(m.to_string());
+    }
+    for name in [
+        "virtio",
+        "virtio_ring",
+        "virtio_mmio",
+        "virtio_console",
+        "virtio_blk",
+        "erofs",
+        "virtio_rng",
+    ] {
+        let is_builtin = builtin.lines().any(|l| {
+            Path::new(l)
+                .file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| f.split(".ko").next())
+                .is_some_and(|f| f.replace('-', "_") == name)
+        });
+        if is_builtin {
+            continue;
+        }
+        match by_name(name) {
+            Some(m) => visit(&m, &deps, &mut order, 0),
+            None => {
+                return Err(format!(
+                    "the guest kernel has no {name} module and does not build it in"
+                ));
+            }
+        }
+    }
+    Ok(order.into_iter().map(|m| dir.join(m)).collect())
+}
+
+/// The shared libraries `binary` loads (through the host's loader's
+/// `--list`, which maps them without running the program), as (host path,
+/// file name); the loader itself is among them.
+fn binary_libs(binary: &Path) -> Result<Vec<(PathBuf, String)>, String> {
+    let mut out = Vec::new();
+    for p in elf_deps(binary)? {
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("library name")?
+            .to_string();
+        out.push((p, name));
+    }
+    Ok(out)
+}
+
+/// The host's dynamic loader.
+fn loader() -> Result<PathBuf, String> {
+    for p in ["/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1"] {
+        if Path::new(p).exists() {
+            return Ok(p.into());
+        }
+    }
+    Err("no dynamic loader found".into())
+}
+
+fn is_elf(p: &Path) -> bool {
+    let mut b = [0u8; 4];
+    fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+        && b == *b"\x7fELF"
+}
+
+/// The libraries an ELF file needs, resolved by the host's loader.
+fn elf_deps(file: &Path) -> Result<Vec<PathBuf>, String> {
+    let out = Command::new(loader()?)
+        .arg("--list")
+        .arg(file)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("the dynamic loader does not run: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rhs)) => rhs.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            v.push(PathBuf::from(p));
+        }
+    }
+    Ok(v)
+}
+
+fn write_initrd(
+    out: &Path,
+    init: &Path,
+    libs: &[(PathBuf, String)],
+    modules: &[PathBuf],
+) -> std::io::Result<()> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(out)?;
+    let mut w = std::io::BufWriter::new(f);
+    let mut ino = 1u32;
+    let dir = |w: &mut std::io::BufWriter<fs::File>, name: &str, ino: &mut u32| {
+        *ino += 1;
+        cpio::NewcBuilder::new(name)
+            .ino(*ino)
+            .mode(0o040755)
+            .nlink(2)
+            .write(&mut *w, 0)
+            .finish()
+            .map(|_| ())
+    };
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "lib",
+        "lib64",
+        "lib/x86_64-linux-gnu",
+        "usr",
+        "usr/lib",
+        "usr/lib/x86_64-linux-gnu",
+        "modules",
+    ] {
+        dir(&mut w, d, &mut ino)?;
+    }
+    let file = |w: &mut std::io::BufWriter<fs::File>,
+                name: &str,
+                src: &Path,
+                mode: u32,
+                ino: &mut u32|
+     -> std::io::Result<()> {
+        *ino += 1;
+        let mut f = fs::File::open(src)?;
+        let len = f.metadata()?.len();
+        let len32 = u32::try_from(len).map_err(|_| std::io::Error::other("file over 4 GiB"))?;
+        let mut cw = cpio::NewcBuilder::new(name)
+            .ino(*ino)
+            .mode(0o100000 | mode)
+            .nlink(1)
+            .write(&mut *w, len32);
+        std::io::copy(&mut f, &mut cw)?;
+        cw.finish().map(|_| ())
+    };
+    file(&mut w, "init", init, 0o755, &mut ino)?;
+    for (src, name) in libs {
+        let dest = if name.starts_with("ld-linux") {
+            format!("lib64/{name}")
+        } else {
+            format!("lib/x86_64-linux-gnu/{name}")
+        };
+        file(&mut w, &dest, src, 0o755, &mut ino)?;
+    }
+    for (i, m) in modules.iter().enumerate() {
+        let name = m.file_name().and_then(|n| n.to_str()).unwrap_or("module");
+        file(
+            &mut w,
+            &format!("modules/{i:02}-{name}"),
+            m,
+            0o644,
+            &mut ino,
+        )?;
+    }
+    let w = cpio::newc::trailer(w)?;
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+/// One entry of the root image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Dir,
+    File,
+    Link(PathBuf),
+}
+
+/// Tools a shell node uses, taken into the root image when the host has
+/// them (with their libraries).
+const SHELL_TOOLS: &[&str] = &[
+    "sh",
+    "dash",
+    "bash",
+    "cat",
+    "ls",
+    "echo",
+    "printf",
+    "env",
+    "printenv",
+    "sort",
+    "uniq",
+    "head",
+    "tail",
+    "wc",
+    "tr",
+    "cut",
+    "paste",
+    "join",
+    "comm",
+    "fold",
+    "nl",
+    "rev",
+    "tac",
+    "grep",
+    "egrep",
+    "fgrep",
+    "sed",
+    "awk",
+    "mawk",
+    "gawk",
+    "which",
+    "tar",
+    "gzip",
+    "gunzip",
+    "zcat",
+    "base64",
+    "base32",
+    "sha1sum",
+    "sha256sum",
+    "sha512sum",
+    "md5sum",
+    "date",
+    "sleep",
+    "mkdir",
+    "rmdir",
+    "rm",
+    "cp",
+    "mv",
+    "ln",
+    "touch",
+    "chmod",
+    "find",
+    "xargs",
+    "test",
+    "[",
+    "true",
+    "false",
+    "id",
+    "uname",
+    "basename",
+    "dirname",
+    "tee",
+    "seq",
+    "expr",
+    "stat",
+    "du",
+    "df",
+    "readlink",
+    "realpath",
+    "mktemp",
+    "od",
+    "diff",
+    "cmp",
+    "timeout",
+    "nproc",
+    "pwd",
+    "whoami",
+    "yes",
+    "split",
+    "csplit",
+    "shuf",
+    "truncate",
+    "dd",
+    "sum",
+    "cksum",
+];
+
+/// Directories a root image never takes from a python installation.
+const PYTHON_SKIP: &[&str] = &[
+    "test",
+    "site-packages",
+    "dist-packages",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+];
+
+/// What the root image holds: for each runtime the engine resolves, the
+/// interpreter with its symlinks and libraries (and python's standard
+/// library), the shell tools, time zone data, the files of /etc a sandbox
+/// sees, and an empty directory for every bind the sandbox's view makes.
+fn root_tree(engine: &Engine) -> Result<BTreeMap<PathBuf, Entry>, String> {
+    let mut t = Tree::default();
+    // The agent runs in the sandbox's root with the libraries found there.
+    for (lib, _) in binary_libs(engine.init_path())? {
+        t.add_path(&lib)?;
+    }
+    for lang in [Language::Python, Language::Javascript, Language::Shell] {
+        let Ok(rt) = engine.runtime(lang) else {
+            continue;
+        };
+        for m in &rt.mounts {
+            let p = Path::new(&m.host);
+            let system = [
+                "/usr/lib",
+                "/usr/lib64",
+                "/usr/lib32",
+                "/lib",
+                "/lib64",
+                "/lib32",
+                "/usr/bin",
+            ]
+            .contains(&m.host.as_str());
+            // System directories hold only what the runtimes need (added
+            // below); anything else a runtime binds comes whole.
+            if system {
+                t.dir_chain(p);
+            } else {
+                t.add_tree(p, &[])?;
+            }
+        }
+        t.add_path(Path::new(&rt.interpreter))?;
+        if lang == Language::Python {
+            let out = Command::new(&rt.interpreter)
+                .args([
+                    "-I",
+                    "-c",
+                    "import sysconfig; print(sysconfig.get_path('stdlib')); \
+                     print(sysconfig.get_path('platstdlib'))",
+                ])
+                .env_clear()
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .map_err(|e| format!("python does not run: {e}"))?;
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let p = Path::new(line.trim());
+                if p.is_absolute() && p.is_dir() {
+                    t.add_tree(p, PYTHON_SKIP)?;
+                }
+            }
+        }
+        if lang == Language::Shell {
+            for tool in SHELL_TOOLS {
+                for dir in ["/usr/bin", "/bin"] {
+                    let p = Path::new(dir).join(tool);
+                    if fs::symlink_metadata(&p).is_ok() {
+                        t.add_path(&p)?;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    for p in airlock_sandbox::rootfs::host_etc_paths() {
+        t.add_tree(Path::new(&p), &[])?;
+    }
+    // Libraries of every program and extension module taken.
+    let elves: Vec<PathBuf> = t
+        .entries
+        .iter()
+        .filter(|(p, e)| **e == Entry::File && is_elf(p))
+        .map(|(p, _)| p.clone())
+        .collect();
+    for f in elves {
+        for dep in elf_deps(&f)? {
+            t.add_path(&dep)?;
+        }
+    }
+    Ok(t.entries)
+}
+
+#[derive(Default)]
+struct Tree {
+    entries: BTreeMap<PathBuf, Entry>,
+    budget: u64,
+}
+
+/// Files a root image takes at most (a mistaken tree must not copy a
+/// whole disk).
+const MAX_ENTRIES: u64 = 200_000;
+
+impl Tree {
+    fn insert(&mut self, p: PathBuf, e: Entry) -> Result<(), String> {
+        self.budget += 1;
+        if self.budget > MAX_ENTRIES {
+            return Err("the root image would hold too many files".into());
+        }
+        self.entries.entry(p).or_insert(e);
+        Ok(())
+    }
+
+    /// `p` and its parents as directories (canonical: a parent that is a
+    /// symlink on the host, /lib on merged-/usr, is recreated by the view).
+    fn dir_chain(&mut self, p: &Path) {
+        let mut cur = Some(p);
+        while let Some(d) = cur {
+            if d == Path::new("/") {
+                break;
+            }
+            if !fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_symlink()) {
+                self.entries.entry(d.to_path_buf()).or_insert(Entry::Dir);
+            }
+            cur = d.parent();
+        }
+    }
+
+    /// One path, following its symlinks (each recorded as a link).
+    fn add_path(&mut self, p: &Path) -> Result<(), String> {
+        let mut cur = canonical_parent(p).ok_or_else(|| format!("{}: no parent", p.display()))?;
+        for _ in 0..16 {
+            let Ok(meta) = fs::symlink_metadata(&cur) else {
+                return Ok(());
+            };
+            if let Some(parent) = cur.parent() {
+                self.dir_chain(parent);
+            }
+            if meta.file_type().is_symlink() {
+                let target = fs::read_link(&cur).map_err(|e| e.to_string())?;
+                let next = if target.is_absolute() {
+                    target.clone()
+                } else {
+                    cur.parent().unwrap_or(Path::new("/")).join(&target)
+                };
+                self.insert(cur.clone(), Entry::Link(target))?;
+                cur = match canonical_parent(&next) {
+                    Some(n) => n,
+                    None => return Ok(()),
+                };
+                continue;
+            }
+            if meta.is_file() {
+                self.insert(cur, Entry::File)?;
+            } else if meta.is_dir() {
+                self.insert(cur, Entry::Dir)?;
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    /// A whole tree, symlinks kept as they are, `skip` names left out.
+    fn add_tree(&mut self, root: &Path, skip: &[&str]) -> Result<(), String> {
+        let Ok(meta) = fs::symlink_metadata(root) else {
+            return Ok(());
+        };
+        if !meta.is_dir() {
+            return self.add_path(root);
+        }
+        let root = root.canonicalize().map_err(|e| e.to_string())?;
+        self.dir_chain(&root);
+        let mut stack = vec![root];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&d) else { continue };
+            for ent in rd.flatten() {
+                let name = ent.file_name();
+                if name.to_str().is_some_and(|n| skip.contains(&n)) {
+                    continue;
+                }
+                let p = ent.path();
+                let Ok(m) = fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                if m.file_type().is_symlink() {
+                    let t = fs::read_link(&p).map_err(|e| e.to_string())?;
+                    self.insert(p, Entry::Link(t))?;
+                } else if m.is_dir() {
+                    self.insert(p.clone(), Entry::Dir)?;
+                    stack.push(p);
+                } else if m.is_file() {
+                    self.insert(p, Entry::File)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn canonical_parent(p: &Path) -> Option<PathBuf> {
+    let parent = p.parent()?.canonicalize().ok()?;
+    Some(parent.join(p.file_name()?))
+}
+
+// ---------------------------------------------------------------------
+// Launching
+
+/// What the monitor is given (a file in the sandbox's state directory,
+/// root-only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmmConfig {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    root: PathBuf,
+    memory_mib: u64,
+    cpus: u32,
+    accel: Accel,
+    /// Host uid/gid QEMU runs as (root's monitor drops to them).
+    qemu_ids: (u32, u32),
+    /// Supplementary group for /dev/kvm, when KVM is used.
+    kvm_gid: Option<u32>,
+    guest: VmGuestConfig,
+    /// A file for the guest kernel's console (`AIRLOCK_VM_CONSOLE` of the
+    /// engine's process: debugging a guest that does not start).
+    console: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+struct VmLauncher {
+    host: VmHost,
+    artifacts: Artifacts,
+    states: PathBuf,
+}
+
+impl Launcher for VmLauncher {
+    fn isolated(&self, _policy: &Policy) -> Isolated {
+        Isolated {
+            backend: "microvm",
+            isolation: IsolationLevel::Microvm,
+            namespaces: ["vm", "pid", "mount", "network", "ipc", "uts", "cgroup"]
+                .map(String::from)
+                .to_vec(),
+            landlock: true,
+            overhead: (GUEST_OVERHEAD_MIB + QEMU_OVERHEAD_MIB, HOST_TASKS),
+            unavailable_limits: vec![
+                format!(
+                    "memory: the guest's RAM is the policy's plus {GUEST_OVERHEAD_MIB} MiB for \
+                     its kernel; the host cgroup also holds QEMU (+{QEMU_OVERHEAD_MIB} MiB)"
+                ),
+                "pids: RLIMIT_NPROC inside the guest (its tasks are not host tasks)".into(),
+                "scratch: tmpfs in the guest's RAM, capped in bytes and inodes".into(),
+            ],
+            pids_by_rlimit: true,
+            egress_relay: false,
+            protect_pid1: false,
+            accelerator: Some(self.host.accel.as_str()),
+        }
+    }
+
+    fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {
+        let spawn = SandboxError::SpawnInit;
+        let state = self.states.join(l.name);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&state)
+            .map_err(spawn)?;
+        let cleanup_state = state.clone();
+        let made = (|| -> std::io::Result<PathBuf> {
+            let mut seed = [0u8; 64];
+            sys::getrandom(&mut seed)?;
+            let v = l.view;
+            let (etc_files, files): (Vec<RoFile>, Vec<RoFile>) = v
+                .files
+                .iter()
+                .cloned()
+                .partition(|f| f.path.starts_with("/etc/"));
+            let (etc_mounts, mounts): (Vec<RoMount>, Vec<RoMount>) = v
+                .mounts
+                .iter()
+                .cloned()
+                .partition(|m| m.target.starts_with("/etc/"));
+            let cfg = VmmConfig {
+                qemu: self.host.qemu.clone(),
+                kernel: self.host.kernel.clone(),
+                initrd: self.artifacts.initrd.clone(),
+                root: self.artifacts.root.clone(),
+                memory_mib: l.policy.limits.memory_mib + GUEST_OVERHEAD_MIB,
+                cpus: (l.policy.limits.cpus.ceil() as u32).clamp(1, 16),
+                accel: self.host.accel,
+                qemu_ids: l.setup_ids,
+                kvm_gid: match self.host.accel {
+                    Accel::Kvm => fs::metadata("/dev/kvm").ok().map(|m| m.gid()),
+                    Accel::Tcg => None,
+                },
+                guest: VmGuestConfig {
+                    root: InitConfig {
+                        cgroup_tasks: Vec::new(),
+                        mounts,
+                        symlinks: v.symlinks.clone(),
+                        files,
+                        etc_files,
+                        etc_mounts,
+                        scratch_bytes: v.scratch_bytes,
+                        scratch_inodes: v.scratch_inodes,
+                        landlock_strict: false,
+                        seccomp: Vec::new(),
+                        broker: false,
+                        egress: false,
+                        zygote: false,
+                    },
+                    seed: hex(&seed),
+                },
+                console: std::env::var_os("AIRLOCK_VM_CONSOLE").map(PathBuf::from),
+            };
+            let p = state.join("vm.json");
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&p)?;
+            f.write_all(&serde_json::to_vec(&cfg).map_err(std::io::Error::other)?)?;
+            Ok(p)
+        })();
+        let cfg_path = match made {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&state);
+                return Err(spawn(e));
+            }
+        };
+        let mut cmd = Command::new(l.agent_binary);
+        cmd.arg(VMM_ARG)
+            .arg(&cfg_path)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        l.channels(&mut cmd);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&state);
+                return Err(spawn(e));
+            }
+        };
+        Ok(Launched {
+            child,
+            cleanup: Some(Box::new(move || {
+                let _ = fs::remove_dir_all(&cleanup_state);
+            })),
+        })
+    }
+}
+
+// ---------------------------------------------------------------------
+// The VM monitor
+
+fn qemu_args(cfg: &VmmConfig, port_fd: RawFd) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
+    let console = cfg
+        .console
+        .as_ref()
+        .map(|p| p.to_string_lossy().replace(',', ",,"));
+    match &console {
+        None => push(&["-M", "microvm,isa-serial=off,rtc=off"]),
+        Some(c) => push(&["-M", "microvm,rtc=off", "-serial", &format!("file:{c}")]),
+    }
+    match cfg.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
+    }
+    let mem = cfg.memory_mib.to_string();
+    let cpus = cfg.cpus.to_string();
+    push(&["-m", &mem, "-smp", &cpus]);
+    // Nothing but what is named here: no default devices, no network, no
+    // display, no monitor, no configuration files, QEMU's own seccomp
+    // sandbox on.
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-nic",
+        "none",
+        "-no-reboot",
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-msg",
+        "timestamp=off",
+    ]);
+    let kernel = cfg.kernel.to_string_lossy().into_owned();
+    let initrd = cfg.initrd.to_string_lossy().into_owned();
+    push(&["-kernel", &kernel, "-initrd", &initrd]);
+    push(&[
+        "-append",
+        &format!(
+            "{} panic=-1 rdinit=/init -- {}",
+            if console.is_some() {
+                "console=ttyS0"
+            } else {
+                "quiet loglevel=0"
+            },
+            airlock_sandbox::vminit::VMINIT_ARG
+        ),
+    ]);
+    push(&[
+        "-device",
+        "virtio-serial-device,max_ports=2",
+        "-chardev",
+        &format!("socket,id=port,fd={port_fd}"),
+        "-device",
+        &format!(
+            "virtserialport,chardev=port,name={}",
+            airlock_sandbox::vminit::PORT_NAME
+        ),
+    ]);
+    // The root image: read-only for QEMU itself, so a guest that remounts
+    // it read-write still cannot change it.
+    let root = cfg.root.to_string_lossy().replace(',', ",,");
+    push(&[
+        "-drive",
+        &format!("file={root},if=none,id=root,format=raw,readonly=on"),
+        "-device",
+        "virtio-blk-device,drive=root",
+        "-object",
+        "rng-random,id=rng,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-device,rng=rng",
+    ]);
+    a
+}
+
+/// Entry point of `airlock __airlock-vmm CONFIG`: starts QEMU and relays
+/// the sandbox's channels over the guest's port until QEMU ends. Never
+/// returns.
+pub fn vmm_main(args: &[String]) -> ! {
+    let code = match vmm(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("airlock vm: {e}");
+            1
+        }
+    };
+    sys::exit_now(code)
+}
+
+fn vmm(args: &[String]) -> Result<i32, String> {
+    let [path] = args else {
+        return Err("usage: __airlock-vmm CONFIG".into());
+    };
+    // Die with the engine's runtime thread (set again: this is a fresh
+    // exec, but the launcher set it before).
+    sys::set_parent_death_kill().map_err(|e| e.to_string())?;
+    let mut text = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(64 << 20).read_to_end(&mut text))
+        .map_err(|e| format!("configuration: {e}"))?;
+    let cfg: VmmConfig =
+        serde_json::from_slice(&text).map_err(|e| format!("configuration: {e}"))?;
+    // The agent image at 6 is not needed here (the guest has its own copy).
+    sys::close_unowned(6);
+    sys::close_from(7).map_err(|e| e.to_string())?;
+    let (host_port, qemu_port) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    let qemu_fd = qemu_port.as_raw_fd();
+    let mut cmd = Command::new(&cfg.qemu);
+    cmd.args(qemu_args(&cfg, 3))
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let (uid, gid) = cfg.qemu_ids;
+    let kvm_gid = cfg.kvm_gid;
+    let as_root = sys::geteuid() == 0;
+    // SAFETY: between fork and exec the closure only calls prctl, dup2,
+    // fcntl, setgroups, setresgid and setresuid (async-signal-safe; nothing
+    // allocates: the values are copied in).
+    unsafe {
+        cmd.pre_exec(move || {
+            sys::set_parent_death_kill()?;
+            let moved = sys::dup_above_cloexec(qemu_fd, 16)?;
+            sys::dup2(moved, 3)?;
+            // The monitor's channels at 4 and 5 must not reach QEMU.
+            sys::close_from(4)?;
+            if as_root {
+                let groups: [libc::gid_t; 1] = [kvm_gid.unwrap_or(gid)];
+                let n = usize::from(kvm_gid.is_some());
+                if libc::setgroups(n, groups.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                sys::set_ids(uid, gid)?;
+            }
+            Ok(())
+        });
+    }
+    let mut qemu = cmd
+        .spawn()
+        .map_err(|e| format!("QEMU does not start: {e}"))?;
+    drop(qemu_port);
+    let qemu_err = qemu.stderr.take();
+    let pidfd = sys::pidfd_open(qemu.id() as libc::pid_t).map_err(|e| e.to_string())?;
+    // SAFETY: the launcher placed the sandbox's stdio at 0-2, the control
+    // socket at 3 and the broker and egress channels (or /dev/null) at 4
+    // and 5; nothing else in this process owns them.
+    let (stdin, stdout, stderr, ctrl, broker) = unsafe {
+        (
+            sys::owned(0),
+            sys::owned(1),
+            sys::owned(2),
+            sys::owned(3),
+            sys::owned(4),
+        )
+    };
+    // SAFETY: as above, descriptor 5 is the egress channel or /dev/null,
+    // unused by the guest's channel (no egress yet): closed.
+    drop(unsafe { sys::owned(5) });
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| e.to_string());
+    let broker_pair = if sys::is_socket(broker.as_raw_fd()) {
+        let w = dup(&broker)?;
+        (Source::Fd(broker), Sink::Fd(w))
+    } else {
+        drop(broker);
+        (Source::None, Sink::None)
+    };
+    let mut guest = cfg.guest.clone();
+    guest.root.broker = !matches!(broker_pair.0, Source::None);
+    let guest_cfg = serde_json::to_vec(&guest).map_err(|e| e.to_string())?;
+    let ctrl_w = dup(&ctrl)?;
+    // This process's own messages go to the sandbox's stderr (what the
+    // engine reports as the runtime's words when the agent never starts).
+    let report = dup(&stderr)?;
+    let mut mux = Mux::new(
+        host_port.into(),
+        vec![
+            (Source::Bytes(guest_cfg, 0), Sink::Bytes(Vec::new(), 4096)),
+            (Source::Fd(ctrl), Sink::Fd(ctrl_w)),
+            (Source::Fd(stdin), Sink::None),
+            (Source::None, Sink::Fd(stdout)),
+            (Source::None, Sink::Fd(stderr)),
+            broker_pair,
+        ],
+    )
+    .map_err(|e| e.to_string())?;
+    let mut report = fs::File::from(report);
+    let mut said = false;
+    let outcome = loop {
+        match mux.step(&[(pidfd.as_raw_fd(), libc::POLLIN)], 1000) {
+            Ok(rev) => {
+                if !said && let Some(r) = mux.received(stream::VM) {
+                    said = true;
+                    let r = String::from_utf8_lossy(r);
+                    let _ = writeln!(report, "airlock vm: the guest failed: {}", r.trim());
+                }
+                if rev.first().is_some_and(|r| *r != 0) {
+                    break None;
+                }
+            }
+            Err(ChanError::HungUp) => break None,
+            Err(e) => break Some(e),
+        }
+    };
+    if let Some(e) = &outcome {
+        let _ = writeln!(report, "airlock vm: {e}");
+        let _ = qemu.kill();
+    }
+    let status = qemu.wait().map_err(|e| e.to_string())?;
+    if !status.success()
+        && let Some(mut err) = qemu_err
+    {
+        let mut buf = Vec::new();
+        let _ = (&mut err).take(4096).read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        if !text.trim().is_empty() {
+            let _ = writeln!(report, "airlock vm: QEMU: {}", text.trim());
+        }
+    }
+    Ok(if outcome.is_some() {
+        1
+    } else {
+        status.code().unwrap_or(1)
+    })
+}
+
+// ---------------------------------------------------------------------
+// The backend
+
+/// The microVM backend.
+#[derive(Debug, Clone)]
+pub struct MicrovmBackend {
+    engine: Arc<Engine>,
+    launcher: Arc<VmLauncher>,
+}
+
+impl MicrovmBackend {
+    /// A backend on `host`, its artifacts built (or found) in `store`, its
+    /// per-sandbox state under `run_dir/vm`.
+    pub fn new(
+        engine: Arc<Engine>,
+        host: VmHost,
+        store: &Path,
+        run_dir: &Path,
+    ) -> Result<Self, String> {
+        let store = Store::open(store).map_err(|e| format!("{}: {e}", store.display()))?;
+        let artifacts = store.artifacts(&engine, &host)?;
+        let states = run_dir.join("vm");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&states)
+            .map_err(|e| format!("{}: {e}", states.display()))?;
+        Ok(MicrovmBackend {
+            engine,
+            launcher: Arc::new(VmLauncher {
+                host,
+                artifacts,
+                states,
+            }),
+        })
+    }
+
+    /// The accelerator guests run with.
+    pub fn accel(&self) -> Accel {
+        self.launcher.host.accel
+    }
+
+    /// The host pieces and artifacts, for `doctor`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}, kernel {}, root image {}, accelerator {}",
+            self.launcher.host.qemu_version,
+            self.launcher
+                .host
+                .kernel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            self.launcher.artifacts.root_id,
+            self.accel().as_str()
+        )
+    }
+
+    /// What this backend cannot do yet, refused rather than run weaker.
+    fn unsupported(&self, policy: &Policy) -> Result<(), BackendError> {
+        let mut layers = Vec::new();
+        if policy.network.is_proxy() {
+            layers
+                .push("network.mode = \"proxy\" (egress is not yet carried into microVMs)".into());
+        }
+        if !policy.filesystem.read_only_paths.is_empty() {
+            layers.push("filesystem.read_only_paths (a microVM sees only its root image)".into());
+        }
+        if layers.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::Unsupported {
+                backend: "microvm",
+                layers,
+            })
+        }
+    }
+}
+
+impl Backend for MicrovmBackend {
+    fn name(&self) -> &'static str {
+        "microvm"
+    }
+
+    fn level(&self) -> IsolationLevel {
+        IsolationLevel::Microvm
+    }
+
+    fn validate(&self, req: &Request<'_>) -> Result<(), BackendError> {
+        check_level(self.name(), self.level(), req.policy)?;
+        self.unsupported(req.policy)?;
+        Ok(self.engine.validate(req)?)
+    }
+
+    fn prepare(&self, spec: &Spec<'_>) -> Result<Box<dyn Prepared>, BackendError> {
+        check_level(self.name(), self.level(), spec.policy)?;
+        self.unsupported(spec.policy)?;
+        if spec.extras.egress {
+            return Err(BackendError::Unsupported {
+                backend: "microvm",
+                layers: vec!["egress".into()],
+            });
+        }
+        let sb = self.engine.prepare_agent(
+            spec.policy,
+            spec.language,
+            spec.extras,
+            self.launcher.as_ref(),
+        )?;
+        Ok(Box::new(VmSandbox {
+            inner: crate::process::ProcessSandbox::from(sb),
+        }))
+    }
+
+    fn template(&self, _spec: &Spec<'_>) -> Result<Option<Arc<dyn Template>>, BackendError> {
+        Ok(None)
+    }
+
+    fn reap(&self, host_state: &serde_json::Value) -> usize {
+        let mut n = crate::process::reap_cgroups(&self.engine, host_state);
+        if let Some(name) = host_state
+            .get("vm")
+            .and_then(serde_json::Value::as_str)
+            .filter(|n| crate::oci::is_sandbox_name(n))
+            && fs::remove_dir_all(self.launcher.states.join(name)).is_ok()
+        {
+            n += 1;
+        }
+        n
+    }
+
+    fn reap_stale(&self, previous_pid: Option<u32>) -> usize {
+        crate::oci::reap_stale_states(&self.engine, &self.launcher.states, previous_pid, |_, _| {})
+    }
+
+    fn probe(&self) -> Probe {
+        let policy = Policy::default();
+        let extras = airlock_sandbox::Extras::default();
+        let (works, fix) = crate::verdict(
+            self.engine
+                .prepare_agent(&policy, Language::Shell, &extras, self.launcher.as_ref())
+                .map(|sb| sb.execute(b"exit 0", None, b"", &mut |_, _| {}))
+                .map_err(|e| e.to_string()),
+        );
+        Probe {
+            backend: self.name(),
+            isolation: self.level(),
+            version: Some(self.describe()),
+            works,
+            fix,
+        }
+    }
+}
+
+/// A prepared microVM sandbox.
+#[derive(Debug)]
+struct VmSandbox {
+    inner: crate::process::ProcessSandbox,
+}
+
+impl Prepared for VmSandbox {
+    fn enforced(&self) -> &Enforced {
+        self.inner.enforced()
+    }
+
+    fn prestart(&mut self) -> Result<(), BackendError> {
+        self.inner.prestart()
+    }
+
+    fn tighten(&mut self, limits: &airlock_policy::Limits) -> Result<(), BackendError> {
+        self.inner.tighten(limits)
+    }
+
+    fn is_alive(&self) -> bool {
+        self.inner.is_alive()
+    }
+
+    fn take_broker(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.inner.take_broker()
+    }
+
+    fn take_egress(&mut self) -> Option<OwnedFd> {
+        self.inner.take_egress()
+    }
+
+    fn host_state(&self) -> serde_json::Value {
+        let mut v = self.inner.host_state();
+        v["backend"] = "microvm".into();
+        v["isolation"] = self.inner.enforced().isolation.as_str().into();
+        v["vm"] = self.inner.name().into();
+        v
+    }
+
+    fn execute(self: Box<Self>, job: Job<'_>, hooks: Hooks<'_>) -> (RunResult, Teardown) {
+        Box::new(self.inner).execute(job, hooks)
+    }
+}

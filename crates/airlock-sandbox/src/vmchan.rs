@@ -1,0 +1,720 @@
+//! The channel between a microVM guest and its host: one virtio-serial
+//! port carrying several byte streams (the VM's own configuration, the
+//! agent's control socket, stdin, stdout, stderr, the broker), each with
+//! its own credit window so that one slow reader never stalls the others.
+//!
+//! Both ends run the same [`Mux`]: the host's VM monitor process (relaying
+//! to the engine's sockets and pipes) and the guest's init (relaying to the
+//! agent's). Neither trusts the other's frames: every header is checked
+//! before its payload is read into memory, a payload is at most
+//! [`MAX_PAYLOAD`], a stream never buffers more than [`WINDOW`] bytes the
+//! peer sent beyond what it was granted, and any violation ends the channel
+//! (the host then ends the VM). Memory per channel is therefore bounded by
+//! `STREAMS × WINDOW` plus one frame, whatever the guest sends.
+//!
+//! Frame: `kind u8 | stream u8 | 0u16 | len u32 (LE) | payload`. Kinds:
+//! data (1..=MAX_PAYLOAD bytes), end of stream (empty), credit (4 bytes:
+//! bytes the receiver has consumed and the sender may send again).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::sys;
+
+/// Largest payload of one frame.
+pub const MAX_PAYLOAD: usize = 32 << 10;
+/// Bytes a sender may have in flight on one stream.
+pub const WINDOW: usize = 256 << 10;
+/// Header bytes.
+pub const HEADER: usize = 8;
+/// Outgoing bytes queued for the port before reading more from sources.
+const TX_LIMIT: usize = 2 * MAX_PAYLOAD;
+
+const DATA: u8 = 1;
+const EOF: u8 = 2;
+const CREDIT: u8 = 3;
+
+/// Stream numbers.
+pub mod stream {
+    /// The VM's configuration (host to guest) and the guest init's
+    /// failure report (guest to host).
+    pub const VM: u8 = 0;
+    /// The agent's control socket.
+    pub const CTRL: u8 = 1;
+    /// The program's stdin (host to guest).
+    pub const STDIN: u8 = 2;
+    /// The program's stdout (guest to host).
+    pub const STDOUT: u8 = 3;
+    /// The program's stderr (guest to host).
+    pub const STDERR: u8 = 4;
+    /// The broker socket.
+    pub const BROKER: u8 = 5;
+}
+
+/// Number of streams.
+pub const STREAMS: usize = 6;
+
+/// Why a channel ended other than by its streams finishing.
+#[derive(Debug, thiserror::Error)]
+pub enum ChanError {
+    /// The peer broke the protocol: the reason, for the operator's log.
+    #[error("channel protocol violation: {0}")]
+    Violation(&'static str),
+    /// The port itself failed.
+    #[error("channel port: {0}")]
+    Port(#[from] io::Error),
+    /// The port hung up (the VM or the host side is gone).
+    #[error("channel port hung up")]
+    HungUp,
+}
+
+/// Where the bytes a stream sends come from.
+#[derive(Debug)]
+pub enum Source {
+    /// Nothing: this end never sends on the stream.
+    None,
+    /// A local descriptor, read until end of file.
+    Fd(OwnedFd),
+    /// Bytes in memory, then end of stream.
+    Bytes(Vec<u8>, usize),
+}
+
+/// Where the bytes a stream receives go.
+#[derive(Debug)]
+pub enum Sink {
+    /// Nothing: the peer must never send on the stream (a violation).
+    None,
+    /// A local descriptor; closed once the peer's end of stream is written.
+    Fd(OwnedFd),
+    /// Kept in memory up to the given size (more is a violation), complete
+    /// once the peer ends the stream.
+    Bytes(Vec<u8>, usize),
+}
+
+#[derive(Debug)]
+struct Stream {
+    src: Source,
+    dst: Sink,
+    /// Bytes this end may still send.
+    credit: usize,
+    /// Received, not yet written to the sink.
+    pending: Vec<u8>,
+    pending_off: usize,
+    /// Written to the sink (or dropped), not yet credited back.
+    unacked: usize,
+    /// The peer ended the stream.
+    peer_eof: bool,
+    /// This end ended it.
+    sent_eof: bool,
+    /// The sink failed (its reader left): what arrives is dropped.
+    dst_gone: bool,
+}
+
+impl Stream {
+    fn new(src: Source, dst: Sink) -> Self {
+        Stream {
+            src,
+            dst,
+            credit: WINDOW,
+            pending: Vec::new(),
+            pending_off: 0,
+            unacked: 0,
+            peer_eof: false,
+            sent_eof: false,
+            dst_gone: false,
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        self.pending_off < self.pending.len()
+    }
+}
+
+/// One end of the channel.
+#[derive(Debug)]
+pub struct Mux {
+    port: OwnedFd,
+    streams: Vec<Stream>,
+    tx: Vec<u8>,
+    tx_off: usize,
+    rx: Vec<u8>,
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of its length; `fd` is a
+    // descriptor owned by the caller for the duration of the call.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn write_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid readable buffer of its length; `fd` is a
+    // descriptor owned by the caller for the duration of the call.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+impl Mux {
+    /// A channel over `port` (made non-blocking, as is every descriptor
+    /// of `streams`, which are indexed by stream number).
+    pub fn new(port: OwnedFd, streams: Vec<(Source, Sink)>) -> io::Result<Self> {
+        sys::set_nonblocking(port.as_raw_fd())?;
+        let mut s = Vec::with_capacity(STREAMS);
+        for (src, dst) in streams.into_iter().take(STREAMS) {
+            for fd in [&src]
+                .into_iter()
+                .filter_map(|x| match x {
+                    Source::Fd(f) => Some(f.as_raw_fd()),
+                    _ => None,
+                })
+                .chain(match &dst {
+                    Sink::Fd(f) => Some(f.as_raw_fd()),
+                    _ => None,
+                })
+            {
+                sys::set_nonblocking(fd)?;
+            }
+            s.push(Stream::new(src, dst));
+        }
+        while s.len() < STREAMS {
+            s.push(Stream::new(Source::None, Sink::None));
+        }
+        Ok(Mux {
+            port,
+            streams: s,
+            tx: Vec::new(),
+            tx_off: 0,
+            rx: Vec::new(),
+        })
+    }
+
+    /// What arrived on a [`Sink::Bytes`] stream, once the peer ended it.
+    pub fn received(&self, stream: u8) -> Option<&[u8]> {
+        let s = self.streams.get(stream as usize)?;
+        match &s.dst {
+            Sink::Bytes(b, _) if s.peer_eof => Some(b),
+            _ => None,
+        }
+    }
+
+    /// Sets both ends of a stream that has not been used yet.
+    pub fn set_stream(&mut self, stream: u8, src: Source, dst: Sink) -> io::Result<()> {
+        for fd in [
+            match &src {
+                Source::Fd(f) => Some(f.as_raw_fd()),
+                _ => None,
+            },
+            match &dst {
+                Sink::Fd(f) => Some(f.as_raw_fd()),
+                _ => None,
+            },
+        ]
+        .into_iter()
+        .flatten()
+        {
+            sys::set_nonblocking(fd)?;
+        }
+        if let Some(s) = self.streams.get_mut(stream as usize) {
+            *s = Stream::new(src, dst);
+        }
+        Ok(())
+    }
+
+    /// Replaces a stream's source (before anything was sent on it).
+    pub fn set_source(&mut self, stream: u8, src: Source) -> io::Result<()> {
+        if let Source::Fd(f) = &src {
+            sys::set_nonblocking(f.as_raw_fd())?;
+        }
+        if let Some(s) = self.streams.get_mut(stream as usize) {
+            s.src = src;
+        }
+        Ok(())
+    }
+
+    /// Every stream has ended both ways and nothing is left to send.
+    pub fn finished(&self) -> bool {
+        self.tx_off >= self.tx.len()
+            && self.streams.iter().all(|s| {
+                matches!(s.src, Source::None) && (matches!(s.dst, Sink::None) || s.peer_eof)
+            })
+    }
+
+    /// Every stream the peer sends on has ended and been written out.
+    pub fn drained(&self) -> bool {
+        self.streams
+            .iter()
+            .all(|s| !s.has_pending() && (s.peer_eof || matches!(s.dst, Sink::None)))
+    }
+
+    fn push_frame(&mut self, kind: u8, stream: u8, payload: &[u8]) {
+        if self.tx_off > 0 && self.tx_off == self.tx.len() {
+            self.tx.clear();
+            self.tx_off = 0;
+        }
+        self.tx.extend_from_slice(&[kind, stream, 0, 0]);
+        self.tx
+            .extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        self.tx.extend_from_slice(payload);
+    }
+
+    fn tx_len(&self) -> usize {
+        self.tx.len() - self.tx_off
+    }
+
+    /// Polls the port, every stream and `extra` once (up to `timeout_ms`),
+    /// moving what can move. Returns the revents of `extra`.
+    pub fn step(&mut self, extra: &[(RawFd, i16)], timeout_ms: i32) -> Result<Vec<i16>, ChanError> {
+        self.fill_from_memory();
+        self.queue_credits();
+        let mut set: Vec<(RawFd, i16)> = Vec::with_capacity(2 + 2 * STREAMS + extra.len());
+        let port = self.port.as_raw_fd();
+        let mut port_events = libc::POLLIN;
+        if self.tx_len() > 0 {
+            port_events |= libc::POLLOUT;
+        }
+        set.push((port, port_events));
+        // (index into set, stream, is_src)
+        let mut roles: Vec<(usize, usize, bool)> = Vec::new();
+        for (i, s) in self.streams.iter().enumerate() {
+            if let Source::Fd(f) = &s.src
+                && s.credit > 0
+                && self.tx.len() - self.tx_off < TX_LIMIT
+            {
+                roles.push((set.len(), i, true));
+                set.push((f.as_raw_fd(), libc::POLLIN));
+            }
+            if let Sink::Fd(f) = &s.dst
+                && s.has_pending()
+            {
+                roles.push((set.len(), i, false));
+                set.push((f.as_raw_fd(), libc::POLLOUT));
+            }
+        }
+        let first_extra = set.len();
+        set.extend_from_slice(extra);
+        let rev = sys::poll(&set, timeout_ms)?;
+        if rev[0] & libc::POLLOUT != 0 {
+            self.flush()?;
+        }
+        if rev[0] & libc::POLLIN != 0 {
+            self.read_port()?;
+        } else if rev[0] & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return Err(ChanError::HungUp);
+        }
+        for (idx, i, is_src) in roles {
+            let r = rev[idx];
+            if r == 0 {
+                continue;
+            }
+            if is_src {
+                self.read_source(i);
+            } else {
+                self.write_sink(i);
+            }
+        }
+        // Sinks can often take more right away (a pipe with room).
+        for i in 0..STREAMS {
+            if self.streams[i].has_pending() && matches!(self.streams[i].dst, Sink::Fd(_)) {
+                self.write_sink(i);
+            }
+            self.close_finished_sink(i);
+        }
+        self.queue_credits();
+        if self.tx_len() > 0 {
+            self.flush()?;
+        }
+        Ok(rev[first_extra..].to_vec())
+    }
+
+    /// Sends what the port takes now.
+    pub fn flush(&mut self) -> Result<(), ChanError> {
+        while self.tx_off < self.tx.len() {
+            match write_fd(self.port.as_raw_fd(), &self.tx[self.tx_off..]) {
+                Ok(0) => return Err(ChanError::HungUp),
+                Ok(n) => self.tx_off += n,
+                Err(e) if would_block(&e) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => return Err(ChanError::HungUp),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if self.tx_off == self.tx.len() {
+            self.tx.clear();
+            self.tx_off = 0;
+        }
+        Ok(())
+    }
+
+    fn fill_from_memory(&mut self) {
+        for i in 0..STREAMS {
+            loop {
+                if self.tx_len() >= TX_LIMIT {
+                    return;
+                }
+                let s = &mut self.streams[i];
+                let Source::Bytes(b, off) = &mut s.src else {
+                    break;
+                };
+                if *off >= b.len() {
+                    s.src = Source::None;
+                    s.sent_eof = true;
+                    self.push_frame(EOF, i as u8, &[]);
+                    break;
+                }
+                let n = (b.len() - *off).min(MAX_PAYLOAD).min(s.credit);
+                if n == 0 {
+                    break;
+                }
+                let chunk = b[*off..*off + n].to_vec();
+                *off += n;
+                s.credit -= n;
+                self.push_frame(DATA, i as u8, &chunk);
+            }
+        }
+    }
+
+    fn read_source(&mut self, i: usize) {
+        let s = &mut self.streams[i];
+        let Source::Fd(f) = &s.src else { return };
+        let want = s.credit.min(MAX_PAYLOAD);
+        if want == 0 {
+            return;
+        }
+        let mut buf = vec![0u8; want];
+        match read_fd(f.as_raw_fd(), &mut buf) {
+            Ok(0) => {
+                s.src = Source::None;
+                s.sent_eof = true;
+                self.push_frame(EOF, i as u8, &[]);
+            }
+            Ok(n) => {
+                s.credit -= n;
+                self.push_frame(DATA, i as u8, &buf[..n]);
+            }
+            Err(e) if would_block(&e) => {}
+            Err(_) => {
+                // A failed source ends its stream like end of file.
+                s.src = Source::None;
+                s.sent_eof = true;
+                self.push_frame(EOF, i as u8, &[]);
+            }
+        }
+    }
+
+    fn write_sink(&mut self, i: usize) {
+        let s = &mut self.streams[i];
+        let Sink::Fd(f) = &s.dst else { return };
+        while s.has_pending() {
+            match write_fd(f.as_raw_fd(), &s.pending[s.pending_off..]) {
+                Ok(n) if n > 0 => {
+                    s.pending_off += n;
+                    s.unacked += n;
+                }
+                Err(e) if would_block(&e) => return,
+                _ => {
+                    // Its reader left: what is pending and what follows is
+                    // dropped (and credited, so the peer never stalls).
+                    s.unacked += s.pending.len() - s.pending_off;
+                    s.pending.clear();
+                    s.pending_off = 0;
+                    s.dst = Sink::None;
+                    s.dst_gone = true;
+                    return;
+                }
+            }
+        }
+        s.pending.clear();
+        s.pending_off = 0;
+    }
+
+    fn close_finished_sink(&mut self, i: usize) {
+        let s = &mut self.streams[i];
+        if s.peer_eof && !s.has_pending() && matches!(s.dst, Sink::Fd(_)) {
+            s.dst = Sink::None;
+        }
+    }
+
+    fn queue_credits(&mut self) {
+        for i in 0..STREAMS {
+            let s = &mut self.streams[i];
+            if s.unacked > 0 && (s.unacked >= WINDOW / 4 || !s.has_pending()) && !s.peer_eof {
+                let n = s.unacked as u32;
+                s.unacked = 0;
+                self.push_frame(CREDIT, i as u8, &n.to_le_bytes());
+            }
+        }
+    }
+
+    fn read_port(&mut self) -> Result<(), ChanError> {
+        let mut buf = [0u8; HEADER + MAX_PAYLOAD];
+        loop {
+            // Never hold more than one frame's worth unparsed.
+            let room = HEADER + MAX_PAYLOAD - self.rx.len();
+            if room == 0 {
+                return Err(ChanError::Violation("frame larger than the limit"));
+            }
+            match read_fd(self.port.as_raw_fd(), &mut buf[..room]) {
+                Ok(0) => return Err(ChanError::HungUp),
+                Ok(n) => {
+                    self.rx.extend_from_slice(&buf[..n]);
+                    self.parse()?;
+                }
+                Err(e) if would_block(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn parse(&mut self) -> Result<(), ChanError> {
+        let mut off = 0;
+        while self.rx.len() - off >= HEADER {
+            let h = &self.rx[off..off + HEADER];
+            let (kind, id) = (h[0], h[1] as usize);
+            if h[2] != 0 || h[3] != 0 {
+                return Err(ChanError::Violation("reserved header bytes set"));
+            }
+            let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
+            if id >= STREAMS {
+                return Err(ChanError::Violation("unknown stream"));
+            }
+            let ok_len = match kind {
+                DATA => (1..=MAX_PAYLOAD).contains(&len),
+                EOF => len == 0,
+                CREDIT => len == 4,
+                _ => return Err(ChanError::Violation("unknown frame kind")),
+            };
+            if !ok_len {
+                return Err(ChanError::Violation("bad frame length"));
+            }
+            if self.rx.len() - off < HEADER + len {
+                break;
+            }
+            let payload = off + HEADER..off + HEADER + len;
+            off += HEADER + len;
+            let s = &mut self.streams[id];
+            match kind {
+                DATA => {
+                    if s.peer_eof {
+                        return Err(ChanError::Violation("data after end of stream"));
+                    }
+                    match &mut s.dst {
+                        Sink::None if s.dst_gone => s.unacked += len,
+                        Sink::None => {
+                            return Err(ChanError::Violation("data on a stream that takes none"));
+                        }
+                        Sink::Bytes(b, cap) => {
+                            if b.len() + len > *cap {
+                                return Err(ChanError::Violation("stream over its size"));
+                            }
+                            b.extend_from_slice(&self.rx[payload]);
+                            s.unacked += len;
+                        }
+                        Sink::Fd(_) => {
+                            if s.pending.len() - s.pending_off + s.unacked + len > WINDOW {
+                                return Err(ChanError::Violation("data beyond the window"));
+                            }
+                            if s.pending_off > 0 && s.pending_off == s.pending.len() {
+                                s.pending.clear();
+                                s.pending_off = 0;
+                            }
+                            s.pending.extend_from_slice(&self.rx[payload]);
+                        }
+                    }
+                }
+                EOF => {
+                    if s.peer_eof {
+                        return Err(ChanError::Violation("second end of stream"));
+                    }
+                    if matches!(s.dst, Sink::None) && !s.dst_gone {
+                        return Err(ChanError::Violation("end of a stream that takes none"));
+                    }
+                    s.peer_eof = true;
+                }
+                _ => {
+                    let p = &self.rx[payload];
+                    let n = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+                    if n == 0 || s.credit + n > WINDOW {
+                        return Err(ChanError::Violation("credit beyond the window"));
+                    }
+                    s.credit += n;
+                }
+            }
+        }
+        self.rx.drain(..off);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (a.into(), b.into())
+    }
+
+    /// Runs both ends until `done` says so (bounded).
+    fn pump(a: &mut Mux, b: &mut Mux, mut done: impl FnMut(&Mux, &Mux) -> bool) {
+        for _ in 0..20_000 {
+            if done(a, b) {
+                return;
+            }
+            a.step(&[], 1).unwrap();
+            b.step(&[], 1).unwrap();
+        }
+        panic!("did not finish");
+    }
+
+    #[test]
+    fn streams_carry_bytes_both_ways_with_end_of_stream() {
+        let (pa, pb) = pair();
+        let (stdin_w, stdin_r) = pair();
+        let (guest_in_r, guest_in_w) = pair();
+        let big: Vec<u8> = (0..3 * WINDOW).map(|i| (i % 251) as u8).collect();
+        let mut host = Mux::new(
+            pa,
+            vec![
+                (Source::Bytes(b"config".to_vec(), 0), Sink::None),
+                (Source::None, Sink::None),
+                (Source::Fd(stdin_r), Sink::None),
+            ],
+        )
+        .unwrap();
+        let mut guest = Mux::new(
+            pb,
+            vec![
+                (Source::None, Sink::Bytes(Vec::new(), 1024)),
+                (Source::None, Sink::None),
+                (Source::None, Sink::Fd(guest_in_w)),
+            ],
+        )
+        .unwrap();
+        let writer = std::thread::spawn({
+            let big = big.clone();
+            move || {
+                let mut w = UnixStream::from(stdin_w);
+                w.write_all(&big).unwrap();
+            }
+        });
+        let reader = std::thread::spawn(move || {
+            let mut r = UnixStream::from(guest_in_r);
+            r.set_nonblocking(false).unwrap();
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).unwrap();
+            got
+        });
+        pump(&mut host, &mut guest, |h, g| {
+            g.received(stream::VM).is_some() && g.drained() && h.finished()
+        });
+        assert_eq!(guest.received(stream::VM).unwrap(), b"config");
+        writer.join().unwrap();
+        drop(guest);
+        assert_eq!(reader.join().unwrap(), big);
+    }
+
+    fn violation(frames: &[u8]) -> String {
+        let (pa, pb) = pair();
+        let (_keep, sink) = pair();
+        let mut host = Mux::new(
+            pa,
+            vec![
+                (Source::None, Sink::Bytes(Vec::new(), 16)),
+                (Source::None, Sink::Fd(sink)),
+            ],
+        )
+        .unwrap();
+        let frames = frames.to_vec();
+        let peer = std::thread::spawn(move || {
+            let mut peer = UnixStream::from(pb);
+            let _ = peer.write_all(&frames);
+            // Held open (what the host sends read and dropped) until the
+            // host side is done with it.
+            let mut sink = Vec::new();
+            let _ = peer.read_to_end(&mut sink);
+        });
+        let mut out = "none".to_string();
+        for _ in 0..100 {
+            match host.step(&[], 10) {
+                Err(ChanError::Violation(why)) => {
+                    out = why.to_string();
+                    break;
+                }
+                Err(e) => {
+                    out = e.to_string();
+                    break;
+                }
+                Ok(_) => {}
+            }
+        }
+        drop(host);
+        peer.join().unwrap();
+        out
+    }
+
+    fn frame(kind: u8, stream: u8, len: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![kind, stream, 0, 0];
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn hostile_frames_end_the_channel_with_their_reason() {
+        assert_eq!(violation(&frame(DATA, 9, 1, b"x")), "unknown stream");
+        assert_eq!(violation(&frame(7, 1, 0, b"")), "unknown frame kind");
+        assert_eq!(violation(&frame(DATA, 1, 0, b"")), "bad frame length");
+        assert_eq!(
+            violation(&frame(DATA, 1, u32::MAX, b"")),
+            "bad frame length"
+        );
+        assert_eq!(
+            violation(&frame(DATA, 2, 1, b"x")),
+            "data on a stream that takes none"
+        );
+        assert_eq!(
+            violation(&frame(CREDIT, 1, 4, &1u32.to_le_bytes())),
+            "credit beyond the window"
+        );
+        let mut over = Vec::new();
+        for _ in 0..(WINDOW / MAX_PAYLOAD + 1) {
+            over.extend(frame(DATA, 1, MAX_PAYLOAD as u32, &vec![0; MAX_PAYLOAD]));
+        }
+        // Positive control: exactly the window fits (nobody reads the
+        // sink's other end, so nothing is credited).
+        assert_eq!(
+            violation(&over[..over.len() - HEADER - MAX_PAYLOAD]),
+            "none"
+        );
+        assert_eq!(violation(&over), "data beyond the window");
+        assert_eq!(
+            violation(&frame(DATA, 0, 17, &[0; 17])),
+            "stream over its size"
+        );
+        let mut twice = frame(EOF, 1, 0, b"");
+        twice.extend(frame(EOF, 1, 0, b""));
+        assert_eq!(violation(&twice), "second end of stream");
+        let mut after = frame(EOF, 1, 0, b"");
+        after.extend(frame(DATA, 1, 1, b"x"));
+        assert_eq!(violation(&after), "data after end of stream");
+        let mut h = frame(DATA, 1, 1, b"x");
+        h[2] = 1;
+        assert_eq!(violation(&h), "reserved header bytes set");
+    }
+}

@@ -1,0 +1,412 @@
+//! A microVM guest's init: pid 1 of the guest kernel, started from the
+//! guest's initramfs as `/init __airlock-vminit`.
+//!
+//! It turns the guest into the same sandbox the other backends build,
+//! as a second wall inside the VM: it loads the guest's drivers, leaves the
+//! initramfs (pivot_root cannot leave one), mounts the read-only root image,
+//! and opens the one virtio-serial port to the host, over which a
+//! [`vmchan::Mux`] carries the configuration, the agent's control socket,
+//! stdio and the broker. Once the configuration is in, it mixes the host's
+//! randomness into the guest's pool and starts the agent as pid 1 of fresh
+//! pid, mount, network, IPC, UTS and cgroup namespaces, in the root
+//! [`crate::init::build_root`] builds (the process sandbox's code), as the
+//! unprivileged sandbox user with no capability. The agent applies the
+//! rest (Landlock, seccomp, no_new_privs, rlimits) exactly as on every
+//! backend and runs the one job.
+//!
+//! Must never: exit (the guest kernel would panic; it powers off
+//! instead); trust the configuration beyond its size and shape; keep a
+//! descriptor in the agent beyond its channels.
+
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use crate::launch::{SANDBOX_GID, SANDBOX_UID};
+use crate::proto::{self, VmGuestConfig};
+use crate::sys;
+use crate::vmchan::{Mux, Sink, Source, stream};
+
+/// argv[1] of the guest's init.
+pub const VMINIT_ARG: &str = "__airlock-vminit";
+
+/// Where the initramfs holds the drivers, loaded in name order.
+pub const MODULES_DIR: &str = "/modules";
+
+/// The virtio-serial port's name.
+pub const PORT_NAME: &str = "airlock";
+
+/// Where the guest mounts its read-only root image; the view's bind
+/// sources are read below it.
+const IMAGE: &str = "/img";
+
+/// How long the root image's device and the port may take to appear.
+const DEVICE_WAIT: Duration = Duration::from_secs(10);
+
+/// Why the guest could not start its sandbox: sent to the host, which logs
+/// it (no tenant runs yet).
+fn fail(mux: Option<&mut Mux>, what: &str, e: impl std::fmt::Display) -> ! {
+    if let Some(m) = mux {
+        let _ = m.set_source(
+            stream::VM,
+            Source::Bytes(format!("{what}: {e}").into_bytes(), 0),
+        );
+        let end = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < end {
+            if m.step(&[], 50).is_err() {
+                break;
+            }
+        }
+    }
+    sys::power_off()
+}
+
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> std::io::Result<()> {
+    let c = |s: &str| CString::new(s).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL));
+    let data = c(data)?;
+    sys::mount(
+        Some(&c(src)?),
+        &c(target)?,
+        Some(&c(fstype)?),
+        flags,
+        Some(&data),
+    )
+}
+
+/// Entry point. Never returns.
+pub fn main(args: &[String]) -> ! {
+    if !args.is_empty() || std::process::id() != 1 {
+        sys::exit_now(2);
+    }
+    let agent = match boot() {
+        Ok(a) => a,
+        Err((what, e)) => fail(None, what, e),
+    };
+    let port = match open_port() {
+        Ok(p) => p,
+        Err(e) => fail(None, "port", e),
+    };
+    run(port, agent)
+}
+
+/// Drivers, the move out of the initramfs, the root image. Returns the
+/// airlock binary (for the agent), opened before the initramfs is left.
+fn boot() -> Result<OwnedFd, (&'static str, std::io::Error)> {
+    let e = |what: &'static str| move |err: std::io::Error| (what, err);
+    let nosuid = libc::MS_NOSUID | libc::MS_NOEXEC;
+    mount("dev", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755").map_err(e("devtmpfs"))?;
+    mount("proc", "/proc", "proc", nosuid | libc::MS_NODEV, "").map_err(e("proc"))?;
+    mount("sys", "/sys", "sysfs", nosuid | libc::MS_NODEV, "").map_err(e("sysfs"))?;
+    let mut mods: Vec<_> = fs::read_dir(MODULES_DIR)
+        .map_err(e("modules"))?
+        .flatten()
+        .map(|d| d.path())
+        .collect();
+    mods.sort();
+    for m in mods {
+        let f = fs::File::open(&m).map_err(e("module"))?;
+        sys::load_module(&f).map_err(e("module"))?;
+    }
+    let agent: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open("/init")
+        .map_err(e("init binary"))?
+        .into();
+    // pivot_root refuses the initramfs: move a tmpfs over / instead (what
+    // switch_root does) and continue there.
+    fs::create_dir_all("/newroot").map_err(e("newroot"))?;
+    mount(
+        "guest",
+        "/newroot",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "size=1m,mode=0755",
+    )
+    .map_err(e("newroot"))?;
+    for d in ["dev", "proc", "sys", "tmp", "img"] {
+        fs::create_dir(format!("/newroot/{d}")).map_err(e("newroot"))?;
+    }
+    for d in ["/dev", "/proc", "/sys"] {
+        let c = CString::new(d).unwrap_or_default();
+        let t = CString::new(format!("/newroot{d}")).unwrap_or_default();
+        sys::mount(Some(&c), &t, None, libc::MS_MOVE, None).map_err(e("move"))?;
+    }
+    std::env::set_current_dir("/newroot").map_err(e("newroot"))?;
+    sys::mount(Some(c"."), c"/", None, libc::MS_MOVE, None).map_err(e("move root"))?;
+    sys::chroot(c".").map_err(e("chroot"))?;
+    std::env::set_current_dir("/").map_err(e("chroot"))?;
+    let end = Instant::now() + DEVICE_WAIT;
+    while !std::path::Path::new("/dev/vda").exists() {
+        if Instant::now() > end {
+            return Err((
+                "root image",
+                std::io::Error::from_raw_os_error(libc::ENODEV),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Read-only here, and read-only on the host side too (the VM opens the
+    // image read-only): a guest that remounts it cannot change it.
+    mount(
+        "/dev/vda",
+        IMAGE,
+        "erofs",
+        libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID,
+        "",
+    )
+    .map_err(e("root image"))?;
+    Ok(agent)
+}
+
+/// The virtio-serial port named [`PORT_NAME`].
+fn open_port() -> std::io::Result<OwnedFd> {
+    let end = Instant::now() + DEVICE_WAIT;
+    loop {
+        if let Ok(dir) = fs::read_dir("/sys/class/virtio-ports") {
+            for ent in dir.flatten() {
+                let name = fs::read_to_string(ent.path().join("name")).unwrap_or_default();
+                if name.trim_end() == PORT_NAME {
+                    let dev = format!("/dev/{}", ent.file_name().to_string_lossy());
+                    let f = fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_CLOEXEC)
+                        .open(dev)?;
+                    return Ok(f.into());
+                }
+            }
+        }
+        if Instant::now() > end {
+            return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The agent's ends of its channels.
+struct AgentEnds {
+    ctrl: UnixStream,
+    broker: UnixStream,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+fn run(port: OwnedFd, agent: OwnedFd) -> ! {
+    let made = (|| -> std::io::Result<(Mux, AgentEnds, UnixStream)> {
+        let (ctrl_here, ctrl) = UnixStream::pair()?;
+        let (broker_here, broker) = UnixStream::pair()?;
+        let (stdin, stdin_here) = sys::pipe()?;
+        let (stdout_here, stdout) = sys::pipe()?;
+        let (stderr_here, stderr) = sys::pipe()?;
+        let ctrl_w: OwnedFd = ctrl_here.try_clone()?.into();
+        let mux = Mux::new(
+            port,
+            vec![
+                (Source::None, Sink::Bytes(Vec::new(), proto::MAX_VM_CONFIG)),
+                (Source::Fd(ctrl_here.into()), Sink::Fd(ctrl_w)),
+                (Source::None, Sink::Fd(stdin_here)),
+                (Source::Fd(stdout_here), Sink::None),
+                (Source::Fd(stderr_here), Sink::None),
+            ],
+        )?;
+        Ok((
+            mux,
+            AgentEnds {
+                ctrl,
+                broker,
+                stdin,
+                stdout,
+                stderr,
+            },
+            broker_here,
+        ))
+    })();
+    let (mut mux, ends, broker_here) = match made {
+        Ok(v) => v,
+        Err(e) => fail(None, "channels", e),
+    };
+    // The configuration first; the engine's first control bytes wait in
+    // the control socket meanwhile.
+    let cfg = loop {
+        if let Err(e) = mux.step(&[], 1000) {
+            fail(Some(&mut mux), "channel", e)
+        }
+        if let Some(b) = mux.received(stream::VM) {
+            match serde_json::from_slice::<VmGuestConfig>(b) {
+                Ok(c) => break c,
+                Err(e) => fail(Some(&mut mux), "configuration", e),
+            }
+        }
+    };
+    if let Err(why) = check(&cfg) {
+        fail(Some(&mut mux), "configuration", why)
+    }
+    // The broker's stream exists only when the host has a broker for
+    // this sandbox (what the agent does with descriptor 4 follows its own
+    // configuration, from the engine).
+    if cfg.root.broker {
+        let set = broker_here.try_clone().and_then(|w| {
+            mux.set_stream(
+                stream::BROKER,
+                Source::Fd(broker_here.into()),
+                Sink::Fd(w.into()),
+            )
+        });
+        if let Err(e) = set {
+            fail(Some(&mut mux), "channels", e)
+        }
+    } else {
+        drop(broker_here);
+    }
+    match hex(&cfg.seed) {
+        Some(seed) if seed.len() >= 32 => {
+            if let Err(e) = sys::add_entropy(&seed) {
+                fail(Some(&mut mux), "entropy", e)
+            }
+        }
+        _ => fail(Some(&mut mux), "configuration", "seed"),
+    }
+    let child = match start_agent(&cfg, ends, agent) {
+        Ok(pid) => pid,
+        Err(e) => fail(Some(&mut mux), "agent", e),
+    };
+    let pidfd = sys::pidfd_open(child).ok();
+    let mut exited: Option<Instant> = None;
+    loop {
+        let extra: Vec<(RawFd, i16)> = pidfd
+            .iter()
+            .filter(|_| exited.is_none())
+            .map(|p| (p.as_raw_fd(), libc::POLLIN))
+            .collect();
+        match mux.step(&extra, 200) {
+            Ok(rev) => {
+                if rev.first().is_some_and(|r| *r != 0) {
+                    let _ = sys::wait_pid(child);
+                    exited = Some(Instant::now());
+                }
+            }
+            Err(_) => sys::power_off(),
+        }
+        // Once the agent is gone, what it wrote is sent, then the machine
+        // ends (the host kills it anyway).
+        if let Some(t) = exited
+            && (mux.finished() || t.elapsed() > Duration::from_secs(5))
+        {
+            let _ = mux.flush();
+            sys::power_off()
+        }
+    }
+}
+
+/// Only the filesystem part of the view may be set, with absolute paths
+/// that stay below the image.
+fn check(cfg: &VmGuestConfig) -> Result<(), &'static str> {
+    let r = &cfg.root;
+    if !r.cgroup_tasks.is_empty()
+        || !r.seccomp.is_empty()
+        || r.zygote
+        || r.egress
+        || r.landlock_strict
+    {
+        return Err("fields the guest does not take");
+    }
+    let ok = |p: &str| {
+        p.starts_with('/') && !p.contains('\0') && !p.split('/').any(|c| c == ".." || c == ".")
+    };
+    for m in r.mounts.iter().chain(&r.etc_mounts) {
+        if !ok(&m.host) || !ok(&m.target) {
+            return Err("mount path");
+        }
+    }
+    for f in r.files.iter().chain(&r.etc_files) {
+        if !ok(&f.path) {
+            return Err("file path");
+        }
+    }
+    for (p, _) in &r.symlinks {
+        if !ok(p) {
+            return Err("symlink path");
+        }
+    }
+    Ok(())
+}
+
+fn hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 1024 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Starts the agent as pid 1 of new namespaces in the built root, as the
+/// sandbox user, with its channels at 0-5.
+fn start_agent(
+    cfg: &VmGuestConfig,
+    ends: AgentEnds,
+    agent: OwnedFd,
+) -> std::io::Result<libc::pid_t> {
+    let mut root = cfg.root.clone();
+    for m in root.mounts.iter_mut().chain(root.etc_mounts.iter_mut()) {
+        m.host = format!("{IMAGE}{}", m.host);
+    }
+    let argv = [
+        CString::new("airlock").unwrap_or_default(),
+        CString::new(crate::agent::AGENT_ARG).unwrap_or_default(),
+    ];
+    let null: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?
+        .into();
+    // SAFETY: the guest's init is single-threaded (it never starts a
+    // thread), so the child inherits no lock held by another thread.
+    match unsafe { sys::fork_with(libc::CLONE_NEWPID) }? {
+        sys::Forked::Parent(pid) => Ok(pid),
+        sys::Forked::Child => {
+            let code = (|| -> Result<(), i32> {
+                crate::init::build_root(&root).map_err(|(_, e)| e)?;
+                let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+                sys::unshare(libc::CLONE_NEWCGROUP).map_err(errno)?;
+                // The channels at the agent's numbers (stdio, control 3,
+                // broker 4, egress 5: none yet), the binary at 6 (the agent
+                // closes it first thing), nothing else.
+                let place = [
+                    ends.stdin.as_raw_fd(),
+                    ends.stdout.as_raw_fd(),
+                    ends.stderr.as_raw_fd(),
+                    ends.ctrl.as_raw_fd(),
+                    ends.broker.as_raw_fd(),
+                    null.as_raw_fd(),
+                    agent.as_raw_fd(),
+                ];
+                let mut parked = [0; 7];
+                for (i, fd) in place.iter().enumerate() {
+                    parked[i] = sys::dup_above_cloexec(*fd, 64).map_err(errno)?;
+                }
+                for (i, fd) in parked.iter().enumerate() {
+                    sys::dup2(*fd, i as RawFd).map_err(errno)?;
+                }
+                sys::close_from(7).map_err(errno)?;
+                sys::drop_bounding_and_ambient().map_err(errno)?;
+                sys::clear_groups().map_err(errno)?;
+                sys::set_ids(SANDBOX_UID, SANDBOX_GID).map_err(errno)?;
+                Err(errno(sys::execve_fd(6, &argv, &[])))
+            })();
+            sys::exit_now(code.err().unwrap_or(1).min(255))
+        }
+    }
+}
