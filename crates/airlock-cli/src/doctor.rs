@@ -36,7 +36,14 @@ fn role(name: &str) -> (&'static str, &'static str) {
         "python_zygote" => ("optional", "warm python sandboxes forked from a zygote"),
         "backend_oci" => ("optional", "the oci backend (an OCI runtime: crun or runc)"),
         "backend_gvisor" => ("optional", "the gvisor backend (gVisor's runsc)"),
-        "qemu_system_x86_64" | "kvm" => ("optional", "the microVM backend (not built yet)"),
+        "qemu_system_x86_64" | "backend_microvm" => (
+            "optional",
+            "the microvm backend (QEMU microvm, its own guest kernel)",
+        ),
+        "kvm" => (
+            "optional",
+            "microVMs under hardware virtualisation (without: TCG emulation, development only)",
+        ),
         _ => ("optional", "a running server's warm pools"),
     }
 }
@@ -321,7 +328,47 @@ pub fn run(json: bool, server: Option<&str>, ca: Option<&Path>) -> ExitCode {
             .unwrap_or_else(|| "not installed".into()),
         fix: Some("apt install qemu-system-x86".into()),
     });
+    // The microVM backend: its guest artifacts (built now when missing),
+    // the accelerator, and one sandbox run end to end in a guest.
+    let mut vm_on_tcg = false;
+    let (ok, detail) =
+        match crate::microvm_backend(engine.clone(), &airlock_backend::default_run_dir()) {
+            Err(why) => (false, format!("cannot start here: {why}")),
+            Ok(b) => {
+                vm_on_tcg = b.accel() == airlock_backend::microvm::Accel::Tcg;
+                let p = airlock_backend::Backend::probe(b.as_ref());
+                let version = p.version.unwrap_or_default();
+                match p.fix {
+                    None if p.works => (
+                        true,
+                        format!(
+                            "{version}: ran a sandbox end to end (isolation {})",
+                            p.isolation
+                        ),
+                    ),
+                    fix => (false, format!("{version}: {}", fix.unwrap_or_default())),
+                }
+            }
+        };
+    checks.push(Check {
+        name: "backend_microvm",
+        ok,
+        detail,
+        fix: Some(
+            "apt install -t bookworm-backports qemu-system-x86 linux-image-cloud-amd64; \
+             apt install erofs-utils"
+                .into(),
+        ),
+    });
     let kvm = crate::doctor::kvm_probe();
+    // Some nested or paravirtual KVM devices run the probe's few
+    // instructions but not a guest kernel: the microVM backend found so.
+    let kvm = match kvm {
+        Ok(s) if vm_on_tcg && std::env::var_os("AIRLOCK_VM_ACCEL").is_none() => Err(format!(
+            "{s}, but a guest kernel does not boot on this KVM device; microVMs run under TCG"
+        )),
+        other => other,
+    };
     checks.push(Check {
         name: "kvm",
         ok: kvm.is_ok(),

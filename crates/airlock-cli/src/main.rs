@@ -333,7 +333,7 @@ fn local_backend(
 pub(crate) fn microvm_backend(
     engine: Arc<Engine>,
     run_dir: &Path,
-) -> Result<Arc<dyn Backend>, String> {
+) -> Result<Arc<airlock_backend::microvm::MicrovmBackend>, String> {
     use airlock_backend::microvm::{self, Accel, Settings};
     let accel = match std::env::var("AIRLOCK_VM_ACCEL").ok().as_deref() {
         None | Some("") => None,

@@ -393,6 +393,7 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
         "backend_oci",
         "backend_gvisor",
         "qemu_system_x86_64",
+        "backend_microvm",
         "kvm",
         "runtime_python",
     ] {
@@ -411,6 +412,7 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
     for (name, bins) in [
         ("backend_oci", &["crun", "runc"][..]),
         ("backend_gvisor", &["runsc"][..]),
+        ("backend_microvm", &["qemu-system-x86_64"][..]),
     ] {
         let installed = bins
             .iter()
@@ -435,6 +437,7 @@ fn doctor_reports_every_layer_and_runs_a_real_sandbox() {
         ("cgroups", "recommended"),
         ("backend_oci", "optional"),
         ("backend_gvisor", "optional"),
+        ("backend_microvm", "optional"),
     ] {
         assert_eq!(get(name)["role"], role, "{name}");
         assert!(

@@ -15,6 +15,7 @@ mod escapes;
 mod images;
 mod isolation;
 mod limits;
+mod microvm;
 mod syscalls;
 
 use std::io::Write;

@@ -199,6 +199,9 @@ def p_mknod(_=None):
     except OSError as e:
         return {"errno": e.errno}
 
+def p_uname(_=None):
+    return {"release": os.uname().release}
+
 def p_status(_=None):
     out = {}
     for line in open("/proc/self/status"):
@@ -293,10 +296,15 @@ def p_exec(_=None):
 PROBES = {k[2:]: v for k, v in globals().items() if k.startswith("p_")}
 
 def main():
-    words = sys.stdin.readline().split()
-    name, args = words[0], words[1:]
-    res = PROBES[name](*args)
-    sys.stdout.write(json.dumps(res) + "\n")
-    sys.stdout.flush()
+    # One probe per line, one JSON line each (a backend whose sandboxes are
+    # slow to start runs a batch in one).
+    for line in sys.stdin.read().splitlines():
+        words = line.split()
+        if not words:
+            continue
+        name, args = words[0], words[1:]
+        res = PROBES[name](*args)
+        sys.stdout.write(json.dumps(res) + "\n")
+        sys.stdout.flush()
 
 main()

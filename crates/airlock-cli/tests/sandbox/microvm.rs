@@ -1,0 +1,193 @@
+//! The microVM backend (QEMU microvm, its own guest kernel, airlock as the
+//! guest's init), under KVM where a real guest kernel runs on it and under
+//! TCG otherwise, as on this machine: slow to boot (seconds), so each test
+//! runs its probes as one batch in one VM. Positive controls run the same
+//! probes on the host first; the table says what each must answer inside.
+
+use super::*;
+
+/// QEMU, a guest kernel and erofs-utils are here (`.ci/run` installs
+/// them); the tests insist rather than skip when they are.
+fn microvm_here() -> bool {
+    let has = |p: &str| std::path::Path::new(p).exists();
+    let kernel = std::fs::read_dir("/boot")
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .unwrap_or(false);
+    is_root() && has("/usr/bin/qemu-system-x86_64") && has("/usr/bin/mkfs.erofs") && kernel
+}
+
+/// Runs `probes` (one per line) in one microVM; returns the result and
+/// one answer per probe.
+fn batch(probes: &[String], extra: &[&str]) -> (Value, Vec<Value>) {
+    let mut args = vec!["--backend", "microvm"];
+    args.extend_from_slice(extra);
+    let r = run_json("python", PROBE, &(probes.join("\n") + "\n"), &args);
+    let answers: Vec<Value> = r["stdout"]
+        .as_str()
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (r, answers)
+}
+
+#[test]
+fn code_runs_in_its_own_guest_kernel_behind_the_same_layers_as_on_the_host() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86, a /boot kernel and erofs-utils");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("airlock-vm-secret")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let secret = dir.path().join("secret.txt");
+    std::fs::write(&secret, "top secret").unwrap();
+    let secret = secret.display().to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("airlock-vm-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let _abstract = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    let (enoent, erofs, eperm, refused) =
+        (ENOENT, libc::EROFS as i64, EPERM, libc::ECONNREFUSED as i64);
+    // (probe, field, expected inside); each is answered differently on
+    // the host (the positive control below).
+    let rows: Vec<(String, &str, Value)> = vec![
+        (format!("read {secret}"), "errno", enoent.into()),
+        ("read /etc/shadow".into(), "errno", enoent.into()),
+        (
+            "write /usr/lib/airlock-probe-write".into(),
+            "errno",
+            erofs.into(),
+        ),
+        ("write /airlock-probe-write".into(), "errno", erofs.into()),
+        (
+            "write /proc/sys/kernel/core_pattern".into(),
+            "errno",
+            erofs.into(),
+        ),
+        ("write /workspace/ok".into(), "errno", 0.into()),
+        ("mknod".into(), "errno", eperm.into()),
+        ("clone_newuser".into(), "errno", eperm.into()),
+        ("caps_raise".into(), "capset_errno", eperm.into()),
+        // The agent is pid 1 of the sandbox's namespace, non-dumpable,
+        // under the /proc (hidepid=invisible) the process sandbox mounts:
+        // invisible to the code, as init is there.
+        ("read /proc/1/mem".into(), "errno", enoent.into()),
+        ("read /proc/1/fd/3".into(), "errno", enoent.into()),
+        // The guest's own devices and filesystems are not in the sandbox:
+        // no root image device, no channel port, no sysfs.
+        ("stat /dev/vda".into(), "errno", enoent.into()),
+        ("stat /dev/vport0p1".into(), "errno", enoent.into()),
+        ("stat /sys/class".into(), "errno", enoent.into()),
+        (format!("connect_tcp {port}"), "errno", refused.into()),
+        (format!("connect_abstract {name}"), "errno", refused.into()),
+        ("netdev".into(), "ifaces", serde_json::json!(["lo"])),
+    ];
+    // Positive controls: on the host each of these answers otherwise.
+    assert_eq!(outside(&format!("read {secret}"))["errno"], 0);
+    assert_eq!(outside("read /etc/shadow")["errno"], 0);
+    assert_eq!(outside("stat /sys/class")["errno"], 0);
+    assert_eq!(outside(&format!("connect_tcp {port}"))["errno"], 0);
+    assert_eq!(outside(&format!("connect_abstract {name}"))["errno"], 0);
+    let host_release = outside("uname")["release"].clone();
+
+    let mut probes: Vec<String> = rows.iter().map(|(p, _, _)| p.clone()).collect();
+    probes.extend(["uname".into(), "status".into(), "fds".into()]);
+    let (r, answers) = batch(&probes, &[]);
+    assert_eq!(r["reason"], "exited", "{r}");
+    assert_eq!(r["enforced"]["backend"], "microvm", "{r}");
+    assert_eq!(r["enforced"]["isolation"], "microvm", "{r}");
+    let accel = r["enforced"]["accelerator"].as_str().unwrap_or("");
+    assert!(accel == "kvm" || accel == "tcg", "{r}");
+    assert_eq!(r["enforced"]["landlock"]["fully_enforced"], true, "{r}");
+    assert_eq!(answers.len(), probes.len(), "{r}");
+    let wrong: Vec<String> = rows
+        .iter()
+        .zip(&answers)
+        .filter(|((_, field, want), got)| &got[*field] != want)
+        .map(|((probe, field, want), got)| format!("{probe}: {field} {got} (want {want})"))
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    let n = rows.len();
+    // Its own kernel: not the host's.
+    let release = &answers[n]["release"];
+    assert_ne!(release, &host_release, "{release}");
+    assert!(
+        release.as_str().unwrap_or("").contains("cloud"),
+        "{release}"
+    );
+    let st = &answers[n + 1];
+    assert_eq!(st["Uid"], "1000\t1000\t1000\t1000", "{st}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(st[set], "0000000000000000", "{set}: {st}");
+    }
+    assert_eq!(st["NoNewPrivs"], "1", "{st}");
+    assert_eq!(st["Seccomp"], "2", "{st}");
+    assert_eq!(answers[n + 2]["fds"], serde_json::json!([0, 1, 2, 3]));
+}
+
+#[test]
+fn a_microvm_that_runs_out_of_time_is_killed_and_nothing_of_it_is_left() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86, a /boot kernel and erofs-utils");
+    }
+    // The guest's console goes to a file named only for this run: its
+    // QEMU and its state are recognisable by it.
+    let dir = tempfile::tempdir().unwrap();
+    // QEMU runs as an unprivileged user: it must be able to create the file.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let console = dir.path().join("console.txt");
+    let marker = console.display().to_string();
+    let holding_marker = || -> Vec<String> {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+                && String::from_utf8_lossy(&cmd).contains(&marker)
+            {
+                found.push(format!("process {}", e.file_name().to_string_lossy()));
+            }
+        }
+        for e in std::fs::read_dir("/run/airlock/vm")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if std::fs::read_to_string(e.path().join("vm.json")).is_ok_and(|t| t.contains(&marker))
+            {
+                found.push(format!("state {}", e.path().display()));
+            }
+        }
+        found
+    };
+    let mut cmd = airlock();
+    cmd.env("AIRLOCK_VM_CONSOLE", &console).args([
+        "run",
+        "--json",
+        "--lang",
+        "python",
+        "--backend",
+        "microvm",
+        "--timeout",
+        "2",
+        "-c",
+        "import time\nprint('started', flush=True)\ntime.sleep(600)\n",
+    ]);
+    let out = output_with_stdin(cmd, b"");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Positive controls: the program started in the guest (and the guest
+    // kernel wrote its console where the marker says).
+    assert_eq!(r["reason"], "timeout", "{r}");
+    assert_eq!(r["stdout"], "started\n", "{r}");
+    assert_eq!(r["enforced"]["backend"], "microvm", "{r}");
+    let booted = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(booted.contains("Linux version"), "{booted}");
+    // QEMU and the sandbox's state are gone once the run returns.
+    assert_eq!(holding_marker(), Vec::<String>::new());
+}
