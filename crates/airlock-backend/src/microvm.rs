@@ -38,14 +38,12 @@ use airlock_policy::{IsolationLevel, Language, Policy};
 use airlock_sandbox::hosted::{AgentLaunch, Isolated, Launched, Launcher};
 use airlock_sandbox::proto::{InitConfig, RoFile, RoMount, VmGuestConfig};
 use airlock_sandbox::vmchan::{ChanError, Mux, Sink, Source, stream};
-use airlock_sandbox::{Enforced, Engine, RunResult, SandboxError, sys};
+use airlock_sandbox::{Engine, SandboxError, sys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::process::check_level;
-use crate::{
-    Backend, BackendError, Hooks, Job, Prepared, Probe, Request, Spec, Teardown, Template,
-};
+use crate::{Backend, BackendError, Prepared, Probe, Request, Spec, Template};
 
 /// argv[1] of the VM monitor.
 pub const VMM_ARG: &str = "__airlock-vmm";
@@ -204,7 +202,7 @@ fn kvm_runs_guests() -> bool {
     let Ok(exe) = std::env::current_exe() else {
         return false;
     };
-    let Ok(mut child) = Command::new(exe)
+    let Ok(child) = Command::new(exe)
         .arg(airlock_sandbox::kvm::KVM_PROBE_ARG)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -213,7 +211,12 @@ fn kvm_runs_guests() -> bool {
     else {
         return false;
     };
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    succeeds_within(child, 5)
+}
+
+/// Whether `child` exits successfully within `secs` (killed otherwise).
+fn succeeds_within(mut child: std::process::Child, secs: u64) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         match child.try_wait() {
             Ok(Some(s)) => return s.success(),
@@ -247,7 +250,7 @@ fn kvm_boots(qemu: &Path, qemu_version: &str, kernel: &Path, store: &Path) -> bo
         Ok("fails") => return false,
         _ => {}
     }
-    let Ok(mut child) = Command::new(qemu)
+    let Ok(child) = Command::new(qemu)
         .args([
             "-M",
             "microvm,isa-serial=off,rtc=off",
@@ -275,20 +278,7 @@ fn kvm_boots(qemu: &Path, qemu_version: &str, kernel: &Path, store: &Path) -> bo
     else {
         return false;
     };
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(KVM_CHECK_SECS);
-    let boots = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break s.success(),
-            Ok(None) if std::time::Instant::now() < end => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break false;
-            }
-        }
-    };
+    let boots = succeeds_within(child, KVM_CHECK_SECS);
     if fs::create_dir_all(store.join("refs")).is_ok() {
         let _ = fs::write(&verdict, if boots { "boots" } else { "fails" });
     }
@@ -894,16 +884,8 @@ fn root_tree(engine: &Engine) -> Result<BTreeMap<PathBuf, Entry>, String> {
         };
         for m in &rt.mounts {
             let p = Path::new(&m.host);
-            let system = [
-                "/usr/lib",
-                "/usr/lib64",
-                "/usr/lib32",
-                "/lib",
-                "/lib64",
-                "/lib32",
-                "/usr/bin",
-            ]
-            .contains(&m.host.as_str());
+            let system = m.host == "/usr/bin"
+                || airlock_sandbox::runtime::SYSTEM_LIB_DIRS.contains(&m.host.as_str());
             // System directories hold only what the runtimes need (added
             // below); anything else a runtime binds comes whole.
             if system {
@@ -1128,6 +1110,12 @@ impl Launcher for VmLauncher {
             egress_relay: false,
             protect_pid1: false,
             accelerator: Some(self.host.accel.as_str()),
+            // A cold boot under TCG takes seconds, many more when the
+            // host's cores are busy.
+            start_timeout: Some(std::time::Duration::from_secs(match self.host.accel {
+                Accel::Kvm => 30,
+                Accel::Tcg => 180,
+            })),
         }
     }
 
@@ -1420,9 +1408,35 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     .map_err(|e| e.to_string())?;
     let mut report = fs::File::from(report);
     let mut said = false;
+    // QEMU's own messages (some a guest can provoke): drained as they come
+    // so QEMU never blocks on them, the first 4 KiB kept for the report.
+    let mut qemu_err = qemu_err.map(OwnedFd::from);
+    if let Some(fd) = &qemu_err {
+        sys::set_nonblocking(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    }
+    let mut qemu_said: Vec<u8> = Vec::new();
     let outcome = loop {
-        match mux.step(&[(pidfd.as_raw_fd(), libc::POLLIN)], 1000) {
+        let mut extra = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
+        if let Some(fd) = &qemu_err {
+            extra.push((fd.as_raw_fd(), libc::POLLIN));
+        }
+        match mux.step(&extra, 1000) {
             Ok(rev) => {
+                if rev.get(1).is_some_and(|r| *r != 0)
+                    && let Some(fd) = &qemu_err
+                {
+                    let mut buf = [0u8; 4096];
+                    // SAFETY: `buf` is a valid writable buffer of its
+                    // length; the descriptor is open (held in `qemu_err`).
+                    let n =
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                    if n > 0 {
+                        let room = 4096usize.saturating_sub(qemu_said.len());
+                        qemu_said.extend_from_slice(&buf[..(n as usize).min(room)]);
+                    } else if n == 0 {
+                        qemu_err = None;
+                    }
+                }
                 if !said && let Some(r) = mux.received(stream::VM) {
                     said = true;
                     let r = String::from_utf8_lossy(r);
@@ -1441,12 +1455,11 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         let _ = qemu.kill();
     }
     let status = qemu.wait().map_err(|e| e.to_string())?;
-    if !status.success()
-        && let Some(mut err) = qemu_err
-    {
-        let mut buf = Vec::new();
-        let _ = (&mut err).take(4096).read_to_end(&mut buf);
-        let text = String::from_utf8_lossy(&buf);
+    if !status.success() {
+        if let Some(fd) = qemu_err {
+            let _ = fs::File::from(fd).take(4096).read_to_end(&mut qemu_said);
+        }
+        let text = String::from_utf8_lossy(&qemu_said[..qemu_said.len().min(4096)]);
         if !text.trim().is_empty() {
             let _ = writeln!(report, "airlock vm: QEMU: {}", text.trim());
         }
@@ -1567,8 +1580,10 @@ impl Backend for MicrovmBackend {
             spec.extras,
             self.launcher.as_ref(),
         )?;
-        Ok(Box::new(VmSandbox {
+        Ok(Box::new(crate::oci::HostedSandbox {
             inner: crate::process::ProcessSandbox::from(sb),
+            backend: "microvm",
+            name_key: "vm",
         }))
     }
 
@@ -1609,49 +1624,5 @@ impl Backend for MicrovmBackend {
             works,
             fix,
         }
-    }
-}
-
-/// A prepared microVM sandbox.
-#[derive(Debug)]
-struct VmSandbox {
-    inner: crate::process::ProcessSandbox,
-}
-
-impl Prepared for VmSandbox {
-    fn enforced(&self) -> &Enforced {
-        self.inner.enforced()
-    }
-
-    fn prestart(&mut self) -> Result<(), BackendError> {
-        self.inner.prestart()
-    }
-
-    fn tighten(&mut self, limits: &airlock_policy::Limits) -> Result<(), BackendError> {
-        self.inner.tighten(limits)
-    }
-
-    fn is_alive(&self) -> bool {
-        self.inner.is_alive()
-    }
-
-    fn take_broker(&mut self) -> Option<std::os::unix::net::UnixStream> {
-        self.inner.take_broker()
-    }
-
-    fn take_egress(&mut self) -> Option<OwnedFd> {
-        self.inner.take_egress()
-    }
-
-    fn host_state(&self) -> serde_json::Value {
-        let mut v = self.inner.host_state();
-        v["backend"] = "microvm".into();
-        v["isolation"] = self.inner.enforced().isolation.as_str().into();
-        v["vm"] = self.inner.name().into();
-        v
-    }
-
-    fn execute(self: Box<Self>, job: Job<'_>, hooks: Hooks<'_>) -> (RunResult, Teardown) {
-        Box::new(self.inner).execute(job, hooks)
     }
 }

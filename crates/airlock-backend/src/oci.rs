@@ -175,6 +175,7 @@ impl Launcher for OciLauncher {
                 egress_relay: false,
                 protect_pid1: false,
                 accelerator: None,
+                start_timeout: None,
             },
             Kind::Gvisor => Isolated {
                 backend: "gvisor",
@@ -208,6 +209,7 @@ impl Launcher for OciLauncher {
                 egress_relay: true,
                 protect_pid1: true,
                 accelerator: None,
+                start_timeout: None,
             },
         }
     }
@@ -826,9 +828,10 @@ impl Backend for OciBackend {
         if !missing.is_empty() {
             sb.record_missing_layers(missing);
         }
-        Ok(Box::new(OciSandbox {
+        Ok(Box::new(HostedSandbox {
             inner: crate::process::ProcessSandbox::from(sb),
             backend: self.name(),
+            name_key: "container",
         }))
     }
 
@@ -967,15 +970,17 @@ pub(crate) fn is_sandbox_name(n: &str) -> bool {
     })
 }
 
-/// A prepared OCI or gVisor sandbox: a process sandbox's supervision
-/// around the agent, with the container's name in its host state.
+/// A prepared sandbox whose isolation a runtime built (OCI, gVisor, a
+/// microVM): a process sandbox's supervision around the agent, with the
+/// sandbox's name in its host state under `name_key` (what `reap` reads).
 #[derive(Debug)]
-struct OciSandbox {
-    inner: crate::process::ProcessSandbox,
-    backend: &'static str,
+pub(crate) struct HostedSandbox {
+    pub(crate) inner: crate::process::ProcessSandbox,
+    pub(crate) backend: &'static str,
+    pub(crate) name_key: &'static str,
 }
 
-impl Prepared for OciSandbox {
+impl Prepared for HostedSandbox {
     fn enforced(&self) -> &Enforced {
         self.inner.enforced()
     }
@@ -1004,7 +1009,7 @@ impl Prepared for OciSandbox {
         let mut v = self.inner.host_state();
         v["backend"] = self.backend.into();
         v["isolation"] = self.inner.enforced().isolation.as_str().into();
-        v["container"] = self.inner.name().into();
+        v[self.name_key] = self.inner.name().into();
         v
     }
 

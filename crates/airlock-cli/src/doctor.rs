@@ -48,6 +48,22 @@ fn role(name: &str) -> (&'static str, &'static str) {
     }
 }
 
+/// A backend's probe as a check: ok when it ran a sandbox end to end.
+fn probed(b: &dyn airlock_backend::Backend) -> (bool, String) {
+    let p = b.probe();
+    let version = p.version.unwrap_or_else(|| "unknown version".into());
+    match p.fix {
+        None if p.works => (
+            true,
+            format!(
+                "{version}: ran a sandbox end to end (isolation {})",
+                p.isolation
+            ),
+        ),
+        fix => (false, format!("{version}: {}", fix.unwrap_or_default())),
+    }
+}
+
 #[derive(Serialize)]
 struct Report<'a> {
     name: &'static str,
@@ -278,20 +294,7 @@ pub fn run(json: bool, server: Option<&str>, ca: Option<&Path>) -> ExitCode {
             failed.iter().find(|f| f.name == short),
         ) {
             (_, Some(f)) => (false, format!("cannot start here: {}", f.why)),
-            (Some(b), None) => {
-                let p = b.probe();
-                let version = p.version.unwrap_or_else(|| "unknown version".into());
-                match p.fix {
-                    None if p.works => (
-                        true,
-                        format!(
-                            "{version}: ran a sandbox end to end (isolation {})",
-                            p.isolation
-                        ),
-                    ),
-                    fix => (false, format!("{version}: {}", fix.unwrap_or_default())),
-                }
-            }
+            (Some(b), None) => probed(b.as_ref()),
             (None, None) => (false, "not installed".into()),
         };
         checks.push(Check {
@@ -336,18 +339,7 @@ pub fn run(json: bool, server: Option<&str>, ca: Option<&Path>) -> ExitCode {
             Err(why) => (false, format!("cannot start here: {why}")),
             Ok(b) => {
                 vm_on_tcg = b.accel() == airlock_backend::microvm::Accel::Tcg;
-                let p = airlock_backend::Backend::probe(b.as_ref());
-                let version = p.version.unwrap_or_default();
-                match p.fix {
-                    None if p.works => (
-                        true,
-                        format!(
-                            "{version}: ran a sandbox end to end (isolation {})",
-                            p.isolation
-                        ),
-                    ),
-                    fix => (false, format!("{version}: {}", fix.unwrap_or_default())),
-                }
+                probed(b.as_ref())
             }
         };
     checks.push(Check {

@@ -138,6 +138,10 @@ pub struct Isolated {
     pub protect_pid1: bool,
     /// A virtual machine's accelerator (`kvm`, `tcg`), for the result.
     pub accelerator: Option<&'static str>,
+    /// How long the agent may take to report every layer applied, when
+    /// longer than [`AGENT_START_TIMEOUT`] (a guest kernel booting under
+    /// software emulation on a busy host).
+    pub start_timeout: Option<Duration>,
 }
 
 /// A started runtime process.
@@ -454,7 +458,8 @@ impl Engine {
             loopback: false,
             protect_pid1: isolated.protect_pid1,
         };
-        if let Err(e) = sb.agent_handshake(&cfg) {
+        let timeout = isolated.start_timeout.unwrap_or(AGENT_START_TIMEOUT);
+        if let Err(e) = sb.agent_handshake(&cfg, timeout) {
             // What the runtime said (its own errors go to the stderr it
             // shares with the agent): for the operator's log, never a
             // tenant's message (public_message names the step only).
@@ -478,9 +483,13 @@ pub(crate) const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 impl Sandbox {
     /// Sends the agent its configuration and waits until every layer is
     /// applied.
-    fn agent_handshake(&mut self, cfg: &AgentConfig) -> Result<(), SandboxError> {
+    fn agent_handshake(
+        &mut self,
+        cfg: &AgentConfig,
+        timeout: Duration,
+    ) -> Result<(), SandboxError> {
         let ctrl = self.ctrl_mut();
-        ctrl.set_read_timeout(Some(AGENT_START_TIMEOUT))
+        ctrl.set_read_timeout(Some(timeout))
             .map_err(|e| SandboxError::Control(format!("timeout: {e}")))?;
         proto::write_msg(ctrl, &ToInit::AgentConfig(Box::new(cfg.clone())))
             .map_err(|e| SandboxError::Control(format!("send config: {e}")))?;

@@ -41,7 +41,8 @@ pub fn default_candidates(lang: Language) -> &'static [&'static str] {
     }
 }
 
-const SYSTEM_LIB_DIRS: [&str; 6] = [
+/// The host's library directories a runtime binds whole.
+pub const SYSTEM_LIB_DIRS: [&str; 6] = [
     "/usr/lib",
     "/usr/lib64",
     "/usr/lib32",
