@@ -1342,7 +1342,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     // allocates: the values are copied in).
     unsafe {
         cmd.pre_exec(move || {
-            sys::set_parent_death_kill()?;
+            let monitor = sys::getppid();
             let moved = sys::dup_above_cloexec(qemu_fd, 16)?;
             sys::dup2(moved, 3)?;
             // The monitor's channels at 4 and 5 must not reach QEMU.
@@ -1354,6 +1354,13 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                     return Err(std::io::Error::last_os_error());
                 }
                 sys::set_ids(uid, gid)?;
+            }
+            // After the change of ids, which clears it: QEMU dies with the
+            // monitor (and the monitor with its engine), never outliving
+            // the sandbox; a monitor already gone is caught here.
+            sys::set_parent_death_kill()?;
+            if sys::getppid() != monitor {
+                return Err(std::io::Error::other("the monitor is gone"));
             }
             Ok(())
         });

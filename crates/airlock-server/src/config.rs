@@ -57,7 +57,8 @@ impl Default for PoolConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BackendsConfig {
     /// Backends offered, by name: `process` (the process sandbox), `oci`
-    /// (crun or runc), `gvisor` (runsc). Default `["process"]`. Each one
+    /// (crun or runc), `gvisor` (runsc), `microvm` (QEMU). Default
+    /// `["process"]`. Each one
     /// must be installed and run a sandbox end to end when the server
     /// starts, or the server does not start.
     pub offer: Vec<String>,
@@ -75,6 +76,26 @@ pub struct BackendsConfig {
     /// Where imported images are (default: /var/lib/airlock/images as
     /// root, else `$XDG_DATA_HOME/airlock/images`).
     pub image_store: Option<PathBuf>,
+    /// The microvm backend's settings (`[backends.microvm]`).
+    pub microvm: MicrovmConfig,
+}
+
+/// `[backends.microvm]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MicrovmConfig {
+    /// QEMU (default `qemu-system-x86_64` on PATH).
+    pub qemu: Option<PathBuf>,
+    /// The guest kernel (default: the newest `/boot/vmlinuz-*`, a cloud
+    /// kernel preferred).
+    pub kernel: Option<PathBuf>,
+    /// `"kvm"` (default: hardware virtualisation, refused to start where
+    /// KVM cannot run a guest kernel) or `"tcg"` (QEMU's software
+    /// emulation: slow, for development and tests; results say so).
+    pub accel: Option<String>,
+    /// Where the guest's artifacts are cached (default /var/lib/airlock/vm
+    /// as root).
+    pub store: Option<PathBuf>,
 }
 
 impl Default for BackendsConfig {
@@ -85,12 +106,13 @@ impl Default for BackendsConfig {
             run_dir: None,
             images: std::collections::BTreeMap::new(),
             image_store: None,
+            microvm: MicrovmConfig::default(),
         }
     }
 }
 
 /// The backend names `[backends]` knows.
-pub const BACKEND_NAMES: [&str; 3] = ["process", "oci", "gvisor"];
+pub const BACKEND_NAMES: [&str; 4] = ["process", "oci", "gvisor", "microvm"];
 
 /// One tenant's share of the node: executions it may run at once and have
 /// waiting. Unset fields take the `[tenants]` defaults.
@@ -340,6 +362,14 @@ impl ServerConfig {
                     BACKEND_NAMES.join(", ")
                 )));
             }
+        }
+        if let Some(a) = &b.microvm.accel
+            && !matches!(a.as_str(), "kvm" | "tcg")
+        {
+            return Err(ConfigError::Invalid(format!(
+                "backends.microvm.accel: {:?} (expected \"kvm\" or \"tcg\")",
+                a.chars().take(32).collect::<String>()
+            )));
         }
         if b.offer.is_empty() {
             return Err(ConfigError::Invalid(

@@ -174,7 +174,18 @@ fn offered_backends(
             })?;
             images.insert(name.clone(), root);
         }
-        airlock_backend::on_this_host(engine, &run_dir, &images)
+        let (mut all, mut failed) =
+            airlock_backend::on_this_host(engine.clone(), &run_dir, &images);
+        if wanted.iter().any(|n| n == "microvm") {
+            match microvm_backend(&cfg.backends.microvm, engine, &run_dir) {
+                Ok(b) => all.push(b),
+                Err(why) => failed.push(airlock_backend::NotHere {
+                    name: "microvm",
+                    why,
+                }),
+            }
+        }
+        (all, failed)
     };
     let mut offered = Vec::new();
     for name in wanted {
@@ -204,6 +215,42 @@ fn offered_backends(
         offered.push(b.clone());
     }
     Ok(Backends::new(offered))
+}
+
+/// The microvm backend as `[backends.microvm]` configures it: KVM unless
+/// the operator chose software emulation (`accel = "tcg"`), which a
+/// server never falls back to by itself.
+fn microvm_backend(
+    cfg: &config::MicrovmConfig,
+    engine: Arc<airlock_sandbox::Engine>,
+    run_dir: &std::path::Path,
+) -> Result<Arc<dyn airlock_backend::Backend>, String> {
+    use airlock_backend::microvm::{self, Accel, Settings};
+    let settings = Settings {
+        qemu: cfg.qemu.clone(),
+        kernel: cfg.kernel.clone(),
+        accel: match cfg.accel.as_deref() {
+            Some("tcg") => Some(Accel::Tcg),
+            Some("kvm") => Some(Accel::Kvm),
+            _ => None,
+        },
+        allow_tcg: false,
+        store: cfg.store.clone(),
+    };
+    let host = microvm::discover(&settings).map_err(|e| {
+        if e.starts_with("KVM") {
+            format!("{e}: [backends.microvm] accel = \"tcg\"")
+        } else {
+            e
+        }
+    })?;
+    let store = settings
+        .store
+        .clone()
+        .unwrap_or_else(microvm::default_store);
+    Ok(Arc::new(microvm::MicrovmBackend::new(
+        engine, host, &store, run_dir,
+    )?))
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains.

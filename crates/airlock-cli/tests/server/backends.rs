@@ -207,7 +207,7 @@ fn a_backend_offered_but_unknown_or_not_runnable_stops_the_server_before_it_serv
     };
     refused(
         serve("[backends]\noffer = [\"process\", \"firecracker\"]\n"),
-        "unknown backend \"firecracker\" (expected process, oci, gvisor)",
+        "unknown backend \"firecracker\" (expected process, oci, gvisor, microvm)",
     );
     refused(
         serve("[backends]\noffer = []\n"),
@@ -360,4 +360,137 @@ def handler(ax, input):
     let v = s.exec(&key, json!({"language": "python", "code": "print(1)"}));
     assert_eq!(v["result"]["enforced"]["backend"], "process");
     assert!(v["result"]["enforced"].get("image").is_none(), "{v}");
+}
+
+/// QEMU, a guest kernel and erofs-utils are here (`.ci/run` installs them).
+fn microvm_here() -> bool {
+    let has = |p: &str| std::path::Path::new(p).exists();
+    crate::is_root() && has("/usr/bin/qemu-system-x86_64") && has("/usr/bin/mkfs.erofs")
+}
+
+#[test]
+fn a_server_offers_microvm_when_configured_and_serves_it_warm_with_the_broker() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    // Without KVM that runs a guest kernel, a server never falls back to
+    // software emulation by itself: it refuses to start and says how to
+    // allow it (where KVM works, it starts and says kvm).
+    std::fs::write(
+        &cfg,
+        "[backends]\noffer = [\"process\", \"microvm\"]\npools = []\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(crate::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("strict"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--ready-file")
+        .arg(dir.path().join("ready"))
+        .env_remove("AIRLOCK_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = {
+        let mut child = out;
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if dir.path().join("ready").exists() {
+                let _ = child.kill();
+                let _ = child.wait();
+                break true;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert_eq!(status.code(), Some(2), "{err}");
+                assert!(
+                    err.contains(
+                        "backends.offer: microvm cannot start here: KVM does not run a guest here"
+                    ) && err.contains("[backends.microvm] accel = \"tcg\""),
+                    "{err}"
+                );
+                break false;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "neither started nor refused"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "[backends]\noffer = [\"process\", \"microvm\"]\npools = [\"microvm\"]\n\
+             [backends.microvm]\n{}\n[pool]\npython = 1\njavascript = 0\n",
+            if started { "" } else { "accel = \"tcg\"" }
+        ),
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    s.put_secret(&key, "TOKEN", "tok-7a2c-canary");
+    let label = "{backend=\"microvm\",language=\"python\"}";
+    crate::pool::wait_metric(&s, &format!("airlock_pool_size{label}"), 1.0);
+    let hits = crate::pool::metric(&s, &format!("airlock_pool_hits_total{label}"));
+    // A request requiring microvm gets it, from the pool of booted VMs,
+    // and the broker works across the guest's channel.
+    let code = r#"
+import os
+def handler(ax, input):
+    value, found = ax.secrets.get("TOKEN")
+    ax.log.info("got " + value)
+    ax.agent.memory.put("seen", input["x"])
+    return {"found": found, "leak": value, "twice": input["x"] * 2,
+            "kernel": os.uname().release, "memory": ax.agent.memory.get("seen", 0)}
+"#;
+    let v = s.exec(
+        &key,
+        json!({"language": "python", "handler": true, "code": code, "isolation": "microvm",
+               "input": {"x": 21}, "secrets": ["TOKEN"]}),
+    );
+    assert_eq!(v["status"], "finished", "{v}");
+    assert_eq!(v["result"]["enforced"]["backend"], "microvm", "{v}");
+    assert_eq!(v["result"]["enforced"]["isolation"], "microvm", "{v}");
+    let accel = if started { "kvm" } else { "tcg" };
+    assert_eq!(v["result"]["enforced"]["accelerator"], accel, "{v}");
+    assert_eq!(v["output"]["found"], true, "{v}");
+    assert_eq!(v["output"]["leak"], "[REDACTED:TOKEN]", "{v}");
+    assert_eq!(v["output"]["twice"], 42, "{v}");
+    assert_eq!(v["output"]["memory"], 21, "{v}");
+    assert!(
+        v["output"]["kernel"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cloud"),
+        "{v}"
+    );
+    assert_eq!(
+        crate::pool::metric(&s, &format!("airlock_pool_hits_total{label}")),
+        hits + 1.0,
+        "the microVM was not served warm"
+    );
+    let logs = s.get(
+        &format!("/v1/executions/{}/logs", v["id"].as_str().unwrap()),
+        &key,
+    );
+    assert!(
+        logs.text().contains("got [REDACTED:TOKEN]"),
+        "{}",
+        logs.text()
+    );
+    // The cheaper backend still runs what asks for nothing.
+    let v = s.exec(&key, json!({"language": "shell", "code": "echo ok"}));
+    assert_eq!(v["result"]["enforced"]["backend"], "process", "{v}");
 }
