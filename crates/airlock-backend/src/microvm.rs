@@ -344,6 +344,21 @@ impl Store {
                 .mode(0o755)
                 .create(dir.join(sub))?;
         }
+        // What boots as every guest's init comes from here: nobody but
+        // this user may have placed or replaced anything in it (a store
+        // under a shared directory someone else created first is refused).
+        let euid = sys::geteuid();
+        for d in std::iter::once(dir.to_path_buf())
+            .chain(["initrd", "root", "refs", "tmp"].map(|s| dir.join(s)))
+        {
+            let m = fs::symlink_metadata(&d)?;
+            if !m.is_dir() || m.uid() != euid || m.mode() & 0o022 != 0 {
+                return Err(std::io::Error::other(format!(
+                    "{} must be a directory owned by uid {euid} and writable by it only",
+                    d.display()
+                )));
+            }
+        }
         Ok(Store { dir: dir.into() })
     }
 
@@ -356,7 +371,12 @@ impl Store {
         let kind = key.split('-').next()?;
         let ext = if kind == "initrd" { "cpio" } else { "erofs" };
         let p = self.dir.join(kind).join(format!("{digest}.{ext}"));
-        p.is_file().then_some(p)
+        // Content-addressed: a file whose bytes are not its name is not
+        // booted (it is rebuilt).
+        let mut h = Sha256::new();
+        let mut f = fs::File::open(&p).ok()?;
+        std::io::copy(&mut f, &mut h).ok()?;
+        (hex(&h.finalize()) == digest).then_some(p)
     }
 
     /// Moves a finished build into place under its digest and records
@@ -416,7 +436,8 @@ impl Store {
         let stripped = self.tmp_path("init").map_err(e("temporary file"))?;
         // Debug information is most of a development build's size; the
         // whole initramfs is unpacked into the guest's memory.
-        let init_src = match Command::new("strip")
+        let init_src = match Command::new("/usr/bin/strip")
+            .env_clear()
             .arg("--strip-debug")
             .arg("-o")
             .arg(&stripped)
@@ -1004,7 +1025,7 @@ impl Tree {
                 };
                 continue;
             }
-            if meta.is_file() {
+            if meta.is_file() && meta.mode() & 0o004 != 0 {
                 self.insert(cur, Entry::File)?;
             } else if meta.is_dir() {
                 self.insert(cur, Entry::Dir)?;
@@ -1042,7 +1063,9 @@ impl Tree {
                 } else if m.is_dir() {
                     self.insert(p.clone(), Entry::Dir)?;
                     stack.push(p);
-                } else if m.is_file() {
+                } else if m.is_file() && m.mode() & 0o004 != 0 {
+                    // A file the host keeps from other users is never put
+                    // into an image every sandbox (and QEMU's user) reads.
                     self.insert(p, Entry::File)?;
                 }
             }
@@ -1105,7 +1128,14 @@ impl Launcher for VmLauncher {
                 ),
                 "pids: RLIMIT_NPROC inside the guest (its tasks are not host tasks)".into(),
                 "scratch: tmpfs in the guest's RAM, capped in bytes and inodes".into(),
-            ],
+            ]
+            .into_iter()
+            .chain((self.host.accel == Accel::Tcg).then(|| {
+                "boundary: TCG is QEMU's software emulation, not hardware virtualisation \
+                 (allowed by the operator for development and tests)"
+                    .to_string()
+            }))
+            .collect(),
             pids_by_rlimit: true,
             egress_relay: false,
             protect_pid1: false,
@@ -1337,12 +1367,14 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let (uid, gid) = cfg.qemu_ids;
     let kvm_gid = cfg.kvm_gid;
     let as_root = sys::geteuid() == 0;
+    // Taken before the fork: a monitor that dies before QEMU's parent-death
+    // signal is set is caught by comparing with it.
+    let monitor = std::process::id() as libc::pid_t;
     // SAFETY: between fork and exec the closure only calls prctl, dup2,
     // fcntl, setgroups, setresgid and setresuid (async-signal-safe; nothing
     // allocates: the values are copied in).
     unsafe {
         cmd.pre_exec(move || {
-            let monitor = sys::getppid();
             let moved = sys::dup_above_cloexec(qemu_fd, 16)?;
             sys::dup2(moved, 3)?;
             // The monitor's channels at 4 and 5 must not reach QEMU.

@@ -450,6 +450,12 @@ impl Mux {
 
     fn queue_credits(&mut self) {
         for i in 0..STREAMS {
+            // Credits wait (summed in `unacked`) while the port is not
+            // taking what is queued: a peer that never reads cannot make
+            // this end queue without bound.
+            if self.tx_len() >= TX_LIMIT {
+                return;
+            }
             let s = &mut self.streams[i];
             if s.unacked > 0 && (s.unacked >= WINDOW / 4 || !s.has_pending()) && !s.peer_eof {
                 let n = s.unacked as u32;
@@ -512,7 +518,12 @@ impl Mux {
                         return Err(ChanError::Violation("data after end of stream"));
                     }
                     match &mut s.dst {
-                        Sink::None if s.dst_gone => s.unacked += len,
+                        Sink::None if s.dst_gone => {
+                            if s.unacked + len > WINDOW {
+                                return Err(ChanError::Violation("data beyond the window"));
+                            }
+                            s.unacked += len;
+                        }
                         Sink::None => {
                             return Err(ChanError::Violation("data on a stream that takes none"));
                         }
@@ -631,7 +642,13 @@ mod tests {
 
     fn violation(frames: &[u8]) -> String {
         let (pa, pb) = pair();
-        let (_keep, sink) = pair();
+        // A sink that takes nothing (a full pipe nobody reads): whatever
+        // arrives stays pending and is never credited, so the window is
+        // exactly what the peer was first granted.
+        let (_keep, sink) = crate::sys::pipe().unwrap();
+        crate::sys::set_nonblocking(sink.as_raw_fd()).unwrap();
+        let chunk = [0u8; 4096];
+        while write_fd(sink.as_raw_fd(), &chunk).is_ok() {}
         let mut host = Mux::new(
             pa,
             vec![
@@ -673,6 +690,39 @@ mod tests {
         v.extend_from_slice(&len.to_le_bytes());
         v.extend_from_slice(payload);
         v
+    }
+
+    /// A stream whose local reader left still holds the peer to its
+    /// window (what arrives is dropped and credited, never buffered): a
+    /// peer sending beyond it without credit ends the channel.
+    #[test]
+    fn a_stream_whose_reader_left_still_holds_the_peer_to_its_window() {
+        let parse = |bytes: usize| {
+            let (pa, _pb) = pair();
+            let mut host = Mux::new(
+                pa,
+                vec![(Source::None, Sink::None), (Source::None, Sink::None)],
+            )
+            .unwrap();
+            host.streams[1].dst_gone = true;
+            let mut sent = 0;
+            while sent < bytes {
+                let n = (bytes - sent).min(MAX_PAYLOAD);
+                host.rx.extend(frame(DATA, 1, n as u32, &vec![7; n]));
+                sent += n;
+                if let Err(e) = host.parse() {
+                    return e.to_string();
+                }
+            }
+            "none".into()
+        };
+        // Positive control: exactly one window without credit is within
+        // bounds; one byte more is not.
+        assert_eq!(parse(WINDOW), "none");
+        assert_eq!(
+            parse(WINDOW + 1),
+            "channel protocol violation: data beyond the window"
+        );
     }
 
     #[test]
