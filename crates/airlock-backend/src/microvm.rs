@@ -528,6 +528,8 @@ impl Store {
             }
             let out_status = Command::new("mkfs.erofs")
                 .arg("--all-root")
+                // A fixed UUID: the same inputs make the same image.
+                .arg("-U00000000-0000-0000-0000-000000000000")
                 .arg("-T0")
                 .arg("--quiet")
                 .arg(&out)
@@ -1367,19 +1369,42 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let (uid, gid) = cfg.qemu_ids;
     let kvm_gid = cfg.kvm_gid;
     let as_root = sys::geteuid() == 0;
+    // QEMU is the part of a microVM a guest attacks: it runs as pid 1 of a
+    // pid namespace of its own (it cannot name, signal or trace another
+    // VM's QEMU) with its own /proc, no network (an empty network
+    // namespace), its own IPC and UTS namespaces, as the unprivileged
+    // user, with no_new_privs, under QEMU's own seccomp sandbox.
+    if as_root {
+        sys::unshare(libc::CLONE_NEWPID).map_err(|e| format!("pid namespace: {e}"))?;
+    }
     // Taken before the fork: a monitor that dies before QEMU's parent-death
-    // signal is set is caught by comparing with it.
-    let monitor = std::process::id() as libc::pid_t;
-    // SAFETY: between fork and exec the closure only calls prctl, dup2,
-    // fcntl, setgroups, setresgid and setresuid (async-signal-safe; nothing
-    // allocates: the values are copied in).
+    // signal is set is seen through it (QEMU's parent is outside its pid
+    // namespace, so getppid() cannot tell).
+    let monitor = sys::pidfd_open(std::process::id() as libc::pid_t).map_err(|e| e.to_string())?;
+    let monitor_fd = monitor.as_raw_fd();
+    // SAFETY: between fork and exec the closure only calls unshare, mount,
+    // prctl, dup2, fcntl, poll, close_range, setgroups, setresgid and
+    // setresuid (async-signal-safe; nothing allocates: the values are
+    // copied in, the C strings are literals).
     unsafe {
         cmd.pre_exec(move || {
             let moved = sys::dup_above_cloexec(qemu_fd, 16)?;
             sys::dup2(moved, 3)?;
-            // The monitor's channels at 4 and 5 must not reach QEMU.
-            sys::close_from(4)?;
             if as_root {
+                sys::unshare(
+                    libc::CLONE_NEWNS
+                        | libc::CLONE_NEWNET
+                        | libc::CLONE_NEWIPC
+                        | libc::CLONE_NEWUTS,
+                )?;
+                sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+                sys::mount(
+                    Some(c"proc"),
+                    c"/proc",
+                    Some(c"proc"),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    None,
+                )?;
                 let groups: [libc::gid_t; 1] = [kvm_gid.unwrap_or(gid)];
                 let n = usize::from(kvm_gid.is_some());
                 if libc::setgroups(n, groups.as_ptr()) != 0 {
@@ -1387,13 +1412,22 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                 }
                 sys::set_ids(uid, gid)?;
             }
+            sys::set_no_new_privs()?;
             // After the change of ids, which clears it: QEMU dies with the
             // monitor (and the monitor with its engine), never outliving
             // the sandbox; a monitor already gone is caught here.
             sys::set_parent_death_kill()?;
-            if sys::getppid() != monitor {
-                return Err(std::io::Error::other("the monitor is gone"));
+            let mut alive = libc::pollfd {
+                fd: monitor_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut alive, 1, 0) != 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
+            // The monitor's channels at 4 and above (and the pidfd) must
+            // not reach QEMU.
+            sys::close_from(4)?;
             Ok(())
         });
     }

@@ -178,7 +178,45 @@ fn a_microvm_that_runs_out_of_time_is_killed_and_nothing_of_it_is_left() {
         "-c",
         "import time\nprint('started', flush=True)\ntime.sleep(600)\n",
     ]);
-    let out = output_with_stdin(cmd, b"");
+    let run = std::thread::spawn(move || output_with_stdin(cmd, b""));
+    // While it runs: QEMU (found by the marker on its command line) is
+    // pid 1 of its own pid namespace, in its own network, mount and IPC
+    // namespaces, unprivileged, with no_new_privs.
+    let qemu = {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let found = std::fs::read_dir("/proc").unwrap().flatten().find(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("qemu-system") && c.contains(&marker)
+                })
+            });
+            if let Some(e) = found {
+                break e.path();
+            }
+            assert!(std::time::Instant::now() < end, "no QEMU seen");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let status = std::fs::read_to_string(qemu.join("status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+    assert_eq!(field("Uid"), "65533\t65533\t65533\t65533", "{status}");
+    assert!(field("NSpid").ends_with("\t1"), "{status}");
+    for ns in ["net", "pid", "mnt", "ipc", "uts"] {
+        // Positive control: the test itself is in the host's namespaces.
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let theirs = std::fs::read_link(qemu.join(format!("ns/{ns}"))).unwrap();
+        assert_ne!(ours, theirs, "{ns}");
+    }
+    let out = run.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     // Positive controls: the program started in the guest (and the guest
