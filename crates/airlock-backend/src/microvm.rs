@@ -1223,15 +1223,8 @@ impl Launcher for VmLauncher {
             }
         };
         let mut cmd = Command::new(l.agent_binary);
-        cmd.arg(VMM_ARG)
-            .arg(&cfg_path)
-            .env_clear()
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        l.channels(&mut cmd);
-        let child = match cmd.spawn() {
+        cmd.arg(VMM_ARG).arg(&cfg_path).env_clear();
+        let child = match l.spawn(&mut cmd) {
             Ok(c) => c,
             Err(e) => {
                 let _ = fs::remove_dir_all(&state);
@@ -1546,6 +1539,20 @@ fn vmm(args: &[String]) -> Result<i32, String> {
 
 // ---------------------------------------------------------------------
 // The backend
+
+/// The microVM backend on this host as `settings` choose: QEMU, kernel and
+/// accelerator found, the artifacts built or found in the store.
+pub fn backend(
+    engine: Arc<Engine>,
+    settings: &Settings,
+    run_dir: &Path,
+) -> Result<Arc<MicrovmBackend>, String> {
+    let host = discover(settings)?;
+    let store = settings.store.clone().unwrap_or_else(default_store);
+    Ok(Arc::new(MicrovmBackend::new(
+        engine, host, &store, run_dir,
+    )?))
+}
 
 /// The microVM backend.
 #[derive(Debug, Clone)]

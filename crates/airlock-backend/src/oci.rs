@@ -296,13 +296,8 @@ impl Launcher for OciLauncher {
         }
         cmd.arg(l.name)
             .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .current_dir("/")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        l.channels(&mut cmd);
-        let child = match cmd.spawn() {
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        let child = match l.spawn(&mut cmd) {
             Ok(c) => c,
             Err(e) => {
                 let _ = fs::remove_dir_all(&bundle);

@@ -348,20 +348,14 @@ pub(crate) fn microvm_backend(
         allow_tcg: true,
         store: None,
     };
-    let host = microvm::discover(&settings)?;
-    if host.accel == Accel::Tcg && accel.is_none() {
+    let b = microvm::backend(engine, &settings, run_dir)?;
+    if b.accel() == Accel::Tcg && accel.is_none() {
         eprintln!(
             "airlock: no working KVM here; the microVM runs under QEMU's software emulation \
              (TCG: slow, for development and tests)"
         );
     }
-    let store = settings
-        .store
-        .clone()
-        .unwrap_or_else(microvm::default_store);
-    Ok(Arc::new(microvm::MicrovmBackend::new(
-        engine, host, &store, run_dir,
-    )?))
+    Ok(b)
 }
 
 fn engine_config_base() -> EngineConfig {

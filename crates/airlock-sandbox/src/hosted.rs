@@ -179,6 +179,17 @@ impl AgentLaunch<'_> {
     /// How many descriptors beyond stdio the runtime must pass (3..=6).
     pub const PASSED_FDS: u32 = 4;
 
+    /// Starts `cmd` as the sandbox's runtime process: in `/`, with piped
+    /// stdio (the program's), holding the channels ([`Self::channels`]).
+    pub fn spawn(&self, cmd: &mut Command) -> std::io::Result<Child> {
+        cmd.current_dir("/")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        self.channels(cmd);
+        cmd.spawn()
+    }
+
     /// The sandbox has a cgroup: killing it kills every process the
     /// runtime started, before the launcher's cleanup runs.
     pub fn has_cgroup(&self) -> bool {

@@ -237,20 +237,15 @@ fn microvm_backend(
         allow_tcg: false,
         store: cfg.store.clone(),
     };
-    let host = microvm::discover(&settings).map_err(|e| {
-        if e.starts_with("KVM") {
-            format!("{e}: [backends.microvm] accel = \"tcg\"")
-        } else {
-            e
-        }
-    })?;
-    let store = settings
-        .store
-        .clone()
-        .unwrap_or_else(microvm::default_store);
-    Ok(Arc::new(microvm::MicrovmBackend::new(
-        engine, host, &store, run_dir,
-    )?))
+    let b: Arc<dyn airlock_backend::Backend> = microvm::backend(engine, &settings, run_dir)
+        .map_err(|e| {
+            if e.starts_with("KVM") {
+                format!("{e}: [backends.microvm] accel = \"tcg\"")
+            } else {
+                e
+            }
+        })?;
+    Ok(b)
 }
 
 /// Runs the server until SIGTERM or SIGINT, then drains.
