@@ -56,6 +56,13 @@ const GUEST_OVERHEAD_MIB: u64 = 160;
 const QEMU_OVERHEAD_MIB: u64 = 160;
 /// Host tasks of QEMU (its threads) and the monitor.
 const HOST_TASKS: u64 = 64;
+/// When the monitor shows the guest's console because its agent has not
+/// answered yet (KVM, TCG): well before the engine gives up on it.
+const CONSOLE_AFTER: [std::time::Duration; 2] = [
+    std::time::Duration::from_secs(20),
+    std::time::Duration::from_secs(90),
+];
+
 /// How long a guest kernel may take to boot and stop under KVM when
 /// checking that KVM really runs one.
 const KVM_CHECK_SECS: u64 = 15;
@@ -1243,20 +1250,39 @@ impl Launcher for VmLauncher {
 // ---------------------------------------------------------------------
 // The VM monitor
 
-fn qemu_args(cfg: &VmmConfig, port_fd: RawFd) -> Vec<String> {
+/// QEMU's arguments: the guest's port on `port_fd`, its serial console
+/// (the kernel's warnings and the guest init's progress, read by the
+/// monitor) on `console_fd`, or in the debugging file when one is named.
+fn qemu_args(cfg: &VmmConfig, port_fd: RawFd, console_fd: RawFd) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
     let console = cfg
         .console
         .as_ref()
         .map(|p| p.to_string_lossy().replace(',', ",,"));
+    push(&["-M", "microvm,rtc=off"]);
     match &console {
-        None => push(&["-M", "microvm,isa-serial=off,rtc=off"]),
-        Some(c) => push(&["-M", "microvm,rtc=off", "-serial", &format!("file:{c}")]),
+        None => push(&[
+            "-chardev",
+            &format!("socket,id=console,fd={console_fd}"),
+            "-serial",
+            "chardev:console",
+        ]),
+        Some(c) => push(&["-serial", &format!("file:{c}")]),
     }
     match cfg.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        Accel::Tcg => push(&["-accel", "tcg,tb-size=64", "-cpu", "max"]),
+        // Under emulation, guest time follows executed instructions
+        // (icount): a busy host cannot skew the guest kernel's timer
+        // calibration at boot (seen to hang a guest in early boot).
+        Accel::Tcg => push(&[
+            "-accel",
+            "tcg,tb-size=64",
+            "-cpu",
+            "max",
+            "-icount",
+            "shift=auto,sleep=on",
+        ]),
     }
     let mem = cfg.memory_mib.to_string();
     let cpus = cfg.cpus.to_string();
@@ -1287,7 +1313,7 @@ fn qemu_args(cfg: &VmmConfig, port_fd: RawFd) -> Vec<String> {
             if console.is_some() {
                 "console=ttyS0"
             } else {
-                "quiet loglevel=0"
+                "console=ttyS0 quiet"
             },
             airlock_sandbox::vminit::VMINIT_ARG
         ),
@@ -1351,9 +1377,12 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     sys::close_from(7).map_err(|e| e.to_string())?;
     let (host_port, qemu_port) =
         std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+    let (host_console, qemu_console) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let qemu_fd = qemu_port.as_raw_fd();
+    let console_fd = qemu_console.as_raw_fd();
     let mut cmd = Command::new(&cfg.qemu);
-    cmd.args(qemu_args(&cfg, 3))
+    cmd.args(qemu_args(&cfg, 3, 4))
         .env_clear()
         .current_dir("/")
         .stdin(Stdio::null())
@@ -1382,7 +1411,9 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     unsafe {
         cmd.pre_exec(move || {
             let moved = sys::dup_above_cloexec(qemu_fd, 16)?;
+            let moved_console = sys::dup_above_cloexec(console_fd, 16)?;
             sys::dup2(moved, 3)?;
+            sys::dup2(moved_console, 4)?;
             if as_root {
                 sys::unshare(
                     libc::CLONE_NEWNS
@@ -1418,16 +1449,17 @@ fn vmm(args: &[String]) -> Result<i32, String> {
             if libc::poll(&mut alive, 1, 0) != 0 {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
-            // The monitor's channels at 4 and above (and the pidfd) must
+            // The monitor's channels at 5 and above (and the pidfd) must
             // not reach QEMU.
-            sys::close_from(4)?;
+            sys::close_from(5)?;
             Ok(())
         });
     }
     let mut qemu = cmd
         .spawn()
         .map_err(|e| format!("QEMU does not start: {e}"))?;
-    drop(qemu_port);
+    drop((qemu_port, qemu_console));
+    sys::set_nonblocking(host_console.as_raw_fd()).map_err(|e| e.to_string())?;
     let qemu_err = qemu.stderr.take();
     let pidfd = sys::pidfd_open(qemu.id() as libc::pid_t).map_err(|e| e.to_string())?;
     // SAFETY: the launcher placed the sandbox's stdio at 0-2, the control
@@ -1481,13 +1513,46 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         sys::set_nonblocking(fd.as_raw_fd()).map_err(|e| e.to_string())?;
     }
     let mut qemu_said: Vec<u8> = Vec::new();
+    let mut console: Vec<u8> = Vec::new();
+    let mut console_shown = false;
+    let booted = std::time::Instant::now();
     let outcome = loop {
         let mut extra = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
         if let Some(fd) = &qemu_err {
             extra.push((fd.as_raw_fd(), libc::POLLIN));
         }
+        extra.push((host_console.as_raw_fd(), libc::POLLIN));
         match mux.step(&extra, 1000) {
             Ok(rev) => {
+                // The guest's console until its agent first speaks, the
+                // last 16 KiB kept: shown (as the runtime's words, which
+                // the engine logs) only when the agent does not answer in
+                // time or QEMU fails first; drained and dropped after.
+                if rev.last().is_some_and(|r| *r != 0) {
+                    let mut buf = [0u8; 4096];
+                    // SAFETY: `buf` is a valid writable buffer of its
+                    // length; the descriptor is open (`host_console`).
+                    let n = unsafe {
+                        libc::read(host_console.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                    };
+                    if n > 0 && !mux.heard(stream::CTRL) {
+                        console.extend_from_slice(&buf[..n as usize]);
+                        let over = console.len().saturating_sub(16 << 10);
+                        console.drain(..over);
+                    }
+                }
+                if !console_shown
+                    && !mux.heard(stream::CTRL)
+                    && booted.elapsed() > CONSOLE_AFTER[usize::from(cfg.accel == Accel::Tcg)]
+                {
+                    console_shown = true;
+                    let _ = writeln!(
+                        report,
+                        "airlock vm: the guest's agent has not answered after {} s; its console:\n{}",
+                        booted.elapsed().as_secs(),
+                        String::from_utf8_lossy(&console).trim_end()
+                    );
+                }
                 if rev.get(1).is_some_and(|r| *r != 0)
                     && let Some(fd) = &qemu_err
                 {
@@ -1521,6 +1586,13 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         let _ = qemu.kill();
     }
     let status = qemu.wait().map_err(|e| e.to_string())?;
+    if !status.success() && !console_shown && !mux.heard(stream::CTRL) && !console.is_empty() {
+        let _ = writeln!(
+            report,
+            "airlock vm: QEMU ended before the guest's agent answered; its console:\n{}",
+            String::from_utf8_lossy(&console).trim_end()
+        );
+    }
     if !status.success() {
         if let Some(fd) = qemu_err {
             let _ = fs::File::from(fd).take(4096).read_to_end(&mut qemu_said);

@@ -1228,11 +1228,11 @@ impl Sandbox {
         on_start: &mut dyn FnMut(),
     ) -> (RunResult, Teardown) {
         let started = Instant::now();
-        let base = if self.prestarted {
-            self.cgroup.as_ref().map(Cgroup::stats).unwrap_or_default()
-        } else {
-            crate::cgroup::CgroupStats::default()
-        };
+        // The CPU the sandbox used before its job (a prestarted program's
+        // start, a runtime's own setup: runc, gVisor's sentry, a microVM's
+        // boot) is the platform's, not the code's: its limit and its
+        // accounting start here.
+        let base = self.cgroup.as_ref().map(Cgroup::stats).unwrap_or_default();
         let mut sup = Supervision {
             cancel: Some(cancel.clone()),
             cpu_base: (base.cpu_user_ns.unwrap_or(0), base.cpu_sys_ns.unwrap_or(0)),

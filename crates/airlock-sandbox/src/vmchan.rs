@@ -108,6 +108,8 @@ struct Stream {
     sent_eof: bool,
     /// The sink failed (its reader left): what arrives is dropped.
     dst_gone: bool,
+    /// The peer has sent data on it.
+    heard: bool,
 }
 
 impl Stream {
@@ -122,6 +124,7 @@ impl Stream {
             peer_eof: false,
             sent_eof: false,
             dst_gone: false,
+            heard: false,
         }
     }
 
@@ -233,6 +236,11 @@ impl Mux {
             *s = Stream::new(src, dst);
         }
         Ok(())
+    }
+
+    /// Whether the peer has sent data on `stream`.
+    pub fn heard(&self, stream: u8) -> bool {
+        self.streams.get(stream as usize).is_some_and(|s| s.heard)
     }
 
     /// Replaces a stream's source (before anything was sent on it).
@@ -517,6 +525,7 @@ impl Mux {
                     if s.peer_eof {
                         return Err(ChanError::Violation("data after end of stream"));
                     }
+                    s.heard = true;
                     match &mut s.dst {
                         Sink::None if s.dst_gone => {
                             if s.unacked + len > WINDOW {

@@ -46,9 +46,20 @@ const IMAGE: &str = "/img";
 /// How long the root image's device and the port may take to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
 
+/// A progress mark on the guest's console (a kernel warning, so `quiet`
+/// keeps it): the host shows the console as the runtime's words when the
+/// agent never reports ready.
+fn note(stage: &str) {
+    if let Ok(mut k) = fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        use std::io::Write;
+        let _ = k.write_all(format!("<4>airlock-vminit: {stage}\n").as_bytes());
+    }
+}
+
 /// Why the guest could not start its sandbox: sent to the host, which logs
 /// it (no tenant runs yet).
 fn fail(mux: Option<&mut Mux>, what: &str, e: impl std::fmt::Display) -> ! {
+    note(&format!("failed: {what}: {e}"));
     if let Some(m) = mux {
         let _ = m.set_source(
             stream::VM,
@@ -91,10 +102,12 @@ pub fn main(args: &[String]) -> ! {
         Ok(a) => a,
         Err((what, e)) => fail(None, what, e),
     };
+    note("root image mounted");
     let port = match open_port() {
         Ok(p) => p,
         Err(e) => fail(None, "port", e),
     };
+    note("port open");
     run(port, agent)
 }
 
@@ -116,6 +129,7 @@ fn boot() -> Result<OwnedFd, (&'static str, std::io::Error)> {
         let f = fs::File::open(&m).map_err(e("module"))?;
         sys::load_module(&f).map_err(e("module"))?;
     }
+    note("drivers loaded");
     let agent: OwnedFd = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
@@ -249,6 +263,7 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
             }
         }
     };
+    note("configuration received");
     if let Err(why) = check(&cfg) {
         fail(Some(&mut mux), "configuration", why)
     }
@@ -281,6 +296,7 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
         Ok(pid) => pid,
         Err(e) => fail(Some(&mut mux), "agent", e),
     };
+    note("agent started");
     let pidfd = sys::pidfd_open(child).ok();
     let mut exited: Option<Instant> = None;
     loop {
