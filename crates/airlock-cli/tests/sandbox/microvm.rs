@@ -216,6 +216,36 @@ fn a_microvm_that_runs_out_of_time_is_killed_and_nothing_of_it_is_left() {
         let theirs = std::fs::read_link(qemu.join(format!("ns/{ns}"))).unwrap();
         assert_ne!(ours, theirs, "{ns}");
     }
+    // The root image is open read-only in QEMU itself: a guest that
+    // remounted it read-write still could not change it (BoxLite
+    // CVE-2026-46695's class). Positive control: QEMU's channel socket is
+    // open read-write.
+    let mut modes: Vec<(String, u32)> = Vec::new();
+    for fd in std::fs::read_dir(qemu.join("fd")).unwrap().flatten() {
+        let target = std::fs::read_link(fd.path())
+            .map(|t| t.display().to_string())
+            .unwrap_or_default();
+        let info =
+            std::fs::read_to_string(qemu.join("fdinfo").join(fd.file_name())).unwrap_or_default();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(u32::MAX);
+        modes.push((target, flags & libc::O_ACCMODE as u32));
+    }
+    let image: Vec<_> = modes
+        .iter()
+        .filter(|(t, _)| t.ends_with(".erofs"))
+        .collect();
+    assert_eq!(image.len(), 1, "{modes:?}");
+    assert_eq!(image[0].1, libc::O_RDONLY as u32, "{modes:?}");
+    assert!(
+        modes
+            .iter()
+            .any(|(t, m)| t.starts_with("socket:") && *m == libc::O_RDWR as u32),
+        "{modes:?}"
+    );
     let out = run.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
