@@ -1132,10 +1132,12 @@ impl Launcher for VmLauncher {
             overhead: (GUEST_OVERHEAD_MIB + QEMU_OVERHEAD_MIB, HOST_TASKS),
             unavailable_limits: vec![
                 format!(
-                    "memory: the guest's RAM is the policy's plus {GUEST_OVERHEAD_MIB} MiB for \
-                     its kernel; the host cgroup also holds QEMU (+{QEMU_OVERHEAD_MIB} MiB)"
+                    "memory: a cgroup inside the guest (no swap); the guest's RAM adds \
+                     {GUEST_OVERHEAD_MIB} MiB for its kernel and the host cgroup holds QEMU \
+                     (+{QEMU_OVERHEAD_MIB} MiB); a kill by it ends as signal 9"
                 ),
-                "pids: RLIMIT_NPROC inside the guest (its tasks are not host tasks)".into(),
+                "pids: a cgroup and RLIMIT_NPROC inside the guest (its tasks are not host tasks)"
+                    .into(),
                 "scratch: tmpfs in the guest's RAM, capped in bytes and inodes".into(),
             ]
             .into_iter()
@@ -1210,6 +1212,8 @@ impl Launcher for VmLauncher {
                         zygote: false,
                     },
                     seed: hex(&seed),
+                    memory_bytes: l.policy.limits.memory_mib << 20,
+                    pids: l.policy.limits.pids,
                 },
                 console: std::env::var_os("AIRLOCK_VM_CONSOLE").map(PathBuf::from),
             };

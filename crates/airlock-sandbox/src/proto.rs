@@ -307,6 +307,11 @@ pub struct VmGuestConfig {
     /// Host randomness (hex) mixed into the guest's pool before the agent
     /// starts.
     pub seed: String,
+    /// The policy's memory limit, bytes: the guest's own cgroup around the
+    /// sandbox (no swap).
+    pub memory_bytes: u64,
+    /// The policy's task limit: the same cgroup's pids.max.
+    pub pids: u64,
 }
 
 /// Largest [`VmGuestConfig`] a guest accepts.

@@ -292,6 +292,9 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
         }
         _ => fail(Some(&mut mux), "configuration", "seed"),
     }
+    if let Err(e) = limits(&cfg) {
+        fail(Some(&mut mux), "cgroup", e)
+    }
     let child = match start_agent(&cfg, ends, agent) {
         Ok(pid) => pid,
         Err(e) => fail(Some(&mut mux), "agent", e),
@@ -323,6 +326,31 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
             sys::power_off()
         }
     }
+}
+
+/// The guest kernel's cgroup (v2) for the sandbox: the policy's memory
+/// (no swap) and tasks, so a limit ends the program in the guest before the
+/// VM's RAM or the host's cgroup does.
+const SANDBOX_CGROUP: &str = "/sys/fs/cgroup/sandbox";
+
+fn limits(cfg: &VmGuestConfig) -> std::io::Result<()> {
+    mount(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        "",
+    )?;
+    fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+memory +pids")?;
+    fs::create_dir(SANDBOX_CGROUP)?;
+    let set = |file: &str, value: String| fs::write(format!("{SANDBOX_CGROUP}/{file}"), value);
+    set("memory.max", cfg.memory_bytes.to_string())?;
+    // No swap device exists in the guest; where the file exists, say so.
+    match set("memory.swap.max", "0".into()) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    set("pids.max", cfg.pids.to_string())
 }
 
 /// Only the filesystem part of the view may be set, with absolute paths
@@ -394,8 +422,9 @@ fn start_agent(
         sys::Forked::Parent(pid) => Ok(pid),
         sys::Forked::Child => {
             let code = (|| -> Result<(), i32> {
-                crate::init::build_root(&root).map_err(|(_, e)| e)?;
                 let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+                fs::write(format!("{SANDBOX_CGROUP}/cgroup.procs"), "0").map_err(errno)?;
+                crate::init::build_root(&root).map_err(|(_, e)| e)?;
                 sys::unshare(libc::CLONE_NEWCGROUP).map_err(errno)?;
                 // The channels at the agent's numbers (stdio, control 3,
                 // broker 4, egress 5: none yet), the binary at 6 (the agent

@@ -259,3 +259,46 @@ fn a_microvm_that_runs_out_of_time_is_killed_and_nothing_of_it_is_left() {
     // QEMU and the sandbox's state are gone once the run returns.
     assert_eq!(holding_marker(), Vec::<String>::new());
 }
+
+#[test]
+fn memory_and_task_limits_hold_inside_the_guest() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86, a /boot kernel and erofs-utils");
+    }
+    let grow = "chunks = []\nfor i in range(40):\n    chunks.append(bytearray(4 << 20))\nprint('grew', len(chunks), flush=True)\n";
+    let bomb = "import os, time\nkids = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n        kids += 1\nexcept OSError as e:\n    print('kids', kids, e.errno)\n";
+    // Positive control: 160 MiB fit in 256, and forking works until the
+    // task limit stops it with EAGAIN.
+    let r = run_json(
+        "python",
+        &format!("{grow}{bomb}"),
+        "",
+        &["--backend", "microvm", "--memory", "256", "--pids", "16"],
+    );
+    assert_eq!(r["reason"], "exited", "{r}");
+    let out = r["stdout"].as_str().unwrap_or("");
+    assert!(out.contains("grew 40\n"), "{r}");
+    let kids: Vec<&str> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("kids "))
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        kids.get(1).copied(),
+        Some(&*libc::EAGAIN.to_string()),
+        "{r}"
+    );
+    let n: u64 = kids[0].parse().unwrap();
+    assert!(n > 0 && n < 16, "{r}");
+    // The guest's cgroup holds the policy's memory: the same growth in 64
+    // MiB is killed (SIGKILL by the guest kernel) long before 160 MiB.
+    let r = run_json(
+        "python",
+        grow,
+        "",
+        &["--backend", "microvm", "--memory", "64"],
+    );
+    assert_eq!(r["signal"], 9, "{r}");
+    assert!(!r["stdout"].as_str().unwrap_or("").contains("grew"), "{r}");
+}
