@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""The microVM backend, in one run: a cold boot to the result (`airlock run
+--backend microvm`) and a warm VM from a server's pool (booted, its agent
+waiting for the job), for the trivial python program, beside bare python,
+with the accelerator named. Snapshot restore is not built yet: its row says
+so instead of a number."""
+
+import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cold_start import CLEAN_ENV, PY, machine, pct, time_once
+from http_api import start_server
+
+
+def accelerator(airlock):
+    p = subprocess.run([airlock, "run", "--backend", "microvm", "--json", "--lang", "python", "-c", "pass"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, env=CLEAN_ENV)
+    if p.returncode != 0:
+        sys.exit(f"microvm run failed: {p.stderr}")
+    return json.loads(p.stdout)["enforced"]["accelerator"]
+
+
+def pool_size(host, port):
+    mc = http.client.HTTPConnection(host, port, timeout=10)
+    mc.request("GET", "/metrics")
+    text = mc.getresponse().read().decode()
+    label = 'airlock_pool_size{backend="microvm",language="python"}'
+    return float(next((l.rsplit(" ", 1)[1] for l in text.splitlines() if l.startswith(label)), "0"))
+
+
+def warm(host, port, key, n, pool):
+    conn = http.client.HTTPConnection(host, port, timeout=300)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    body = json.dumps({"language": "python", "code": "pass", "isolation": "microvm"})
+    out = []
+    for _ in range(n):
+        # Each request takes a VM the pool booted ahead of it.
+        end = time.time() + 300
+        while pool_size(host, port) < pool:
+            if time.time() > end:
+                sys.exit("the microvm pool did not refill")
+            time.sleep(0.2)
+        t = time.perf_counter()
+        conn.request("POST", "/v1/executions", body, headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        dt = (time.perf_counter() - t) * 1000
+        rec = json.loads(data)
+        if resp.status != 200 or rec["reason"] != "exited" \
+                or rec["result"]["enforced"]["backend"] != "microvm":
+            sys.exit(f"warm microvm execution failed: {data[:500]!r}")
+        out.append(dt)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--airlock", required=True)
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--markdown-out")
+    a, _ = ap.parse_known_args()
+    if os.geteuid() != 0 or not shutil.which("qemu-system-x86_64"):
+        print("microvm benchmark: skipped (needs root and qemu-system-x86)")
+        return
+    # A boot under software emulation takes seconds: few runs.
+    n = max(3, a.iterations // 40)
+    accel = accelerator(a.airlock)
+    bare, cold = [], []
+    for _ in range(n):
+        bare.append(time_once([PY, "-c", "pass"]))
+        cold.append(time_once([a.airlock, "run", "--backend", "microvm", "--lang", "python", "-c", "pass"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        srv, host, port, key = start_server(
+            a.airlock, data, 0,
+            '[backends]\noffer = ["process", "microvm"]\npools = ["microvm"]\n'
+            + ('[backends.microvm]\naccel = "tcg"\n' if accel == "tcg" else "")
+            + "[pool]\npython = 1\njavascript = 0\n")
+        try:
+            hot = warm(host, port, key, n, 1)
+        finally:
+            srv.terminate()
+            srv.wait(timeout=120)
+    base = statistics.median(bare)
+    cell = lambda xs: f"{statistics.median(xs):.1f} / {pct(xs, 99):.1f}"
+    lines = [f"| python `pass` in a microVM ({accel}), p50 / p99 ms | time | vs bare python |",
+             "|---|---:|---:|",
+             f"| bare python3 -c pass | {cell(bare)} | 1.0x |",
+             f"| cold boot to result (`airlock run --backend microvm`) | {cell(cold)} | "
+             f"{statistics.median(cold) / base:.0f}x |",
+             f"| snapshot restore to result | not built yet | |",
+             f"| warm pooled VM through the HTTP API | {cell(hot)} | {statistics.median(hot) / base:.1f}x |"]
+    out = "\n".join(lines) + (
+        f"\n\n{n} runs per path; the warm row waits for the pool to hold a booted VM before each "
+        f"request; accelerator {accel}; machine: {machine()}\n")
+    print(out)
+    if a.markdown_out:
+        with open(a.markdown_out, "a") as f:
+            f.write(out)
+
+
+if __name__ == "__main__":
+    main()
