@@ -9,7 +9,7 @@ Warm requests are paced so each backend's pool can refill between them
 """
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
-from cold_start import PY, machine, pct, time_once
+from cold_start import PY, machine, pct, time_once, report
 from http_api import start_server
 
 PACE = {"process": 0.03, "oci": 0.3, "gvisor": 0.5}
@@ -159,10 +159,7 @@ def main():
         f"\n\n{n} runs per path (+3 warm-up), cold runs interleaved with the peers; warm requests "
         f"paced ({', '.join(f'{b} {PACE[b] * 1000:.0f} ms' for b in backends)}) so each pool refills; "
         f"oci = {oci or 'none'}; machine: {machine()}\n")
-    print(out)
-    if a.markdown_out:
-        with open(a.markdown_out, "a") as f:
-            f.write(out)
+    report(out, a.markdown_out)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def time_once(cmd, env=None):
     return dt
 
 
+def report(out, markdown_out):
+    """Prints a result and appends it to the markdown file when one is named."""
+    print(out)
+    if markdown_out:
+        with open(markdown_out, "a") as f:
+            f.write(out)
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
@@ -113,10 +121,7 @@ def main():
             lines.append(f"| {name} | skipped: {why} | | | | |")
         out += "\n".join(lines) + f"\n\n{n} iterations per peer (+{a.warmup} warm-up), " \
             f"interleaved, sequential; machine: {machine()}\n\n"
-    print(out)
-    if a.markdown_out:
-        with open(a.markdown_out, "a") as f:
-            f.write(out)
+    report(out, a.markdown_out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ receiving --bulk-mib MiB.
 """
 import argparse, json, os, socket, statistics, subprocess, sys, tempfile, threading, time
 
-from cold_start import PY, machine, pct
+from cold_start import PY, machine, pct, report
 
 CLIENT = r'''
 import json, socket, sys, time
@@ -128,10 +128,7 @@ def main():
     ]) + (f"\n\nAdded per request (p50): {added:.3f} ms; bulk through the proxy: "
           f"{gbit(p) / gbit(d):.2f}x of direct. {a.iterations} requests, each on a new connection, "
           f"{a.bulk_mib} MiB bulk; upstream on 127.0.0.1; machine: {machine()}\n")
-    print(out)
-    if a.markdown_out:
-        with open(a.markdown_out, "a") as f:
-            f.write(out)
+    report(out, a.markdown_out)
 
 
 if __name__ == "__main__":

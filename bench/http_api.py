@@ -8,7 +8,7 @@ failing one aborts the benchmark. Latency is client-side, end to end.
 """
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, threading, time
 
-from cold_start import CLEAN_ENV, PY, machine, pct, time_once
+from cold_start import CLEAN_ENV, PY, machine, pct, time_once, report
 
 
 def start_server(airlock, data, workers, config=None):
@@ -276,10 +276,7 @@ def main():
             mem.append(f"| pool of {size} | {statistics.median(x[0] for x in sbs) / 1024:.2f} MiB | "
                        f"{statistics.median(x[1] for x in sbs) / 1024:.2f} MiB | {zk / 1024:.1f} MiB |")
     out += "\n".join(mem) + "\n"
-    print(out)
-    if a.markdown_out:
-        with open(a.markdown_out, "a") as f:
-            f.write(out)
+    report(out, a.markdown_out)
 
 
 if __name__ == "__main__":

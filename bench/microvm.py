@@ -8,7 +8,7 @@ so instead of a number."""
 import argparse, http.client, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cold_start import CLEAN_ENV, PY, machine, pct, time_once
+from cold_start import CLEAN_ENV, PY, machine, pct, time_once, report
 from http_api import start_server
 
 
@@ -93,10 +93,7 @@ def main():
     out = "\n".join(lines) + (
         f"\n\n{n} runs per path; the warm row waits for the pool to hold a booted VM before each "
         f"request; accelerator {accel}; machine: {machine()}\n")
-    print(out)
-    if a.markdown_out:
-        with open(a.markdown_out, "a") as f:
-            f.write(out)
+    report(out, a.markdown_out)
 
 
 if __name__ == "__main__":

@@ -209,8 +209,16 @@ fn kvm_runs_guests() -> bool {
     let Ok(exe) = std::env::current_exe() else {
         return false;
     };
-    let Ok(child) = Command::new(exe)
-        .arg(airlock_sandbox::kvm::KVM_PROBE_ARG)
+    succeeds_within(
+        Command::new(exe).arg(airlock_sandbox::kvm::KVM_PROBE_ARG),
+        5,
+    )
+}
+
+/// Whether `cmd`, run without stdio, exits successfully within `secs`
+/// (killed otherwise).
+fn succeeds_within(cmd: &mut Command, secs: u64) -> bool {
+    let Ok(mut child) = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -218,11 +226,6 @@ fn kvm_runs_guests() -> bool {
     else {
         return false;
     };
-    succeeds_within(child, 5)
-}
-
-/// Whether `child` exits successfully within `secs` (killed otherwise).
-fn succeeds_within(mut child: std::process::Child, secs: u64) -> bool {
     let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     loop {
         match child.try_wait() {
@@ -257,35 +260,30 @@ fn kvm_boots(qemu: &Path, qemu_version: &str, kernel: &Path, store: &Path) -> bo
         Ok("fails") => return false,
         _ => {}
     }
-    let Ok(child) = Command::new(qemu)
-        .args([
-            "-M",
-            "microvm,isa-serial=off,rtc=off",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-        ])
-        .args([
-            "-m",
-            "128",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-        ])
-        .args(["-nic", "none", "-no-reboot", "-kernel"])
-        .arg(kernel)
-        .args(["-append", "quiet loglevel=0 panic=-1"])
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    else {
-        return false;
-    };
-    let boots = succeeds_within(child, KVM_CHECK_SECS);
+    let boots = succeeds_within(
+        Command::new(qemu)
+            .args([
+                "-M",
+                "microvm,isa-serial=off,rtc=off",
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host",
+            ])
+            .args([
+                "-m",
+                "128",
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+            ])
+            .args(["-nic", "none", "-no-reboot", "-kernel"])
+            .arg(kernel)
+            .args(["-append", "quiet loglevel=0 panic=-1"])
+            .env_clear(),
+        KVM_CHECK_SECS,
+    );
     if fs::create_dir_all(store.join("refs")).is_ok() {
         let _ = fs::write(&verdict, if boots { "boots" } else { "fails" });
     }
@@ -1349,6 +1347,20 @@ fn qemu_args(cfg: &VmmConfig, port_fd: RawFd, console_fd: RawFd) -> Vec<String> 
     a
 }
 
+/// Reads what `src` has now (0 when nothing); at its end, or when it
+/// fails, it is dropped, so it is polled no more.
+fn read_some(src: &mut Option<OwnedFd>, buf: &mut [u8]) -> usize {
+    let Some(fd) = src else { return 0 };
+    match sys::read_fd(fd.as_raw_fd(), buf) {
+        Ok(n) if n > 0 => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        _ => {
+            *src = None;
+            0
+        }
+    }
+}
+
 /// Entry point of `airlock __airlock-vmm CONFIG`: starts QEMU and relays
 /// the sandbox's channels over the guest's port until QEMU ends. Never
 /// returns.
@@ -1408,10 +1420,8 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     // namespace, so getppid() cannot tell).
     let monitor = sys::pidfd_open(std::process::id() as libc::pid_t).map_err(|e| e.to_string())?;
     let monitor_fd = monitor.as_raw_fd();
-    // SAFETY: between fork and exec the closure only calls unshare, mount,
-    // prctl, dup2, fcntl, poll, close_range, setgroups, setresgid and
-    // setresuid (async-signal-safe; nothing allocates: the values are
-    // copied in, the C strings are literals).
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe syscalls (no allocation: values copied in, literals).
     unsafe {
         cmd.pre_exec(move || {
             let moved = sys::dup_above_cloexec(qemu_fd, 16)?;
@@ -1464,6 +1474,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         .map_err(|e| format!("QEMU does not start: {e}"))?;
     drop((qemu_port, qemu_console));
     sys::set_nonblocking(host_console.as_raw_fd()).map_err(|e| e.to_string())?;
+    let mut host_console = Some(OwnedFd::from(host_console));
     let qemu_err = qemu.stderr.take();
     let pidfd = sys::pidfd_open(qemu.id() as libc::pid_t).map_err(|e| e.to_string())?;
     // SAFETY: the launcher placed the sandbox's stdio at 0-2, the control
@@ -1522,25 +1533,25 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let booted = std::time::Instant::now();
     let outcome = loop {
         let mut extra = vec![(pidfd.as_raw_fd(), libc::POLLIN)];
-        if let Some(fd) = &qemu_err {
-            extra.push((fd.as_raw_fd(), libc::POLLIN));
-        }
-        extra.push((host_console.as_raw_fd(), libc::POLLIN));
+        let mut at = |src: &Option<OwnedFd>| {
+            src.as_ref().map(|fd| {
+                extra.push((fd.as_raw_fd(), libc::POLLIN));
+                extra.len() - 1
+            })
+        };
+        let (err_at, console_at) = (at(&qemu_err), at(&host_console));
         match mux.step(&extra, 1000) {
             Ok(rev) => {
+                let ready = |i: Option<usize>| i.is_some_and(|i| rev[i] != 0);
+                let mut buf = [0u8; 4096];
                 // The guest's console until its agent first speaks, the
                 // last 16 KiB kept: shown (as the runtime's words, which
                 // the engine logs) only when the agent does not answer in
                 // time or QEMU fails first; drained and dropped after.
-                if rev.last().is_some_and(|r| *r != 0) {
-                    let mut buf = [0u8; 4096];
-                    // SAFETY: `buf` is a valid writable buffer of its
-                    // length; the descriptor is open (`host_console`).
-                    let n = unsafe {
-                        libc::read(host_console.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                    };
-                    if n > 0 && !mux.heard(stream::CTRL) {
-                        console.extend_from_slice(&buf[..n as usize]);
+                if ready(console_at) {
+                    let n = read_some(&mut host_console, &mut buf);
+                    if !mux.heard(stream::CTRL) {
+                        console.extend_from_slice(&buf[..n]);
                         let over = console.len().saturating_sub(16 << 10);
                         console.drain(..over);
                     }
@@ -1557,27 +1568,17 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                         String::from_utf8_lossy(&console).trim_end()
                     );
                 }
-                if rev.get(1).is_some_and(|r| *r != 0)
-                    && let Some(fd) = &qemu_err
-                {
-                    let mut buf = [0u8; 4096];
-                    // SAFETY: `buf` is a valid writable buffer of its
-                    // length; the descriptor is open (held in `qemu_err`).
-                    let n =
-                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                    if n > 0 {
-                        let room = 4096usize.saturating_sub(qemu_said.len());
-                        qemu_said.extend_from_slice(&buf[..(n as usize).min(room)]);
-                    } else if n == 0 {
-                        qemu_err = None;
-                    }
+                if ready(err_at) {
+                    let n = read_some(&mut qemu_err, &mut buf);
+                    let room = 4096usize.saturating_sub(qemu_said.len());
+                    qemu_said.extend_from_slice(&buf[..n.min(room)]);
                 }
                 if !said && let Some(r) = mux.received(stream::VM) {
                     said = true;
                     let r = String::from_utf8_lossy(r);
                     let _ = writeln!(report, "airlock vm: the guest failed: {}", r.trim());
                 }
-                if rev.first().is_some_and(|r| *r != 0) {
+                if ready(Some(0)) {
                     break None;
                 }
             }

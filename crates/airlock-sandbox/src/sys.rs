@@ -1071,3 +1071,19 @@ pub fn power_off() -> ! {
     unsafe { libc::reboot(libc::RB_POWER_OFF) };
     exit_now(1)
 }
+
+/// `read(2)` into `buf` (a short read or EAGAIN as the kernel says).
+pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of its length; `fd` is a
+    // descriptor the caller holds for the duration of the call.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    cvt(n as libc::c_long).map(|n| n as usize)
+}
+
+/// `write(2)` of `buf` (a short write or EAGAIN as the kernel says).
+pub fn write_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid readable buffer of its length; `fd` is a
+    // descriptor the caller holds for the duration of the call.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    cvt(n as libc::c_long).map(|n| n as usize)
+}

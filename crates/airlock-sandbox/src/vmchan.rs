@@ -150,28 +150,6 @@ fn would_block(e: &io::Error) -> bool {
     )
 }
 
-fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is a valid writable buffer of its length; `fd` is a
-    // descriptor owned by the caller for the duration of the call.
-    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn write_fd(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is a valid readable buffer of its length; `fd` is a
-    // descriptor owned by the caller for the duration of the call.
-    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
 impl Mux {
     /// A channel over `port` (made non-blocking, as is every descriptor
     /// of `streams`, which are indexed by stream number).
@@ -352,7 +330,7 @@ impl Mux {
     /// Sends what the port takes now.
     pub fn flush(&mut self) -> Result<(), ChanError> {
         while self.tx_off < self.tx.len() {
-            match write_fd(self.port.as_raw_fd(), &self.tx[self.tx_off..]) {
+            match sys::write_fd(self.port.as_raw_fd(), &self.tx[self.tx_off..]) {
                 Ok(0) => return Err(ChanError::HungUp),
                 Ok(n) => self.tx_off += n,
                 Err(e) if would_block(&e) => break,
@@ -403,7 +381,7 @@ impl Mux {
             return;
         }
         let mut buf = vec![0u8; want];
-        match read_fd(f.as_raw_fd(), &mut buf) {
+        match sys::read_fd(f.as_raw_fd(), &mut buf) {
             Ok(0) => {
                 s.src = Source::None;
                 s.sent_eof = true;
@@ -427,7 +405,7 @@ impl Mux {
         let s = &mut self.streams[i];
         let Sink::Fd(f) = &s.dst else { return };
         while s.has_pending() {
-            match write_fd(f.as_raw_fd(), &s.pending[s.pending_off..]) {
+            match sys::write_fd(f.as_raw_fd(), &s.pending[s.pending_off..]) {
                 Ok(n) if n > 0 => {
                     s.pending_off += n;
                     s.unacked += n;
@@ -481,7 +459,7 @@ impl Mux {
             if room == 0 {
                 return Err(ChanError::Violation("frame larger than the limit"));
             }
-            match read_fd(self.port.as_raw_fd(), &mut buf[..room]) {
+            match sys::read_fd(self.port.as_raw_fd(), &mut buf[..room]) {
                 Ok(0) => return Err(ChanError::HungUp),
                 Ok(n) => {
                     self.rx.extend_from_slice(&buf[..n]);
@@ -657,7 +635,7 @@ mod tests {
         let (_keep, sink) = crate::sys::pipe().unwrap();
         crate::sys::set_nonblocking(sink.as_raw_fd()).unwrap();
         let chunk = [0u8; 4096];
-        while write_fd(sink.as_raw_fd(), &chunk).is_ok() {}
+        while sys::write_fd(sink.as_raw_fd(), &chunk).is_ok() {}
         let mut host = Mux::new(
             pa,
             vec![
