@@ -241,7 +241,8 @@ impl Mux {
     }
 
     /// Every stream the peer sends on has ended and been written out.
-    pub fn drained(&self) -> bool {
+    #[cfg(test)]
+    fn drained(&self) -> bool {
         self.streams
             .iter()
             .all(|s| !s.has_pending() && (s.peer_eof || matches!(s.dst, Sink::None)))
