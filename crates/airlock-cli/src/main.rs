@@ -322,7 +322,15 @@ fn local_backend(
             backend: name,
         })
         .cloned()
-        .map_err(|e| Usage(e.to_string()))
+        .map_err(|e| {
+            // Say why an installed backend that might have met it is not
+            // among those offered.
+            let mut line = e.to_string();
+            for f in &failed {
+                line.push_str(&format!("; {} cannot start here: {}", f.name, f.why));
+            }
+            Usage(line)
+        })
 }
 
 /// The microVM backend for a local run: QEMU and the guest kernel found

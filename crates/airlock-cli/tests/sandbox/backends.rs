@@ -237,12 +237,15 @@ fn limits_hold_and_nothing_is_left_behind_on_every_backend() {
         let orphan = run_json(
             "python",
             &format!(
-                "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        os.execvp('sleep', ['sleep', '300', '{marker}'])\n    os._exit(0)\ntime.sleep(0.2)\nprint('parent done')"
+                "import glob, os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        os.execv('/usr/bin/python3', ['python3', '-c', 'import time; time.sleep(300)', '{marker}'])\n    os._exit(0)\ndef seen():\n    for p in glob.glob('/proc/[0-9]*/cmdline'):\n        try:\n            if b'{marker}' in open(p, 'rb').read():\n                return True\n        except OSError:\n            pass\n    return False\nfor _ in range(100):\n    if seen():\n        break\n    time.sleep(0.05)\nprint('orphan running' if seen() else 'no orphan')"
             ),
             "",
             &["--backend", b],
         );
         assert_eq!(orphan["reason"], "exited", "{b}: {orphan}");
+        // Positive control: the orphan ran (seen inside) when its
+        // sandbox's program ended.
+        assert_eq!(orphan["stdout"], "orphan running\n", "{b}: {orphan}");
         std::thread::sleep(std::time::Duration::from_millis(200));
         let left: Vec<String> = std::fs::read_dir("/proc")
             .unwrap()
@@ -523,5 +526,148 @@ fn oci_and_gvisor_run_rootless_when_airlock_is_not_root() {
             serde_json::json!([])
         };
         assert_eq!(r["enforced"]["missing_layers"], missing, "{r}");
+    }
+}
+
+#[test]
+fn a_running_sibling_sandbox_is_invisible_on_every_backend() {
+    use std::io::BufRead;
+    // On each backend a first sandbox writes a marker into its scratch
+    // (/tmp, /workspace, /dev/shm) and keeps a process whose command line
+    // carries it running; while it runs, a second sandbox on the same
+    // backend runs the same search. The search uses a pattern that matches
+    // the marker without containing it, so the searching processes' own
+    // command lines never match.
+    let look = |marker: &str| {
+        let (head, last) = marker.split_at(marker.len() - 1);
+        let pattern = format!("'{head}[{last}]'");
+        format!(
+            "grep -rls {pattern} /tmp /workspace /dev/shm /run /var/tmp 2>/dev/null | wc -l\n\
+             cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' ' | grep -c {pattern}\n\
+             ls -d /proc/[0-9]* | wc -l\n"
+        )
+    };
+    let counts = |text: &str| -> Vec<usize> {
+        text.lines()
+            .take(3)
+            .map(|l| l.trim().parse().unwrap())
+            .collect()
+    };
+    let mut running = Vec::new();
+    for b in backends() {
+        let marker = format!("airlock-sibling-{b}-{}", std::process::id());
+        let mut cmd = airlock();
+        cmd.args([
+            "run",
+            "--lang",
+            "shell",
+            "--backend",
+            b,
+            "--timeout",
+            "8",
+            "-c",
+        ])
+        .arg(format!(
+            "for d in /tmp /workspace /dev/shm; do echo {marker} > $d/{marker}; done\n\
+                 python3 -c 'import time; time.sleep(30)' {marker} &\n\
+                 sleep 1\n{}wait\n",
+            look(&marker)
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut own = String::new();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+        for _ in 0..3 {
+            lines.read_line(&mut own).unwrap();
+        }
+        // Positive control: in the sibling the search finds its three
+        // files and its process.
+        let own = counts(&own);
+        assert!(own[0] >= 3 && own[1] >= 1, "{b}: {own:?}");
+        running.push((b, marker, child));
+    }
+    for (b, marker, _) in &running {
+        let r = run_json("shell", &look(marker), "", &["--backend", b]);
+        assert_eq!(r["reason"], "exited", "{b}: {r}");
+        assert_eq!(r["enforced"]["backend"], *b, "{r}");
+        // No file of the sibling's, no process of it; only the second
+        // sandbox's own few processes are there at all.
+        let seen = counts(r["stdout"].as_str().unwrap());
+        assert_eq!(seen[..2], [0, 0], "{b}: {r}");
+        assert!(seen[2] <= 6, "{b}: {} processes visible: {r}", seen[2]);
+    }
+    for (b, _, child) in running {
+        // The sibling ran all along and ended at its wall clock.
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(137), "{b}: {out:?}");
+    }
+}
+
+#[test]
+fn airlock_run_picks_the_cheapest_backend_meeting_the_isolation_a_flag_or_policy_file_requires() {
+    let bs = backends();
+    let bad = |args: &[&str], envs: &[(&str, &str)]| {
+        let mut cmd = airlock();
+        cmd.args(["run", "--lang", "shell"])
+            .args(args)
+            .args(["-c", "echo ran"])
+            .envs(envs.iter().copied());
+        let out = output_with_stdin(cmd, b"");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: it ran: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        err
+    };
+    // Positive control: asking for nothing, or for the lowest level, runs
+    // the process sandbox.
+    for extra in [&[][..], &["--isolation", "container"][..]] {
+        let r = run_json("shell", "echo ran", "", extra);
+        assert_eq!(r["stdout"], "ran\n", "{r}");
+        assert_eq!(r["enforced"]["backend"], "process", "{r}");
+        assert_eq!(r["enforced"]["isolation"], "container", "{r}");
+    }
+    assert!(
+        bad(&["--isolation", "strong"], &[])
+            .contains("unknown isolation level \"strong\" (expected container, gvisor or microvm)")
+    );
+    // microVM wanted, QEMU missing: refused naming why, nothing weaker run.
+    let err = bad(
+        &["--isolation", "microvm"],
+        &[("AIRLOCK_QEMU", "/nonexistent/qemu")],
+    );
+    assert!(
+        err.contains("isolation microvm is not offered here"),
+        "{err}"
+    );
+    assert!(err.contains("microvm cannot start here"), "{err}");
+    assert!(
+        !bs.contains(&"gvisor") || err.contains("gvisor (gvisor)"),
+        "{err}"
+    );
+    if !bs.contains(&"gvisor") {
+        return;
+    }
+    // gvisor wanted by the flag or by the policy file: gVisor runs it.
+    let (_d, policy) = policy_file("[isolation]\nminimum = \"gvisor\"\n");
+    for extra in [&["--isolation", "gvisor"][..], &["--policy", &policy][..]] {
+        let r = run_json("shell", "echo ran", "", extra);
+        assert_eq!(r["stdout"], "ran\n", "{extra:?}: {r}");
+        assert_eq!(r["enforced"]["backend"], "gvisor", "{r}");
+        assert_eq!(r["enforced"]["isolation"], "gvisor", "{r}");
+    }
+    // A named backend below the minimum is refused, from the flag and from
+    // the file alike.
+    for extra in [
+        &["--isolation", "gvisor", "--backend", "process"][..],
+        &["--policy", &policy, "--backend", "process"][..],
+    ] {
+        let err = bad(extra, &[]);
+        assert!(
+            err.contains("backend process (container) at isolation gvisor is not offered here"),
+            "{err}"
+        );
     }
 }

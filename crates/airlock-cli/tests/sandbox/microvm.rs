@@ -220,19 +220,30 @@ fn a_microvm_that_runs_out_of_time_is_killed_and_nothing_of_it_is_left() {
     // remounted it read-write still could not change it (BoxLite
     // CVE-2026-46695's class). Positive control: QEMU's channel socket is
     // open read-write.
-    let mut modes: Vec<(String, u32)> = Vec::new();
-    for fd in std::fs::read_dir(qemu.join("fd")).unwrap().flatten() {
-        let target = std::fs::read_link(fd.path())
-            .map(|t| t.display().to_string())
-            .unwrap_or_default();
-        let info =
-            std::fs::read_to_string(qemu.join("fdinfo").join(fd.file_name())).unwrap_or_default();
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-            .unwrap_or(u32::MAX);
-        modes.push((target, flags & libc::O_ACCMODE as u32));
+    let open_modes = || {
+        let mut modes: Vec<(String, u32)> = Vec::new();
+        for fd in std::fs::read_dir(qemu.join("fd")).unwrap().flatten() {
+            let target = std::fs::read_link(fd.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            let info = std::fs::read_to_string(qemu.join("fdinfo").join(fd.file_name()))
+                .unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .unwrap_or(u32::MAX);
+            modes.push((target, flags & libc::O_ACCMODE as u32));
+        }
+        modes
+    };
+    // QEMU may be seen right after its exec, before it has opened its
+    // drive: wait (bounded) until it has, then look.
+    let mut modes = open_modes();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !modes.iter().any(|(t, _)| t.ends_with(".erofs")) && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        modes = open_modes();
     }
     let image: Vec<_> = modes
         .iter()

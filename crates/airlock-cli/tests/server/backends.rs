@@ -141,10 +141,20 @@ fn the_server_serves_every_offered_backend_warm_with_the_broker() {
     let code = r#"
 def handler(ax, input):
     value, found = ax.secrets.get("TOKEN")
-    ax.log.info("got " + value)
+    ax.log.info("got " + str(value))
     n = ax.agent.memory.get("runs", 0) + 1
     ax.agent.memory.put("runs", n)
     return {"found": found, "leak": value, "runs": n, "twice": input["x"] * 2}
+"#;
+    let other = s.tenant("beta");
+    // Reads acme's counter without writing it back, so each backend's
+    // run above sees its predecessors' writes and nothing of this one.
+    let js = r#"
+exports.handler = function (ax, input) {
+  const { value, found } = ax.secrets.get("TOKEN");
+  const runs = ax.agent.memory.get("runs", 0);
+  return { found, leak: value, runs, twice: input.x * 2 };
+};
 "#;
     for (i, b) in extra.iter().enumerate() {
         let label = format!("{{backend=\"{b}\",language=\"python\"}}");
@@ -171,6 +181,39 @@ def handler(ax, input):
             hits + 1.0,
             "{b} was not served warm"
         );
+        // Logs: recorded with the execution, redacted.
+        let id = v["id"].as_str().unwrap();
+        let logs = s.get(&format!("/v1/executions/{id}/logs"), &key).json();
+        assert_eq!(
+            logs["logs"][0]["message"], "got [REDACTED:TOKEN]",
+            "{b}: {logs}"
+        );
+        assert_eq!(logs["logs"][0]["execution_id"], id, "{b}: {logs}");
+        // Another tenant on the same backend: acme's secret (named, but
+        // not its own) is simply not found and acme's memory is not there
+        // (positive controls: acme found both above).
+        let v = s.exec(
+            &other,
+            json!({"language": "python", "handler": true, "code": code,
+                                      "backend": b, "input": {"x": 1}, "secrets": ["TOKEN"]}),
+        );
+        assert_eq!(v["status"], "finished", "{b}: {v}");
+        assert_eq!(v["result"]["enforced"]["backend"], *b, "{v}");
+        assert_eq!(v["output"]["found"], false, "{b}: {v}");
+        assert_eq!(v["output"]["runs"], i + 1, "{b}: {v}");
+        assert!(!v.to_string().contains("tok-5e1f-canary"), "{b}: {v}");
+        // JavaScript handlers use the same broker on this backend.
+        let v = s.exec(
+            &key,
+            json!({"language": "javascript", "handler": true, "code": js,
+                                    "backend": b, "input": {"x": 4}, "secrets": ["TOKEN"]}),
+        );
+        assert_eq!(v["status"], "finished", "{b}: {v}");
+        assert_eq!(v["result"]["enforced"]["backend"], *b, "{v}");
+        assert_eq!(v["output"]["found"], true, "{b}: {v}");
+        assert_eq!(v["output"]["leak"], "[REDACTED:TOKEN]", "{b}: {v}");
+        assert_eq!(v["output"]["runs"], i + 1, "{b}: {v}");
+        assert_eq!(v["output"]["twice"], 8, "{b}: {v}");
     }
     if extra.contains(&"gvisor") {
         // A minimum of gvisor is met by gVisor, not the cheaper backends.
@@ -450,7 +493,7 @@ fn a_server_offers_microvm_when_configured_and_serves_it_warm_with_the_broker() 
 import os
 def handler(ax, input):
     value, found = ax.secrets.get("TOKEN")
-    ax.log.info("got " + value)
+    ax.log.info("got " + str(value))
     ax.agent.memory.put("seen", input["x"])
     return {"found": found, "leak": value, "twice": input["x"] * 2,
             "kernel": os.uname().release, "memory": ax.agent.memory.get("seen", 0)}
