@@ -358,11 +358,12 @@ pub fn on_this_host(
     engine: Arc<airlock_sandbox::Engine>,
     run_dir: &std::path::Path,
     images: &std::collections::BTreeMap<String, airlock_sandbox::hosted::ImageRoot>,
+    choice: &oci::Choice,
 ) -> (Vec<Arc<dyn Backend>>, Vec<NotHere>) {
     let mut list: Vec<Arc<dyn Backend>> =
         vec![Arc::new(process::ProcessBackend::new(engine.clone()))];
-    let mut failed = Vec::new();
-    for rt in oci::installed(run_dir) {
+    let (runtimes, mut failed) = oci::installed(run_dir, choice);
+    for rt in runtimes {
         let name = match rt.kind {
             oci::Kind::Gvisor => "gvisor",
             _ => "oci",

@@ -85,36 +85,110 @@ impl OciRuntime {
     }
 }
 
-/// The runtimes installed here, as airlock would drive them with state
-/// under `run_dir`: crun (else runc) for `oci`, runsc for `gvisor`.
-pub fn installed(run_dir: &Path) -> Vec<OciRuntime> {
+/// What the operator chose for the runtimes (`[backends.oci]`,
+/// `[backends.gvisor]`); what is unset is found here.
+#[derive(Debug, Clone, Default)]
+pub struct Choice {
+    /// The OCI runtime: `crun`, `runc`, or a path to either.
+    pub oci_runtime: Option<PathBuf>,
+    /// runsc (a path, or the name found in the usual directories).
+    pub runsc: Option<PathBuf>,
+    /// gVisor's platform (one of [`GVISOR_PLATFORMS`]); runsc's default
+    /// when unset.
+    pub gvisor_platform: Option<String>,
+}
+
+/// The gVisor platforms runsc can be told to use.
+pub const GVISOR_PLATFORMS: [&str; 3] = ["systrap", "ptrace", "kvm"];
+
+/// A binary by path, or by a bare name in the usual directories.
+fn named_binary(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    find_binary(&[name.to_str()?])
+}
+
+/// The runtimes here, as airlock would drive them with state under
+/// `run_dir`: the operator's choice, else crun (or runc) for `oci` and
+/// runsc for `gvisor`. A runtime the operator named that is not there,
+/// or is not what it is named as, is in the second list with why.
+pub fn installed(run_dir: &Path, choice: &Choice) -> (Vec<OciRuntime>, Vec<crate::NotHere>) {
     let mut v = Vec::new();
-    // crun 1.8 refuses hosts whose cgroup v2 hierarchy has controllers
-    // while v1 is in use ("hybrid"); runc runs there.
-    let hybrid = airlock_sandbox::cgroup::is_hybrid_with_v2_controllers();
-    let oci = match (find_binary(&["crun"]), find_binary(&["runc"])) {
-        (Some(_), Some(runc)) if hybrid => Some((Kind::Runc, runc)),
-        (Some(crun), _) => Some((Kind::Crun, crun)),
-        (None, Some(runc)) => Some((Kind::Runc, runc)),
-        (None, None) => None,
+    let mut failed = Vec::new();
+    let runtime = |kind, binary| OciRuntime {
+        kind,
+        binary,
+        bundles: run_dir.join("bundles"),
+        platform: None,
     };
-    if let Some((kind, binary)) = oci {
-        v.push(OciRuntime {
-            kind,
-            binary,
-            bundles: run_dir.join("bundles"),
-            platform: None,
-        });
+    match &choice.oci_runtime {
+        Some(name) => match named_binary(name) {
+            // Which runtime it is comes from what it says it is, not from
+            // its file name: crun and runc differ in how airlock drives
+            // them (cgroups).
+            Some(binary) => {
+                let rt = runtime(Kind::Crun, binary);
+                let first = rt.version().unwrap_or_default();
+                match first.split_whitespace().next() {
+                    Some("crun") => v.push(rt),
+                    Some("runc") => v.push(OciRuntime {
+                        kind: Kind::Runc,
+                        ..rt
+                    }),
+                    _ => failed.push(crate::NotHere {
+                        name: "oci",
+                        why: format!(
+                            "{} is neither crun nor runc (its --version says {first:?})",
+                            rt.binary.display()
+                        ),
+                    }),
+                }
+            }
+            None => failed.push(crate::NotHere {
+                name: "oci",
+                why: format!("the OCI runtime {} is not installed", name.display()),
+            }),
+        },
+        None => {
+            // crun 1.8 refuses hosts whose cgroup v2 hierarchy has
+            // controllers while v1 is in use ("hybrid"); runc runs there.
+            let hybrid = airlock_sandbox::cgroup::is_hybrid_with_v2_controllers();
+            match (find_binary(&["crun"]), find_binary(&["runc"])) {
+                (Some(_), Some(runc)) if hybrid => v.push(runtime(Kind::Runc, runc)),
+                (Some(crun), _) => v.push(runtime(Kind::Crun, crun)),
+                (None, Some(runc)) => v.push(runtime(Kind::Runc, runc)),
+                (None, None) => {}
+            }
+        }
     }
-    if let Some(binary) = find_binary(&["runsc"]) {
-        v.push(OciRuntime {
-            kind: Kind::Gvisor,
-            binary,
-            bundles: run_dir.join("bundles"),
-            platform: None,
-        });
+    let runsc = match &choice.runsc {
+        Some(name) => named_binary(name).ok_or_else(|| name.display().to_string()),
+        None => find_binary(&["runsc"]).ok_or_else(String::new),
+    };
+    let platform = choice.gvisor_platform.as_deref();
+    match runsc {
+        Ok(_) if platform.is_some_and(|p| !GVISOR_PLATFORMS.contains(&p)) => {
+            failed.push(crate::NotHere {
+                name: "gvisor",
+                why: format!(
+                    "unknown gVisor platform {:?} (expected {})",
+                    platform.unwrap_or_default(),
+                    GVISOR_PLATFORMS.join(", ")
+                ),
+            })
+        }
+        Ok(binary) => v.push(OciRuntime {
+            platform: choice.gvisor_platform.clone(),
+            ..runtime(Kind::Gvisor, binary)
+        }),
+        Err(name) if !name.is_empty() => failed.push(crate::NotHere {
+            name: "gvisor",
+            why: format!("runsc ({name}) is not installed"),
+        }),
+        Err(_) => {}
     }
-    v
+    (v, failed)
 }
 
 /// The first of `names` found in the usual binary directories.

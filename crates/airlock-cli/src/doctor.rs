@@ -277,6 +277,7 @@ pub fn run(json: bool, server: Option<&str>, ca: Option<&Path>) -> ExitCode {
         engine.clone(),
         &airlock_backend::default_run_dir(),
         &Default::default(),
+        &crate::oci_choice(),
     );
     for (name, fix) in [
         (

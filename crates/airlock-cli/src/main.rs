@@ -263,7 +263,8 @@ fn local_backends(
     }
     let engine = Arc::new(engine()?);
     let run_dir = airlock_backend::default_run_dir();
-    let (mut list, mut failed) = airlock_backend::on_this_host(engine.clone(), &run_dir, &images);
+    let (mut list, mut failed) =
+        airlock_backend::on_this_host(engine.clone(), &run_dir, &images, &oci_choice());
     // The microVM backend builds its guest's artifacts on first use:
     // only when a run asks for it.
     if microvm {
@@ -331,6 +332,18 @@ fn local_backend(
             }
             Usage(line)
         })
+}
+
+/// The OCI runtime and gVisor as the environment names them
+/// (`AIRLOCK_OCI_RUNTIME`: crun, runc or a path; `AIRLOCK_RUNSC`;
+/// `AIRLOCK_GVISOR_PLATFORM`: systrap, ptrace or kvm), else as found here.
+pub(crate) fn oci_choice() -> airlock_backend::oci::Choice {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    airlock_backend::oci::Choice {
+        oci_runtime: var("AIRLOCK_OCI_RUNTIME").map(PathBuf::from),
+        runsc: var("AIRLOCK_RUNSC").map(PathBuf::from),
+        gvisor_platform: var("AIRLOCK_GVISOR_PLATFORM").map(|v| v.to_string_lossy().into_owned()),
+    }
 }
 
 /// The microVM backend for a local run: QEMU and the guest kernel found

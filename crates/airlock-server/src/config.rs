@@ -76,8 +76,32 @@ pub struct BackendsConfig {
     /// Where imported images are (default: /var/lib/airlock/images as
     /// root, else `$XDG_DATA_HOME/airlock/images`).
     pub image_store: Option<PathBuf>,
+    /// The OCI backend's settings (`[backends.oci]`).
+    pub oci: OciConfig,
+    /// The gVisor backend's settings (`[backends.gvisor]`).
+    pub gvisor: GvisorConfig,
     /// The microvm backend's settings (`[backends.microvm]`).
     pub microvm: MicrovmConfig,
+}
+
+/// `[backends.oci]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OciConfig {
+    /// The OCI runtime: `"crun"`, `"runc"` or a path to either (default:
+    /// crun, or runc where crun refuses the host's cgroup layout).
+    pub runtime: Option<PathBuf>,
+}
+
+/// `[backends.gvisor]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GvisorConfig {
+    /// runsc (a path; default `runsc` in the usual directories).
+    pub runsc: Option<PathBuf>,
+    /// gVisor's platform: `"systrap"`, `"ptrace"` or `"kvm"` (default:
+    /// runsc's own, systrap in current releases).
+    pub platform: Option<String>,
 }
 
 /// `[backends.microvm]`.
@@ -106,6 +130,8 @@ impl Default for BackendsConfig {
             run_dir: None,
             images: std::collections::BTreeMap::new(),
             image_store: None,
+            oci: OciConfig::default(),
+            gvisor: GvisorConfig::default(),
             microvm: MicrovmConfig::default(),
         }
     }
@@ -375,6 +401,15 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "backends.offer must name at least one backend".into(),
             ));
+        }
+        if let Some(p) = &b.gvisor.platform
+            && !airlock_backend::oci::GVISOR_PLATFORMS.contains(&p.as_str())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "backends.gvisor.platform: {:?} (expected {})",
+                p.chars().take(32).collect::<String>(),
+                airlock_backend::oci::GVISOR_PLATFORMS.join(", ")
+            )));
         }
         for name in b.images.keys() {
             if !matches!(name.as_str(), "oci" | "gvisor") {

@@ -174,8 +174,16 @@ fn offered_backends(
             })?;
             images.insert(name.clone(), root);
         }
-        let (mut all, mut failed) =
-            airlock_backend::on_this_host(engine.clone(), &run_dir, &images);
+        let (mut all, mut failed) = airlock_backend::on_this_host(
+            engine.clone(),
+            &run_dir,
+            &images,
+            &airlock_backend::oci::Choice {
+                oci_runtime: cfg.backends.oci.runtime.clone(),
+                runsc: cfg.backends.gvisor.runsc.clone(),
+                gvisor_platform: cfg.backends.gvisor.platform.clone(),
+            },
+        );
         if wanted.iter().any(|n| n == "microvm") {
             match microvm_backend(&cfg.backends.microvm, engine, &run_dir) {
                 Ok(b) => all.push(b),

@@ -230,6 +230,9 @@ printf hello | gzip | gzip -d; echo
 mkdir -p /tmp/t && echo x > /tmp/t/f && tar -C /tmp -czf /tmp/t.tgz t && tar -tzf /tmp/t.tgz | head -1
 date -u -d @0 +%Y-%m-%dT%H:%M
 python3 -c "import ssl, sqlite3, json, zlib; print(ssl.create_default_context().cert_store_stats()['x509_ca'] > 0, sqlite3.sqlite_version_info >= (3,), zlib.crc32(b'x'))"
+awk '$1 == "application/epub+zip" {print $2}' /etc/mime.types
+printf '\303\251t\303\251' | LC_ALL=C.UTF-8 wc -m
+LC_ALL=C.UTF-8 python3 -c "import locale; print(locale.setlocale(locale.LC_ALL, ''))"
 for f in shadow gshadow resolv.conf machine-id ssh ssl/private sudoers localtime; do
   [ -e /etc/$f ] && echo "present $f"
 done
@@ -253,6 +256,9 @@ echo end
             "t/",
             "1970-01-01T00:00",
             "True True 2363233923",
+            "epub",
+            "3",
+            "C.UTF-8",
             "127.0.0.1 localhost airlock",
             "::1 localhost ip6-localhost ip6-loopback",
             "end",

@@ -134,6 +134,31 @@ fn slow_bodies_time_out_and_no_client_or_tenant_holds_every_connection() {
     );
 }
 
+#[test]
+fn a_server_holding_all_its_connections_answers_503_and_serves_again_once_they_close() {
+    let (_cfg, path) = config("max_connections = 6\nmax_connections_per_client = 4\n");
+    let s = Server::start_with(&["--config", &path]);
+    let (c1, c2, c3) = ([127, 0, 0, 1], [127, 0, 0, 2], [127, 0, 0, 3]);
+    // Positive control: a third client is served while there is room.
+    assert_eq!(get_from(c3, s.addr, "/healthz", None).status, 200);
+    // Two clients, each within its own share, hold every connection.
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| connect_from(c1, s.addr))
+        .chain((0..2).map(|_| connect_from(c2, s.addr)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let r = get_from(c3, s.addr, "/healthz", None);
+    r.problem(503, "server_busy");
+    assert!(r.header("retry-after").is_some());
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        get_from(c3, s.addr, "/healthz", None).status,
+        200,
+        "slots are given back"
+    );
+}
+
 fn tenant_id(s: &Server, name: &str) -> String {
     let out = crate::admin(&s.data(), &["tenant", "list"]);
     String::from_utf8(out.stdout)
@@ -289,6 +314,51 @@ fn two_tenants_cannot_fill_a_server_with_many_workers() {
     assert_eq!(accepted, [10, 2]);
     let r = s.post("/v1/executions", &keys[2], slow);
     assert_eq!(r.status, 202, "gamma is still admitted: {}", r.text());
+}
+
+#[test]
+fn a_tenant_runs_at_most_its_max_running_while_workers_stay_free() {
+    // Five workers; every tenant may run one execution at once, "big" three.
+    let (_cfg, path) =
+        config("[tenants]\nmax_running = 1\n[tenants.limits.big]\nmax_running = 3\n");
+    let s = Server::start_with(&[
+        "--max-concurrent",
+        "5",
+        "--queue-size",
+        "16",
+        "--config",
+        &path,
+    ]);
+    let a = s.tenant("alpha");
+    let big = s.tenant("big");
+    let slow = json!({"language": "shell", "code": "sleep 2", "wait": false});
+    let post = |key: &str| {
+        let r = s.post("/v1/executions", key, slow.clone());
+        assert_eq!(r.status, 202, "{}", r.text());
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+    let alpha: Vec<String> = (0..2).map(|_| post(&a)).collect();
+    let bigs: Vec<String> = (0..3).map(|_| post(&big)).collect();
+    // Positive control: big's own limit lets all three run at once.
+    for id in &bigs {
+        s.wait_status(&big, id, &["running"]);
+    }
+    s.wait_status(&a, &alpha[0], &["running"]);
+    // Alpha's second waits although a worker is free (1 alpha + 3 big
+    // running of 5 workers).
+    std::thread::sleep(Duration::from_millis(500));
+    let second = s.get(&format!("/v1/executions/{}", alpha[1]), &a).json();
+    assert_eq!(second["status"], "queued", "{second}");
+    assert_eq!(metric(&s, "airlock_running_executions"), Some(4.0));
+    // It runs once alpha's first has finished.
+    s.wait_status(&a, &alpha[0], &["finished"]);
+    let v = s.wait_status(&a, &alpha[1], &["finished"]);
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    let (first, second) = (s.get(&format!("/v1/executions/{}", alpha[0]), &a).json(), v);
+    assert!(
+        second["started_at"].as_str().unwrap() >= first["finished_at"].as_str().unwrap(),
+        "{first} {second}"
+    );
 }
 
 #[test]

@@ -226,6 +226,89 @@ exports.handler = function (ax, input) {
 }
 
 #[test]
+fn the_operator_chooses_the_oci_runtime_and_the_gvisor_platform() {
+    let extra = container_backends();
+    if extra.len() < 2 || !std::path::Path::new("/usr/sbin/runc").is_file() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    // Runtime processes of one server, by the bundle directory it names.
+    let runtimes = |pid: u32| -> Vec<String> {
+        let bundle = format!("/bundles/{pid}-");
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&bundle))
+            .collect()
+    };
+    let seen_while_running = |toml: &str| -> Vec<String> {
+        std::fs::write(&cfg, toml).unwrap();
+        let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+        let key = s.tenant("acme");
+        let mut ids = Vec::new();
+        for b in ["oci", "gvisor"] {
+            let body = json!({"language": "shell", "code": "sleep 3", "backend": b, "wait": false});
+            let r = s.post("/v1/executions", &key, body);
+            assert_eq!(r.status, 202, "{}", r.text());
+            ids.push(r.json()["id"].as_str().unwrap().to_string());
+        }
+        for id in &ids {
+            s.wait_status(&key, id, &["running"]);
+        }
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut seen = runtimes(s.pid());
+        while !(seen.iter().any(|c| c.contains("runsc-sandbox"))
+            && seen.iter().any(|c| c.contains(" run --keep ")))
+            && std::time::Instant::now() < end
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            seen = runtimes(s.pid());
+        }
+        for id in &ids {
+            let v = s.wait_status(&key, id, &["finished"]);
+            assert_eq!(v["result"]["exit_code"], 0, "{v}");
+        }
+        seen
+    };
+    let pools = "[pool]\npython = 0\njavascript = 0\n";
+    let chosen = seen_while_running(&format!(
+        "[backends]\noffer = [\"process\", \"oci\", \"gvisor\"]\n\
+         [backends.oci]\nruntime = \"/usr/sbin/runc\"\n\
+         [backends.gvisor]\nplatform = \"ptrace\"\n{pools}"
+    ));
+    assert!(
+        chosen
+            .iter()
+            .any(|c| c.starts_with("/usr/sbin/runc ") && c.contains(" run --keep ")),
+        "{chosen:#?}"
+    );
+    let sentry: Vec<_> = chosen
+        .iter()
+        .filter(|c| c.contains("runsc-sandbox"))
+        .collect();
+    assert!(
+        !sentry.is_empty() && sentry.iter().all(|c| c.contains("--platform=ptrace")),
+        "{chosen:#?}"
+    );
+    // Positive control: without the setting runsc runs on its default
+    // platform (no --platform given).
+    let default = seen_while_running(&format!(
+        "[backends]\noffer = [\"process\", \"oci\", \"gvisor\"]\n{pools}"
+    ));
+    let sentry: Vec<_> = default
+        .iter()
+        .filter(|c| c.contains("runsc-sandbox"))
+        .collect();
+    assert!(
+        !sentry.is_empty() && sentry.iter().all(|c| !c.contains("--platform=")),
+        "{default:#?}"
+    );
+}
+
+#[test]
 fn a_backend_offered_but_unknown_or_not_runnable_stops_the_server_before_it_serves() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -259,6 +342,30 @@ fn a_backend_offered_but_unknown_or_not_runnable_stops_the_server_before_it_serv
     refused(
         serve("[backends]\noffer = [\"process\"]\npools = [\"gvisor\"]\n"),
         "backends.pools names gvisor, which backends.offer does not offer",
+    );
+    refused(
+        serve("[backends]\noffer = [\"process\"]\n[backends.gvisor]\nplatform = \"fast\"\n"),
+        "backends.gvisor.platform: \"fast\" (expected systrap, ptrace, kvm)",
+    );
+    // A runtime the operator names must be there and be what it is named
+    // as: nothing falls back to another one.
+    refused(
+        serve(
+            "[backends]\noffer = [\"process\", \"oci\"]\n[backends.oci]\nruntime = \"/nonexistent/crun\"\n",
+        ),
+        "backends.offer: oci cannot start here: the OCI runtime /nonexistent/crun is not installed",
+    );
+    refused(
+        serve(
+            "[backends]\noffer = [\"process\", \"oci\"]\n[backends.oci]\nruntime = \"/usr/bin/true\"\n",
+        ),
+        "backends.offer: oci cannot start here: /usr/bin/true is neither crun nor runc",
+    );
+    refused(
+        serve(
+            "[backends]\noffer = [\"process\", \"gvisor\"]\n[backends.gvisor]\nrunsc = \"/nonexistent/runsc\"\n",
+        ),
+        "backends.offer: gvisor cannot start here: runsc (/nonexistent/runsc) is not installed",
     );
     // Installed but unable to run here: bundles under a directory the
     // sandbox's mapped users cannot traverse.
