@@ -1064,6 +1064,29 @@ pub fn add_entropy(seed: &[u8]) -> io::Result<()> {
     cvt_i(unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, buf.as_ptr()) }).map(|_| ())
 }
 
+/// Makes the kernel's random generator reseed itself now from its input
+/// pool (a restored microVM's first step after new entropy was added: its
+/// generator state was saved in the snapshot every restore shares).
+pub fn reseed_crng() -> io::Result<()> {
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: RNDRESEEDCRNG takes no argument; `f` is open for the call.
+    cvt_i(unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) }).map(|_| ())
+}
+
+/// Sets the realtime clock (a restored microVM's clock is the snapshot's).
+pub fn set_realtime(secs: u64, nanos: u32) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(secs)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        tv_nsec: libc::c_long::from(nanos.min(999_999_999)),
+    };
+    // SAFETY: `ts` is a valid timespec for the duration of the call.
+    cvt_i(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
+}
+
 /// Powers the machine off at once (a microVM guest's init, whose VM then
 /// ends). Never returns.
 pub fn power_off() -> ! {

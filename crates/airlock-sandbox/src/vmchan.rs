@@ -15,6 +15,16 @@
 //! Frame: `kind u8 | stream u8 | 0u16 | len u32 (LE) | payload`. Kinds:
 //! data (1..=MAX_PAYLOAD bytes), end of stream (empty), credit (4 bytes:
 //! bytes the receiver has consumed and the sender may send again).
+//!
+//! Snapshots add three kinds, on stream 0 only. Before a golden VM is
+//! saved the host sends *quiesce*: the guest writes out what it received,
+//! credits it, answers *quiesced* and then sends nothing at all, so no
+//! byte is in flight inside the saved machine. A VM restored from it
+//! starts with a fresh host end whose first frame is *resume*
+//! ([`RESUME_LEN`] bytes: fresh entropy and the host's clock): the guest
+//! resets every stream's window to match the fresh host end and hands the
+//! payload to its init before it delivers anything that follows. Only the
+//! host may send quiesce and resume, only the guest quiesced.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -33,6 +43,33 @@ const TX_LIMIT: usize = 2 * MAX_PAYLOAD;
 const DATA: u8 = 1;
 const EOF: u8 = 2;
 const CREDIT: u8 = 3;
+const QUIESCE: u8 = 4;
+const QUIESCED: u8 = 5;
+const RESUME: u8 = 6;
+
+/// Payload of a resume frame: 64 bytes of host entropy, then the host's
+/// realtime clock (seconds u64, nanoseconds u32, LE), then 4 zero bytes.
+pub const RESUME_LEN: usize = 80;
+
+/// Which end of the channel a [`Mux`] is (the kinds each may receive
+/// differ).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The VM monitor.
+    Host,
+    /// The guest's init.
+    Guest,
+}
+
+/// Where an end is in the quiesce handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quiesce {
+    Running,
+    /// The guest was asked: it drains, then answers.
+    Asked,
+    /// The guest answered: it sends nothing until resumed.
+    Paused,
+}
 
 /// Stream numbers.
 pub mod stream {
@@ -141,6 +178,13 @@ pub struct Mux {
     tx: Vec<u8>,
     tx_off: usize,
     rx: Vec<u8>,
+    end: End,
+    quiesce: Quiesce,
+    /// Host: the guest answered quiesced.
+    quiesced: bool,
+    /// Guest: a resume's payload not yet taken by its init (nothing after
+    /// it is parsed until it is).
+    resumed: Option<Vec<u8>>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -181,7 +225,53 @@ impl Mux {
             tx: Vec::new(),
             tx_off: 0,
             rx: Vec::new(),
+            end: End::Host,
+            quiesce: Quiesce::Running,
+            quiesced: false,
+            resumed: None,
         })
+    }
+
+    /// Marks this end as the guest's (a channel is the host's otherwise).
+    pub fn guest(mut self) -> Self {
+        self.end = End::Guest;
+        self
+    }
+
+    /// Host: asks the guest to quiesce (see the module's notes).
+    pub fn quiesce(&mut self) {
+        if self.end == End::Host {
+            self.push_frame(QUIESCE, stream::VM, &[]);
+        }
+    }
+
+    /// Host: the guest has quiesced.
+    pub fn quiesced(&self) -> bool {
+        self.quiesced
+    }
+
+    /// Host, first thing on a restored VM's fresh channel: resumes the
+    /// guest with `payload`.
+    pub fn resume(&mut self, payload: &[u8; RESUME_LEN]) {
+        if self.end == End::Host {
+            self.push_frame(RESUME, stream::VM, payload);
+        }
+    }
+
+    /// Guest: the payload of a resume that arrived (once). Nothing that
+    /// followed it is delivered before it is taken.
+    pub fn take_resume(&mut self) -> Option<Vec<u8>> {
+        self.resumed.take()
+    }
+
+    /// Guest: it has quiesced and waits for a resume.
+    pub fn paused(&self) -> bool {
+        self.quiesce == Quiesce::Paused
+    }
+
+    /// Whether sources may be read (not while quiescing or paused).
+    fn sending(&self) -> bool {
+        self.quiesce == Quiesce::Running
     }
 
     /// What arrived on a [`Sink::Bytes`] stream, once the peer ended it.
@@ -266,7 +356,13 @@ impl Mux {
     /// Polls the port, every stream and `extra` once (up to `timeout_ms`),
     /// moving what can move. Returns the revents of `extra`.
     pub fn step(&mut self, extra: &[(RawFd, i16)], timeout_ms: i32) -> Result<Vec<i16>, ChanError> {
-        self.fill_from_memory();
+        // Frames that arrived behind a resume, once it has been taken.
+        if self.resumed.is_none() && !self.rx.is_empty() {
+            self.parse()?;
+        }
+        if self.sending() {
+            self.fill_from_memory();
+        }
         self.queue_credits();
         let mut set: Vec<(RawFd, i16)> = Vec::with_capacity(2 + 2 * STREAMS + extra.len());
         let port = self.port.as_raw_fd();
@@ -280,6 +376,7 @@ impl Mux {
         for (i, s) in self.streams.iter().enumerate() {
             if let Source::Fd(f) = &s.src
                 && s.credit > 0
+                && self.quiesce == Quiesce::Running
                 && self.tx.len() - self.tx_off < TX_LIMIT
             {
                 roles.push((set.len(), i, true));
@@ -298,9 +395,9 @@ impl Mux {
         if rev[0] & libc::POLLOUT != 0 {
             self.flush()?;
         }
-        if rev[0] & libc::POLLIN != 0 {
+        if rev[0] & libc::POLLIN != 0 && self.resumed.is_none() {
             self.read_port()?;
-        } else if rev[0] & (libc::POLLHUP | libc::POLLERR) != 0 {
+        } else if rev[0] & libc::POLLIN == 0 && rev[0] & (libc::POLLHUP | libc::POLLERR) != 0 {
             return Err(ChanError::HungUp);
         }
         for (idx, i, is_src) in roles {
@@ -322,10 +419,29 @@ impl Mux {
             self.close_finished_sink(i);
         }
         self.queue_credits();
+        self.finish_quiesce();
         if self.tx_len() > 0 {
             self.flush()?;
         }
         Ok(rev[first_extra..].to_vec())
+    }
+
+    /// Guest, asked to quiesce: once everything received is written out,
+    /// credits every byte of it and answers; from then on sends nothing.
+    fn finish_quiesce(&mut self) {
+        if self.quiesce != Quiesce::Asked || self.streams.iter().any(Stream::has_pending) {
+            return;
+        }
+        for i in 0..STREAMS {
+            let s = &mut self.streams[i];
+            if s.unacked > 0 && !s.peer_eof {
+                let n = s.unacked as u32;
+                s.unacked = 0;
+                self.push_frame(CREDIT, i as u8, &n.to_le_bytes());
+            }
+        }
+        self.push_frame(QUIESCED, stream::VM, &[]);
+        self.quiesce = Quiesce::Paused;
     }
 
     /// Sends what the port takes now.
@@ -436,6 +552,9 @@ impl Mux {
     }
 
     fn queue_credits(&mut self) {
+        if self.quiesce == Quiesce::Paused {
+            return;
+        }
         for i in 0..STREAMS {
             // Credits wait (summed in `unacked`) while the port is not
             // taking what is queued: a peer that never reads cannot make
@@ -465,6 +584,9 @@ impl Mux {
                 Ok(n) => {
                     self.rx.extend_from_slice(&buf[..n]);
                     self.parse()?;
+                    if self.resumed.is_some() {
+                        return Ok(());
+                    }
                 }
                 Err(e) if would_block(&e) => return Ok(()),
                 Err(e) => return Err(e.into()),
@@ -484,10 +606,12 @@ impl Mux {
             if id >= STREAMS {
                 return Err(ChanError::Violation("unknown stream"));
             }
-            let ok_len = match kind {
-                DATA => (1..=MAX_PAYLOAD).contains(&len),
-                EOF => len == 0,
-                CREDIT => len == 4,
+            let ok_len = match (kind, self.end) {
+                (DATA, _) => (1..=MAX_PAYLOAD).contains(&len),
+                (EOF, _) => len == 0,
+                (CREDIT, _) => len == 4,
+                (QUIESCE, End::Guest) | (QUIESCED, End::Host) => len == 0 && id == 0,
+                (RESUME, End::Guest) => len == RESUME_LEN && id == 0,
                 _ => return Err(ChanError::Violation("unknown frame kind")),
             };
             if !ok_len {
@@ -498,6 +622,37 @@ impl Mux {
             }
             let payload = off + HEADER..off + HEADER + len;
             off += HEADER + len;
+            match kind {
+                QUIESCE => {
+                    if self.quiesce != Quiesce::Running {
+                        return Err(ChanError::Violation("quiesce while quiescing"));
+                    }
+                    self.quiesce = Quiesce::Asked;
+                    continue;
+                }
+                QUIESCED => {
+                    if self.quiesced {
+                        return Err(ChanError::Violation("second quiesced"));
+                    }
+                    self.quiesced = true;
+                    continue;
+                }
+                RESUME => {
+                    if self.quiesce != Quiesce::Paused {
+                        return Err(ChanError::Violation("resume of a guest not paused"));
+                    }
+                    // The fresh host end starts every window afresh.
+                    for st in &mut self.streams {
+                        st.credit = WINDOW;
+                        st.unacked = 0;
+                    }
+                    self.quiesce = Quiesce::Running;
+                    self.resumed = Some(self.rx[payload].to_vec());
+                    // What follows waits until the init has taken it.
+                    break;
+                }
+                _ => {}
+            }
             let s = &mut self.streams[id];
             match kind {
                 DATA => {
@@ -629,6 +784,11 @@ mod tests {
     }
 
     fn violation(frames: &[u8]) -> String {
+        violation_at(End::Host, frames)
+    }
+
+    /// What `frames` sent to an end of kind `end` does to it.
+    fn violation_at(end: End, frames: &[u8]) -> String {
         let (pa, pb) = pair();
         // A sink that takes nothing (a full pipe nobody reads): whatever
         // arrives stays pending and is never credited, so the window is
@@ -645,6 +805,9 @@ mod tests {
             ],
         )
         .unwrap();
+        if end == End::Guest {
+            host = host.guest();
+        }
         let frames = frames.to_vec();
         let peer = std::thread::spawn(move || {
             let mut peer = UnixStream::from(pb);
@@ -754,5 +917,158 @@ mod tests {
         let mut h = frame(DATA, 1, 1, b"x");
         h[2] = 1;
         assert_eq!(violation(&h), "reserved header bytes set");
+    }
+
+    #[test]
+    fn only_the_host_may_quiesce_or_resume_and_only_a_paused_guest_resumes() {
+        let resume = frame(RESUME, 0, RESUME_LEN as u32, &[0; RESUME_LEN]);
+        // A guest cannot make its host quiesce, resume or pause.
+        assert_eq!(violation(&frame(QUIESCE, 0, 0, b"")), "unknown frame kind");
+        assert_eq!(violation(&resume), "unknown frame kind");
+        let mut twice = frame(QUIESCED, 0, 0, b"");
+        assert_eq!(violation(&twice), "none");
+        twice.extend(frame(QUIESCED, 0, 0, b""));
+        assert_eq!(violation(&twice), "second quiesced");
+        // The host end's kinds reach a guest only as the host sends them.
+        assert_eq!(
+            violation_at(End::Guest, &frame(QUIESCED, 0, 0, b"")),
+            "unknown frame kind"
+        );
+        assert_eq!(
+            violation_at(End::Guest, &resume),
+            "resume of a guest not paused"
+        );
+        assert_eq!(
+            violation_at(End::Guest, &frame(QUIESCE, 1, 0, b"")),
+            "bad frame length"
+        );
+        assert_eq!(
+            violation_at(End::Guest, &frame(RESUME, 0, 8, &[0; 8])),
+            "bad frame length"
+        );
+        let mut again = frame(QUIESCE, 0, 0, b"");
+        again.extend(frame(QUIESCE, 0, 0, b""));
+        assert_eq!(violation_at(End::Guest, &again), "quiesce while quiescing");
+    }
+
+    /// A guest quiesced by one host end, resumed by a fresh one over the
+    /// same port (what a VM restored from a snapshot sees).
+    #[test]
+    fn a_quiesced_guest_sends_nothing_until_a_fresh_host_resumes_it_with_full_windows() {
+        let (pa, pb) = pair();
+        let pa2 = pa.try_clone().unwrap();
+        let (ctrl_host, ctrl_host_peer) = pair();
+        let (ctrl_guest, ctrl_guest_peer) = pair();
+        let mut host = Mux::new(
+            pa,
+            vec![
+                (Source::None, Sink::None),
+                (
+                    Source::Fd(ctrl_host.try_clone().unwrap()),
+                    Sink::Fd(ctrl_host),
+                ),
+            ],
+        )
+        .unwrap();
+        let mut guest = Mux::new(
+            pb,
+            vec![
+                (Source::None, Sink::None),
+                (
+                    Source::Fd(ctrl_guest.try_clone().unwrap()),
+                    Sink::Fd(ctrl_guest),
+                ),
+            ],
+        )
+        .unwrap()
+        .guest();
+        let mut hp = UnixStream::from(ctrl_host_peer);
+        let mut gp = UnixStream::from(ctrl_guest_peer);
+        // Traffic both ways before the snapshot.
+        hp.write_all(b"config").unwrap();
+        gp.write_all(b"ready").unwrap();
+        let mut got = [0u8; 6];
+        pump(&mut host, &mut guest, |_, _| true);
+        for _ in 0..200 {
+            host.step(&[], 1).unwrap();
+            guest.step(&[], 1).unwrap();
+        }
+        gp.set_nonblocking(true).unwrap();
+        gp.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"config");
+        let mut five = [0u8; 5];
+        hp.set_nonblocking(true).unwrap();
+        hp.read_exact(&mut five).unwrap();
+        assert_eq!(&five, b"ready");
+        host.quiesce();
+        pump(&mut host, &mut guest, |h, _| h.quiesced());
+        assert!(guest.paused());
+        // Paused: what the sandbox writes now is not sent.
+        gp.write_all(b"late").unwrap();
+        for _ in 0..100 {
+            host.step(&[], 1).unwrap();
+            guest.step(&[], 1).unwrap();
+        }
+        let mut none = [0u8; 4];
+        assert!(hp.read(&mut none).is_err(), "sent while paused");
+        // The saved machine's host end is gone; a fresh one resumes it.
+        drop(host);
+        let (ctrl2, ctrl2_peer) = pair();
+        let mut fresh = Mux::new(
+            pa2,
+            vec![
+                (Source::None, Sink::None),
+                (Source::Fd(ctrl2.try_clone().unwrap()), Sink::Fd(ctrl2)),
+            ],
+        )
+        .unwrap();
+        let mut payload = [7u8; RESUME_LEN];
+        payload[79] = 9;
+        fresh.resume(&payload);
+        // Sent behind the resume in the same burst: held until taken.
+        let mut hp2 = UnixStream::from(ctrl2_peer);
+        hp2.write_all(b"job").unwrap();
+        for _ in 0..20 {
+            fresh.step(&[], 1).unwrap();
+        }
+        guest.step(&[], 50).unwrap();
+        let mut job = [0u8; 3];
+        assert!(
+            gp.read(&mut job).is_err(),
+            "delivered before the resume was taken"
+        );
+        assert_eq!(guest.take_resume().unwrap(), payload);
+        assert_eq!(guest.take_resume(), None);
+        // Both ends now move more than a window each way without a
+        // violation: their windows agree.
+        let big: Vec<u8> = (0..2 * WINDOW + 5).map(|i| (i % 253) as u8).collect();
+        let (b1, b2) = (big.clone(), big.clone());
+        let w1 = std::thread::spawn(move || {
+            hp2.set_nonblocking(false).unwrap();
+            hp2.write_all(&b1).unwrap();
+            let mut back = vec![0u8; 4 + b1.len()];
+            hp2.read_exact(&mut back).unwrap();
+            back
+        });
+        let w2 = std::thread::spawn(move || {
+            gp.set_nonblocking(false).unwrap();
+            let mut first = vec![0u8; 3 + b2.len()];
+            gp.read_exact(&mut first).unwrap();
+            gp.write_all(&b2).unwrap();
+            first
+        });
+        let mut done = 0;
+        while !(w1.is_finished() && w2.is_finished()) {
+            fresh.step(&[], 1).unwrap();
+            guest.step(&[], 1).unwrap();
+            done += 1;
+            assert!(done < 200_000, "stalled");
+        }
+        let to_guest = w2.join().unwrap();
+        assert_eq!(&to_guest[..3], b"job");
+        assert_eq!(&to_guest[3..], &big[..]);
+        let to_host = w1.join().unwrap();
+        assert_eq!(&to_host[..4], b"late");
+        assert_eq!(&to_host[4..], &big[..]);
     }
 }

@@ -233,7 +233,8 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
                 (Source::Fd(stdout_here), Sink::None),
                 (Source::Fd(stderr_here), Sink::None),
             ],
-        )?;
+        )?
+        .guest();
         Ok((
             mux,
             AgentEnds {
@@ -317,6 +318,13 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
             }
             Err(_) => sys::power_off(),
         }
+        // Restored from a snapshot: before anything else reaches the
+        // sandbox, entropy and a clock of this machine's own.
+        if let Some(r) = mux.take_resume()
+            && let Err(e) = resume(&r)
+        {
+            fail(Some(&mut mux), "resume", e)
+        }
         // Once the agent is gone, what it wrote is sent, then the machine
         // ends (the host kills it anyway).
         if let Some(t) = exited
@@ -326,6 +334,34 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
             sys::power_off()
         }
     }
+}
+
+/// A restored VM's first step (see [`crate::vmchan`]): the host's fresh
+/// entropy mixed in and the generator reseeded from it at once, so two
+/// restores of one snapshot never share random state, and the host's
+/// clock instead of the snapshot's.
+fn resume(payload: &[u8]) -> std::io::Result<()> {
+    let bad = || std::io::Error::from_raw_os_error(libc::EINVAL);
+    let (seed, clock) = payload.split_at_checked(64).ok_or_else(bad)?;
+    sys::add_entropy(seed)?;
+    sys::reseed_crng()?;
+    let secs = u64::from_le_bytes(
+        clock
+            .get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    let nanos = u32::from_le_bytes(
+        clock
+            .get(8..12)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    sys::set_realtime(secs, nanos)?;
+    note("resumed");
+    Ok(())
 }
 
 /// The guest kernel's cgroup (v2) for the sandbox: the policy's memory
