@@ -29,6 +29,7 @@ pub mod image;
 pub mod microvm;
 pub mod oci;
 pub mod process;
+mod snapshot;
 
 use std::fmt;
 use std::os::fd::OwnedFd;

@@ -32,17 +32,18 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use airlock_policy::{IsolationLevel, Language, Policy};
 use airlock_sandbox::hosted::{AgentLaunch, Isolated, Launched, Launcher};
 use airlock_sandbox::proto::{InitConfig, RoFile, RoMount, VmGuestConfig};
-use airlock_sandbox::vmchan::{ChanError, Mux, Sink, Source, stream};
+use airlock_sandbox::vmchan::{self, ChanError, Mux, Sink, Source, stream};
 use airlock_sandbox::{Engine, SandboxError, sys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::process::check_level;
+use crate::snapshot::{self, Golden, SnapMode, Snapshots};
 use crate::{Backend, BackendError, Prepared, Probe, Request, Spec, Template};
 
 /// argv[1] of the VM monitor.
@@ -365,6 +366,11 @@ impl Store {
             }
         }
         Ok(Store { dir: dir.into() })
+    }
+
+    /// Where the store is.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn lookup(&self, key: &str) -> Option<PathBuf> {
@@ -1109,6 +1115,9 @@ struct VmmConfig {
     /// A file for the guest kernel's console (`AIRLOCK_VM_CONSOLE` of the
     /// engine's process: debugging a guest that does not start).
     console: Option<PathBuf>,
+    /// Made into a golden snapshot, or restored from one.
+    #[serde(default)]
+    snapshot: Option<SnapMode>,
 }
 
 #[derive(Debug)]
@@ -1149,6 +1158,7 @@ impl Launcher for VmLauncher {
             egress_relay: false,
             protect_pid1: false,
             accelerator: Some(self.host.accel.as_str()),
+            snapshot: None,
             // A cold boot under TCG takes seconds, many more when the
             // host's cores are busy.
             start_timeout: Some(std::time::Duration::from_secs(match self.host.accel {
@@ -1159,6 +1169,38 @@ impl Launcher for VmLauncher {
     }
 
     fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {
+        self.launch_as(l, None)
+    }
+}
+
+/// A VM made into a golden snapshot or restored from one.
+#[derive(Debug)]
+struct ModeLauncher {
+    base: Arc<VmLauncher>,
+    mode: SnapMode,
+    /// The snapshot restored from, for the result.
+    snapshot: Option<String>,
+}
+
+impl Launcher for ModeLauncher {
+    fn isolated(&self, policy: &Policy) -> Isolated {
+        Isolated {
+            snapshot: self.snapshot.clone(),
+            ..self.base.isolated(policy)
+        }
+    }
+
+    fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {
+        self.base.launch_as(l, Some(&self.mode))
+    }
+}
+
+impl VmLauncher {
+    fn launch_as(
+        &self,
+        l: &AgentLaunch<'_>,
+        mode: Option<&SnapMode>,
+    ) -> Result<Launched, SandboxError> {
         let spawn = SandboxError::SpawnInit;
         let state = self.states.join(l.name);
         fs::DirBuilder::new()
@@ -1210,10 +1252,12 @@ impl Launcher for VmLauncher {
                         zygote: false,
                     },
                     seed: hex(&seed),
+                    clock: (0, 0),
                     memory_bytes: l.policy.limits.memory_mib << 20,
                     pids: l.policy.limits.pids,
                 },
                 console: std::env::var_os("AIRLOCK_VM_CONSOLE").map(PathBuf::from),
+                snapshot: mode.cloned(),
             };
             let p = state.join("vm.json");
             let mut f = fs::OpenOptions::new()
@@ -1255,14 +1299,47 @@ impl Launcher for VmLauncher {
 /// QEMU's arguments: the guest's port on `port_fd`, its serial console
 /// (the kernel's warnings and the guest init's progress, read by the
 /// monitor) on `console_fd`, or in the debugging file when one is named.
-fn qemu_args(cfg: &VmmConfig, port_fd: RawFd, console_fd: RawFd) -> Vec<String> {
+fn qemu_args(cfg: &VmmConfig, port_fd: RawFd, console_fd: RawFd, qmp_fd: RawFd) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
     let console = cfg
         .console
         .as_ref()
         .map(|p| p.to_string_lossy().replace(',', ",,"));
-    push(&["-M", "microvm,rtc=off"]);
+    let file = |dir: &Path, f: &str| dir.join(f).to_string_lossy().replace(',', ",,");
+    match &cfg.snapshot {
+        None => push(&["-M", "microvm,rtc=off"]),
+        Some(mode) => {
+            // Guest memory in a file: the golden VM's shared (its pages
+            // land in the file, which the save then skips), a restore's
+            // mapped private and read-only (copy-on-write: the file is
+            // neither read in nor ever written).
+            let (dir, how) = match mode {
+                SnapMode::Create { dir } => (dir, "share=on"),
+                SnapMode::Restore { dir, .. } => (dir, "share=off,readonly=on,rom=off"),
+            };
+            push(&[
+                "-object",
+                &format!(
+                    "memory-backend-file,id=mem,size={}M,mem-path={},{how}",
+                    cfg.memory_mib,
+                    file(dir, "mem")
+                ),
+                "-M",
+                "microvm,rtc=off,memory-backend=mem",
+            ]);
+            // Commands (save; load) on a socket of the monitor's.
+            push(&[
+                "-chardev",
+                &format!("socket,id=qmp,fd={qmp_fd}"),
+                "-mon",
+                "chardev=qmp,mode=control",
+            ]);
+            if let SnapMode::Restore { .. } = mode {
+                push(&["-incoming", "defer"]);
+            }
+        }
+    }
     match &console {
         None => push(&[
             "-chardev",
@@ -1397,8 +1474,19 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
     let qemu_fd = qemu_port.as_raw_fd();
     let console_fd = qemu_console.as_raw_fd();
+    // A golden or restored VM's QEMU takes commands (save, load) on a
+    // socket at 5.
+    let creating = matches!(cfg.snapshot, Some(SnapMode::Create { .. }));
+    let (host_qmp, qemu_qmp) = if cfg.snapshot.is_some() {
+        let (h, q) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
+        (Some(OwnedFd::from(h)), Some(q))
+    } else {
+        (None, None)
+    };
+    let qmp_fd = qemu_qmp.as_ref().map_or(-1, |q| q.as_raw_fd());
+    let keep_below: u32 = if cfg.snapshot.is_some() { 6 } else { 5 };
     let mut cmd = Command::new(&cfg.qemu);
-    cmd.args(qemu_args(&cfg, 3, 4))
+    cmd.args(qemu_args(&cfg, 3, 4, 5))
         .env_clear()
         .current_dir("/")
         .stdin(Stdio::null())
@@ -1428,6 +1516,10 @@ fn vmm(args: &[String]) -> Result<i32, String> {
             let moved_console = sys::dup_above_cloexec(console_fd, 16)?;
             sys::dup2(moved, 3)?;
             sys::dup2(moved_console, 4)?;
+            if qmp_fd >= 0 {
+                let moved_qmp = sys::dup_above_cloexec(qmp_fd, 16)?;
+                sys::dup2(moved_qmp, 5)?;
+            }
             if as_root {
                 sys::unshare(
                     libc::CLONE_NEWNS
@@ -1463,16 +1555,16 @@ fn vmm(args: &[String]) -> Result<i32, String> {
             if libc::poll(&mut alive, 1, 0) != 0 {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
-            // The monitor's channels at 5 and above (and the pidfd) must
+            // The monitor's channels above QEMU's (and the pidfd) must
             // not reach QEMU.
-            sys::close_from(5)?;
+            sys::close_from(keep_below)?;
             Ok(())
         });
     }
     let mut qemu = cmd
         .spawn()
         .map_err(|e| format!("QEMU does not start: {e}"))?;
-    drop((qemu_port, qemu_console));
+    drop((qemu_port, qemu_console, qemu_qmp));
     sys::set_nonblocking(host_console.as_raw_fd()).map_err(|e| e.to_string())?;
     let mut host_console = Some(OwnedFd::from(host_console));
     let qemu_err = qemu.stderr.take();
@@ -1502,16 +1594,42 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     };
     let mut guest = cfg.guest.clone();
     guest.root.broker = !matches!(broker_pair.0, Source::None);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    guest.clock = (now.as_secs(), now.subsec_nanos());
     let guest_cfg = serde_json::to_vec(&guest).map_err(|e| e.to_string())?;
     let ctrl_w = dup(&ctrl)?;
     // This process's own messages go to the sandbox's stderr (what the
     // engine reports as the runtime's words when the agent never starts).
     let report = dup(&stderr)?;
+    let restoring = match &cfg.snapshot {
+        Some(SnapMode::Restore { transcript, .. }) => Some(transcript.clone()),
+        _ => None,
+    };
+    let broker_replay = match (&restoring, &broker_pair.0) {
+        (Some(_), Source::Fd(b)) => Some(dup(b)?),
+        _ => None,
+    };
+    // A restored guest is configured already and its control stream
+    // starts after the replay below.
+    let (vm_src, ctrl_pair, ctrl_replay) = match &restoring {
+        None => (
+            Source::Bytes(guest_cfg, 0),
+            (Source::Fd(ctrl), Sink::Fd(ctrl_w)),
+            None,
+        ),
+        Some(_) => (
+            Source::None,
+            (Source::None, Sink::None),
+            Some((ctrl, ctrl_w)),
+        ),
+    };
     let mut mux = Mux::new(
         host_port.into(),
         vec![
-            (Source::Bytes(guest_cfg, 0), Sink::Bytes(Vec::new(), 4096)),
-            (Source::Fd(ctrl), Sink::Fd(ctrl_w)),
+            (vm_src, Sink::Bytes(Vec::new(), 4096)),
+            ctrl_pair,
             (Source::Fd(stdin), Sink::None),
             (Source::None, Sink::Fd(stdout)),
             (Source::None, Sink::Fd(stderr)),
@@ -1520,6 +1638,56 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     )
     .map_err(|e| e.to_string())?;
     let mut report = fs::File::from(report);
+    // The guest's agent has spoken (a restored one did so in its golden
+    // VM, replayed here).
+    let mut spoken = false;
+    let mut host_qmp = host_qmp;
+    if let (Some(transcript), Some((ctrl, ctrl_w))) = (&restoring, ctrl_replay) {
+        // The saved devices loaded (the memory is mapped already); the VM
+        // runs once they are.
+        let loaded = match (&cfg.snapshot, host_qmp.take()) {
+            (Some(SnapMode::Restore { dir, .. }), Some(q)) => {
+                snapshot::Qmp::new(q).load(&dir.join("state"))
+            }
+            _ => Err("no control socket".into()),
+        };
+        if let Err(e) = loaded {
+            let _ = writeln!(report, "airlock vm: restoring the snapshot: {e}");
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            return Ok(1);
+        }
+        // Fresh entropy and the host's clock, first thing.
+        let mut payload = [0u8; vmchan::RESUME_LEN];
+        sys::getrandom(&mut payload[..64]).map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        payload[64..72].copy_from_slice(&now.as_secs().to_le_bytes());
+        payload[72..76].copy_from_slice(&now.subsec_nanos().to_le_bytes());
+        mux.resume(&payload);
+        mux.flush().map_err(|e| e.to_string())?;
+        if let Err(e) = snapshot::replay(
+            transcript,
+            &ctrl,
+            broker_replay.as_ref(),
+            std::time::Duration::from_secs(60),
+        ) {
+            let _ = writeln!(report, "airlock vm: restoring the snapshot: {e}");
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            return Ok(1);
+        }
+        drop(broker_replay);
+        mux.set_stream(stream::CTRL, Source::Fd(ctrl), Sink::Fd(ctrl_w))
+            .map_err(|e| e.to_string())?;
+        spoken = true;
+    }
+    if creating {
+        mux.record(&[stream::CTRL, stream::BROKER], snapshot::MAX_TRANSCRIPT);
+    }
+    let mut quiescing = false;
+    let mut save = false;
     let mut said = false;
     // QEMU's own messages (some a guest can provoke): drained as they come
     // so QEMU never blocks on them, the first 4 KiB kept for the report.
@@ -1550,13 +1718,14 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                 // time or QEMU fails first; drained and dropped after.
                 if ready(console_at) {
                     let n = read_some(&mut host_console, &mut buf);
-                    if !mux.heard(stream::CTRL) {
+                    if !spoken && !mux.heard(stream::CTRL) {
                         console.extend_from_slice(&buf[..n]);
                         let over = console.len().saturating_sub(16 << 10);
                         console.drain(..over);
                     }
                 }
                 if !console_shown
+                    && !spoken
                     && !mux.heard(stream::CTRL)
                     && booted.elapsed() > CONSOLE_AFTER[usize::from(cfg.accel == Accel::Tcg)]
                 {
@@ -1578,6 +1747,22 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                     let r = String::from_utf8_lossy(r);
                     let _ = writeln!(report, "airlock vm: the guest failed: {}", r.trim());
                 }
+                // A golden VM: once its runner waits for code, the channel
+                // is quiesced, then the machine saved.
+                if creating && !quiescing {
+                    match mux.recorded() {
+                        None => break Some(ChanError::Violation("snapshot exchange too large")),
+                        Some(log) if snapshot::runner_waits(log) => {
+                            mux.quiesce();
+                            quiescing = true;
+                        }
+                        Some(_) => {}
+                    }
+                }
+                if quiescing && mux.quiesced() {
+                    save = true;
+                    break None;
+                }
                 if ready(Some(0)) {
                     break None;
                 }
@@ -1590,8 +1775,46 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         let _ = writeln!(report, "airlock vm: {e}");
         let _ = qemu.kill();
     }
+    if save && let (Some(SnapMode::Create { dir }), Some(qmp)) = (&cfg.snapshot, host_qmp) {
+        let saved = (|| -> Result<(), String> {
+            if mux.heard(stream::STDOUT) || mux.heard(stream::STDERR) {
+                return Err("the golden VM's runner wrote output".into());
+            }
+            let chunks = snapshot::transcript(mux.recorded().unwrap_or_default())?;
+            let mut q = snapshot::Qmp::new(qmp);
+            q.save(&dir.join("state"))?;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.join("transcript.json"))
+                .map_err(|e| e.to_string())?;
+            f.write_all(&serde_json::to_vec(&chunks).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+            let _ = q.call(
+                "quit",
+                serde_json::json!({}),
+                std::time::Duration::from_secs(10),
+            );
+            Ok(())
+        })();
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+        return Ok(match saved {
+            Ok(()) => 0,
+            Err(e) => {
+                let _ = writeln!(report, "airlock vm: saving the golden VM: {e}");
+                1
+            }
+        });
+    }
     let status = qemu.wait().map_err(|e| e.to_string())?;
-    if !status.success() && !console_shown && !mux.heard(stream::CTRL) && !console.is_empty() {
+    if !status.success()
+        && !console_shown
+        && !spoken
+        && !mux.heard(stream::CTRL)
+        && !console.is_empty()
+    {
         let _ = writeln!(
             report,
             "airlock vm: QEMU ended before the guest's agent answered; its console:\n{}",
@@ -1636,6 +1859,7 @@ pub fn backend(
 pub struct MicrovmBackend {
     engine: Arc<Engine>,
     launcher: Arc<VmLauncher>,
+    snaps: Snapshots,
 }
 
 impl MicrovmBackend {
@@ -1655,6 +1879,8 @@ impl MicrovmBackend {
             .mode(0o700)
             .create(&states)
             .map_err(|e| format!("{}: {e}", states.display()))?;
+        let snaps =
+            Snapshots::open(store.dir()).map_err(|e| format!("{}: {e}", store.dir().display()))?;
         Ok(MicrovmBackend {
             engine,
             launcher: Arc::new(VmLauncher {
@@ -1662,7 +1888,84 @@ impl MicrovmBackend {
                 artifacts,
                 states,
             }),
+            snaps,
         })
+    }
+
+    /// What shapes a golden snapshot for `spec` here: its key.
+    fn snapshot_key(&self, spec: &Spec<'_>) -> String {
+        let l = &self.launcher;
+        let mut h = Sha256::new();
+        h.update(snapshot::FORMAT.to_le_bytes());
+        key_file(&mut h, &l.artifacts.initrd);
+        h.update(l.artifacts.root_id.as_bytes());
+        key_file(&mut h, &l.host.kernel);
+        key_file(&mut h, &l.host.qemu);
+        h.update(l.host.qemu_version.as_bytes());
+        h.update(l.host.accel.as_str().as_bytes());
+        h.update(serde_json::to_vec(spec.policy).unwrap_or_default());
+        h.update(spec.language.as_str().as_bytes());
+        let x = spec.extras;
+        for (path, contents) in &x.files {
+            for part in [path.as_bytes(), contents.as_bytes()] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        }
+        h.update([u8::from(x.broker), u8::from(x.egress)]);
+        h.update(x.entry.as_deref().unwrap_or("").as_bytes());
+        h.update([0]);
+        for (k, v) in &x.env {
+            h.update(format!("{k}={v}\0").as_bytes());
+        }
+        format!("{}-{}", spec.language.as_str(), hex(&h.finalize()))
+    }
+
+    /// Boots a golden VM for `spec` and saves it (seconds; a minute or
+    /// more under TCG): `Err` says why not.
+    fn make_golden(
+        &self,
+        key: &str,
+        policy: &Policy,
+        language: Language,
+        extras: &airlock_sandbox::Extras,
+    ) -> Result<snapshot::Snapshot, String> {
+        let gid = self.engine.hosted_ids().1.1;
+        let made = self
+            .snaps
+            .begin(gid)
+            .map_err(|e| format!("snapshot directory: {e}"))?;
+        let result = (|| {
+            let launcher = ModeLauncher {
+                base: self.launcher.clone(),
+                mode: SnapMode::Create { dir: made.clone() },
+                snapshot: None,
+            };
+            let mut sb = self
+                .engine
+                .prepare_agent(policy, language, extras, &launcher)
+                .map_err(|e| e.to_string())?;
+            sb.prestart().map_err(|e| e.to_string())?;
+            // The monitor saves the machine and ends once the runner
+            // waits for its code.
+            let end = std::time::Instant::now()
+                + std::time::Duration::from_secs(match self.accel() {
+                    Accel::Kvm => 60,
+                    Accel::Tcg => 300,
+                });
+            while sb.is_alive() {
+                if std::time::Instant::now() > end {
+                    return Err("the golden VM was not saved in time".to_string());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            drop(sb);
+            self.snaps.commit(key, &made)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&made);
+        }
+        result
     }
 
     /// The accelerator guests run with.
@@ -1744,8 +2047,26 @@ impl Backend for MicrovmBackend {
         }))
     }
 
-    fn template(&self, _spec: &Spec<'_>) -> Result<Option<Arc<dyn Template>>, BackendError> {
-        Ok(None)
+    fn template(&self, spec: &Spec<'_>) -> Result<Option<Arc<dyn Template>>, BackendError> {
+        // A python runner waiting for its code on the broker: what a golden
+        // snapshot holds. (JavaScript's V8 seeds Math.random when it
+        // starts and cannot be reseeded: restores of one saved node would
+        // share its sequence, so node VMs boot.)
+        if spec.language != Language::Python || !spec.extras.broker || spec.extras.entry.is_none() {
+            return Ok(None);
+        }
+        self.unsupported(spec.policy)?;
+        let t = Arc::new(SnapshotTemplate {
+            backend: self.clone(),
+            key: self.snapshot_key(spec),
+            policy: spec.policy.clone(),
+            language: spec.language,
+            extras: spec.extras.clone(),
+            golden: Mutex::new(Golden::Building),
+            spawned: std::sync::atomic::AtomicU64::new(0),
+        });
+        t.clone().build();
+        Ok(Some(Arc::new(t)))
     }
 
     fn reap(&self, host_state: &serde_json::Value) -> usize {
@@ -1781,5 +2102,136 @@ impl Backend for MicrovmBackend {
             works,
             fix,
         }
+    }
+}
+
+// ---------------------------------------------------------------------
+// Pools restored from golden snapshots
+
+/// A pool's source of restored VMs: its golden snapshot, made in the
+/// background when missing (until then, and whenever it cannot be made,
+/// sandboxes boot cold).
+#[derive(Debug)]
+struct SnapshotTemplate {
+    backend: MicrovmBackend,
+    key: String,
+    policy: Policy,
+    language: Language,
+    extras: airlock_sandbox::Extras,
+    golden: Mutex<Golden>,
+    spawned: std::sync::atomic::AtomicU64,
+}
+
+impl SnapshotTemplate {
+    fn set(&self, g: Golden) {
+        *self.golden.lock().unwrap_or_else(|e| e.into_inner()) = g;
+    }
+
+    /// Finds the golden snapshot, or makes it, in a thread of its own.
+    fn build(self: Arc<Self>) {
+        self.set(Golden::Building);
+        let spawned = std::thread::Builder::new()
+            .name("airlock-golden".into())
+            .spawn(move || {
+                let b = &self.backend;
+                let found = match b.snaps.load(&self.key) {
+                    Ok(found) => found,
+                    Err(why) => {
+                        tracing::warn!(key = %self.key, reason = %why, "snapshot refused; made again");
+                        b.snaps.remove(&self.key);
+                        None
+                    }
+                };
+                let got = match found {
+                    Some(s) => Ok(s),
+                    None => {
+                        let t = std::time::Instant::now();
+                        let made = b.make_golden(&self.key, &self.policy, self.language, &self.extras);
+                        if made.is_ok() {
+                            tracing::info!(key = %self.key, ms = t.elapsed().as_millis() as u64, "golden snapshot made");
+                        }
+                        made
+                    }
+                };
+                match got {
+                    Ok(s) => self.set(Golden::Ready(Arc::new(s))),
+                    Err(why) => {
+                        tracing::warn!(key = %self.key, reason = %why, "no golden snapshot; microVMs boot cold");
+                        self.set(Golden::Failed);
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no golden snapshot thread");
+        }
+    }
+
+    fn cold(&self) -> Result<Box<dyn Prepared>, BackendError> {
+        self.backend.prepare(&Spec {
+            policy: &self.policy,
+            language: self.language,
+            extras: &self.extras,
+        })
+    }
+}
+
+impl Template for Arc<SnapshotTemplate> {
+    fn spawn(&self) -> Result<Box<dyn Prepared>, BackendError> {
+        self.spawned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ready = match &*self.golden.lock().unwrap_or_else(|e| e.into_inner()) {
+            Golden::Ready(s) => Some(s.clone()),
+            _ => None,
+        };
+        if ready.is_none() {
+            return self.cold();
+        }
+        // Checked again before every restore: a snapshot whose files no
+        // longer match their digests is never restored (it is made again
+        // meanwhile, and this sandbox boots).
+        let snap = match self.backend.snaps.load(&self.key) {
+            Ok(Some(s)) => s,
+            refused => {
+                let why = refused.err().unwrap_or_else(|| "missing".into());
+                tracing::warn!(key = %self.key, reason = %why, "snapshot refused; made again");
+                self.backend.snaps.remove(&self.key);
+                self.clone().build();
+                return self.cold();
+            }
+        };
+        let launcher = ModeLauncher {
+            base: self.backend.launcher.clone(),
+            mode: SnapMode::Restore {
+                dir: snap.dir.clone(),
+                transcript: snap.transcript.clone(),
+            },
+            snapshot: Some(snap.id.clone()),
+        };
+        let sb = self.backend.engine.prepare_agent(
+            &self.policy,
+            self.language,
+            &self.extras,
+            &launcher,
+        )?;
+        Ok(Box::new(crate::oci::HostedSandbox {
+            inner: crate::process::ProcessSandbox::from(sb),
+            backend: "microvm",
+            name_key: "vm",
+        }))
+    }
+
+    fn healthy(&self) -> bool {
+        true
+    }
+
+    fn is_fast(&self) -> bool {
+        matches!(
+            &*self.golden.lock().unwrap_or_else(|e| e.into_inner()),
+            Golden::Ready(_)
+        )
+    }
+
+    fn spawned(&self) -> u64 {
+        self.spawned.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -249,6 +249,7 @@ impl Launcher for OciLauncher {
                 egress_relay: false,
                 protect_pid1: false,
                 accelerator: None,
+                snapshot: None,
                 start_timeout: None,
             },
             Kind::Gvisor => Isolated {
@@ -283,6 +284,7 @@ impl Launcher for OciLauncher {
                 egress_relay: true,
                 protect_pid1: true,
                 accelerator: None,
+                snapshot: None,
                 start_timeout: None,
             },
         }

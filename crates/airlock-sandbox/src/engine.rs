@@ -566,6 +566,7 @@ impl Engine {
                 host_uid,
                 image: None,
                 accelerator: None,
+                snapshot: None,
             },
             setup_time: Duration::ZERO,
             cleanup: None,

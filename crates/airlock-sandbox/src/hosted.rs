@@ -138,6 +138,9 @@ pub struct Isolated {
     pub protect_pid1: bool,
     /// A virtual machine's accelerator (`kvm`, `tcg`), for the result.
     pub accelerator: Option<&'static str>,
+    /// The golden snapshot a virtual machine is restored from, for the
+    /// result.
+    pub snapshot: Option<String>,
     /// How long the agent may take to report every layer applied, when
     /// longer than [`AGENT_START_TIMEOUT`] (a guest kernel booting under
     /// software emulation on a busy host).
@@ -242,6 +245,19 @@ impl Engine {
     /// Builds a sandbox whose isolation `launcher`'s runtime makes, with the
     /// agent inside applying the rest; from `Ready` on it is supervised
     /// exactly like a process sandbox.
+    /// The host ids a hosted sandbox's code runs as, and the ids its
+    /// runtime (or VM monitor's QEMU) is set up as: as root, the ids just
+    /// below the code's; unprivileged, this user's for both.
+    pub fn hosted_ids(&self) -> ((u32, u32), (u32, u32)) {
+        if sys::geteuid() == 0 {
+            let ids = self.root_host_ids();
+            (ids, (ids.0.saturating_sub(1), ids.1.saturating_sub(1)))
+        } else {
+            let ids = (sys::geteuid(), sys::getegid());
+            (ids, ids)
+        }
+    }
+
     pub fn prepare_agent(
         &self,
         policy: &Policy,
@@ -360,13 +376,7 @@ impl Engine {
             .open("/dev/null")
             .map_err(SandboxError::SpawnInit)?;
         let image = self.agent_image()?;
-        let (host_ids, setup_ids) = if euid == 0 {
-            let ids = self.root_host_ids();
-            (ids, (ids.0.saturating_sub(1), ids.1.saturating_sub(1)))
-        } else {
-            let ids = (euid, sys::getegid());
-            (ids, ids)
-        };
+        let (host_ids, setup_ids) = self.hosted_ids();
         let launch = AgentLaunch {
             name: &name,
             view: &view,
@@ -432,6 +442,7 @@ impl Engine {
             host_uid: host_ids.0,
             image: image_root.map(|i| i.id.clone()),
             accelerator: isolated.accelerator.map(String::from),
+            snapshot: isolated.snapshot.clone(),
         };
         let mut sb = Sandbox::hosted(crate::engine::HostedParts {
             child: InitProc::Child(child),

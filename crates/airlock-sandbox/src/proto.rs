@@ -307,6 +307,9 @@ pub struct VmGuestConfig {
     /// Host randomness (hex) mixed into the guest's pool before the agent
     /// starts.
     pub seed: String,
+    /// The host's realtime clock as the VM starts (seconds, nanoseconds):
+    /// the guest has no clock device of its own.
+    pub clock: (u64, u32),
     /// The policy's memory limit, bytes: the guest's own cgroup around the
     /// sandbox (no swap).
     pub memory_bytes: u64,

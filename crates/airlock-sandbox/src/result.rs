@@ -117,6 +117,10 @@ pub struct Enforced {
     /// `tcg` (QEMU's software emulation: development and tests only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accelerator: Option<String>,
+    /// The golden snapshot a microVM was restored from (`sha256:` of what
+    /// shaped it); absent: it booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// Everything known about one finished execution.

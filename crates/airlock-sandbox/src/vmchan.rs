@@ -185,6 +185,12 @@ pub struct Mux {
     /// Guest: a resume's payload not yet taken by its init (nothing after
     /// it is parsed until it is).
     resumed: Option<Vec<u8>>,
+    /// Recording: which streams (bit per stream), up to how many bytes.
+    record_mask: u32,
+    record_max: usize,
+    log: Vec<(u8, bool, Vec<u8>)>,
+    log_bytes: usize,
+    log_over: bool,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -229,7 +235,44 @@ impl Mux {
             quiesce: Quiesce::Running,
             quiesced: false,
             resumed: None,
+            record_mask: 0,
+            record_max: 0,
+            log: Vec::new(),
+            log_bytes: 0,
+            log_over: false,
         })
+    }
+
+    /// Records the data this end sends and receives on `streams` from now
+    /// on, in order (adjacent pieces of one stream and direction joined),
+    /// up to `max` bytes in all: a golden VM's exchange with its engine.
+    pub fn record(&mut self, streams: &[u8], max: usize) {
+        self.record_mask = streams
+            .iter()
+            .filter(|s| (**s as usize) < STREAMS)
+            .fold(0, |m, s| m | 1 << s);
+        self.record_max = max;
+    }
+
+    /// What was recorded: (stream, sent by this end, bytes); None when it
+    /// outgrew its bound.
+    pub fn recorded(&self) -> Option<&[(u8, bool, Vec<u8>)]> {
+        (!self.log_over).then_some(&self.log[..])
+    }
+
+    fn note_data(&mut self, stream: usize, sent: bool, bytes: &[u8]) {
+        if self.record_mask & (1 << stream) == 0 || self.log_over {
+            return;
+        }
+        if self.log_bytes + bytes.len() > self.record_max {
+            self.log_over = true;
+            return;
+        }
+        self.log_bytes += bytes.len();
+        match self.log.last_mut() {
+            Some((s, d, b)) if *s as usize == stream && *d == sent => b.extend_from_slice(bytes),
+            _ => self.log.push((stream as u8, sent, bytes.to_vec())),
+        }
     }
 
     /// Marks this end as the guest's (a channel is the host's otherwise).
@@ -507,6 +550,7 @@ impl Mux {
             Ok(n) => {
                 s.credit -= n;
                 self.push_frame(DATA, i as u8, &buf[..n]);
+                self.note_data(i, true, &buf[..n]);
             }
             Err(e) if would_block(&e) => {}
             Err(_) => {
@@ -652,6 +696,10 @@ impl Mux {
                     break;
                 }
                 _ => {}
+            }
+            if kind == DATA && self.record_mask & (1 << id) != 0 {
+                let bytes = self.rx[payload.clone()].to_vec();
+                self.note_data(id, false, &bytes);
             }
             let s = &mut self.streams[id];
             match kind {

@@ -293,6 +293,10 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
         }
         _ => fail(Some(&mut mux), "configuration", "seed"),
     }
+    // No clock device (rtc=off): the host's time, as the VM started.
+    if let Err(e) = sys::set_realtime(cfg.clock.0, cfg.clock.1) {
+        fail(Some(&mut mux), "clock", e)
+    }
     if let Err(e) = limits(&cfg) {
         fail(Some(&mut mux), "cgroup", e)
     }

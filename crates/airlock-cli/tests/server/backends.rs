@@ -644,3 +644,144 @@ def handler(ax, input):
     let v = s.exec(&key, json!({"language": "shell", "code": "echo ok"}));
     assert_eq!(v["result"]["enforced"]["backend"], "process", "{v}");
 }
+
+/// Runs `code` on the microvm backend until `n` results came from VMs
+/// restored from a snapshot (the pool's first VMs may boot while the golden
+/// one is made); returns those results.
+fn restored_runs(s: &Server, key: &str, code: &str, n: usize) -> Vec<serde_json::Value> {
+    let mut got = Vec::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    while got.len() < n {
+        assert!(
+            std::time::Instant::now() < end,
+            "never restored: {}",
+            s.log()
+        );
+        let v = s.exec(
+            key,
+            json!({"language": "python", "code": code, "isolation": "microvm"}),
+        );
+        assert_eq!(v["status"], "finished", "{v}");
+        assert_eq!(v["result"]["enforced"]["backend"], "microvm", "{v}");
+        if v["result"]["enforced"]["snapshot"].is_string() {
+            got.push(v);
+        }
+    }
+    got
+}
+
+#[test]
+fn microvm_pools_restore_a_golden_snapshot_with_fresh_entropy_and_remake_a_tampered_one() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "[backends]\noffer = [\"process\", \"microvm\"]\npools = [\"microvm\"]\n\
+         [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 1\njavascript = 0\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    let code = "import os, random, time\n\
+                print(os.urandom(16).hex(), random.random(),\n\
+                      open('/proc/sys/kernel/random/boot_id').read().strip(), time.time())";
+    let runs = restored_runs(&s, &key, code, 2);
+    let fields: Vec<Vec<String>> = runs
+        .iter()
+        .map(|v| {
+            v["result"]["stdout"]
+                .as_str()
+                .unwrap()
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        })
+        .collect();
+    // Positive control: both VMs are restores of the one golden VM.
+    let id = runs[0]["result"]["enforced"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(runs[1]["result"]["enforced"]["snapshot"], id.as_str());
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{id}");
+    // Yet nothing random is shared: the kernel's generator, python's
+    // `random`, the boot id; and the clock is the host's, not the
+    // snapshot's.
+    for (i, what) in ["urandom", "random", "boot_id"].iter().enumerate() {
+        assert_ne!(fields[0][i], fields[1][i], "{what}: {fields:?}");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for f in &fields {
+        let t: f64 = f[3].parse().unwrap();
+        assert!((now - t).abs() < 120.0, "guest clock {t}, host {now}");
+    }
+    // The snapshot's files: read-only for everyone, QEMU's group may read.
+    let snap = std::path::Path::new("/var/lib/airlock/vm/snap")
+        .join(format!("python-{}", &id["sha256:".len()..]));
+    use std::os::unix::fs::MetadataExt;
+    for f in ["mem", "state"] {
+        let m = std::fs::metadata(snap.join(f)).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o440, "{f}");
+        assert_eq!(m.uid(), 0, "{f}");
+    }
+    assert_eq!(
+        std::fs::metadata(snap.join("meta.json")).unwrap().mode() & 0o777,
+        0o600
+    );
+    // One byte of the saved devices changed: refused before any restore,
+    // made again, and what is restored next comes from the new one.
+    let state = snap.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&state, &bytes).unwrap();
+    let refused = |why: &str| {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let log = s.log();
+            if log.contains("snapshot refused") && log.contains(why) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "not refused ({why}): {log}"
+            );
+            // The idle VM restored before the change is used up, so the
+            // pool restores again.
+            let v = s.exec(
+                &key,
+                json!({"language": "python", "code": "print(1)", "isolation": "microvm"}),
+            );
+            assert_eq!(v["status"], "finished", "{v}");
+        }
+    };
+    refused("state: digest mismatch");
+    let again = restored_runs(&s, &key, code, 1);
+    assert_eq!(again[0]["result"]["enforced"]["snapshot"], id.as_str());
+    assert_ne!(
+        std::fs::read(&state).unwrap(),
+        bytes,
+        "the changed state was kept"
+    );
+    // Metadata that names a device or a mount of its own is not followed:
+    // the snapshot is refused (only the policy it was made under counts).
+    let meta = snap.join("meta.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    m["devices"] = json!(["-device virtio-net-device"]);
+    m["mounts"] = json!([{"host": "/", "target": "/host"}]);
+    std::fs::write(&meta, serde_json::to_vec(&m).unwrap()).unwrap();
+    refused("unknown field `devices`");
+    let v = &restored_runs(&s, &key, "print(open('/proc/mounts').read())", 1)[0];
+    let mounts = v["result"]["stdout"].as_str().unwrap();
+    assert!(!mounts.contains("/host"), "{mounts}");
+    assert!(
+        !String::from_utf8_lossy(&std::fs::read(&meta).unwrap()).contains("devices"),
+        "the tampered metadata was kept"
+    );
+}

@@ -1,0 +1,566 @@
+//! Golden microVM snapshots: one per (language, policy, guest artifacts,
+//! kernel, QEMU, accelerator), made by booting a VM through the ordinary
+//! path until its runner waits for code, quiescing its channel and saving
+//! the machine (memory in a file of its own, devices in a migration
+//! stream). Every restore maps that memory copy-on-write (never read in,
+//! never written back), loads the devices, gets fresh entropy and the
+//! host's clock before anything else reaches it, and replays to its new
+//! engine the golden guest's side of the exchange both had before the
+//! code (after checking the engine's side is byte for byte the golden's).
+//!
+//! Nothing tenant-specific exists in a golden VM: it is made by the
+//! backend itself, before any request, like a warm pool's sandbox.
+//!
+//! Store layout (under the microVM store): `snap/<key>/` with `mem` and
+//! `state` (0440, group QEMU's: read by every restore's unprivileged
+//! QEMU, written by none) and `meta.json` (0600: the digests of both and
+//! the transcript). What a restore boots is checked against the digests
+//! first (the state file every time, the memory file whenever its inode
+//! or times changed); a snapshot that fails any check is removed and
+//! made again, never restored.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use airlock_sandbox::sys;
+use airlock_sandbox::vmchan::stream;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Bumped when what a snapshot holds or how it is restored changes.
+pub(crate) const FORMAT: u32 = 1;
+/// Largest exchange recorded between an engine and a golden VM.
+pub(crate) const MAX_TRANSCRIPT: usize = 1 << 20;
+/// Largest `meta.json` read.
+const MAX_META: u64 = 8 << 20;
+
+/// One piece of a golden VM's exchange with its engine, in order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Chunk {
+    /// The channel stream ([`stream::CTRL`] or [`stream::BROKER`]).
+    pub stream: u8,
+    /// Sent by the engine to the guest (else the guest's).
+    pub to_guest: bool,
+    pub bytes: Vec<u8>,
+}
+
+/// What a VM's monitor does with snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub(crate) enum SnapMode {
+    /// Boot, run until the runner waits for its code, save the machine
+    /// into `dir` (`mem`, `state`, `transcript.json`), end.
+    Create { dir: PathBuf },
+    /// Restore from `dir`, replaying `transcript` to the engine.
+    Restore {
+        dir: PathBuf,
+        transcript: Vec<Chunk>,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Meta {
+    format: u32,
+    key: String,
+    mem_sha256: String,
+    state_sha256: String,
+    transcript: Vec<Chunk>,
+}
+
+/// A golden snapshot checked against its digests.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    /// `sha256:<key>`: what shaped it, for results.
+    pub id: String,
+    pub dir: PathBuf,
+    pub transcript: Vec<Chunk>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_file(p: &Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    std::io::copy(&mut fs::File::open(p)?, &mut h)?;
+    Ok(hex(&h.finalize()))
+}
+
+/// Digests of memory files already checked, by what identifies their
+/// bytes unchanged (device, inode, size, change and modification times).
+type Seen = HashMap<PathBuf, ((u64, u64, u64, i64, i64, i64, i64), String)>;
+
+fn seen() -> &'static Mutex<Seen> {
+    static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
+    SEEN.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The digest of a (large) memory file: computed again only when the file
+/// may have changed since it was last computed.
+fn mem_digest(p: &Path) -> std::io::Result<String> {
+    let m = fs::metadata(p)?;
+    let id = (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    );
+    if let Some((was, digest)) = seen().lock().unwrap_or_else(|e| e.into_inner()).get(p)
+        && *was == id
+    {
+        return Ok(digest.clone());
+    }
+    let digest = sha256_file(p)?;
+    seen()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(p.to_path_buf(), (id, digest.clone()));
+    Ok(digest)
+}
+
+/// The snapshots of one store.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshots {
+    dir: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Snapshots {
+    /// `store/snap` (made 0755 like the rest of the store) and the store's
+    /// `tmp` for snapshots being made.
+    pub fn open(store: &Path) -> std::io::Result<Self> {
+        let dir = store.join("snap");
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .recursive(true)
+            .create(&dir)?;
+        let m = fs::symlink_metadata(&dir)?;
+        if !m.is_dir() || m.uid() != sys::geteuid() || m.mode() & 0o022 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} must be a directory owned by uid {} and writable by it only",
+                dir.display(),
+                sys::geteuid()
+            )));
+        }
+        Ok(Snapshots {
+            dir,
+            tmp: store.join("tmp"),
+        })
+    }
+
+    /// Where the snapshot keyed `key` lives.
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    /// A directory for a snapshot being made, with its two files created
+    /// empty and writable by QEMU's group only (the golden VM's QEMU, as
+    /// that user, maps the one and writes the other).
+    pub fn begin(&self, qemu_gid: u32) -> std::io::Result<PathBuf> {
+        let mut rnd = [0u8; 8];
+        sys::getrandom(&mut rnd)?;
+        let d = self.tmp.join(format!("snap-{}", hex(&rnd)));
+        fs::DirBuilder::new().mode(0o755).create(&d)?;
+        for f in ["mem", "state"] {
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(d.join(f))?;
+            std::os::unix::fs::fchown(&file, Some(sys::geteuid()), Some(qemu_gid))?;
+            file.set_permissions(fs::Permissions::from_mode(0o660))?;
+        }
+        Ok(d)
+    }
+
+    /// Publishes what `made` holds as the snapshot keyed `key`: its files
+    /// made read-only for everyone, their digests and the transcript the
+    /// monitor wrote recorded in `meta.json`, the directory moved into
+    /// place (replacing an older one).
+    pub fn commit(&self, key: &str, made: &Path) -> Result<Snapshot, String> {
+        let e = |what: &'static str| move |err: std::io::Error| format!("{what}: {err}");
+        let mut text = Vec::new();
+        fs::File::open(made.join("transcript.json"))
+            .and_then(|f| f.take(MAX_TRANSCRIPT as u64 * 8).read_to_end(&mut text))
+            .map_err(e("transcript"))?;
+        let transcript: Vec<Chunk> =
+            serde_json::from_slice(&text).map_err(|err| format!("transcript: {err}"))?;
+        for f in ["mem", "state"] {
+            fs::set_permissions(made.join(f), fs::Permissions::from_mode(0o440))
+                .map_err(e("permissions"))?;
+        }
+        let meta = Meta {
+            format: FORMAT,
+            key: key.to_string(),
+            mem_sha256: mem_digest(&made.join("mem")).map_err(e("memory file"))?,
+            state_sha256: sha256_file(&made.join("state")).map_err(e("state file"))?,
+            transcript,
+        };
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(made.join("meta.json"))
+            .map_err(e("meta"))?;
+        f.write_all(&serde_json::to_vec(&meta).map_err(|err| err.to_string())?)
+            .and_then(|_| f.sync_all())
+            .map_err(e("meta"))?;
+        let _ = fs::remove_file(made.join("transcript.json"));
+        let dest = self.path(key);
+        let _ = fs::remove_dir_all(&dest);
+        fs::rename(made, &dest).map_err(e("publish"))?;
+        Ok(Snapshot {
+            id: format!("sha256:{}", key.rsplit('-').next().unwrap_or(key)),
+            dir: dest,
+            transcript: meta.transcript,
+        })
+    }
+
+    /// The snapshot keyed `key` when there is one that passes every check;
+    /// `Err` names why one there is refused (the caller removes it).
+    pub fn load(&self, key: &str) -> Result<Option<Snapshot>, String> {
+        let dir = self.path(key);
+        let meta_path = dir.join("meta.json");
+        let mut text = Vec::new();
+        match fs::File::open(&meta_path) {
+            Ok(f) => {
+                f.take(MAX_META)
+                    .read_to_end(&mut text)
+                    .map_err(|err| format!("meta.json: {err}"))?;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(format!("meta.json: {err}")),
+        }
+        // Only what this module writes: a field added (a device, a mount,
+        // another kernel) is a refusal, never an instruction.
+        let meta: Meta =
+            serde_json::from_slice(&text).map_err(|err| format!("meta.json: {err}"))?;
+        if meta.format != FORMAT || meta.key != key {
+            return Err("meta.json: made for another format or key".into());
+        }
+        let euid = sys::geteuid();
+        for (f, want) in [("mem", &meta.mem_sha256), ("state", &meta.state_sha256)] {
+            let p = dir.join(f);
+            let m = fs::symlink_metadata(&p).map_err(|err| format!("{f}: {err}"))?;
+            // Writable by nobody (QEMU's group reads it): no VM can change
+            // what every later restore starts from.
+            if !m.is_file() || m.uid() != euid || m.mode() & 0o222 != 0 {
+                return Err(format!("{f}: not a read-only file of uid {euid}"));
+            }
+            let digest = if f == "mem" {
+                mem_digest(&p)
+            } else {
+                sha256_file(&p)
+            }
+            .map_err(|err| format!("{f}: {err}"))?;
+            if &digest != want {
+                return Err(format!("{f}: digest mismatch"));
+            }
+        }
+        Ok(Some(Snapshot {
+            id: format!("sha256:{}", key.rsplit('-').next().unwrap_or(key)),
+            dir,
+            transcript: meta.transcript,
+        }))
+    }
+
+    /// Removes a refused snapshot (renamed away first, so a restore
+    /// starting meanwhile cannot see half of it).
+    pub fn remove(&self, key: &str) {
+        let mut rnd = [0u8; 8];
+        let _ = sys::getrandom(&mut rnd);
+        let away = self.tmp.join(format!("refused-{}", hex(&rnd)));
+        if fs::rename(self.path(key), &away).is_ok() {
+            let _ = fs::remove_dir_all(&away);
+        }
+    }
+}
+
+/// The transcript a golden monitor recorded, as chunks; only the control
+/// stream both ways and the broker from the guest belong in it.
+pub(crate) fn transcript(log: &[(u8, bool, Vec<u8>)]) -> Result<Vec<Chunk>, &'static str> {
+    log.iter()
+        .map(|(s, sent, b)| match (*s, *sent) {
+            (stream::CTRL, _) | (stream::BROKER, false) => Ok(Chunk {
+                stream: *s,
+                to_guest: *sent,
+                bytes: b.clone(),
+            }),
+            _ => Err("the engine wrote on the broker before the snapshot"),
+        })
+        .collect()
+}
+
+/// Whether the golden guest's runner has said its first broker frame (its
+/// hello): it then waits for its code, and the machine may be saved.
+pub(crate) fn runner_waits(log: &[(u8, bool, Vec<u8>)]) -> bool {
+    let from_runner: Vec<u8> = log
+        .iter()
+        .filter(|(s, sent, _)| *s == stream::BROKER && !*sent)
+        .flat_map(|(_, _, b)| b.iter().copied())
+        .collect();
+    from_runner.len() >= 4 && {
+        let n = u32::from_le_bytes([
+            from_runner[0],
+            from_runner[1],
+            from_runner[2],
+            from_runner[3],
+        ]);
+        from_runner.len() >= 4 + n as usize
+    }
+}
+
+/// Plays the golden guest's side of `transcript` to a restored VM's
+/// engine: what the engine sends must be exactly what the golden engine
+/// sent (else this is not the sandbox the snapshot was made for), what the
+/// guest sent is sent again.
+pub(crate) fn replay(
+    transcript: &[Chunk],
+    ctrl: &OwnedFd,
+    broker: Option<&OwnedFd>,
+    within: Duration,
+) -> Result<(), String> {
+    let end = Instant::now() + within;
+    for c in transcript {
+        match (c.stream, c.to_guest, broker) {
+            (stream::CTRL, true, _) => {
+                let mut got = vec![0u8; c.bytes.len()];
+                read_exact(ctrl, &mut got, end)?;
+                if got != c.bytes {
+                    return Err(
+                        "the engine's side differs from the snapshot's (made for another sandbox)"
+                            .into(),
+                    );
+                }
+            }
+            (stream::CTRL, false, _) => write_all(ctrl, &c.bytes, end)?,
+            (stream::BROKER, false, Some(b)) => write_all(b, &c.bytes, end)?,
+            _ => return Err("the snapshot's transcript does not fit this sandbox".into()),
+        }
+    }
+    Ok(())
+}
+
+fn wait_for(fd: &OwnedFd, events: i16, end: Instant) -> Result<(), String> {
+    let left = end.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err("timed out replaying the snapshot's exchange".into());
+    }
+    let rev = sys::poll(
+        &[(fd.as_raw_fd(), events)],
+        left.as_millis().min(60_000) as i32,
+    )
+    .map_err(|e| e.to_string())?;
+    if rev[0] & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        return Err("the engine's channel failed".into());
+    }
+    Ok(())
+}
+
+fn read_exact(fd: &OwnedFd, buf: &mut [u8], end: Instant) -> Result<(), String> {
+    let mut off = 0;
+    while off < buf.len() {
+        wait_for(fd, libc::POLLIN, end)?;
+        match sys::read_fd(fd.as_raw_fd(), &mut buf[off..]) {
+            Ok(0) => return Err("the engine hung up".into()),
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+fn write_all(fd: &OwnedFd, buf: &[u8], end: Instant) -> Result<(), String> {
+    let mut off = 0;
+    while off < buf.len() {
+        wait_for(fd, libc::POLLOUT, end)?;
+        match sys::write_fd(fd.as_raw_fd(), &buf[off..]) {
+            Ok(0) => return Err("the engine hung up".into()),
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// A minimal QMP client (QEMU's JSON control protocol) over a socket the
+/// golden VM's QEMU was started with: enough to pause the VM and save it.
+pub(crate) struct Qmp {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl Qmp {
+    pub fn new(fd: OwnedFd) -> Self {
+        Qmp {
+            fd,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Runs `cmd` and returns its `return` value (greeting and events
+    /// skipped). QEMU's answers are bounded to 1 MiB a line.
+    pub fn call(
+        &mut self,
+        cmd: &str,
+        args: serde_json::Value,
+        within: Duration,
+    ) -> Result<serde_json::Value, String> {
+        let end = Instant::now() + within;
+        let mut line = serde_json::to_vec(&serde_json::json!({"execute": cmd, "arguments": args}))
+            .map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        write_all(&self.fd, &line, end).map_err(|e| format!("QMP {cmd}: {e}"))?;
+        loop {
+            let msg = self.line(end).map_err(|e| format!("QMP {cmd}: {e}"))?;
+            if let Some(r) = msg.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(err) = msg.get("error") {
+                return Err(format!(
+                    "QMP {cmd}: {}",
+                    err.get("desc").and_then(|d| d.as_str()).unwrap_or("error")
+                ));
+            }
+        }
+    }
+
+    fn line(&mut self, end: Instant) -> Result<serde_json::Value, String> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).collect();
+                return serde_json::from_slice(&line).map_err(|e| e.to_string());
+            }
+            if self.buf.len() > 1 << 20 {
+                return Err("answer too long".into());
+            }
+            wait_for(&self.fd, libc::POLLIN, end)?;
+            let mut chunk = [0u8; 4096];
+            match sys::read_fd(self.fd.as_raw_fd(), &mut chunk) {
+                Ok(0) => return Err("QEMU closed its control socket".into()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Loads saved devices from `state` into a VM started with
+    /// `-incoming defer` (its memory mapped from the snapshot's file),
+    /// waiting until they are loaded and the VM runs. The socket stays
+    /// open (QEMU's), unused after.
+    pub fn load(mut self, state: &Path) -> Result<(), String> {
+        let t = Duration::from_secs(30);
+        self.call("qmp_capabilities", serde_json::json!({}), t)?;
+        self.call(
+            "migrate-set-capabilities",
+            serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+            t,
+        )?;
+        self.call(
+            "migrate-incoming",
+            serde_json::json!({"uri": format!("file:{}", state.display())}),
+            t,
+        )?;
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let st = self.call("query-status", serde_json::json!({}), t)?;
+            if st.get("running").and_then(|r| r.as_bool()) == Some(true) {
+                // Kept open: QEMU would log a closed monitor.
+                std::mem::forget(self.fd);
+                return Ok(());
+            }
+            let mig = self.call("query-migrate", serde_json::json!({}), t)?;
+            // The golden VM was paused when it was saved, so its restore
+            // stays paused once loaded: it runs when told.
+            if mig.get("status").and_then(|s| s.as_str()) == Some("completed") {
+                self.call("cont", serde_json::json!({}), t)?;
+                continue;
+            }
+            if matches!(
+                mig.get("status").and_then(|s| s.as_str()),
+                Some("failed") | Some("cancelled")
+            ) {
+                return Err(format!(
+                    "loading the VM failed: {}",
+                    mig.get("error-desc").and_then(|d| d.as_str()).unwrap_or("")
+                ));
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "loading the VM timed out (VM {}, load {})",
+                    st.get("status").and_then(|s| s.as_str()).unwrap_or("?"),
+                    mig.get("status").and_then(|s| s.as_str()).unwrap_or("?")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Pauses the VM and saves its devices to `state` (its memory is
+    /// already in its shared file), waiting until the save completed.
+    pub fn save(&mut self, state: &Path) -> Result<(), String> {
+        let t = Duration::from_secs(30);
+        self.call("qmp_capabilities", serde_json::json!({}), t)?;
+        self.call("stop", serde_json::json!({}), t)?;
+        self.call(
+            "migrate-set-capabilities",
+            serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
+            t,
+        )?;
+        self.call(
+            "migrate",
+            serde_json::json!({"uri": format!("file:{}", state.display())}),
+            t,
+        )?;
+        let end = Instant::now() + Duration::from_secs(300);
+        loop {
+            let st = self.call("query-migrate", serde_json::json!({}), t)?;
+            match st.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(format!(
+                        "saving the VM failed: {}",
+                        st.get("error-desc").and_then(|d| d.as_str()).unwrap_or("")
+                    ));
+                }
+                _ if Instant::now() > end => return Err("saving the VM timed out".into()),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// Snapshot state of one pool template.
+#[derive(Debug)]
+pub(crate) enum Golden {
+    Building,
+    Ready(Arc<Snapshot>),
+    /// It could not be made (logged): sandboxes boot.
+    Failed,
+}
