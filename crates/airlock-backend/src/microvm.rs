@@ -1976,7 +1976,7 @@ impl MicrovmBackend {
     /// The host pieces and artifacts, for `doctor`.
     pub fn describe(&self) -> String {
         format!(
-            "{}, kernel {}, root image {}, accelerator {}",
+            "{}, kernel {}, root image {}, accelerator {}, {}",
             self.launcher.host.qemu_version,
             self.launcher
                 .host
@@ -1985,7 +1985,8 @@ impl MicrovmBackend {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             self.launcher.artifacts.root_id,
-            self.accel().as_str()
+            self.accel().as_str(),
+            self.snaps.summary()
         )
     }
 

@@ -153,10 +153,41 @@ impl Snapshots {
                 sys::geteuid()
             )));
         }
-        Ok(Snapshots {
-            dir,
-            tmp: store.join("tmp"),
-        })
+        let tmp = store.join("tmp");
+        // Snapshots left half made by a server that was killed (an hour is
+        // far longer than making one takes, so none another process is
+        // still making).
+        for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > Duration::from_secs(3600));
+            if old && (name.starts_with("snap-") || name.starts_with("refused-")) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(Snapshots { dir, tmp })
+    }
+
+    /// Golden snapshots in the store, by language (what `doctor` shows;
+    /// each is checked when it is used).
+    pub fn summary(&self) -> String {
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            if e.path().join("meta.json").is_file() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let lang = name.split('-').next().unwrap_or("").to_string();
+                *by.entry(lang).or_default() += 1;
+            }
+        }
+        if by.is_empty() {
+            return "no golden snapshot yet (a server's python pool makes one)".into();
+        }
+        let parts: Vec<String> = by.iter().map(|(l, n)| format!("{n} {l}")).collect();
+        format!("golden snapshots: {}", parts.join(", "))
     }
 
     /// Where the snapshot keyed `key` lives.

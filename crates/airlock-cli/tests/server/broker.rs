@@ -14,7 +14,12 @@ FD = int(os.environ["AIRLOCK_BROKER_FD"])
 def read_exact(n):
     out = b""
     while len(out) < n:
-        b = os.read(FD, n - len(out))
+        try:
+            b = os.read(FD, n - len(out))
+        except ConnectionResetError:
+            # The broker closed the channel with bytes of ours unread
+            # (a frame it refused): a close, as the kernel reports it.
+            return None
         if not b:
             return None
         out += b
