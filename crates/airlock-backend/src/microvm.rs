@@ -1173,6 +1173,29 @@ impl Launcher for VmLauncher {
     }
 }
 
+/// Why a restore was refused before it started: its snapshot's guest was
+/// configured with another view.
+const STALE_VIEW: &str = "the snapshot was made for another view of the sandbox";
+
+/// sha256 of a guest's configuration without what each VM gets afresh.
+fn guest_view_digest(g: &VmGuestConfig) -> String {
+    let mut g = g.clone();
+    g.seed = String::new();
+    g.clock = (0, 0);
+    hex(&Sha256::digest(serde_json::to_vec(&g).unwrap_or_default()))
+}
+
+/// The host ids a golden VM's QEMU runs as: as root, ids of its own (just
+/// below every other VM's), so no other VM's QEMU, should a guest take it
+/// over, can write the files a golden VM is being saved into.
+fn golden_ids(setup: (u32, u32)) -> (u32, u32) {
+    if sys::geteuid() == 0 {
+        (setup.0.saturating_sub(1), setup.1.saturating_sub(1))
+    } else {
+        setup
+    }
+}
+
 /// A VM made into a golden snapshot or restored from one.
 #[derive(Debug)]
 struct ModeLauncher {
@@ -1230,7 +1253,10 @@ impl VmLauncher {
                 memory_mib: l.policy.limits.memory_mib + GUEST_OVERHEAD_MIB,
                 cpus: (l.policy.limits.cpus.ceil() as u32).clamp(1, 16),
                 accel: self.host.accel,
-                qemu_ids: l.setup_ids,
+                qemu_ids: match mode {
+                    Some(SnapMode::Create { .. }) => golden_ids(l.setup_ids),
+                    _ => l.setup_ids,
+                },
                 kvm_gid: match self.host.accel {
                     Accel::Kvm => fs::metadata("/dev/kvm").ok().map(|m| m.gid()),
                     Accel::Tcg => None,
@@ -1259,6 +1285,18 @@ impl VmLauncher {
                 console: std::env::var_os("AIRLOCK_VM_CONSOLE").map(PathBuf::from),
                 snapshot: mode.cloned(),
             };
+            // What a restore's guest already has: the view its golden VM
+            // was configured with. Recorded by the golden VM, compared by
+            // every restore (a change of the host's /etc, CA bundle or
+            // runtimes that the key does not see makes it stale).
+            let view = guest_view_digest(&cfg.guest);
+            match mode {
+                Some(SnapMode::Create { dir }) => fs::write(dir.join("guest.sha256"), &view)?,
+                Some(SnapMode::Restore { guest_sha256, .. }) if *guest_sha256 != view => {
+                    return Err(std::io::Error::other(STALE_VIEW));
+                }
+                _ => {}
+            }
             let p = state.join("vm.json");
             let mut f = fs::OpenOptions::new()
                 .write(true)
@@ -1666,13 +1704,31 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         payload[64..72].copy_from_slice(&now.as_secs().to_le_bytes());
         payload[72..76].copy_from_slice(&now.subsec_nanos().to_le_bytes());
         mux.resume(&payload);
-        mux.flush().map_err(|e| e.to_string())?;
-        if let Err(e) = snapshot::replay(
-            transcript,
-            &ctrl,
-            broker_replay.as_ref(),
-            std::time::Duration::from_secs(60),
-        ) {
+        // The guest answers once it has reseeded and set its clock:
+        // nothing is replayed to the engine for a VM that did not resume.
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let mut resumed = Ok(());
+        while !mux.resumed() {
+            let qemu_gone = match mux.step(&[(pidfd.as_raw_fd(), libc::POLLIN)], 100) {
+                Ok(rev) => rev[0] != 0,
+                Err(e) => {
+                    resumed = Err(e.to_string());
+                    break;
+                }
+            };
+            if qemu_gone || std::time::Instant::now() > end {
+                resumed = Err("the restored guest did not resume".to_string());
+                break;
+            }
+        }
+        if let Err(e) = resumed.and_then(|()| {
+            snapshot::replay(
+                transcript,
+                &ctrl,
+                broker_replay.as_ref(),
+                std::time::Duration::from_secs(60),
+            )
+        }) {
             let _ = writeln!(report, "airlock vm: restoring the snapshot: {e}");
             let _ = qemu.kill();
             let _ = qemu.wait();
@@ -1759,7 +1815,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                         Some(_) => {}
                     }
                 }
-                if quiescing && mux.quiesced() {
+                if quiescing && mux.quiesced() && mux.sent_all() {
                     save = true;
                     break None;
                 }
@@ -1903,6 +1959,18 @@ impl MicrovmBackend {
         key_file(&mut h, &l.host.qemu);
         h.update(l.host.qemu_version.as_bytes());
         h.update(l.host.accel.as_str().as_bytes());
+        // Under KVM the guest saw the host's CPU (`-cpu host`) and chose its
+        // mitigations for it: another CPU, microcode or host kernel makes
+        // another snapshot.
+        if l.host.accel == Accel::Kvm {
+            h.update(fs::read("/proc/sys/kernel/osrelease").unwrap_or_default());
+            let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            for field in ["model name", "microcode", "flags"] {
+                let line = cpuinfo.lines().find(|l| l.starts_with(field)).unwrap_or("");
+                h.update(line.as_bytes());
+                h.update([0]);
+            }
+        }
         h.update(serde_json::to_vec(spec.policy).unwrap_or_default());
         h.update(spec.language.as_str().as_bytes());
         let x = spec.extras;
@@ -1930,10 +1998,10 @@ impl MicrovmBackend {
         language: Language,
         extras: &airlock_sandbox::Extras,
     ) -> Result<snapshot::Snapshot, String> {
-        let gid = self.engine.hosted_ids().1.1;
+        let setup = self.engine.hosted_ids().1;
         let made = self
             .snaps
-            .begin(gid)
+            .begin(golden_ids(setup).1)
             .map_err(|e| format!("snapshot directory: {e}"))?;
         let result = (|| {
             let launcher = ModeLauncher {
@@ -1960,7 +2028,7 @@ impl MicrovmBackend {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             drop(sb);
-            self.snaps.commit(key, &made)
+            self.snaps.commit(key, &made, setup.1)
         })();
         if result.is_err() {
             let _ = fs::remove_dir_all(&made);
@@ -2065,6 +2133,7 @@ impl Backend for MicrovmBackend {
             extras: spec.extras.clone(),
             golden: Mutex::new(Golden::Building),
             spawned: std::sync::atomic::AtomicU64::new(0),
+            building: std::sync::atomic::AtomicBool::new(false),
         });
         t.clone().build();
         Ok(Some(Arc::new(t)))
@@ -2121,6 +2190,8 @@ struct SnapshotTemplate {
     extras: airlock_sandbox::Extras,
     golden: Mutex<Golden>,
     spawned: std::sync::atomic::AtomicU64,
+    /// A thread is finding or making the snapshot (one at a time).
+    building: std::sync::atomic::AtomicBool,
 }
 
 impl SnapshotTemplate {
@@ -2130,11 +2201,18 @@ impl SnapshotTemplate {
 
     /// Finds the golden snapshot, or makes it, in a thread of its own.
     fn build(self: Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.building.swap(true, Ordering::AcqRel) {
+            return;
+        }
         self.set(Golden::Building);
         let spawned = std::thread::Builder::new()
             .name("airlock-golden".into())
             .spawn(move || {
                 let b = &self.backend;
+                // One maker per key on this host (another server sharing
+                // the store waits here, then finds what this one made).
+                let _lock = b.snaps.lock(&self.key);
                 let found = match b.snaps.load(&self.key) {
                     Ok(found) => found,
                     Err(why) => {
@@ -2161,6 +2239,7 @@ impl SnapshotTemplate {
                         self.set(Golden::Failed);
                     }
                 }
+                self.building.store(false, Ordering::Release);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no golden snapshot thread");
@@ -2205,15 +2284,30 @@ impl Template for Arc<SnapshotTemplate> {
             mode: SnapMode::Restore {
                 dir: snap.dir.clone(),
                 transcript: snap.transcript.clone(),
+                guest_sha256: snap.guest_sha256.clone(),
             },
             snapshot: Some(snap.id.clone()),
         };
-        let sb = self.backend.engine.prepare_agent(
+        let sb = match self.backend.engine.prepare_agent(
             &self.policy,
             self.language,
             &self.extras,
             &launcher,
-        )?;
+        ) {
+            Ok(sb) => sb,
+            // Made for another view, or the engine's side differs from the
+            // golden's: this snapshot can serve no sandbox now.
+            Err(e)
+                if e.to_string().contains(STALE_VIEW)
+                    || e.to_string().contains(snapshot::NOT_THIS_SANDBOX) =>
+            {
+                tracing::warn!(key = %self.key, reason = %e, "snapshot refused; made again");
+                self.backend.snaps.remove(&self.key);
+                self.clone().build();
+                return self.cold();
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(Box::new(crate::oci::HostedSandbox {
             inner: crate::process::ProcessSandbox::from(sb),
             backend: "microvm",
@@ -2222,7 +2316,12 @@ impl Template for Arc<SnapshotTemplate> {
     }
 
     fn healthy(&self) -> bool {
-        true
+        // A snapshot that could not be made is tried again: the pool
+        // replaces a template that says no (after its back-off).
+        !matches!(
+            &*self.golden.lock().unwrap_or_else(|e| e.into_inner()),
+            Golden::Failed
+        )
     }
 
     fn is_fast(&self) -> bool {

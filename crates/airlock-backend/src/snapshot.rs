@@ -37,6 +37,9 @@ use sha2::{Digest, Sha256};
 pub(crate) const FORMAT: u32 = 1;
 /// Largest exchange recorded between an engine and a golden VM.
 pub(crate) const MAX_TRANSCRIPT: usize = 1 << 20;
+/// Why a replay stopped: the engine's side is not the golden engine's.
+pub(crate) const NOT_THIS_SANDBOX: &str =
+    "the engine's side differs from the snapshot's (made for another sandbox)";
 /// Largest `meta.json` read.
 const MAX_META: u64 = 8 << 20;
 
@@ -62,6 +65,8 @@ pub(crate) enum SnapMode {
     Restore {
         dir: PathBuf,
         transcript: Vec<Chunk>,
+        /// The golden guest's configuration (see `guest_view_digest`).
+        guest_sha256: String,
     },
 }
 
@@ -72,6 +77,7 @@ struct Meta {
     key: String,
     mem_sha256: String,
     state_sha256: String,
+    guest_sha256: String,
     transcript: Vec<Chunk>,
 }
 
@@ -82,6 +88,7 @@ pub(crate) struct Snapshot {
     pub id: String,
     pub dir: PathBuf,
     pub transcript: Vec<Chunk>,
+    pub guest_sha256: String,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -96,7 +103,7 @@ fn sha256_file(p: &Path) -> std::io::Result<String> {
 
 /// Digests of memory files already checked, by what identifies their
 /// bytes unchanged (device, inode, size, change and modification times).
-type Seen = HashMap<PathBuf, ((u64, u64, u64, i64, i64, i64, i64), String)>;
+type Seen = HashMap<(u64, u64), ((u64, i64, i64, i64, i64), String)>;
 
 fn seen() -> &'static Mutex<Seen> {
     static SEEN: OnceLock<Mutex<Seen>> = OnceLock::new();
@@ -107,16 +114,16 @@ fn seen() -> &'static Mutex<Seen> {
 /// may have changed since it was last computed.
 fn mem_digest(p: &Path) -> std::io::Result<String> {
     let m = fs::metadata(p)?;
+    // By inode, not path: a snapshot moved into place keeps its digest.
+    let file = (m.dev(), m.ino());
     let id = (
-        m.dev(),
-        m.ino(),
         m.size(),
         m.mtime(),
         m.mtime_nsec(),
         m.ctime(),
         m.ctime_nsec(),
     );
-    if let Some((was, digest)) = seen().lock().unwrap_or_else(|e| e.into_inner()).get(p)
+    if let Some((was, digest)) = seen().lock().unwrap_or_else(|e| e.into_inner()).get(&file)
         && *was == id
     {
         return Ok(digest.clone());
@@ -125,7 +132,7 @@ fn mem_digest(p: &Path) -> std::io::Result<String> {
     seen()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .insert(p.to_path_buf(), (id, digest.clone()));
+        .insert(file, (id, digest.clone()));
     Ok(digest)
 }
 
@@ -190,15 +197,32 @@ impl Snapshots {
         format!("golden snapshots: {}", parts.join(", "))
     }
 
+    /// Holds the lock of `key` (an exclusive `flock` on `snap/<key>.lock`)
+    /// until dropped: one process makes or removes a key's snapshot at a
+    /// time. None when the lock file cannot be opened (then unlocked).
+    pub fn lock(&self, key: &str) -> Option<fs::File> {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.dir.join(format!("{key}.lock")))
+            .ok()?;
+        // SAFETY: flock on a descriptor this function owns; it blocks until
+        // the lock is held, which the file's lifetime then keeps.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        (r == 0).then_some(f)
+    }
+
     /// Where the snapshot keyed `key` lives.
     pub fn path(&self, key: &str) -> PathBuf {
         self.dir.join(key)
     }
 
     /// A directory for a snapshot being made, with its two files created
-    /// empty and writable by QEMU's group only (the golden VM's QEMU, as
-    /// that user, maps the one and writes the other).
-    pub fn begin(&self, qemu_gid: u32) -> std::io::Result<PathBuf> {
+    /// empty and writable by `golden_gid` only: the golden VM's QEMU, whose
+    /// group no other VM's QEMU has, maps the one and writes the other.
+    pub fn begin(&self, golden_gid: u32) -> std::io::Result<PathBuf> {
         let mut rnd = [0u8; 8];
         sys::getrandom(&mut rnd)?;
         let d = self.tmp.join(format!("snap-{}", hex(&rnd)));
@@ -209,7 +233,7 @@ impl Snapshots {
                 .create_new(true)
                 .mode(0o600)
                 .open(d.join(f))?;
-            std::os::unix::fs::fchown(&file, Some(sys::geteuid()), Some(qemu_gid))?;
+            std::os::unix::fs::fchown(&file, Some(sys::geteuid()), Some(golden_gid))?;
             file.set_permissions(fs::Permissions::from_mode(0o660))?;
         }
         Ok(d)
@@ -219,7 +243,9 @@ impl Snapshots {
     /// made read-only for everyone, their digests and the transcript the
     /// monitor wrote recorded in `meta.json`, the directory moved into
     /// place (replacing an older one).
-    pub fn commit(&self, key: &str, made: &Path) -> Result<Snapshot, String> {
+    /// The golden VM's QEMU has ended; the files become readable by
+    /// `qemu_gid` (every restore's QEMU) and writable by nobody.
+    pub fn commit(&self, key: &str, made: &Path, qemu_gid: u32) -> Result<Snapshot, String> {
         let e = |what: &'static str| move |err: std::io::Error| format!("{what}: {err}");
         let mut text = Vec::new();
         fs::File::open(made.join("transcript.json"))
@@ -228,14 +254,21 @@ impl Snapshots {
         let transcript: Vec<Chunk> =
             serde_json::from_slice(&text).map_err(|err| format!("transcript: {err}"))?;
         for f in ["mem", "state"] {
-            fs::set_permissions(made.join(f), fs::Permissions::from_mode(0o440))
-                .map_err(e("permissions"))?;
+            let p = made.join(f);
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o440)).map_err(e("permissions"))?;
+            std::os::unix::fs::chown(&p, Some(sys::geteuid()), Some(qemu_gid))
+                .map_err(e("owner"))?;
         }
+        let mut guest = String::new();
+        fs::File::open(made.join("guest.sha256"))
+            .and_then(|f| f.take(64).read_to_string(&mut guest))
+            .map_err(e("guest"))?;
         let meta = Meta {
             format: FORMAT,
             key: key.to_string(),
             mem_sha256: mem_digest(&made.join("mem")).map_err(e("memory file"))?,
             state_sha256: sha256_file(&made.join("state")).map_err(e("state file"))?,
+            guest_sha256: guest,
             transcript,
         };
         let mut f = fs::OpenOptions::new()
@@ -248,6 +281,7 @@ impl Snapshots {
             .and_then(|_| f.sync_all())
             .map_err(e("meta"))?;
         let _ = fs::remove_file(made.join("transcript.json"));
+        let _ = fs::remove_file(made.join("guest.sha256"));
         let dest = self.path(key);
         let _ = fs::remove_dir_all(&dest);
         fs::rename(made, &dest).map_err(e("publish"))?;
@@ -255,6 +289,7 @@ impl Snapshots {
             id: format!("sha256:{}", key.rsplit('-').next().unwrap_or(key)),
             dir: dest,
             transcript: meta.transcript,
+            guest_sha256: meta.guest_sha256,
         })
     }
 
@@ -303,6 +338,7 @@ impl Snapshots {
             id: format!("sha256:{}", key.rsplit('-').next().unwrap_or(key)),
             dir,
             transcript: meta.transcript,
+            guest_sha256: meta.guest_sha256,
         }))
     }
 
@@ -369,10 +405,7 @@ pub(crate) fn replay(
                 let mut got = vec![0u8; c.bytes.len()];
                 read_exact(ctrl, &mut got, end)?;
                 if got != c.bytes {
-                    return Err(
-                        "the engine's side differs from the snapshot's (made for another sandbox)"
-                            .into(),
-                    );
+                    return Err(NOT_THIS_SANDBOX.into());
                 }
             }
             (stream::CTRL, false, _) => write_all(ctrl, &c.bytes, end)?,
@@ -522,8 +555,6 @@ impl Qmp {
         loop {
             let st = self.call("query-status", serde_json::json!({}), t)?;
             if st.get("running").and_then(|r| r.as_bool()) == Some(true) {
-                // Kept open: QEMU would log a closed monitor.
-                std::mem::forget(self.fd);
                 return Ok(());
             }
             let mig = self.call("query-migrate", serde_json::json!({}), t)?;

@@ -23,8 +23,11 @@
 //! starts with a fresh host end whose first frame is *resume*
 //! ([`RESUME_LEN`] bytes: fresh entropy and the host's clock): the guest
 //! resets every stream's window to match the fresh host end and hands the
-//! payload to its init before it delivers anything that follows. Only the
-//! host may send quiesce and resume, only the guest quiesced.
+//! payload to its init before it delivers anything that follows; once its
+//! init has applied it, the guest answers *resumed*. After quiesce the host
+//! sends nothing at all (so no frame, whole or cut, is inside the saved
+//! machine), and a paused guest takes nothing but resume. Only the host may
+//! send quiesce and resume, only the guest quiesced and resumed.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -46,6 +49,7 @@ const CREDIT: u8 = 3;
 const QUIESCE: u8 = 4;
 const QUIESCED: u8 = 5;
 const RESUME: u8 = 6;
+const RESUMED: u8 = 7;
 
 /// Payload of a resume frame: 64 bytes of host entropy, then the host's
 /// realtime clock (seconds u64, nanoseconds u32, LE), then 4 zero bytes.
@@ -182,6 +186,8 @@ pub struct Mux {
     quiesce: Quiesce,
     /// Host: the guest answered quiesced.
     quiesced: bool,
+    /// Host: the guest answered resumed.
+    resumed_ack: bool,
     /// Guest: a resume's payload not yet taken by its init (nothing after
     /// it is parsed until it is).
     resumed: Option<Vec<u8>>,
@@ -234,6 +240,7 @@ impl Mux {
             end: End::Host,
             quiesce: Quiesce::Running,
             quiesced: false,
+            resumed_ack: false,
             resumed: None,
             record_mask: 0,
             record_max: 0,
@@ -281,10 +288,29 @@ impl Mux {
         self
     }
 
-    /// Host: asks the guest to quiesce (see the module's notes).
+    /// Host: asks the guest to quiesce (see the module's notes); from now
+    /// on this end sends nothing more (no data, no credit).
     pub fn quiesce(&mut self) {
-        if self.end == End::Host {
+        if self.end == End::Host && self.quiesce == Quiesce::Running {
             self.push_frame(QUIESCE, stream::VM, &[]);
+            self.quiesce = Quiesce::Asked;
+        }
+    }
+
+    /// Host: nothing this end queued is still unsent.
+    pub fn sent_all(&self) -> bool {
+        self.tx_len() == 0
+    }
+
+    /// Host: the restored guest has applied its resume.
+    pub fn resumed(&self) -> bool {
+        self.resumed_ack
+    }
+
+    /// Guest: its init has applied the resume: tells the host.
+    pub fn ack_resume(&mut self) {
+        if self.end == End::Guest {
+            self.push_frame(RESUMED, stream::VM, &[]);
         }
     }
 
@@ -472,7 +498,10 @@ impl Mux {
     /// Guest, asked to quiesce: once everything received is written out,
     /// credits every byte of it and answers; from then on sends nothing.
     fn finish_quiesce(&mut self) {
-        if self.quiesce != Quiesce::Asked || self.streams.iter().any(Stream::has_pending) {
+        if self.end != End::Guest
+            || self.quiesce != Quiesce::Asked
+            || self.streams.iter().any(Stream::has_pending)
+        {
             return;
         }
         for i in 0..STREAMS {
@@ -596,7 +625,7 @@ impl Mux {
     }
 
     fn queue_credits(&mut self) {
-        if self.quiesce == Quiesce::Paused {
+        if self.quiesce != Quiesce::Running {
             return;
         }
         for i in 0..STREAMS {
@@ -654,7 +683,9 @@ impl Mux {
                 (DATA, _) => (1..=MAX_PAYLOAD).contains(&len),
                 (EOF, _) => len == 0,
                 (CREDIT, _) => len == 4,
-                (QUIESCE, End::Guest) | (QUIESCED, End::Host) => len == 0 && id == 0,
+                (QUIESCE, End::Guest) | (QUIESCED, End::Host) | (RESUMED, End::Host) => {
+                    len == 0 && id == 0
+                }
                 (RESUME, End::Guest) => len == RESUME_LEN && id == 0,
                 _ => return Err(ChanError::Violation("unknown frame kind")),
             };
@@ -675,10 +706,17 @@ impl Mux {
                     continue;
                 }
                 QUIESCED => {
-                    if self.quiesced {
-                        return Err(ChanError::Violation("second quiesced"));
+                    if self.quiesce != Quiesce::Asked || self.quiesced {
+                        return Err(ChanError::Violation("quiesced unasked"));
                     }
                     self.quiesced = true;
+                    continue;
+                }
+                RESUMED => {
+                    if self.resumed_ack {
+                        return Err(ChanError::Violation("second resumed"));
+                    }
+                    self.resumed_ack = true;
                     continue;
                 }
                 RESUME => {
@@ -694,6 +732,11 @@ impl Mux {
                     self.resumed = Some(self.rx[payload].to_vec());
                     // What follows waits until the init has taken it.
                     break;
+                }
+                // A guest asked to quiesce, or paused, takes nothing but its
+                // resume: the host sends nothing after its quiesce.
+                _ if self.end == End::Guest && self.quiesce != Quiesce::Running => {
+                    return Err(ChanError::Violation("frame to a paused guest"));
                 }
                 _ => {}
             }
@@ -927,7 +970,7 @@ mod tests {
     #[test]
     fn hostile_frames_end_the_channel_with_their_reason() {
         assert_eq!(violation(&frame(DATA, 9, 1, b"x")), "unknown stream");
-        assert_eq!(violation(&frame(7, 1, 0, b"")), "unknown frame kind");
+        assert_eq!(violation(&frame(9, 1, 0, b"")), "unknown frame kind");
         assert_eq!(violation(&frame(DATA, 1, 0, b"")), "bad frame length");
         assert_eq!(
             violation(&frame(DATA, 1, u32::MAX, b"")),
@@ -973,10 +1016,17 @@ mod tests {
         // A guest cannot make its host quiesce, resume or pause.
         assert_eq!(violation(&frame(QUIESCE, 0, 0, b"")), "unknown frame kind");
         assert_eq!(violation(&resume), "unknown frame kind");
-        let mut twice = frame(QUIESCED, 0, 0, b"");
+        // Quiesced the host never asked for (it would skip the drain).
+        assert_eq!(violation(&frame(QUIESCED, 0, 0, b"")), "quiesced unasked");
+        let mut twice = frame(RESUMED, 0, 0, b"");
         assert_eq!(violation(&twice), "none");
-        twice.extend(frame(QUIESCED, 0, 0, b""));
-        assert_eq!(violation(&twice), "second quiesced");
+        twice.extend(frame(RESUMED, 0, 0, b""));
+        assert_eq!(violation(&twice), "second resumed");
+        // A paused guest takes nothing but its resume: no frame left in
+        // flight can be read as part of it.
+        let mut paused = frame(QUIESCE, 0, 0, b"");
+        paused.extend(frame(CREDIT, 1, 4, &1u32.to_le_bytes()));
+        assert_eq!(violation_at(End::Guest, &paused), "frame to a paused guest");
         // The host end's kinds reach a guest only as the host sends them.
         assert_eq!(
             violation_at(End::Guest, &frame(QUIESCED, 0, 0, b"")),
@@ -1087,6 +1137,9 @@ mod tests {
         );
         assert_eq!(guest.take_resume().unwrap(), payload);
         assert_eq!(guest.take_resume(), None);
+        assert!(!fresh.resumed());
+        guest.ack_resume();
+        pump(&mut fresh, &mut guest, |h, _| h.resumed());
         // Both ends now move more than a window each way without a
         // violation: their windows agree.
         let big: Vec<u8> = (0..2 * WINDOW + 5).map(|i| (i % 253) as u8).collect();

@@ -324,10 +324,11 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
         }
         // Restored from a snapshot: before anything else reaches the
         // sandbox, entropy and a clock of this machine's own.
-        if let Some(r) = mux.take_resume()
-            && let Err(e) = resume(&r)
-        {
-            fail(Some(&mut mux), "resume", e)
+        if let Some(r) = mux.take_resume() {
+            if let Err(e) = resume(&r) {
+                fail(Some(&mut mux), "resume", e)
+            }
+            mux.ack_resume();
         }
         // Once the agent is gone, what it wrote is sent, then the machine
         // ends (the host kills it anyway).
