@@ -2236,7 +2236,7 @@ impl SnapshotTemplate {
                     Ok(s) => self.set(Golden::Ready(Arc::new(s))),
                     Err(why) => {
                         tracing::warn!(key = %self.key, reason = %why, "no golden snapshot; microVMs boot cold");
-                        self.set(Golden::Failed);
+                        self.set(Golden::Failed(std::time::Instant::now()));
                     }
                 }
                 self.building.store(false, Ordering::Release);
@@ -2316,11 +2316,11 @@ impl Template for Arc<SnapshotTemplate> {
     }
 
     fn healthy(&self) -> bool {
-        // A snapshot that could not be made is tried again: the pool
-        // replaces a template that says no (after its back-off).
+        // A snapshot that could not be made is tried again ten minutes
+        // later: the pool replaces a template that says no.
         !matches!(
             &*self.golden.lock().unwrap_or_else(|e| e.into_inner()),
-            Golden::Failed
+            Golden::Failed(at) if at.elapsed() > std::time::Duration::from_secs(600)
         )
     }
 

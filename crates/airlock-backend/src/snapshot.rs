@@ -419,7 +419,7 @@ pub(crate) fn replay(
 fn wait_for(fd: &OwnedFd, events: i16, end: Instant) -> Result<(), String> {
     let left = end.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Err("timed out replaying the snapshot's exchange".into());
+        return Err("timed out".into());
     }
     let rev = sys::poll(
         &[(fd.as_raw_fd(), events)],
@@ -427,45 +427,47 @@ fn wait_for(fd: &OwnedFd, events: i16, end: Instant) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     if rev[0] & (libc::POLLERR | libc::POLLNVAL) != 0 {
-        return Err("the engine's channel failed".into());
+        return Err("the channel failed".into());
+    }
+    Ok(())
+}
+
+/// Moves `len` bytes through `op` (given the offset so far), waiting on
+/// `fd` for `events` between tries, until `end`.
+fn move_all(
+    fd: &OwnedFd,
+    len: usize,
+    events: i16,
+    end: Instant,
+    mut op: impl FnMut(usize) -> std::io::Result<usize>,
+) -> Result<(), String> {
+    let mut off = 0;
+    while off < len {
+        wait_for(fd, events, end)?;
+        match op(off) {
+            Ok(0) => return Err("the peer hung up".into()),
+            Ok(n) => off += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
     }
     Ok(())
 }
 
 fn read_exact(fd: &OwnedFd, buf: &mut [u8], end: Instant) -> Result<(), String> {
-    let mut off = 0;
-    while off < buf.len() {
-        wait_for(fd, libc::POLLIN, end)?;
-        match sys::read_fd(fd.as_raw_fd(), &mut buf[off..]) {
-            Ok(0) => return Err("the engine hung up".into()),
-            Ok(n) => off += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Ok(())
+    move_all(fd, buf.len(), libc::POLLIN, end, |off| {
+        sys::read_fd(fd.as_raw_fd(), &mut buf[off..])
+    })
 }
 
 fn write_all(fd: &OwnedFd, buf: &[u8], end: Instant) -> Result<(), String> {
-    let mut off = 0;
-    while off < buf.len() {
-        wait_for(fd, libc::POLLOUT, end)?;
-        match sys::write_fd(fd.as_raw_fd(), &buf[off..]) {
-            Ok(0) => return Err("the engine hung up".into()),
-            Ok(n) => off += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Ok(())
+    move_all(fd, buf.len(), libc::POLLOUT, end, |off| {
+        sys::write_fd(fd.as_raw_fd(), &buf[off..])
+    })
 }
 
 /// A minimal QMP client (QEMU's JSON control protocol) over a socket the
@@ -536,16 +538,11 @@ impl Qmp {
 
     /// Loads saved devices from `state` into a VM started with
     /// `-incoming defer` (its memory mapped from the snapshot's file),
-    /// waiting until they are loaded and the VM runs. The socket stays
-    /// open (QEMU's), unused after.
+    /// waiting until they are loaded and the VM runs. The socket is closed
+    /// after (nobody would read QEMU's events on it).
     pub fn load(mut self, state: &Path) -> Result<(), String> {
         let t = Duration::from_secs(30);
-        self.call("qmp_capabilities", serde_json::json!({}), t)?;
-        self.call(
-            "migrate-set-capabilities",
-            serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
-            t,
-        )?;
+        self.ignore_shared(t)?;
         self.call(
             "migrate-incoming",
             serde_json::json!({"uri": format!("file:{}", state.display())}),
@@ -584,17 +581,24 @@ impl Qmp {
         }
     }
 
-    /// Pauses the VM and saves its devices to `state` (its memory is
-    /// already in its shared file), waiting until the save completed.
-    pub fn save(&mut self, state: &Path) -> Result<(), String> {
-        let t = Duration::from_secs(30);
+    /// Opens the session and makes migration skip RAM in shared files (the
+    /// memory file the snapshot keeps on its own).
+    fn ignore_shared(&mut self, t: Duration) -> Result<(), String> {
         self.call("qmp_capabilities", serde_json::json!({}), t)?;
-        self.call("stop", serde_json::json!({}), t)?;
         self.call(
             "migrate-set-capabilities",
             serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]}),
             t,
-        )?;
+        )
+        .map(|_| ())
+    }
+
+    /// Pauses the VM and saves its devices to `state` (its memory is
+    /// already in its shared file), waiting until the save completed.
+    pub fn save(&mut self, state: &Path) -> Result<(), String> {
+        let t = Duration::from_secs(30);
+        self.ignore_shared(t)?;
+        self.call("stop", serde_json::json!({}), t)?;
         self.call(
             "migrate",
             serde_json::json!({"uri": format!("file:{}", state.display())}),
@@ -623,6 +627,6 @@ impl Qmp {
 pub(crate) enum Golden {
     Building,
     Ready(Arc<Snapshot>),
-    /// It could not be made (logged): sandboxes boot.
-    Failed,
+    /// It could not be made (logged), at this time: sandboxes boot.
+    Failed(Instant),
 }
