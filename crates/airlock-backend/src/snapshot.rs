@@ -161,9 +161,9 @@ impl Snapshots {
             )));
         }
         let tmp = store.join("tmp");
-        // Snapshots left half made by a server that was killed (an hour is
-        // far longer than making one takes, so none another process is
-        // still making).
+        // Snapshots left half made by a process that was killed: its pid is
+        // gone, or the directory is older than an hour (far longer than
+        // making one takes).
         for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let old = e
@@ -172,7 +172,12 @@ impl Snapshots {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > Duration::from_secs(3600));
-            if old && (name.starts_with("snap-") || name.starts_with("refused-")) {
+            let maker_gone = name
+                .strip_prefix("snap-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+            if maker_gone || (old && (name.starts_with("snap-") || name.starts_with("refused-"))) {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
@@ -225,7 +230,9 @@ impl Snapshots {
     pub fn begin(&self, golden_gid: u32) -> std::io::Result<PathBuf> {
         let mut rnd = [0u8; 8];
         sys::getrandom(&mut rnd)?;
-        let d = self.tmp.join(format!("snap-{}", hex(&rnd)));
+        let d = self
+            .tmp
+            .join(format!("snap-{}-{}", std::process::id(), hex(&rnd)));
         fs::DirBuilder::new().mode(0o755).create(&d)?;
         for f in ["mem", "state"] {
             let file = fs::OpenOptions::new()

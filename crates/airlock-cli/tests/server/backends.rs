@@ -820,3 +820,114 @@ fn microvm_pools_restore_a_golden_snapshot_with_fresh_entropy_and_remake_a_tampe
         "the tampered metadata was kept"
     );
 }
+
+/// The VM monitors a server started (by the state directory each names),
+/// and their children (QEMU, in its own pid namespace).
+fn vm_processes(server: u32) -> Vec<u32> {
+    let needle = format!("/run/airlock/vm/{server}-");
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            found.push(pid);
+            for t in std::fs::read_dir(e.path().join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                found.extend(
+                    kids.split_whitespace()
+                        .filter_map(|k| k.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn microvm_after_kill_9_of_the_server_a_restart_leaves_no_qemu_state_or_cgroup() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "[backends]\noffer = [\"process\", \"microvm\"]\npools = [\"microvm\"]\n\
+         [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 1\njavascript = 0\n",
+    )
+    .unwrap();
+    let mut s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "python", "code": "import time\ntime.sleep(600)", "isolation": "microvm",
+               "wait": false, "limits": {"wall_time_ms": 60000}}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    s.wait_status(&key, &id, &["running"]);
+    let server = s.pid();
+    let states = || -> Vec<String> {
+        std::fs::read_dir("/run/airlock/vm")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{server}-")))
+            .collect()
+    };
+    // Positive controls: the running VM (and the pool's) have monitors,
+    // QEMU processes, state directories and cgroups on the host.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let procs = loop {
+        let p = vm_processes(server);
+        if p.len() >= 2 {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no VM monitor and QEMU seen: {p:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(!states().is_empty());
+    let cgroups = crate::lifecycle::sandbox_cgroups(server, server);
+    assert!(!cgroups.is_empty(), "no sandbox cgroup");
+    s.crash();
+    // Monitors and QEMU die with the server (parent-death signals).
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while procs
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "VM processes outlived their server: {procs:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    s.start();
+    let v = s.wait_status(&key, &id, &["failed"]);
+    assert_eq!(v["reason"], "server_restart", "{v}");
+    // The restart reaped what the killed server left: no state directory
+    // (its vm.json, sockets), no half-made snapshot, no cgroup.
+    assert_eq!(states(), Vec::<String>::new());
+    let half_made: Vec<_> = std::fs::read_dir("/var/lib/airlock/vm/tmp")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("snap-{server}-")))
+        .collect();
+    assert_eq!(half_made, Vec::<String>::new());
+    for c in &cgroups {
+        assert!(!c.exists(), "leftover cgroup {}", c.display());
+    }
+}

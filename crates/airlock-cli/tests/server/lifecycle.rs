@@ -27,7 +27,7 @@ fn pids_with_cmdline(argv: &[&str]) -> Vec<u32> {
 
 /// Sandbox cgroup directories of the engine with pid `owner`: every
 /// `airlock/<owner>-<n>` under the owner's own cgroup in each hierarchy.
-fn sandbox_cgroups(owner: u32, own_cgroup_of: u32) -> Vec<PathBuf> {
+pub(crate) fn sandbox_cgroups(owner: u32, own_cgroup_of: u32) -> Vec<PathBuf> {
     let text = std::fs::read_to_string(format!("/proc/{own_cgroup_of}/cgroup")).unwrap();
     let mut out = Vec::new();
     for line in text.lines() {
