@@ -2206,6 +2206,7 @@ impl SnapshotTemplate {
             return;
         }
         self.set(Golden::Building);
+        let me = self.clone();
         let spawned = std::thread::Builder::new()
             .name("airlock-golden".into())
             .spawn(move || {
@@ -2243,6 +2244,8 @@ impl SnapshotTemplate {
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no golden snapshot thread");
+            me.set(Golden::Failed(std::time::Instant::now()));
+            me.building.store(false, Ordering::Release);
         }
     }
 

@@ -556,6 +556,7 @@ impl Qmp {
             t,
         )?;
         let end = Instant::now() + Duration::from_secs(120);
+        let mut continued = false;
         loop {
             let st = self.call("query-status", serde_json::json!({}), t)?;
             if st.get("running").and_then(|r| r.as_bool()) == Some(true) {
@@ -563,9 +564,10 @@ impl Qmp {
             }
             let mig = self.call("query-migrate", serde_json::json!({}), t)?;
             // The golden VM was paused when it was saved, so its restore
-            // stays paused once loaded: it runs when told.
-            if mig.get("status").and_then(|s| s.as_str()) == Some("completed") {
+            // stays paused once loaded: it runs when told (once).
+            if !continued && mig.get("status").and_then(|s| s.as_str()) == Some("completed") {
                 self.call("cont", serde_json::json!({}), t)?;
+                continued = true;
                 continue;
             }
             if matches!(

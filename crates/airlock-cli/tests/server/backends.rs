@@ -645,6 +645,21 @@ def handler(ax, input):
     assert_eq!(v["result"]["enforced"]["backend"], "process", "{v}");
 }
 
+/// A server offering microvm (TCG) with a python pool of one VM; keep the
+/// returned directory (its configuration) while it runs.
+fn microvm_pool_server() -> (tempfile::TempDir, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "[backends]\noffer = [\"process\", \"microvm\"]\npools = [\"microvm\"]\n\
+         [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 1\njavascript = 0\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    (dir, s)
+}
+
 /// Runs `code` on the microvm backend until `n` results came from VMs
 /// restored from a snapshot (the pool's first VMs may boot while the golden
 /// one is made); returns those results.
@@ -675,15 +690,7 @@ fn microvm_pools_restore_a_golden_snapshot_with_fresh_entropy_and_remake_a_tampe
     if !microvm_here() {
         panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("airlock.toml");
-    std::fs::write(
-        &cfg,
-        "[backends]\noffer = [\"process\", \"microvm\"]\npools = [\"microvm\"]\n\
-         [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 1\njavascript = 0\n",
-    )
-    .unwrap();
-    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let (_cfg, s) = microvm_pool_server();
     let key = s.tenant("acme");
     let code = "import os, random, time\n\
                 print(os.urandom(16).hex(), random.random(),\n\
@@ -854,15 +861,7 @@ fn microvm_after_kill_9_of_the_server_a_restart_leaves_no_qemu_state_or_cgroup()
     if !microvm_here() {
         panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
     }
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("airlock.toml");
-    std::fs::write(
-        &cfg,
-        "[backends]\noffer = [\"process\", \"microvm\"]\npools = [\"microvm\"]\n\
-         [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 1\njavascript = 0\n",
-    )
-    .unwrap();
-    let mut s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let (_cfg, mut s) = microvm_pool_server();
     let key = s.tenant("acme");
     let r = s.post(
         "/v1/executions",
