@@ -1146,6 +1146,11 @@ impl Launcher for VmLauncher {
                 "pids: a cgroup and RLIMIT_NPROC inside the guest (its tasks are not host tasks)"
                     .into(),
                 "scratch: tmpfs in the guest's RAM, capped in bytes and inodes".into(),
+                format!(
+                    "egress: each connection relayed over the VM's channel to the host's proxy \
+                     (no network device in the guest), at most {} at once",
+                    vmchan::EGRESS_STREAMS
+                ),
             ]
             .into_iter()
             .chain((self.host.accel == Accel::Tcg).then(|| {
@@ -1155,7 +1160,9 @@ impl Launcher for VmLauncher {
             }))
             .collect(),
             pids_by_rlimit: true,
-            egress_relay: false,
+            // No descriptor leaves a VM: the forwarder relays through
+            // sockets the guest's init hands it, one egress stream each.
+            egress_relay: true,
             protect_pid1: false,
             accelerator: Some(self.host.accel.as_str()),
             snapshot: None,
@@ -1281,6 +1288,7 @@ impl VmLauncher {
                     clock: (0, 0),
                     memory_bytes: l.policy.limits.memory_mib << 20,
                     pids: l.policy.limits.pids,
+                    egress: false,
                 },
                 console: std::env::var_os("AIRLOCK_VM_CONSOLE").map(PathBuf::from),
                 snapshot: mode.cloned(),
@@ -1464,6 +1472,18 @@ fn qemu_args(cfg: &VmmConfig, port_fd: RawFd, console_fd: RawFd, qmp_fd: RawFd) 
 
 /// Reads what `src` has now (0 when nothing); at its end, or when it
 /// fails, it is dropped, so it is polled no more.
+/// The byte a relay request and its answer carry (the proxy's
+/// `airlock_egress::RELAY_REQUEST`, the forwarder's).
+const RELAY_REQUEST: u8 = airlock_sandbox::relay::RELAY_REQUEST;
+
+/// The proxy's answer to a relay request: the host end of a connection's
+/// socket; None when the proxy is gone or answered otherwise.
+fn relay_answer(chan: Option<&OwnedFd>) -> Option<OwnedFd> {
+    let mut b = [0u8; 1];
+    let (n, mut fds) = sys::recv_with_fds(chan?.as_raw_fd(), &mut b, 1).ok()?;
+    (n == 1 && b[0] == RELAY_REQUEST && fds.len() == 1).then(|| fds.remove(0))
+}
+
 fn read_some(src: &mut Option<OwnedFd>, buf: &mut [u8]) -> usize {
     let Some(fd) = src else { return 0 };
     match sys::read_fd(fd.as_raw_fd(), buf) {
@@ -1619,9 +1639,10 @@ fn vmm(args: &[String]) -> Result<i32, String> {
             sys::owned(4),
         )
     };
-    // SAFETY: as above, descriptor 5 is the egress channel or /dev/null,
-    // unused by the guest's channel (no egress yet): closed.
-    drop(unsafe { sys::owned(5) });
+    // SAFETY: as above, descriptor 5 is the egress channel or /dev/null;
+    // nothing else in this process owns it.
+    let egress = unsafe { sys::owned(5) };
+    let mut egress = sys::is_socket(egress.as_raw_fd()).then_some(egress);
     let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| e.to_string());
     let broker_pair = if sys::is_socket(broker.as_raw_fd()) {
         let w = dup(&broker)?;
@@ -1632,6 +1653,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     };
     let mut guest = cfg.guest.clone();
     guest.root.broker = !matches!(broker_pair.0, Source::None);
+    guest.egress = egress.is_some();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -1742,6 +1764,12 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     if creating {
         mux.record(&[stream::CTRL, stream::BROKER], snapshot::MAX_TRANSCRIPT);
     }
+    if egress.is_some() {
+        mux.allow_egress();
+    }
+    // Egress streams the guest opened whose socket the proxy has not sent
+    // yet, in the order asked (it answers in order).
+    let mut asked: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
     let mut quiescing = false;
     let mut save = false;
     let mut said = false;
@@ -1764,9 +1792,47 @@ fn vmm(args: &[String]) -> Result<i32, String> {
             })
         };
         let (err_at, console_at) = (at(&qemu_err), at(&host_console));
+        let egress_at = if asked.is_empty() {
+            None
+        } else {
+            at(&egress)
+        };
         match mux.step(&extra, 1000) {
             Ok(rev) => {
                 let ready = |i: Option<usize>| i.is_some_and(|i| rev[i] != 0);
+                // Each connection the guest opens gets a socket of the
+                // proxy's, exactly as a forwarder in relay mode asks for
+                // one (the proxy serves it as this sandbox's connection).
+                for id in mux.take_opened() {
+                    let sent = egress.as_ref().is_some_and(|e| {
+                        sys::send_with_fds(e.as_raw_fd(), &[RELAY_REQUEST], &[]).is_ok()
+                    });
+                    if sent {
+                        asked.push_back(id);
+                    } else {
+                        mux.refuse(id);
+                    }
+                }
+                if ready(egress_at) {
+                    match relay_answer(egress.as_ref()) {
+                        Some(sock) => {
+                            if let Some(id) = asked.pop_front() {
+                                let attached =
+                                    sock.try_clone().and_then(|w| mux.attach(id, sock, w));
+                                if attached.is_err() {
+                                    mux.refuse(id);
+                                }
+                            }
+                        }
+                        None => {
+                            // The proxy is gone: no connection leaves now.
+                            egress = None;
+                            for id in asked.drain(..) {
+                                mux.refuse(id);
+                            }
+                        }
+                    }
+                }
                 let mut buf = [0u8; 4096];
                 // The guest's console until its agent first speaks, the
                 // last 16 KiB kept: shown (as the runtime's words, which
@@ -2061,10 +2127,6 @@ impl MicrovmBackend {
     /// What this backend cannot do yet, refused rather than run weaker.
     fn unsupported(&self, policy: &Policy) -> Result<(), BackendError> {
         let mut layers = Vec::new();
-        if policy.network.is_proxy() {
-            layers
-                .push("network.mode = \"proxy\" (egress is not yet carried into microVMs)".into());
-        }
         if !policy.filesystem.read_only_paths.is_empty() {
             layers.push("filesystem.read_only_paths (a microVM sees only its root image)".into());
         }
@@ -2097,12 +2159,6 @@ impl Backend for MicrovmBackend {
     fn prepare(&self, spec: &Spec<'_>) -> Result<Box<dyn Prepared>, BackendError> {
         check_level(self.name(), self.level(), spec.policy)?;
         self.unsupported(spec.policy)?;
-        if spec.extras.egress {
-            return Err(BackendError::Unsupported {
-                backend: "microvm",
-                layers: vec!["egress".into()],
-            });
-        }
         let sb = self.engine.prepare_agent(
             spec.policy,
             spec.language,
@@ -2121,7 +2177,13 @@ impl Backend for MicrovmBackend {
         // snapshot holds. (JavaScript's V8 seeds Math.random when it
         // starts and cannot be reseeded: restores of one saved node would
         // share its sequence, so node VMs boot.)
-        if spec.language != Language::Python || !spec.extras.broker || spec.extras.entry.is_none() {
+        // (A sandbox with egress boots too: its proxy channel is made for
+        // the execution it serves, which a golden VM does not know.)
+        if spec.language != Language::Python
+            || !spec.extras.broker
+            || spec.extras.entry.is_none()
+            || spec.extras.egress
+        {
             return Ok(None);
         }
         self.unsupported(spec.policy)?;

@@ -315,6 +315,10 @@ pub struct VmGuestConfig {
     pub memory_bytes: u64,
     /// The policy's task limit: the same cgroup's pids.max.
     pub pids: u64,
+    /// The host relays egress: the agent's egress channel is the guest
+    /// init's, which opens an egress stream of the channel per connection
+    /// ([`crate::vmchan`]).
+    pub egress: bool,
 }
 
 /// Largest [`VmGuestConfig`] a guest accepts.

@@ -8,9 +8,14 @@
 //! proxy decides as always. Still never a route: the only way out is the
 //! host's proxy.
 //!
-//! One process, one poll loop, at most [`MAX_RELAYS`] connections at once
-//! (beyond, new ones are closed): no task per connection counts against the
-//! sandbox's pids limit.
+//! A microVM's guest init answers the same requests, with a socket whose
+//! other end it carries over an egress stream of the VM's channel; when
+//! every stream is in use it has none yet ([`RELAY_REFUSED`]) and the
+//! connection waits for one.
+//!
+//! One process, one poll loop, at most [`MAX_RELAYS`] connections at once,
+//! relayed or waiting (beyond, new ones are closed): no task per connection
+//! counts against the sandbox's pids limit.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -23,6 +28,18 @@ use crate::sys;
 /// The byte that asks the host for a relay socket (the proxy's
 /// `airlock_egress::RELAY_REQUEST`).
 pub const RELAY_REQUEST: u8 = b'r';
+
+/// The answer, without a descriptor, that has no socket for a connection
+/// yet (a microVM's guest init with every egress stream of its channel in
+/// use): the connection waits, as in a listen backlog, and asks again
+/// every [`RETRY_MS`] until one is free, for at most [`WAIT_MAX`].
+pub const RELAY_REFUSED: u8 = b'n';
+
+/// How often a waiting connection asks again.
+const RETRY_MS: i32 = 20;
+
+/// How long a connection may wait for a socket before it is closed.
+const WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Connections relayed at once.
 pub const MAX_RELAYS: usize = 256;
@@ -105,18 +122,32 @@ fn drain(dst: &mut impl Write, h: &mut Half) {
     }
 }
 
-/// Asks the host for a relay socket.
-fn relay_socket() -> Option<UnixStream> {
-    sys::send_with_fds(EGRESS_FD, &[RELAY_REQUEST], &[]).ok()?;
+/// Asks the host for a relay socket: `Err` when the host is gone,
+/// `Ok(None)` when it refused this one connection.
+fn relay_socket() -> Result<Option<UnixStream>, ()> {
+    sys::send_with_fds(EGRESS_FD, &[RELAY_REQUEST], &[]).map_err(|_| ())?;
     let mut b = [0u8; 1];
-    let (n, mut fds) = sys::recv_with_fds(EGRESS_FD, &mut b, 1).ok()?;
+    let (n, mut fds) = sys::recv_with_fds(EGRESS_FD, &mut b, 1).map_err(|_| ())?;
+    if n == 1 && b[0] == RELAY_REFUSED && fds.is_empty() {
+        return Ok(None);
+    }
     if n != 1 || b[0] != RELAY_REQUEST || fds.len() != 1 {
-        return None;
+        return Err(());
     }
     let fd: OwnedFd = fds.remove(0);
     let s = UnixStream::from(fd);
-    s.set_nonblocking(true).ok()?;
-    Some(s)
+    s.set_nonblocking(true).map_err(|_| ())?;
+    Ok(Some(s))
+}
+
+fn pair(conn: TcpStream, host: UnixStream) -> Option<Pair> {
+    conn.set_nonblocking(true).ok()?;
+    Some(Pair {
+        conn,
+        host,
+        up: Half::new(),
+        down: Half::new(),
+    })
 }
 
 /// The relaying forwarder. Never returns.
@@ -125,7 +156,28 @@ pub(crate) fn forwarder(listener: TcpListener) -> ! {
         sys::exit_now(1);
     }
     let mut pairs: Vec<Pair> = Vec::new();
+    // Accepted, waiting for a socket (oldest first); together with the
+    // pairs at most MAX_RELAYS.
+    let mut waiting: std::collections::VecDeque<(TcpStream, std::time::Instant)> =
+        std::collections::VecDeque::new();
     loop {
+        while let Some((_, since)) = waiting.front() {
+            if since.elapsed() > WAIT_MAX {
+                waiting.pop_front();
+                continue;
+            }
+            match relay_socket() {
+                Ok(Some(host)) => {
+                    if let Some((conn, _)) = waiting.pop_front()
+                        && let Some(p) = pair(conn, host)
+                    {
+                        pairs.push(p);
+                    }
+                }
+                Ok(None) => break,
+                Err(()) => sys::exit_now(0),
+            }
+        }
         let mut fds = vec![(listener.as_raw_fd(), libc::POLLIN)];
         for p in &pairs {
             let want = |read: bool, write: bool| {
@@ -140,24 +192,28 @@ pub(crate) fn forwarder(listener: TcpListener) -> ! {
                 want(!p.down.eof && !p.down.pending(), p.up.pending()),
             ));
         }
-        let Ok(rev) = sys::poll(&fds, -1) else {
+        let timeout = if waiting.is_empty() { -1 } else { RETRY_MS };
+        let Ok(rev) = sys::poll(&fds, timeout) else {
             sys::exit_now(1);
         };
         // The pairs polled: one accepted below waits for the next round.
         let polled = pairs.len();
         if rev[0] != 0 {
             match listener.accept() {
-                Ok((conn, _)) if pairs.len() < MAX_RELAYS => match relay_socket() {
-                    Some(host) if conn.set_nonblocking(true).is_ok() => pairs.push(Pair {
-                        conn,
-                        host,
-                        up: Half::new(),
-                        down: Half::new(),
-                    }),
-                    // The proxy is gone: nothing else to do.
-                    None => sys::exit_now(0),
-                    Some(_) => {}
-                },
+                Ok((conn, _)) if pairs.len() + waiting.len() < MAX_RELAYS => {
+                    // Behind others that wait: it waits too (in order).
+                    let got = if waiting.is_empty() {
+                        relay_socket()
+                    } else {
+                        Ok(None)
+                    };
+                    match got {
+                        Ok(Some(host)) => pairs.extend(pair(conn, host)),
+                        Ok(None) => waiting.push_back((conn, std::time::Instant::now())),
+                        // The proxy is gone: nothing else to do.
+                        Err(()) => sys::exit_now(0),
+                    }
+                }
                 // Over the limit: this connection is closed.
                 Ok(_) => {}
                 Err(_) => {}

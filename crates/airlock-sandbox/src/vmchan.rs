@@ -28,6 +28,19 @@
 //! sends nothing at all (so no frame, whole or cut, is inside the saved
 //! machine), and a paused guest takes nothing but resume. Only the host may
 //! send quiesce and resume, only the guest quiesced and resumed.
+//!
+//! Egress adds two kinds, on the [`EGRESS_STREAMS`] egress streams only:
+//! each carries one connection the guest's forwarder accepted, relayed to
+//! the host's egress proxy. The guest opens a closed one with *open*
+//! (empty) and may send data behind it at once (the host holds up to one
+//! window until its proxy hands it a socket); each end sends end of stream
+//! when its side is done, and once the host has sent its own and received
+//! and written out the guest's, it sends *release* (empty): the stream is
+//! closed again on both ends and may carry the next connection. Only the
+//! guest may open (a closed stream, on a host that relays egress), only the
+//! host release (a stream both ends have ended). A credit the host receives
+//! on a closed stream is one the guest sent before the release reached it:
+//! ignored.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -50,6 +63,8 @@ const QUIESCE: u8 = 4;
 const QUIESCED: u8 = 5;
 const RESUME: u8 = 6;
 const RESUMED: u8 = 7;
+const OPEN: u8 = 8;
+const RELEASE: u8 = 9;
 
 /// Payload of a resume frame: 64 bytes of host entropy, then the host's
 /// realtime clock (seconds u64, nanoseconds u32, LE), then 4 zero bytes.
@@ -90,10 +105,19 @@ pub mod stream {
     pub const STDERR: u8 = 4;
     /// The broker socket.
     pub const BROKER: u8 = 5;
+    /// The first egress stream (see [`super::EGRESS_STREAMS`]).
+    pub const EGRESS: u8 = 6;
 }
 
+/// Egress connections a guest may have relayed at once: one stream each.
+pub const EGRESS_STREAMS: usize = 16;
+
 /// Number of streams.
-pub const STREAMS: usize = 6;
+pub const STREAMS: usize = stream::EGRESS as usize + EGRESS_STREAMS;
+
+fn is_egress(id: usize) -> bool {
+    id >= stream::EGRESS as usize && id < STREAMS
+}
 
 /// Why a channel ended other than by its streams finishing.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +154,23 @@ pub enum Sink {
     /// Kept in memory up to the given size (more is a violation), complete
     /// once the peer ends the stream.
     Bytes(Vec<u8>, usize),
+    /// Host, an egress stream the guest opened: what arrives waits (within
+    /// the window) until [`Mux::attach`] gives it a descriptor.
+    Held,
+}
+
+/// Where an egress stream is in its life (the fixed streams are always
+/// [`Life::Fixed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    Fixed,
+    /// Free for the next connection.
+    Closed,
+    /// Carrying one.
+    Open,
+    /// Guest: the host released it; closed once what is pending is
+    /// written out.
+    Released,
 }
 
 #[derive(Debug)]
@@ -151,6 +192,7 @@ struct Stream {
     dst_gone: bool,
     /// The peer has sent data on it.
     heard: bool,
+    life: Life,
 }
 
 impl Stream {
@@ -166,6 +208,14 @@ impl Stream {
             sent_eof: false,
             dst_gone: false,
             heard: false,
+            life: Life::Fixed,
+        }
+    }
+
+    fn closed() -> Self {
+        Stream {
+            life: Life::Closed,
+            ..Stream::new(Source::None, Sink::None)
         }
     }
 
@@ -197,6 +247,10 @@ pub struct Mux {
     log: Vec<(u8, bool, Vec<u8>)>,
     log_bytes: usize,
     log_over: bool,
+    /// Host: the guest may open egress streams.
+    egress: bool,
+    /// Host: egress streams the guest opened, not yet taken.
+    opened: Vec<u8>,
 }
 
 fn would_block(e: &io::Error) -> bool {
@@ -228,8 +282,12 @@ impl Mux {
             }
             s.push(Stream::new(src, dst));
         }
-        while s.len() < STREAMS {
+        while s.len() < stream::EGRESS as usize {
             s.push(Stream::new(Source::None, Sink::None));
+        }
+        s.truncate(stream::EGRESS as usize);
+        while s.len() < STREAMS {
+            s.push(Stream::closed());
         }
         Ok(Mux {
             port,
@@ -247,7 +305,87 @@ impl Mux {
             log: Vec::new(),
             log_bytes: 0,
             log_over: false,
+            egress: false,
+            opened: Vec::new(),
         })
+    }
+
+    /// Host: the guest may open egress streams (this end relays them to
+    /// an egress proxy); otherwise an open is a violation.
+    pub fn allow_egress(&mut self) {
+        self.egress = true;
+    }
+
+    /// Host: the egress streams the guest opened since the last call, in
+    /// order; each waits for [`Mux::attach`] or [`Mux::refuse`].
+    pub fn take_opened(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.opened)
+    }
+
+    /// Host: the proxy's socket for an opened egress stream (`src` and
+    /// `dst` are the same socket): what the guest sent so far is written
+    /// to it first.
+    pub fn attach(&mut self, id: u8, src: OwnedFd, dst: OwnedFd) -> io::Result<()> {
+        let Some(s) = self.streams.get_mut(id as usize) else {
+            return Ok(());
+        };
+        if s.life != Life::Open || !matches!(s.dst, Sink::Held) {
+            return Ok(());
+        }
+        sys::set_nonblocking(src.as_raw_fd())?;
+        sys::set_nonblocking(dst.as_raw_fd())?;
+        s.src = Source::Fd(src);
+        s.dst = Sink::Fd(dst);
+        Ok(())
+    }
+
+    /// Host: no connection for an opened egress stream (the proxy is gone
+    /// or refused): the guest gets end of stream at once, and what it sent
+    /// and sends is dropped (and credited) until it ends its side.
+    pub fn refuse(&mut self, id: u8) {
+        let Some(s) = self.streams.get_mut(id as usize) else {
+            return;
+        };
+        if s.life != Life::Open || !matches!(s.dst, Sink::Held) {
+            return;
+        }
+        s.src = Source::Bytes(Vec::new(), 0);
+        s.unacked += s.pending.len() - s.pending_off;
+        s.pending.clear();
+        s.pending_off = 0;
+        s.dst = Sink::None;
+        s.dst_gone = true;
+    }
+
+    /// Guest: opens a closed egress stream for one connection (`src` and
+    /// `dst` are the same socket) and tells the host; None when every
+    /// egress stream is in use (or the channel is quiescing).
+    pub fn open_egress(&mut self, src: OwnedFd, dst: OwnedFd) -> io::Result<Option<u8>> {
+        if self.end != End::Guest || !self.sending() {
+            return Ok(None);
+        }
+        let Some(id) = (stream::EGRESS as usize..STREAMS).find(|i| {
+            let s = &self.streams[*i];
+            s.life == Life::Closed
+        }) else {
+            return Ok(None);
+        };
+        sys::set_nonblocking(src.as_raw_fd())?;
+        sys::set_nonblocking(dst.as_raw_fd())?;
+        self.streams[id] = Stream {
+            life: Life::Open,
+            ..Stream::new(Source::Fd(src), Sink::Fd(dst))
+        };
+        self.push_frame(OPEN, id as u8, &[]);
+        Ok(Some(id as u8))
+    }
+
+    /// Egress streams in use.
+    pub fn egress_open(&self) -> usize {
+        self.streams
+            .iter()
+            .filter(|s| matches!(s.life, Life::Open | Life::Released))
+            .count()
     }
 
     /// Records the data this end sends and receives on `streams` from now
@@ -395,7 +533,9 @@ impl Mux {
     pub fn finished(&self) -> bool {
         self.tx_off >= self.tx.len()
             && self.streams.iter().all(|s| {
-                matches!(s.src, Source::None) && (matches!(s.dst, Sink::None) || s.peer_eof)
+                matches!(s.src, Source::None)
+                    && (matches!(s.dst, Sink::None) || s.peer_eof)
+                    && matches!(s.life, Life::Fixed | Life::Closed)
             })
     }
 
@@ -486,6 +626,7 @@ impl Mux {
                 self.write_sink(i);
             }
             self.close_finished_sink(i);
+            self.end_egress(i);
         }
         self.queue_credits();
         self.finish_quiesce();
@@ -620,7 +761,33 @@ impl Mux {
     fn close_finished_sink(&mut self, i: usize) {
         let s = &mut self.streams[i];
         if s.peer_eof && !s.has_pending() && matches!(s.dst, Sink::Fd(_)) {
-            s.dst = Sink::None;
+            let Sink::Fd(f) = std::mem::replace(&mut s.dst, Sink::None) else {
+                return;
+            };
+            // A connection's socket is also its source (another
+            // descriptor of it): the peer's end is passed on as a
+            // half-close, or the far side would wait for it for ever.
+            if is_egress(i) {
+                let _ = std::os::unix::net::UnixStream::from(f).shutdown(std::net::Shutdown::Write);
+            }
+        }
+    }
+
+    /// Host: an egress stream both ends have ended and whose bytes are
+    /// written out is released. Guest: a released one whose bytes are
+    /// written out is closed (its descriptors with it).
+    fn end_egress(&mut self, i: usize) {
+        let s = &self.streams[i];
+        if s.has_pending() || !s.peer_eof || !s.sent_eof {
+            return;
+        }
+        match (self.end, s.life) {
+            (End::Host, Life::Open) if self.quiesce == Quiesce::Running => {
+                self.push_frame(RELEASE, i as u8, &[]);
+                self.streams[i] = Stream::closed();
+            }
+            (End::Guest, Life::Released) => self.streams[i] = Stream::closed(),
+            _ => {}
         }
     }
 
@@ -687,6 +854,7 @@ impl Mux {
                     len == 0 && id == 0
                 }
                 (RESUME, End::Guest) => len == RESUME_LEN && id == 0,
+                (OPEN, End::Host) | (RELEASE, End::Guest) => len == 0 && is_egress(id),
                 _ => return Err(ChanError::Violation("unknown frame kind")),
             };
             if !ok_len {
@@ -717,6 +885,33 @@ impl Mux {
                         return Err(ChanError::Violation("second resumed"));
                     }
                     self.resumed_ack = true;
+                    continue;
+                }
+                OPEN => {
+                    if !self.egress {
+                        return Err(ChanError::Violation("egress the host does not relay"));
+                    }
+                    if self.streams[id].life != Life::Closed {
+                        return Err(ChanError::Violation("open of a stream in use"));
+                    }
+                    self.streams[id] = Stream {
+                        life: Life::Open,
+                        ..Stream::new(Source::None, Sink::Held)
+                    };
+                    self.opened.push(id as u8);
+                    continue;
+                }
+                RELEASE if self.quiesce == Quiesce::Running => {
+                    let s = &mut self.streams[id];
+                    if s.life != Life::Open || !s.peer_eof || !s.sent_eof {
+                        return Err(ChanError::Violation("release of a stream in use"));
+                    }
+                    s.life = Life::Released;
+                    continue;
+                }
+                // Sent before the guest's release reached it (see the
+                // module's notes): nothing to credit.
+                CREDIT if self.end == End::Host && self.streams[id].life == Life::Closed => {
                     continue;
                 }
                 RESUME => {
@@ -768,7 +963,7 @@ impl Mux {
                             b.extend_from_slice(&self.rx[payload]);
                             s.unacked += len;
                         }
-                        Sink::Fd(_) => {
+                        Sink::Fd(_) | Sink::Held => {
                             if s.pending.len() - s.pending_off + s.unacked + len > WINDOW {
                                 return Err(ChanError::Violation("data beyond the window"));
                             }
@@ -880,6 +1075,11 @@ mod tests {
 
     /// What `frames` sent to an end of kind `end` does to it.
     fn violation_at(end: End, frames: &[u8]) -> String {
+        violation_with(end, false, frames)
+    }
+
+    /// [`violation_at`], on a host that relays egress when `egress`.
+    fn violation_with(end: End, egress: bool, frames: &[u8]) -> String {
         let (pa, pb) = pair();
         // A sink that takes nothing (a full pipe nobody reads): whatever
         // arrives stays pending and is never credited, so the window is
@@ -898,6 +1098,9 @@ mod tests {
         .unwrap();
         if end == End::Guest {
             host = host.guest();
+        }
+        if egress {
+            host.allow_egress();
         }
         let frames = frames.to_vec();
         let peer = std::thread::spawn(move || {
@@ -969,8 +1172,11 @@ mod tests {
 
     #[test]
     fn hostile_frames_end_the_channel_with_their_reason() {
-        assert_eq!(violation(&frame(DATA, 9, 1, b"x")), "unknown stream");
-        assert_eq!(violation(&frame(9, 1, 0, b"")), "unknown frame kind");
+        assert_eq!(
+            violation(&frame(DATA, STREAMS as u8, 1, b"x")),
+            "unknown stream"
+        );
+        assert_eq!(violation(&frame(0xee, 1, 0, b"")), "unknown frame kind");
         assert_eq!(violation(&frame(DATA, 1, 0, b"")), "bad frame length");
         assert_eq!(
             violation(&frame(DATA, 1, u32::MAX, b"")),
@@ -1171,5 +1377,225 @@ mod tests {
         let to_host = w1.join().unwrap();
         assert_eq!(&to_host[..4], b"late");
         assert_eq!(&to_host[4..], &big[..]);
+    }
+
+    #[test]
+    fn egress_streams_open_only_closed_from_the_guest_and_release_only_from_the_host() {
+        let e = stream::EGRESS;
+        let open = frame(OPEN, e, 0, b"");
+        // Positive control: a host that relays egress takes an open.
+        assert_eq!(violation_with(End::Host, true, &open), "none");
+        // One that does not, never.
+        assert_eq!(violation(&open), "egress the host does not relay");
+        // Only egress streams open, with an empty frame.
+        assert_eq!(
+            violation_with(End::Host, true, &frame(OPEN, stream::BROKER, 0, b"")),
+            "bad frame length"
+        );
+        assert_eq!(
+            violation_with(End::Host, true, &frame(OPEN, e, 1, b"x")),
+            "bad frame length"
+        );
+        let mut twice = open.clone();
+        twice.extend(frame(OPEN, e, 0, b""));
+        assert_eq!(
+            violation_with(End::Host, true, &twice),
+            "open of a stream in use"
+        );
+        // A closed stream takes no data and no end; an opened one holds a
+        // window (nobody attached a socket yet) and no more.
+        assert_eq!(
+            violation_with(End::Host, true, &frame(DATA, e + 1, 1, b"x")),
+            "data on a stream that takes none"
+        );
+        assert_eq!(
+            violation_with(End::Host, true, &frame(EOF, e + 1, 0, b"")),
+            "end of a stream that takes none"
+        );
+        let mut held = open.clone();
+        for _ in 0..WINDOW / MAX_PAYLOAD {
+            held.extend(frame(DATA, e, MAX_PAYLOAD as u32, &vec![1; MAX_PAYLOAD]));
+        }
+        assert_eq!(violation_with(End::Host, true, &held), "none");
+        held.extend(frame(DATA, e, 1, b"x"));
+        assert_eq!(
+            violation_with(End::Host, true, &held),
+            "data beyond the window"
+        );
+        // A credit on a closed stream reaches a host legitimately (sent
+        // before the guest saw the release): ignored; on a guest, never.
+        let credit = frame(CREDIT, e, 4, &1u32.to_le_bytes());
+        assert_eq!(violation_with(End::Host, true, &credit), "none");
+        assert_eq!(
+            violation_at(End::Guest, &credit),
+            "credit beyond the window"
+        );
+        // The kinds go one way each.
+        assert_eq!(violation_at(End::Guest, &open), "unknown frame kind");
+        let release = frame(RELEASE, e, 0, b"");
+        assert_eq!(violation_with(End::Host, true, &release), "unknown frame kind");
+        // A guest takes a release only of a stream both ends have ended.
+        assert_eq!(
+            violation_at(End::Guest, &release),
+            "release of a stream in use"
+        );
+    }
+
+    /// Egress connections through a pair of ends: the guest's forwarder
+    /// side (`Mux::open_egress`) and the host's proxy side (`attach`,
+    /// `refuse`).
+    #[test]
+    fn egress_connections_carry_bytes_half_close_and_reuse_their_streams() {
+        let (pa, pb) = pair();
+        let mut host = Mux::new(pa, vec![]).unwrap();
+        host.allow_egress();
+        let mut guest = Mux::new(pb, vec![]).unwrap().guest();
+        // Every stream opened at once; one more is refused.
+        let mut conns = Vec::new();
+        for _ in 0..EGRESS_STREAMS {
+            let (here, there) = UnixStream::pair().unwrap();
+            let id = guest
+                .open_egress(here.try_clone().unwrap().into(), here.into())
+                .unwrap()
+                .expect("a free stream");
+            conns.push((id, there));
+        }
+        let (spare, _spare_peer) = UnixStream::pair().unwrap();
+        assert_eq!(
+            guest
+                .open_egress(spare.try_clone().unwrap().into(), spare.into())
+                .unwrap(),
+            None
+        );
+        assert_eq!(guest.egress_open(), EGRESS_STREAMS);
+        // The guest sends before the host has a socket for them.
+        for (i, (_, c)) in conns.iter_mut().enumerate() {
+            c.write_all(format!("hello {i}").as_bytes()).unwrap();
+        }
+        let mut opened = Vec::new();
+        pump(&mut host, &mut guest, |h, _| h.opened.len() == EGRESS_STREAMS);
+        opened.extend(host.take_opened());
+        assert_eq!(
+            opened,
+            conns.iter().map(|(id, _)| *id).collect::<Vec<_>>()
+        );
+        // The first is refused by the proxy: the guest's side sees end of
+        // stream; the rest get sockets.
+        host.refuse(opened[0]);
+        let mut proxies = Vec::new();
+        for id in &opened[1..] {
+            let (near, far) = UnixStream::pair().unwrap();
+            host.attach(*id, near.try_clone().unwrap().into(), near.into())
+                .unwrap();
+            far.set_nonblocking(true).unwrap();
+            proxies.push(far);
+        }
+        let mut refused = conns.remove(0).1;
+        refused.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        pump(&mut host, &mut guest, |_, _| {
+            let mut b = [0u8; 16];
+            matches!(refused.read(&mut b), Ok(0))
+        });
+        // Each proxy socket got its connection's bytes, in order.
+        for (i, far) in proxies.iter_mut().enumerate() {
+            let want = format!("hello {}", i + 1);
+            let mut buf = vec![0u8; want.len()];
+            pump(&mut host, &mut guest, |_, _| {
+                let mut b = [0u8; 64];
+                if let Ok(n) = far.read(&mut b) {
+                    got.extend_from_slice(&b[..n]);
+                }
+                got.len() >= want.len()
+            });
+            buf.copy_from_slice(&got[..want.len()]);
+            got.clear();
+            assert_eq!(buf, want.as_bytes());
+        }
+        // The proxy ends its side first (the server closed): the guest's
+        // reader sees end of file while it can still send.
+        let (_, c1) = &mut conns[0];
+        let far1 = &mut proxies[0];
+        far1.write_all(b"reply").unwrap();
+        far1.shutdown(std::net::Shutdown::Write).unwrap();
+        c1.set_nonblocking(true).unwrap();
+        let mut back = Vec::new();
+        let mut eof = false;
+        pump(&mut host, &mut guest, |_, _| {
+            let mut b = [0u8; 64];
+            match c1.read(&mut b) {
+                Ok(0) => eof = true,
+                Ok(n) => back.extend_from_slice(&b[..n]),
+                Err(_) => {}
+            }
+            eof
+        });
+        assert_eq!(back, b"reply");
+        c1.write_all(b"late").unwrap();
+        let mut late = Vec::new();
+        pump(&mut host, &mut guest, |_, _| {
+            let mut b = [0u8; 64];
+            if let Ok(n) = far1.read(&mut b) {
+                late.extend_from_slice(&b[..n]);
+            }
+            late == b"late"
+        });
+        // Every connection ends both ways: all streams come back.
+        drop(refused);
+        for (_, c) in conns.drain(..) {
+            drop(c);
+        }
+        for p in proxies.drain(..) {
+            drop(p);
+        }
+        pump(&mut host, &mut guest, |h, g| {
+            g.egress_open() == 0 && h.egress_open() == 0
+        });
+        // And carry the next connections: three rounds over every stream.
+        for round in 0..3 {
+            let mut pairs = Vec::new();
+            for _ in 0..EGRESS_STREAMS {
+                let (here, there) = UnixStream::pair().unwrap();
+                guest
+                    .open_egress(here.try_clone().unwrap().into(), here.into())
+                    .unwrap()
+                    .expect("a stream released");
+                pairs.push(there);
+            }
+            pump(&mut host, &mut guest, |h, _| h.opened.len() == EGRESS_STREAMS);
+            let mut far = Vec::new();
+            for id in host.take_opened() {
+                let (near, f) = UnixStream::pair().unwrap();
+                host.attach(id, near.try_clone().unwrap().into(), near.into())
+                    .unwrap();
+                far.push(f);
+            }
+            for (c, f) in pairs.iter_mut().zip(far.iter_mut()) {
+                c.write_all(format!("round {round}").as_bytes()).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                f.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            for f in far.iter_mut() {
+                f.set_nonblocking(true).unwrap();
+                let mut all = Vec::new();
+                pump(&mut host, &mut guest, |_, _| {
+                    let mut b = [0u8; 64];
+                    match f.read(&mut b) {
+                        Ok(0) => true,
+                        Ok(n) => {
+                            all.extend_from_slice(&b[..n]);
+                            false
+                        }
+                        Err(_) => false,
+                    }
+                });
+                assert_eq!(all, format!("round {round}").as_bytes());
+            }
+            drop(pairs);
+            drop(far);
+            pump(&mut host, &mut guest, |h, g| {
+                g.egress_open() == 0 && h.egress_open() == 0
+            });
+        }
     }
 }

@@ -6,7 +6,9 @@
 //! initramfs (pivot_root cannot leave one), mounts the read-only root image,
 //! and opens the one virtio-serial port to the host, over which a
 //! [`vmchan::Mux`] carries the configuration, the agent's control socket,
-//! stdio and the broker. Once the configuration is in, it mixes the host's
+//! stdio, the broker and egress (each connection the agent's forwarder
+//! accepts is relayed over an egress stream of its own to the host's
+//! proxy: the guest has no network device). Once the configuration is in, it mixes the host's
 //! randomness into the guest's pool and starts the agent as pid 1 of fresh
 //! pid, mount, network, IPC, UTS and cgroup namespaces, in the root
 //! [`crate::init::build_root`] builds (the process sandbox's code), as the
@@ -214,6 +216,9 @@ struct AgentEnds {
     stdin: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
+    /// The agent's egress channel (at descriptor 5), when the host relays
+    /// egress.
+    egress: Option<OwnedFd>,
 }
 
 fn run(port: OwnedFd, agent: OwnedFd) -> ! {
@@ -243,11 +248,12 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
                 stdin,
                 stdout,
                 stderr,
+                egress: None,
             },
             broker_here,
         ))
     })();
-    let (mut mux, ends, broker_here) = match made {
+    let (mut mux, mut ends, broker_here) = match made {
         Ok(v) => v,
         Err(e) => fail(None, "channels", e),
     };
@@ -285,6 +291,24 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
     } else {
         drop(broker_here);
     }
+    // The agent's forwarder asks here for a socket per connection (the
+    // relay mode of [`crate::relay`]), as it would ask the host's proxy.
+    let egress_here = if cfg.egress {
+        match rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        ) {
+            Ok((here, agent)) => {
+                ends.egress = Some(agent);
+                Some(here)
+            }
+            Err(e) => fail(Some(&mut mux), "channels", std::io::Error::from(e)),
+        }
+    } else {
+        None
+    };
     match hex(&cfg.seed) {
         Some(seed) if seed.len() >= 32 => {
             if let Err(e) = sys::add_entropy(&seed) {
@@ -307,17 +331,29 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
     note("agent started");
     let pidfd = sys::pidfd_open(child).ok();
     let mut exited: Option<Instant> = None;
+    let mut egress_here = egress_here;
     loop {
-        let extra: Vec<(RawFd, i16)> = pidfd
+        let mut extra: Vec<(RawFd, i16)> = pidfd
             .iter()
             .filter(|_| exited.is_none())
             .map(|p| (p.as_raw_fd(), libc::POLLIN))
             .collect();
+        let pid_polled = !extra.is_empty();
+        if let Some(e) = &egress_here {
+            extra.push((e.as_raw_fd(), libc::POLLIN));
+        }
         match mux.step(&extra, 200) {
             Ok(rev) => {
-                if rev.first().is_some_and(|r| *r != 0) {
+                if pid_polled && rev.first().is_some_and(|r| *r != 0) {
                     let _ = sys::wait_pid(child);
                     exited = Some(Instant::now());
+                }
+                if egress_here.is_some()
+                    && rev.get(usize::from(pid_polled)).is_some_and(|r| *r != 0)
+                    && !relay_request(&mut mux, egress_here.as_ref())
+                {
+                    // The forwarder is gone.
+                    egress_here = None;
                 }
             }
             Err(_) => sys::power_off(),
@@ -338,6 +374,31 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
             let _ = mux.flush();
             sys::power_off()
         }
+    }
+}
+
+/// One request of the agent's forwarder for a connection's socket: a
+/// fresh socket pair, one end on a new egress stream of the channel, the
+/// other sent back; refused when every egress stream is in use. False once
+/// the forwarder is gone (or sent what it never sends).
+fn relay_request(mux: &mut Mux, chan: Option<&OwnedFd>) -> bool {
+    use crate::relay::{RELAY_REFUSED, RELAY_REQUEST};
+    let Some(chan) = chan else { return false };
+    let mut b = [0u8; 1];
+    match sys::recv_with_fds(chan.as_raw_fd(), &mut b, 0) {
+        Ok((1, _)) if b[0] == RELAY_REQUEST => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+        _ => return false,
+    }
+    let opened = UnixStream::pair().and_then(|(here, there)| {
+        let src: OwnedFd = here.try_clone()?.into();
+        Ok(mux.open_egress(src, here.into())?.map(|_| there))
+    });
+    match opened {
+        Ok(Some(there)) => {
+            sys::send_with_fds(chan.as_raw_fd(), &[RELAY_REQUEST], &[there.as_raw_fd()]).is_ok()
+        }
+        _ => sys::send_with_fds(chan.as_raw_fd(), &[RELAY_REFUSED], &[]).is_ok(),
     }
 }
 
@@ -468,15 +529,15 @@ fn start_agent(
                 crate::init::build_root(&root).map_err(|(_, e)| e)?;
                 sys::unshare(libc::CLONE_NEWCGROUP).map_err(errno)?;
                 // The channels at the agent's numbers (stdio, control 3,
-                // broker 4, egress 5: none yet), the binary at 6 (the agent
-                // closes it first thing), nothing else.
+                // broker 4, egress 5), the binary at 6 (the agent closes it
+                // first thing), nothing else.
                 let place = [
                     ends.stdin.as_raw_fd(),
                     ends.stdout.as_raw_fd(),
                     ends.stderr.as_raw_fd(),
                     ends.ctrl.as_raw_fd(),
                     ends.broker.as_raw_fd(),
-                    null.as_raw_fd(),
+                    ends.egress.as_ref().unwrap_or(&null).as_raw_fd(),
                     agent.as_raw_fd(),
                 ];
                 let mut parked = [0; 7];

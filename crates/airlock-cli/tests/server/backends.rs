@@ -513,7 +513,7 @@ def handler(ax, input):
 }
 
 /// QEMU, a guest kernel and erofs-utils are here (`.ci/run` installs them).
-fn microvm_here() -> bool {
+pub(crate) fn microvm_here() -> bool {
     let has = |p: &str| std::path::Path::new(p).exists();
     crate::is_root() && has("/usr/bin/qemu-system-x86_64") && has("/usr/bin/mkfs.erofs")
 }

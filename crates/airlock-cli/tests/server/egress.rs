@@ -1239,3 +1239,129 @@ print("parallel", ok)
         );
     }
 }
+
+#[test]
+fn egress_holds_through_a_microvm_whose_connections_cross_its_channel() {
+    // No network device in the guest: each connection its forwarder
+    // accepts crosses the VM's channel on an egress stream of its own and
+    // reaches the host's proxy as a relayed socket (TCG here).
+    if !crate::backends::microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
+    }
+    let t = setup_with(
+        "[backends]\noffer = [\"process\", \"microvm\"]\npools = []\n\
+         [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 0\njavascript = 0\n",
+    );
+    let p = t.up.port;
+    let net = json!({"allow_private": [format!("allowed.test:{p}")]});
+    let streams = 16;
+    let code = format!(
+        r#"
+for h in ["allowed.test", "denied.test", "127.0.0.1"]:
+    r = talk(("CONNECT %s:{p} HTTP/1.1\r\nHost: x\r\n\r\n" % h).encode(), then=b"ping\r\n")
+    print(h, status(r), "ping" in r.split("\r\n\r\n", 1)[-1])
+# The server ends first: its end of file reaches the program.
+s = socket.create_connection(PROXY, timeout=5)
+s.sendall(b"GET http://allowed.test:{p}/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+s.settimeout(60)
+got = b""
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            print("server closed", got.endswith(b"upstream-ok"))
+            break
+        got += b
+except socket.timeout:
+    print("no end of file", got[:40])
+s.close()
+# Every egress stream in use at once (the streams of the connections
+# above come back as their ends close; a connection that finds none free
+# waits for one).
+held = [socket.create_connection(PROXY, timeout=5) for _ in range({streams})]
+for s in held:
+    s.sendall(("CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n").encode())
+heads = []
+for s in held:
+    s.settimeout(30)
+    heads.append(s.recv(4096).startswith(b"HTTP/1.1 200"))
+# One more waits, neither answered nor closed, until one of them ends.
+extra = socket.create_connection(PROXY, timeout=5)
+extra.sendall(("CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n").encode())
+extra.settimeout(3)
+try:
+    early = extra.recv(4096)
+    early = "closed" if not early else early.split(b" ")[1].decode()
+except socket.timeout:
+    early = "waits"
+held.pop(0).close()
+extra.settimeout(30)
+late = extra.recv(4096).startswith(b"HTTP/1.1 200")
+extra.close()
+for s in held:
+    s.close()
+print("at once", heads.count(True), early, late)
+# The streams come back: more connections than streams, one after the
+# other, each a bulk transfer both ways.
+ok = 0
+for i in range({streams} + 4):
+    s = socket.create_connection(PROXY, timeout=5)
+    s.sendall(("CONNECT allowed.test:{p} HTTP/1.1\r\n\r\n").encode())
+    s.settimeout(30)
+    head = s.recv(4096)
+    data = b"bulk\r\n" + bytes([i]) * 100000
+    s.sendall(data)
+    back = b""
+    while len(back) < len(data):
+        b = s.recv(65536)
+        if not b:
+            break
+        back += b
+    ok += head.startswith(b"HTTP/1.1 200") and back == data
+    s.close()
+print("after", ok)
+"#
+    );
+    let r = t.s.post(
+        "/v1/executions",
+        &t.key,
+        json!({"language": "python", "code": format!("{CLIENT}\n{code}"), "network": net,
+               "backend": "microvm", "limits": {"wall_time_ms": 60000}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["result"]["enforced"]["backend"], "microvm", "{v}");
+    assert_eq!(
+        lines(&v),
+        [
+            "allowed.test 200 True".to_string(),
+            "denied.test 403 False".into(),
+            "127.0.0.1 403 False".into(),
+            "server closed True".into(),
+            format!("at once {streams} waits True"),
+            format!("after {}", streams + 4),
+        ],
+        "{v}"
+    );
+    let decisions: Vec<(String, String)> = v["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["host"].as_str().unwrap().to_string(),
+                e["decision"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        decisions.contains(&("allowed.test".into(), "allowed".into()))
+            && decisions.contains(&("denied.test".into(), "denied".into())),
+        "{decisions:?}"
+    );
+    let limits = v["result"]["enforced"]["unavailable_limits"].to_string();
+    assert!(
+        limits.contains(&format!("at most {streams} at once")),
+        "{v}"
+    );
+}
