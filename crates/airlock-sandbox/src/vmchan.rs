@@ -1433,7 +1433,10 @@ mod tests {
         // The kinds go one way each.
         assert_eq!(violation_at(End::Guest, &open), "unknown frame kind");
         let release = frame(RELEASE, e, 0, b"");
-        assert_eq!(violation_with(End::Host, true, &release), "unknown frame kind");
+        assert_eq!(
+            violation_with(End::Host, true, &release),
+            "unknown frame kind"
+        );
         // A guest takes a release only of a stream both ends have ended.
         assert_eq!(
             violation_at(End::Guest, &release),
@@ -1473,12 +1476,11 @@ mod tests {
             c.write_all(format!("hello {i}").as_bytes()).unwrap();
         }
         let mut opened = Vec::new();
-        pump(&mut host, &mut guest, |h, _| h.opened.len() == EGRESS_STREAMS);
+        pump(&mut host, &mut guest, |h, _| {
+            h.opened.len() == EGRESS_STREAMS
+        });
         opened.extend(host.take_opened());
-        assert_eq!(
-            opened,
-            conns.iter().map(|(id, _)| *id).collect::<Vec<_>>()
-        );
+        assert_eq!(opened, conns.iter().map(|(id, _)| *id).collect::<Vec<_>>());
         // The first is refused by the proxy: the guest's side sees end of
         // stream; the rest get sockets.
         host.refuse(opened[0]);
@@ -1562,7 +1564,9 @@ mod tests {
                     .expect("a stream released");
                 pairs.push(there);
             }
-            pump(&mut host, &mut guest, |h, _| h.opened.len() == EGRESS_STREAMS);
+            pump(&mut host, &mut guest, |h, _| {
+                h.opened.len() == EGRESS_STREAMS
+            });
             let mut far = Vec::new();
             for id in host.take_opened() {
                 let (near, f) = UnixStream::pair().unwrap();
