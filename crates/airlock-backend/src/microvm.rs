@@ -1141,7 +1141,7 @@ impl Launcher for VmLauncher {
                 format!(
                     "memory: a cgroup inside the guest (no swap); the guest's RAM adds \
                      {GUEST_OVERHEAD_MIB} MiB for its kernel and the host cgroup holds QEMU \
-                     (+{QEMU_OVERHEAD_MIB} MiB); a kill by it ends as signal 9"
+                     (+{QEMU_OVERHEAD_MIB} MiB)"
                 ),
                 "pids: a cgroup and RLIMIT_NPROC inside the guest (its tasks are not host tasks)"
                     .into(),
@@ -1164,6 +1164,9 @@ impl Launcher for VmLauncher {
             // sockets the guest's init hands it, one egress stream each.
             egress_relay: true,
             protect_pid1: false,
+            // The guest's own cgroup ends a program over its memory: the
+            // agent reads its oom_kill count (the host's sees none).
+            guest_memory_events: true,
             accelerator: Some(self.host.accel.as_str()),
             snapshot: None,
             // A cold boot under TCG takes seconds, many more when the
@@ -1792,11 +1795,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
             })
         };
         let (err_at, console_at) = (at(&qemu_err), at(&host_console));
-        let egress_at = if asked.is_empty() {
-            None
-        } else {
-            at(&egress)
-        };
+        let egress_at = if asked.is_empty() { None } else { at(&egress) };
         match mux.step(&extra, 1000) {
             Ok(rev) => {
                 let ready = |i: Option<usize>| i.is_some_and(|i| rev[i] != 0);

@@ -20,7 +20,7 @@
 use std::os::unix::net::UnixStream;
 
 use crate::init::{JobChannels, Step, StepResult, at, lock_down, report, serve_job};
-use crate::launch::{BROKER_FD, CONTROL_FD, EGRESS_FD, Launch};
+use crate::launch::{AGENT_BINARY_FD, BROKER_FD, CONTROL_FD, EGRESS_FD, Launch, MEMORY_EVENTS_FD};
 use crate::proto::{self, AgentConfig, ToInit};
 use crate::sys;
 
@@ -41,9 +41,12 @@ pub fn main(args: &[String]) -> ! {
     if sys::set_parent_death_kill().is_err() {
         sys::exit_now(1);
     }
-    if sys::close_from(EGRESS_FD as u32 + 1).is_err() {
+    // Nothing beyond the channels, but for a guest's memory events (kept
+    // only when the configuration says so, below).
+    if sys::close_from(MEMORY_EVENTS_FD as u32 + 1).is_err() {
         sys::exit_now(1);
     }
+    sys::close_unowned(AGENT_BINARY_FD);
     if !sys::is_socket(CONTROL_FD) {
         sys::exit_now(1);
     }
@@ -72,6 +75,7 @@ pub fn main(args: &[String]) -> ! {
             egress: cfg.egress,
             relay: cfg.egress_relay,
             watch: true,
+            memory_events: cfg.guest_memory_events.then_some(MEMORY_EVENTS_FD),
         },
         Launch::Exec,
     )
@@ -89,6 +93,13 @@ fn prepare(cfg: &AgentConfig) -> StepResult<(u32, bool)> {
             return Err((Step::CloseFds, libc::EBADF));
         }
     }
+    // A guest's memory events: a file, never passed on (close-on-exec, and
+    // the zygote's path closes everything above the channels).
+    if !cfg.guest_memory_events {
+        sys::close_unowned(MEMORY_EVENTS_FD);
+    } else if sys::is_socket(MEMORY_EVENTS_FD) || sys::set_cloexec(MEMORY_EVENTS_FD).is_err() {
+        return Err((Step::CloseFds, libc::EBADF));
+    }
     if cfg.loopback {
         at(Step::Loopback, sys::loopback_up())?;
     }
@@ -97,5 +108,5 @@ fn prepare(cfg: &AgentConfig) -> StepResult<(u32, bool)> {
     if cfg.protect_pid1 {
         sys::ignore_signals();
     }
-    lock_down(cfg.landlock, &cfg.seccomp)
+    lock_down(cfg.landlock, &cfg.seccomp, cfg.guest_memory_events)
 }

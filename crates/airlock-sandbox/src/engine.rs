@@ -1580,7 +1580,8 @@ impl Sandbox {
             mut rss_kib,
             mut scratch_full,
             mut exec_errno,
-        ) = (None, None, 0, 0, 0, false, None);
+            mut guest_oom_kills,
+        ) = (None, None, 0, 0, 0, false, None, 0);
         if let Some(FromInit::Exited {
             code: c,
             signal: s,
@@ -1589,6 +1590,7 @@ impl Sandbox {
             maxrss_kib,
             scratch_full: f,
             exec_errno: x,
+            oom_kills,
         }) = sup.exit
         {
             (
@@ -1599,7 +1601,8 @@ impl Sandbox {
                 rss_kib,
                 scratch_full,
                 exec_errno,
-            ) = (c, s, u, sy, maxrss_kib, f, x);
+                guest_oom_kills,
+            ) = (c, s, u, sy, maxrss_kib, f, x, oom_kills);
         }
         let cpu_user_ms = stats.cpu_user_ns.map_or(user_us as f64 / 1000.0, |n| {
             n.saturating_sub(sup.cpu_base.0) as f64 / 1e6
@@ -1614,7 +1617,9 @@ impl Sandbox {
             TerminationReason::InternalError
         } else if signal == Some(libc::SIGSYS) {
             TerminationReason::PolicyViolation
-        } else if stats.oom_kills > 0 {
+        } else if stats.oom_kills > 0 || guest_oom_kills > 0 {
+            // The host's cgroup, or the cgroup a guest kernel keeps around
+            // the sandbox (its count as the agent read it).
             TerminationReason::MemoryLimit
         } else if let Some(r) = sup.engine_reason {
             r

@@ -136,6 +136,10 @@ pub struct Isolated {
     /// The kernel does not shield pid 1 from its namespace's signals
     /// (gVisor): a filter refuses signalling it ([`seccomp::protect_pid1`]).
     pub protect_pid1: bool,
+    /// The sandbox runs in a guest kernel's cgroup whose `memory.events`
+    /// the agent receives ([`crate::launch::MEMORY_EVENTS_FD`]): an OOM kill
+    /// there is the policy's memory limit (a microVM).
+    pub guest_memory_events: bool,
     /// A virtual machine's accelerator (`kvm`, `tcg`), for the result.
     pub accelerator: Option<&'static str>,
     /// The golden snapshot a virtual machine is restored from, for the
@@ -479,6 +483,7 @@ impl Engine {
             egress_relay: isolated.egress_relay,
             loopback: false,
             protect_pid1: isolated.protect_pid1,
+            guest_memory_events: isolated.guest_memory_events,
         };
         let timeout = isolated.start_timeout.unwrap_or(AGENT_START_TIMEOUT);
         if let Err(e) = sb.agent_handshake(&cfg, timeout) {

@@ -18,7 +18,7 @@
 use std::ffi::{CStr, CString};
 use std::fs;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 
@@ -408,6 +408,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
             egress: cfg.egress,
             relay: false,
             watch: false,
+            memory_events: None,
         },
         launch,
     )
@@ -474,7 +475,7 @@ fn build(cfg: &InitConfig, ctrl: &mut UnixStream) -> StepResult<(u32, bool)> {
     }
     at(Step::CgroupNamespace, sys::unshare(libc::CLONE_NEWCGROUP))?;
 
-    lock_down(cfg.landlock_strict, &cfg.seccomp)
+    lock_down(cfg.landlock_strict, &cfg.seccomp, false)
 }
 
 /// The mount, network, IPC and UTS namespaces and the new root: read-only
@@ -686,9 +687,13 @@ pub(crate) fn build_root(cfg: &InitConfig) -> StepResult<()> {
 /// Landlock (`landlock`: Some(strict); None where the kernel the code
 /// meets has none, as under gVisor), then the seccomp programs. Returns
 /// (Landlock ABI in force, fully enforced).
+/// `memory_events`: a guest's `memory.events` at
+/// [`crate::launch::MEMORY_EVENTS_FD`] is kept (the only descriptor beyond
+/// the channels).
 pub(crate) fn lock_down(
     landlock: impl Into<Option<bool>>,
     seccomp: &[Vec<(u16, u8, u8, u32)>],
+    memory_events: bool,
 ) -> StepResult<(u32, bool)> {
     match sys::setsid() {
         Ok(()) => {}
@@ -698,7 +703,15 @@ pub(crate) fn lock_down(
         Err(e) if e.raw_os_error() == Some(libc::EPERM) && sys::no_controlling_terminal() => {}
         Err(e) => return Err((Step::Setsid, e.raw_os_error().unwrap_or(0))),
     }
-    at(Step::CloseFds, sys::close_from(EGRESS_FD as u32 + 1))?;
+    if memory_events {
+        let events = crate::launch::MEMORY_EVENTS_FD;
+        for fd in EGRESS_FD + 1..events {
+            sys::close_unowned(fd);
+        }
+        at(Step::CloseFds, sys::close_from(events as u32 + 1))?;
+    } else {
+        at(Step::CloseFds, sys::close_from(EGRESS_FD as u32 + 1))?;
+    }
     // The uid change above made the process non-dumpable, which makes its
     // /proc files root-owned; lift that for one write, then lock it again.
     at(Step::OomScore, sys::set_dumpable(true))?;
@@ -963,6 +976,9 @@ pub(crate) struct JobChannels {
     pub relay: bool,
     /// Pid 1 leaves when the control channel hangs up (an agent).
     pub watch: bool,
+    /// A guest kernel's `memory.events` for the sandbox's cgroup, read
+    /// once the program has ended.
+    pub memory_events: Option<RawFd>,
 }
 
 pub(crate) fn run_job(
@@ -989,6 +1005,7 @@ pub(crate) fn run_job(
         egress,
         relay,
         watch,
+        memory_events,
     } = channels;
     if egress {
         start_forwarder(broker, relay)?;
@@ -1096,6 +1113,7 @@ pub(crate) fn run_job(
             let scratch_full = crate::rootfs::SCRATCH
                 .iter()
                 .any(|(p, _)| sys::fs_full(&cstr(p)));
+            let oom_kills = memory_events.map_or(0, oom_kills);
             let (code, signal) = match status {
                 ChildStatus::Exited(c) => (Some(c), None),
                 ChildStatus::Signaled(s) => (None, Some(s)),
@@ -1112,12 +1130,24 @@ pub(crate) fn run_job(
                         maxrss_kib,
                         scratch_full,
                         exec_errno,
+                        oom_kills,
                     },
                 ),
             )?;
             Ok(())
         }
     }
+}
+
+/// `oom_kill` of a cgroup v2 `memory.events` open at `fd` (0 when it
+/// cannot be read).
+fn oom_kills(fd: RawFd) -> u64 {
+    let mut buf = [0u8; 1024];
+    let n = sys::pread_fd(fd, &mut buf, 0).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// In the program's process: last per-program limits, then exec. Returns the

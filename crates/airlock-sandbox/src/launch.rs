@@ -29,6 +29,13 @@ pub const BROKER_FD: RawFd = 4;
 /// Descriptor of the egress channel (a SOCK_SEQPACKET socketpair end), when
 /// the policy allows egress. Only the forwarder holds it.
 pub const EGRESS_FD: RawFd = 5;
+/// Descriptor of the agent's binary as a microVM guest's init starts it
+/// (closed by the agent first thing).
+pub const AGENT_BINARY_FD: RawFd = 6;
+/// Descriptor of `memory.events` of the cgroup a microVM guest's kernel
+/// keeps around the sandbox, when the agent is told so: read after the
+/// program ends (its `oom_kill`), never inherited by the program.
+pub const MEMORY_EVENTS_FD: RawFd = 7;
 /// Where the forwarder listens inside the sandbox (`HTTP_PROXY` points here).
 pub const PROXY_PORT: u16 = 3128;
 

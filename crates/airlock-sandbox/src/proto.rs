@@ -162,6 +162,11 @@ pub enum FromInit {
         scratch_full: bool,
         /// execve of the interpreter failed with this errno.
         exec_errno: Option<i32>,
+        /// Processes the OOM killer ended in a cgroup the sandbox's own
+        /// kernel keeps (a microVM guest's), which the host's cgroup
+        /// does not see.
+        #[serde(default)]
+        oom_kills: u64,
     },
 }
 
@@ -208,6 +213,10 @@ pub struct AgentConfig {
     /// The kernel delivers signals to pid 1 (gVisor): the agent ignores
     /// every catchable one (and a filter refuses signalling it).
     pub protect_pid1: bool,
+    /// A guest kernel's cgroup holds the sandbox: its `memory.events` is
+    /// at [`crate::launch::MEMORY_EVENTS_FD`] (a microVM).
+    #[serde(default)]
+    pub guest_memory_events: bool,
 }
 
 /// Writes one frame.

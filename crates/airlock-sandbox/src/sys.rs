@@ -824,7 +824,6 @@ pub fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
     Ok(pfds.iter().map(|p| p.revents).collect())
 }
 
-/// Clears FD_CLOEXEC on a descriptor.
 /// Writes `data` to the file at `path` with raw system calls only (open,
 /// write, close): usable between fork and exec.
 pub fn write_raw(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
@@ -844,9 +843,16 @@ pub fn write_raw(path: &std::ffi::CStr, data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Clears FD_CLOEXEC on a descriptor.
 pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_SETFD takes an integer argument only.
     cvt_i(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(|_| ())
+}
+
+/// Sets FD_CLOEXEC on a descriptor.
+pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD takes an integer argument only.
+    cvt_i(unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) }).map(|_| ())
 }
 
 /// Restores every catchable signal to its default action and unblocks all
@@ -1100,6 +1106,14 @@ pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a valid writable buffer of its length; `fd` is a
     // descriptor the caller holds for the duration of the call.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    cvt(n as libc::c_long).map(|n| n as usize)
+}
+
+/// `pread(2)` into `buf` at `offset`.
+pub fn pread_fd(fd: RawFd, buf: &mut [u8], offset: i64) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of its length; `fd` is a
+    // descriptor the caller holds for the duration of the call.
+    let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), offset) };
     cvt(n as libc::c_long).map(|n| n as usize)
 }
 

@@ -526,11 +526,20 @@ fn start_agent(
             let code = (|| -> Result<(), i32> {
                 let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
                 fs::write(format!("{SANDBOX_CGROUP}/cgroup.procs"), "0").map_err(errno)?;
+                // Read by the agent once the program ends: an OOM kill here
+                // is the policy's memory limit (the host's cgroup never
+                // sees the guest's).
+                let events: OwnedFd = fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(format!("{SANDBOX_CGROUP}/memory.events"))
+                    .map_err(errno)?
+                    .into();
                 crate::init::build_root(&root).map_err(|(_, e)| e)?;
                 sys::unshare(libc::CLONE_NEWCGROUP).map_err(errno)?;
                 // The channels at the agent's numbers (stdio, control 3,
                 // broker 4, egress 5), the binary at 6 (the agent closes it
-                // first thing), nothing else.
+                // first thing), the memory events at 7, nothing else.
                 let place = [
                     ends.stdin.as_raw_fd(),
                     ends.stdout.as_raw_fd(),
@@ -539,15 +548,16 @@ fn start_agent(
                     ends.broker.as_raw_fd(),
                     ends.egress.as_ref().unwrap_or(&null).as_raw_fd(),
                     agent.as_raw_fd(),
+                    events.as_raw_fd(),
                 ];
-                let mut parked = [0; 7];
+                let mut parked = [0; 8];
                 for (i, fd) in place.iter().enumerate() {
                     parked[i] = sys::dup_above_cloexec(*fd, 64).map_err(errno)?;
                 }
                 for (i, fd) in parked.iter().enumerate() {
                     sys::dup2(*fd, i as RawFd).map_err(errno)?;
                 }
-                sys::close_from(7).map_err(errno)?;
+                sys::close_from(8).map_err(errno)?;
                 sys::drop_bounding_and_ambient().map_err(errno)?;
                 sys::clear_groups().map_err(errno)?;
                 sys::set_ids(SANDBOX_UID, SANDBOX_GID).map_err(errno)?;

@@ -303,7 +303,9 @@ fn memory_and_task_limits_hold_inside_the_guest() {
     let n: u64 = kids[0].parse().unwrap();
     assert!(n > 0 && n < 16, "{r}");
     // The guest's cgroup holds the policy's memory: the same growth in 64
-    // MiB is killed (SIGKILL by the guest kernel) long before 160 MiB.
+    // MiB is killed (SIGKILL by the guest kernel's OOM killer) long before
+    // 160 MiB, and said to be the memory limit (the host's cgroup saw no
+    // OOM kill: the agent read the guest's count).
     let r = run_json(
         "python",
         grow,
@@ -311,5 +313,6 @@ fn memory_and_task_limits_hold_inside_the_guest() {
         &["--backend", "microvm", "--memory", "64"],
     );
     assert_eq!(r["signal"], 9, "{r}");
+    assert_eq!(r["reason"], "memory_limit", "{r}");
     assert!(!r["stdout"].as_str().unwrap_or("").contains("grew"), "{r}");
 }
