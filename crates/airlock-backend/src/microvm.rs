@@ -52,6 +52,15 @@ pub const VMM_ARG: &str = "__airlock-vmm";
 /// Guest memory beyond the policy's: the guest kernel, the initramfs
 /// (the airlock binary) and page cache of the root image.
 const GUEST_OVERHEAD_MIB: u64 = 160;
+/// The least guest memory: the kernel unpacks the initramfs (tens of MiB)
+/// into it before anything else runs.
+const GUEST_MIN_MIB: u64 = 256;
+
+/// The guest's RAM for a policy's memory limit (which the guest's own
+/// cgroup holds the code to).
+fn guest_memory_mib(policy_mib: u64) -> u64 {
+    (policy_mib + GUEST_OVERHEAD_MIB).max(GUEST_MIN_MIB)
+}
 /// Host memory beyond the guest's: QEMU itself (TCG's translation cache
 /// is capped at 64 MiB).
 const QEMU_OVERHEAD_MIB: u64 = 160;
@@ -69,7 +78,7 @@ const CONSOLE_AFTER: [std::time::Duration; 2] = [
 const KVM_CHECK_SECS: u64 = 15;
 
 /// Bumped when what goes into the guest's artifacts changes.
-const ARTIFACT_FORMAT: u32 = 1;
+const ARTIFACT_FORMAT: u32 = 2;
 
 /// Which accelerator runs guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +148,8 @@ pub struct VmHost {
     pub modules: PathBuf,
     /// The accelerator guests run with.
     pub accel: Accel,
+    /// `mkfs.ext4`, which makes each VM's scratch disk.
+    pub mkfs: PathBuf,
 }
 
 /// Finds QEMU, a kernel and an accelerator, or says what is missing.
@@ -179,6 +190,8 @@ pub fn discover(settings: &Settings) -> Result<VmHost, String> {
         ));
     }
     fs::File::open(&kernel).map_err(|e| format!("{}: {e}", kernel.display()))?;
+    let mkfs = crate::oci::find_binary(&["mkfs.ext4"])
+        .ok_or("mkfs.ext4 is not installed (Debian: apt-get install e2fsprogs)")?;
     let store = settings.store.clone().unwrap_or_else(default_store);
     let accel = match settings.accel {
         Some(a) => a,
@@ -198,6 +211,7 @@ pub fn discover(settings: &Settings) -> Result<VmHost, String> {
         kernel,
         modules,
         accel,
+        mkfs,
     })
 }
 
@@ -406,6 +420,57 @@ impl Store {
         Ok(dest)
     }
 
+    /// Removes every initramfs and root image but `keep`, and the
+    /// references to what is gone (see [`MicrovmBackend::prune`]).
+    fn prune(&self, keep: &[&Path], dry_run: bool) -> (usize, u64) {
+        let (mut n, mut bytes) = (0, 0);
+        for kind in ["initrd", "root"] {
+            for e in fs::read_dir(self.dir.join(kind))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let p = e.path();
+                if keep.contains(&p.as_path()) {
+                    continue;
+                }
+                let size = e.metadata().map_or(0, |m| m.blocks() * 512);
+                if dry_run || fs::remove_file(&p).is_ok() {
+                    n += 1;
+                    bytes += size;
+                }
+            }
+        }
+        if dry_run {
+            return (n, bytes);
+        }
+        // References to a file no longer here (the KVM verdicts stay).
+        for e in fs::read_dir(self.dir.join("refs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(kind) = ["initrd", "root"]
+                .into_iter()
+                .find(|k| name.starts_with(&format!("{k}-")))
+            else {
+                continue;
+            };
+            let ext = if kind == "initrd" { "cpio" } else { "erofs" };
+            let digest = fs::read_to_string(e.path()).unwrap_or_default();
+            if !self
+                .dir
+                .join(kind)
+                .join(format!("{}.{ext}", digest.trim()))
+                .is_file()
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        (n, bytes)
+    }
+
     fn tmp_path(&self, what: &str) -> std::io::Result<PathBuf> {
         let mut rnd = [0u8; 8];
         sys::getrandom(&mut rnd)?;
@@ -590,7 +655,8 @@ fn key_file(key: &mut Sha256, p: &Path) {
 }
 
 /// Modules the guest loads, dependencies first: the virtio-mmio transport,
-/// the block device, erofs and the entropy device (the console is built
+/// the block device, erofs (the root image), ext4 (the scratch disk) and
+/// the entropy device (the console is built
 /// into the kernels this uses, or listed too).
 fn guest_modules(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let dep = fs::read_to_string(dir.join("modules.dep"))
@@ -634,6 +700,8 @@ fn guest_modules(dir: &Path) -> Result<Vec<PathBuf>, String> {
         "virtio_console",
         "virtio_blk",
         "erofs",
+        "ext4",
+        "crc32c_generic",
         "virtio_rng",
     ] {
         let is_builtin = builtin.lines().any(|l| {
@@ -648,6 +716,9 @@ fn guest_modules(dir: &Path) -> Result<Vec<PathBuf>, String> {
         }
         match by_name(name) {
             Some(m) => visit(&m, &deps, &mut order, 0),
+            // ext4's checksums (a soft dependency, which modules.dep does
+            // not list): most kernels build it in.
+            None if name == "crc32c_generic" => {}
             None => {
                 return Err(format!(
                     "the guest kernel has no {name} module and does not build it in"
@@ -1118,6 +1189,134 @@ struct VmmConfig {
     /// Made into a golden snapshot, or restored from one.
     #[serde(default)]
     snapshot: Option<SnapMode>,
+    /// The sandbox's scratch disk.
+    scratch: ScratchDisk,
+}
+
+/// What a VM's scratch disk holds: /tmp and /workspace together (ext4,
+/// made by the monitor for a cold or golden VM, copied from the snapshot
+/// for a restored one, handed to QEMU as a descriptor).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScratchDisk {
+    mkfs: PathBuf,
+    /// What the code may write, in bytes and files.
+    bytes: u64,
+    inodes: u64,
+}
+
+/// The file the scratch disk is in: in the snapshot being made (it is
+/// part of it), else in the sandbox's state directory.
+const SCRATCH_FILE: &str = "scratch";
+/// Its block size.
+const SCRATCH_BLOCK: u64 = 4096;
+
+/// Blocks of a scratch disk on which an unprivileged writer can store
+/// `bytes` in `inodes` files: the data, the inode tables (256 bytes an
+/// inode), a little for the superblock, bitmaps and the two directories,
+/// and what ext4 keeps back for its own metadata (a fiftieth, at most
+/// 4096 blocks), which no writer gets.
+fn scratch_blocks(bytes: u64, inodes: u64) -> u64 {
+    let b = bytes.div_ceil(SCRATCH_BLOCK)
+        + (inodes + 16).saturating_mul(256).div_ceil(SCRATCH_BLOCK)
+        + 16;
+    b + b.div_ceil(49).min(4096)
+}
+
+/// The inodes to ask mkfs for so that no more than `inodes` files fit:
+/// ext4's reserved ones (11) and the two directories on top, in whole
+/// inode-table blocks (16) of each block group (32768 blocks), which is
+/// how mkfs lays them out (it rounds up).
+fn scratch_inodes(bytes: u64, inodes: u64) -> u64 {
+    let unit = 16 * scratch_blocks(bytes, inodes).div_ceil(32768);
+    ((inodes + 13) / unit * unit).max(unit)
+}
+
+/// Makes the scratch disk at `p` (a new file): ext4 without a journal
+/// (nothing on it outlives the VM) or room to grow, with every inode
+/// table written now (the guest kernel has nothing to initialise later),
+/// nothing kept back for root.
+fn make_scratch(s: &ScratchDisk, p: &Path) -> Result<(), String> {
+    let e = |err: std::io::Error| format!("making the scratch disk: {err}");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(e)?;
+    f.set_len(scratch_blocks(s.bytes, s.inodes) * SCRATCH_BLOCK)
+        .map_err(e)?;
+    drop(f);
+    let inodes = scratch_inodes(s.bytes, s.inodes).to_string();
+    let out = Command::new(&s.mkfs)
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N"])
+        .arg(&inodes)
+        .args([
+            "-O",
+            "^has_journal,^resize_inode",
+            "-E",
+            "lazy_itable_init=0,nodiscard",
+            "-L",
+            "scratch",
+        ])
+        .arg(p)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(e)?;
+    if !out.status.success() {
+        return Err(format!(
+            "making the scratch disk: mkfs.ext4 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The scratch disk for the VM `cfg` describes, open for QEMU: made in
+/// the snapshot being made, or made (cold) or copied from the snapshot
+/// (restore: byte for byte the disk the golden guest has mounted) into
+/// `state` and unlinked there at once (nothing of it can outlive the VM).
+fn scratch_disk(cfg: &VmmConfig, state: &Path) -> Result<OwnedFd, String> {
+    let e = |err: std::io::Error| format!("the scratch disk: {err}");
+    let open = |p: &Path| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(p)
+    };
+    match &cfg.snapshot {
+        Some(SnapMode::Create { dir }) => {
+            let p = dir.join(SCRATCH_FILE);
+            make_scratch(&cfg.scratch, &p)?;
+            Ok(open(&p).map_err(e)?.into())
+        }
+        Some(SnapMode::Restore { dir, .. }) => {
+            let src = fs::File::open(dir.join(SCRATCH_FILE)).map_err(e)?;
+            let p = state.join(SCRATCH_FILE);
+            let dst = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC)
+                .open(&p)
+                .map_err(e)?;
+            let _ = fs::remove_file(&p);
+            sys::copy_sparse(&src, &dst).map_err(e)?;
+            Ok(dst.into())
+        }
+        None => {
+            let p = state.join(SCRATCH_FILE);
+            make_scratch(&cfg.scratch, &p)?;
+            let f = open(&p).map_err(e)?;
+            let _ = fs::remove_file(&p);
+            Ok(f.into())
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -1128,7 +1327,7 @@ struct VmLauncher {
 }
 
 impl Launcher for VmLauncher {
-    fn isolated(&self, _policy: &Policy) -> Isolated {
+    fn isolated(&self, policy: &Policy) -> Isolated {
         Isolated {
             backend: "microvm",
             isolation: IsolationLevel::Microvm,
@@ -1136,16 +1335,24 @@ impl Launcher for VmLauncher {
                 .map(String::from)
                 .to_vec(),
             landlock: true,
-            overhead: (GUEST_OVERHEAD_MIB + QEMU_OVERHEAD_MIB, HOST_TASKS),
+            overhead: (
+                guest_memory_mib(policy.limits.memory_mib) - policy.limits.memory_mib
+                    + QEMU_OVERHEAD_MIB,
+                HOST_TASKS,
+            ),
             unavailable_limits: vec![
                 format!(
                     "memory: a cgroup inside the guest (no swap); the guest's RAM adds \
-                     {GUEST_OVERHEAD_MIB} MiB for its kernel and the host cgroup holds QEMU \
-                     (+{QEMU_OVERHEAD_MIB} MiB)"
+                     {GUEST_OVERHEAD_MIB} MiB for its kernel (at least {GUEST_MIN_MIB} MiB in \
+                     all) and the host cgroup holds QEMU (+{QEMU_OVERHEAD_MIB} MiB)"
                 ),
                 "pids: a cgroup and RLIMIT_NPROC inside the guest (its tasks are not host tasks)"
                     .into(),
-                "scratch: tmpfs in the guest's RAM, capped in bytes and inodes".into(),
+                format!(
+                    "scratch: /tmp and /workspace share a disk of the VM's own ({} MiB, {} \
+                     files; not the guest's RAM), /dev/shm is tmpfs in the guest's RAM",
+                    policy.filesystem.scratch_mib, policy.filesystem.scratch_inodes
+                ),
                 format!(
                     "egress: each connection relayed over the VM's channel to the host's proxy \
                      (no network device in the guest), at most {} at once",
@@ -1260,7 +1467,7 @@ impl VmLauncher {
                 kernel: self.host.kernel.clone(),
                 initrd: self.artifacts.initrd.clone(),
                 root: self.artifacts.root.clone(),
-                memory_mib: l.policy.limits.memory_mib + GUEST_OVERHEAD_MIB,
+                memory_mib: guest_memory_mib(l.policy.limits.memory_mib),
                 cpus: (l.policy.limits.cpus.ceil() as u32).clamp(1, 16),
                 accel: self.host.accel,
                 qemu_ids: match mode {
@@ -1281,6 +1488,7 @@ impl VmLauncher {
                         etc_mounts,
                         scratch_bytes: v.scratch_bytes,
                         scratch_inodes: v.scratch_inodes,
+                        scratch_dir: None,
                         landlock_strict: false,
                         seccomp: Vec::new(),
                         broker: false,
@@ -1295,6 +1503,11 @@ impl VmLauncher {
                 },
                 console: std::env::var_os("AIRLOCK_VM_CONSOLE").map(PathBuf::from),
                 snapshot: mode.cloned(),
+                scratch: ScratchDisk {
+                    mkfs: self.host.mkfs.clone(),
+                    bytes: v.scratch_bytes,
+                    inodes: v.scratch_inodes,
+                },
             };
             // What a restore's guest already has: the view its golden VM
             // was configured with. Recorded by the golden VM, compared by
@@ -1347,8 +1560,16 @@ impl VmLauncher {
 
 /// QEMU's arguments: the guest's port on `port_fd`, its serial console
 /// (the kernel's warnings and the guest init's progress, read by the
-/// monitor) on `console_fd`, or in the debugging file when one is named.
-fn qemu_args(cfg: &VmmConfig, port_fd: RawFd, console_fd: RawFd, qmp_fd: RawFd) -> Vec<String> {
+/// monitor) on `console_fd`, or in the debugging file when one is named,
+/// the scratch disk on `scratch_fds` (read-write, read-only), the
+/// commands of a snapshot on `qmp_fd`.
+fn qemu_args(
+    cfg: &VmmConfig,
+    port_fd: RawFd,
+    console_fd: RawFd,
+    scratch_fds: (RawFd, RawFd),
+    qmp_fd: RawFd,
+) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
     let console = cfg
@@ -1459,12 +1680,31 @@ fn qemu_args(cfg: &VmmConfig, port_fd: RawFd, console_fd: RawFd, qmp_fd: RawFd) 
     ]);
     // The root image: read-only for QEMU itself, so a guest that remounts
     // it read-write still cannot change it.
+    // An I/O error on the host is the guest's (never a VM paused for ever).
     let root = cfg.root.to_string_lossy().replace(',', ",,");
     push(&[
         "-drive",
-        &format!("file={root},if=none,id=root,format=raw,readonly=on"),
+        &format!("file={root},if=none,id=root,format=raw,readonly=on,rerror=report"),
         "-device",
-        "virtio-blk-device,drive=root",
+        &format!(
+            "virtio-blk-device,drive=root,serial={}",
+            airlock_sandbox::vminit::ROOT_SERIAL
+        ),
+        // The scratch disk, the monitor's descriptor: QEMU opens no path
+        // of it. Nothing on it outlives the VM, so flushes are not waited
+        // for.
+        "-add-fd",
+        &format!("fd={},set=1", scratch_fds.0),
+        "-add-fd",
+        &format!("fd={},set=1", scratch_fds.1),
+        "-drive",
+        "file=/dev/fdset/1,if=none,id=scratch,format=raw,cache=unsafe,werror=report,rerror=report,\
+         file.locking=off",
+        "-device",
+        &format!(
+            "virtio-blk-device,drive=scratch,serial={}",
+            airlock_sandbox::vminit::SCRATCH_SERIAL
+        ),
         "-object",
         "rng-random,id=rng,filename=/dev/urandom",
         "-device",
@@ -1536,7 +1776,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let qemu_fd = qemu_port.as_raw_fd();
     let console_fd = qemu_console.as_raw_fd();
     // A golden or restored VM's QEMU takes commands (save, load) on a
-    // socket at 5.
+    // socket at 7.
     let creating = matches!(cfg.snapshot, Some(SnapMode::Create { .. }));
     let (host_qmp, qemu_qmp) = if cfg.snapshot.is_some() {
         let (h, q) = std::os::unix::net::UnixStream::pair().map_err(|e| e.to_string())?;
@@ -1545,9 +1785,22 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         (None, None)
     };
     let qmp_fd = qemu_qmp.as_ref().map_or(-1, |q| q.as_raw_fd());
-    let keep_below: u32 = if cfg.snapshot.is_some() { 6 } else { 5 };
+    let state = Path::new(path)
+        .parent()
+        .ok_or("the configuration is not in a state directory")?;
+    let scratch = scratch_disk(&cfg, state)?;
+    // QEMU asks its descriptor set for a read-only descriptor too (while
+    // it probes the disk, before it takes write permission).
+    let scratch_ro: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", scratch.as_raw_fd()))
+        .map_err(|e| format!("the scratch disk: {e}"))?
+        .into();
+    let (scratch_fd, scratch_ro_fd) = (scratch.as_raw_fd(), scratch_ro.as_raw_fd());
+    let keep_below: u32 = if cfg.snapshot.is_some() { 8 } else { 7 };
     let mut cmd = Command::new(&cfg.qemu);
-    cmd.args(qemu_args(&cfg, 3, 4, 5))
+    cmd.args(qemu_args(&cfg, 3, 4, (5, 6), 7))
         .env_clear()
         .current_dir("/")
         .stdin(Stdio::null())
@@ -1573,13 +1826,22 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     // async-signal-safe syscalls (no allocation: values copied in, literals).
     unsafe {
         cmd.pre_exec(move || {
+            // All moved out of the way first: no dup2 below may land on
+            // a descriptor not yet moved.
             let moved = sys::dup_above_cloexec(qemu_fd, 16)?;
             let moved_console = sys::dup_above_cloexec(console_fd, 16)?;
+            let moved_scratch = sys::dup_above_cloexec(scratch_fd, 16)?;
+            let moved_scratch_ro = sys::dup_above_cloexec(scratch_ro_fd, 16)?;
+            let moved_qmp = match qmp_fd {
+                -1 => -1,
+                fd => sys::dup_above_cloexec(fd, 16)?,
+            };
             sys::dup2(moved, 3)?;
             sys::dup2(moved_console, 4)?;
-            if qmp_fd >= 0 {
-                let moved_qmp = sys::dup_above_cloexec(qmp_fd, 16)?;
-                sys::dup2(moved_qmp, 5)?;
+            sys::dup2(moved_scratch, 5)?;
+            sys::dup2(moved_scratch_ro, 6)?;
+            if moved_qmp >= 0 {
+                sys::dup2(moved_qmp, 7)?;
             }
             if as_root {
                 sys::unshare(
@@ -1625,7 +1887,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let mut qemu = cmd
         .spawn()
         .map_err(|e| format!("QEMU does not start: {e}"))?;
-    drop((qemu_port, qemu_console, qemu_qmp));
+    drop((qemu_port, qemu_console, qemu_qmp, scratch, scratch_ro));
     sys::set_nonblocking(host_console.as_raw_fd()).map_err(|e| e.to_string())?;
     let mut host_console = Some(OwnedFd::from(host_console));
     let qemu_err = qemu.stderr.take();
@@ -1981,6 +2243,7 @@ pub struct MicrovmBackend {
     engine: Arc<Engine>,
     launcher: Arc<VmLauncher>,
     snaps: Snapshots,
+    store: Store,
 }
 
 impl MicrovmBackend {
@@ -2010,11 +2273,40 @@ impl MicrovmBackend {
                 states,
             }),
             snaps,
+            store,
         })
     }
 
-    /// What shapes a golden snapshot for `spec` here: its key.
+    /// What shapes a golden snapshot for `spec` here: its key,
+    /// `<language>-<host>-<digest>`, where `host` ([`Self::host_key`])
+    /// names the artifacts, kernel, QEMU and accelerator it was made with
+    /// (what `prune` compares) and `digest` everything.
     fn snapshot_key(&self, spec: &Spec<'_>) -> String {
+        let host = self.host_key();
+        let mut h = Sha256::new();
+        h.update(host.as_bytes());
+        h.update(serde_json::to_vec(spec.policy).unwrap_or_default());
+        h.update(spec.language.as_str().as_bytes());
+        let x = spec.extras;
+        for (path, contents) in &x.files {
+            for part in [path.as_bytes(), contents.as_bytes()] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        }
+        h.update([u8::from(x.broker), u8::from(x.egress)]);
+        h.update(x.entry.as_deref().unwrap_or("").as_bytes());
+        h.update([0]);
+        for (k, v) in &x.env {
+            h.update(format!("{k}={v}\0").as_bytes());
+        }
+        format!("{}-{host}-{}", spec.language.as_str(), hex(&h.finalize()))
+    }
+
+    /// The part of a snapshot's key this host's pieces make: the snapshot
+    /// format, the artifacts, the kernel, QEMU, the accelerator (and under
+    /// KVM the host's CPU and kernel). 16 hex digits.
+    fn host_key(&self) -> String {
         let l = &self.launcher;
         let mut h = Sha256::new();
         h.update(snapshot::FORMAT.to_le_bytes());
@@ -2036,22 +2328,26 @@ impl MicrovmBackend {
                 h.update([0]);
             }
         }
-        h.update(serde_json::to_vec(spec.policy).unwrap_or_default());
-        h.update(spec.language.as_str().as_bytes());
-        let x = spec.extras;
-        for (path, contents) in &x.files {
-            for part in [path.as_bytes(), contents.as_bytes()] {
-                h.update((part.len() as u64).to_le_bytes());
-                h.update(part);
-            }
-        }
-        h.update([u8::from(x.broker), u8::from(x.egress)]);
-        h.update(x.entry.as_deref().unwrap_or("").as_bytes());
-        h.update([0]);
-        for (k, v) in &x.env {
-            h.update(format!("{k}={v}\0").as_bytes());
-        }
-        format!("{}-{}", spec.language.as_str(), hex(&h.finalize()))
+        hex(&h.finalize())[..16].to_string()
+    }
+
+    /// The guest's artifacts this backend boots.
+    pub fn artifacts(&self) -> &Artifacts {
+        &self.launcher.artifacts
+    }
+
+    /// Removes from the store what this backend no longer uses: other
+    /// initramfs and root images (an earlier airlock binary's, runtimes
+    /// since changed) with their references, and golden snapshots made
+    /// with other artifacts, kernel, QEMU or accelerator. Only `dry_run`
+    /// counts. Returns (entries, bytes on disk). A server of another
+    /// airlock version using the same store at the time loses its
+    /// artifacts (its VMs fail to start, its snapshots are made again).
+    pub fn prune(&self, dry_run: bool) -> (usize, u64) {
+        let a = &self.launcher.artifacts;
+        let (n, bytes) = self.store.prune(&[&a.initrd, &a.root], dry_run);
+        let (sn, sbytes) = self.snaps.prune(&self.host_key(), dry_run);
+        (n + sn, bytes + sbytes)
     }
 
     /// Boots a golden VM for `spec` and saves it (seconds; a minute or

@@ -13,11 +13,13 @@
 //!
 //! Store layout (under the microVM store): `snap/<key>/` with `mem` and
 //! `state` (0440, group QEMU's: read by every restore's unprivileged
-//! QEMU, written by none) and `meta.json` (0600: the digests of both and
-//! the transcript). What a restore boots is checked against the digests
-//! first (the state file every time, the memory file whenever its inode
-//! or times changed); a snapshot that fails any check is removed and
-//! made again, never restored.
+//! QEMU, written by none), `scratch` (0400: the scratch disk as the golden
+//! guest has it mounted, copied for each restore by its monitor) and
+//! `meta.json` (0600: the digests of the three and the transcript). What
+//! a restore boots is checked against the digests first (the state file
+//! every time, the memory file and the disk whenever their inode or times
+//! changed); a snapshot that fails any check is removed and made again,
+//! never restored.
 
 use std::collections::HashMap;
 use std::fs;
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Bumped when what a snapshot holds or how it is restored changes.
-pub(crate) const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 2;
 /// Largest exchange recorded between an engine and a golden VM.
 pub(crate) const MAX_TRANSCRIPT: usize = 1 << 20;
 /// Why a replay stopped: the engine's side is not the golden engine's.
@@ -59,7 +61,7 @@ pub(crate) struct Chunk {
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub(crate) enum SnapMode {
     /// Boot, run until the runner waits for its code, save the machine
-    /// into `dir` (`mem`, `state`, `transcript.json`), end.
+    /// into `dir` (`mem`, `state`, `scratch`, `transcript.json`), end.
     Create { dir: PathBuf },
     /// Restore from `dir`, replaying `transcript` to the engine.
     Restore {
@@ -77,6 +79,8 @@ struct Meta {
     key: String,
     mem_sha256: String,
     state_sha256: String,
+    /// The scratch disk as the golden guest left it mounted.
+    scratch_sha256: String,
     guest_sha256: String,
     transcript: Vec<Chunk>,
 }
@@ -266,6 +270,10 @@ impl Snapshots {
             std::os::unix::fs::chown(&p, Some(sys::geteuid()), Some(qemu_gid))
                 .map_err(e("owner"))?;
         }
+        // The scratch disk is read by monitors only (each restore gets a
+        // copy of it).
+        fs::set_permissions(made.join("scratch"), fs::Permissions::from_mode(0o400))
+            .map_err(e("permissions"))?;
         let mut guest = String::new();
         fs::File::open(made.join("guest.sha256"))
             .and_then(|f| f.take(64).read_to_string(&mut guest))
@@ -275,6 +283,7 @@ impl Snapshots {
             key: key.to_string(),
             mem_sha256: mem_digest(&made.join("mem")).map_err(e("memory file"))?,
             state_sha256: sha256_file(&made.join("state")).map_err(e("state file"))?,
+            scratch_sha256: mem_digest(&made.join("scratch")).map_err(e("scratch disk"))?,
             guest_sha256: guest,
             transcript,
         };
@@ -323,7 +332,11 @@ impl Snapshots {
             return Err("meta.json: made for another format or key".into());
         }
         let euid = sys::geteuid();
-        for (f, want) in [("mem", &meta.mem_sha256), ("state", &meta.state_sha256)] {
+        for (f, want) in [
+            ("mem", &meta.mem_sha256),
+            ("state", &meta.state_sha256),
+            ("scratch", &meta.scratch_sha256),
+        ] {
             let p = dir.join(f);
             let m = fs::symlink_metadata(&p).map_err(|err| format!("{f}: {err}"))?;
             // Writable by nobody (QEMU's group reads it): no VM can change
@@ -331,7 +344,7 @@ impl Snapshots {
             if !m.is_file() || m.uid() != euid || m.mode() & 0o222 != 0 {
                 return Err(format!("{f}: not a read-only file of uid {euid}"));
             }
-            let digest = if f == "mem" {
+            let digest = if f != "state" {
                 mem_digest(&p)
             } else {
                 sha256_file(&p)
@@ -347,6 +360,40 @@ impl Snapshots {
             transcript: meta.transcript,
             guest_sha256: meta.guest_sha256,
         }))
+    }
+
+    /// Removes every snapshot whose key's host part (its second field) is
+    /// not `host`, each under its lock, and locks left without a
+    /// snapshot. Returns (snapshots, bytes on disk); only `dry_run` counts.
+    pub fn prune(&self, host: &str, dry_run: bool) -> (usize, u64) {
+        let (mut n, mut bytes) = (0, 0);
+        for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(key) = name.strip_suffix(".lock") {
+                if !dry_run && !self.path(key).exists() && key.split('-').nth(1) != Some(host) {
+                    let _ = fs::remove_file(e.path());
+                }
+                continue;
+            }
+            if !e.path().is_dir() || name.split('-').nth(1) == Some(host) {
+                continue;
+            }
+            let size: u64 = fs::read_dir(e.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum();
+            n += 1;
+            bytes += size;
+            if !dry_run {
+                let _lock = self.lock(&name);
+                self.remove(&name);
+                let _ = fs::remove_file(self.dir.join(format!("{name}.lock")));
+            }
+        }
+        (n, bytes)
     }
 
     /// Removes a refused snapshot (renamed away first, so a restore
@@ -638,4 +685,82 @@ pub(crate) enum Golden {
     Ready(Arc<Snapshot>),
     /// It could not be made (logged), at this time: sandboxes boot.
     Failed(Instant),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot as a golden VM's monitor leaves it, committed.
+    fn committed(store: &Path) -> (Snapshots, Snapshot) {
+        // The microVM store makes its `tmp`.
+        fs::create_dir(store.join("tmp")).unwrap();
+        let snaps = Snapshots::open(store).unwrap();
+        let made = snaps.begin(sys::getegid()).unwrap();
+        fs::write(made.join("mem"), vec![7u8; 64 << 10]).unwrap();
+        fs::write(made.join("state"), b"devices").unwrap();
+        let scratch = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(made.join("scratch"))
+            .unwrap();
+        // Mostly a hole, as a fresh disk is.
+        scratch.set_len(8 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_at(&scratch, b"superblock", 1024).unwrap();
+        fs::write(made.join("transcript.json"), b"[]").unwrap();
+        fs::write(made.join("guest.sha256"), "0".repeat(64)).unwrap();
+        let snap = snaps.commit("python-k", &made, sys::getegid()).unwrap();
+        (snaps, snap)
+    }
+
+    #[test]
+    fn a_snapshot_whose_scratch_disk_changed_or_became_writable_is_refused() {
+        let store = tempfile::tempdir().unwrap();
+        let (snaps, snap) = committed(store.path());
+        let disk = snap.dir.join("scratch");
+        // Positive control: as committed it loads, its disk read-only for
+        // everyone and readable by the monitor only.
+        assert!(snaps.load("python-k").unwrap().is_some());
+        assert_eq!(fs::metadata(&disk).unwrap().mode() & 0o777, 0o400);
+        // One byte of the disk changed (its owner made it writable, wrote,
+        // and made it read-only again): the digest no longer matches.
+        fs::set_permissions(&disk, fs::Permissions::from_mode(0o600)).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        std::os::unix::fs::FileExt::write_at(&f, b"S", 1024).unwrap();
+        drop(f);
+        // Writable: refused as such, before any digest.
+        assert_eq!(
+            snaps.load("python-k").unwrap_err(),
+            format!("scratch: not a read-only file of uid {}", sys::geteuid())
+        );
+        fs::set_permissions(&disk, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(
+            snaps.load("python-k").unwrap_err(),
+            "scratch: digest mismatch"
+        );
+    }
+
+    #[test]
+    fn a_restores_disk_is_a_byte_for_byte_copy_that_keeps_the_holes() {
+        let store = tempfile::tempdir().unwrap();
+        let (_snaps, snap) = committed(store.path());
+        let src = fs::File::open(snap.dir.join("scratch")).unwrap();
+        let to = store.path().join("copy");
+        let dst = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&to)
+            .unwrap();
+        sys::copy_sparse(&src, &dst).unwrap();
+        assert_eq!(
+            fs::read(&to).unwrap(),
+            fs::read(snap.dir.join("scratch")).unwrap()
+        );
+        // 8 MiB long, a few blocks stored (a clone shares them instead).
+        let m = dst.metadata().unwrap();
+        assert_eq!(m.len(), 8 << 20);
+        assert!(m.blocks() * 512 <= 64 << 10, "{} blocks", m.blocks());
+    }
 }

@@ -15,6 +15,7 @@ mod handler;
 mod image;
 mod remote;
 mod server;
+mod vm;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ enum Command {
     /// Import, list and remove OCI images that the oci and gvisor
     /// backends can use as their root.
     Image(image::ImageArgs),
+    /// Build the microVM guest's images, or prune the old ones.
+    Vm(vm::VmArgs),
     /// Report which isolation layers this host supports.
     Doctor {
         /// Print JSON instead of text.
@@ -213,6 +216,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Image(args) => image::run(args),
+        Command::Vm(args) => vm::run(args),
         Command::Doctor { json, server, ca } => doctor::run(json, server.as_deref(), ca.as_deref()),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -472,6 +472,7 @@ impl Engine {
                 .collect(),
             scratch_bytes: policy.filesystem.scratch_mib << 20,
             scratch_inodes: policy.filesystem.scratch_inodes,
+            scratch_dir: None,
             landlock_strict: policy.isolation.landlock == LandlockMode::Strict,
             seccomp: std::mem::take(&mut programs),
             broker: extras.broker,

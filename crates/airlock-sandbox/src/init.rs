@@ -635,6 +635,33 @@ pub(crate) fn build_root(cfg: &InitConfig) -> StepResult<()> {
                 fs::DirBuilder::new().mode(0o755).create(&target),
             )?;
         }
+        // A guest's scratch disk: its directory bound here, no set-uid
+        // and no devices (its size and inodes are the disk's). /dev/shm
+        // stays memory.
+        if let Some(disk) = cfg.scratch_dir.as_deref().filter(|_| dir != "/dev/shm") {
+            let t = cstr(&target);
+            at(
+                Step::Scratch,
+                sys::mount(
+                    Some(&cstr(&format!("{disk}{dir}"))),
+                    &t,
+                    None,
+                    libc::MS_BIND,
+                    None,
+                ),
+            )?;
+            at(
+                Step::Scratch,
+                sys::mount(
+                    None,
+                    &t,
+                    None,
+                    libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV,
+                    None,
+                ),
+            )?;
+            continue;
+        }
         let data = cstr(&format!(
             "{scratch},mode={mode},uid={SANDBOX_UID},gid={SANDBOX_GID}"
         ));

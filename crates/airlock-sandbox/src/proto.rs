@@ -74,6 +74,11 @@ pub struct InitConfig {
     pub scratch_bytes: u64,
     /// Inode cap of each scratch tmpfs.
     pub scratch_inodes: u64,
+    /// A directory (outside the new root) whose `tmp` and `workspace` hold
+    /// /tmp and /workspace instead of tmpfs: a microVM's scratch disk,
+    /// mounted and sized by the guest's init, which alone sets this.
+    #[serde(default)]
+    pub scratch_dir: Option<String>,
     /// Require full Landlock enforcement.
     pub landlock_strict: bool,
     /// Seccomp programs to install, in order, as (code, jt, jf, k).

@@ -432,7 +432,8 @@ pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
     cvt_i(unsafe { libc::kill(pid, sig) }).map(|_| ())
 }
 
-/// True when the filesystem at `path` has no free blocks or no free inodes.
+/// True when the filesystem at `path` has (next to) no space left for an
+/// unprivileged writer, or no free inodes.
 pub fn fs_full(path: &CStr) -> bool {
     // SAFETY: statvfs is plain old data; all-zero is valid.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -440,9 +441,15 @@ pub fn fs_full(path: &CStr) -> bool {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return false;
     }
+    // tmpfs fills to the last block; ext4 (a microVM's scratch disk)
+    // refuses a writer with a few blocks left, kept for its metadata.
+    let left = st.f_bavail.saturating_mul(st.f_frsize);
     // No inode count at all (f_files 0: gVisor's tmpfs) is not "full".
-    st.f_bfree == 0 || (st.f_files > 0 && st.f_ffree == 0)
+    st.f_bfree == 0 || left < FULL_BELOW || (st.f_files > 0 && st.f_ffree == 0)
 }
+
+/// Free space below which [`fs_full`] calls a filesystem full.
+const FULL_BELOW: u64 = 256 << 10;
 
 /// Mount flags (`ST_*`) of the filesystem at `path`.
 pub fn mount_flags(path: &CStr) -> io::Result<u64> {
@@ -1115,6 +1122,60 @@ pub fn pread_fd(fd: RawFd, buf: &mut [u8], offset: i64) -> io::Result<usize> {
     // descriptor the caller holds for the duration of the call.
     let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), offset) };
     cvt(n as libc::c_long).map(|n| n as usize)
+}
+
+/// Copies all of `src` into the empty `dst`, keeping its holes: a clone
+/// (`FICLONE`) where the filesystem shares blocks, else each data extent
+/// with `copy_file_range` (a disk image that is mostly holes costs what
+/// it holds, not its size).
+pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its argument; both
+    // are open files borrowed for the duration of the call.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let len = src.metadata()?.len() as i64;
+    let seek = |off: i64, whence: libc::c_int| -> io::Result<Option<i64>> {
+        // SAFETY: integer-only syscall on a descriptor borrowed here.
+        let r = unsafe { libc::lseek(src.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // No data at or after `off`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r))
+    };
+    let mut off = 0i64;
+    while off < len {
+        let Some(data) = seek(off, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        let (mut from, mut to) = (data, data);
+        while from < end {
+            // SAFETY: both offsets point to live i64s of this frame; the
+            // descriptors are borrowed for the duration of the call.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut from,
+                    dst.as_raw_fd(),
+                    &mut to,
+                    (end - from) as usize,
+                    0,
+                )
+            };
+            if cvt(n as libc::c_long)? == 0 {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+        }
+        off = end;
+    }
+    dst.set_len(len as u64)
 }
 
 /// `write(2)` of `buf` (a short write or EAGAIN as the kernel says).

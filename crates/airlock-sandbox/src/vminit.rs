@@ -45,6 +45,16 @@ pub const PORT_NAME: &str = "airlock";
 /// sources are read below it.
 const IMAGE: &str = "/img";
 
+/// Where the guest mounts its scratch disk, outside every sandbox's root:
+/// its `tmp` and `workspace` become the sandbox's /tmp and /workspace.
+const SCRATCH: &str = "/scratch";
+
+/// The serial numbers the host gives the guest's two disks (found by
+/// them, not by the order the kernel happened to probe them in).
+pub const ROOT_SERIAL: &str = "airlock-root";
+/// See [`ROOT_SERIAL`].
+pub const SCRATCH_SERIAL: &str = "airlock-scratch";
+
 /// How long the root image's device and the port may take to appear.
 const DEVICE_WAIT: Duration = Duration::from_secs(10);
 
@@ -149,7 +159,7 @@ fn boot() -> Result<OwnedFd, (&'static str, std::io::Error)> {
         "size=1m,mode=0755",
     )
     .map_err(e("newroot"))?;
-    for d in ["dev", "proc", "sys", "tmp", "img"] {
+    for d in ["dev", "proc", "sys", "tmp", "img", "scratch"] {
         fs::create_dir(format!("/newroot/{d}")).map_err(e("newroot"))?;
     }
     for d in ["/dev", "/proc", "/sys"] {
@@ -162,26 +172,64 @@ fn boot() -> Result<OwnedFd, (&'static str, std::io::Error)> {
     sys::chroot(c".").map_err(e("chroot"))?;
     std::env::set_current_dir("/").map_err(e("chroot"))?;
     let end = Instant::now() + DEVICE_WAIT;
-    while !std::path::Path::new("/dev/vda").exists() {
-        if Instant::now() > end {
-            return Err((
-                "root image",
-                std::io::Error::from_raw_os_error(libc::ENODEV),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let root = disk(ROOT_SERIAL, end).map_err(e("root image"))?;
     // Read-only here, and read-only on the host side too (the VM opens the
     // image read-only): a guest that remounts it cannot change it.
     mount(
-        "/dev/vda",
+        &root,
         IMAGE,
         "erofs",
         libc::MS_RDONLY | libc::MS_NODEV | libc::MS_NOSUID,
         "",
     )
     .map_err(e("root image"))?;
+    // The sandbox's scratch: a disk of this VM's own (made for it on the
+    // host, sized by the policy), so what the code writes costs neither
+    // the guest's RAM nor anyone else's space. A disk found damaged turns
+    // read-only instead of being written on.
+    let scratch = disk(SCRATCH_SERIAL, end).map_err(e("scratch disk"))?;
+    mount(
+        &scratch,
+        SCRATCH,
+        "ext4",
+        libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOATIME,
+        "errors=remount-ro,noinit_itable",
+    )
+    .map_err(e("scratch disk"))?;
+    for (dir, mode) in crate::rootfs::SCRATCH {
+        if dir == "/dev/shm" {
+            continue;
+        }
+        let p = format!("{SCRATCH}{dir}");
+        let mode = u32::from_str_radix(mode, 8).unwrap_or(0o755);
+        fs::create_dir(&p).map_err(e("scratch disk"))?;
+        std::os::unix::fs::chown(&p, Some(SANDBOX_UID), Some(SANDBOX_GID))
+            .map_err(e("scratch disk"))?;
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(e("scratch disk"))?;
+    }
     Ok(agent)
+}
+
+/// The device node of the virtio disk with serial number `serial`, waiting
+/// (until `end`) for the kernel to probe it.
+fn disk(serial: &str, end: Instant) -> std::io::Result<String> {
+    loop {
+        for d in fs::read_dir("/sys/block")?.flatten() {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let dev = format!("/dev/{name}");
+            if name.starts_with("vd")
+                && fs::read_to_string(d.path().join("serial")).is_ok_and(|s| s.trim() == serial)
+                && std::path::Path::new(&dev).exists()
+            {
+                return Ok(dev);
+            }
+        }
+        if Instant::now() > end {
+            return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The virtio-serial port named [`PORT_NAME`].
@@ -464,6 +512,7 @@ fn check(cfg: &VmGuestConfig) -> Result<(), &'static str> {
         || r.zygote
         || r.egress
         || r.landlock_strict
+        || r.scratch_dir.is_some()
     {
         return Err("fields the guest does not take");
     }
@@ -506,6 +555,7 @@ fn start_agent(
     agent: OwnedFd,
 ) -> std::io::Result<libc::pid_t> {
     let mut root = cfg.root.clone();
+    root.scratch_dir = Some(SCRATCH.into());
     for m in root.mounts.iter_mut().chain(root.etc_mounts.iter_mut()) {
         m.host = format!("{IMAGE}{}", m.host);
     }

@@ -316,3 +316,167 @@ fn memory_and_task_limits_hold_inside_the_guest() {
     assert_eq!(r["reason"], "memory_limit", "{r}");
     assert!(!r["stdout"].as_str().unwrap_or("").contains("grew"), "{r}");
 }
+
+#[test]
+fn scratch_is_a_disk_of_the_vms_own_that_holds_the_policys_quota() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86, a /boot kernel and erofs-utils");
+    }
+    let (_d, policy) = policy_file(
+        "[filesystem]\nscratch_mib = 48\nscratch_inodes = 256\n[limits]\nmemory_mib = 32\ncpu_time_ms = 60000\n",
+    );
+    let code = r#"
+import os
+MIB = 1 << 20
+CHUNK = b'x' * MIB
+def fill(path, limit):
+    n = 0
+    try:
+        with open(path, 'wb') as f:
+            while n < limit:
+                f.write(CHUNK)
+                n += MIB
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return n // MIB, e.errno
+    return n // MIB, 0
+# More than the sandbox's memory fits: the disk is not the guest's RAM.
+print('big', *fill('/workspace/big', 40 * MIB), flush=True)
+with open('/workspace/big', 'rb') as f:
+    f.seek(39 * MIB)
+    print('read', len(f.read()), flush=True)
+os.remove('/workspace/big')
+# /tmp and /workspace share the one quota.
+print('tmp', *fill('/tmp/part', 24 * MIB), flush=True)
+print('rest', *fill('/workspace/rest', 100 * MIB), flush=True)
+os.remove('/tmp/part')
+os.remove('/workspace/rest')
+# Files: the inode quota.
+n = 0
+try:
+    while True:
+        open('/tmp/f%d' % n, 'w').close()
+        n += 1
+except OSError as e:
+    print('files', n, e.errno, flush=True)
+raise SystemExit(1)
+"#;
+    let r = run_json(
+        "python",
+        code,
+        "",
+        &[
+            "--backend",
+            "microvm",
+            "--policy",
+            &policy,
+            "--timeout",
+            "90",
+        ],
+    );
+    let out = r["stdout"].as_str().unwrap_or("");
+    let line = |k: &str| -> Vec<u64> {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")))
+            .unwrap_or_else(|| panic!("no {k} in {r}"))
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    // Positive controls: 40 MiB fit in 48 with 32 MiB of memory, and read
+    // back; 24 MiB fit in /tmp.
+    assert_eq!(line("big"), [40, 0], "{r}");
+    assert_eq!(line("read"), [1 << 20], "{r}");
+    assert_eq!(line("tmp"), [24, 0], "{r}");
+    // What is left for /workspace is the quota's rest, to the MiB: ENOSPC
+    // at 48 MiB written in all, none beyond it.
+    let rest = line("rest");
+    assert_eq!(rest[1], libc::ENOSPC as u64, "{r}");
+    assert!((46..=48).contains(&(24 + rest[0])), "{r}");
+    // At most the policy's files (ext4 lays out inodes in blocks of 16).
+    let files = line("files");
+    assert_eq!(files[1], libc::ENOSPC as u64, "{r}");
+    assert!((256 - 16..=256).contains(&files[0]), "{r}");
+    assert_eq!(r["reason"], "disk_limit", "{r}");
+    assert!(
+        r["enforced"]["unavailable_limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l
+                .as_str()
+                .unwrap()
+                .contains("share a disk of the VM's own (48 MiB, 256 files")),
+        "{r}"
+    );
+}
+
+#[test]
+fn airlock_vm_builds_the_guest_images_and_prunes_only_what_they_do_not_use() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86, a /boot kernel and erofs-utils");
+    }
+    let store = tempfile::tempdir().unwrap();
+    let vm = |args: &[&str]| {
+        let out = airlock()
+            .arg("vm")
+            .args(args)
+            .env("AIRLOCK_VM_STORE", store.path())
+            .env("AIRLOCK_VM_ACCEL", "tcg")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let built: Value = serde_json::from_str(&vm(&["build-image", "--json"])).unwrap();
+    let initrd = built["initrd"]["path"].as_str().unwrap().to_string();
+    let root = built["root"]["path"].as_str().unwrap().to_string();
+    // Content-addressed in the store, read-only.
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&initrd, &root] {
+        assert!(p.starts_with(store.path().to_str().unwrap()), "{p}");
+        let m = std::fs::metadata(p).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o444, "{p}");
+        assert_eq!(
+            m.len(),
+            built[if p == &initrd { "initrd" } else { "root" }]["bytes"]
+        );
+    }
+    let id = built["root"]["id"].as_str().unwrap();
+    assert!(
+        root.ends_with(&format!("{}.erofs", &id["sha256:".len()..])),
+        "{built}"
+    );
+    assert_eq!(built["stale"]["entries"], 0, "{built}");
+    // What an earlier binary left: an initramfs with its reference, and a
+    // snapshot made with other artifacts (its key's host part differs).
+    let old_initrd = store
+        .path()
+        .join("initrd")
+        .join(format!("{}.cpio", "ab".repeat(32)));
+    std::fs::write(&old_initrd, vec![0u8; 1 << 20]).unwrap();
+    let old_ref = store.path().join("refs/initrd-old");
+    std::fs::write(&old_ref, "ab".repeat(32)).unwrap();
+    let old_snap = store
+        .path()
+        .join("snap")
+        .join(format!("python-0123456789abcdef-{}", "cd".repeat(32)));
+    std::fs::create_dir_all(&old_snap).unwrap();
+    std::fs::write(old_snap.join("mem"), vec![1u8; 1 << 20]).unwrap();
+    // Said by build-image, counted by a dry run, removed by prune.
+    let again: Value = serde_json::from_str(&vm(&["build-image", "--json"])).unwrap();
+    assert_eq!(again["initrd"]["path"], initrd.as_str(), "cached: {again}");
+    assert_eq!(again["stale"]["entries"], 2, "{again}");
+    assert!(vm(&["prune", "--dry-run"]).starts_with("would remove 2 "));
+    assert!(old_initrd.exists() && old_snap.exists());
+    assert!(vm(&["prune"]).starts_with("removed 2 "));
+    assert!(!old_initrd.exists() && !old_ref.exists() && !old_snap.exists());
+    // What the current artifacts are stays (positive control: found, not
+    // rebuilt, nothing more to prune).
+    let after: Value = serde_json::from_str(&vm(&["build-image", "--json"])).unwrap();
+    assert_eq!(after["initrd"]["path"], initrd.as_str());
+    assert_eq!(after["root"]["path"], root.as_str());
+    assert_eq!(after["stale"]["entries"], 0, "{after}");
+    assert!(std::path::Path::new(&initrd).exists() && std::path::Path::new(&root).exists());
+}

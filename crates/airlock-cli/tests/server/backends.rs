@@ -763,9 +763,18 @@ fn microvm_pools_restore_a_golden_snapshot_with_fresh_entropy_and_remake_a_tampe
         "{}",
         seen[0]
     );
-    // The snapshot's files: read-only for everyone, QEMU's group may read.
-    let snap = std::path::Path::new("/var/lib/airlock/vm/snap")
-        .join(format!("python-{}", &id["sha256:".len()..]));
+    // The snapshot's files: read-only for everyone, QEMU's group may read
+    // the memory and the devices.
+    // (`python-<host part>-<id>`.)
+    let snap = std::fs::read_dir("/var/lib/airlock/vm/snap")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            name.starts_with("python-") && name.ends_with(&format!("-{}", &id["sha256:".len()..]))
+        })
+        .unwrap_or_else(|| panic!("no snapshot directory for {id}"));
     use std::os::unix::fs::MetadataExt;
     for f in ["mem", "state"] {
         let m = std::fs::metadata(snap.join(f)).unwrap();
@@ -776,6 +785,10 @@ fn microvm_pools_restore_a_golden_snapshot_with_fresh_entropy_and_remake_a_tampe
         std::fs::metadata(snap.join("meta.json")).unwrap().mode() & 0o777,
         0o600
     );
+    // The scratch disk the golden guest has mounted: read by monitors
+    // only, each restore writing to a copy of its own.
+    let m = std::fs::metadata(snap.join("scratch")).unwrap();
+    assert_eq!((m.mode() & 0o777, m.uid()), (0o400, 0));
     // One byte of the saved devices changed: refused before any restore,
     // made again, and what is restored next comes from the new one.
     let state = snap.join("state");
