@@ -1713,6 +1713,80 @@ fn qemu_args(
     a
 }
 
+/// QEMU's Landlock ruleset (applied in its process just before the exec):
+/// it may read and run its binary and the system's libraries, read the
+/// system's firmware and data (`/usr/share`), the guest's kernel,
+/// initramfs and root image, the snapshot it restores (the one it makes it
+/// may write too), its own /proc, /dev/urandom, /dev/null and (under KVM)
+/// /dev/kvm and /sys, write the debugging console file when one is named;
+/// nothing else of the host's files (other VMs' state and snapshots, the
+/// server's data, /etc, /home), whatever its uid could read. None where
+/// the kernel has no Landlock (the other walls stand). The descriptor is
+/// placed above 64, out of the way of the ones QEMU is given.
+fn qemu_landlock(cfg: &VmmConfig) -> Result<Option<OwnedFd>, String> {
+    use landlock::{
+        ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr,
+    };
+    let e = |err: landlock::RulesetError| format!("QEMU's Landlock ruleset: {err}");
+    let abi = ABI::V5;
+    let all = AccessFs::from_all(abi);
+    let read = AccessFs::from_read(abi);
+    let dev = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = [
+        "/usr/lib",
+        "/usr/lib64",
+        "/lib",
+        "/lib64",
+        "/usr/local/lib",
+        "/usr/share",
+        "/etc/ld.so.cache",
+        "/proc",
+    ]
+    .into_iter()
+    .map(|p| (PathBuf::from(p), read))
+    .collect();
+    for p in [&cfg.qemu, &cfg.kernel, &cfg.initrd, &cfg.root] {
+        rules.push((p.clone(), read));
+    }
+    rules.push(("/dev/urandom".into(), AccessFs::ReadFile.into()));
+    rules.push(("/dev/null".into(), dev));
+    if cfg.accel == Accel::Kvm {
+        rules.push(("/dev/kvm".into(), dev));
+        rules.push(("/sys".into(), read));
+    }
+    match &cfg.snapshot {
+        Some(SnapMode::Create { dir }) => rules.push((dir.clone(), all)),
+        Some(SnapMode::Restore { dir, .. }) => rules.push((dir.clone(), read)),
+        None => {}
+    }
+    if let Some(parent) = cfg.console.as_ref().and_then(|c| c.parent()) {
+        rules.push((parent.to_path_buf(), all));
+    }
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(all)
+        .map_err(e)?
+        .create()
+        .map_err(e)?;
+    for (path, access) in rules {
+        // What this host does not have (/lib64 on some) needs no rule.
+        let Ok(fd) = PathFd::new(&path) else {
+            continue;
+        };
+        ruleset = ruleset.add_rule(PathBeneath::new(fd, access)).map_err(e)?;
+    }
+    let fd: Option<OwnedFd> = ruleset.into();
+    let Some(fd) = fd else {
+        return Ok(None);
+    };
+    let high = sys::dup_above_cloexec(fd.as_raw_fd(), 64)
+        .map_err(|err| format!("QEMU's Landlock ruleset: {err}"))?;
+    // SAFETY: `high` was just made by F_DUPFD_CLOEXEC and is owned by
+    // nothing else.
+    Ok(Some(unsafe { sys::owned(high) }))
+}
+
 /// Reads what `src` has now (0 when nothing); at its end, or when it
 /// fails, it is dropped, so it is polled no more.
 /// The byte a relay request and its answer carry (the proxy's
@@ -1798,6 +1872,8 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         .map_err(|e| format!("the scratch disk: {e}"))?
         .into();
     let (scratch_fd, scratch_ro_fd) = (scratch.as_raw_fd(), scratch_ro.as_raw_fd());
+    let landlock = qemu_landlock(&cfg)?;
+    let landlock_fd = landlock.as_ref().map_or(-1, |f| f.as_raw_fd());
     let keep_below: u32 = if cfg.snapshot.is_some() { 8 } else { 7 };
     let mut cmd = Command::new(&cfg.qemu);
     cmd.args(qemu_args(&cfg, 3, 4, (5, 6), 7))
@@ -1866,6 +1942,13 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                 sys::set_ids(uid, gid)?;
             }
             sys::set_no_new_privs()?;
+            // Last of the file system: from here QEMU opens only what
+            // its ruleset names (the ruleset's descriptor is close-on-exec).
+            if landlock_fd >= 0
+                && libc::syscall(libc::SYS_landlock_restrict_self, landlock_fd, 0u32) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             // After the change of ids, which clears it: QEMU dies with the
             // monitor (and the monitor with its engine), never outliving
             // the sandbox; a monitor already gone is caught here.
@@ -1879,8 +1962,9 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
             // The monitor's channels above QEMU's (and the pidfd) must
-            // not reach QEMU.
-            sys::close_from(keep_below)?;
+            // not reach QEMU: closed by the exec (not here, where the
+            // spawn's pipe for an exec error is among them).
+            sys::cloexec_from(keep_below)?;
             Ok(())
         });
     }

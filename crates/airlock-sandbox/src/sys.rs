@@ -83,6 +83,23 @@ pub fn close_from(first: u32) -> io::Result<()> {
     }
 }
 
+/// Marks every descriptor numbered `first` and above close-on-exec (they
+/// close at the next exec, not before: a spawn's own error pipe keeps
+/// working until then). Async-signal-safe.
+pub fn cloexec_from(first: u32) -> io::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on
+    // descriptors; it closes none.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    })
+    .map(|_| ())
+}
+
 /// `prctl` with integer arguments.
 fn prctl(op: libc::c_int, a: libc::c_ulong, b: libc::c_ulong) -> io::Result<libc::c_int> {
     // SAFETY: every option used by this module takes integer arguments only,

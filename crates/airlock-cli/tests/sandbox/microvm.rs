@@ -480,3 +480,54 @@ fn airlock_vm_builds_the_guest_images_and_prunes_only_what_they_do_not_use() {
     assert_eq!(after["stale"]["entries"], 0, "{after}");
     assert!(std::path::Path::new(&initrd).exists() && std::path::Path::new(&root).exists());
 }
+
+#[test]
+fn microvm_qemu_opens_and_runs_nothing_of_the_host_but_what_it_boots() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86, a /boot kernel and erofs-utils");
+    }
+    // A QEMU that is a shell script: it runs /bin/sh, which is not among
+    // what QEMU's Landlock ruleset lets it read or run (its binary, the
+    // system's libraries and firmware, the guest's artifacts).
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let wrapper = dir.path().join("qemu-system-x86_64");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nexec /usr/bin/qemu-system-x86_64 \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Positive control: outside the ruleset, as QEMU's user, it is QEMU.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65533", "--regid=65533", "--clear-groups"])
+        .arg(&wrapper)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("QEMU emulator version"));
+    // Under it, its exec is refused with EACCES and the run fails
+    // closed, saying so.
+    let out = airlock()
+        .args([
+            "run",
+            "--backend",
+            "microvm",
+            "--lang",
+            "python",
+            "-c",
+            "print(1)",
+        ])
+        .env("AIRLOCK_QEMU", &wrapper)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("QEMU does not start: Permission denied (os error 13)"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+}
