@@ -648,6 +648,13 @@ def handler(ax, input):
 /// A server offering microvm (TCG) with a python pool of one VM; keep the
 /// returned directory (its configuration) while it runs.
 fn microvm_pool_server() -> (tempfile::TempDir, Server) {
+    let (dir, mut s) = microvm_pool_server_unstarted();
+    s.start();
+    (dir, s)
+}
+
+/// The same server, not started yet (its environment can be set).
+fn microvm_pool_server_unstarted() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("airlock.toml");
     std::fs::write(
@@ -656,7 +663,7 @@ fn microvm_pool_server() -> (tempfile::TempDir, Server) {
          [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 1\njavascript = 0\n",
     )
     .unwrap();
-    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let s = Server::new(&["--config", cfg.to_str().unwrap()]);
     (dir, s)
 }
 
@@ -839,6 +846,54 @@ fn microvm_pools_restore_a_golden_snapshot_with_fresh_entropy_and_remake_a_tampe
         !String::from_utf8_lossy(&std::fs::read(&meta).unwrap()).contains("devices"),
         "the tampered metadata was kept"
     );
+}
+
+#[test]
+fn microvm_a_changed_root_image_makes_a_new_snapshot_that_restores_use() {
+    if !microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
+    }
+    // A shell outside /usr brings its whole prefix into the guest's root
+    // image (not under /tmp: that is scratch in the guest): a file
+    // changed there is a changed image.
+    let prefix = tempfile::Builder::new()
+        .prefix("airlock-sh-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(prefix.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(prefix.path().join("bin")).unwrap();
+    std::fs::create_dir_all(prefix.path().join("share")).unwrap();
+    let sh = prefix.path().join("bin/sh");
+    std::fs::copy(std::fs::canonicalize("/bin/sh").unwrap(), &sh).unwrap();
+    let marker = prefix.path().join("share/marker");
+    std::fs::write(&marker, "one\n").unwrap();
+    std::fs::set_permissions(&marker, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (_cfg, mut s) = microvm_pool_server_unstarted();
+    s.env
+        .push(("AIRLOCK_SH".into(), sh.to_str().unwrap().into()));
+    s.start();
+    let key = s.tenant("acme");
+    let id = |s: &Server| -> String {
+        restored_runs(s, &key, "print(1)", 1)[0]["result"]["enforced"]["snapshot"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = id(&s);
+    // Positive control: a restart with the image unchanged restores the
+    // same snapshot (its key is stable, nothing is made again).
+    s.terminate();
+    s.start();
+    assert_eq!(id(&s), first, "{}", s.log());
+    // The image changed: a new snapshot, and restores come from it.
+    s.terminate();
+    std::fs::write(&marker, "two\n").unwrap();
+    s.start();
+    let second = id(&s);
+    assert_ne!(second, first, "{}", s.log());
+    assert!(second.starts_with("sha256:"), "{second}");
+    assert_eq!(id(&s), second);
 }
 
 /// The VM monitors a server started (by the state directory each names),

@@ -49,6 +49,8 @@ pub struct Server {
     pub unprivileged: Option<PathBuf>,
     /// `--listen` (default 127.0.0.1:0).
     pub listen: String,
+    /// Environment variables set for the server.
+    pub env: Vec<(String, String)>,
 }
 
 /// The command that runs the binary (as 65534 through setpriv, when
@@ -94,6 +96,7 @@ impl Server {
             stderr_path,
             unprivileged: None,
             listen: "127.0.0.1:0".into(),
+            env: Vec::new(),
         }
     }
 
@@ -165,6 +168,7 @@ impl Server {
             .env_remove("AIRLOCK_MASTER_KEY_FILE")
             .env_remove("AIRLOCK_CONFIG")
             .env("AIRLOCK_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
