@@ -1178,7 +1178,8 @@ struct VmmConfig {
     memory_mib: u64,
     cpus: u32,
     accel: Accel,
-    /// Host uid/gid QEMU runs as (root's monitor drops to them).
+    /// Host uid/gid QEMU runs as when airlock is not root; as root, QEMU
+    /// takes this group and a uid of its own VM ([`own_qemu_uid`]).
     qemu_ids: (u32, u32),
     /// Supplementary group for /dev/kvm, when KVM is used.
     kvm_gid: Option<u32>,
@@ -1713,6 +1714,56 @@ fn qemu_args(
     a
 }
 
+/// The first of the host uids VMs' QEMU run as (as root): one per running
+/// VM, [`QEMU_UIDS`] of them, above the ranges distributions and
+/// container runtimes hand out. No two running VMs' QEMU share a uid:
+/// whatever a taken-over QEMU could reach as its user (a file it created,
+/// its user's keyring, per-user limits) is not another VM's.
+pub const QEMU_UID_BASE: u32 = 0x7000_0000;
+/// How many uids [`QEMU_UID_BASE`] starts.
+pub const QEMU_UIDS: u32 = 1 << 16;
+/// Where monitors hold their uid: `<n>` locked (flock) by the monitor of
+/// the VM whose QEMU runs as `QEMU_UID_BASE + n`, released when it ends
+/// (however it ends).
+const QEMU_UID_LOCKS: &str = "/run/airlock/vm-uids";
+
+/// A uid for this VM's QEMU and the lock that holds it.
+fn own_qemu_uid() -> Result<(fs::File, u32), String> {
+    let e = |err: std::io::Error| format!("a uid for QEMU: {err}");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(QEMU_UID_LOCKS)
+        .map_err(e)?;
+    let m = fs::symlink_metadata(QEMU_UID_LOCKS).map_err(e)?;
+    if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "a uid for QEMU: {QEMU_UID_LOCKS} must be a directory of root's, writable by it only"
+        ));
+    }
+    let mut rnd = [0u8; 4];
+    sys::getrandom(&mut rnd).map_err(e)?;
+    let start = u32::from_le_bytes(rnd) % QEMU_UIDS;
+    // Bounded: far more tries than VMs a host runs at once.
+    for i in 0..4096 {
+        let n = (start + i) % QEMU_UIDS;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(Path::new(QEMU_UID_LOCKS).join(n.to_string()))
+            .map_err(e)?;
+        // SAFETY: flock on a descriptor this function owns; LOCK_NB never
+        // blocks.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok((f, QEMU_UID_BASE + n));
+        }
+    }
+    Err("a uid for QEMU: every one tried is in use".into())
+}
+
 /// QEMU's Landlock ruleset (applied in its process just before the exec):
 /// it may read and run its binary and the system's libraries, read the
 /// system's firmware and data (`/usr/share`), the guest's kernel,
@@ -1882,9 +1933,18 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let (uid, gid) = cfg.qemu_ids;
     let kvm_gid = cfg.kvm_gid;
     let as_root = sys::geteuid() == 0;
+    // As root, a uid no other running VM's QEMU has (held until this
+    // monitor ends); the group stays the configured one (the snapshot
+    // files QEMU reads are that group's).
+    let (_uid_lock, uid, gid) = match as_root {
+        true => {
+            let (lock, uid) = own_qemu_uid()?;
+            (Some(lock), uid, cfg.qemu_ids.1)
+        }
+        false => (None, cfg.qemu_ids.0, cfg.qemu_ids.1),
+    };
     // QEMU is the part of a microVM a guest attacks: it runs as pid 1 of a
     // pid namespace of its own (it cannot name, signal or trace another
     // VM's QEMU) with its own /proc, no network (an empty network

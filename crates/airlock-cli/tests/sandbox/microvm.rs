@@ -82,6 +82,10 @@ fn code_runs_in_its_own_guest_kernel_behind_the_same_layers_as_on_the_host() {
         // The guest's own devices and filesystems are not in the sandbox:
         // no root image device, no channel port, no sysfs.
         ("stat /dev/vda".into(), "errno", enoent.into()),
+        // Nor the scratch disk's device or its mount (only its two
+        // directories, at /tmp and /workspace).
+        ("stat /dev/vdb".into(), "errno", enoent.into()),
+        ("stat /scratch".into(), "errno", enoent.into()),
         ("stat /dev/vport0p1".into(), "errno", enoent.into()),
         ("stat /sys/class".into(), "errno", enoent.into()),
         (format!("connect_tcp {port}"), "errno", refused.into()),
@@ -208,7 +212,35 @@ fn a_microvm_that_runs_out_of_time_is_killed_and_nothing_of_it_is_left() {
             .to_string()
     };
     assert_eq!(field("NoNewPrivs"), "1", "{status}");
-    assert_eq!(field("Uid"), "65533\t65533\t65533\t65533", "{status}");
+    // A uid of its own VM (held by the monitor's lock: no other VM's QEMU
+    // can have it while this one runs), the shared QEMU group.
+    let uid: u32 = field("Uid").split('\t').next().unwrap().parse().unwrap();
+    assert_eq!(
+        field("Uid"),
+        vec![uid.to_string(); 4].join("\t"),
+        "{status}"
+    );
+    assert_eq!(field("Gid"), "65533\t65533\t65533\t65533", "{status}");
+    let base = airlock_backend::microvm::QEMU_UID_BASE;
+    assert!(
+        (base..base + airlock_backend::microvm::QEMU_UIDS).contains(&uid),
+        "{status}"
+    );
+    let uid_lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/run/airlock/vm-uids/{}", uid - base))
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    let try_lock = || {
+        // SAFETY: flock with LOCK_NB on a descriptor this test owns.
+        let r = unsafe { libc::flock(uid_lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap()
+        }
+    };
+    assert_eq!(try_lock(), libc::EWOULDBLOCK, "the uid is not held");
     assert!(field("NSpid").ends_with("\t1"), "{status}");
     for ns in ["net", "pid", "mnt", "ipc", "uts"] {
         // Positive control: the test itself is in the host's namespaces.
@@ -267,8 +299,10 @@ fn a_microvm_that_runs_out_of_time_is_killed_and_nothing_of_it_is_left() {
     assert_eq!(r["enforced"]["backend"], "microvm", "{r}");
     let booted = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(booted.contains("Linux version"), "{booted}");
-    // QEMU and the sandbox's state are gone once the run returns.
+    // QEMU and the sandbox's state are gone once the run returns, and its
+    // uid is free again (positive control of the lock above).
     assert_eq!(holding_marker(), Vec::<String>::new());
+    assert_eq!(try_lock(), 0);
 }
 
 #[test]
@@ -278,13 +312,24 @@ fn memory_and_task_limits_hold_inside_the_guest() {
     }
     let grow = "chunks = []\nfor i in range(40):\n    chunks.append(bytearray(4 << 20))\nprint('grew', len(chunks), flush=True)\n";
     let bomb = "import os, time\nkids = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(60)\n            os._exit(0)\n        kids += 1\nexcept OSError as e:\n    print('kids', kids, e.errno)\n";
-    // Positive control: 160 MiB fit in 256, and forking works until the
-    // task limit stops it with EAGAIN.
+    // Positive control: forking works until the task limit stops it with
+    // EAGAIN, and 160 MiB fit in 256. (Forks first: a fork of a process
+    // already holding 160 MiB copies its page tables, which under TCG
+    // took most of the wall-clock limit.)
     let r = run_json(
         "python",
-        &format!("{grow}{bomb}"),
+        &format!("{bomb}{grow}"),
         "",
-        &["--backend", "microvm", "--memory", "256", "--pids", "16"],
+        &[
+            "--backend",
+            "microvm",
+            "--memory",
+            "256",
+            "--pids",
+            "16",
+            "--timeout",
+            "60",
+        ],
     );
     assert_eq!(r["reason"], "exited", "{r}");
     let out = r["stdout"].as_str().unwrap_or("");
