@@ -764,10 +764,12 @@ impl Mux {
             let Sink::Fd(f) = std::mem::replace(&mut s.dst, Sink::None) else {
                 return;
             };
-            // A connection's socket is also its source (another
-            // descriptor of it): the peer's end is passed on as a
-            // half-close, or the far side would wait for it for ever.
-            if is_egress(i) {
+            // A socket is often also its stream's source (another
+            // descriptor of it: a connection, the broker, the control
+            // channel): the peer's end is passed on as a half-close, or
+            // the far side would wait for it for ever (closing this
+            // descriptor alone ends nothing while the other is open).
+            if crate::sys::is_socket(f.as_raw_fd()) {
                 let _ = std::os::unix::net::UnixStream::from(f).shutdown(std::net::Shutdown::Write);
             }
         }
@@ -1067,6 +1069,56 @@ mod tests {
         writer.join().unwrap();
         drop(guest);
         assert_eq!(reader.join().unwrap(), big);
+    }
+
+    #[test]
+    fn a_socket_that_is_its_streams_source_and_sink_gets_the_peers_end_as_a_half_close() {
+        // The broker stream: at each end one socket is both the stream's
+        // source and its sink (two descriptors of it), as the monitor and
+        // the guest's init hold it.
+        let (pa, pb) = pair();
+        let (host_sock, host_far) = pair();
+        let (guest_sock, guest_far) = pair();
+        let both = |fd: OwnedFd| {
+            let w = fd.try_clone().unwrap();
+            (Source::Fd(fd), Sink::Fd(w))
+        };
+        let none = || (Source::None, Sink::None);
+        let streams = |fd| {
+            let mut v: Vec<(Source, Sink)> = (0..stream::BROKER).map(|_| none()).collect();
+            v.push(both(fd));
+            v
+        };
+        let mut host = Mux::new(pa, streams(host_sock)).unwrap();
+        let mut guest = Mux::new(pb, streams(guest_sock)).unwrap().guest();
+        // The program sends a request and keeps its side open; the
+        // host's broker reads it, answers and hangs up (as it does on a
+        // frame it refuses).
+        let mut host_far = UnixStream::from(host_far);
+        let mut guest_far = UnixStream::from(guest_far);
+        guest_far.write_all(b"request").unwrap();
+        let broker = std::thread::spawn(move || {
+            let mut got = [0u8; 7];
+            host_far.read_exact(&mut got).unwrap();
+            host_far.write_all(b"answer").unwrap();
+            drop(host_far);
+            got
+        });
+        let program = std::thread::spawn(move || {
+            guest_far
+                .set_read_timeout(Some(std::time::Duration::from_secs(15)))
+                .unwrap();
+            let mut got = Vec::new();
+            let r = guest_far.read_to_end(&mut got).map_err(|e| e.kind());
+            (r.map(|_| got), guest_far)
+        });
+        pump(&mut host, &mut guest, |_, _| program.is_finished());
+        // The broker had the request and the program the answer (positive
+        // controls), then its end: a read of 0, not a wait until the
+        // timeout while its own side is still open.
+        assert_eq!(&broker.join().unwrap(), b"request");
+        let (got, _open) = program.join().unwrap();
+        assert_eq!(got, Ok(b"answer".to_vec()));
     }
 
     fn violation(frames: &[u8]) -> String {
