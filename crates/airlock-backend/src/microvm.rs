@@ -1201,36 +1201,51 @@ struct VmmConfig {
 #[serde(deny_unknown_fields)]
 struct ScratchDisk {
     mkfs: PathBuf,
+    /// Where a cold or restored VM's disk is made (and at once unlinked).
+    dir: PathBuf,
     /// What the code may write, in bytes and files.
     bytes: u64,
     inodes: u64,
 }
 
-/// The file the scratch disk is in: in the snapshot being made (it is
-/// part of it), else in the sandbox's state directory.
+/// The scratch disk's file in a snapshot (made there by the golden VM's
+/// monitor; part of it).
 const SCRATCH_FILE: &str = "scratch";
+
+/// A fresh name for a cold or restored VM's scratch disk.
+fn scratch_name(s: &ScratchDisk) -> std::io::Result<PathBuf> {
+    let mut rnd = [0u8; 8];
+    sys::getrandom(&mut rnd)?;
+    Ok(s.dir
+        .join(format!("scratch-{}-{}", std::process::id(), hex(&rnd))))
+}
 /// Its block size.
 const SCRATCH_BLOCK: u64 = 4096;
 
-/// Blocks of a scratch disk on which an unprivileged writer can store
-/// `bytes` in `inodes` files: the data, the inode tables (256 bytes an
-/// inode), a little for the superblock, bitmaps and the two directories,
-/// and what ext4 keeps back for its own metadata (a fiftieth, at most
-/// 4096 blocks), which no writer gets.
+/// Blocks of a scratch disk on which an unprivileged writer can store at
+/// least `bytes` in `inodes` files: the data, the inode tables (256
+/// bytes an inode), per block group (32768 blocks) its bitmaps, a
+/// superblock and descriptor backup and a table block of rounding, the
+/// directories, and what ext4 keeps back for its own metadata (a
+/// fiftieth, at most 4096 blocks), which no writer gets. The guest's
+/// init takes what is left over beyond `bytes` and `inodes` (see
+/// `vminit::reserve_scratch`), so the sandbox gets exactly those.
 fn scratch_blocks(bytes: u64, inodes: u64) -> u64 {
-    let b = bytes.div_ceil(SCRATCH_BLOCK)
-        + (inodes + 16).saturating_mul(256).div_ceil(SCRATCH_BLOCK)
-        + 16;
+    let data = bytes.div_ceil(SCRATCH_BLOCK)
+        + (inodes + 32).saturating_mul(256).div_ceil(SCRATCH_BLOCK)
+        + 32;
+    let groups = data.div_ceil(32768) + 1;
+    let b = data + 6 * groups;
     b + b.div_ceil(49).min(4096)
 }
 
-/// The inodes to ask mkfs for so that no more than `inodes` files fit:
-/// ext4's reserved ones (11) and the two directories on top, in whole
-/// inode-table blocks (16) of each block group (32768 blocks), which is
-/// how mkfs lays them out (it rounds up).
+/// The inodes to ask mkfs for so that at least `inodes` files fit:
+/// ext4's reserved ones (11), the two directories and the guest's reserve
+/// directory and space file on top, in whole inode-table blocks (16
+/// inodes of 256 bytes) of each block group, as mkfs lays them out.
 fn scratch_inodes(bytes: u64, inodes: u64) -> u64 {
     let unit = 16 * scratch_blocks(bytes, inodes).div_ceil(32768);
-    ((inodes + 13) / unit * unit).max(unit)
+    (inodes + 15).div_ceil(unit) * unit
 }
 
 /// Makes the scratch disk at `p` (a new file): ext4 without a journal
@@ -1250,7 +1265,9 @@ fn make_scratch(s: &ScratchDisk, p: &Path) -> Result<(), String> {
     drop(f);
     let inodes = scratch_inodes(s.bytes, s.inodes).to_string();
     let out = Command::new(&s.mkfs)
-        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-N"])
+        .args([
+            "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0", "-N",
+        ])
         .arg(&inodes)
         .args([
             "-O",
@@ -1278,9 +1295,11 @@ fn make_scratch(s: &ScratchDisk, p: &Path) -> Result<(), String> {
 
 /// The scratch disk for the VM `cfg` describes, open for QEMU: made in
 /// the snapshot being made, or made (cold) or copied from the snapshot
-/// (restore: byte for byte the disk the golden guest has mounted) into
-/// `state` and unlinked there at once (nothing of it can outlive the VM).
-fn scratch_disk(cfg: &VmmConfig, state: &Path) -> Result<OwnedFd, String> {
+/// (restore: byte for byte the disk the golden guest has mounted) in the
+/// store's `tmp` as `scratch-<monitor pid>-<random>` and unlinked there
+/// at once (a name left by a monitor killed in between is removed when
+/// the store is next opened).
+fn scratch_disk(cfg: &VmmConfig) -> Result<OwnedFd, String> {
     let e = |err: std::io::Error| format!("the scratch disk: {err}");
     let open = |p: &Path| {
         fs::OpenOptions::new()
@@ -1297,7 +1316,7 @@ fn scratch_disk(cfg: &VmmConfig, state: &Path) -> Result<OwnedFd, String> {
         }
         Some(SnapMode::Restore { dir, .. }) => {
             let src = fs::File::open(dir.join(SCRATCH_FILE)).map_err(e)?;
-            let p = state.join(SCRATCH_FILE);
+            let p = scratch_name(&cfg.scratch).map_err(e)?;
             let dst = fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -1311,7 +1330,7 @@ fn scratch_disk(cfg: &VmmConfig, state: &Path) -> Result<OwnedFd, String> {
             Ok(dst.into())
         }
         None => {
-            let p = state.join(SCRATCH_FILE);
+            let p = scratch_name(&cfg.scratch).map_err(e)?;
             make_scratch(&cfg.scratch, &p)?;
             let f = open(&p).map_err(e)?;
             let _ = fs::remove_file(&p);
@@ -1325,6 +1344,10 @@ struct VmLauncher {
     host: VmHost,
     artifacts: Artifacts,
     states: PathBuf,
+    /// Where scratch disks are made: the store's `tmp`, on the store's
+    /// file system (a disk, where the snapshots are), not the state
+    /// directory's (/run: often tmpfs, host memory).
+    scratch_tmp: PathBuf,
 }
 
 impl Launcher for VmLauncher {
@@ -1506,6 +1529,7 @@ impl VmLauncher {
                 snapshot: mode.cloned(),
                 scratch: ScratchDisk {
                     mkfs: self.host.mkfs.clone(),
+                    dir: self.scratch_tmp.clone(),
                     bytes: v.scratch_bytes,
                     inodes: v.scratch_inodes,
                 },
@@ -1769,15 +1793,18 @@ fn own_qemu_uid() -> Result<(fs::File, u32), String> {
 /// system's firmware and data (`/usr/share`), the guest's kernel,
 /// initramfs and root image, the snapshot it restores (the one it makes it
 /// may write too), its own /proc, /dev/urandom, /dev/null and (under KVM)
-/// /dev/kvm and /sys, write the debugging console file when one is named;
-/// nothing else of the host's files (other VMs' state and snapshots, the
-/// server's data, /etc, /home), whatever its uid could read. None where
-/// the kernel has no Landlock (the other walls stand). The descriptor is
-/// placed above 64, out of the way of the ones QEMU is given.
-fn qemu_landlock(cfg: &VmmConfig) -> Result<Option<OwnedFd>, String> {
+/// /dev/kvm and /sys, write the debugging console file when one is named
+/// (made here for QEMU's `ids`); nothing else of the host's files (other
+/// VMs' state and snapshots, the server's data, /etc, /home), whatever its
+/// uid could read. No TCP at all, no abstract socket or signal beyond its
+/// own domain (what its namespaces already deny as root; all a rootless
+/// QEMU has). None where the kernel has no Landlock (the other walls
+/// stand). The descriptor is placed above 64, out of the way of the ones
+/// QEMU is given.
+fn qemu_landlock(cfg: &VmmConfig, ids: (u32, u32)) -> Result<Option<OwnedFd>, String> {
     use landlock::{
-        ABI, Access, AccessFs, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-        RulesetCreatedAttr,
+        ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+        RulesetAttr, RulesetCreatedAttr, Scope,
     };
     let e = |err: landlock::RulesetError| format!("QEMU's Landlock ruleset: {err}");
     let abi = ABI::V5;
@@ -1791,6 +1818,7 @@ fn qemu_landlock(cfg: &VmmConfig) -> Result<Option<OwnedFd>, String> {
         "/lib64",
         "/usr/local/lib",
         "/usr/share",
+        "/usr/local/share",
         "/etc/ld.so.cache",
         "/proc",
     ]
@@ -1811,12 +1839,29 @@ fn qemu_landlock(cfg: &VmmConfig) -> Result<Option<OwnedFd>, String> {
         Some(SnapMode::Restore { dir, .. }) => rules.push((dir.clone(), read)),
         None => {}
     }
-    if let Some(parent) = cfg.console.as_ref().and_then(|c| c.parent()) {
-        rules.push((parent.to_path_buf(), all));
+    if let Some(console) = &cfg.console {
+        // The file only (made now, QEMU's), not its directory.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(console)
+            .map_err(|err| format!("the console file: {err}"))?;
+        if sys::geteuid() == 0 {
+            std::os::unix::fs::fchown(&f, Some(ids.0), Some(ids.1))
+                .map_err(|err| format!("the console file: {err}"))?;
+        }
+        rules.push((console.clone(), AccessFs::WriteFile | AccessFs::Truncate));
     }
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)
+        .map_err(e)?
+        .handle_access(AccessNet::from_all(abi))
+        .map_err(e)?
+        .scope(Scope::from_all(ABI::V6))
         .map_err(e)?
         .create()
         .map_err(e)?;
@@ -1910,10 +1955,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         (None, None)
     };
     let qmp_fd = qemu_qmp.as_ref().map_or(-1, |q| q.as_raw_fd());
-    let state = Path::new(path)
-        .parent()
-        .ok_or("the configuration is not in a state directory")?;
-    let scratch = scratch_disk(&cfg, state)?;
+    let scratch = scratch_disk(&cfg)?;
     // QEMU asks its descriptor set for a read-only descriptor too (while
     // it probes the disk, before it takes write permission).
     let scratch_ro: OwnedFd = fs::OpenOptions::new()
@@ -1923,8 +1965,6 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         .map_err(|e| format!("the scratch disk: {e}"))?
         .into();
     let (scratch_fd, scratch_ro_fd) = (scratch.as_raw_fd(), scratch_ro.as_raw_fd());
-    let landlock = qemu_landlock(&cfg)?;
-    let landlock_fd = landlock.as_ref().map_or(-1, |f| f.as_raw_fd());
     let keep_below: u32 = if cfg.snapshot.is_some() { 8 } else { 7 };
     let mut cmd = Command::new(&cfg.qemu);
     cmd.args(qemu_args(&cfg, 3, 4, (5, 6), 7))
@@ -1945,6 +1985,8 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         }
         false => (None, cfg.qemu_ids.0, cfg.qemu_ids.1),
     };
+    let landlock = qemu_landlock(&cfg, (uid, gid))?;
+    let landlock_fd = landlock.as_ref().map_or(-1, |f| f.as_raw_fd());
     // QEMU is the part of a microVM a guest attacks: it runs as pid 1 of a
     // pid namespace of its own (it cannot name, signal or trace another
     // VM's QEMU) with its own /proc, no network (an empty network
@@ -2415,6 +2457,7 @@ impl MicrovmBackend {
                 host,
                 artifacts,
                 states,
+                scratch_tmp: store.dir().join("tmp"),
             }),
             snaps,
             store,

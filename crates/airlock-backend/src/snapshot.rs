@@ -114,9 +114,69 @@ fn seen() -> &'static Mutex<Seen> {
     SEEN.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
+/// The digest of a mostly sparse file (a scratch disk of up to the
+/// policy's 64 GiB): its length, then each data extent's offset, length
+/// and bytes; holes cost nothing to hash.
+fn sparse_sha256(p: &Path) -> std::io::Result<String> {
+    let f = fs::File::open(p)?;
+    let len = f.metadata()?.len() as i64;
+    let mut h = Sha256::new();
+    h.update(b"sparse\0");
+    h.update(len.to_le_bytes());
+    let seek = |off: i64, whence: libc::c_int| -> std::io::Result<Option<i64>> {
+        // SAFETY: integer-only syscall on a descriptor borrowed here.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r))
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while off < len {
+        let Some(data) = seek(off, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        h.update(data.to_le_bytes());
+        h.update((end - data).to_le_bytes());
+        let mut at = data;
+        while at < end {
+            let want = buf.len().min((end - at) as usize);
+            let n = std::os::unix::fs::FileExt::read_at(&f, &mut buf[..want], at as u64)?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            h.update(&buf[..n]);
+            at += n as i64;
+        }
+        off = end;
+    }
+    Ok(hex(&h.finalize()))
+}
+
 /// The digest of a (large) memory file: computed again only when the file
 /// may have changed since it was last computed.
 fn mem_digest(p: &Path) -> std::io::Result<String> {
+    cached_digest(p, sha256_file)
+}
+
+/// [`mem_digest`] of a scratch disk, by [`sparse_sha256`].
+fn disk_digest(p: &Path) -> std::io::Result<String> {
+    cached_digest(p, sparse_sha256)
+}
+
+/// `digest(p)`, computed again only when the file may have changed since
+/// it was last computed.
+fn cached_digest(
+    p: &Path,
+    digest: fn(&Path) -> std::io::Result<String>,
+) -> std::io::Result<String> {
     let m = fs::metadata(p)?;
     // By inode, not path: a snapshot moved into place keeps its digest.
     let file = (m.dev(), m.ino());
@@ -132,7 +192,7 @@ fn mem_digest(p: &Path) -> std::io::Result<String> {
     {
         return Ok(digest.clone());
     }
-    let digest = sha256_file(p)?;
+    let digest = digest(p)?;
     seen()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -176,13 +236,20 @@ impl Snapshots {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > Duration::from_secs(3600));
+            // (Also a scratch disk a monitor killed between making and
+            // unlinking it left.)
             let maker_gone = name
                 .strip_prefix("snap-")
+                .or_else(|| name.strip_prefix("scratch-"))
                 .and_then(|r| r.split('-').next())
                 .and_then(|p| p.parse::<u32>().ok())
                 .is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
-            if maker_gone || (old && (name.starts_with("snap-") || name.starts_with("refused-"))) {
-                let _ = fs::remove_dir_all(e.path());
+            let ours = ["snap-", "refused-", "scratch-"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            if maker_gone || (old && ours) {
+                // A directory (a snapshot) or a file (a scratch disk).
+                let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
             }
         }
         Ok(Snapshots { dir, tmp })
@@ -283,7 +350,7 @@ impl Snapshots {
             key: key.to_string(),
             mem_sha256: mem_digest(&made.join("mem")).map_err(e("memory file"))?,
             state_sha256: sha256_file(&made.join("state")).map_err(e("state file"))?,
-            scratch_sha256: mem_digest(&made.join("scratch")).map_err(e("scratch disk"))?,
+            scratch_sha256: disk_digest(&made.join("scratch")).map_err(e("scratch disk"))?,
             guest_sha256: guest,
             transcript,
         };
@@ -344,10 +411,10 @@ impl Snapshots {
             if !m.is_file() || m.uid() != euid || m.mode() & 0o222 != 0 {
                 return Err(format!("{f}: not a read-only file of uid {euid}"));
             }
-            let digest = if f != "state" {
-                mem_digest(&p)
-            } else {
-                sha256_file(&p)
+            let digest = match f {
+                "mem" => mem_digest(&p),
+                "scratch" => disk_digest(&p),
+                _ => sha256_file(&p),
             }
             .map_err(|err| format!("{f}: {err}"))?;
             if &digest != want {
@@ -363,18 +430,12 @@ impl Snapshots {
     }
 
     /// Removes every snapshot whose key's host part (its second field) is
-    /// not `host`, each under its lock, and locks left without a
-    /// snapshot. Returns (snapshots, bytes on disk); only `dry_run` counts.
+    /// not `host`, each under its lock. Returns (snapshots, bytes on
+    /// disk); only `dry_run` counts.
     pub fn prune(&self, host: &str, dry_run: bool) -> (usize, u64) {
         let (mut n, mut bytes) = (0, 0);
         for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(key) = name.strip_suffix(".lock") {
-                if !dry_run && !self.path(key).exists() && key.split('-').nth(1) != Some(host) {
-                    let _ = fs::remove_file(e.path());
-                }
-                continue;
-            }
             if !e.path().is_dir() || name.split('-').nth(1) == Some(host) {
                 continue;
             }
@@ -388,9 +449,11 @@ impl Snapshots {
             n += 1;
             bytes += size;
             if !dry_run {
+                // Under its lock (a maker of it finishes first). The lock
+                // file stays: removed, a waiter would hold a lock on a
+                // file a new maker no longer opens.
                 let _lock = self.lock(&name);
                 self.remove(&name);
-                let _ = fs::remove_file(self.dir.join(format!("{name}.lock")));
             }
         }
         (n, bytes)
@@ -762,5 +825,47 @@ mod tests {
         let m = dst.metadata().unwrap();
         assert_eq!(m.len(), 8 << 20);
         assert!(m.blocks() * 512 <= 64 << 10, "{} blocks", m.blocks());
+        // To another file system (tmpfs; the store is on a disk): where
+        // the kernel will not copy across (EXDEV), read and written.
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+        let far = shm.path().join("copy");
+        let dst = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&far)
+            .unwrap();
+        sys::copy_sparse(&src, &dst).unwrap();
+        assert_eq!(
+            fs::read(&far).unwrap(),
+            fs::read(snap.dir.join("scratch")).unwrap()
+        );
+        assert!(dst.metadata().unwrap().blocks() * 512 <= 64 << 10);
+    }
+
+    #[test]
+    fn a_scratch_disks_digest_covers_its_length_and_data_not_its_holes() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = |name: &str, len: u64, at: u64, bytes: &[u8]| {
+            let p = d.path().join(name);
+            let f = fs::File::create(&p).unwrap();
+            f.set_len(len).unwrap();
+            std::os::unix::fs::FileExt::write_at(&f, bytes, at).unwrap();
+            p
+        };
+        let a = disk("a", 64 << 20, 4096, b"superblock");
+        // Positive control: the same bytes at the same place, the same
+        // digest.
+        assert_eq!(
+            sparse_sha256(&a).unwrap(),
+            sparse_sha256(&disk("same", 64 << 20, 4096, b"superblock")).unwrap()
+        );
+        for other in [
+            disk("byte", 64 << 20, 4096, b"superblocK"),
+            disk("moved", 64 << 20, 8192, b"superblock"),
+            disk("longer", 65 << 20, 4096, b"superblock"),
+        ] {
+            assert_ne!(sparse_sha256(&a).unwrap(), sparse_sha256(&other).unwrap());
+        }
     }
 }

@@ -89,15 +89,28 @@ pub fn close_from(first: u32) -> io::Result<()> {
 pub fn cloexec_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets a flag on
     // descriptors; it closes none.
-    cvt(unsafe {
+    match cvt(unsafe {
         libc::syscall(
             libc::SYS_close_range,
             first,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         )
-    })
-    .map(|_| ())
+    }) {
+        Ok(_) => Ok(()),
+        // Kernels before 5.11 (no CLOSE_RANGE_CLOEXEC) and gVisor: one by
+        // one up to the descriptor limit.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
+            let (soft, _) = get_rlimit(libc::RLIMIT_NOFILE)?;
+            for fd in first..soft.min(1 << 20) as u32 {
+                // SAFETY: F_SETFD only sets the flag; EBADF for a number
+                // not open is ignored.
+                unsafe { libc::fcntl(fd as RawFd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// `prctl` with integer arguments.
@@ -460,13 +473,34 @@ pub fn fs_full(path: &CStr) -> bool {
     }
     // tmpfs fills to the last block; ext4 (a microVM's scratch disk)
     // refuses a writer with a few blocks left, kept for its metadata.
+    // (Only where the file system keeps blocks back from writers: on
+    // tmpfs a small scratch nearly full is not full.)
     let left = st.f_bavail.saturating_mul(st.f_frsize);
+    let kept_back = st.f_bavail < st.f_bfree;
     // No inode count at all (f_files 0: gVisor's tmpfs) is not "full".
-    st.f_bfree == 0 || left < FULL_BELOW || (st.f_files > 0 && st.f_ffree == 0)
+    st.f_bfree == 0 || (kept_back && left < FULL_BELOW) || (st.f_files > 0 && st.f_ffree == 0)
 }
 
 /// Free space below which [`fs_full`] calls a filesystem full.
 const FULL_BELOW: u64 = 256 << 10;
+
+/// `statvfs(3)` of the file system at `path`.
+pub fn statvfs(path: &str) -> io::Result<libc::statvfs> {
+    let c = CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: statvfs is plain old data; all-zero is valid.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` a valid out-pointer.
+    cvt_i(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    Ok(st)
+}
+
+/// Allocates `len` bytes of blocks to `f` from its start (`fallocate(2)`,
+/// mode 0: the file's size becomes `len`).
+pub fn fallocate(f: &std::fs::File, len: u64) -> io::Result<()> {
+    let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    // SAFETY: integer-only syscall on a descriptor borrowed here.
+    cvt_i(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) }).map(|_| ())
+}
 
 /// Mount flags (`ST_*`) of the filesystem at `path`.
 pub fn mount_flags(path: &CStr) -> io::Result<u64> {
@@ -1143,8 +1177,9 @@ pub fn pread_fd(fd: RawFd, buf: &mut [u8], offset: i64) -> io::Result<usize> {
 
 /// Copies all of `src` into the empty `dst`, keeping its holes: a clone
 /// (`FICLONE`) where the filesystem shares blocks, else each data extent
-/// with `copy_file_range` (a disk image that is mostly holes costs what
-/// it holds, not its size).
+/// with `copy_file_range`, or read and written where that cannot copy
+/// (across file systems): a disk image that is mostly holes costs what it
+/// holds, not its size.
 pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
     // SAFETY: FICLONE takes the source descriptor as its argument; both
     // are open files borrowed for the duration of the call.
@@ -1167,6 +1202,8 @@ pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
         Ok(Some(r))
     };
     let mut off = 0i64;
+    // Empty until copy_file_range cannot serve; then the copy buffer.
+    let mut buf: Vec<u8> = Vec::new();
     while off < len {
         let Some(data) = seek(off, libc::SEEK_DATA)? else {
             break;
@@ -1174,21 +1211,44 @@ pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
         let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
         let (mut from, mut to) = (data, data);
         while from < end {
-            // SAFETY: both offsets point to live i64s of this frame; the
-            // descriptors are borrowed for the duration of the call.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut from,
-                    dst.as_raw_fd(),
-                    &mut to,
-                    (end - from) as usize,
-                    0,
-                )
-            };
-            if cvt(n as libc::c_long)? == 0 {
+            if buf.is_empty() {
+                // SAFETY: both offsets point to live i64s of this frame;
+                // the descriptors are borrowed for the duration of the
+                // call.
+                let n = unsafe {
+                    libc::copy_file_range(
+                        src.as_raw_fd(),
+                        &mut from,
+                        dst.as_raw_fd(),
+                        &mut to,
+                        (end - from) as usize,
+                        0,
+                    )
+                };
+                match cvt(n as libc::c_long) {
+                    Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                    Ok(_) => continue,
+                    // Across file systems (EXDEV), or where the kernel
+                    // or file system has no such copy: by hand.
+                    Err(e)
+                        if matches!(
+                            e.raw_os_error(),
+                            Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
+                        ) =>
+                    {
+                        buf = vec![0u8; 1 << 20];
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let want = buf.len().min((end - from) as usize);
+            let n = std::os::unix::fs::FileExt::read_at(src, &mut buf[..want], from as u64)?;
+            if n == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
             }
+            std::os::unix::fs::FileExt::write_all_at(dst, &buf[..n], to as u64)?;
+            from += n as i64;
+            to += n as i64;
         }
         off = end;
     }

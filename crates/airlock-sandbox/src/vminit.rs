@@ -211,6 +211,30 @@ fn boot() -> Result<OwnedFd, (&'static str, std::io::Error)> {
     Ok(agent)
 }
 
+/// Leaves the sandbox exactly the policy's scratch: what the disk holds
+/// beyond `bytes` and `inodes` files (the host makes it a little larger:
+/// ext4 lays out inodes and metadata per block group) is taken by
+/// root-owned files in a directory of the disk's root, which the sandbox
+/// never sees (it has only `tmp` and `workspace`).
+fn reserve_scratch(bytes: u64, inodes: u64) -> std::io::Result<()> {
+    let dir = format!("{SCRATCH}/.reserve");
+    fs::create_dir(&dir)?;
+    fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let st = sys::statvfs(SCRATCH)?;
+    // One inode of the surplus is the space file's (below).
+    let surplus = st.f_favail.saturating_sub(inodes);
+    for i in 1..surplus {
+        fs::File::create(format!("{dir}/{i}"))?;
+    }
+    let st = sys::statvfs(SCRATCH)?;
+    let left = st.f_bavail.saturating_mul(st.f_frsize);
+    if left > bytes {
+        let f = fs::File::create(format!("{dir}/space"))?;
+        sys::fallocate(&f, left - bytes)?;
+    }
+    Ok(())
+}
+
 /// The device node of the virtio disk with serial number `serial`, waiting
 /// (until `end`) for the kernel to probe it.
 fn disk(serial: &str, end: Instant) -> std::io::Result<String> {
@@ -371,6 +395,9 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
     }
     if let Err(e) = limits(&cfg) {
         fail(Some(&mut mux), "cgroup", e)
+    }
+    if let Err(e) = reserve_scratch(cfg.root.scratch_bytes, cfg.root.scratch_inodes) {
+        fail(Some(&mut mux), "scratch disk", e)
     }
     let child = match start_agent(&cfg, ends, agent) {
         Ok(pid) => pid,
