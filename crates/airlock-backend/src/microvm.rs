@@ -1254,14 +1254,28 @@ fn scratch_inodes(bytes: u64, inodes: u64) -> u64 {
 /// nothing kept back for root.
 fn make_scratch(s: &ScratchDisk, p: &Path) -> Result<(), String> {
     let e = |err: std::io::Error| format!("making the scratch disk: {err}");
+    let size = scratch_blocks(s.bytes, s.inodes) * SCRATCH_BLOCK;
+    // Sparse, so nothing is taken yet: a VM whose disk could not be
+    // filled to its quota here does not start (fails closed) rather than
+    // meeting I/O errors later.
+    if let Some(dir) = p.parent() {
+        let st = sys::statvfs(&dir.to_string_lossy()).map_err(e)?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < size {
+            return Err(format!(
+                "making the scratch disk: the host has {} MiB free for it, it takes {} MiB",
+                free >> 20,
+                size.div_ceil(1 << 20)
+            ));
+        }
+    }
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(p)
         .map_err(e)?;
-    f.set_len(scratch_blocks(s.bytes, s.inodes) * SCRATCH_BLOCK)
-        .map_err(e)?;
+    f.set_len(size).map_err(e)?;
     drop(f);
     let inodes = scratch_inodes(s.bytes, s.inodes).to_string();
     let out = Command::new(&s.mkfs)
