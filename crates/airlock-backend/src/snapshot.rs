@@ -123,26 +123,8 @@ fn sparse_sha256(p: &Path) -> std::io::Result<String> {
     let mut h = Sha256::new();
     h.update(b"sparse\0");
     h.update(len.to_le_bytes());
-    let seek = |off: i64, whence: libc::c_int| -> std::io::Result<Option<i64>> {
-        // SAFETY: integer-only syscall on a descriptor borrowed here.
-        let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(r))
-    };
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0;
-    while off < len {
-        let Some(data) = seek(off, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+    for (data, end) in sys::data_extents(&f)? {
         h.update(data.to_le_bytes());
         h.update((end - data).to_le_bytes());
         let mut at = data;
@@ -155,7 +137,6 @@ fn sparse_sha256(p: &Path) -> std::io::Result<String> {
             h.update(&buf[..n]);
             at += n as i64;
         }
-        off = end;
     }
     Ok(hex(&h.finalize()))
 }

@@ -1186,29 +1186,10 @@ pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
     if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
         return Ok(());
     }
-    let len = src.metadata()?.len() as i64;
-    let seek = |off: i64, whence: libc::c_int| -> io::Result<Option<i64>> {
-        // SAFETY: integer-only syscall on a descriptor borrowed here.
-        let r = unsafe { libc::lseek(src.as_raw_fd(), off, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            // No data at or after `off`.
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(r))
-    };
-    let mut off = 0i64;
+    let len = src.metadata()?.len();
     // Empty until copy_file_range cannot serve; then the copy buffer.
     let mut buf: Vec<u8> = Vec::new();
-    while off < len {
-        let Some(data) = seek(off, libc::SEEK_DATA)? else {
-            break;
-        };
-        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+    for (data, end) in data_extents(src)? {
         let (mut from, mut to) = (data, data);
         while from < end {
             if buf.is_empty() {
@@ -1250,9 +1231,40 @@ pub fn copy_sparse(src: &std::fs::File, dst: &std::fs::File) -> io::Result<()> {
             from += n as i64;
             to += n as i64;
         }
+    }
+    dst.set_len(len)
+}
+
+/// The data extents of `f`, as (start, end) byte offsets in order
+/// (`SEEK_DATA`/`SEEK_HOLE`): what a sparse file holds, its holes left
+/// out (a file system without holes reports one extent of all of it).
+pub fn data_extents(f: &std::fs::File) -> io::Result<Vec<(i64, i64)>> {
+    let len = f.metadata()?.len() as i64;
+    let seek = |off: i64, whence: libc::c_int| -> io::Result<Option<i64>> {
+        // SAFETY: integer-only syscall on a descriptor borrowed here.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // No data at or after `off`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r))
+    };
+    let mut out = Vec::new();
+    let mut off = 0i64;
+    while off < len {
+        let Some(data) = seek(off, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        out.push((data, end));
         off = end;
     }
-    dst.set_len(len as u64)
+    Ok(out)
 }
 
 /// `write(2)` of `buf` (a short write or EAGAIN as the kernel says).
