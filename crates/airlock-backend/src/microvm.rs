@@ -1420,6 +1420,15 @@ impl Launcher for VmLauncher {
                 Accel::Kvm => 30,
                 Accel::Tcg => 180,
             })),
+            // The guest's last output and its end cross the channel after
+            // the agent's exit report may have: a guest slowed by a busy
+            // host (seen under TCG beside a VM flooding its channel) took
+            // longer than the engine's half second, and its output was
+            // lost with the VM.
+            output_grace: Some(std::time::Duration::from_secs(match self.host.accel {
+                Accel::Kvm => 2,
+                Accel::Tcg => 5,
+            })),
         }
     }
 

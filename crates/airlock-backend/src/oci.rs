@@ -252,6 +252,7 @@ impl Launcher for OciLauncher {
                 accelerator: None,
                 snapshot: None,
                 start_timeout: None,
+                output_grace: None,
             },
             Kind::Gvisor => Isolated {
                 backend: "gvisor",
@@ -288,6 +289,7 @@ impl Launcher for OciLauncher {
                 accelerator: None,
                 snapshot: None,
                 start_timeout: None,
+                output_grace: None,
             },
         }
     }

@@ -573,6 +573,7 @@ impl Engine {
             cleanup: None,
             name: cgroup_name.clone(),
             pids_by_rlimit: false,
+            output_grace: OUTPUT_GRACE,
         };
         sb.enforced.landlock.mode = match policy.isolation.landlock {
             LandlockMode::Strict => "strict".into(),
@@ -861,7 +862,15 @@ pub struct Sandbox {
     /// user-space kernel's tasks are not host tasks): RLIMIT_NPROC holds
     /// them instead.
     pids_by_rlimit: bool,
+    /// How long output may take to end after the program exited (see
+    /// [`crate::hosted::Isolated::output_grace`]).
+    output_grace: Duration,
 }
+
+/// How long the program's output may take to end after it exited (its
+/// descendants may hold it: they are killed then, and what they wrote is
+/// drained).
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 
 /// A runtime's cleanup, run once when the sandbox is destroyed.
 struct Cleanup(Box<dyn FnOnce() + Send>);
@@ -890,6 +899,7 @@ pub(crate) struct HostedParts<'a> {
     pub platform_env: Vec<(String, String)>,
     pub name: String,
     pub pids_by_rlimit: bool,
+    pub output_grace: Option<Duration>,
 }
 
 fn control_err(what: &str) -> impl Fn(io::Error) -> SandboxError + '_ {
@@ -920,6 +930,7 @@ impl Sandbox {
             cleanup: p.cleanup.map(Cleanup),
             name: p.name,
             pids_by_rlimit: p.pids_by_rlimit,
+            output_grace: p.output_grace.unwrap_or(OUTPUT_GRACE),
         }
     }
 
@@ -1388,7 +1399,7 @@ impl Sandbox {
                 return Ok(());
             }
             if sup.exit.is_some()
-                && exit_seen.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(500)
+                && exit_seen.get_or_insert_with(Instant::now).elapsed() > self.output_grace
             {
                 // The program is gone; descendants holding the pipes are
                 // killed by destroy() and drained afterwards.

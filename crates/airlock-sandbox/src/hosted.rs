@@ -149,6 +149,10 @@ pub struct Isolated {
     /// longer than [`AGENT_START_TIMEOUT`] (a guest kernel booting under
     /// software emulation on a busy host).
     pub start_timeout: Option<Duration>,
+    /// How long the program's output may take to end after it exited,
+    /// when longer than the engine's default (half a second): a guest's
+    /// output crosses its VM's channel after the exit report may have.
+    pub output_grace: Option<Duration>,
 }
 
 /// A started runtime process.
@@ -474,6 +478,7 @@ impl Engine {
             },
             name: name.clone(),
             pids_by_rlimit: isolated.pids_by_rlimit,
+            output_grace: isolated.output_grace,
         });
         let cfg = AgentConfig {
             landlock,
