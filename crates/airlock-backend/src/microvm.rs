@@ -1429,6 +1429,16 @@ impl Launcher for VmLauncher {
                 Accel::Kvm => 2,
                 Accel::Tcg => 5,
             })),
+            // The host cgroup holds QEMU: the guest's vCPU plus the
+            // emulation, devices and channel around it (under TCG several
+            // host cores for one guest's; a flood of its channel took 10 s
+            // of host CPU in 6 s). The code's own CPU time is held to the
+            // policy in the guest (RLIMIT_CPU); the host ends the VM at
+            // this multiple of it.
+            host_cpu_factor: Some(match self.host.accel {
+                Accel::Kvm => 2,
+                Accel::Tcg => 4,
+            }),
         }
     }
 

@@ -253,6 +253,7 @@ impl Launcher for OciLauncher {
                 snapshot: None,
                 start_timeout: None,
                 output_grace: None,
+                host_cpu_factor: None,
             },
             Kind::Gvisor => Isolated {
                 backend: "gvisor",
@@ -290,6 +291,7 @@ impl Launcher for OciLauncher {
                 snapshot: None,
                 start_timeout: None,
                 output_grace: None,
+                host_cpu_factor: None,
             },
         }
     }

@@ -574,6 +574,7 @@ impl Engine {
             name: cgroup_name.clone(),
             pids_by_rlimit: false,
             output_grace: OUTPUT_GRACE,
+            host_cpu_factor: 1,
         };
         sb.enforced.landlock.mode = match policy.isolation.landlock {
             LandlockMode::Strict => "strict".into(),
@@ -865,6 +866,9 @@ pub struct Sandbox {
     /// How long output may take to end after the program exited (see
     /// [`crate::hosted::Isolated::output_grace`]).
     output_grace: Duration,
+    /// The host cgroup's CPU budget in policy CPU times (see
+    /// [`crate::hosted::Isolated::host_cpu_factor`]).
+    host_cpu_factor: u64,
 }
 
 /// How long the program's output may take to end after it exited (its
@@ -900,6 +904,7 @@ pub(crate) struct HostedParts<'a> {
     pub name: String,
     pub pids_by_rlimit: bool,
     pub output_grace: Option<Duration>,
+    pub host_cpu_factor: Option<u64>,
 }
 
 fn control_err(what: &str) -> impl Fn(io::Error) -> SandboxError + '_ {
@@ -931,6 +936,7 @@ impl Sandbox {
             name: p.name,
             pids_by_rlimit: p.pids_by_rlimit,
             output_grace: p.output_grace.unwrap_or(OUTPUT_GRACE),
+            host_cpu_factor: p.host_cpu_factor.unwrap_or(1).max(1),
         }
     }
 
@@ -1388,6 +1394,7 @@ impl Sandbox {
             .limits
             .cpu_time_ms
             .saturating_mul(1_000_000)
+            .saturating_mul(self.host_cpu_factor)
             .saturating_add(cpu_base_ns);
         let mut ctrl_buf: Vec<u8> = Vec::new();
         let mut ctrl_open = true;

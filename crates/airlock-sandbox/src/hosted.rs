@@ -153,6 +153,10 @@ pub struct Isolated {
     /// when longer than the engine's default (half a second): a guest's
     /// output crosses its VM's channel after the exit report may have.
     pub output_grace: Option<Duration>,
+    /// The host cgroup holds more than the code (a VM's QEMU emulating
+    /// it): it ends the sandbox at this many times the policy's CPU time
+    /// (the code's own is held to the policy inside, by RLIMIT_CPU).
+    pub host_cpu_factor: Option<u64>,
 }
 
 /// A started runtime process.
@@ -479,6 +483,7 @@ impl Engine {
             name: name.clone(),
             pids_by_rlimit: isolated.pids_by_rlimit,
             output_grace: isolated.output_grace,
+            host_cpu_factor: isolated.host_cpu_factor,
         });
         let cfg = AgentConfig {
             landlock,
