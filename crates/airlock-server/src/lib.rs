@@ -265,6 +265,12 @@ pub async fn serve(
     // First: from here on a SIGHUP (a reload sent early by a unit's
     // ExecReload) must not take the default action and kill the server.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    // SIGTERM and SIGINT too: a stop that arrives before the accept loop
+    // first polls its drain (systemd stopping a unit right after READY)
+    // must drain, not take the default action and end the server with
+    // executions in flight.
+    let stop =
+        StopSignals::install().map_err(|e| ServeError::Setup(format!("signal handlers: {e}")))?;
     // Before anything is touched: a bad certificate is a configuration
     // error.
     let tls = match &cfg.tls {
@@ -423,8 +429,7 @@ pub async fn serve(
     }
 
     let app = api::router(state.clone());
-    accept_loop(listener, app, state.clone(), tls).await;
-    notify_systemd("STOPPING=1");
+    accept_loop(listener, app, state.clone(), tls, stop).await;
     // Nothing runs against the store once it closes (also when the server
     // is embedded in a longer-lived runtime).
     for task in background {
@@ -533,10 +538,11 @@ async fn accept_loop(
     app: axum::Router,
     st: AppState,
     tls: Option<Arc<tls::Tls>>,
+    stop_signals: StopSignals,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let limits = conn::ConnLimits::new(st.cfg.max_connections, st.cfg.max_connections_per_client);
-    let mut drained = std::pin::pin!(drain(st));
+    let mut drained = std::pin::pin!(drain(st, stop_signals));
     // Every connection's task: reaped as they end, aborted if they outlive
     // the drain's bound (so none runs once the store is closed).
     let mut conns = tokio::task::JoinSet::new();
@@ -658,22 +664,34 @@ async fn serve_conn<IO>(
     drop(permit);
 }
 
+/// The handlers for the signals that stop the server, installed before
+/// anything starts.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Waits for SIGTERM/SIGINT, then: refuse new executions, stop queued
 /// ones, give running ones the grace period, kill the rest with
 /// `server_shutdown`, and wait until every record is final.
-async fn drain(st: AppState) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; SIGTERM will not drain");
-        return std::future::pending().await;
-    };
+async fn drain(st: AppState, mut stop: StopSignals) {
     tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        _ = stop.term.recv() => {}
+        _ = stop.int.recv() => {}
     }
+    // systemd's meaning: the service begins its shutdown (the unit shows
+    // "deactivating" for as long as the drain takes).
+    notify_systemd("STOPPING=1");
     st.draining.store(true, Ordering::SeqCst);
     st.exec.close_intake();
     let in_flight = st.exec.in_flight();

@@ -397,8 +397,51 @@ fn ready_file_and_systemd_notification_say_when_the_server_accepts() {
     // SAFETY: `pid` is our own child, not yet waited for; kill has no
     // memory effects.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let n = notify.recv(&mut buf).unwrap();
+    let n = notify
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no STOPPING=1 ({e}): the server {:?}", child.wait()));
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(child.wait().unwrap().success());
     assert!(!ready.exists(), "removed when the server stops");
+}
+
+/// A stop that arrives at once after READY (systemd stopping a unit it
+/// just started) drains: the handlers are in place before READY is sent,
+/// so SIGTERM never takes its default action. CI once saw a server end by
+/// the signal itself, its STOPPING=1 never sent.
+#[test]
+fn a_sigterm_right_after_ready_drains_and_never_kills() {
+    use std::os::unix::net::UnixDatagram;
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&sock_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let data = dir.path().join("data");
+    let mut buf = [0u8; 256];
+    for round in 0..5 {
+        let mut child = std::process::Command::new(crate::BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env("AIRLOCK_DATA_DIR", &data)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("AIRLOCK_MASTER_KEY")
+            .env_remove("AIRLOCK_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let n = notify.recv(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"READY=1\n"), "round {round}");
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: `pid` is our own child, not yet waited for; kill has no
+        // memory effects.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), None, "round {round}: {status:?}");
+        assert_eq!(status.code(), Some(0), "round {round}: {status:?}");
+        let n = notify.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"STOPPING=1", "round {round}");
+    }
 }
