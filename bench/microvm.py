@@ -32,10 +32,20 @@ def execute(conn, key):
     """One trivial execution on the microvm backend: (ms, restored)."""
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     body = json.dumps({"language": "python", "code": "pass", "isolation": "microvm"})
-    t = time.perf_counter()
-    conn.request("POST", "/v1/executions", body, headers)
-    resp = conn.getresponse()
-    data = resp.read()
+    for attempt in (0, 1):
+        t = time.perf_counter()
+        try:
+            conn.request("POST", "/v1/executions", body, headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            break
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            # The server closed the idle keep-alive connection while the
+            # pool refilled (or the golden snapshot was made): a new one,
+            # and the time measured from its request.
+            conn.close()
+            if attempt:
+                raise
     dt = (time.perf_counter() - t) * 1000
     rec = json.loads(data)
     if resp.status != 200 or rec["reason"] != "exited" \

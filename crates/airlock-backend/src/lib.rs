@@ -232,6 +232,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
         let _ = language;
         true
     }
+    /// Whether it binds a session's workspace ([`Extras::workspace`]):
+    /// the others refuse a spec that has one.
+    fn sessions(&self) -> bool {
+        false
+    }
 }
 
 /// Whether a probe's trivial sandbox (`exit 0`) ran, and what to say

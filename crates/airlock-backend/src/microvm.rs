@@ -1546,6 +1546,7 @@ impl VmLauncher {
                         scratch_bytes: v.scratch_bytes,
                         scratch_inodes: v.scratch_inodes,
                         scratch_dir: None,
+                        workspace_dir: None,
                         landlock_strict: false,
                         seccomp: Vec::new(),
                         broker: false,

@@ -75,8 +75,15 @@ impl Backend for ProcessBackend {
         Ok(Box::new(ProcessSandbox(sb)))
     }
 
+    fn sessions(&self) -> bool {
+        true
+    }
+
     fn template(&self, spec: &Spec<'_>) -> Result<Option<Arc<dyn Template>>, BackendError> {
-        if spec.language != Language::Python || spec.extras.entry.is_none() {
+        if spec.language != Language::Python
+            || spec.extras.entry.is_none()
+            || spec.extras.workspace.is_some()
+        {
             return Ok(None);
         }
         // Python sandboxes are forked by a zygote (interpreter and guest

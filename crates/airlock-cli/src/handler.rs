@@ -174,6 +174,7 @@ pub fn run(backend: &dyn Backend, r: HandlerRun<'_>) -> Result<ExitCode, Usage> 
         entry: Some(entry.into()),
         env: vec![("AIRLOCK_MODE".into(), "handler".into())],
         egress: r.policy.network.is_proxy(),
+        workspace: None,
     };
     let rules = r.policy.network.rules().map_err(|e| Usage(e.to_string()))?;
     let mut sandbox = match backend.prepare(&Spec {

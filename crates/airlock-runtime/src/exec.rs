@@ -63,6 +63,9 @@ pub struct Submission {
     /// The backend that runs it (chosen at admission among the offered
     /// ones, see [`Backends::select`]).
     pub backend: String,
+    /// The session whose workspace it runs in (a cold sandbox with the
+    /// workspace bound at /workspace; never a pooled one).
+    pub workspace: Option<Arc<crate::session::Workspace>>,
 }
 
 /// The executor no longer takes jobs.

@@ -19,6 +19,7 @@ pub mod live;
 pub mod metrics;
 pub mod pool;
 pub mod recover;
+pub mod session;
 
 pub use exec::{
     Deps, Entry, Executor, Full, RecordRenderer, Slot, Stopped, Submission, TenantShare,

@@ -67,6 +67,15 @@ impl OutputStreams {
     }
 }
 
+/// An execution running in a session, until it is final.
+struct InSession(Arc<crate::session::Workspace>, String);
+
+impl Drop for InSession {
+    fn drop(&mut self) {
+        self.0.end_execution(&self.1);
+    }
+}
+
 /// The egress proxy of one execution, while it runs.
 type EgressTask = (tokio::sync::oneshot::Sender<()>, JoinHandle<()>);
 
@@ -82,6 +91,25 @@ impl Executor {
             self.finish(&job, "", fin);
             return;
         }
+        // In a session: registered as running in it (the session's end
+        // kills it; the idle clock waits for it), unregistered however
+        // this ends.
+        let _in_session = match &sub.workspace {
+            Some(ws) if !ws.begin(&sub.id, job.entry.cancel.clone()) => {
+                let fin = Finish {
+                    error: Some("the session ended"),
+                    ..Finish::new(
+                        ExecStatus::Failed,
+                        TerminationReason::Cancelled.as_str(),
+                        now_ms(),
+                    )
+                };
+                self.finish(&job, "", fin);
+                return;
+            }
+            Some(ws) => Some(InSession(ws.clone(), sub.id.clone())),
+            None => None,
+        };
         let (mut sandbox, warm) = match self.acquire(sub) {
             Ok(got) => got,
             Err(msg) => {
@@ -194,11 +222,12 @@ impl Executor {
         if let Some(sb) = self
             .pools
             .as_ref()
+            .filter(|_| sub.workspace.is_none())
             .and_then(|p| p.take(backend, sub.language, &sub.policy, handshake_len(sub)))
         {
             return Ok((sb, true));
         }
-        let extras = crate::pool::extras(
+        let mut extras = crate::pool::extras(
             &self.guest,
             sub.language,
             if sub.grants.handler {
@@ -208,6 +237,7 @@ impl Executor {
             },
             sub.policy.network.is_proxy(),
         );
+        extras.workspace = sub.workspace.as_ref().map(|w| w.path.clone());
         backend
             .prepare(&Spec {
                 policy: &sub.policy,

@@ -76,6 +76,7 @@ pub fn main(args: &[String]) -> ! {
             relay: cfg.egress_relay,
             watch: true,
             memory_events: cfg.guest_memory_events.then_some(MEMORY_EVENTS_FD),
+            code_dir: crate::launch::code_dir(false),
         },
         Launch::Exec,
     )

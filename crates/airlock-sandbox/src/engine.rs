@@ -473,6 +473,10 @@ impl Engine {
             scratch_bytes: policy.filesystem.scratch_mib << 20,
             scratch_inodes: policy.filesystem.scratch_inodes,
             scratch_dir: None,
+            workspace_dir: extras
+                .workspace
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
             landlock_strict: policy.isolation.landlock == LandlockMode::Strict,
             seccomp: std::mem::take(&mut programs),
             broker: extras.broker,
@@ -533,6 +537,7 @@ impl Engine {
             init_broker: extras.broker,
             prestarted: false,
             entry: extras.entry.clone(),
+            session_workspace: extras.workspace.is_some(),
             extra_env: extras
                 .env
                 .iter()
@@ -668,6 +673,17 @@ impl Engine {
             return Err(SandboxError::InvalidRequest(
                 "extra environment names must be AIRLOCK_[A-Z0-9_]*".into(),
             ));
+        }
+        if let Some(ws) = &extras.workspace {
+            // A session's workspace is bound only into the process
+            // sandbox's own root, and only from a real directory the
+            // platform made: never a symlink, never a relative path.
+            let is_dir = std::fs::symlink_metadata(ws).is_ok_and(|m| m.is_dir());
+            if image.is_some() || !ws.is_absolute() || !is_dir || ws.to_str().is_none() {
+                return Err(SandboxError::InvalidRequest(
+                    "a session workspace needs the process sandbox and a directory".into(),
+                ));
+            }
         }
         let wants_proxy = policy.network.is_proxy();
         if wants_proxy != extras.egress {
@@ -848,6 +864,8 @@ pub struct Sandbox {
     /// pooled sandbox); its code arrives over the broker.
     prestarted: bool,
     entry: Option<String>,
+    /// /workspace is a session's: the code file goes to /tmp.
+    session_workspace: bool,
     extra_env: Vec<(String, String)>,
     pid1: Option<OwnedFd>,
     cgroup: Option<Cgroup>,
@@ -925,6 +943,7 @@ impl Sandbox {
             init_broker: p.extras.broker,
             prestarted: false,
             entry: p.extras.entry.clone(),
+            session_workspace: false,
             extra_env: p.extras.env.iter().cloned().chain(p.platform_env).collect(),
             pid1: None,
             cgroup: p.cgroup,
@@ -1303,6 +1322,7 @@ impl Sandbox {
             self.entry.as_deref(),
             self.init_broker,
             &self.extra_env,
+            crate::launch::code_dir(self.session_workspace),
             &name,
         );
         let have_cg = self.cgroup.is_some();

@@ -278,6 +278,13 @@ impl Engine {
         launcher: &dyn Launcher,
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
+        // A runtime's sandbox has its own scratch: a session's workspace
+        // would not be bound, so it is refused rather than lost.
+        if extras.workspace.is_some() {
+            return Err(SandboxError::InvalidRequest(
+                "session workspaces run on the process backend".into(),
+            ));
+        }
         let image_root = launcher.image();
         let runtime = self.check_spec_in(policy, lang, extras, image_root)?;
         let isolated = launcher.isolated(policy);

@@ -409,6 +409,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
             relay: false,
             watch: false,
             memory_events: None,
+            code_dir: crate::launch::code_dir(cfg.workspace_dir.is_some()),
         },
         launch,
     )
@@ -638,17 +639,25 @@ pub(crate) fn build_root(cfg: &InitConfig) -> StepResult<()> {
         // A guest's scratch disk: its directory bound here, no set-uid
         // and no devices (its size and inodes are the disk's). /dev/shm
         // stays memory.
-        if let Some(disk) = cfg.scratch_dir.as_deref().filter(|_| dir != "/dev/shm") {
+        // A session's workspace: its host directory bound here, no
+        // set-uid and no devices (its size and inodes are capped by the
+        // file system the platform made for it).
+        let session = cfg
+            .workspace_dir
+            .as_deref()
+            .filter(|_| dir == "/workspace")
+            .map(String::from);
+        if let Some(disk) = cfg
+            .scratch_dir
+            .as_deref()
+            .filter(|_| dir != "/dev/shm")
+            .map(|d| format!("{d}{dir}"))
+            .or(session)
+        {
             let t = cstr(&target);
             at(
                 Step::Scratch,
-                sys::mount(
-                    Some(&cstr(&format!("{disk}{dir}"))),
-                    &t,
-                    None,
-                    libc::MS_BIND,
-                    None,
-                ),
+                sys::mount(Some(&cstr(&disk)), &t, None, libc::MS_BIND, None),
             )?;
             at(
                 Step::Scratch,
@@ -995,6 +1004,8 @@ fn start_forwarder(broker: bool, relay: bool) -> StepResult<()> {
 /// The channels a job runs with.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct JobChannels {
+    /// Where the code file is written ([`crate::launch::code_dir`]).
+    pub code_dir: &'static str,
     /// A broker socket is at descriptor 4 (the program's).
     pub broker: bool,
     /// An egress channel is at 5: the forwarder starts.
@@ -1033,6 +1044,7 @@ pub(crate) fn run_job(
         relay,
         watch,
         memory_events,
+        code_dir,
     } = channels;
     if egress {
         start_forwarder(broker, relay)?;
@@ -1040,7 +1052,7 @@ pub(crate) fn run_job(
     if !crate::launch::safe_file_name(&job.file_name) || job.argv.is_empty() {
         return Err((Step::ReadJob, libc::EINVAL));
     }
-    let path = format!("/workspace/{}", job.file_name);
+    let path = format!("{code_dir}/{}", job.file_name);
     at(
         Step::WriteCode,
         fs::OpenOptions::new()

@@ -63,6 +63,23 @@ pub struct Extras {
     /// (the other end is returned by [`Sandbox::take_egress`]). Required
     /// by, and only allowed with, `network.mode = "proxy"`.
     pub egress: bool,
+    /// A session's workspace: a host directory (the root of a size- and
+    /// inode-capped file system of its own, made by the platform) bound at
+    /// /workspace instead of a fresh tmpfs, so what one execution leaves
+    /// there the next one finds. The code file then goes to /tmp, never
+    /// into the workspace. None: /workspace is private to the sandbox.
+    pub workspace: Option<std::path::PathBuf>,
+}
+
+/// Where the code file of a job goes: the sandbox's own /workspace, or
+/// /tmp when /workspace is a session's (the code is not the session's
+/// data, and a second execution must not find the first one's file).
+pub(crate) fn code_dir(session_workspace: bool) -> &'static str {
+    if session_workspace {
+        "/tmp"
+    } else {
+        "/workspace"
+    }
 }
 
 /// Stage 1 of a sandbox's init: a child of the engine, or forked by a
@@ -131,13 +148,14 @@ fn egress_env(policy: &Policy) -> Vec<(&'static str, String)> {
 }
 
 /// The program's argv and environment (`NAME=value`) for a job whose code
-/// is `/workspace/<file_name>`.
+/// is `<code_dir>/<file_name>` (see [`code_dir`]).
 pub(crate) fn program_argv_env(
     policy: &Policy,
     runtime: &Runtime,
     entry: Option<&str>,
     broker: bool,
     extra_env: &[(String, String)],
+    code_dir: &str,
     file_name: &str,
 ) -> (Vec<String>, Vec<String>) {
     let mut argv = vec![runtime.interpreter.clone()];
@@ -145,7 +163,7 @@ pub(crate) fn program_argv_env(
     if let Some(entry) = entry {
         argv.push(entry.to_string());
     }
-    argv.push(format!("/workspace/{file_name}"));
+    argv.push(format!("{code_dir}/{file_name}"));
     let env = policy
         .program_env()
         .into_iter()

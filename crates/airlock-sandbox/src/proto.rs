@@ -79,6 +79,11 @@ pub struct InitConfig {
     /// mounted and sized by the guest's init, which alone sets this.
     #[serde(default)]
     pub scratch_dir: Option<String>,
+    /// A session's workspace (a host directory, the root of its own capped
+    /// file system) bound at /workspace instead of a tmpfs; the code file
+    /// then goes to /tmp.
+    #[serde(default)]
+    pub workspace_dir: Option<String>,
     /// Require full Landlock enforcement.
     pub landlock_strict: bool,
     /// Seccomp programs to install, in order, as (code, jt, jf, k).

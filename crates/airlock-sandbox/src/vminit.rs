@@ -540,6 +540,7 @@ fn check(cfg: &VmGuestConfig) -> Result<(), &'static str> {
         || r.egress
         || r.landlock_strict
         || r.scratch_dir.is_some()
+        || r.workspace_dir.is_some()
     {
         return Err("fields the guest does not take");
     }

@@ -509,8 +509,10 @@ pub(crate) fn start(spawn: Spawn<'_>) -> Result<Zygote, crate::SandboxError> {
     let entry = extras
         .entry
         .as_deref()
-        .filter(|_| extras.broker && !extras.egress)
-        .ok_or_else(|| zerr("a zygote serves a runner entry with a broker channel"))?;
+        .filter(|_| extras.broker && !extras.egress && extras.workspace.is_none())
+        .ok_or_else(|| {
+            zerr("a zygote serves a runner entry with a broker channel and no session workspace")
+        })?;
     // The guest SDK: the extra files beside the entry.
     let (entry_dir, _) = entry.rsplit_once('/').ok_or_else(|| zerr("entry"))?;
     let guest_sources: std::collections::BTreeMap<String, String> = extras
@@ -538,6 +540,7 @@ pub(crate) fn start(spawn: Spawn<'_>) -> Result<Zygote, crate::SandboxError> {
             .cloned()
             .chain(platform_env)
             .collect::<Vec<_>>(),
+        crate::launch::code_dir(false),
         &format!("main.{}", runtime.extension),
     );
     let config = ZygoteConfig {

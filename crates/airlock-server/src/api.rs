@@ -671,8 +671,12 @@ fn valid_secret_name(n: &str) -> bool {
 }
 
 /// Applies request limits to the base policy. Above a ceiling: denial.
-fn resolve_policy(st: &AppState, req: Option<&LimitsRequest>) -> Result<Policy, ApiError> {
-    let mut p = st.cfg.policy.clone();
+pub(crate) fn resolve_policy_from(
+    st: &AppState,
+    base: &Policy,
+    req: Option<&LimitsRequest>,
+) -> Result<Policy, ApiError> {
+    let mut p = base.clone();
     let Some(r) = req else { return Ok(p) };
     p.limits = p
         .limits
@@ -815,9 +819,30 @@ async fn create_execution(
     if st.draining.load(Ordering::SeqCst) {
         return Err(ApiError::ShuttingDown);
     }
+    start_execution(st, who, ctx, req, None).await
+}
+
+/// What binds an execution to a session: its workspace, the policy it
+/// starts from and the backend it runs on.
+pub(crate) struct InSession {
+    pub workspace: Arc<airlock_runtime::session::Workspace>,
+    pub policy: Policy,
+    pub backend: String,
+}
+
+/// Validates, admits, records and queues one execution (in a session when
+/// one is given); waits for its record unless the request said not to.
+pub(crate) async fn start_execution(
+    st: AppState,
+    who: Principal,
+    ctx: ReqCtx,
+    req: CreateExecution,
+    session: Option<InSession>,
+) -> Result<Response, ApiError> {
     let language =
         Language::parse(&req.language).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
-    let policy = match resolve_policy(&st, req.limits.as_ref()) {
+    let base = session.as_ref().map_or(&st.cfg.policy, |s| &s.policy);
+    let policy = match resolve_policy_from(&st, base, req.limits.as_ref()) {
         Ok(p) => p,
         Err(ApiError::PolicyDenied(why)) => return Err(deny(&st, &who, &ctx, why).await),
         Err(e) => return Err(e),
@@ -919,7 +944,10 @@ async fn create_execution(
     policy.isolation.require(req.isolation);
     let backend = match st.exec.backends().select(Want {
         minimum: policy.isolation.minimum,
-        backend: req.backend.as_deref(),
+        backend: session
+            .as_ref()
+            .map(|s| s.backend.as_str())
+            .or(req.backend.as_deref()),
     }) {
         Ok(b) => b.clone(),
         Err(e) => {
@@ -963,15 +991,18 @@ async fn create_execution(
             });
         }
     };
-    let rec = ExecutionRecord::queued(
-        new_id("ex"),
-        who.tenant_id.clone(),
-        language.as_str(),
-        ctx.request_id.clone(),
-        ctx.trace_id.clone(),
-        flow_id.clone(),
-        now_ms(),
-    );
+    let rec = ExecutionRecord {
+        session_id: session.as_ref().map(|s| s.workspace.id.clone()),
+        ..ExecutionRecord::queued(
+            new_id("ex"),
+            who.tenant_id.clone(),
+            language.as_str(),
+            ctx.request_id.clone(),
+            ctx.trace_id.clone(),
+            flow_id.clone(),
+            now_ms(),
+        )
+    };
     let sub = Submission {
         id: rec.id.clone(),
         tenant_id: who.tenant_id.clone(),
@@ -985,6 +1016,7 @@ async fn create_execution(
         grants,
         base64_output: req.output_encoding == OutputEncoding::Base64,
         backend: backend.name().to_string(),
+        workspace: session.map(|s| s.workspace),
     };
     // Recording and queueing happen in their own task: a client that
     // disconnects now must not leave a record that nothing will run.

@@ -191,6 +191,40 @@ pub struct ExecutionRecord {
     /// Host-side resources the execution holds while it runs (cgroup
     /// names), for reaping after a crash. Never shown to tenants.
     pub host_state: Option<String>,
+    /// The session it ran in, if any.
+    pub session_id: Option<String>,
+}
+
+/// A session: a tenant's workspace in which many executions run, each in
+/// a fresh sandbox of the session's backend and policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    /// `ss_...`.
+    pub id: String,
+    /// Owner.
+    pub tenant_id: String,
+    /// The language code runs in unless an execution names another.
+    pub language: String,
+    /// The backend every execution of it runs on.
+    pub backend: String,
+    /// The resolved policy its executions start from (they may only
+    /// tighten it).
+    pub policy: serde_json::Value,
+    /// Workspace size cap, MiB.
+    pub workspace_mib: u64,
+    /// Workspace file (inode) cap.
+    pub workspace_files: u64,
+    /// Ended after this long without an execution running, ms.
+    pub idle_timeout_ms: i64,
+    /// Created, Unix ms.
+    pub created_at_ms: i64,
+    /// Ended at this time at the latest (its maximum lifetime), Unix ms.
+    pub expires_at_ms: i64,
+    /// Ended, Unix ms.
+    pub ended_at_ms: Option<i64>,
+    /// Why it ended: `deleted`, `idle_timeout`, `lifetime`,
+    /// `server_restart`, `server_shutdown`.
+    pub end_reason: Option<String>,
 }
 
 impl ExecutionRecord {
@@ -223,6 +257,7 @@ impl ExecutionRecord {
             broker_error: None,
             egress: None,
             host_state: None,
+            session_id: None,
         }
     }
 }
@@ -489,6 +524,36 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn audit_seq(&self, tenant_id: &str, hash: &[u8]) -> Result<Option<i64>, StoreError>;
     /// Every execution not in a terminal state (after a crash).
     async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError>;
+    /// A tenant's executions in one session, newest first.
+    async fn session_executions(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRecord>, StoreError>;
+
+    /// Stores a new session and audits `session.create`.
+    async fn insert_session(&self, rec: &SessionRecord, actor: &Actor) -> Result<(), StoreError>;
+    /// One session of one tenant.
+    async fn session(&self, tenant_id: &str, id: &str)
+    -> Result<Option<SessionRecord>, StoreError>;
+    /// A tenant's sessions, newest first (at most `limit`).
+    async fn list_sessions(
+        &self,
+        tenant_id: &str,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Ends an open session and audits `session.end` with its reason;
+    /// false when it had already ended.
+    async fn end_session(
+        &self,
+        id: &str,
+        reason: &str,
+        at_ms: i64,
+        actor: &Actor,
+    ) -> Result<bool, StoreError>;
+    /// Every session not ended (after a crash).
+    async fn open_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
 
     /// Appends a log record to an execution (seq assigned here).
     async fn append_log(

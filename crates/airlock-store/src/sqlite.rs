@@ -19,8 +19,8 @@ use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport
 use crate::crypto::{self, Keyring, NewApiKey};
 use crate::{
     Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, LogRecord,
-    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, Store, StoreError, Tenant,
-    TenantDeletion, new_id, now_ms,
+    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, SessionRecord, Store, StoreError,
+    Tenant, TenantDeletion, new_id, now_ms,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -306,8 +306,32 @@ fn exec_row(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord, StoreError> 
             None => None,
         },
         host_state: r.try_get("host_state")?,
+        session_id: r.try_get("session_id")?,
     })
 }
+
+fn session_row(r: &sqlx::sqlite::SqliteRow) -> Result<SessionRecord, StoreError> {
+    let n = |c: &str| -> Result<u64, StoreError> {
+        u64::try_from(r.try_get::<i64, _>(c)?).map_err(|_| StoreError::Corrupt(c.into()))
+    };
+    Ok(SessionRecord {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        language: r.try_get("language")?,
+        backend: r.try_get("backend")?,
+        policy: json_col(r, "policy")?.unwrap_or(serde_json::Value::Null),
+        workspace_mib: n("workspace_mib")?,
+        workspace_files: n("workspace_files")?,
+        idle_timeout_ms: r.try_get("idle_timeout_ms")?,
+        created_at_ms: r.try_get("created_at")?,
+        expires_at_ms: r.try_get("expires_at")?,
+        ended_at_ms: r.try_get("ended_at")?,
+        end_reason: r.try_get("end_reason")?,
+    })
+}
+
+const SESSION_COLS: &str = "id, tenant_id, language, backend, policy, workspace_mib, workspace_files, \
+                            idle_timeout_ms, created_at, expires_at, ended_at, end_reason";
 
 fn memory_row(r: &sqlx::sqlite::SqliteRow) -> Result<MemoryEntry, StoreError> {
     Ok(MemoryEntry {
@@ -380,7 +404,7 @@ async fn live_tenant(conn: &mut Conn, tenant_id: &str) -> Result<(), StoreError>
 }
 
 const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
-                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error, egress";
+                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error, egress, session_id";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -572,6 +596,15 @@ impl Store for SqliteStore {
                 if unfinished > 0 {
                     return Err(StoreError::Conflict("unfinished executions"));
                 }
+                let open: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM sessions WHERE tenant_id = ? AND ended_at IS NULL",
+                )
+                .bind(&tenant_id)
+                .fetch_one(&mut *c)
+                .await?;
+                if open > 0 {
+                    return Err(StoreError::Conflict("open sessions"));
+                }
                 let now = now_ms();
                 let mut d = TenantDeletion {
                     keys_revoked: sqlx::query(
@@ -608,6 +641,10 @@ impl Store for SqliteStore {
                         .execute(&mut *c)
                         .await?
                         .rows_affected();
+                    sqlx::query("DELETE FROM sessions WHERE tenant_id = ?")
+                        .bind(&tenant_id)
+                        .execute(&mut *c)
+                        .await?;
                 }
                 // The data key goes: a sealed value that remains in a copy
                 // of the database taken from now on can never be opened.
@@ -962,8 +999,8 @@ impl Store for SqliteStore {
             Box::pin(async move {
                 live_tenant(c, &rec.tenant_id).await?;
                 sqlx::query(
-                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id, session_id)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&rec.id)
                 .bind(&rec.tenant_id)
@@ -973,6 +1010,7 @@ impl Store for SqliteStore {
                 .bind(&rec.trace_id)
                 .bind(rec.created_at_ms)
                 .bind(&rec.flow_id)
+                .bind(&rec.session_id)
                 .execute(&mut *c)
                 .await?;
                 append_in(
@@ -987,6 +1025,7 @@ impl Store for SqliteStore {
                     )
                     .with_detail(serde_json::json!({
                         "language": rec.language, "trace_id": rec.trace_id,
+                        "session": rec.session_id,
                     })),
                 )
                 .await?;
@@ -1158,6 +1197,152 @@ impl Store for SqliteStore {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    async fn session_executions(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        limit: u32,
+    ) -> Result<Vec<ExecutionRecord>, StoreError> {
+        let q = format!(
+            "SELECT {EXEC_COLS} FROM executions WHERE tenant_id = ? AND session_id = ? ORDER BY seq DESC LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant_id)
+            .bind(session_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(exec_row).collect()
+    }
+
+    async fn insert_session(&self, rec: &SessionRecord, actor: &Actor) -> Result<(), StoreError> {
+        let rec = rec.clone();
+        let actor = actor.clone();
+        let int = |v: u64| i64::try_from(v).map_err(|_| StoreError::Corrupt("too large".into()));
+        let (mib, files) = (int(rec.workspace_mib)?, int(rec.workspace_files)?);
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                live_tenant(c, &rec.tenant_id).await?;
+                sqlx::query(
+                    "INSERT INTO sessions (id, tenant_id, language, backend, policy, workspace_mib, \
+                     workspace_files, idle_timeout_ms, created_at, expires_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&rec.id)
+                .bind(&rec.tenant_id)
+                .bind(&rec.language)
+                .bind(&rec.backend)
+                .bind(rec.policy.to_string())
+                .bind(mib)
+                .bind(files)
+                .bind(rec.idle_timeout_ms)
+                .bind(rec.created_at_ms)
+                .bind(rec.expires_at_ms)
+                .execute(&mut *c)
+                .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&rec.tenant_id),
+                        "session.create",
+                        &actor.actor,
+                        &rec.id,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({
+                        "language": rec.language, "backend": rec.backend,
+                        "workspace_mib": rec.workspace_mib, "expires_at_ms": rec.expires_at_ms,
+                    })),
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn session(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let q = format!("SELECT {SESSION_COLS} FROM sessions WHERE tenant_id = ? AND id = ?");
+        sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(session_row)
+            .transpose()
+    }
+
+    async fn list_sessions(
+        &self,
+        tenant_id: &str,
+        limit: u32,
+    ) -> Result<Vec<SessionRecord>, StoreError> {
+        let q = format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE tenant_id = ? ORDER BY seq DESC LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(session_row).collect()
+    }
+
+    async fn end_session(
+        &self,
+        id: &str,
+        reason: &str,
+        at_ms: i64,
+        actor: &Actor,
+    ) -> Result<bool, StoreError> {
+        let (id, reason, actor) = (id.to_string(), reason.to_string(), actor.clone());
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let tenant: Option<String> = sqlx::query_scalar(
+                    "UPDATE sessions SET ended_at = ?, end_reason = ? \
+                     WHERE id = ? AND ended_at IS NULL RETURNING tenant_id",
+                )
+                .bind(at_ms)
+                .bind(&reason)
+                .bind(&id)
+                .fetch_optional(&mut *c)
+                .await?;
+                let Some(tenant) = tenant else {
+                    return Ok(false);
+                };
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&tenant),
+                        "session.end",
+                        &actor.actor,
+                        &id,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({ "reason": reason })),
+                )
+                .await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    async fn open_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let q = format!("SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NULL ORDER BY seq");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(session_row).collect()
     }
 
     async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError> {
