@@ -514,6 +514,18 @@ pub(crate) fn build_root(cfg: &InitConfig) -> StepResult<()> {
             .map_err(|e| (Step::BindRuntime, e.raw_os_error().unwrap_or(0)))?;
         sources.push(fd);
     }
+    // A session's workspace, pinned the same way (and never through a
+    // symlink: the platform made it a directory).
+    let workspace_src = match &cfg.workspace_dir {
+        Some(p) => Some(
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(p)
+                .map_err(|e| (Step::Scratch, e.raw_os_error().unwrap_or(0)))?,
+        ),
+        None => None,
+    };
     at(
         Step::RootTmpfs,
         sys::mount(
@@ -642,11 +654,10 @@ pub(crate) fn build_root(cfg: &InitConfig) -> StepResult<()> {
         // A session's workspace: its host directory bound here, no
         // set-uid and no devices (its size and inodes are capped by the
         // file system the platform made for it).
-        let session = cfg
-            .workspace_dir
-            .as_deref()
+        let session = workspace_src
+            .as_ref()
             .filter(|_| dir == "/workspace")
-            .map(String::from);
+            .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
         if let Some(disk) = cfg
             .scratch_dir
             .as_deref()

@@ -16,6 +16,7 @@ mod images;
 mod isolation;
 mod limits;
 mod microvm;
+mod session;
 mod syscalls;
 
 use std::io::Write;
