@@ -234,9 +234,9 @@ impl Workspace {
         }
     }
 
-    /// Reads a regular file of at most `max` bytes. The last component is
-    /// not followed if it is a symlink's (symlinks inside are followed
-    /// within the workspace only).
+    /// Reads a regular file of at most `max` bytes. Symlinks, the last
+    /// component's included, are followed within the workspace only (an
+    /// absolute target is taken from the workspace's root).
     pub fn read(&self, path: &str, max: u64) -> Result<Vec<u8>, FsError> {
         let rel = checked(path)?;
         let _ids = AsOwner::enter(self.owner)?;
@@ -559,7 +559,8 @@ pub struct Sessions {
 
 impl Sessions {
     /// Workspaces under `<run_dir>/sessions` for a sandbox user of host ids
-    /// `owner`; None when this process cannot mount (not root).
+    /// `owner`; [`SessionError::Unavailable`] when this process cannot
+    /// mount (not root).
     pub fn new(run_dir: &Path, owner: (u32, u32)) -> Result<Self, SessionError> {
         if rustix::process::geteuid().as_raw() != 0 {
             return Err(SessionError::Unavailable);
