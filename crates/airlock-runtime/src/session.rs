@@ -125,14 +125,7 @@ struct State {
 
 impl Drop for Workspace {
     fn drop(&mut self) {
-        // Detached: a sandbox still holding its bind (it is being torn
-        // down) keeps the file system until it is gone; the name goes now.
-        if let Ok(p) = CString::new(self.path.as_os_str().as_bytes()) {
-            // SAFETY: `p` is a valid NUL-terminated path; umount2 reads it
-            // and touches no memory of ours.
-            unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
-        }
-        let _ = std::fs::remove_dir(&self.path);
+        detach(&self.path);
     }
 }
 
@@ -287,19 +280,13 @@ impl Workspace {
     pub fn stat(&self, path: &str) -> Result<FileInfo, FsError> {
         let _ids = AsOwner::enter(self.owner)?;
         let root = self.root()?;
-        let (name, meta) = if path.trim_matches('/').is_empty() {
-            let h = root.resolve("/").map_err(|e| self.map(e))?;
-            (String::new(), fd_meta(&h)?)
-        } else {
-            let rel = checked(path)?;
-            let h = root.resolve_nofollow(&rel).map_err(|e| self.map(e))?;
-            let name = rel
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (name, fd_meta(&h)?)
-        };
-        Ok(info(name, &meta))
+        let rel = checked_or_root(path)?;
+        let h = root.resolve_nofollow(&rel).map_err(|e| self.map(e))?;
+        let name = rel
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(info(name, &fd_meta(&h)?))
     }
 
     /// The entries of a directory (`""` or `/`: the workspace), sorted by
@@ -307,11 +294,7 @@ impl Workspace {
     pub fn list(&self, path: &str) -> Result<(Vec<FileInfo>, bool), FsError> {
         let _ids = AsOwner::enter(self.owner)?;
         let root = self.root()?;
-        let rel = if path.trim_matches('/').is_empty() {
-            PathBuf::from("/")
-        } else {
-            checked(path)?
-        };
+        let rel = checked_or_root(path)?;
         let dir = root
             .open_subpath(
                 &rel,
@@ -465,6 +448,15 @@ fn checked(path: &str) -> Result<PathBuf, FsError> {
     Ok(out)
 }
 
+/// [`checked`], where `""` or `/` names the workspace itself.
+fn checked_or_root(path: &str) -> Result<PathBuf, FsError> {
+    if path.trim_matches('/').is_empty() {
+        Ok(PathBuf::from("/"))
+    } else {
+        checked(path)
+    }
+}
+
 fn split(rel: &Path) -> Result<(PathBuf, &std::ffi::OsStr), FsError> {
     let name = rel
         .file_name()
@@ -549,6 +541,17 @@ pub enum SessionError {
     Host(String),
 }
 
+/// Unmounts a workspace, detached (a sandbox still holding its bind while
+/// it is torn down keeps the file system until it is gone), and removes
+/// its mount point. Never follows a symlink at the path.
+fn detach(path: &Path) {
+    let _ = rustix::mount::unmount(
+        path,
+        rustix::mount::UnmountFlags::DETACH | rustix::mount::UnmountFlags::NOFOLLOW,
+    );
+    let _ = std::fs::remove_dir(path);
+}
+
 /// The sessions this server holds, by id.
 #[derive(Debug)]
 pub struct Sessions {
@@ -594,9 +597,11 @@ impl Sessions {
         })
     }
 
-    /// Unmounts and removes what a previous server process (`previous`),
-    /// or any that is gone, left; returns how many.
-    pub fn reap_stale(&self, previous: Option<u32>) -> usize {
+    /// Unmounts and removes what server processes no longer running left;
+    /// returns how many. A live process of the pid in a name (another
+    /// server on this host, or a pid reused since the owner died) keeps
+    /// its workspaces.
+    pub fn reap_stale(&self) -> usize {
         let me = std::process::id();
         let Ok(entries) = std::fs::read_dir(&self.base) else {
             return 0;
@@ -612,13 +617,10 @@ impl Sessions {
                 continue;
             };
             let gone = !Path::new(&format!("/proc/{owner}")).exists();
-            if owner != me && (previous == Some(owner) || gone) {
+            if owner != me && gone {
                 let path = e.path();
-                if let Ok(p) = CString::new(path.as_os_str().as_bytes()) {
-                    // SAFETY: a valid path; umount2 touches no memory of ours.
-                    unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
-                }
-                if std::fs::remove_dir(&path).is_ok() {
+                detach(&path);
+                if !path.exists() {
                     n += 1;
                 }
             }
@@ -647,9 +649,9 @@ impl Sessions {
         };
         let data = format!(
             "size={},nr_inodes={},mode=0700,uid={},gid={}",
-            mib << 20,
+            mib.saturating_mul(1 << 20),
             // The root directory is an inode too.
-            files + 1,
+            files.saturating_add(1),
             self.owner.0,
             self.owner.1
         );
@@ -673,11 +675,8 @@ impl Sessions {
         let root = match root {
             Ok(fd) => fd,
             Err(e) => {
-                if let Ok(p) = CString::new(path.as_os_str().as_bytes()) {
-                    // SAFETY: a valid path; no memory of ours.
-                    unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
-                }
-                return Err(cleanup(host("open", e.into())));
+                detach(&path);
+                return Err(SessionError::Host(format!("open: {e}")));
             }
         };
         let now = Instant::now();

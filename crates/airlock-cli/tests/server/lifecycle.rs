@@ -362,6 +362,26 @@ fn a_mistyped_config_key_is_named_with_where_it_is_and_the_nearest_valid_one() {
     assert!(!dir.path().join("data").exists(), "nothing was created");
 }
 
+/// `airlock serve` on a loopback port with systemd's notification socket
+/// at `sock` (its own master key and config, output discarded).
+fn serve_notifying(
+    data: &std::path::Path,
+    sock: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> std::process::Child {
+    std::process::Command::new(crate::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("AIRLOCK_DATA_DIR", data)
+        .env("NOTIFY_SOCKET", sock)
+        .env_remove("AIRLOCK_MASTER_KEY")
+        .env_remove("AIRLOCK_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn ready_file_and_systemd_notification_say_when_the_server_accepts() {
     use std::os::unix::net::UnixDatagram;
@@ -372,17 +392,11 @@ fn ready_file_and_systemd_notification_say_when_the_server_accepts() {
     notify
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut child = std::process::Command::new(crate::BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--ready-file"])
-        .arg(&ready)
-        .env("AIRLOCK_DATA_DIR", dir.path().join("data"))
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env_remove("AIRLOCK_MASTER_KEY")
-        .env_remove("AIRLOCK_CONFIG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = serve_notifying(
+        &dir.path().join("data"),
+        &sock_path,
+        &["--ready-file".as_ref(), ready.as_os_str()],
+    );
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).unwrap();
     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
@@ -422,16 +436,7 @@ fn a_sigterm_right_after_ready_drains_and_never_kills() {
     let data = dir.path().join("data");
     let mut buf = [0u8; 256];
     for round in 0..5 {
-        let mut child = std::process::Command::new(crate::BIN)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("AIRLOCK_DATA_DIR", &data)
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env_remove("AIRLOCK_MASTER_KEY")
-            .env_remove("AIRLOCK_CONFIG")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = serve_notifying(&data, &sock_path, &[]);
         let n = notify.recv(&mut buf).unwrap();
         assert!(buf[..n].starts_with(b"READY=1\n"), "round {round}");
         let pid = libc::pid_t::try_from(child.id()).unwrap();
