@@ -135,6 +135,20 @@ impl Workspace {
         self.ended.load(Ordering::SeqCst)
     }
 
+    /// Its quota: MiB and files.
+    pub fn quota(&self) -> (u64, u64) {
+        (self.mib, self.files)
+    }
+
+    /// How many executions run in it now.
+    pub fn running(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .running
+            .len()
+    }
+
     /// Registers an execution about to run in it; false when the session
     /// ended meanwhile.
     pub fn begin(&self, execution: &str, cancel: CancelToken) -> bool {
@@ -427,6 +441,17 @@ pub const MAX_PATH: usize = 1024;
 /// most 255 bytes, no `..` (refused, not clamped: a client that sends one
 /// has a bug or an intent), no NUL, `.` and empty components dropped.
 fn checked(path: &str) -> Result<PathBuf, FsError> {
+    let out = normalized(path)?;
+    if out.as_os_str().is_empty() {
+        return Err(FsError::InvalidPath("it names the workspace itself"));
+    }
+    Ok(out)
+}
+
+/// `path` relative to the workspace, `""` and `.` components dropped
+/// (empty: the workspace itself); `..`, NUL and over-long paths or names
+/// refused.
+fn normalized(path: &str) -> Result<PathBuf, FsError> {
     if path.len() > MAX_PATH {
         return Err(FsError::InvalidPath("longer than 1024 bytes"));
     }
@@ -442,18 +467,17 @@ fn checked(path: &str) -> Result<PathBuf, FsError> {
             c => out.push(c),
         }
     }
-    if out.as_os_str().is_empty() {
-        return Err(FsError::InvalidPath("it names the workspace itself"));
-    }
     Ok(out)
 }
 
-/// [`checked`], where `""` or `/` names the workspace itself.
+/// [`checked`], where a path of no name (`""`, `/`, `.`) is the workspace
+/// itself.
 fn checked_or_root(path: &str) -> Result<PathBuf, FsError> {
-    if path.trim_matches('/').is_empty() {
+    let out = normalized(path)?;
+    if out.as_os_str().is_empty() {
         Ok(PathBuf::from("/"))
     } else {
-        checked(path)
+        Ok(out)
     }
 }
 
@@ -536,6 +560,12 @@ pub enum SessionError {
     /// This server cannot make workspaces (it does not run as root).
     #[error("sessions need the server to run as root (each workspace is a file system of its own)")]
     Unavailable,
+    /// The tenant holds as many open sessions as it may.
+    #[error("this tenant already holds {0} open sessions, its maximum; end one first")]
+    TenantFull(usize),
+    /// The server holds as many open sessions as it may.
+    #[error("this server already holds {0} open sessions, its maximum; retry later")]
+    ServerFull(usize),
     /// The host refused the mount or the directory.
     #[error("the workspace could not be made")]
     Host(String),
@@ -557,6 +587,8 @@ fn detach(path: &Path) {
 pub struct Sessions {
     base: PathBuf,
     owner: (u32, u32),
+    /// Open sessions one tenant, and all tenants, may hold.
+    max: (usize, usize),
     live: Mutex<HashMap<String, Arc<Workspace>>>,
 }
 
@@ -593,8 +625,18 @@ impl Sessions {
         Ok(Sessions {
             base,
             owner,
+            max: (usize::MAX, usize::MAX),
             live: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// At most `per_tenant` open sessions per tenant and `total` in all:
+    /// [`Sessions::create`] refuses more ([`SessionError::TenantFull`],
+    /// [`SessionError::ServerFull`])
+    /// (each workspace holds host memory, up to its quota).
+    pub fn with_limits(mut self, per_tenant: usize, total: usize) -> Self {
+        self.max = (per_tenant, total);
+        self
     }
 
     /// Unmounts and removes what server processes no longer running left;
@@ -637,6 +679,16 @@ impl Sessions {
         idle: Duration,
         lifetime: Duration,
     ) -> Result<Arc<Workspace>, SessionError> {
+        // Held until the new session is in the map: two creations at once
+        // cannot both take the last place.
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let (per_tenant, total) = self.max;
+        if live.len() >= total {
+            return Err(SessionError::ServerFull(total));
+        }
+        if live.values().filter(|w| w.tenant_id == tenant_id).count() >= per_tenant {
+            return Err(SessionError::TenantFull(per_tenant));
+        }
         let host = |what: &str, e: std::io::Error| SessionError::Host(format!("{what}: {e}"));
         let path = self.base.join(format!("{}-{id}", std::process::id()));
         std::fs::DirBuilder::new()
@@ -696,10 +748,7 @@ impl Sessions {
             }),
             ended: AtomicBool::new(false),
         });
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), ws.clone());
+        live.insert(id.to_string(), ws.clone());
         Ok(ws)
     }
 
@@ -780,6 +829,17 @@ mod tests {
             Err(FsError::InvalidPath(_))
         ));
         assert!(matches!(checked("/"), Err(FsError::InvalidPath(_))));
+        for root in ["", "/", ".", "./", "//./."] {
+            assert_eq!(
+                checked_or_root(root).unwrap(),
+                PathBuf::from("/"),
+                "{root:?}"
+            );
+        }
+        assert!(matches!(
+            checked_or_root(".."),
+            Err(FsError::InvalidPath(_))
+        ));
         assert!(matches!(
             split(Path::new("d/.airlock-upload-1")),
             Err(FsError::InvalidPath(_))

@@ -77,6 +77,7 @@ pub fn main(args: &[String]) -> ! {
             watch: true,
             memory_events: cfg.guest_memory_events.then_some(MEMORY_EVENTS_FD),
             code_dir: crate::launch::code_dir(false),
+            in_session: false,
         },
         Launch::Exec,
     )

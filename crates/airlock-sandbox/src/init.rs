@@ -410,6 +410,7 @@ fn stage2(mut ctrl: UnixStream, cfg: &InitConfig, launch: Launch<'_>) -> ! {
             watch: false,
             memory_events: None,
             code_dir: crate::launch::code_dir(cfg.workspace_dir.is_some()),
+            in_session: cfg.workspace_dir.is_some(),
         },
         launch,
     )
@@ -1017,6 +1018,9 @@ fn start_forwarder(broker: bool, relay: bool) -> StepResult<()> {
 pub(crate) struct JobChannels {
     /// Where the code file is written ([`crate::launch::code_dir`]).
     pub code_dir: &'static str,
+    /// /workspace is a session's: the program starts in it (its files
+    /// are what the program works on; relative paths mean them).
+    pub in_session: bool,
     /// A broker socket is at descriptor 4 (the program's).
     pub broker: bool,
     /// An egress channel is at 5: the forwarder starts.
@@ -1056,6 +1060,7 @@ pub(crate) fn run_job(
         watch,
         memory_events,
         code_dir,
+        in_session,
     } = channels;
     if egress {
         start_forwarder(broker, relay)?;
@@ -1113,7 +1118,13 @@ pub(crate) fn run_job(
                 }
                 py.run_program()
             }
-            let errno = exec_program(job, &argv, &envp);
+            let errno = match in_session
+                .then(|| std::env::set_current_dir("/workspace"))
+                .transpose()
+            {
+                Ok(_) => exec_program(job, &argv, &envp),
+                Err(e) => e.raw_os_error().unwrap_or(libc::EINVAL),
+            };
             let mut w = fs::File::from(err_w);
             let _ = w.write_all(&errno.to_le_bytes());
             sys::exit_now(127)

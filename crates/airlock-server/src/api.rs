@@ -180,7 +180,7 @@ impl Drop for TenantSlot {
 }
 
 impl Principal {
-    fn actor(&self, ctx: &ReqCtx) -> Actor {
+    pub(crate) fn actor(&self, ctx: &ReqCtx) -> Actor {
         Actor {
             actor: format!("key:{}", self.key_id),
             request_id: Some(ctx.request_id.clone()),
@@ -316,7 +316,7 @@ pub async fn authenticate(
 
 // ---------------------------------------------------------------- views
 
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -387,6 +387,8 @@ pub struct ExecutionView {
     pub result: Option<serde_json::Value>,
     /// Flow (memory scope).
     pub flow_id: String,
+    /// The session it ran in (`POST /v1/sessions/{id}/exec`), if any.
+    pub session_id: Option<String>,
     /// A handler's return value: any JSON (null in listings and for scripts).
     #[schema(value_type = Option<serde_json::Value>)]
     pub output: Option<serde_json::Value>,
@@ -417,6 +419,7 @@ impl From<&ExecutionRecord> for ExecutionView {
             finished_at: r.finished_at_ms.map(rfc3339),
             result: r.result.clone(),
             flow_id: r.flow_id.clone(),
+            session_id: r.session_id.clone(),
             output: r.output.clone(),
             handler_error: r.handler_error.clone(),
             broker_error: r.broker_error.clone(),
@@ -563,6 +566,11 @@ pub struct CreateExecution {
     /// Bytes for the program's stdin.
     #[serde(default)]
     pub stdin: String,
+    /// Environment variables added to the program's (names
+    /// `[A-Za-z_][A-Za-z0-9_]*`; loader and interpreter-injection variables
+    /// such as `LD_PRELOAD`, `PYTHONSTARTUP` or `NODE_OPTIONS` are refused).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
     /// Tighter (or, up to the ceilings, looser) limits.
     #[serde(default)]
     pub limits: Option<LimitsRequest>,
@@ -576,9 +584,9 @@ pub struct CreateExecution {
     /// script (python and javascript).
     #[serde(default)]
     pub handler: bool,
-    /// The handler's input (JSON).
+    /// The handler's input: any JSON.
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub input: Option<serde_json::Value>,
     /// Secret names this execution may read through the broker.
     #[serde(default)]
@@ -697,7 +705,7 @@ pub(crate) fn resolve_policy_from(
 
 // ---------------------------------------------------------------- handlers
 
-type Peer = ConnectInfo<SocketAddr>;
+pub(crate) type Peer = ConnectInfo<SocketAddr>;
 
 async fn fallback() -> ApiError {
     ApiError::NotFound
@@ -757,7 +765,7 @@ async fn openapi(State(st): State<AppState>) -> Response {
 }
 
 /// A policy denial: audited, then answered with 422.
-async fn deny(st: &AppState, who: &Principal, ctx: &ReqCtx, why: String) -> ApiError {
+pub(crate) async fn deny(st: &AppState, who: &Principal, ctx: &ReqCtx, why: String) -> ApiError {
     match audit_denial(st, who, ctx, "policy.denied", &why).await {
         Ok(()) => ApiError::PolicyDenied(why),
         Err(e) => e,
@@ -766,7 +774,7 @@ async fn deny(st: &AppState, who: &Principal, ctx: &ReqCtx, why: String) -> ApiE
 
 /// Records a refused execution request. Fails closed: a denial that
 /// cannot be recorded is an error.
-async fn audit_denial(
+pub(crate) async fn audit_denial(
     st: &AppState,
     who: &Principal,
     ctx: &ReqCtx,
@@ -847,6 +855,15 @@ pub(crate) async fn start_execution(
         Err(ApiError::PolicyDenied(why)) => return Err(deny(&st, &who, &ctx, why).await),
         Err(e) => return Err(e),
     };
+    let mut policy = policy;
+    if !req.env.is_empty() {
+        // Checked like the base policy's own: the deny list of injection
+        // variables, the count and size caps.
+        policy.env.vars.extend(req.env.clone());
+        policy
+            .validate()
+            .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    }
     let flow_id = req.flow.clone().unwrap_or_else(|| "default".into());
     if !airlock_broker::valid_flow_id(&flow_id) {
         return Err(ApiError::InvalidRequest(
@@ -886,7 +903,6 @@ pub(crate) async fn start_execution(
         code: None,
         given_secrets: Default::default(),
     };
-    let mut policy = policy;
     let wanted = req.network.as_ref().map(|net| {
         (
             net,
@@ -1093,7 +1109,10 @@ async fn get_execution(
     Ok(Json(ExecutionView::from(&rec)))
 }
 
-fn query_params(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+pub(crate) fn query_params(
+    raw: Option<&str>,
+    allowed: &[&str],
+) -> Result<HashMap<String, String>, ApiError> {
     let mut out = HashMap::new();
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -1108,7 +1127,7 @@ fn query_params(raw: Option<&str>, allowed: &[&str]) -> Result<HashMap<String, S
     Ok(out)
 }
 
-fn parse_num(
+pub(crate) fn parse_num(
     q: &HashMap<String, String>,
     key: &str,
     min: i64,
@@ -1832,7 +1851,12 @@ impl Modify for SecurityAddon {
     info(title = "airlock", description = "Multi-tenant sandboxed code execution"),
     paths(healthz, readyz, metrics, openapi, create_execution, get_execution, list_executions,
           cancel_execution, execution_events, execution_logs, put_secret, list_secrets, delete_secret,
-          list_audit, get_memory, put_memory, delete_memory, list_memory),
+          list_audit, get_memory, put_memory, delete_memory, list_memory,
+          crate::sessions::create_session, crate::sessions::list_sessions,
+          crate::sessions::get_session, crate::sessions::delete_session,
+          crate::sessions::session_exec, crate::sessions::session_executions,
+          crate::sessions::put_file, crate::sessions::get_file, crate::sessions::delete_file,
+          crate::sessions::list_files, crate::sessions::stat_file),
     components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest, NetworkRequest,
                        RunResultDoc, airlock_sandbox::RunResult, airlock_sandbox::Enforced,
                        airlock_sandbox::result::LandlockReport, airlock_sandbox::result::SeccompReport,
@@ -1840,7 +1864,11 @@ impl Modify for SecurityAddon {
                        HandlerErrorDoc, airlock_egress::EgressEvent,
                        OutputEncoding,
                        SecretView, SecretList, PutSecret, AuditView, AuditList, LogView, LogList,
-                       MemoryView, MemoryKeyView, MemoryList, PutMemory)),
+                       MemoryView, MemoryKeyView, MemoryList, PutMemory,
+                       crate::sessions::CreateSession, crate::sessions::SessionView,
+                       crate::sessions::WorkspaceView, crate::sessions::SessionList,
+                       crate::sessions::SessionExec, crate::sessions::FileView,
+                       crate::sessions::FileList)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;
@@ -1868,6 +1896,30 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/secrets", get(list_secrets))
         .route("/v1/secrets/{name}", put(put_secret).delete(delete_secret))
         .route("/v1/audit", get(list_audit))
+        .route(
+            "/v1/sessions",
+            post(crate::sessions::create_session).get(crate::sessions::list_sessions),
+        )
+        .route(
+            "/v1/sessions/{id}",
+            get(crate::sessions::get_session).delete(crate::sessions::delete_session),
+        )
+        .route(
+            "/v1/sessions/{id}/exec",
+            post(crate::sessions::session_exec),
+        )
+        .route(
+            "/v1/sessions/{id}/executions",
+            get(crate::sessions::session_executions),
+        )
+        .route("/v1/sessions/{id}/files", get(crate::sessions::list_files))
+        .route(
+            "/v1/sessions/{id}/files/{*path}",
+            put(crate::sessions::put_file)
+                .get(crate::sessions::get_file)
+                .delete(crate::sessions::delete_file),
+        )
+        .route("/v1/sessions/{id}/stat", get(crate::sessions::stat_file))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_context))

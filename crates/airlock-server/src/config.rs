@@ -177,6 +177,96 @@ pub struct RetentionConfig {
     pub executions_days: Option<u64>,
 }
 
+/// Sessions (`[sessions]`): long-lived workspaces in which a tenant runs
+/// many executions. A request may ask for any value up to the `max_*`
+/// ones; unset, it gets the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    /// Open sessions one tenant may hold. Default 8.
+    pub max_per_tenant: usize,
+    /// Open sessions this server holds in all. Default 64.
+    pub max_total: usize,
+    /// A workspace's size when the request names none, MiB. Default 256.
+    pub workspace_mib: u64,
+    /// The largest workspace a request may ask for, MiB. Default 2048.
+    /// Workspaces are memory (tmpfs): `max_total` of them may hold this
+    /// much each.
+    pub max_workspace_mib: u64,
+    /// Files (inodes) in a workspace when the request names none.
+    /// Default 10000.
+    pub workspace_files: u64,
+    /// The most files a request may ask for. Default 1000000.
+    pub max_workspace_files: u64,
+    /// A session ends after this long with no execution running, when
+    /// the request names no `idle_timeout_secs`. Default 300.
+    pub idle_timeout_secs: u64,
+    /// The longest idle timeout a request may ask for. Default 86400.
+    pub max_idle_timeout_secs: u64,
+    /// A session ends this long after it began at the latest, when the
+    /// request names no `lifetime_secs`. Default 3600.
+    pub lifetime_secs: u64,
+    /// The longest lifetime a request may ask for. Default 86400.
+    pub max_lifetime_secs: u64,
+    /// The largest file uploaded or downloaded in one request, bytes.
+    /// Default 16777216.
+    pub max_file_bytes: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            max_per_tenant: 8,
+            max_total: 64,
+            workspace_mib: 256,
+            max_workspace_mib: 2048,
+            workspace_files: 10_000,
+            max_workspace_files: 1_000_000,
+            idle_timeout_secs: 300,
+            max_idle_timeout_secs: 86_400,
+            lifetime_secs: 3600,
+            max_lifetime_secs: 86_400,
+            max_file_bytes: 16 << 20,
+        }
+    }
+}
+
+impl SessionsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("sessions.{m}")));
+        if !(1..=10_000).contains(&self.max_total) || self.max_per_tenant == 0 {
+            return bad("max_total must be in 1..=10000 and max_per_tenant at least 1");
+        }
+        if !(1..=(1 << 20)).contains(&self.max_workspace_mib)
+            || !(1..=self.max_workspace_mib).contains(&self.workspace_mib)
+        {
+            return bad(
+                "workspace_mib must be in 1..=max_workspace_mib, and max_workspace_mib in 1..=1048576",
+            );
+        }
+        if !(16..=100_000_000).contains(&self.max_workspace_files)
+            || !(16..=self.max_workspace_files).contains(&self.workspace_files)
+        {
+            return bad(
+                "workspace_files must be in 16..=max_workspace_files, and max_workspace_files in 16..=100000000",
+            );
+        }
+        if !(1..=31_536_000).contains(&self.max_idle_timeout_secs)
+            || !(1..=self.max_idle_timeout_secs).contains(&self.idle_timeout_secs)
+            || !(1..=31_536_000).contains(&self.max_lifetime_secs)
+            || !(1..=self.max_lifetime_secs).contains(&self.lifetime_secs)
+        {
+            return bad(
+                "idle_timeout_secs and lifetime_secs must be in 1..= their max_* (at most 31536000)",
+            );
+        }
+        if !(1..=(1 << 30)).contains(&self.max_file_bytes) {
+            return bad("max_file_bytes must be in 1..=1073741824");
+        }
+        Ok(())
+    }
+}
+
 /// Everything `airlock serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -236,6 +326,8 @@ pub struct ServerConfig {
     pub ready_file: Option<PathBuf>,
     /// How long execution records are kept.
     pub retention: RetentionConfig,
+    /// Sessions and their workspaces.
+    pub sessions: SessionsConfig,
     /// Serve HTTPS with this certificate and key (`[tls]`, both required).
     /// Default: plain HTTP, meant for loopback.
     pub tls: Option<crate::tls::TlsConfig>,
@@ -266,6 +358,7 @@ impl Default for ServerConfig {
             ca_bundle: None,
             ready_file: None,
             retention: RetentionConfig::default(),
+            sessions: SessionsConfig::default(),
             tls: None,
         }
     }
@@ -466,6 +559,7 @@ impl ServerConfig {
                 "retention.executions_days must be in 1..=36500".into(),
             ));
         }
+        self.sessions.validate()?;
         let t = &self.tenants;
         let own = t.limits.values().map(|o| o.max_running);
         if std::iter::once(t.max_running)

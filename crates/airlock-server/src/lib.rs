@@ -18,6 +18,7 @@ pub mod guest;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
+pub mod sessions;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub openapi: Arc<String>,
     /// Set once SIGTERM arrives.
     pub draining: Arc<AtomicBool>,
+    /// Open sessions' workspaces (None: this server cannot mount them).
+    pub sessions: Option<Arc<airlock_runtime::session::Sessions>>,
 }
 
 /// Why the server could not start or stop cleanly. One line each.
@@ -290,6 +293,7 @@ pub async fn serve(
         .map_err(|_| ServeError::Locked(cfg.data_dir.display().to_string()))?;
 
     raise_fd_limit();
+    let sandbox_ids = engine_cfg.root_host_ids;
     let backends = offered_backends(&cfg, engine_cfg)?;
     let store = open_store(&cfg.data_dir).await?;
     let store: Arc<dyn Store> = Arc::new(store);
@@ -310,6 +314,7 @@ pub async fn serve(
     }
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .map_err(|e| ServeError::Setup(format!("pid file: {e}")))?;
+    let sessions = open_sessions(&cfg, store.as_ref(), sandbox_ids).await?;
 
     let dns = match cfg.egress.dns {
         Some(a) => airlock_egress::Dns::Nameserver(a),
@@ -361,12 +366,13 @@ pub async fn serve(
                     .backends()
                     .all()
                     .iter()
-                    .map(|b| (b.name(), b.level()))
+                    .map(|b| (b.name(), b.level(), b.sessions()))
                     .collect::<Vec<_>>(),
             )
             .to_string(),
         ),
         draining: Arc::new(AtomicBool::new(false)),
+        sessions,
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -405,6 +411,7 @@ pub async fn serve(
     notify_systemd(&format!("READY=1\nSTATUS=listening on {scheme}://{local}"));
 
     let mut background: Vec<tokio::task::JoinHandle<()>> = reloader.into_iter().collect();
+    background.push(tokio::spawn(sessions::reaper(state.clone())));
     if let Some(days) = cfg.retention.executions_days {
         // Old records go at start and every hour after; each sweep that
         // removed something is audited.
@@ -430,6 +437,9 @@ pub async fn serve(
 
     let app = api::router(state.clone());
     accept_loop(listener, app, state.clone(), tls, stop).await;
+    // Drained: nothing runs in a session any more. Sessions end with the
+    // server (their workspaces are memory).
+    sessions::end_all(&state).await;
     // Nothing runs against the store once it closes (also when the server
     // is embedded in a longer-lived runtime).
     for task in background {
@@ -448,6 +458,52 @@ pub async fn serve(
     let _ = std::fs::remove_file(&pid_file);
     tracing::info!("airlock stopped");
     Ok(())
+}
+
+/// The sessions a previous run left open end with `server_restart` (their
+/// workspaces went with it, or are reaped now); then the workspaces this
+/// server will hold, when it can mount them (root).
+async fn open_sessions(
+    cfg: &ServerConfig,
+    store: &dyn Store,
+    sandbox_ids: (u32, u32),
+) -> Result<Option<Arc<airlock_runtime::session::Sessions>>, ServeError> {
+    use airlock_runtime::session::{SessionError, Sessions};
+    let actor = airlock_store::Actor {
+        actor: "server".into(),
+        request_id: None,
+    };
+    let stale = store.open_sessions().await?;
+    for s in &stale {
+        store
+            .end_session(&s.id, "server_restart", now_ms(), &actor)
+            .await?;
+    }
+    let run_dir = cfg
+        .backends
+        .run_dir
+        .clone()
+        .unwrap_or_else(airlock_backend::default_run_dir);
+    let c = &cfg.sessions;
+    match Sessions::new(&run_dir, sandbox_ids) {
+        Ok(s) => {
+            let reaped = s.reap_stale();
+            if !stale.is_empty() || reaped > 0 {
+                tracing::warn!(
+                    sessions = stale.len(),
+                    workspaces = reaped,
+                    "ended the sessions of an unclean stop"
+                );
+            }
+            Ok(Some(Arc::new(s.with_limits(c.max_per_tenant, c.max_total))))
+        }
+        Err(SessionError::Unavailable) => {
+            tracing::info!("not running as root: sessions are unavailable");
+            Ok(None)
+        }
+        Err(SessionError::Host(m)) => Err(ServeError::Setup(format!("sessions: {m}"))),
+        Err(e) => Err(ServeError::Setup(format!("sessions: {e}"))),
+    }
 }
 
 /// SIGHUP reloads the TLS certificate and key (systemd's `ExecReload=kill

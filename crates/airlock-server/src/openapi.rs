@@ -37,6 +37,26 @@ pub const MEMORY_KEY: &str =
 pub const EXECUTION_ID: &str = "^ex_[0-9a-f]{32}$";
 /// Audit record hashes.
 pub const AUDIT_HASH: &str = "^[0-9a-f]{64}$";
+/// A path inside a workspace naming a file or directory: no NUL, no `..`
+/// segment, at least one name (`""` and `.` segments are dropped), names
+/// of at most 255 and paths of at most 1024 (bytes, which the server
+/// checks; characters here).
+pub const WORKSPACE_PATH: &str = concat!(
+    r"^(?!(.*/)?\.\.(/|$))(?!(\.?/)*\.?$)(?!.*[^/]{256})",
+    r"[^\u0000]{1,1024}$"
+);
+/// A path a file is written to: also not named `.airlock-upload-*` (the
+/// names uploads are written under before they replace the file).
+pub const WORKSPACE_FILE: &str = concat!(
+    r"^(?!(.*/)?\.\.(/|$))(?!(\.?/)*\.?$)(?!.*[^/]{256})",
+    r"(?!(.*/)?\.airlock-upload-[^/]*(/\.?)*$)[^\u0000]{1,1024}$"
+);
+/// A directory of a workspace: as [`WORKSPACE_PATH`], or no name at all
+/// (the workspace itself).
+pub const WORKSPACE_DIR: &str = concat!(
+    r"^(?!(.*/)?\.\.(/|$))(?!.*[^/]{256})",
+    r"[^\u0000]{0,1024}$"
+);
 
 fn problem(description: &str) -> Value {
     json!({
@@ -51,33 +71,48 @@ fn default_description(status: &str) -> &'static str {
             "malformed request, invalid field or parameter (invalid_request, invalid_json, json_too_deep, malformed_request)"
         }
         "401" => "missing, malformed, unknown or revoked API key (unauthorized)",
-        "404" => "no such resource for this tenant (not_found)",
+        "403" => "the sandbox's user may not do this (permission_denied)",
+        "404" => {
+            "no such resource for this tenant (not_found), or no such file in the workspace (file_not_found)"
+        }
         "408" => "the request body did not arrive in time (request_timeout)",
-        "409" => "conflict (not_cancellable, version_conflict)",
+        "409" => {
+            "conflict (not_cancellable, version_conflict, session_ended, wrong_type, directory_not_empty)"
+        }
         "413" => "request body too large (payload_too_large)",
         "414" => "request target too long (uri_too_long)",
         "415" => "the body must be application/json (unsupported_media_type)",
         "422" => {
-            "denied by policy or quota, or no runtime (policy_denied, quota_exceeded, runtime_unavailable)"
+            "denied by policy or quota, no runtime or isolation, or a file too large to hand out (policy_denied, quota_exceeded, runtime_unavailable, isolation_unavailable, file_too_large)"
         }
         "429" => {
-            "too many failed authentications, requests in flight or queued executions (auth_throttled, too_many_requests, queue_full, tenant_queue_full)"
+            "too many failed authentications, requests in flight, queued executions or open sessions (auth_throttled, too_many_requests, queue_full, tenant_queue_full, too_many_sessions)"
         }
         "431" => "request headers too large (headers_too_large)",
         "500" => "internal error; the request id names it in the server log (internal)",
+        "501" => "this server cannot hold sessions (sessions_unavailable)",
         "503" => "the server is shutting down (shutting_down)",
+        "507" => "the workspace's byte or file quota is used up; nothing changed (workspace_full)",
         _ => "error",
     }
 }
 
 /// The document this server serves at `/openapi.json`.
-/// `offered`: the backends this server runs, as (name, level).
-pub fn document(cfg: &ServerConfig, offered: &[(&str, IsolationLevel)]) -> Value {
+/// `offered`: the backends this server runs, as (name, level, whether it
+/// holds sessions).
+pub fn document(cfg: &ServerConfig, offered: &[(&str, IsolationLevel, bool)]) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|_| json!({}));
     complete_responses(&mut doc);
     constrain_parameters(&mut doc);
     constrain_bodies(&mut doc, cfg);
-    constrain_isolation(&mut doc, offered);
+    let all: Vec<(&str, IsolationLevel)> = offered.iter().map(|(n, l, _)| (*n, *l)).collect();
+    let holders: Vec<(&str, IsolationLevel)> = offered
+        .iter()
+        .filter(|b| b.2)
+        .map(|(n, l, _)| (*n, *l))
+        .collect();
+    constrain_isolation(&mut doc, "CreateExecution", &all);
+    constrain_isolation(&mut doc, "CreateSession", &holders);
     describe_events(&mut doc);
     describe_metrics(&mut doc);
     doc
@@ -217,8 +252,8 @@ fn describe_events(doc: &mut Value) {
 
 /// A request may name only offered backends, and only levels some offered
 /// backend meets (a named backend: levels it meets itself).
-fn constrain_isolation(doc: &mut Value, offered: &[(&str, IsolationLevel)]) {
-    let Some(s) = schema(doc, "CreateExecution") else {
+fn constrain_isolation(doc: &mut Value, name: &str, offered: &[(&str, IsolationLevel)]) {
+    let Some(s) = schema(doc, name) else {
         return;
     };
     let up_to = |max: IsolationLevel| -> Vec<&str> {
@@ -350,6 +385,36 @@ fn constrain_parameters(doc: &mut Value) {
                 set_param(op, "key", pattern(MEMORY_KEY));
             }
             "/v1/secrets/{name}" => set_param(op, "name", pattern(SECRET_NAME)),
+            "/v1/sessions" => set_param(op, "limit", int(1, 100)),
+            "/v1/sessions/{id}" | "/v1/sessions/{id}/exec" => {
+                set_param(op, "id", pattern(crate::sessions::SESSION_ID));
+            }
+            "/v1/sessions/{id}/executions" => {
+                set_param(op, "id", pattern(crate::sessions::SESSION_ID));
+                set_param(op, "limit", int(1, 100));
+            }
+            "/v1/sessions/{id}/files" | "/v1/sessions/{id}/stat" => {
+                set_param(op, "id", pattern(crate::sessions::SESSION_ID));
+                set_param(op, "path", pattern(WORKSPACE_DIR));
+            }
+            "/v1/sessions/{id}/files/{path}" => {
+                set_param(op, "id", pattern(crate::sessions::SESSION_ID));
+                let writes = op.get("requestBody").is_some();
+                set_param(
+                    op,
+                    "path",
+                    pattern(if writes {
+                        WORKSPACE_FILE
+                    } else {
+                        WORKSPACE_PATH
+                    }),
+                );
+                set_param(op, "mode", pattern("^0?[0-7]{1,3}$"));
+                if writes {
+                    // An empty body is an empty file.
+                    op["requestBody"]["required"] = json!(false);
+                }
+            }
             _ => {}
         }
     }
@@ -367,6 +432,8 @@ fn constrain_bodies(doc: &mut Value, cfg: &ServerConfig) {
         "NetworkRequest",
         "PutSecret",
         "PutMemory",
+        "CreateSession",
+        "SessionExec",
     ] {
         if let Some(s) = schema(doc, name) {
             s["additionalProperties"] = json!(false);
@@ -389,6 +456,7 @@ fn constrain_bodies(doc: &mut Value, cfg: &ServerConfig) {
         p["secrets"]["items"]["pattern"] = json!(SECRET_NAME);
         p["variables"]["maxProperties"] = json!(256);
         p["variables"]["propertyNames"] = json!({"not": {"const": "secrets"}});
+        p["env"] = env_schema(cfg);
         // The fewest tasks and open files a sandbox starts with, by
         // language, one task more with egress (engine::check_runnable).
         let starts = |pids: u64, files: u64| {
@@ -411,6 +479,55 @@ fn constrain_bodies(doc: &mut Value, cfg: &ServerConfig) {
              "else": {"if": js, "then": starts(9, 20),
                       "else": {"if": egress, "then": starts(4, 16), "else": starts(3, 16)}}},
         ]);
+    }
+    let sc = &cfg.sessions;
+    if let Some(s) = schema(doc, "CreateSession") {
+        let p = &mut s["properties"];
+        p["language"]["enum"] = json!(["python", "javascript", "shell", null]);
+        let range = |p: &mut Value, k: &str, min: u64, max: u64| {
+            p[k]["minimum"] = json!(min);
+            p[k]["maximum"] = json!(max);
+        };
+        range(p, "workspace_mib", 1, sc.max_workspace_mib);
+        range(p, "workspace_files", 16, sc.max_workspace_files);
+        range(p, "idle_timeout_secs", 1, sc.max_idle_timeout_secs);
+        range(p, "lifetime_secs", 1, sc.max_lifetime_secs);
+        // Sessions start javascript sandboxes too: the per-language
+        // minimums of tasks and files hold for their limits.
+        s["allOf"] = json!([
+            {"if": {"required": ["language"], "properties": {"language": {"const": "javascript"}}},
+             "then": {"properties": {"limits": {"anyOf": [{"type": "null"}, {"type": "object", "properties": {
+                 "pids": {"minimum": 9}, "open_files": {"minimum": 20}}}]}}}}
+        ]);
+    }
+    if let Some(s) = schema(doc, "SessionExec") {
+        let p = &mut s["properties"];
+        p["language"]["enum"] = json!(["python", "javascript", "shell", null]);
+        p["code"]["maxLength"] = json!(limits.code_bytes);
+        p["stdin"]["maxLength"] = json!(limits.stdin_bytes);
+        p["flow"]["pattern"] = json!(FLOW_ID);
+        p["secrets"]["maxItems"] = json!(64);
+        p["secrets"]["items"]["pattern"] = json!(SECRET_NAME);
+        p["variables"]["maxProperties"] = json!(256);
+        p["variables"]["propertyNames"] = json!({"not": {"const": "secrets"}});
+        p["argv"]["minItems"] = json!(1);
+        p["argv"]["maxItems"] = json!(4096);
+        p["env"] = env_schema(cfg);
+        s["allOf"] = json!([
+            // Exactly one of code and argv.
+            {"oneOf": [
+                {"required": ["code"], "properties": {"code": {"type": "string"},
+                    "argv": {"type": "null"}}},
+                {"required": ["argv"], "properties": {"argv": {"type": "array"},
+                    "code": {"type": "null"}, "handler": {"const": false},
+                    "language": {"enum": ["shell", null]}}}]},
+            {"if": {"required": ["input"], "properties": {"input": {"not": {"type": "null"}}}},
+             "then": {"required": ["handler"], "properties": {"handler": {"const": true}}}},
+            {"if": {"required": ["handler"], "properties": {"handler": {"const": true}}},
+             "then": {"required": ["language"],
+                      "properties": {"language": {"enum": ["python", "javascript"]}}}},
+        ]);
+        p_argv_items(s);
     }
     if let Some(s) = schema(doc, "LimitsRequest") {
         let p = &mut s["properties"];
@@ -453,6 +570,27 @@ fn constrain_bodies(doc: &mut Value, cfg: &ServerConfig) {
     }
 }
 
+/// `env` of a request: names a program may be given (the policy's deny
+/// list of loader and interpreter-injection variables excluded), values
+/// without NUL.
+fn env_schema(cfg: &ServerConfig) -> Value {
+    let room = airlock_policy::ceilings::ENV_VARS.saturating_sub(cfg.policy.env.vars.len());
+    json!({"type": "object", "maxProperties": room,
+        "description": "Environment variables added to the program's.",
+        "propertyNames": {"pattern": "^(?!LD_)[A-Za-z_][A-Za-z0-9_]{0,127}$",
+            "not": {"enum": ["GCONV_PATH", "PYTHONSTARTUP", "PYTHONPATH", "PYTHONHOME",
+                "PYTHONINSPECT", "PYTHONBREAKPOINT", "NODE_OPTIONS", "NODE_PATH",
+                "NODE_REPL_EXTERNAL_MODULE", "BASH_ENV", "ENV", "IFS", "PATH", "HOME"]}},
+        "additionalProperties": {"type": "string",
+            "maxLength": airlock_policy::ceilings::ENV_VALUE_BYTES, "pattern": "^[^\\u0000]*$"}})
+}
+
+/// `argv`'s words: no NUL, the first one not empty.
+fn p_argv_items(s: &mut Value) {
+    s["properties"]["argv"]["items"] = json!({"type": "string", "pattern": "^[^\\u0000]*$"});
+    s["properties"]["argv"]["prefixItems"] = json!([{"type": "string", "minLength": 1}]);
+}
+
 /// The rules a request may name, as a schema: each exact entry of the
 /// server's grant, and for a `*.suffix:port` entry any name under it.
 fn grant_items(grant: &[String]) -> Value {
@@ -485,7 +623,7 @@ mod tests {
     fn every_error_is_a_problem_document_and_bodies_are_closed() {
         let doc = document(
             &ServerConfig::default(),
-            &[("process", IsolationLevel::Container)],
+            &[("process", IsolationLevel::Container, true)],
         );
         let paths = doc["paths"].as_object().unwrap();
         for (path, item) in paths {
@@ -669,7 +807,7 @@ mod tests {
     fn the_document_names_every_event_the_server_streams_with_its_data() {
         let doc = document(
             &ServerConfig::default(),
-            &[("process", IsolationLevel::Container)],
+            &[("process", IsolationLevel::Container, true)],
         );
         let emitted = emitted_events();
         let names: std::collections::BTreeSet<&str> =
@@ -732,12 +870,12 @@ mod tests {
     #[test]
     fn the_memory_minimum_follows_the_code_limit() {
         let mut cfg = ServerConfig::default();
-        let doc = document(&cfg, &[("process", IsolationLevel::Container)]);
+        let doc = document(&cfg, &[("process", IsolationLevel::Container, true)]);
         let memory = &doc["components"]["schemas"]["LimitsRequest"]["properties"]["memory_mib"];
         assert_eq!(memory["minimum"], 8);
         cfg.policy.limits.code_bytes = 16 << 20;
         cfg.policy.limits.memory_mib = 64;
-        let doc = document(&cfg, &[("process", IsolationLevel::Container)]);
+        let doc = document(&cfg, &[("process", IsolationLevel::Container, true)]);
         let memory = &doc["components"]["schemas"]["LimitsRequest"]["properties"]["memory_mib"];
         assert_eq!(memory["minimum"], 17);
     }
@@ -746,7 +884,7 @@ mod tests {
     fn metrics_name_both_formats() {
         let doc = document(
             &ServerConfig::default(),
-            &[("process", IsolationLevel::Container)],
+            &[("process", IsolationLevel::Container, true)],
         );
         let content = &doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"];
         assert!(content.get("text/plain").is_some(), "{content}");

@@ -98,6 +98,42 @@ pub enum ApiError {
     /// The server is draining.
     #[error("shutting down")]
     ShuttingDown,
+    /// This server cannot hold sessions (it does not run as root, or no
+    /// backend it offers binds a workspace).
+    #[error("sessions unavailable")]
+    SessionsUnavailable(String),
+    /// The tenant holds as many open sessions as it may.
+    #[error("too many sessions")]
+    TooManySessions(String),
+    /// The server holds as many open sessions as it may.
+    #[error("sessions full")]
+    SessionsFull(String),
+    /// The session ended (why in the message): nothing runs in it and its
+    /// files are gone.
+    #[error("session ended")]
+    SessionEnded(String),
+    /// A workspace path that cannot be (`..`, NUL, too long, empty).
+    #[error("invalid path")]
+    InvalidPath(String),
+    /// No file or directory at that path of the workspace.
+    #[error("file not found")]
+    FileNotFound,
+    /// A directory where a file was meant, or the reverse, or a FIFO,
+    /// socket or device.
+    #[error("wrong type")]
+    WrongType(String),
+    /// The workspace's byte or file quota is used up; nothing changed.
+    #[error("workspace full")]
+    WorkspaceFull(String),
+    /// The sandbox's user may not do this (a file the code made read-only).
+    #[error("permission denied")]
+    PermissionDenied,
+    /// Removing a directory that is not empty.
+    #[error("directory not empty")]
+    DirectoryNotEmpty,
+    /// A file larger than the server hands out in one response.
+    #[error("file too large")]
+    FileTooLarge(u64),
     /// Anything else; details only in the server log.
     #[error("internal error")]
     Internal,
@@ -188,6 +224,49 @@ impl ApiError {
                 "shutting_down",
                 "Server shutting down",
             ),
+            SessionsUnavailable(_) => (
+                StatusCode::NOT_IMPLEMENTED,
+                "sessions_unavailable",
+                "Sessions unavailable on this server",
+            ),
+            SessionsFull(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sessions_full",
+                "Server holds its maximum of sessions",
+            ),
+            TooManySessions(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_sessions",
+                "Tenant holds its maximum of open sessions",
+            ),
+            SessionEnded(_) => (StatusCode::CONFLICT, "session_ended", "Session ended"),
+            InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path", "Invalid path"),
+            FileNotFound => (
+                StatusCode::NOT_FOUND,
+                "file_not_found",
+                "No such file or directory",
+            ),
+            WrongType(_) => (StatusCode::CONFLICT, "wrong_type", "Wrong file type"),
+            WorkspaceFull(_) => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "workspace_full",
+                "Workspace full",
+            ),
+            PermissionDenied => (
+                StatusCode::FORBIDDEN,
+                "permission_denied",
+                "Permission denied",
+            ),
+            DirectoryNotEmpty => (
+                StatusCode::CONFLICT,
+                "directory_not_empty",
+                "Directory not empty",
+            ),
+            FileTooLarge(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "file_too_large",
+                "File too large",
+            ),
             Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -216,7 +295,23 @@ impl ApiError {
             | RuntimeUnavailable(m)
             | IsolationUnavailable(m)
             | VersionConflict(m)
-            | QuotaExceeded(m) => m.clone(),
+            | QuotaExceeded(m)
+            | SessionsUnavailable(m)
+            | SessionsFull(m)
+            | TooManySessions(m)
+            | InvalidPath(m)
+            | WrongType(m)
+            | WorkspaceFull(m) => m.clone(),
+            SessionEnded(why) => format!("the session ended ({why}); start a new one"),
+            FileNotFound => "no such file or directory in the workspace".into(),
+            PermissionDenied => {
+                "the sandbox's user may not do this (the file or its directory is read-only)".into()
+            }
+            DirectoryNotEmpty => "the directory is not empty".into(),
+            FileTooLarge(max) => format!(
+                "the file is larger than {max} bytes, the most one request carries; \
+                 split it in the sandbox, or raise sessions.max_file_bytes"
+            ),
             QueueFull => "too many executions are queued; retry later".into(),
             TenantQueueFull { running, queued } => format!(
                 "this tenant holds its whole share of this server ({running} running and \
@@ -287,6 +382,9 @@ impl IntoResponse for ApiError {
             }
             ApiError::RequestTimeout(_) => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            ApiError::SessionsFull(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
             }
             _ => {}
         }

@@ -1,0 +1,539 @@
+//! Sessions through the API: a workspace that outlives its executions,
+//! its files, its limits and its end (asked for, timed out, the server
+//! stopping or crashing), and what another tenant or a hostile path can
+//! reach of it (nothing).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::{Resp, Server, raw};
+
+/// Whether a session's workspace is mounted on the host.
+fn mounted(id: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(" airlock-session ") && l.contains(&format!("-{id} ")))
+}
+
+fn create(s: &Server, key: &str, body: Value) -> Value {
+    let r = s.post("/v1/sessions", key, body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        r.header("location"),
+        Some(format!("/v1/sessions/{}", v["id"].as_str().unwrap()).as_str())
+    );
+    v
+}
+
+fn exec(s: &Server, key: &str, id: &str, body: Value) -> Value {
+    let r = s.post(&format!("/v1/sessions/{id}/exec"), key, body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn put(s: &Server, key: &str, path: &str, bytes: &[u8]) -> Resp {
+    let auth = format!("Bearer {key}");
+    raw(
+        s.addr,
+        "PUT",
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/octet-stream"),
+        ],
+        Some(bytes),
+    )
+}
+
+fn delete(s: &Server, key: &str, path: &str) -> Resp {
+    s.req("DELETE", path, Some(key), None)
+}
+
+/// Polls a session until it ended; returns its view.
+fn wait_ended(s: &Server, key: &str, id: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = s.get(&format!("/v1/sessions/{id}"), key).json();
+        if v["status"] == "ended" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "the session did not end: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_session_keeps_its_workspace_across_fresh_sandboxes_and_its_files_api_sees_them() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let v = create(&s, &key, json!({"workspace_mib": 8}));
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(v["status"], "open", "{v}");
+    assert_eq!(v["backend"], "process");
+    assert_eq!(v["language"], "shell");
+    assert_eq!(v["workspace"]["quota_mib"], 8);
+    assert_eq!(v["running"], 0);
+    assert!(mounted(&id), "the workspace is a file system of its own");
+
+    // Code writes; the next sandbox (a fresh one: another pid namespace,
+    // its /tmp empty) reads, starting in /workspace.
+    let a = exec(
+        &s,
+        &key,
+        &id,
+        json!({"code": "echo one > notes.txt; echo $$ > /tmp/mine; pwd"}),
+    );
+    assert_eq!(a["result"]["exit_code"], 0, "{a}");
+    assert_eq!(a["result"]["stdout"], "/workspace\n");
+    assert_eq!(a["session_id"], id.as_str());
+    let b = exec(
+        &s,
+        &key,
+        &id,
+        json!({"argv": ["sh", "-c", "cat notes.txt; ls /tmp"]}),
+    );
+    // /tmp is the new sandbox's own: its code file, nothing of the last.
+    assert_eq!(b["result"]["stdout"], "one\nmain.sh\n", "{b}");
+
+    // argv is one command: no word of it is parsed by a shell.
+    let c = exec(
+        &s,
+        &key,
+        &id,
+        json!({"argv": ["echo", "$(id)", "a;b", "it's"], "env": {"GREETING": "hi"}}),
+    );
+    assert_eq!(c["result"]["stdout"], "$(id) a;b it's\n", "{c}");
+    let d = exec(
+        &s,
+        &key,
+        &id,
+        json!({"language": "python", "code": "import os; print(os.environ['GREETING'], open('notes.txt').read().strip())", "env": {"GREETING": "hi"}}),
+    );
+    assert_eq!(d["result"]["stdout"], "hi one\n", "{d}");
+    // An injection variable is refused before anything runs.
+    let r = s.post(
+        &format!("/v1/sessions/{id}/exec"),
+        &key,
+        json!({"code": "true", "env": {"LD_PRELOAD": "/workspace/x.so"}}),
+    );
+    let p = r.problem(400, "invalid_request");
+    assert!(p["detail"].as_str().unwrap().contains("LD_PRELOAD"), "{p}");
+    let r = s.post(
+        &format!("/v1/sessions/{id}/exec"),
+        &key,
+        json!({"code": "true", "argv": ["true"]}),
+    );
+    r.problem(400, "invalid_request");
+
+    // Files: what the code wrote, the API reads; what the API writes, the
+    // code reads.
+    let f = s.get(&format!("/v1/sessions/{id}/files/notes.txt"), &key);
+    assert_eq!((f.status, f.body.as_slice()), (200, b"one\n".as_slice()));
+    assert_eq!(f.header("content-type"), Some("application/octet-stream"));
+    let up = put(
+        &s,
+        &key,
+        &format!("/v1/sessions/{id}/files/src/app.py?mode=755"),
+        b"print('uploaded')\n",
+    );
+    assert_eq!(up.status, 200, "{}", up.text());
+    assert_eq!(up.json()["type"], "file");
+    assert_eq!(up.json()["mode"], 0o755);
+    assert_eq!(up.json()["size"], 18);
+    let e = exec(
+        &s,
+        &key,
+        &id,
+        json!({"language": "python", "code": "exec(open('src/app.py').read())"}),
+    );
+    assert_eq!(e["result"]["stdout"], "uploaded\n", "{e}");
+    let list = s.get(&format!("/v1/sessions/{id}/files"), &key).json();
+    let names: Vec<&str> = list["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["notes.txt", "src"], "{list}");
+    assert_eq!(list["truncated"], false);
+    let st = s
+        .get(&format!("/v1/sessions/{id}/stat?path=src"), &key)
+        .json();
+    assert_eq!(st["type"], "directory", "{st}");
+    delete(&s, &key, &format!("/v1/sessions/{id}/files/src")).problem(409, "directory_not_empty");
+    assert_eq!(
+        delete(&s, &key, &format!("/v1/sessions/{id}/files/src/app.py")).status,
+        204
+    );
+    s.get(&format!("/v1/sessions/{id}/files/src/app.py"), &key)
+        .problem(404, "file_not_found");
+    s.get(&format!("/v1/sessions/{id}/files/src"), &key)
+        .problem(409, "wrong_type");
+
+    // Streaming: an execution of the session, followed over SSE.
+    let r = s.post(
+        &format!("/v1/sessions/{id}/exec"),
+        &key,
+        json!({"code": "echo streamed; cat notes.txt", "wait": false}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let ex = r.json()["id"].as_str().unwrap().to_string();
+    let events = crate::follow_sse(s.addr, &format!("/v1/executions/{ex}/events"), &key);
+    let fin = &events.last().unwrap().2;
+    assert_eq!(fin["result"]["stdout"], "streamed\none\n", "{fin}");
+    assert_eq!(fin["session_id"], id.as_str());
+    let runs = s.get(&format!("/v1/sessions/{id}/executions"), &key).json();
+    assert_eq!(runs["executions"].as_array().unwrap().len(), 6, "{runs}");
+    let usage = s.get(&format!("/v1/sessions/{id}"), &key).json();
+    assert!(usage["workspace"]["used_bytes"].as_u64().unwrap() > 0);
+
+    // The end: the workspace goes, the record stays.
+    assert_eq!(delete(&s, &key, &format!("/v1/sessions/{id}")).status, 204);
+    assert!(!mounted(&id), "the workspace went with the session");
+    let v = s.get(&format!("/v1/sessions/{id}"), &key).json();
+    assert_eq!(
+        (v["status"].as_str(), v["end_reason"].as_str()),
+        (Some("ended"), Some("deleted")),
+        "{v}"
+    );
+    assert!(v["workspace"]["used_bytes"].is_null());
+    s.post(
+        &format!("/v1/sessions/{id}/exec"),
+        &key,
+        json!({"code": "true"}),
+    )
+    .problem(409, "session_ended");
+    s.get(&format!("/v1/sessions/{id}/files/notes.txt"), &key)
+        .problem(409, "session_ended");
+    delete(&s, &key, &format!("/v1/sessions/{id}")).problem(409, "session_ended");
+    let audit = s.get("/v1/audit?limit=500", &key).json();
+    let kinds: Vec<&str> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == id.as_str())
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "session.create",
+            "session.file_write",
+            "session.file_delete",
+            "session.end"
+        ],
+        "{audit}"
+    );
+}
+
+#[test]
+fn another_tenants_session_is_not_found_on_every_route() {
+    let s = Server::start_with(&[]);
+    let a = s.tenant("a");
+    let b = s.tenant("b");
+    let id = create(&s, &a, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = put(&s, &a, &format!("/v1/sessions/{id}/files/f"), b"a's");
+    assert_eq!(r.status, 200);
+    let routes: Vec<(&str, String, Option<Value>)> = vec![
+        ("GET", format!("/v1/sessions/{id}"), None),
+        (
+            "POST",
+            format!("/v1/sessions/{id}/exec"),
+            Some(json!({"code": "cat f"})),
+        ),
+        ("GET", format!("/v1/sessions/{id}/executions"), None),
+        ("GET", format!("/v1/sessions/{id}/files"), None),
+        ("GET", format!("/v1/sessions/{id}/files/f"), None),
+        ("GET", format!("/v1/sessions/{id}/stat?path=f"), None),
+        ("DELETE", format!("/v1/sessions/{id}/files/f"), None),
+        ("DELETE", format!("/v1/sessions/{id}"), None),
+    ];
+    for (method, path, body) in &routes {
+        let r = s.req(method, path, Some(&b), body.as_ref());
+        r.problem(404, "not_found");
+    }
+    let r = put(&s, &b, &format!("/v1/sessions/{id}/files/f"), b"b's");
+    r.problem(404, "not_found");
+    assert!(
+        s.get("/v1/sessions", &b).json()["sessions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // Positive control: the owner reaches all of it, unchanged by b.
+    for (method, path, body) in &routes {
+        let r = s.req(method, path, Some(&a), body.as_ref());
+        assert!(
+            (200..300).contains(&r.status),
+            "{method} {path}: {}",
+            r.text()
+        );
+        if path.ends_with("/exec") {
+            assert_eq!(r.json()["result"]["stdout"], "a's");
+        }
+        if path.ends_with("/files/f") && *method == "GET" {
+            assert_eq!(r.body, b"a's");
+        }
+    }
+}
+
+#[test]
+fn paths_symlinks_and_fifos_planted_by_the_code_never_lead_out_of_the_workspace() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let id = create(&s, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let planted = exec(
+        &s,
+        &key,
+        &id,
+        json!({"code": "ln -s /etc etc-link; ln -s /etc/passwd passwd-link; ln -s ../../../../etc/hostname up-link; mkfifo pipe; echo ok > real"}),
+    );
+    assert_eq!(planted["result"]["exit_code"], 0, "{planted}");
+    // Positive control: a plain path reads.
+    assert_eq!(
+        s.get(&format!("/v1/sessions/{id}/files/real"), &key).body,
+        b"ok\n"
+    );
+    // Symlinks resolve inside the workspace: /etc there does not exist.
+    for p in ["etc-link/passwd", "passwd-link", "up-link"] {
+        s.get(&format!("/v1/sessions/{id}/files/{p}"), &key)
+            .problem(404, "file_not_found");
+    }
+    // `..` and NUL are refused outright, encoded or not.
+    for p in [
+        "../../../etc/passwd",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "a/%2E%2E/%2E%2E/x",
+        "real%00.txt",
+    ] {
+        s.get(&format!("/v1/sessions/{id}/files/{p}"), &key)
+            .problem(400, "invalid_path");
+    }
+    // A FIFO is never opened (the read would hang the server).
+    let t = Instant::now();
+    s.get(&format!("/v1/sessions/{id}/files/pipe"), &key)
+        .problem(409, "wrong_type");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // A write through the planted link: while the link's target (taken
+    // inside the workspace) does not exist there, refused; once it does,
+    // the file lands inside the workspace. Never in the host's /etc.
+    let marker = format!("airlock-session-test-{}", std::process::id());
+    let through = format!("/v1/sessions/{id}/files/etc-link/{marker}");
+    put(&s, &key, &through, b"x").problem(409, "wrong_type");
+    assert!(!std::path::Path::new("/etc").join(&marker).exists());
+    exec(&s, &key, &id, json!({"code": "mkdir /workspace/etc"}));
+    let r = put(&s, &key, &through, b"x");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!std::path::Path::new("/etc").join(&marker).exists());
+    let seen = exec(&s, &key, &id, json!({"code": format!("ls /workspace/etc")}));
+    assert_eq!(seen["result"]["stdout"], format!("{marker}\n"), "{seen}");
+    // Writing over the link replaces the link, not its target.
+    let r = put(
+        &s,
+        &key,
+        &format!("/v1/sessions/{id}/files/passwd-link"),
+        b"mine",
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        !std::fs::read_to_string("/etc/passwd")
+            .unwrap()
+            .starts_with("mine")
+    );
+    let st = s
+        .get(&format!("/v1/sessions/{id}/stat?path=passwd-link"), &key)
+        .json();
+    assert_eq!(st["type"], "file", "{st}");
+    // A file the code made read-only stays so for the API too.
+    exec(
+        &s,
+        &key,
+        &id,
+        json!({"code": "mkdir locked && echo x > locked/f && chmod 555 locked"}),
+    );
+    put(&s, &key, &format!("/v1/sessions/{id}/files/locked/g"), b"y")
+        .problem(403, "permission_denied");
+}
+
+#[test]
+fn quotas_limits_and_caps_refuse_with_their_own_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "[sessions]\nmax_per_tenant = 2\nmax_file_bytes = 65536\nworkspace_mib = 16\nmax_workspace_mib = 64\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    s.post("/v1/sessions", &key, json!({"workspace_mib": 65}))
+        .problem(400, "invalid_request");
+    s.post("/v1/sessions", &key, json!({"backend": "gvisor"}))
+        .problem(422, "isolation_unavailable");
+    s.post("/v1/sessions", &key, json!({"nope": 1}))
+        .problem(400, "invalid_request");
+    let small = create(&s, &key, json!({"workspace_mib": 1, "workspace_files": 16}));
+    let id = small["id"].as_str().unwrap().to_string();
+    let other = create(&s, &key, json!({}));
+    s.post("/v1/sessions", &key, json!({}))
+        .problem(429, "too_many_sessions");
+    // The byte quota: the kernel's, for uploads and code alike; a full
+    // workspace keeps what it had.
+    let half = vec![b'a'; 60_000];
+    assert_eq!(
+        put(&s, &key, &format!("/v1/sessions/{id}/files/a"), &half).status,
+        200
+    );
+    let fill = exec(
+        &s,
+        &key,
+        &id,
+        json!({"code": "head -c 2000000 /dev/zero > big; echo status=$?; rm -f big"}),
+    );
+    assert!(
+        fill["result"]["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{fill}"
+    );
+    for i in 0..20 {
+        let r = put(&s, &key, &format!("/v1/sessions/{id}/files/d/{i}"), &half);
+        if r.status != 200 {
+            r.problem(507, "workspace_full");
+            break;
+        }
+        assert!(i < 19, "twenty 60 kB files fit a 1 MiB workspace");
+    }
+    assert_eq!(
+        s.get(&format!("/v1/sessions/{id}/files/a"), &key).body,
+        half,
+        "the old file is whole"
+    );
+    // Uploads and downloads are capped per request.
+    put(
+        &s,
+        &key,
+        &format!("/v1/sessions/{id}/files/huge"),
+        &vec![0u8; 65_537],
+    )
+    .problem(413, "payload_too_large");
+    let other_id = other["id"].as_str().unwrap();
+    exec(
+        &s,
+        &key,
+        other_id,
+        json!({"code": "head -c 70000 /dev/zero > big"}),
+    );
+    s.get(&format!("/v1/sessions/{other_id}/files/big"), &key)
+        .problem(422, "file_too_large");
+    // Ending one makes room for another.
+    assert_eq!(delete(&s, &key, &format!("/v1/sessions/{id}")).status, 204);
+    create(&s, &key, json!({}));
+}
+
+#[test]
+fn idle_timeout_and_lifetime_end_sessions_and_kill_what_runs() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let idle = create(&s, &key, json!({"idle_timeout_secs": 1}));
+    let idle_id = idle["id"].as_str().unwrap().to_string();
+    let life = create(
+        &s,
+        &key,
+        json!({"lifetime_secs": 2, "idle_timeout_secs": 600}),
+    );
+    let life_id = life["id"].as_str().unwrap().to_string();
+    let control = create(&s, &key, json!({}));
+    let control_id = control["id"].as_str().unwrap().to_string();
+    // Something runs in the short-lived one past its lifetime.
+    let r = s.post(
+        &format!("/v1/sessions/{life_id}/exec"),
+        &key,
+        json!({"code": "sleep 30", "wait": false, "limits": {"wall_time_ms": 40000}}),
+    );
+    assert_eq!(r.status, 202);
+    let running = r.json()["id"].as_str().unwrap().to_string();
+    s.wait_status(&key, &running, &["running"]);
+    let v = wait_ended(&s, &key, &idle_id, Duration::from_secs(10));
+    assert_eq!(v["end_reason"], "idle_timeout", "{v}");
+    let v = wait_ended(&s, &key, &life_id, Duration::from_secs(10));
+    assert_eq!(v["end_reason"], "lifetime", "{v}");
+    let ex = s.wait_status(&key, &running, &["finished", "failed"]);
+    assert_eq!(ex["reason"], "cancelled", "{ex}");
+    assert!(!mounted(&idle_id) && !mounted(&life_id));
+    // Control: a session with the default timeouts is still open.
+    let c = s.get(&format!("/v1/sessions/{control_id}"), &key).json();
+    assert_eq!(c["status"], "open", "{c}");
+    assert!(mounted(&control_id));
+}
+
+#[test]
+fn a_crash_ends_open_sessions_on_restart_and_a_stop_ends_them_at_once() {
+    let mut s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let id = create(&s, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        put(&s, &key, &format!("/v1/sessions/{id}/files/f"), b"x").status,
+        200
+    );
+    assert!(mounted(&id));
+    s.crash();
+    // The crash leaves the workspace mounted: the restart reaps it.
+    assert!(mounted(&id), "positive control: a crash leaves the mount");
+    s.start();
+    assert!(!mounted(&id), "the restarted server reaped the workspace");
+    let v = s.get(&format!("/v1/sessions/{id}"), &key).json();
+    assert_eq!(
+        (v["status"].as_str(), v["end_reason"].as_str()),
+        (Some("ended"), Some("server_restart")),
+        "{v}"
+    );
+    s.post(
+        &format!("/v1/sessions/{id}/exec"),
+        &key,
+        json!({"code": "true"}),
+    )
+    .problem(409, "session_ended");
+    // A clean stop ends the sessions it holds.
+    let id2 = create(&s, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (st, _) = s.terminate();
+    assert!(st.success());
+    assert!(!mounted(&id2));
+    let rows = crate::query(
+        &s.data().join("airlock.db"),
+        &format!("SELECT end_reason FROM sessions WHERE id = '{id2}'"),
+    );
+    assert_eq!(rows, json!([["server_shutdown"]]));
+    assert_eq!(
+        crate::admin(&s.data(), &["audit", "verify"]).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_rootless_server_says_sessions_are_unavailable() {
+    let s = Server::start_unprivileged(&[]);
+    let key = s.tenant("acme");
+    let p = s
+        .post("/v1/sessions", &key, json!({}))
+        .problem(501, "sessions_unavailable");
+    assert!(!p["detail"].as_str().unwrap().contains('/'), "{p}");
+    // Positive control: it runs executions.
+    assert_eq!(s.run(&key, "shell", "echo ok")["result"]["stdout"], "ok\n");
+}
