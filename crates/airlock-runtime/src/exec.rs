@@ -479,8 +479,20 @@ impl Executor {
             cancel: CancelToken::new(),
             dequeued: std::sync::atomic::AtomicBool::new(false),
         });
+        // In a session: registered in it from admission on, so the
+        // session's end kills it even while it waits for a worker, and its
+        // idle clock waits for it (the worker unregisters it however it
+        // ends). A session that ended already: it only records its end.
+        if let Some(ws) = &sub.workspace
+            && !ws.begin(&sub.id, entry.cancel.clone())
+        {
+            entry.cancel.cancel(TerminationReason::Cancelled);
+        }
         let mut s = self.sched();
         if s.stopped || !self.accepting.load(Ordering::SeqCst) {
+            if let Some(ws) = &sub.workspace {
+                ws.end_execution(&sub.id);
+            }
             return Err(Stopped);
         }
         self.registry

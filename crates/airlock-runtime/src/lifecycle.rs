@@ -83,6 +83,12 @@ impl Executor {
     /// Runs one dequeued job to its final record.
     pub(crate) fn run(&self, job: Job) {
         let sub = &job.sub;
+        // In a session: registered at admission (`submit`), unregistered
+        // however this ends.
+        let _in_session = sub
+            .workspace
+            .as_ref()
+            .map(|ws| InSession(ws.clone(), sub.id.clone()));
         if let Some(r) = job.entry.cancel.reason() {
             let fin = Finish {
                 error: Some("stopped before it started"),
@@ -91,25 +97,18 @@ impl Executor {
             self.finish(&job, "", fin);
             return;
         }
-        // In a session: registered as running in it (the session's end
-        // kills it; the idle clock waits for it), unregistered however
-        // this ends.
-        let _in_session = match &sub.workspace {
-            Some(ws) if !ws.begin(&sub.id, job.entry.cancel.clone()) => {
-                let fin = Finish {
-                    error: Some("the session ended"),
-                    ..Finish::new(
-                        ExecStatus::Failed,
-                        TerminationReason::Cancelled.as_str(),
-                        now_ms(),
-                    )
-                };
-                self.finish(&job, "", fin);
-                return;
-            }
-            Some(ws) => Some(InSession(ws.clone(), sub.id.clone())),
-            None => None,
-        };
+        if sub.workspace.as_ref().is_some_and(|ws| ws.is_ended()) {
+            let fin = Finish {
+                error: Some("the session ended"),
+                ..Finish::new(
+                    ExecStatus::Failed,
+                    TerminationReason::Cancelled.as_str(),
+                    now_ms(),
+                )
+            };
+            self.finish(&job, "", fin);
+            return;
+        }
         let (mut sandbox, warm) = match self.acquire(sub) {
             Ok(got) => got,
             Err(msg) => {

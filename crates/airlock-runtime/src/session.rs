@@ -66,6 +66,10 @@ pub enum FsError {
     /// A directory that is not empty.
     #[error("the directory is not empty")]
     NotEmpty,
+    /// The file is in use in a way that refuses this now (a lease, a
+    /// rename racing the resolution); retrying may succeed.
+    #[error("the file is busy; retry")]
+    Busy,
     /// Anything else: logged, never shown.
     #[error("internal error")]
     Internal(String),
@@ -90,6 +94,45 @@ pub struct FileInfo {
 /// The largest number of entries a listing returns.
 pub const MAX_LIST: usize = 10_000;
 
+/// The most entries a walk of a workspace visits.
+pub const MAX_WALK: usize = 100_000;
+
+/// The deepest directory a walk enters.
+pub const MAX_DEPTH: usize = 64;
+
+/// One entry a walk visits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalkEntry {
+    /// Relative to the workspace, `/`-separated.
+    pub path: String,
+    /// `file`, `directory`, `symlink` or `other`.
+    pub kind: &'static str,
+    /// Bytes (0 for a directory).
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// A symlink's target (when it is UTF-8).
+    pub target: Option<String>,
+}
+
+/// What a walk calls for each entry: for a regular file, with its
+/// contents open for reading.
+pub type Visit<'a> = dyn FnMut(&WalkEntry, Option<&mut std::fs::File>) -> Result<(), FsError> + 'a;
+
+/// What a walk saw besides its entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalkSummary {
+    /// Entries visited.
+    pub entries: usize,
+    /// A limit ([`MAX_WALK`], [`MAX_DEPTH`], [`MAX_LIST`] a directory)
+    /// stopped it before it saw everything.
+    pub truncated: bool,
+    /// Names skipped because they are not UTF-8.
+    pub skipped: usize,
+    /// Regular files listed whose contents the sandbox user may not read.
+    pub unreadable: usize,
+}
+
 /// A session's workspace, mounted; unmounted (detached) and its mount
 /// point removed when the last holder drops it.
 #[derive(Debug)]
@@ -113,6 +156,18 @@ pub struct Workspace {
     expires: Instant,
     state: Mutex<State>,
     ended: AtomicBool,
+    /// What its mount counts against the server's limits, released when
+    /// the mount goes (not when the session ends: an ended workspace still
+    /// held by a request or an execution still holds memory).
+    mounted: Arc<Mutex<Mounted>>,
+}
+
+/// Workspaces mounted now: in all, per tenant, and their quotas' MiB.
+#[derive(Debug, Default)]
+struct Mounted {
+    total: usize,
+    mib: u64,
+    per_tenant: HashMap<String, usize>,
 }
 
 #[derive(Debug)]
@@ -126,6 +181,21 @@ struct State {
 impl Drop for Workspace {
     fn drop(&mut self) {
         detach(&self.path);
+        if self.path.exists() {
+            // Still mounted (busy beyond a lazy unmount's reach, which it
+            // never should be): it keeps counting.
+            tracing::error!(session = %self.id, "a workspace could not be unmounted");
+            return;
+        }
+        let mut m = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        m.total = m.total.saturating_sub(1);
+        m.mib = m.mib.saturating_sub(self.mib);
+        if let Some(n) = m.per_tenant.get_mut(&self.tenant_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.per_tenant.remove(&self.tenant_id);
+            }
+        }
     }
 }
 
@@ -178,6 +248,24 @@ impl Workspace {
             .then_some("idle_timeout")
     }
 
+    /// [`Workspace::close`] if it is due now, decided under the same lock
+    /// `begin` takes.
+    fn close_if_due(&self, now: Instant) -> Option<&'static str> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let why = if now >= self.expires {
+            "lifetime"
+        } else if s.running.is_empty() && now.duration_since(s.last_active) >= self.idle {
+            "idle_timeout"
+        } else {
+            return None;
+        };
+        self.ended.store(true, Ordering::SeqCst);
+        for c in s.running.values() {
+            c.cancel(airlock_backend::TerminationReason::Cancelled);
+        }
+        Some(why)
+    }
+
     /// Marks it ended and kills what runs in it.
     fn close(&self) {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -206,6 +294,11 @@ impl Workspace {
     /// the old contents or the new, and a full workspace leaves the old
     /// file as it was.
     pub fn write(&self, path: &str, bytes: &[u8], mode: u32) -> Result<(), FsError> {
+        self.write_from(path, &mut &bytes[..], mode)
+    }
+
+    /// [`Workspace::write`] from a reader (a snapshot's blob restored).
+    pub fn write_from(&self, path: &str, from: &mut dyn Read, mode: u32) -> Result<(), FsError> {
         let rel = checked(path)?;
         let (parent, name) = split(&rel)?;
         let _ids = AsOwner::enter(self.owner)?;
@@ -224,7 +317,7 @@ impl Workspace {
                 &std::fs::Permissions::from_mode(mode & 0o777),
             )
             .map_err(|e| self.map(e))?;
-        let written = f.write_all(bytes).and_then(|()| f.flush());
+        let written = std::io::copy(from, &mut f).and_then(|_| f.flush());
         drop(f);
         if let Err(e) = written {
             let _ = root.remove_file(&tmp);
@@ -245,11 +338,27 @@ impl Workspace {
     /// component's included, are followed within the workspace only (an
     /// absolute target is taken from the workspace's root).
     pub fn read(&self, path: &str, max: u64) -> Result<Vec<u8>, FsError> {
+        let (mut f, len) = self.open_read(path, max)?;
+        let mut out = Vec::with_capacity(len as usize);
+        (&mut f)
+            .take(max + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| self.map_io(&e))?;
+        if out.len() as u64 > max {
+            return Err(FsError::TooLarge(max));
+        }
+        Ok(out)
+    }
+
+    /// A regular file of at most `max` bytes opened for reading, and its
+    /// size (as [`Workspace::read`] resolves it; the caller streams it and
+    /// must stop at `max`, the file may grow meanwhile).
+    pub fn open_read(&self, path: &str, max: u64) -> Result<(std::fs::File, u64), FsError> {
         let rel = checked(path)?;
         let _ids = AsOwner::enter(self.owner)?;
         let root = self.root()?;
         // O_NONBLOCK: a FIFO planted by the code must not hang the open.
-        let mut f = root
+        let f = root
             .open_subpath(
                 &rel,
                 pathrs::flags::OpenFlags::O_RDONLY
@@ -264,15 +373,7 @@ impl Workspace {
         if meta.len() > max {
             return Err(FsError::TooLarge(max));
         }
-        let mut out = Vec::with_capacity(meta.len() as usize);
-        (&mut f)
-            .take(max + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| self.map_io(&e))?;
-        if out.len() as u64 > max {
-            return Err(FsError::TooLarge(max));
-        }
-        Ok(out)
+        Ok((f, meta.len()))
     }
 
     /// Removes a file, a symlink (not its target) or an empty directory.
@@ -335,6 +436,176 @@ impl Workspace {
         Ok((out, more))
     }
 
+    /// Makes a directory (and its parents) of permission bits `mode`.
+    pub fn mkdir(&self, path: &str, mode: u32) -> Result<(), FsError> {
+        let rel = checked(path)?;
+        let _ids = AsOwner::enter(self.owner)?;
+        self.root()?
+            .mkdir_all(&rel, &std::fs::Permissions::from_mode(mode & 0o777))
+            .map(drop)
+            .map_err(|e| self.map(e))
+    }
+
+    /// Makes a symlink at `path` to `target` (parents made as needed). The
+    /// target is only text: every operation of the files API resolves it
+    /// inside the workspace, and so does the sandbox, whose root is its own.
+    pub fn symlink(&self, path: &str, target: &str) -> Result<(), FsError> {
+        let rel = checked(path)?;
+        if target.is_empty() || target.len() > MAX_PATH || target.contains('\0') {
+            return Err(FsError::InvalidPath(
+                "a symlink target of 1..=1024 bytes without NUL",
+            ));
+        }
+        let (parent, _) = split(&rel)?;
+        let _ids = AsOwner::enter(self.owner)?;
+        let root = self.root()?;
+        if !parent.as_os_str().is_empty() {
+            root.mkdir_all(&parent, &std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| self.map(e))?;
+        }
+        root.create(&rel, &pathrs::InodeType::Symlink(PathBuf::from(target)))
+            .map_err(|e| self.map(e))
+    }
+
+    /// Visits everything in the workspace, depth first in name order, at
+    /// most [`MAX_WALK`] entries and [`MAX_DEPTH`] directories deep: each
+    /// entry with, for a regular file, its contents open for reading. Every
+    /// entry is resolved from its directory's descriptor without following
+    /// it, and opened from that resolution (never by name again), so the
+    /// code swapping a name for a symlink meanwhile changes nothing the
+    /// walk reads but that entry. Names that are not UTF-8 are skipped
+    /// (and counted). The workspace is reached with the sandbox user's
+    /// ids; `visit` runs with the server's own (what it writes is the
+    /// server's, e.g. a snapshot's blobs).
+    pub fn walk(&self, visit: &mut Visit<'_>) -> Result<WalkSummary, FsError> {
+        // Read through a descriptor opened for reading (the root's own is
+        // O_PATH, which cannot list).
+        let root = {
+            let _ids = AsOwner::enter(self.owner)?;
+            let d = self
+                .root()?
+                .open_subpath(
+                    "/",
+                    pathrs::flags::OpenFlags::O_RDONLY
+                        | pathrs::flags::OpenFlags::O_DIRECTORY
+                        | pathrs::flags::OpenFlags::O_CLOEXEC,
+                )
+                .map_err(|e| self.map(e))?;
+            pathrs::Root::from_fd(OwnedFd::from(d))
+        };
+        let mut sum = WalkSummary::default();
+        self.walk_dir(&root, "", 0, visit, &mut sum)?;
+        Ok(sum)
+    }
+
+    fn walk_dir(
+        &self,
+        dir: &pathrs::Root,
+        prefix: &str,
+        depth: usize,
+        visit: &mut Visit<'_>,
+        sum: &mut WalkSummary,
+    ) -> Result<(), FsError> {
+        let mut names = Vec::new();
+        let raw_names = {
+            let _ids = AsOwner::enter(self.owner)?;
+            read_raw_names(dir)?
+        };
+        for raw in raw_names {
+            match String::from_utf8(raw) {
+                Ok(n) => names.push(n),
+                Err(_) => sum.skipped += 1,
+            }
+        }
+        if names.len() > MAX_LIST {
+            sum.truncated = true;
+            names.truncate(MAX_LIST);
+        }
+        names.sort();
+        for name in names {
+            if sum.entries >= MAX_WALK {
+                sum.truncated = true;
+                return Ok(());
+            }
+            let ids = AsOwner::enter(self.owner)?;
+            // Gone meanwhile: not part of what the walk saw.
+            let Ok(h) = dir.resolve_nofollow(&name) else {
+                continue;
+            };
+            let Ok(meta) = fd_meta(&h) else { continue };
+            let path = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            let fi = info(name.clone(), &meta);
+            let mut entry = WalkEntry {
+                path,
+                kind: fi.kind,
+                size: fi.size,
+                mode: fi.mode,
+                target: None,
+            };
+            sum.entries += 1;
+            match file_type(meta.st_mode) {
+                libc::S_IFREG => {
+                    let f = h.reopen(
+                        pathrs::flags::OpenFlags::O_RDONLY
+                            | pathrs::flags::OpenFlags::O_NONBLOCK
+                            | pathrs::flags::OpenFlags::O_CLOEXEC,
+                    );
+                    drop(ids);
+                    match f {
+                        Ok(mut f) => visit(&entry, Some(&mut f))?,
+                        // A file the code made unreadable: listed, its
+                        // contents not kept.
+                        Err(_) => {
+                            sum.unreadable += 1;
+                            visit(&entry, None)?;
+                        }
+                    }
+                }
+                libc::S_IFDIR => {
+                    entry.size = 0;
+                    let d = h
+                        .reopen(
+                            pathrs::flags::OpenFlags::O_RDONLY
+                                | pathrs::flags::OpenFlags::O_DIRECTORY
+                                | pathrs::flags::OpenFlags::O_CLOEXEC,
+                        )
+                        .map_err(|e| self.map(e));
+                    drop(ids);
+                    visit(&entry, None)?;
+                    if depth + 1 >= MAX_DEPTH {
+                        sum.truncated = true;
+                        continue;
+                    }
+                    // A directory the code made unreadable is listed, not
+                    // entered.
+                    let Ok(d) = d else {
+                        sum.truncated = true;
+                        continue;
+                    };
+                    let sub = pathrs::Root::from_fd(OwnedFd::from(d));
+                    self.walk_dir(&sub, &entry.path, depth + 1, visit, sum)?;
+                }
+                libc::S_IFLNK => {
+                    entry.target = dir
+                        .readlink(&name)
+                        .ok()
+                        .and_then(|t| t.to_str().map(str::to_string));
+                    drop(ids);
+                    visit(&entry, None)?;
+                }
+                _ => {
+                    drop(ids);
+                    visit(&entry, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Bytes and files in use (from the file system's own counters).
     pub fn usage(&self) -> Result<(u64, u64), FsError> {
         let st = rustix::fs::fstatvfs(&self.root).map_err(|e| FsError::Internal(e.to_string()))?;
@@ -372,6 +643,9 @@ impl Workspace {
             libc::ENOTEMPTY | libc::EEXIST => FsError::NotEmpty,
             libc::ENAMETOOLONG => FsError::InvalidPath("a name is too long"),
             libc::EXDEV => FsError::InvalidPath("it leaves the workspace"),
+            libc::ENXIO => FsError::WrongType("it is a socket, not a regular file"),
+            // ECANCELED: the server stopped an upload itself.
+            libc::EAGAIN | libc::EBUSY | libc::ETXTBSY | libc::ECANCELED => FsError::Busy,
             other => FsError::Internal(format!("errno {other}")),
         }
     }
@@ -388,6 +662,15 @@ fn file_type(mode: u32) -> u32 {
 }
 
 fn read_names(dir: &pathrs::Root) -> Result<Vec<String>, FsError> {
+    Ok(read_raw_names(dir)?
+        .into_iter()
+        .map(|n| String::from_utf8_lossy(&n).into_owned())
+        .collect())
+}
+
+/// A directory's names (at most [`MAX_LIST`] + 1), as the file system
+/// holds them.
+fn read_raw_names(dir: &pathrs::Root) -> Result<Vec<Vec<u8>>, FsError> {
     let fd = dir
         .as_fd()
         .try_clone_to_owned()
@@ -400,7 +683,7 @@ fn read_names(dir: &pathrs::Root) -> Result<Vec<String>, FsError> {
         if n == b"." || n == b".." {
             continue;
         }
-        names.push(String::from_utf8_lossy(n).into_owned());
+        names.push(n.to_vec());
         if names.len() > MAX_LIST {
             break;
         }
@@ -547,9 +830,15 @@ impl Drop for AsOwner {
         // Back to the server's own (root's) before the thread does
         // anything else.
         // SAFETY: as in `enter`.
-        unsafe {
+        let (u, g) = unsafe {
             libc::setfsuid(self.ids.0);
             libc::setfsgid(self.ids.1);
+            (libc::setfsuid(u32::MAX), libc::setfsgid(u32::MAX))
+        };
+        // A thread left with the sandbox user's ids would do the server's
+        // next work as that user: never go on.
+        if (u as u32, g as u32) != self.ids {
+            std::process::abort();
         }
     }
 }
@@ -563,9 +852,11 @@ pub enum SessionError {
     /// The tenant holds as many open sessions as it may.
     #[error("this tenant already holds {0} open sessions, its maximum; end one first")]
     TenantFull(usize),
-    /// The server holds as many open sessions as it may.
-    #[error("this server already holds {0} open sessions, its maximum; retry later")]
-    ServerFull(usize),
+    /// The server holds as many workspaces (or as much of their memory)
+    /// as it may. The message says nothing of how many: that would tell a
+    /// tenant about the others.
+    #[error("this server holds as many sessions as it may; retry later")]
+    ServerFull,
     /// The host refused the mount or the directory.
     #[error("the workspace could not be made")]
     Host(String),
@@ -587,9 +878,13 @@ fn detach(path: &Path) {
 pub struct Sessions {
     base: PathBuf,
     owner: (u32, u32),
-    /// Open sessions one tenant, and all tenants, may hold.
-    max: (usize, usize),
+    /// Workspaces one tenant, and all tenants, may have mounted, and the
+    /// MiB all their quotas may add up to.
+    max: (usize, usize, u64),
+    /// The prefix of this server's mount points (`<instance>-<id>`).
+    instance: String,
     live: Mutex<HashMap<String, Arc<Workspace>>>,
+    mounted: Arc<Mutex<Mounted>>,
 }
 
 impl Sessions {
@@ -625,42 +920,60 @@ impl Sessions {
         Ok(Sessions {
             base,
             owner,
-            max: (usize::MAX, usize::MAX),
+            max: (usize::MAX, usize::MAX, u64::MAX),
+            instance: std::process::id().to_string(),
             live: Mutex::new(HashMap::new()),
+            mounted: Arc::new(Mutex::new(Mounted::default())),
         })
     }
 
-    /// At most `per_tenant` open sessions per tenant and `total` in all:
-    /// [`Sessions::create`] refuses more ([`SessionError::TenantFull`],
-    /// [`SessionError::ServerFull`])
-    /// (each workspace holds host memory, up to its quota).
-    pub fn with_limits(mut self, per_tenant: usize, total: usize) -> Self {
-        self.max = (per_tenant, total);
+    /// Names this server's mount points `<instance>-<id>` (default: its
+    /// pid). A server gives the token of its data directory, which only
+    /// one server at a time may hold: what [`Sessions::reap_stale`] finds
+    /// under it was left by an earlier run of the same server, never by
+    /// another one.
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = instance
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
         self
     }
 
-    /// Unmounts and removes what server processes no longer running left;
-    /// returns how many. A live process of the pid in a name (another
-    /// server on this host, or a pid reused since the owner died) keeps
-    /// its workspaces.
+    /// At most `per_tenant` mounted workspaces per tenant, `total` in all,
+    /// and `total_mib` of quota in all (each a tmpfs: memory):
+    /// [`Sessions::create`] refuses more ([`SessionError::TenantFull`],
+    /// [`SessionError::ServerFull`])
+    /// (each workspace holds host memory, up to its quota).
+    pub fn with_limits(mut self, per_tenant: usize, total: usize, total_mib: u64) -> Self {
+        self.max = (per_tenant, total, total_mib);
+        self
+    }
+
+    /// Unmounts and removes what an earlier run of this server left (its
+    /// mount points carry this server's instance token, see
+    /// [`Sessions::with_instance`]); returns how many. Another server's
+    /// workspaces, live or not, are never touched.
     pub fn reap_stale(&self) -> usize {
-        let me = std::process::id();
         let Ok(entries) = std::fs::read_dir(&self.base) else {
             return 0;
         };
+        let prefix = format!("{}-", self.instance);
+        let live: Vec<PathBuf> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|w| w.path.clone())
+            .collect();
         let mut n = 0;
         for e in entries.flatten() {
-            let name = e.file_name();
-            let Some(owner) = name
+            let path = e.path();
+            let ours = e
+                .file_name()
                 .to_str()
-                .and_then(|s| s.split_once('-'))
-                .and_then(|(p, _)| p.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let gone = !Path::new(&format!("/proc/{owner}")).exists();
-            if owner != me && gone {
-                let path = e.path();
+                .is_some_and(|s| s.starts_with(&prefix));
+            if ours && !live.contains(&path) {
                 detach(&path);
                 if !path.exists() {
                     n += 1;
@@ -682,15 +995,19 @@ impl Sessions {
         // Held until the new session is in the map: two creations at once
         // cannot both take the last place.
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let (per_tenant, total) = self.max;
-        if live.len() >= total {
-            return Err(SessionError::ServerFull(total));
+        // Counted by what is mounted, not by what is open: an ended
+        // session's workspace still held by a request or an execution
+        // still holds memory.
+        let mut mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        let (per_tenant, total, total_mib) = self.max;
+        if mounted.total >= total || mounted.mib.saturating_add(mib) > total_mib {
+            return Err(SessionError::ServerFull);
         }
-        if live.values().filter(|w| w.tenant_id == tenant_id).count() >= per_tenant {
+        if mounted.per_tenant.get(tenant_id).copied().unwrap_or(0) >= per_tenant {
             return Err(SessionError::TenantFull(per_tenant));
         }
         let host = |what: &str, e: std::io::Error| SessionError::Host(format!("{what}: {e}"));
-        let path = self.base.join(format!("{}-{id}", std::process::id()));
+        let path = self.base.join(format!("{}-{id}", self.instance));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -747,7 +1064,11 @@ impl Sessions {
                 last_active: now,
             }),
             ended: AtomicBool::new(false),
+            mounted: self.mounted.clone(),
         });
+        mounted.total += 1;
+        mounted.mib = mounted.mib.saturating_add(mib);
+        *mounted.per_tenant.entry(tenant_id.to_string()).or_insert(0) += 1;
         live.insert(id.to_string(), ws.clone());
         Ok(ws)
     }
@@ -783,6 +1104,17 @@ impl Sessions {
             .remove(id)?;
         ws.close();
         Some(ws)
+    }
+
+    /// Ends a session if it is still due (its lifetime over, or idle with
+    /// nothing registered), checked again under its lock so an execution
+    /// registered since [`Sessions::due`] keeps it. Returns why it ended.
+    pub fn end_if_due(&self, id: &str) -> Option<&'static str> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let ws = live.get(id)?.clone();
+        let why = ws.close_if_due(Instant::now())?;
+        live.remove(id);
+        Some(why)
     }
 
     /// The sessions due to end now, with why.

@@ -494,6 +494,20 @@ pub struct AuditView {
     pub hash: String,
 }
 
+impl From<airlock_store::AuditEvent> for AuditView {
+    fn from(e: airlock_store::AuditEvent) -> Self {
+        AuditView {
+            time: rfc3339(e.ts_ms),
+            detail: serde_json::from_str(&e.detail).unwrap_or(serde_json::Value::Null),
+            kind: e.kind,
+            actor: e.actor,
+            subject: e.subject,
+            request_id: e.request_id,
+            hash: e.hash,
+        }
+    }
+}
+
 /// A page of audit records.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AuditList {
@@ -836,6 +850,8 @@ pub(crate) struct InSession {
     pub workspace: Arc<airlock_runtime::session::Workspace>,
     pub policy: Policy,
     pub backend: String,
+    /// Snapshot the workspace once the execution ended.
+    pub snapshot_after: bool,
 }
 
 /// Validates, admits, records and queues one execution (in a session when
@@ -1009,6 +1025,7 @@ pub(crate) async fn start_execution(
     };
     let rec = ExecutionRecord {
         session_id: session.as_ref().map(|s| s.workspace.id.clone()),
+        policy: serde_json::to_value(&policy).ok(),
         ..ExecutionRecord::queued(
             new_id("ex"),
             who.tenant_id.clone(),
@@ -1019,6 +1036,10 @@ pub(crate) async fn start_execution(
             now_ms(),
         )
     };
+    let snapshot_after = session
+        .as_ref()
+        .filter(|s| s.snapshot_after)
+        .map(|s| s.workspace.clone());
     let sub = Submission {
         id: rec.id.clone(),
         tenant_id: who.tenant_id.clone(),
@@ -1068,6 +1089,26 @@ pub(crate) async fn start_execution(
     .map_err(|_| ApiError::Internal)??
     .ok_or(ApiError::ShuttingDown)?;
     let location = format!("/v1/executions/{}", rec.id);
+    let after = snapshot_after.map(|ws| {
+        let (st, live, id, actor) = (
+            st.clone(),
+            entry.live.clone(),
+            rec.id.clone(),
+            who.actor(&ctx),
+        );
+        // Its own task: taken whether or not the client waits.
+        tokio::spawn(async move {
+            let mut rx = live.subscribe();
+            while !live.is_done() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            if let Err(e) = crate::snapshots::take(&st, ws, "after_exec", Some(id), &actor).await {
+                tracing::error!(error = %e, "the snapshot after an execution failed");
+            }
+        })
+    });
     if !req.wait {
         let mut resp = (StatusCode::ACCEPTED, Json(ExecutionView::from(&rec))).into_response();
         if let Ok(v) = HeaderValue::from_str(&location) {
@@ -1080,6 +1121,11 @@ pub(crate) async fn start_execution(
         if rx.changed().await.is_err() {
             break;
         }
+    }
+    // A client that waited sees the snapshot listed when it gets the
+    // record.
+    if let Some(t) = after {
+        let _ = t.await;
     }
     let rec = st
         .store
@@ -1483,18 +1529,7 @@ async fn list_audit(
         .then(|| events.last().map(|e| e.hash.clone()))
         .flatten();
     Ok(Json(AuditList {
-        events: events
-            .into_iter()
-            .map(|e| AuditView {
-                time: rfc3339(e.ts_ms),
-                detail: serde_json::from_str(&e.detail).unwrap_or(serde_json::Value::Null),
-                kind: e.kind,
-                actor: e.actor,
-                subject: e.subject,
-                request_id: e.request_id,
-                hash: e.hash,
-            })
-            .collect(),
+        events: events.into_iter().map(AuditView::from).collect(),
         next_after,
     }))
 }
@@ -1856,7 +1891,11 @@ impl Modify for SecurityAddon {
           crate::sessions::get_session, crate::sessions::delete_session,
           crate::sessions::session_exec, crate::sessions::session_executions,
           crate::sessions::put_file, crate::sessions::get_file, crate::sessions::delete_file,
-          crate::sessions::list_files, crate::sessions::stat_file),
+          crate::sessions::list_files, crate::sessions::stat_file,
+          crate::snapshots::create_snapshot, crate::snapshots::list_snapshots,
+          crate::snapshots::get_snapshot, crate::snapshots::diff_snapshot,
+          crate::snapshots::snapshot_tar,
+          crate::evidence::execution_evidence, crate::evidence::session_evidence),
     components(schemas(Problem, ExecutionView, ExecutionList, CreateExecution, LimitsRequest, NetworkRequest,
                        RunResultDoc, airlock_sandbox::RunResult, airlock_sandbox::Enforced,
                        airlock_sandbox::result::LandlockReport, airlock_sandbox::result::SeccompReport,
@@ -1868,7 +1907,10 @@ impl Modify for SecurityAddon {
                        crate::sessions::CreateSession, crate::sessions::SessionView,
                        crate::sessions::WorkspaceView, crate::sessions::SessionList,
                        crate::sessions::SessionExec, crate::sessions::FileView,
-                       crate::sessions::FileList)),
+                       crate::sessions::FileList,
+                       crate::snapshots::SnapshotView, crate::snapshots::SnapshotList,
+                       crate::snapshots::ManifestEntry, crate::snapshots::SnapshotDiff,
+                       crate::snapshots::ChangedEntry, crate::evidence::Evidence)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;
@@ -1888,6 +1930,14 @@ pub fn router(st: AppState) -> Router {
         .route("/v1/executions/{id}/cancel", post(cancel_execution))
         .route("/v1/executions/{id}/events", get(execution_events))
         .route("/v1/executions/{id}/logs", get(execution_logs))
+        .route(
+            "/v1/executions/{id}/evidence",
+            get(crate::evidence::execution_evidence),
+        )
+        .route(
+            "/v1/sessions/{id}/evidence",
+            get(crate::evidence::session_evidence),
+        )
         .route("/v1/memory/{flow}", get(list_memory))
         .route(
             "/v1/memory/{flow}/{*key}",
@@ -1920,6 +1970,19 @@ pub fn router(st: AppState) -> Router {
                 .delete(crate::sessions::delete_file),
         )
         .route("/v1/sessions/{id}/stat", get(crate::sessions::stat_file))
+        .route(
+            "/v1/sessions/{id}/snapshots",
+            post(crate::snapshots::create_snapshot).get(crate::snapshots::list_snapshots),
+        )
+        .route("/v1/snapshots/{id}", get(crate::snapshots::get_snapshot))
+        .route(
+            "/v1/snapshots/{id}/diff",
+            get(crate::snapshots::diff_snapshot),
+        )
+        .route(
+            "/v1/snapshots/{id}/tar",
+            get(crate::snapshots::snapshot_tar),
+        )
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(request_context))

@@ -196,8 +196,13 @@ pub struct SessionsConfig {
     /// Files (inodes) in a workspace when the request names none.
     /// Default 10000.
     pub workspace_files: u64,
-    /// The most files a request may ask for. Default 1000000.
+    /// The most files a request may ask for. Default 100000 (each inode
+    /// is kernel memory the byte quota does not count).
     pub max_workspace_files: u64,
+    /// What the quotas of all mounted workspaces may add up to, MiB.
+    /// Default: a quarter of the host's memory. Beyond it, 503
+    /// `sessions_full`.
+    pub max_total_workspace_mib: Option<u64>,
     /// A session ends after this long with no execution running, when
     /// the request names no `idle_timeout_secs`. Default 300.
     pub idle_timeout_secs: u64,
@@ -221,7 +226,8 @@ impl Default for SessionsConfig {
             workspace_mib: 256,
             max_workspace_mib: 2048,
             workspace_files: 10_000,
-            max_workspace_files: 1_000_000,
+            max_workspace_files: 100_000,
+            max_total_workspace_mib: None,
             idle_timeout_secs: 300,
             max_idle_timeout_secs: 86_400,
             lifetime_secs: 3600,
@@ -232,6 +238,21 @@ impl Default for SessionsConfig {
 }
 
 impl SessionsConfig {
+    /// `max_total_workspace_mib`, or a quarter of the host's memory.
+    pub fn total_mib(&self) -> u64 {
+        self.max_total_workspace_mib.unwrap_or_else(|| {
+            let kib = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find_map(|l| l.strip_prefix("MemTotal:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .unwrap_or(4 << 20);
+            (kib / 1024 / 4).max(self.workspace_mib)
+        })
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(format!("sessions.{m}")));
         if !(1..=10_000).contains(&self.max_total) || self.max_per_tenant == 0 {
@@ -258,6 +279,14 @@ impl SessionsConfig {
         {
             return bad(
                 "idle_timeout_secs and lifetime_secs must be in 1..= their max_* (at most 31536000)",
+            );
+        }
+        if self
+            .max_total_workspace_mib
+            .is_some_and(|m| m < self.workspace_mib)
+        {
+            return bad(
+                "max_total_workspace_mib must hold at least one workspace of workspace_mib",
             );
         }
         if !(1..=(1 << 30)).contains(&self.max_file_bytes) {

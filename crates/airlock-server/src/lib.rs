@@ -14,11 +14,13 @@ pub mod api;
 pub mod body;
 pub mod config;
 pub mod conn;
+pub mod evidence;
 pub mod guest;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
 pub mod sessions;
+pub mod snapshots;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -54,6 +56,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Open sessions' workspaces (None: this server cannot mount them).
     pub sessions: Option<Arc<airlock_runtime::session::Sessions>>,
+    /// Snapshots' contents.
+    pub blobs: Arc<snapshots::Blobs>,
 }
 
 /// Why the server could not start or stop cleanly. One line each.
@@ -373,6 +377,7 @@ pub async fn serve(
         ),
         draining: Arc::new(AtomicBool::new(false)),
         sessions,
+        blobs: Arc::new(snapshots::Blobs::new(&cfg.data_dir)),
     };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -485,8 +490,13 @@ async fn open_sessions(
         .clone()
         .unwrap_or_else(airlock_backend::default_run_dir);
     let c = &cfg.sessions;
+    // The token of this data directory (one server at a time holds it):
+    // the mount points of an earlier run of this server carry it.
+    let dir = std::fs::canonicalize(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
+    let token = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
     match Sessions::new(&run_dir, sandbox_ids) {
         Ok(s) => {
+            let s = s.with_instance(&token[..16]);
             let reaped = s.reap_stale();
             if !stale.is_empty() || reaped > 0 {
                 tracing::warn!(
@@ -495,7 +505,11 @@ async fn open_sessions(
                     "ended the sessions of an unclean stop"
                 );
             }
-            Ok(Some(Arc::new(s.with_limits(c.max_per_tenant, c.max_total))))
+            Ok(Some(Arc::new(s.with_limits(
+                c.max_per_tenant,
+                c.max_total,
+                c.total_mib(),
+            ))))
         }
         Err(SessionError::Unavailable) => {
             tracing::info!("not running as root: sessions are unavailable");

@@ -77,7 +77,7 @@ fn default_description(status: &str) -> &'static str {
         }
         "408" => "the request body did not arrive in time (request_timeout)",
         "409" => {
-            "conflict (not_cancellable, version_conflict, session_ended, wrong_type, directory_not_empty)"
+            "conflict (not_cancellable, version_conflict, session_ended, wrong_type, directory_not_empty, file_busy)"
         }
         "413" => "request body too large (payload_too_large)",
         "414" => "request target too long (uri_too_long)",
@@ -389,6 +389,21 @@ fn constrain_parameters(doc: &mut Value) {
             "/v1/sessions/{id}" | "/v1/sessions/{id}/exec" => {
                 set_param(op, "id", pattern(crate::sessions::SESSION_ID));
             }
+            "/v1/sessions/{id}/snapshots" => {
+                set_param(op, "id", pattern(crate::sessions::SESSION_ID));
+                set_param(op, "limit", int(1, 1000));
+            }
+            "/v1/sessions/{id}/evidence" => {
+                set_param(op, "id", pattern(crate::sessions::SESSION_ID));
+            }
+            "/v1/executions/{id}/evidence" => set_param(op, "id", pattern(EXECUTION_ID)),
+            "/v1/snapshots/{id}" | "/v1/snapshots/{id}/tar" => {
+                set_param(op, "id", pattern(crate::snapshots::SNAPSHOT_ID));
+            }
+            "/v1/snapshots/{id}/diff" => {
+                set_param(op, "id", pattern(crate::snapshots::SNAPSHOT_ID));
+                set_param(op, "against", pattern(crate::snapshots::SNAPSHOT_ID));
+            }
             "/v1/sessions/{id}/executions" => {
                 set_param(op, "id", pattern(crate::sessions::SESSION_ID));
                 set_param(op, "limit", int(1, 100));
@@ -492,6 +507,7 @@ fn constrain_bodies(doc: &mut Value, cfg: &ServerConfig) {
         range(p, "workspace_files", 16, sc.max_workspace_files);
         range(p, "idle_timeout_secs", 1, sc.max_idle_timeout_secs);
         range(p, "lifetime_secs", 1, sc.max_lifetime_secs);
+        p["from_snapshot"]["pattern"] = json!(crate::snapshots::SNAPSHOT_ID);
         // Sessions start javascript sandboxes too: the per-language
         // minimums of tasks and files hold for their limits.
         s["allOf"] = json!([

@@ -131,6 +131,9 @@ pub enum ApiError {
     /// Removing a directory that is not empty.
     #[error("directory not empty")]
     DirectoryNotEmpty,
+    /// The file is busy (a lease, a rename racing the request); retry.
+    #[error("file busy")]
+    FileBusy,
     /// A file larger than the server hands out in one response.
     #[error("file too large")]
     FileTooLarge(u64),
@@ -262,6 +265,7 @@ impl ApiError {
                 "directory_not_empty",
                 "Directory not empty",
             ),
+            FileBusy => (StatusCode::CONFLICT, "file_busy", "File busy"),
             FileTooLarge(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "file_too_large",
@@ -308,6 +312,7 @@ impl ApiError {
                 "the sandbox's user may not do this (the file or its directory is read-only)".into()
             }
             DirectoryNotEmpty => "the directory is not empty".into(),
+            FileBusy => "the file is busy (in use, or changing while it was reached); retry".into(),
             FileTooLarge(max) => format!(
                 "the file is larger than {max} bytes, the most one request carries; \
                  split it in the sandbox, or raise sessions.max_file_bytes"

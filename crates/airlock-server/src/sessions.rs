@@ -10,6 +10,7 @@
 //! under the sandbox user's file-system ids.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -76,6 +77,14 @@ pub struct CreateSession {
     /// Ends this long after it began at the latest, seconds.
     #[serde(default, deserialize_with = "body::opt_u64")]
     pub lifetime_secs: Option<u64>,
+    /// Start from a snapshot's workspace (any of this tenant's; it must
+    /// fit this session's quota).
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+    /// Take a snapshot of the workspace after each execution (reason
+    /// `after_exec`, naming the execution).
+    #[serde(default)]
+    pub snapshot_after_exec: bool,
 }
 
 /// A workspace's quota and, while the session is open, its use.
@@ -123,6 +132,8 @@ pub struct SessionView {
     /// `server_restart` or `server_shutdown`.
     #[schema(pattern = "^(deleted|idle_timeout|lifetime|server_restart|server_shutdown)$")]
     pub end_reason: Option<String>,
+    /// A snapshot is taken after each execution.
+    pub snapshot_after_exec: bool,
 }
 
 /// A page of sessions.
@@ -241,7 +252,11 @@ fn available(st: &AppState) -> Result<&Arc<Sessions>, ApiError> {
     st.sessions.as_ref().ok_or_else(unavailable)
 }
 
-fn session_view(st: &AppState, rec: &SessionRecord, live: Option<&Workspace>) -> SessionView {
+pub(crate) fn session_view(
+    st: &AppState,
+    rec: &SessionRecord,
+    live: Option<&Workspace>,
+) -> SessionView {
     let usage = live.and_then(|w| w.usage().ok());
     SessionView {
         id: rec.id.clone(),
@@ -267,12 +282,17 @@ fn session_view(st: &AppState, rec: &SessionRecord, live: Option<&Workspace>) ->
         expires_at: rfc3339(rec.expires_at_ms),
         ended_at: rec.ended_at_ms.map(rfc3339),
         end_reason: rec.end_reason.clone(),
+        snapshot_after_exec: rec.snapshot_after_exec,
     }
 }
 
 /// The tenant's session record, or 404 (malformed ids too: nothing of
 /// anyone's could have it).
-async fn record(st: &AppState, who: &Principal, id: &str) -> Result<SessionRecord, ApiError> {
+pub(crate) async fn record(
+    st: &AppState,
+    who: &Principal,
+    id: &str,
+) -> Result<SessionRecord, ApiError> {
     if !valid_session_id(id) {
         return Err(ApiError::NotFound);
     }
@@ -284,7 +304,7 @@ async fn record(st: &AppState, who: &Principal, id: &str) -> Result<SessionRecor
 
 /// The tenant's open session's workspace: 404 when it has none of that
 /// id, 409 `session_ended` when it ended.
-async fn open_workspace(
+pub(crate) async fn open_workspace(
     st: &AppState,
     who: &Principal,
     id: &str,
@@ -300,7 +320,7 @@ async fn open_workspace(
     }
 }
 
-fn fs_error(e: FsError) -> ApiError {
+pub(crate) fn fs_error(e: FsError) -> ApiError {
     match e {
         FsError::InvalidPath(m) => ApiError::InvalidPath(format!("invalid path: {m}")),
         FsError::NotFound => ApiError::FileNotFound,
@@ -309,6 +329,7 @@ fn fs_error(e: FsError) -> ApiError {
         FsError::TooLarge(n) => ApiError::FileTooLarge(n),
         FsError::Denied => ApiError::PermissionDenied,
         FsError::NotEmpty => ApiError::DirectoryNotEmpty,
+        FsError::Busy => ApiError::FileBusy,
         FsError::Internal(m) => {
             tracing::error!(error = %m, "workspace operation failed");
             ApiError::Internal
@@ -316,15 +337,45 @@ fn fs_error(e: FsError) -> ApiError {
     }
 }
 
-/// Runs a workspace operation on a blocking thread.
+/// Runs a workspace operation on a blocking thread (refused once the
+/// session ended, also after the request looked it up).
 async fn on_workspace<T: Send + 'static>(
     ws: Arc<Workspace>,
     op: impl FnOnce(&Workspace) -> Result<T, FsError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(move || op(&ws))
-        .await
-        .map_err(|_| ApiError::Internal)?
-        .map_err(fs_error)
+    tokio::task::spawn_blocking(move || {
+        if ws.is_ended() {
+            return Err(ApiError::SessionEnded("ended meanwhile".into()));
+        }
+        op(&ws).map_err(fs_error)
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+}
+
+type Chunk = Result<axum::body::Bytes, std::io::Error>;
+
+/// A blocking reader of chunks an async task sends (an upload's body on
+/// its way to the workspace).
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    cur: axum::body::Bytes,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(b)) => self.cur = b,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
 }
 
 /// A value of the request, or the configured default; above the maximum
@@ -378,8 +429,17 @@ pub(crate) async fn reaper(st: AppState) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for (id, why) in sessions.due() {
-            match end(&st, &id, why, &server_actor()).await {
+        for (id, _) in sessions.due() {
+            // Decided again under the session's lock: an execution
+            // admitted since keeps it open.
+            let Some(why) = sessions.end_if_due(&id) else {
+                continue;
+            };
+            match st
+                .store
+                .end_session(&id, why, now_ms(), &server_actor())
+                .await
+            {
                 Ok(_) => tracing::info!(session = %id, reason = why, "session ended"),
                 Err(e) => tracing::error!(session = %id, error = %e, "ending a session failed"),
             }
@@ -408,7 +468,9 @@ pub(crate) async fn end_all(st: &AppState) {
     responses(
         (status = 201, description = "created", body = SessionView),
         (status = 400, body = Problem), (status = 422, description = "denied by policy, or no backend that holds sessions meets the isolation asked for, or the language's runtime is missing (policy_denied, isolation_unavailable, runtime_unavailable)", body = Problem),
+        (status = 404, description = "from_snapshot names no snapshot of this tenant (not_found)", body = Problem),
         (status = 429, description = "the tenant holds its maximum of open sessions (too_many_sessions)", body = Problem),
+        (status = 507, description = "the snapshot does not fit the workspace's quota (workspace_full)", body = Problem),
         (status = 501, description = "this server cannot hold sessions (sessions_unavailable)", body = Problem),
         (status = 503, description = "shutting down, or the server holds its maximum of sessions (shutting_down, sessions_full)", body = Problem)))]
 pub(crate) async fn create_session(
@@ -505,33 +567,16 @@ pub(crate) async fn create_session(
             }
         })?;
     }
+    let from = match &req.from_snapshot {
+        None => None,
+        Some(sid) => Some(
+            st.store
+                .snapshot(&who.tenant_id, sid)
+                .await?
+                .ok_or(ApiError::NotFound)?,
+        ),
+    };
     let id = new_id("ss");
-    let ws = {
-        let (sessions, id, tenant) = (sessions.clone(), id.clone(), who.tenant_id.clone());
-        tokio::task::spawn_blocking(move || {
-            sessions.create(
-                &id,
-                &tenant,
-                (mib, files),
-                Duration::from_secs(idle),
-                Duration::from_secs(lifetime),
-            )
-        })
-        .await
-        .map_err(|_| ApiError::Internal)?
-    };
-    let ws = match ws {
-        Ok(ws) => ws,
-        Err(e @ SessionError::TenantFull(_)) => {
-            return Err(ApiError::TooManySessions(e.to_string()));
-        }
-        Err(e @ SessionError::ServerFull(_)) => return Err(ApiError::SessionsFull(e.to_string())),
-        Err(SessionError::Unavailable) => return Err(unavailable()),
-        Err(SessionError::Host(m)) => {
-            tracing::error!(error = %m, "a session's workspace could not be made");
-            return Err(ApiError::Internal);
-        }
-    };
     let now = now_ms();
     let rec = SessionRecord {
         id: id.clone(),
@@ -546,17 +591,69 @@ pub(crate) async fn create_session(
         expires_at_ms: now.saturating_add(i64::try_from(lifetime * 1000).unwrap_or(i64::MAX)),
         ended_at_ms: None,
         end_reason: None,
+        snapshot_after_exec: req.snapshot_after_exec,
     };
-    // Recorded in a task of its own: a client that disconnects now must
-    // not leave a workspace no record knows of.
-    let (store, actor, rec2) = (st.store.clone(), who.actor(&ctx), rec.clone());
-    let stored = tokio::spawn(async move { store.insert_session(&rec2, &actor).await })
+    // Made, filled and recorded in a task of its own: a client that
+    // disconnects meanwhile must not leave a workspace no record knows
+    // of. Every failure after the mount ends it.
+    let (store, actor, rec2, blobs) = (
+        st.store.clone(),
+        who.actor(&ctx),
+        rec.clone(),
+        st.blobs.clone(),
+    );
+    let ws = tokio::spawn(async move {
+        let (s, id, tenant) = (sessions.clone(), rec2.id.clone(), rec2.tenant_id.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            s.create(
+                &id,
+                &tenant,
+                (mib, files),
+                Duration::from_secs(idle),
+                Duration::from_secs(lifetime),
+            )
+        })
         .await
         .map_err(|_| ApiError::Internal)?;
-    if let Err(e) = stored {
-        drop(sessions.end(&id));
-        return Err(e.into());
-    }
+        let ws = match made {
+            Ok(ws) => ws,
+            Err(e @ SessionError::TenantFull(_)) => {
+                return Err(ApiError::TooManySessions(e.to_string()));
+            }
+            Err(e @ SessionError::ServerFull) => return Err(ApiError::SessionsFull(e.to_string())),
+            Err(SessionError::Unavailable) => return Err(unavailable()),
+            Err(SessionError::Host(m)) => {
+                tracing::error!(error = %m, "a session's workspace could not be made");
+                return Err(ApiError::Internal);
+            }
+        };
+        let filled = match from {
+            None => Ok(()),
+            Some(snap) => {
+                let w = ws.clone();
+                tokio::task::spawn_blocking(move || crate::snapshots::restore(&w, &blobs, &snap))
+                    .await
+                    .map_err(|_| ApiError::Internal)
+                    .and_then(|r| r.map_err(fs_error))
+            }
+        };
+        let stored = match filled {
+            Ok(()) => store
+                .insert_session(&rec2, &actor)
+                .await
+                .map_err(ApiError::from),
+            Err(e) => Err(e),
+        };
+        match stored {
+            Ok(()) => Ok(ws),
+            Err(e) => {
+                drop(sessions.end(&rec2.id));
+                Err(e)
+            }
+        }
+    })
+    .await
+    .map_err(|_| ApiError::Internal)??;
     let mut resp = (
         StatusCode::CREATED,
         Json(session_view(&st, &rec, Some(&ws))),
@@ -781,6 +878,7 @@ pub(crate) async fn session_exec(
             workspace,
             policy,
             backend: rec.backend,
+            snapshot_after: rec.snapshot_after_exec,
         }),
     )
     .await
@@ -889,27 +987,66 @@ pub(crate) async fn put_file(
             })?,
     };
     let ws = open_workspace(&st, &who, &id).await?;
-    let max = usize::try_from(st.cfg.sessions.max_file_bytes).unwrap_or(usize::MAX);
+    let max = st.cfg.sessions.max_file_bytes;
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        && len > max as u64
+        && len > max
     {
-        return Err(ApiError::PayloadTooLarge(max));
+        return Err(ApiError::PayloadTooLarge(max as usize));
     }
-    let deadline = st.cfg.body_deadline();
-    let bytes = tokio::time::timeout(deadline, axum::body::to_bytes(body, max))
-        .await
-        .map_err(|_| ApiError::RequestTimeout(deadline.as_millis()))?
-        .map_err(|_| ApiError::PayloadTooLarge(max))?;
-    let size = bytes.len();
+    // Streamed into the new file as it arrives (never held whole): at
+    // most `max` bytes, within the body deadline.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
     let p = path.clone();
-    let info = on_workspace(ws, move |w| {
-        w.write(&p, &bytes, mode)?;
+    // Its own task, running while the body arrives.
+    let writer = tokio::spawn(on_workspace(ws, move |w| {
+        let mut from = ChunkReader {
+            rx,
+            cur: axum::body::Bytes::new(),
+        };
+        w.write_from(&p, &mut from, mode)?;
         w.stat(&p)
-    })
-    .await?;
+    }));
+    let deadline = st.cfg.body_deadline();
+    let feed = async {
+        use futures_util::StreamExt;
+        let mut stream = body.into_data_stream();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| ApiError::InvalidRequest("malformed body".into()))?;
+            size += chunk.len() as u64;
+            if size > max {
+                return Err(ApiError::PayloadTooLarge(max as usize));
+            }
+            // The writer stopped (a full workspace): its error says why.
+            if tx.send(Ok(chunk)).await.is_err() {
+                break;
+            }
+        }
+        Ok(size)
+    };
+    let fed = match tokio::time::timeout(deadline, feed).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::RequestTimeout(deadline.as_millis())),
+    };
+    let size = match fed {
+        Ok(n) => {
+            drop(tx);
+            n
+        }
+        Err(e) => {
+            // The partial file is removed by the writer's failure.
+            let _ = tx
+                .send(Err(std::io::Error::from_raw_os_error(libc::ECANCELED)))
+                .await;
+            drop(tx);
+            let _ = writer.await;
+            return Err(e);
+        }
+    };
+    let info = writer.await.map_err(|_| ApiError::Internal)??;
     st.store
         .append_audit(
             NewAudit::new(
@@ -946,13 +1083,36 @@ pub(crate) async fn get_file(
     let who = authenticate(&st, &headers, peer.ip(), &ctx).await?;
     let ws = open_workspace(&st, &who, &id).await?;
     let max = st.cfg.sessions.max_file_bytes;
-    let bytes = on_workspace(ws, move |w| w.read(&path, max)).await?;
+    let (file, len) = on_workspace(ws, move |w| w.open_read(&path, max)).await?;
+    // Streamed from the open file, never held whole: the size it had when
+    // opened, at most (a file the code grows meanwhile is cut there; one
+    // it shrinks ends the response short of its length).
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut from = file.take(len);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let chunk = match from.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => Ok(axum::body::Bytes::copy_from_slice(&buf[..n])),
+                Err(e) => Err(e),
+            };
+            let failed = chunk.is_err();
+            if tx.blocking_send(chunk).is_err() || failed {
+                return;
+            }
+        }
+    });
+    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|c| (c, rx))
+    }));
     Ok((
         [
-            (header::CONTENT_TYPE, "application/octet-stream"),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
         ],
-        bytes,
+        body,
     )
         .into_response())
 }

@@ -193,6 +193,8 @@ pub struct ExecutionRecord {
     pub host_state: Option<String>,
     /// The session it ran in, if any.
     pub session_id: Option<String>,
+    /// The resolved policy it ran under (limits, network, isolation).
+    pub policy: Option<serde_json::Value>,
 }
 
 /// A session: a tenant's workspace in which many executions run, each in
@@ -225,6 +227,36 @@ pub struct SessionRecord {
     /// Why it ended: `deleted`, `idle_timeout`, `lifetime`,
     /// `server_restart`, `server_shutdown`.
     pub end_reason: Option<String>,
+    /// A snapshot of the workspace is taken after each execution.
+    pub snapshot_after_exec: bool,
+}
+
+/// A snapshot of a session's workspace: its manifest (paths, types,
+/// sizes, modes, content hashes) and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRecord {
+    /// `sn_...`.
+    pub id: String,
+    /// Owner.
+    pub tenant_id: String,
+    /// The session whose workspace it holds.
+    pub session_id: String,
+    /// The execution after which it was taken, if any.
+    pub execution_id: Option<String>,
+    /// `requested` or `after_exec`.
+    pub reason: String,
+    /// BLAKE3 of the manifest (hex): what the audit record names.
+    pub digest: String,
+    /// Entries in the manifest.
+    pub entries: u64,
+    /// Bytes of the files in it.
+    pub bytes: u64,
+    /// A walk limit stopped it before it saw everything.
+    pub truncated: bool,
+    /// The manifest (JSON array of entries).
+    pub manifest: serde_json::Value,
+    /// Unix ms.
+    pub created_at_ms: i64,
 }
 
 impl ExecutionRecord {
@@ -258,6 +290,7 @@ impl ExecutionRecord {
             egress: None,
             host_state: None,
             session_id: None,
+            policy: None,
         }
     }
 }
@@ -555,6 +588,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every session not ended (after a crash).
     async fn open_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
 
+    /// Stores a snapshot and audits `session.snapshot` with its digest.
+    async fn insert_snapshot(&self, rec: &SnapshotRecord, actor: &Actor) -> Result<(), StoreError>;
+    /// One snapshot of one tenant.
+    async fn snapshot(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<SnapshotRecord>, StoreError>;
+    /// A session's snapshots, oldest first (at most `limit`; manifests
+    /// included).
+    async fn list_snapshots(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        limit: u32,
+    ) -> Result<Vec<SnapshotRecord>, StoreError>;
+
     /// Appends a log record to an execution (seq assigned here).
     async fn append_log(
         &self,
@@ -615,6 +665,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         tenant_id: &str,
         after: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError>;
+    /// A tenant's audit records about one subject (an execution, a
+    /// session), oldest first (at most `limit`).
+    async fn audit_for_subject(
+        &self,
+        tenant_id: &str,
+        subject: &str,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError>;
     /// Walks the whole chain and reports the first broken record.

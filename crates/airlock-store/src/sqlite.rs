@@ -19,8 +19,8 @@ use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport
 use crate::crypto::{self, Keyring, NewApiKey};
 use crate::{
     Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, LogRecord,
-    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, SessionRecord, Store, StoreError,
-    Tenant, TenantDeletion, new_id, now_ms,
+    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, SessionRecord, SnapshotRecord, Store,
+    StoreError, Tenant, TenantDeletion, new_id, now_ms,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -307,6 +307,7 @@ fn exec_row(r: &sqlx::sqlite::SqliteRow) -> Result<ExecutionRecord, StoreError> 
         },
         host_state: r.try_get("host_state")?,
         session_id: r.try_get("session_id")?,
+        policy: json_col(r, "policy")?,
     })
 }
 
@@ -327,11 +328,36 @@ fn session_row(r: &sqlx::sqlite::SqliteRow) -> Result<SessionRecord, StoreError>
         expires_at_ms: r.try_get("expires_at")?,
         ended_at_ms: r.try_get("ended_at")?,
         end_reason: r.try_get("end_reason")?,
+        snapshot_after_exec: r.try_get::<i64, _>("snapshot_after_exec")? != 0,
     })
 }
 
+fn snapshot_row(r: &sqlx::sqlite::SqliteRow) -> Result<SnapshotRecord, StoreError> {
+    let uint = |col: &str| -> Result<u64, StoreError> {
+        let v: i64 = r.try_get(col)?;
+        u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("{col}: {v}")))
+    };
+    Ok(SnapshotRecord {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        session_id: r.try_get("session_id")?,
+        execution_id: r.try_get("execution_id")?,
+        reason: r.try_get("reason")?,
+        digest: r.try_get("digest")?,
+        entries: uint("entries")?,
+        bytes: uint("bytes")?,
+        truncated: r.try_get::<i64, _>("truncated")? != 0,
+        manifest: json_col(r, "manifest")?.unwrap_or(serde_json::Value::Null),
+        created_at_ms: r.try_get("created_at")?,
+    })
+}
+
+const SNAPSHOT_COLS: &str = "id, tenant_id, session_id, execution_id, reason, digest, entries, \
+                             bytes, truncated, manifest, created_at";
+
 const SESSION_COLS: &str = "id, tenant_id, language, backend, policy, workspace_mib, workspace_files, \
-                            idle_timeout_ms, created_at, expires_at, ended_at, end_reason";
+                            idle_timeout_ms, created_at, expires_at, ended_at, end_reason, \
+                            snapshot_after_exec";
 
 fn memory_row(r: &sqlx::sqlite::SqliteRow) -> Result<MemoryEntry, StoreError> {
     Ok(MemoryEntry {
@@ -404,7 +430,7 @@ async fn live_tenant(conn: &mut Conn, tenant_id: &str) -> Result<(), StoreError>
 }
 
 const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
-                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error, egress, session_id";
+                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error, egress, session_id, policy";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -642,6 +668,10 @@ impl Store for SqliteStore {
                         .await?
                         .rows_affected();
                     sqlx::query("DELETE FROM sessions WHERE tenant_id = ?")
+                        .bind(&tenant_id)
+                        .execute(&mut *c)
+                        .await?;
+                    sqlx::query("DELETE FROM snapshots WHERE tenant_id = ?")
                         .bind(&tenant_id)
                         .execute(&mut *c)
                         .await?;
@@ -999,8 +1029,8 @@ impl Store for SqliteStore {
             Box::pin(async move {
                 live_tenant(c, &rec.tenant_id).await?;
                 sqlx::query(
-                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id, session_id)
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id, session_id, policy)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&rec.id)
                 .bind(&rec.tenant_id)
@@ -1011,6 +1041,7 @@ impl Store for SqliteStore {
                 .bind(rec.created_at_ms)
                 .bind(&rec.flow_id)
                 .bind(&rec.session_id)
+                .bind(rec.policy.as_ref().map(ToString::to_string))
                 .execute(&mut *c)
                 .await?;
                 append_in(
@@ -1227,8 +1258,8 @@ impl Store for SqliteStore {
                 live_tenant(c, &rec.tenant_id).await?;
                 sqlx::query(
                     "INSERT INTO sessions (id, tenant_id, language, backend, policy, workspace_mib, \
-                     workspace_files, idle_timeout_ms, created_at, expires_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     workspace_files, idle_timeout_ms, created_at, expires_at, snapshot_after_exec) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(&rec.id)
                 .bind(&rec.tenant_id)
@@ -1240,6 +1271,7 @@ impl Store for SqliteStore {
                 .bind(rec.idle_timeout_ms)
                 .bind(rec.created_at_ms)
                 .bind(rec.expires_at_ms)
+                .bind(i64::from(rec.snapshot_after_exec))
                 .execute(&mut *c)
                 .await?;
                 append_in(
@@ -1335,6 +1367,90 @@ impl Store for SqliteStore {
             })
         })
         .await
+    }
+
+    async fn insert_snapshot(&self, rec: &SnapshotRecord, actor: &Actor) -> Result<(), StoreError> {
+        let rec = rec.clone();
+        let actor = actor.clone();
+        let int = |v: u64| i64::try_from(v).map_err(|_| StoreError::Corrupt("too large".into()));
+        let (entries, bytes) = (int(rec.entries)?, int(rec.bytes)?);
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                live_tenant(c, &rec.tenant_id).await?;
+                sqlx::query(
+                    "INSERT INTO snapshots (id, tenant_id, session_id, execution_id, reason, digest, \
+                     entries, bytes, truncated, manifest, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(&rec.id)
+                .bind(&rec.tenant_id)
+                .bind(&rec.session_id)
+                .bind(&rec.execution_id)
+                .bind(&rec.reason)
+                .bind(&rec.digest)
+                .bind(entries)
+                .bind(bytes)
+                .bind(i64::from(rec.truncated))
+                .bind(rec.manifest.to_string())
+                .bind(rec.created_at_ms)
+                .execute(&mut *c)
+                .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(
+                        Some(&rec.tenant_id),
+                        "session.snapshot",
+                        &actor.actor,
+                        &rec.session_id,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({
+                        "snapshot": rec.id, "digest": rec.digest, "reason": rec.reason,
+                        "execution_id": rec.execution_id, "entries": rec.entries,
+                        "bytes": rec.bytes, "truncated": rec.truncated,
+                    })),
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn snapshot(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Option<SnapshotRecord>, StoreError> {
+        let q = format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE tenant_id = ? AND id = ?");
+        sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(snapshot_row)
+            .transpose()
+    }
+
+    async fn list_snapshots(
+        &self,
+        tenant_id: &str,
+        session_id: &str,
+        limit: u32,
+    ) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let q = format!(
+            "SELECT {SNAPSHOT_COLS} FROM snapshots WHERE tenant_id = ? AND session_id = ? \
+             ORDER BY seq LIMIT ?"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(tenant_id)
+            .bind(session_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(snapshot_row).collect()
     }
 
     async fn open_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
@@ -1574,6 +1690,24 @@ impl Store for SqliteStore {
         )
         .bind(tenant_id)
         .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(audit_row(r)?.event)).collect()
+    }
+
+    async fn audit_for_subject(
+        &self,
+        tenant_id: &str,
+        subject: &str,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, ts, tenant_id, kind, actor, subject, request_id, detail, prev_hash, hash
+             FROM audit WHERE tenant_id = ? AND subject = ? ORDER BY seq LIMIT ?",
+        )
+        .bind(tenant_id)
+        .bind(subject)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;

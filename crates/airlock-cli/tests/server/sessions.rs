@@ -260,6 +260,27 @@ fn another_tenants_session_is_not_found_on_every_route() {
     }
     let r = put(&s, &b, &format!("/v1/sessions/{id}/files/f"), b"b's");
     r.problem(404, "not_found");
+    // Ended, it is still not found for b (never 409: that would say it
+    // exists).
+    let ended = create(&s, &a, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(delete(&s, &a, &format!("/v1/sessions/{ended}")).status, 204);
+    s.post(
+        &format!("/v1/sessions/{ended}/exec"),
+        &a,
+        json!({"code": "true"}),
+    )
+    .problem(409, "session_ended");
+    s.post(
+        &format!("/v1/sessions/{ended}/exec"),
+        &b,
+        json!({"code": "true"}),
+    )
+    .problem(404, "not_found");
+    s.get(&format!("/v1/sessions/{ended}"), &b)
+        .problem(404, "not_found");
     assert!(
         s.get("/v1/sessions", &b).json()["sessions"]
             .as_array()
@@ -353,6 +374,19 @@ fn paths_symlinks_and_fifos_planted_by_the_code_never_lead_out_of_the_workspace(
         .get(&format!("/v1/sessions/{id}/stat?path=passwd-link"), &key)
         .json();
     assert_eq!(st["type"], "file", "{st}");
+    // A socket is not a file either, and `..` is refused in queries too.
+    exec(
+        &s,
+        &key,
+        &id,
+        json!({"language": "python", "code": "import socket; socket.socket(socket.AF_UNIX).bind('sock')"}),
+    );
+    s.get(&format!("/v1/sessions/{id}/files/sock"), &key)
+        .problem(409, "wrong_type");
+    s.get(&format!("/v1/sessions/{id}/stat?path=../.."), &key)
+        .problem(400, "invalid_path");
+    s.get(&format!("/v1/sessions/{id}/files?path=a/../../b"), &key)
+        .problem(400, "invalid_path");
     // A file the code made read-only stays so for the API too.
     exec(
         &s,
@@ -414,6 +448,14 @@ fn quotas_limits_and_caps_refuse_with_their_own_codes() {
         }
         assert!(i < 19, "twenty 60 kB files fit a 1 MiB workspace");
     }
+    // Replacing a file with one that does not fit leaves the old one whole.
+    put(
+        &s,
+        &key,
+        &format!("/v1/sessions/{id}/files/a"),
+        &vec![b'b'; 60_000],
+    )
+    .problem(507, "workspace_full");
     assert_eq!(
         s.get(&format!("/v1/sessions/{id}/files/a"), &key).body,
         half,
@@ -471,6 +513,20 @@ fn idle_timeout_and_lifetime_end_sessions_and_kill_what_runs() {
     let ex = s.wait_status(&key, &running, &["finished", "failed"]);
     assert_eq!(ex["reason"], "cancelled", "{ex}");
     assert!(!mounted(&idle_id) && !mounted(&life_id));
+    // A running execution holds the idle clock: a run three times longer
+    // than the idle timeout ends normally and the session is still open.
+    let busy = create(&s, &key, json!({"idle_timeout_secs": 1}));
+    let busy_id = busy["id"].as_str().unwrap().to_string();
+    let long = exec(&s, &key, &busy_id, json!({"code": "sleep 3; echo done"}));
+    assert_eq!(
+        (long["reason"].as_str(), long["result"]["stdout"].as_str()),
+        (Some("exited"), Some("done\n")),
+        "{long}"
+    );
+    let v = s.get(&format!("/v1/sessions/{busy_id}"), &key).json();
+    assert_eq!(v["status"], "open", "{v}");
+    let v = wait_ended(&s, &key, &busy_id, Duration::from_secs(10));
+    assert_eq!(v["end_reason"], "idle_timeout");
     // Control: a session with the default timeouts is still open.
     let c = s.get(&format!("/v1/sessions/{control_id}"), &key).json();
     assert_eq!(c["status"], "open", "{c}");
@@ -536,4 +592,344 @@ fn a_rootless_server_says_sessions_are_unavailable() {
     assert!(!p["detail"].as_str().unwrap().contains('/'), "{p}");
     // Positive control: it runs executions.
     assert_eq!(s.run(&key, "shell", "echo ok")["result"]["stdout"], "ok\n");
+}
+
+#[test]
+fn an_ended_workspace_still_held_by_a_queued_execution_counts_until_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "max_concurrent = 1\n[sessions]\nmax_per_tenant = 1\n[tenants]\nmax_queued = 4\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    // The only worker is busy.
+    let r = s.post(
+        "/v1/executions",
+        &key,
+        json!({"language": "shell", "code": "sleep 30", "wait": false, "limits": {"wall_time_ms": 40000}}),
+    );
+    let blocker = r.json()["id"].as_str().unwrap().to_string();
+    s.wait_status(&key, &blocker, &["running"]);
+    let id = create(&s, &key, json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s.post(
+        &format!("/v1/sessions/{id}/exec"),
+        &key,
+        json!({"code": "echo never", "wait": false}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let queued = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(delete(&s, &key, &format!("/v1/sessions/{id}")).status, 204);
+    // The queued execution still holds the workspace: it counts.
+    assert!(mounted(&id), "positive control: still held");
+    s.post("/v1/sessions", &key, json!({}))
+        .problem(429, "too_many_sessions");
+    // Once the worker frees, the queued one only records its end, and the
+    // workspace goes.
+    assert_eq!(
+        s.post(&format!("/v1/executions/{blocker}/cancel"), &key, json!({}))
+            .status,
+        202
+    );
+    let q = s.wait_status(&key, &queued, &["failed", "finished"]);
+    assert_eq!(q["reason"], "cancelled", "{q}");
+    assert!(q["result"].is_null(), "it never ran: {q}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mounted(&id) {
+        assert!(Instant::now() < deadline, "the workspace stayed mounted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    create(&s, &key, json!({}));
+}
+
+/// BLAKE3 is not in python's standard library: hashes of snapshot
+/// contents are checked by the server's own reads; SHA-256 digests of
+/// evidence by python here.
+fn python(script: &str, input: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(input).unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn snapshots_keep_what_changed_diff_download_and_restore_into_a_new_session() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let other = s.tenant("other");
+    let id = create(&s, &key, json!({"snapshot_after_exec": true}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let first = exec(
+        &s,
+        &key,
+        &id,
+        json!({"code": "echo one > a.txt; mkdir d; printf 'bb' > d/b.bin; ln -s a.txt link; echo same > keep"}),
+    );
+    let list = s.get(&format!("/v1/sessions/{id}/snapshots"), &key).json();
+    let snaps = list["snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 1, "{list}");
+    assert_eq!(snaps[0]["reason"], "after_exec");
+    assert_eq!(snaps[0]["execution_id"], first["id"]);
+    let s1 = snaps[0]["id"].as_str().unwrap().to_string();
+    let m = s.get(&format!("/v1/snapshots/{s1}"), &key).json();
+    let entries: Vec<(String, String)> = m["manifest"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().into(),
+                e["type"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("a.txt", "file"),
+        ("d", "directory"),
+        ("d/b.bin", "file"),
+        ("keep", "file"),
+        ("link", "symlink"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(entries, want, "{m}");
+
+    exec(
+        &s,
+        &key,
+        &id,
+        json!({"code": "echo two >> a.txt; rm d/b.bin; echo new > c.txt"}),
+    );
+    let s2 = s.get(&format!("/v1/sessions/{id}/snapshots"), &key).json()["snapshots"][1]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let d = s
+        .get(&format!("/v1/snapshots/{s2}/diff?against={s1}"), &key)
+        .json();
+    let paths = |k: &str| -> Vec<String> {
+        d[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(paths("added"), ["c.txt"], "{d}");
+    assert_eq!(paths("removed"), ["d/b.bin"], "{d}");
+    assert_eq!(paths("changed"), ["a.txt"], "{d}");
+    assert_eq!(d["changed"][0]["before"]["size"], 4);
+    assert_eq!(d["changed"][0]["after"]["size"], 8);
+    assert_ne!(
+        d["changed"][0]["before"]["hash"],
+        d["changed"][0]["after"]["hash"]
+    );
+
+    // Content-addressed: a snapshot of an unchanged workspace stores no
+    // new blob.
+    let blobs = s.data().join("blobs");
+    let count = || walk_files(&blobs);
+    let before = count();
+    let r = s.post(&format!("/v1/sessions/{id}/snapshots"), &key, json!({}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["reason"], "requested");
+    let s3 = r.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(count(), before, "nothing new to store");
+    let same = s
+        .get(&format!("/v1/snapshots/{s3}/diff?against={s2}"), &key)
+        .json();
+    assert_eq!(
+        (
+            same["added"].as_array().unwrap().len(),
+            same["removed"].as_array().unwrap().len(),
+            same["changed"].as_array().unwrap().len()
+        ),
+        (0, 0, 0),
+        "{same}"
+    );
+
+    // The archive, read by python's tarfile.
+    let tar = s.get(&format!("/v1/snapshots/{s1}/tar"), &key);
+    assert_eq!(tar.status, 200);
+    assert_eq!(tar.header("content-type"), Some("application/x-tar"));
+    let listing = python(
+        "import io,sys,tarfile\nt=tarfile.open(fileobj=io.BytesIO(sys.stdin.buffer.read()))\n\
+         for m in t.getmembers():\n  x=t.extractfile(m).read().decode() if m.isfile() else (m.linkname if m.issym() else '')\n  print(m.name, m.type.decode(), repr(x))",
+        &tar.body,
+    );
+    assert_eq!(
+        listing, "a.txt 0 'one\\n'\nd 5 ''\nd/b.bin 0 'bb'\nkeep 0 'same\\n'\nlink 2 'a.txt'\n",
+        "{listing}"
+    );
+
+    // Restored into a new session: the first snapshot's workspace.
+    let restored = create(&s, &key, json!({"from_snapshot": s1}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = exec(
+        &s,
+        &key,
+        &restored,
+        json!({"code": "cat a.txt d/b.bin; echo; readlink link; ls"}),
+    );
+    assert_eq!(
+        r["result"]["stdout"], "one\nbb\na.txt\na.txt\nd\nkeep\nlink\n",
+        "{r}"
+    );
+
+    // Another tenant reaches none of it.
+    s.get(&format!("/v1/snapshots/{s1}"), &other)
+        .problem(404, "not_found");
+    s.get(&format!("/v1/snapshots/{s1}/tar"), &other)
+        .problem(404, "not_found");
+    s.post("/v1/sessions", &other, json!({"from_snapshot": s1}))
+        .problem(404, "not_found");
+    s.get(&format!("/v1/sessions/{id}/snapshots"), &other)
+        .problem(404, "not_found");
+
+    // A blob changed on disk is refused when read: the restore fails and
+    // leaves no session behind.
+    let a_hash = m["manifest"][0]["hash"].as_str().unwrap().to_string();
+    let tenant_dir = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let blob = tenant_dir.join(&a_hash[..2]).join(&a_hash);
+    std::fs::write(&blob, b"forged\n").unwrap();
+    let open_before = s.get("/v1/sessions", &key).json()["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["status"] == "open")
+        .count();
+    s.post("/v1/sessions", &key, json!({"from_snapshot": s1}))
+        .problem(500, "internal");
+    let open_after = s.get("/v1/sessions", &key).json()["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["status"] == "open")
+        .count();
+    assert_eq!(open_before, open_after);
+    assert!(s.log().contains("holds bytes of hash"));
+}
+
+fn walk_files(dir: &std::path::Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            if e.file_type().unwrap().is_dir() {
+                walk_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn evidence_bundles_are_anchored_in_the_audit_chain_and_checkable_outside_airlock() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let id = create(&s, &key, json!({"snapshot_after_exec": true}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    exec(&s, &key, &id, json!({"code": "echo start > log.txt"}));
+    let run = exec(
+        &s,
+        &key,
+        &id,
+        json!({"code": "echo more >> log.txt; echo result > out.txt; exit 3", "limits": {"wall_time_ms": 5000}}),
+    );
+    let ex = run["id"].as_str().unwrap();
+    let r = s.get(&format!("/v1/executions/{ex}/evidence"), &key);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ev = r.json();
+    let body = &ev["body"];
+    assert_eq!(body["kind"], "execution");
+    assert_eq!(body["execution"]["id"], ex);
+    assert_eq!(body["execution"]["result"]["exit_code"], 3);
+    assert_eq!(
+        body["execution"]["result"]["enforced"]["backend"],
+        "process"
+    );
+    assert_eq!(body["policy"]["limits"]["wall_time_ms"], 5000, "{body}");
+    let kinds: Vec<&str> = body["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["execution.accept", "execution.start", "execution.finish"],
+        "{body}"
+    );
+    let diff = &body["workspace_diff"];
+    assert_eq!(diff["added"][0]["path"], "out.txt", "{diff}");
+    assert_eq!(diff["changed"][0]["path"], "log.txt", "{diff}");
+    // The digest, recomputed by python from the body alone.
+    let check = "import hashlib,json,sys\nb=json.load(sys.stdin)['body']\n\
+                 print(hashlib.sha256(json.dumps(b,sort_keys=True,separators=(',',':'),ensure_ascii=False).encode()).hexdigest())";
+    let digest = python(check, &r.body);
+    assert_eq!(digest.trim(), ev["digest"].as_str().unwrap());
+    // The anchor is in the chain, naming that digest.
+    let audit = s.get("/v1/audit?limit=500", &key).json();
+    let anchor = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["hash"] == ev["anchor"]["hash"])
+        .expect("the anchor is an audit record");
+    assert_eq!(anchor["kind"], "evidence.issue");
+    assert_eq!(anchor["subject"], ex);
+    assert_eq!(anchor["detail"]["digest"], ev["digest"]);
+    // A bundle edited afterwards no longer matches.
+    let mut forged = ev.clone();
+    forged["body"]["execution"]["result"]["exit_code"] = json!(0);
+    let forged_digest = python(check, forged.to_string().as_bytes());
+    assert_ne!(forged_digest.trim(), ev["digest"].as_str().unwrap());
+
+    let r = s.get(&format!("/v1/sessions/{id}/evidence"), &key);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sev = r.json();
+    assert_eq!(sev["body"]["kind"], "session");
+    assert_eq!(sev["body"]["executions"].as_array().unwrap().len(), 2);
+    assert_eq!(sev["body"]["executions"][1]["exit_code"], 3);
+    assert_eq!(sev["body"]["snapshots"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        python(check, &r.body).trim(),
+        sev["digest"].as_str().unwrap()
+    );
+    let other = s.tenant("other");
+    s.get(&format!("/v1/executions/{ex}/evidence"), &other)
+        .problem(404, "not_found");
+    s.get(&format!("/v1/sessions/{id}/evidence"), &other)
+        .problem(404, "not_found");
+    drop(s.get("/v1/audit", &key));
+    assert_eq!(
+        crate::admin(&s.data(), &["audit", "verify"]).status.code(),
+        Some(0)
+    );
 }
