@@ -4,7 +4,8 @@
 //! in the audit chain so that it can be checked later.
 //!
 //! The bundle is `{"body": …, "digest": …, "anchor": …}`. `digest` is
-//! SHA-256 of `body` serialised as compact JSON with keys sorted (python:
+//! SHA-256 of `body` serialised as compact JSON with keys sorted and
+//! integral numbers written as integers, as it is served (python:
 //! `json.dumps(body, sort_keys=True, separators=(",", ":"),
 //! ensure_ascii=False)`); issuing the bundle appends an `evidence.issue`
 //! audit record naming that digest, and `anchor` is that record (its hash
@@ -54,6 +55,25 @@ pub fn digest(body: &Value) -> String {
         .collect()
 }
 
+/// Numbers that are integers written as integers (`4`, never `4.0`), so
+/// the body's JSON is the same whichever language parses and writes it
+/// again (JavaScript has no `4.0`; python keeps what it parsed).
+fn integral_numbers(v: Value) -> Value {
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(a) => Value::Array(a.into_iter().map(integral_numbers).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| (k, integral_numbers(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 async fn issue(
     st: &AppState,
     who: &Principal,
@@ -61,6 +81,7 @@ async fn issue(
     subject: &str,
     body: Value,
 ) -> Result<Json<Evidence>, ApiError> {
+    let body = integral_numbers(body);
     let digest = digest(&body);
     let ev = st
         .store
@@ -220,5 +241,14 @@ mod tests {
             .collect();
         assert_eq!(digest(&body), want);
         assert_ne!(digest(&json!({"a": 1})), digest(&json!({"a": 2})));
+    }
+
+    #[test]
+    fn integral_numbers_are_written_as_integers() {
+        let v = integral_numbers(json!({"a": 4.0, "b": [1.5, -2.0, 7], "c": {"d": 1e300}}));
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            r#"{"a":4,"b":[1.5,-2,7],"c":{"d":1e+300}}"#
+        );
     }
 }

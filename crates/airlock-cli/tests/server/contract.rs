@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::Server;
 
-fn tool(env: &str, candidates: &[&str]) -> String {
+pub(crate) fn tool(env: &str, candidates: &[&str]) -> String {
     if let Ok(p) = std::env::var(env) {
         return p;
     }

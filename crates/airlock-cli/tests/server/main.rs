@@ -17,6 +17,7 @@ mod hygiene;
 mod lifecycle;
 mod pool;
 mod redaction;
+mod sdk;
 mod sessions;
 mod tenants;
 mod tls;
