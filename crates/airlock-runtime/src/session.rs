@@ -5,7 +5,7 @@
 //! session's backend and policy, never reused; what persists between them
 //! is the workspace alone. The workspace is a file system of its own (a
 //! tmpfs capped in bytes and inodes, `nosuid,nodev`), mounted by the
-//! server under `<run_dir>/sessions/<server pid>-<session id>`:
+//! server under `<run_dir>/sessions/<data-dir token>-<session id>`:
 //! - its quota is the kernel's (ENOSPC), for code and uploads alike;
 //! - nothing in it can be a hard link to a host file (another file
 //!   system), a set-uid program or a device;
