@@ -844,6 +844,33 @@ async fn create_execution(
     start_execution(st, who, ctx, req, None).await
 }
 
+/// A backend's refusal of a request as the API answers it.
+pub(crate) fn validation_error(e: BackendError) -> ApiError {
+    match e {
+        BackendError::Sandbox(SandboxError::RuntimeMissing(_)) => {
+            ApiError::RuntimeUnavailable(e.public_message())
+        }
+        BackendError::Sandbox(SandboxError::InvalidRequest(m)) => ApiError::InvalidRequest(m),
+        BackendError::Unsupported { .. } | BackendError::Unavailable { .. } => {
+            ApiError::IsolationUnavailable(e.public_message())
+        }
+        other => {
+            tracing::error!(error = %other, "request validation failed");
+            ApiError::Internal
+        }
+    }
+}
+
+/// Whether `id` is one of ours of this kind: `<prefix>_` and 32 hex digits.
+pub(crate) fn valid_id(id: &str, prefix: &str) -> bool {
+    id.len() == prefix.len() + 33
+        && id.starts_with(prefix)
+        && id.as_bytes()[prefix.len()] == b'_'
+        && id[prefix.len() + 1..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit())
+}
+
 /// What binds an execution to a session: its workspace, the policy it
 /// starts from and the backend it runs on.
 pub(crate) struct InSession {
@@ -996,19 +1023,7 @@ pub(crate) async fn start_execution(
             stdin: &stdin,
             policy: &policy,
         })
-        .map_err(|e| match e {
-            BackendError::Sandbox(SandboxError::RuntimeMissing(_)) => {
-                ApiError::RuntimeUnavailable(e.public_message())
-            }
-            BackendError::Sandbox(SandboxError::InvalidRequest(m)) => ApiError::InvalidRequest(m),
-            BackendError::Unsupported { .. } | BackendError::Unavailable { .. } => {
-                ApiError::IsolationUnavailable(e.public_message())
-            }
-            other => {
-                tracing::error!(error = %other, "request validation failed");
-                ApiError::Internal
-            }
-        })?;
+        .map_err(validation_error)?;
     let share = st.exec.share_for(&who.tenant_id).await?;
     let slot = match st.exec.try_admit(&who.tenant_id, share) {
         Ok(slot) => slot,
@@ -1214,10 +1229,7 @@ async fn list_executions(
     let cursor = match q.get("cursor") {
         None => None,
         Some(c) => {
-            let valid = c.len() == 35
-                && c.starts_with("ex_")
-                && c[3..].bytes().all(|b| b.is_ascii_hexdigit());
-            if !valid {
+            if !valid_id(c, "ex") {
                 return Err(ApiError::InvalidRequest(
                     "cursor is an execution id (next_cursor)".into(),
                 ));

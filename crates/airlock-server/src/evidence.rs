@@ -107,10 +107,26 @@ fn manifest(r: &SnapshotRecord) -> Vec<ManifestEntry> {
     serde_json::from_value(r.manifest.clone()).unwrap_or_default()
 }
 
-fn diff_doc(base: &SnapshotRecord, now: &SnapshotRecord) -> Value {
-    let (added, removed, changed) = crate::snapshots::diff(&manifest(base), &manifest(now));
-    json!({"snapshot": now.id, "against": base.id, "added": added, "removed": removed,
-           "changed": changed})
+/// The diff of two snapshots of a listing (which carries no manifests:
+/// both are read whole here).
+async fn diff_doc(
+    st: &AppState,
+    who: &Principal,
+    base: &SnapshotRecord,
+    now: &SnapshotRecord,
+) -> Result<Value, ApiError> {
+    let full = |id: String| async move {
+        st.store
+            .snapshot(&who.tenant_id, &id)
+            .await?
+            .ok_or(ApiError::Internal)
+    };
+    let (base, now) = (full(base.id.clone()).await?, full(now.id.clone()).await?);
+    let (added, removed, changed) = crate::snapshots::diff(&manifest(&base), &manifest(&now));
+    Ok(
+        json!({"snapshot": now.id, "against": base.id, "added": added, "removed": removed,
+              "changed": changed}),
+    )
 }
 
 async fn audit_of(st: &AppState, who: &Principal, subject: &str) -> Result<Vec<Value>, ApiError> {
@@ -156,7 +172,7 @@ pub(crate) async fn execution_evidence(
         {
             snapshots.push(SnapshotView::of(&all[pos], false));
             if pos > 0 {
-                workspace_diff = diff_doc(&all[pos - 1], &all[pos]);
+                workspace_diff = diff_doc(&st, &who, &all[pos - 1], &all[pos]).await?;
             }
         }
     }
@@ -209,7 +225,7 @@ pub(crate) async fn session_evidence(
         .list_snapshots(&who.tenant_id, &id, MAX_RECORDS)
         .await?;
     let workspace_diff = match (snaps.first(), snaps.last()) {
-        (Some(a), Some(b)) if a.id != b.id => diff_doc(a, b),
+        (Some(a), Some(b)) if a.id != b.id => diff_doc(&st, &who, a, b).await?,
         _ => Value::Null,
     };
     let body = json!({

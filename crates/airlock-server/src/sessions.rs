@@ -39,7 +39,7 @@ use crate::problem::{ApiError, Problem};
 pub const SESSION_ID: &str = "^ss_[0-9a-f]{32}$";
 
 fn valid_session_id(id: &str) -> bool {
-    id.len() == 35 && id.starts_with("ss_") && id[3..].bytes().all(|b| b.is_ascii_hexdigit())
+    crate::api::valid_id(id, "ss")
 }
 
 // ---------------------------------------------------------------- types
@@ -554,18 +554,7 @@ pub(crate) async fn create_session(
             stdin: b"",
             policy: &policy,
         })
-        .map_err(|e| match e {
-            airlock_backend::BackendError::Sandbox(
-                airlock_sandbox::SandboxError::RuntimeMissing(_),
-            ) => ApiError::RuntimeUnavailable(e.public_message()),
-            airlock_backend::BackendError::Sandbox(
-                airlock_sandbox::SandboxError::InvalidRequest(m),
-            ) => ApiError::InvalidRequest(m),
-            other => {
-                tracing::error!(error = %other, "session validation failed");
-                ApiError::Internal
-            }
-        })?;
+        .map_err(crate::api::validation_error)?;
     }
     let from = match &req.from_snapshot {
         None => None,

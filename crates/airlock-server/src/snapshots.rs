@@ -38,7 +38,7 @@ use crate::problem::{ApiError, Problem};
 pub const SNAPSHOT_ID: &str = "^sn_[0-9a-f]{32}$";
 
 fn valid_snapshot_id(id: &str) -> bool {
-    id.len() == 35 && id.starts_with("sn_") && id[3..].bytes().all(|b| b.is_ascii_hexdigit())
+    crate::api::valid_id(id, "sn")
 }
 
 // ---------------------------------------------------------------- blobs

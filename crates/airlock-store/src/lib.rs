@@ -596,8 +596,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         tenant_id: &str,
         id: &str,
     ) -> Result<Option<SnapshotRecord>, StoreError>;
-    /// A session's snapshots, oldest first (at most `limit`; manifests
-    /// included).
+    /// A session's snapshots, oldest first (at most `limit`), without
+    /// their manifests (`manifest` is null: one can be 100 000 entries;
+    /// [`Store::snapshot`] has it).
     async fn list_snapshots(
         &self,
         tenant_id: &str,

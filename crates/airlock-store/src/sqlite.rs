@@ -1440,10 +1440,9 @@ impl Store for SqliteStore {
         session_id: &str,
         limit: u32,
     ) -> Result<Vec<SnapshotRecord>, StoreError> {
-        let q = format!(
-            "SELECT {SNAPSHOT_COLS} FROM snapshots WHERE tenant_id = ? AND session_id = ? \
-             ORDER BY seq LIMIT ?"
-        );
+        let q = "SELECT id, tenant_id, session_id, execution_id, reason, digest, entries, bytes, \
+                 truncated, NULL AS manifest, created_at FROM snapshots \
+                 WHERE tenant_id = ? AND session_id = ? ORDER BY seq LIMIT ?";
         let rows = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(tenant_id)
             .bind(session_id)
