@@ -13,6 +13,7 @@ mod doctor;
 mod egress;
 mod handler;
 mod image;
+mod mcp;
 mod remote;
 mod server;
 mod vm;
@@ -52,6 +53,9 @@ enum Command {
     Image(image::ImageArgs),
     /// Build the microVM guest's images, or prune the old ones.
     Vm(vm::VmArgs),
+    /// Serve the sandbox tools to an agent over MCP on stdin and stdout,
+    /// through a running `airlock serve` (key in AIRLOCK_API_KEY).
+    Mcp(mcp::McpArgs),
     /// Report which isolation layers this host supports.
     Doctor {
         /// Print JSON instead of text.
@@ -217,6 +221,7 @@ fn main() -> ExitCode {
         },
         Command::Image(args) => image::run(args),
         Command::Vm(args) => vm::run(args),
+        Command::Mcp(args) => mcp::run(args),
         Command::Doctor { json, server, ca } => doctor::run(json, server.as_deref(), ca.as_deref()),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

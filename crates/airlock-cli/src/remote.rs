@@ -33,7 +33,7 @@ pub struct Remote<'a> {
 }
 
 /// Body of an HTTP/1.1 response read to its end (Content-Length or chunked).
-fn split_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
+pub(crate) fn split_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = std::str::from_utf8(&raw[..end]).ok()?;
     let status: u16 = head.split(' ').nth(1)?.parse().ok()?;

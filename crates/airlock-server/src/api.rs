@@ -42,6 +42,27 @@ pub struct ReqCtx {
     pub trace_id: String,
 }
 
+impl ReqCtx {
+    /// The caller's well-formed `X-Request-Id` and `traceparent`, or fresh
+    /// ids.
+    pub(crate) fn of(headers: &HeaderMap) -> ReqCtx {
+        let request_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| valid_request_id(v))
+            .map_or_else(|| new_id("req"), str::to_string);
+        let trace_id = headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent)
+            .unwrap_or_else(new_trace_id);
+        ReqCtx {
+            request_id,
+            trace_id,
+        }
+    }
+}
+
 fn valid_request_id(v: &str) -> bool {
     (1..=64).contains(&v.len())
         && v.bytes()
@@ -78,18 +99,10 @@ fn new_trace_id() -> String {
 
 /// Middleware: request id and trace id for every request, echoed back.
 pub async fn request_context(mut req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| valid_request_id(v))
-        .map_or_else(|| new_id("req"), str::to_string);
-    let trace_id = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent)
-        .unwrap_or_else(new_trace_id);
+    let ReqCtx {
+        request_id,
+        trace_id,
+    } = ReqCtx::of(req.headers());
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     req.extensions_mut().insert(ReqCtx {
         request_id: request_id.clone(),
@@ -1119,8 +1132,28 @@ pub(crate) async fn start_execution(
                     break;
                 }
             }
-            if let Err(e) = crate::snapshots::take(&st, ws, "after_exec", Some(id), &actor).await {
-                tracing::error!(error = %e, "the snapshot after an execution failed");
+            match crate::snapshots::take(&st, ws.clone(), "after_exec", Some(id.clone()), &actor)
+                .await
+            {
+                Ok(_) => {}
+                // Not taken, and the audit trail says so: a reviewer
+                // finds why the execution has no snapshot after it.
+                Err(ApiError::TooManySnapshots(max)) => {
+                    let ev = NewAudit::new(
+                        Some(&ws.tenant_id),
+                        "session.snapshot_refused",
+                        &actor.actor,
+                        &ws.id,
+                        actor.request_id.as_deref(),
+                    )
+                    .with_detail(serde_json::json!({
+                        "execution_id": id, "reason": "too_many_snapshots", "max": max,
+                    }));
+                    if let Err(e) = st.store.append_audit(ev).await {
+                        tracing::error!(error = %e, "auditing a refused snapshot failed");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "the snapshot after an execution failed"),
             }
         })
     });
@@ -1927,8 +1960,17 @@ impl Modify for SecurityAddon {
 )]
 pub struct ApiDoc;
 
-/// All routes.
+/// All routes: the API, and `/mcp` unless `[mcp]` turned it off.
 pub fn router(st: AppState) -> Router {
+    let api = routes(st.clone());
+    if !st.cfg.mcp.enabled {
+        return api;
+    }
+    api.clone().merge(crate::mcp::router(st, api))
+}
+
+/// The API's routes.
+fn routes(st: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

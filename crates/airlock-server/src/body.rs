@@ -97,7 +97,7 @@ pub fn opt_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D:
 }
 
 /// Rejects nesting deeper than [`MAX_DEPTH`] before any parser recursion.
-fn check_depth(bytes: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn check_depth(bytes: &[u8]) -> Result<(), ApiError> {
     let (mut depth, mut in_str, mut esc) = (0usize, false, false);
     for &b in bytes {
         if in_str {

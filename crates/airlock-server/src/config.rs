@@ -216,6 +216,9 @@ pub struct SessionsConfig {
     /// The largest file uploaded or downloaded in one request, bytes.
     /// Default 16777216.
     pub max_file_bytes: u64,
+    /// Snapshots one session may hold (requested and after each
+    /// execution). Default 1000.
+    pub max_snapshots: u64,
 }
 
 impl Default for SessionsConfig {
@@ -233,6 +236,7 @@ impl Default for SessionsConfig {
             lifetime_secs: 3600,
             max_lifetime_secs: 86_400,
             max_file_bytes: 16 << 20,
+            max_snapshots: 1000,
         }
     }
 }
@@ -291,6 +295,51 @@ impl SessionsConfig {
         }
         if !(1..=(1 << 30)).contains(&self.max_file_bytes) {
             return bad("max_file_bytes must be in 1..=1073741824");
+        }
+        if !(1..=100_000).contains(&self.max_snapshots) {
+            return bad("max_snapshots must be in 1..=100000");
+        }
+        Ok(())
+    }
+}
+
+/// The MCP server at `/mcp` (`[mcp]`): the sandbox tools for agents over
+/// Streamable HTTP, each call made through this API as the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct McpConfig {
+    /// Serve `/mcp`. Default true.
+    pub enabled: bool,
+    /// Browser origins (`https://app.example.com:443`, `http://localhost:*`)
+    /// whose pages may call `/mcp`. A request carrying any other `Origin`
+    /// is refused with 403, so a web page cannot drive a server on
+    /// loopback (DNS rebinding). Default: none; clients that are not
+    /// browsers send no `Origin`.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        McpConfig {
+            enabled: true,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+impl McpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for o in &self.allowed_origins {
+            let ok = o == "null"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && o.len() <= 256
+                    && !o.contains(char::is_whitespace)
+                    && !o.ends_with('/'));
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "mcp.allowed_origins: {o:?} is not an origin (scheme://host[:port], or \"null\")"
+                )));
+            }
         }
         Ok(())
     }
@@ -357,6 +406,8 @@ pub struct ServerConfig {
     pub retention: RetentionConfig,
     /// Sessions and their workspaces.
     pub sessions: SessionsConfig,
+    /// The MCP server at `/mcp`.
+    pub mcp: McpConfig,
     /// Serve HTTPS with this certificate and key (`[tls]`, both required).
     /// Default: plain HTTP, meant for loopback.
     pub tls: Option<crate::tls::TlsConfig>,
@@ -388,6 +439,7 @@ impl Default for ServerConfig {
             ready_file: None,
             retention: RetentionConfig::default(),
             sessions: SessionsConfig::default(),
+            mcp: McpConfig::default(),
             tls: None,
         }
     }
@@ -589,6 +641,7 @@ impl ServerConfig {
             ));
         }
         self.sessions.validate()?;
+        self.mcp.validate()?;
         let t = &self.tenants;
         let own = t.limits.values().map(|o| o.max_running);
         if std::iter::once(t.max_running)

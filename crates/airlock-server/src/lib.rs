@@ -16,6 +16,7 @@ pub mod config;
 pub mod conn;
 pub mod evidence;
 pub mod guest;
+pub mod mcp;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;

@@ -137,6 +137,9 @@ pub enum ApiError {
     /// A file larger than the server hands out in one response.
     #[error("file too large")]
     FileTooLarge(u64),
+    /// The session holds as many snapshots as it may.
+    #[error("too many snapshots")]
+    TooManySnapshots(u64),
     /// Anything else; details only in the server log.
     #[error("internal error")]
     Internal,
@@ -271,6 +274,11 @@ impl ApiError {
                 "file_too_large",
                 "File too large",
             ),
+            TooManySnapshots(_) => (
+                StatusCode::CONFLICT,
+                "too_many_snapshots",
+                "Too many snapshots",
+            ),
             Internal => (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
@@ -316,6 +324,10 @@ impl ApiError {
             FileTooLarge(max) => format!(
                 "the file is larger than {max} bytes, the most one request carries; \
                  split it in the sandbox, or raise sessions.max_file_bytes"
+            ),
+            TooManySnapshots(max) => format!(
+                "the session holds {max} snapshots, the most one may (sessions.max_snapshots); \
+                 a new session can start from one of them"
             ),
             QueueFull => "too many executions are queued; retry later".into(),
             TenantQueueFull { running, queued } => format!(

@@ -228,6 +228,12 @@ pub(crate) async fn take(
     execution_id: Option<String>,
     actor: &Actor,
 ) -> Result<SnapshotRecord, ApiError> {
+    let max = st.cfg.sessions.max_snapshots;
+    // Refused before the walk when the session is full already; the
+    // insert checks again, atomically.
+    if st.store.count_snapshots(&ws.tenant_id, &ws.id).await? >= max {
+        return Err(ApiError::TooManySnapshots(max));
+    }
     let blobs = st.blobs.clone();
     let tenant = ws.tenant_id.clone();
     let session_id = ws.id.clone();
@@ -254,10 +260,14 @@ pub(crate) async fn take(
         created_at_ms: now_ms(),
     };
     let (store, rec2, actor) = (st.store.clone(), rec.clone(), actor.clone());
-    tokio::spawn(async move { store.insert_snapshot(&rec2, &actor).await })
+    match tokio::spawn(async move { store.insert_snapshot(&rec2, &actor, max).await })
         .await
-        .map_err(|_| ApiError::Internal)??;
-    Ok(rec)
+        .map_err(|_| ApiError::Internal)?
+    {
+        Ok(()) => Ok(rec),
+        Err(airlock_store::StoreError::LimitReached(_)) => Err(ApiError::TooManySnapshots(max)),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Fills a new session's workspace with a snapshot's contents. Directory
@@ -429,7 +439,8 @@ async fn snapshot_record(
 #[utoipa::path(post, path = "/v1/sessions/{id}/snapshots", security(("bearer" = [])),
     params(("id" = String, Path, description = "session id")),
     responses((status = 201, body = SnapshotView), (status = 404, body = Problem),
-              (status = 409, description = "the session ended (session_ended)", body = Problem)))]
+              (status = 409, description = "the session ended (session_ended), or holds \
+               `[sessions] max_snapshots` already (too_many_snapshots)", body = Problem)))]
 pub(crate) async fn create_snapshot(
     State(st): State<AppState>,
     ConnectInfo(peer): Peer,

@@ -43,6 +43,9 @@ pub enum StoreError {
     /// A referenced row does not exist.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// A per-owner count limit would be exceeded (nothing was written).
+    #[error("the {0} limit is reached")]
+    LimitReached(&'static str),
     /// The tenant was deleted (a request authenticated just before its
     /// deletion must not write anything for it).
     #[error("the tenant was deleted")]
@@ -588,8 +591,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every session not ended (after a crash).
     async fn open_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
 
-    /// Stores a snapshot and audits `session.snapshot` with its digest.
-    async fn insert_snapshot(&self, rec: &SnapshotRecord, actor: &Actor) -> Result<(), StoreError>;
+    /// Stores a snapshot and audits `session.snapshot` with its digest,
+    /// unless its session holds `max_per_session` already
+    /// ([`StoreError::LimitReached`]; checked in the same transaction, so
+    /// concurrent snapshots cannot pass it together).
+    async fn insert_snapshot(
+        &self,
+        rec: &SnapshotRecord,
+        actor: &Actor,
+        max_per_session: u64,
+    ) -> Result<(), StoreError>;
+    /// How many snapshots a session holds.
+    async fn count_snapshots(&self, tenant_id: &str, session_id: &str) -> Result<u64, StoreError>;
     /// One snapshot of one tenant.
     async fn snapshot(
         &self,

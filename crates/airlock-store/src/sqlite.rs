@@ -1369,14 +1369,31 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn insert_snapshot(&self, rec: &SnapshotRecord, actor: &Actor) -> Result<(), StoreError> {
+    async fn insert_snapshot(
+        &self,
+        rec: &SnapshotRecord,
+        actor: &Actor,
+        max_per_session: u64,
+    ) -> Result<(), StoreError> {
         let rec = rec.clone();
         let actor = actor.clone();
         let int = |v: u64| i64::try_from(v).map_err(|_| StoreError::Corrupt("too large".into()));
-        let (entries, bytes) = (int(rec.entries)?, int(rec.bytes)?);
+        let (entries, bytes, max) = (int(rec.entries)?, int(rec.bytes)?, int(max_per_session)?);
         self.write_tx(move |c, keys| {
             Box::pin(async move {
                 live_tenant(c, &rec.tenant_id).await?;
+                // Inside the write transaction: two snapshots taken at
+                // once see each other.
+                let held: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM snapshots WHERE tenant_id = ? AND session_id = ?",
+                )
+                .bind(&rec.tenant_id)
+                .bind(&rec.session_id)
+                .fetch_one(&mut *c)
+                .await?;
+                if held >= max {
+                    return Err(StoreError::LimitReached("snapshots per session"));
+                }
                 sqlx::query(
                     "INSERT INTO snapshots (id, tenant_id, session_id, execution_id, reason, digest, \
                      entries, bytes, truncated, manifest, created_at) \
@@ -1432,6 +1449,17 @@ impl Store for SqliteStore {
             .as_ref()
             .map(snapshot_row)
             .transpose()
+    }
+
+    async fn count_snapshots(&self, tenant_id: &str, session_id: &str) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM snapshots WHERE tenant_id = ? AND session_id = ?",
+        )
+        .bind(tenant_id)
+        .bind(session_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn list_snapshots(

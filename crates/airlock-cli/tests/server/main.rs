@@ -15,6 +15,7 @@ mod contract;
 mod egress;
 mod hygiene;
 mod lifecycle;
+mod mcp;
 mod pool;
 mod redaction;
 mod sdk;

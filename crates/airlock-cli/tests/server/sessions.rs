@@ -404,7 +404,7 @@ fn quotas_limits_and_caps_refuse_with_their_own_codes() {
     let cfg = dir.path().join("airlock.toml");
     std::fs::write(
         &cfg,
-        "[sessions]\nmax_per_tenant = 2\nmax_file_bytes = 65536\nworkspace_mib = 16\nmax_workspace_mib = 64\n",
+        "[sessions]\nmax_per_tenant = 2\nmax_file_bytes = 65536\nworkspace_mib = 16\nmax_workspace_mib = 64\nmax_snapshots = 2\n",
     )
     .unwrap();
     let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
@@ -480,7 +480,36 @@ fn quotas_limits_and_caps_refuse_with_their_own_codes() {
         .problem(422, "file_too_large");
     // Ending one makes room for another.
     assert_eq!(delete(&s, &key, &format!("/v1/sessions/{id}")).status, 204);
-    create(&s, &key, json!({}));
+    let third = create(&s, &key, json!({"snapshot_after_exec": true}));
+    // Snapshots per session: one after an execution, one requested
+    // (positive controls), then refused whichever way they come.
+    let tid = third["id"].as_str().unwrap();
+    let snaps = format!("/v1/sessions/{tid}/snapshots");
+    exec(&s, &key, tid, json!({"code": "echo 1 > a"}));
+    assert_eq!(s.req("POST", &snaps, Some(&key), None).status, 201);
+    s.req("POST", &snaps, Some(&key), None)
+        .problem(409, "too_many_snapshots");
+    let last = exec(&s, &key, tid, json!({"code": "echo 2 > a"}));
+    let listed = s.get(&snaps, &key).json();
+    let reasons: Vec<&str> = listed["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["after_exec", "requested"], "{listed}");
+    // The execution without its snapshot says why, in the audit trail.
+    let audit = s.get("/v1/audit?limit=500", &key).json();
+    let refused: Vec<&Value> = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "session.snapshot_refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{audit}");
+    assert_eq!(refused[0]["subject"], tid);
+    assert_eq!(refused[0]["detail"]["execution_id"], last["id"]);
+    assert_eq!(refused[0]["detail"]["reason"], "too_many_snapshots");
 }
 
 #[test]

@@ -1,0 +1,253 @@
+//! The MCP server: `/mcp` over Streamable HTTP and `airlock mcp` over
+//! stdio, driven by the official python `mcp` client (`mcp_client.py`), and
+//! the HTTP endpoint's gate tested with hostile raw requests.
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+use crate::{BIN, Server, raw};
+
+const ACCEPT: (&str, &str) = ("Accept", "application/json, text/event-stream");
+const JSON: (&str, &str) = ("Content-Type", "application/json");
+
+fn initialize() -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}})
+    .to_string()
+    .into_bytes()
+}
+
+fn tool_call(id: u64, name: &str, args: Value) -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+           "params": {"name": name, "arguments": args}})
+    .to_string()
+    .into_bytes()
+}
+
+/// POSTs one JSON-RPC message to `/mcp` with `key` and extra headers.
+fn mcp(s: &Server, key: Option<&str>, extra: &[(&str, &str)], body: &[u8]) -> crate::Resp {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut h = vec![ACCEPT, JSON, ("MCP-Protocol-Version", "2025-06-18")];
+    if let Some(a) = &auth {
+        h.push(("Authorization", a));
+    }
+    h.extend_from_slice(extra);
+    raw(s.addr, "POST", "/mcp", &h, Some(body))
+}
+
+/// `key` with its last digit changed: the right key id, a wrong secret.
+fn wrong_key(key: &str) -> String {
+    let last = if key.ends_with('0') { '1' } else { '0' };
+    format!("{}{last}", &key[..key.len() - 1])
+}
+
+fn python_client(s: &Server, transport: &str, key: &str, other: &str) {
+    let python = crate::contract::tool("AIRLOCK_CI_PYTHON", &["/opt/airlock-ci/bin/python"]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/server/mcp_client.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg("-v")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("MCP_TRANSPORT", transport)
+        .env("AIRLOCK_URL", format!("http://{}", s.addr))
+        .env("AIRLOCK_API_KEY", key)
+        .env("AIRLOCK_OTHER_KEY", other)
+        .env("AIRLOCK_BIN", BIN)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{transport}: {text}\n{}", s.log());
+    // Positive control: every test ran, none was skipped.
+    assert!(text.contains("Ran 3 tests"), "{transport}: {text}");
+    assert!(text.trim_end().ends_with("OK"), "{transport}: {text}");
+}
+
+#[test]
+fn python_mcp_client_uses_every_tool_over_http_and_stdio() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let other = s.tenant("other");
+    python_client(&s, "http", &key, &other);
+    python_client(&s, "stdio", &key, &other);
+    // Each tool call was an API request of the tenant's, audited as such:
+    // the sessions the clients opened are acme's, none is other's.
+    let mine = s.get("/v1/sessions", &key).json();
+    assert_eq!(mine["sessions"].as_array().unwrap().len(), 4, "{mine}");
+    let theirs = s.get("/v1/sessions", &other).json();
+    assert_eq!(theirs["sessions"], json!([]), "{theirs}");
+}
+
+#[test]
+fn mcp_endpoint_authenticates_bounds_and_checks_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "body_limit_bytes = 65536\n[mcp]\nallowed_origins = [\"https://app.example:8443\"]\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    // Positive control: the key initializes, and answers come as JSON.
+    let r = mcp(&s, Some(&key), &[], &initialize());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.json()["result"]["serverInfo"]["name"], "airlock");
+    // No key, a wrong key, two keys: refused before MCP reads anything
+    // (not even the tool list), with the API's own problem documents.
+    let r = mcp(&s, None, &[], &initialize());
+    r.problem(401, "unauthorized");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"airlock\"")
+    );
+    let list = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).to_string();
+    mcp(&s, None, &[], list.as_bytes()).problem(401, "unauthorized");
+    let wrong = wrong_key(&key);
+    mcp(&s, Some(&wrong), &[], &initialize()).problem(401, "unauthorized");
+    let second = format!("Bearer {key}");
+    mcp(&s, Some(&key), &[("Authorization", &second)], &initialize())
+        .problem(400, "invalid_request");
+    // A browser page of another origin cannot drive it (DNS rebinding);
+    // the allowed origin can.
+    let r = mcp(
+        &s,
+        Some(&key),
+        &[("Origin", "http://evil.example")],
+        &initialize(),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = mcp(
+        &s,
+        Some(&key),
+        &[("Origin", "https://app.example:8443")],
+        &initialize(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Any Host is served: the key, not the name, is the boundary.
+    let r = mcp(
+        &s,
+        Some(&key),
+        &[("Host", "airlock.internal:443")],
+        &initialize(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Bodies within the API's cap and depth, like every request.
+    let big = tool_call(
+        3,
+        "sandbox_run",
+        json!({"language": "shell", "code": "x".repeat(70_000)}),
+    );
+    mcp(&s, Some(&key), &[], &big).problem(413, "payload_too_large");
+    let deep = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"tools/call\",\"params\":{{\"name\":\"sandbox_run\",\"arguments\":{{\"x\":{}1{}}}}}}}",
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    mcp(&s, Some(&key), &[], deep.as_bytes()).problem(400, "json_too_deep");
+    // A tool call is an API request of the caller's: its execution
+    // carries the MCP request's id, so the audit trail joins them.
+    let r = mcp(
+        &s,
+        Some(&key),
+        &[("X-Request-Id", "mcp-call-1")],
+        &tool_call(
+            5,
+            "sandbox_run",
+            json!({"language": "python", "code": "print(1)"}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-request-id"), Some("mcp-call-1"));
+    let res = &r.json()["result"];
+    assert_eq!(res["isError"], false, "{res}");
+    let id = res["structuredContent"]["execution_id"].as_str().unwrap();
+    let rec = s.get(&format!("/v1/executions/{id}"), &key).json();
+    assert_eq!(rec["request_id"], "mcp-call-1", "{rec}");
+    // An unknown tool is a protocol error, not a crash.
+    let r = mcp(&s, Some(&key), &[], &tool_call(6, "rm_rf", json!({})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], -32602, "{}", r.text());
+}
+
+#[test]
+fn mcp_endpoint_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "[mcp]\nenabled = false\n").unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    mcp(&s, Some(&key), &[], &initialize()).problem(404, "not_found");
+    // Positive control: the API itself is there.
+    assert_eq!(s.get("/v1/sessions", &key).status, 200);
+    // A bad origin in the config is refused with the config's error.
+    std::fs::write(&cfg, "[mcp]\nallowed_origins = [\"evil.example\"]\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("d"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("mcp.allowed_origins: \"evil.example\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn airlock_mcp_refuses_a_missing_or_wrong_key_and_an_unreachable_server() {
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    let url = format!("http://{}", s.addr);
+    let run = |url: &str, key: Option<&str>| {
+        let mut c = Command::new(BIN);
+        c.args(["mcp", "--server", url])
+            .env_remove("AIRLOCK_API_KEY")
+            .stdin(std::process::Stdio::null());
+        if let Some(k) = key {
+            c.env("AIRLOCK_API_KEY", k);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.stdout,
+        )
+    };
+    let (code, err, out) = run(&url, None);
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err,
+        "airlock: airlock mcp needs the API key in AIRLOCK_API_KEY\n"
+    );
+    assert!(out.is_empty());
+    let wrong = wrong_key(&key);
+    let (code, err, _) = run(&url, Some(&wrong));
+    assert_eq!(code, Some(2), "{err}");
+    assert_eq!(
+        err,
+        format!("airlock: {url}: the server refused AIRLOCK_API_KEY\n")
+    );
+    let (code, err, _) = run("ftp://x", Some(&key));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("airlock: --server ftp://x: expected"),
+        "{err}"
+    );
+    // Nothing listens on port 1.
+    let (code, err, _) = run("http://127.0.0.1:1", Some(&key));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with("airlock: cannot reach the airlock server at http://127.0.0.1:1:"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Positive control: the right key serves (stdin at its end: the
+    // client went away, and the server stops cleanly).
+    let (code, err, _) = run(&url, Some(&key));
+    assert_eq!(code, Some(0), "{err}");
+}
