@@ -138,6 +138,26 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     resp
 }
 
+/// Middleware of the protocol adapters (`/mcp`, `/api/v2`): request and
+/// trace ids set, echoed back and logged as by [`request_context`], their
+/// own error bodies left as their protocols define them.
+pub(crate) async fn adapter_context(mut req: Request, next: Next) -> Response {
+    let ctx = ReqCtx::of(req.headers());
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    req.extensions_mut().insert(ctx.clone());
+    let started = Instant::now();
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        %method, path = %path.chars().take(200).collect::<String>(), status = resp.status().as_u16(),
+        request_id = %ctx.request_id, trace_id = %ctx.trace_id,
+        ms = started.elapsed().as_secs_f64() * 1000.0, "request"
+    );
+    resp
+}
+
 // ---------------------------------------------------------------- auth
 
 /// An authenticated caller. Holds the tenant's in-flight request slot for
@@ -1960,13 +1980,17 @@ impl Modify for SecurityAddon {
 )]
 pub struct ApiDoc;
 
-/// All routes: the API, and `/mcp` unless `[mcp]` turned it off.
+/// All routes: the API, the Piston façade, and `/mcp` unless `[mcp]`
+/// turned it off.
 pub fn router(st: AppState) -> Router {
     let api = routes(st.clone());
-    if !st.cfg.mcp.enabled {
-        return api;
+    let mut app = api
+        .clone()
+        .merge(crate::piston::router(st.clone(), api.clone()));
+    if st.cfg.mcp.enabled {
+        app = app.merge(crate::mcp::router(st, api));
     }
-    api.clone().merge(crate::mcp::router(st, api))
+    app
 }
 
 /// The API's routes.

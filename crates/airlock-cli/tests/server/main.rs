@@ -16,6 +16,7 @@ mod egress;
 mod hygiene;
 mod lifecycle;
 mod mcp;
+mod piston;
 mod pool;
 mod redaction;
 mod sdk;
