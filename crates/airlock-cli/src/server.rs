@@ -295,7 +295,7 @@ pub fn admin(args: AdminArgs) -> ExitCode {
                 airlock_server::ServeError::Setup(m) => Fail::Usage(m),
                 e => Fail::Failed(e.to_string()),
             })?;
-            let r = admin_body(&store, args.command).await;
+            let r = admin_body(&store, &cfg.data_dir, args.command).await;
             store.close().await;
             r
         })
@@ -308,6 +308,7 @@ pub fn admin(args: AdminArgs) -> ExitCode {
 
 async fn admin_body(
     store: &airlock_store::SqliteStore,
+    data_dir: &std::path::Path,
     cmd: AdminCommand,
 ) -> Result<ExitCode, Fail> {
     let actor = Actor {
@@ -370,9 +371,20 @@ async fn admin_body(
                     )),
                     e => db(e),
                 })?;
+            // Its snapshots' contents go too (records kept or not): they
+            // are its data. The store refuses a tenant with open sessions,
+            // so no snapshot of it is being taken.
+            let blobs = airlock_server::snapshots::Blobs::new(data_dir)
+                .remove_tenant(&t.id)
+                .map_err(|e| {
+                    Fail::Failed(format!(
+                        "tenant {:?} was deleted, but its snapshot files were not removed: {e}",
+                        t.name
+                    ))
+                })?;
             println!(
-                "deleted tenant {}: {} keys revoked, {} secrets, {} memory entries, {} executions, {} log records removed",
-                t.name, d.keys_revoked, d.secrets, d.memory, d.executions, d.logs
+                "deleted tenant {}: {} keys revoked, {} secrets, {} memory entries, {} executions, {} log records, {} snapshot files removed",
+                t.name, d.keys_revoked, d.secrets, d.memory, d.executions, d.logs, blobs
             );
         }
         AdminCommand::Key(KeyCommand::Create {

@@ -92,6 +92,40 @@ impl Blobs {
         self.dir.join(tenant_id)
     }
 
+    /// Removes every blob of a deleted tenant (`admin tenant delete`: a
+    /// snapshot's contents are the tenant's data, like its secrets and
+    /// memory, whether or not its records are kept); returns how many
+    /// files went. Ids that are not the store's are refused, so nothing
+    /// but a tenant's own directory is ever removed.
+    pub fn remove_tenant(&self, tenant_id: &str) -> std::io::Result<u64> {
+        let ok = tenant_id.len() <= 64
+            && tenant_id.starts_with("tn_")
+            && tenant_id[3..].bytes().all(|b| b.is_ascii_alphanumeric());
+        if !ok {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a tenant id",
+            ));
+        }
+        let dir = self.tenant_dir(tenant_id);
+        let mut files = 0;
+        let shards = match std::fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        for shard in shards {
+            let shard = shard?;
+            if shard.file_type()?.is_dir() {
+                files += std::fs::read_dir(shard.path())?.count() as u64;
+            } else {
+                files += 1;
+            }
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(files)
+    }
+
     fn path(&self, tenant_id: &str, hash: &str) -> PathBuf {
         self.tenant_dir(tenant_id).join(&hash[..2]).join(hash)
     }

@@ -48,7 +48,41 @@ fn deleting_a_tenant_revokes_its_keys_destroys_its_data_key_and_keeps_the_chain(
             "python",
             "import airlock\nairlock.connect().log.info('x')\nprint(1)",
         );
+        // A snapshot of a session's file: its contents are stored per
+        // tenant, and the session is ended (a tenant with an open one
+        // cannot be deleted).
+        let ses = s.post("/v1/sessions", key, json!({})).json();
+        let sid = ses["id"].as_str().unwrap();
+        let r = s.post(
+            &format!("/v1/sessions/{sid}/exec"),
+            key,
+            json!({"code": "echo private > f"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = s.req(
+            "POST",
+            &format!("/v1/sessions/{sid}/snapshots"),
+            Some(key),
+            None,
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(
+            s.req("DELETE", &format!("/v1/sessions/{sid}"), Some(key), None)
+                .status,
+            204
+        );
     }
+    let blobs = s.data().join("blobs");
+    let count_files = |dir: &Path| -> usize {
+        std::fs::read_dir(dir)
+            .map(|r| {
+                r.flatten()
+                    .map(|e| std::fs::read_dir(e.path()).map_or(1, |d| d.count()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(count_files(&blobs.join(&alpha)), 1);
     let db = s.data().join("airlock.db");
     // Refused without confirmation, and while an execution is unfinished.
     let out = admin(&s.data(), &["tenant", "delete", "alpha"]);
@@ -70,10 +104,12 @@ fn deleting_a_tenant_revokes_its_keys_destroys_its_data_key_and_keeps_the_chain(
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(
-            "1 keys revoked, 1 secrets, 1 memory entries, 2 executions, 1 log records removed"
+            "1 keys revoked, 1 secrets, 1 memory entries, 3 executions, 1 log records, 1 snapshot files removed"
         ),
         "{text}"
     );
+    // Its snapshots' contents are gone; beta's are not.
+    assert!(!blobs.join(&alpha).exists());
     // Its key is refused like any unknown one; beta is untouched.
     s.get("/v1/secrets", &a).problem(401, "unauthorized");
     assert_eq!(s.get("/v1/secrets", &b).json()["secrets"][0]["name"], "DB");
@@ -120,6 +156,7 @@ fn deleting_a_tenant_revokes_its_keys_destroys_its_data_key_and_keeps_the_chain(
     assert_eq!(s.get("/v1/secrets", &a2).json()["secrets"], json!([]));
     // With --keep-records, the records stay for review.
     let beta = tenant_id(&s, "beta");
+    assert_eq!(count_files(&blobs.join(&beta)), 1);
     let out = admin(
         &s.data(),
         &["tenant", "delete", "beta", "--yes", "--keep-records"],
@@ -129,7 +166,14 @@ fn deleting_a_tenant_revokes_its_keys_destroys_its_data_key_and_keeps_the_chain(
         &db,
         &format!("SELECT COUNT(*) FROM executions WHERE tenant_id = '{beta}'"),
     );
-    assert_eq!(n, json!([[1]]));
+    assert_eq!(n, json!([[2]]));
+    // Records kept, contents not: they are the tenant's data.
+    let snaps = query(
+        &db,
+        &format!("SELECT COUNT(*) FROM snapshots WHERE tenant_id = '{beta}'"),
+    );
+    assert_eq!(snaps, json!([[1]]));
+    assert!(!blobs.join(&beta).exists());
     s.get("/v1/secrets", &b).problem(401, "unauthorized");
 }
 
