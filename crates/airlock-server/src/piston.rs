@@ -224,8 +224,12 @@ async fn admit(
     ctx: &ReqCtx,
 ) -> Result<Caller, Refusal> {
     let mut headers = headers.clone();
+    // Only a single header is rewritten: two stay two, and are refused
+    // as ambiguous like anywhere else.
+    let single = headers.get_all(header::AUTHORIZATION).iter().count() == 1;
     let bare = headers
         .get(header::AUTHORIZATION)
+        .filter(|_| single)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.contains(' ') && !v.is_empty())
         .map(|v| format!("Bearer {v}"));

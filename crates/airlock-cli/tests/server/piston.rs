@@ -193,6 +193,21 @@ fn piston_requests_that_are_wrong_get_pistons_errors_with_airlocks_codes() {
         "unauthorized",
     );
     error(&exec(Some("alk_nope"), ok.clone()), 401, "unauthorized");
+    // Two keys (a bare one and a bearer one) are ambiguous, as anywhere.
+    let bearer = format!("Bearer {key}");
+    let body = ok.to_string();
+    let r = raw(
+        s.addr,
+        "POST",
+        "/api/v2/execute",
+        &[
+            ("Authorization", &key),
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body.as_bytes()),
+    );
+    error(&r, 400, "invalid_request");
     // Languages and versions this host does not run.
     let m = error(
         &exec(
