@@ -64,15 +64,27 @@ impl Http {
         head.push_str("\r\n");
         let mut raw = zeroize::Zeroizing::new(head.into_bytes());
         raw.extend_from_slice(&req.body);
-        let answer = crate::client::exchange(conn.as_mut(), &raw, MAX_ANSWER)
+        // The head, then at most the body the caller wants.
+        let max = req.max_answer.map_or(MAX_ANSWER, |m| m.min(MAX_ANSWER));
+        let answer = crate::client::exchange(conn.as_mut(), &raw, max + (64 << 10))
             .map_err(|e| unreachable(e.to_string()))?;
+        if answer.len() as u64 >= max + (64 << 10) {
+            return Err(format!("the answer is larger than {max} bytes"));
+        }
         let (status, body) = crate::remote::split_response(&answer).ok_or_else(|| {
             format!(
                 "the airlock server at {} sent no valid HTTP answer",
                 self.url
             )
         })?;
-        Ok(ApiResponse { status, body })
+        if body.len() as u64 > max {
+            return Err(format!("the answer is larger than {max} bytes"));
+        }
+        Ok(ApiResponse {
+            status,
+            body,
+            retry_after: None,
+        })
     }
 }
 
@@ -123,6 +135,7 @@ fn serve(args: McpArgs) -> Result<(), Usage> {
             path: "/v1/sessions?limit=1".into(),
             content_type: None,
             body: Vec::new(),
+            max_answer: None,
         })
         .map_err(Usage)?;
     match probe.status {

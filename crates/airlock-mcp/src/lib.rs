@@ -34,6 +34,10 @@ pub struct ApiRequest {
     /// `Content-Type` of `body`, when there is a body.
     pub content_type: Option<&'static str>,
     pub body: Vec<u8>,
+    /// The most of the answer's body to read (default: the
+    /// implementation's own cap); a larger one is an error, never read
+    /// whole.
+    pub max_answer: Option<u64>,
 }
 
 /// The API's answer.
@@ -41,6 +45,8 @@ pub struct ApiRequest {
 pub struct ApiResponse {
     pub status: u16,
     pub body: Vec<u8>,
+    /// Its `Retry-After`, for a caller to pass on.
+    pub retry_after: Option<String>,
 }
 
 /// A request on its way; its error is shown to the caller as it is, so it

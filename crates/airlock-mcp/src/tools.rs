@@ -349,8 +349,14 @@ pub(crate) async fn call(
 
 /// The arguments as the tool's type, or a message naming what is wrong.
 fn parse<T: DeserializeOwned>(tool: &str, args: JsonObject) -> Result<T, String> {
-    serde_json::from_value(Value::Object(args))
-        .map_err(|e| format!("invalid arguments for {tool}: {e}"))
+    // serde's messages quote the value they refused: bounded, since it is
+    // the caller's.
+    serde_json::from_value(Value::Object(args)).map_err(|e| {
+        format!(
+            "invalid arguments for {tool}: {}",
+            truncate(&e.to_string(), 300)
+        )
+    })
 }
 
 fn structured(v: Value) -> CallToolResult {
@@ -385,6 +391,7 @@ impl Caller<'_> {
                     path,
                     content_type: None,
                     body: Vec::new(),
+                    max_answer: None,
                 },
                 200,
             )
@@ -406,6 +413,7 @@ impl Caller<'_> {
                     path,
                     content_type: body.map(|_| "application/json"),
                     body: body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
+                    max_answer: None,
                 },
                 ok,
             )
@@ -540,17 +548,14 @@ impl Caller<'_> {
                     path: format!("/v1/sessions/{sid}/files/{}", path_segments(&rel)),
                     content_type: None,
                     body: Vec::new(),
+                    // Never more than this is read, whatever the file
+                    // has grown to since its size was asked.
+                    max_answer: Some(MAX_READ_BYTES),
                 },
                 200,
             )
-            .await?;
-        // The file may have grown between the two requests.
-        if bytes.len() as u64 > MAX_READ_BYTES {
-            return Err(format!(
-                "{}: grew past what sandbox_fs_read returns ({MAX_READ_BYTES} bytes)",
-                truncate(&a.path, 200)
-            ));
-        }
+            .await
+            .map_err(|e| format!("{}: {e}", truncate(&a.path, 200)))?;
         let size = bytes.len();
         let (encoding, content) = match String::from_utf8(bytes) {
             Ok(text) => ("utf8", text),
@@ -594,6 +599,7 @@ impl Caller<'_> {
                     path,
                     content_type: Some("application/octet-stream"),
                     body: bytes,
+                    max_answer: None,
                 },
                 200,
             )
@@ -640,6 +646,7 @@ impl Caller<'_> {
                 path: format!("/v1/sessions/{}", segment(&a.session_id)),
                 content_type: None,
                 body: Vec::new(),
+                max_answer: None,
             },
             204,
         )

@@ -55,7 +55,9 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         use serde_json::error::Category;
         // serde_json's messages name fields and positions, never anything
         // of the host.
-        let msg = e.to_string();
+        // serde_json quotes what it refused (an unknown field, a bad
+        // variant): bounded, since it is the caller's.
+        let msg: String = e.to_string().chars().take(300).collect();
         match e.classify() {
             Category::Data => ApiError::InvalidRequest(msg),
             Category::Syntax | Category::Eof | Category::Io => ApiError::InvalidJson(msg),

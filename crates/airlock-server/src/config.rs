@@ -310,8 +310,8 @@ impl SessionsConfig {
 pub struct McpConfig {
     /// Serve `/mcp`. Default true.
     pub enabled: bool,
-    /// Browser origins (`https://app.example.com:443`, `http://localhost:*`)
-    /// whose pages may call `/mcp`. A request carrying any other `Origin`
+    /// Browser origins with their port (`https://app.example.com:443`,
+    /// `http://localhost:*`) whose pages may call `/mcp`. A request carrying any other `Origin`
     /// is refused with 403, so a web page cannot drive a server on
     /// loopback (DNS rebinding). Default: none; clients that are not
     /// browsers send no `Origin`.
@@ -330,14 +330,24 @@ impl Default for McpConfig {
 impl McpConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         for o in &self.allowed_origins {
-            let ok = o == "null"
-                || ((o.starts_with("http://") || o.starts_with("https://"))
-                    && o.len() <= 256
-                    && !o.contains(char::is_whitespace)
-                    && !o.ends_with('/'));
+            // scheme://host:port or scheme://host:*: an origin without a
+            // port would match every port of the host. `null` (sandboxed
+            // frames, file:// pages of any site) is never accepted.
+            let rest = o
+                .strip_prefix("http://")
+                .or_else(|| o.strip_prefix("https://"));
+            let ok = rest.is_some_and(|r| {
+                o.len() <= 256
+                    && !r.contains(|c: char| c.is_whitespace() || "/?#@".contains(c))
+                    && r.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty()
+                            && (port == "*" || port.parse::<u16>().is_ok_and(|p| p > 0))
+                    })
+            });
             if !ok {
                 return Err(ConfigError::Invalid(format!(
-                    "mcp.allowed_origins: {o:?} is not an origin (scheme://host[:port], or \"null\")"
+                    "mcp.allowed_origins: {:?} is not an origin with its port (scheme://host:port or scheme://host:*)",
+                    o.chars().take(80).collect::<String>()
                 )));
             }
         }

@@ -36,10 +36,11 @@ impl Caller {
     pub(crate) fn new(headers: &HeaderMap, peer: SocketAddr, ctx: &ReqCtx) -> Caller {
         // The inner requests join the caller's trace: its `traceparent`,
         // or one naming the trace id this request was given.
-        let traceparent = headers.get("traceparent").cloned().or_else(|| {
-            let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
-            HeaderValue::from_str(&format!("00-{}-{span}-01", ctx.trace_id)).ok()
-        });
+        // Built from the trace id this request was given (the caller's
+        // when its `traceparent` was valid), so a malformed one cannot
+        // split the inner requests off into traces of their own.
+        let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+        let traceparent = HeaderValue::from_str(&format!("00-{}-{span}-01", ctx.trace_id)).ok();
         Caller {
             authorization: headers.get(header::AUTHORIZATION).cloned(),
             traceparent,
@@ -80,12 +81,21 @@ impl Caller {
         r.extensions_mut().insert(ConnectInfo(self.peer));
         let Ok(resp) = api.oneshot(r).await;
         let status = resp.status().as_u16();
-        let body = axum::body::to_bytes(resp.into_body(), MAX_ANSWER)
+        let retry_after = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let max = req.max_answer.map_or(MAX_ANSWER, |m| {
+            usize::try_from(m).unwrap_or(MAX_ANSWER).min(MAX_ANSWER)
+        });
+        let body = axum::body::to_bytes(resp.into_body(), max)
             .await
-            .map_err(|_| "the answer was too large".to_string())?;
+            .map_err(|_| format!("the answer is larger than {max} bytes"))?;
         Ok(ApiResponse {
             status,
             body: body.to_vec(),
+            retry_after,
         })
     }
 }

@@ -100,9 +100,11 @@ async fn admit(
     ctx: &ReqCtx,
     req: Request,
 ) -> Result<Request, ApiError> {
-    // The key is checked here and again by each API call a tool makes:
-    // the tenant's request slot is held by those calls, not by this one.
-    drop(authenticate(st, req.headers(), peer.ip(), ctx).await?);
+    // The key is checked here and again by each API call a tool makes.
+    // This request holds the tenant's request slot while its body
+    // arrives (a tenant trickling bodies is bounded by its own limit, as
+    // on every API route); the tool calls then hold their own.
+    let who = authenticate(st, req.headers(), peer.ip(), ctx).await?;
     if st.draining.load(Ordering::SeqCst) {
         return Err(ApiError::ShuttingDown);
     }
@@ -125,5 +127,6 @@ async fn admit(
         .map_err(|_| ApiError::RequestTimeout(deadline.as_millis()))?
         .map_err(|_| ApiError::PayloadTooLarge(limit))?;
     crate::body::check_depth(&bytes)?;
+    drop(who);
     Ok(Request::from_parts(parts, Body::from(bytes)))
 }

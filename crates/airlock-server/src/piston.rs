@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::api::{ReqCtx, authenticate};
+use crate::api::{Principal, ReqCtx, authenticate};
 use crate::inproc::Caller;
 use crate::problem::ApiError;
 
@@ -200,14 +200,18 @@ fn refused(e: ApiError) -> Refusal {
 }
 
 /// An inner API answer that is not the expected one, as Piston's error.
-fn from_answer(status: u16, body: &[u8]) -> Refusal {
+fn from_answer(status: u16, body: &[u8], retry_after: Option<&str>) -> Refusal {
     let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let code = doc["code"].as_str().unwrap_or("error");
     let detail = doc["detail"]
         .as_str()
         .unwrap_or("the request was refused")
         .to_string();
-    fail(status, code, detail)
+    let mut r = fail(status, code, detail);
+    if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(v).ok()) {
+        r.headers.push((header::RETRY_AFTER, v));
+    }
+    r
 }
 
 /// At most 64 characters of a caller's input, to echo it back.
@@ -216,13 +220,15 @@ fn clip(s: &str) -> String {
 }
 
 /// Authenticates the caller (a bare key is taken as a bearer one) and
-/// returns who the inner calls are made as.
+/// returns who the inner calls are made as, and the principal, whose
+/// tenant request slot the caller holds while its body arrives (then the
+/// inner calls hold their own).
 async fn admit(
     p: &Piston,
     headers: &HeaderMap,
     peer: SocketAddr,
     ctx: &ReqCtx,
-) -> Result<Caller, Refusal> {
+) -> Result<(Caller, Principal), Refusal> {
     let mut headers = headers.clone();
     // Only a single header is rewritten: two stay two, and are refused
     // as ambiguous like anywhere else.
@@ -238,16 +244,13 @@ async fn admit(
     {
         headers.insert(header::AUTHORIZATION, v);
     }
-    // The slot is the inner calls' to hold.
-    drop(
-        authenticate(&p.st, &headers, peer.ip(), ctx)
-            .await
-            .map_err(refused)?,
-    );
+    let who = authenticate(&p.st, &headers, peer.ip(), ctx)
+        .await
+        .map_err(refused)?;
     if p.st.draining.load(Ordering::SeqCst) {
         return Err(refused(ApiError::ShuttingDown));
     }
-    Ok(Caller::new(&headers, peer, ctx))
+    Ok((Caller::new(&headers, peer, ctx), who))
 }
 
 async fn runtimes(
@@ -256,7 +259,7 @@ async fn runtimes(
     Extension(ctx): Extension<ReqCtx>,
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
-    admit(&p, &headers, peer, &ctx).await?;
+    drop(admit(&p, &headers, peer, &ctx).await?);
     let list: Vec<Value> = p
         .runtimes
         .iter()
@@ -354,7 +357,9 @@ async fn execute(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, Refusal> {
-    let caller = admit(&p, &headers, peer, &ctx).await?;
+    let (caller, who) = admit(&p, &headers, peer, &ctx).await?;
+    // The slot is held while the body arrives, as on every API route: a
+    // tenant trickling bodies is bounded by its own request limit.
     let req: Execute = crate::body::json(
         &headers,
         body,
@@ -363,6 +368,8 @@ async fn execute(
     )
     .await
     .map_err(refused)?;
+    let actor = who.actor(&ctx);
+    drop(who);
     let Some(rt) = p
         .runtimes
         .iter()
@@ -440,7 +447,21 @@ async fn execute(
             )
             .await
         }
-        _ => in_session(&p, &caller, rt, &files, &req.args, &req.stdin, limits).await,
+        _ => {
+            // Its own task: a client that goes away does not stop the
+            // session from being ended.
+            let job = Job {
+                files,
+                args: req.args.clone(),
+                stdin: req.stdin.clone(),
+                limits,
+            };
+            let (p2, rt2) = (p.clone(), rt.clone());
+            let run =
+                tokio::spawn(async move { in_session(&p2, &caller, &rt2, &job, &actor).await });
+            run.await
+                .map_err(|_| fail(500, "internal_error", "internal error".into()))?
+        }
     };
     answer(rt, &record?)
 }
@@ -463,18 +484,32 @@ async fn call_json(
                 path,
                 content_type: body.as_ref().map(|_| "application/json"),
                 body: body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
+                max_answer: None,
             },
         )
         .await
         .map_err(|m| fail(500, "internal_error", m))?;
     if resp.status != ok {
-        return Err(from_answer(resp.status, &resp.body));
+        return Err(from_answer(
+            resp.status,
+            &resp.body,
+            resp.retry_after.as_deref(),
+        ));
     }
     if resp.body.is_empty() {
         return Ok(Value::Null);
     }
     serde_json::from_slice(&resp.body)
         .map_err(|_| fail(500, "internal_error", "internal error".into()))
+}
+
+/// What a request runs in a session: its files (the first is run), the
+/// arguments, stdin and the limits.
+struct Job {
+    files: Vec<(String, Vec<u8>)>,
+    args: Vec<String>,
+    stdin: String,
+    limits: Value,
 }
 
 /// Several files or arguments: a session of the request's own, its
@@ -484,11 +519,15 @@ async fn in_session(
     p: &Piston,
     caller: &Caller,
     rt: &Runtime,
-    files: &[(String, Vec<u8>)],
-    args: &[String],
-    stdin: &str,
-    limits: Value,
+    job: &Job,
+    actor: &airlock_store::Actor,
 ) -> Result<Value, Refusal> {
+    let Job {
+        files,
+        args,
+        stdin,
+        limits,
+    } = job;
     // Short timeouts: should the end below be missed (a crash), the
     // session ends by itself soon, and a restart ends it anyway.
     let ses = call_json(
@@ -514,12 +553,17 @@ async fn in_session(
                         path,
                         content_type: Some("application/octet-stream"),
                         body: bytes.clone(),
+                        max_answer: None,
                     },
                 )
                 .await
                 .map_err(|m| fail(500, "internal_error", m))?;
             if resp.status != 200 {
-                return Err(from_answer(resp.status, &resp.body));
+                return Err(from_answer(
+                    resp.status,
+                    &resp.body,
+                    resp.retry_after.as_deref(),
+                ));
             }
         }
         let mut argv = vec![rt.interpreter.clone(), files[0].0.clone()];
@@ -535,15 +579,12 @@ async fn in_session(
         .await
     }
     .await;
-    let _ = call_json(
-        p,
-        caller,
-        http::Method::DELETE,
-        format!("/v1/sessions/{id}"),
-        None,
-        204,
-    )
-    .await;
+    // Ended by the server itself, not by an API request: it needs no
+    // request slot of the tenant's (one at its limit still has its
+    // session ended) and a revoked key cannot prevent it.
+    if let Err(e) = crate::sessions::end(&p.st, &id, "deleted", actor).await {
+        tracing::error!(session = %id, error = %e, "ending a Piston request's session failed");
+    }
     run
 }
 

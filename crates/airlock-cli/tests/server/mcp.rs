@@ -43,6 +43,25 @@ fn wrong_key(key: &str) -> String {
     format!("{}{last}", &key[..key.len() - 1])
 }
 
+/// POSTs `body` to `/mcp` with `host` as the only Host header.
+fn with_host(s: &Server, host: &str, key: &str, body: &[u8]) -> crate::Resp {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(body).unwrap();
+    let mut buf = Vec::new();
+    let _ = c.read_to_end(&mut buf);
+    crate::parse_response(&buf)
+}
+
 fn python_client(s: &Server, transport: &str, key: &str, other: &str) {
     let python = crate::contract::tool("AIRLOCK_CI_PYTHON", &["/opt/airlock-ci/bin/python"]);
     let script =
@@ -72,6 +91,15 @@ fn python_mcp_client_uses_every_tool_over_http_and_stdio() {
     let other = s.tenant("other");
     python_client(&s, "http", &key, &other);
     python_client(&s, "stdio", &key, &other);
+    // With the default configuration no browser origin may call /mcp
+    // (DNS rebinding against a server on loopback), not even the server's
+    // own; a client that is not a browser sends none (positive control).
+    let own = format!("http://{}", s.addr);
+    for origin in ["http://evil.example", own.as_str()] {
+        let r = mcp(&s, Some(&key), &[("Origin", origin)], &initialize());
+        assert_eq!(r.status, 403, "{origin}: {}", r.text());
+    }
+    assert_eq!(mcp(&s, Some(&key), &[], &initialize()).status, 200);
     // Each tool call was an API request of the tenant's, audited as such:
     // the sessions the clients opened are acme's, none is other's.
     let mine = s.get("/v1/sessions", &key).json();
@@ -127,13 +155,9 @@ fn mcp_endpoint_authenticates_bounds_and_checks_origin() {
         &initialize(),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    // Any Host is served: the key, not the name, is the boundary.
-    let r = mcp(
-        &s,
-        Some(&key),
-        &[("Host", "airlock.internal:443")],
-        &initialize(),
-    );
+    // Any Host is served (the one Host header a proxy in front sends):
+    // the key, not the name, is the boundary.
+    let r = with_host(&s, "airlock.internal:443", &key, &initialize());
     assert_eq!(r.status, 200, "{}", r.text());
     // Bodies within the API's cap and depth, like every request.
     let big = tool_call(
@@ -183,18 +207,85 @@ fn mcp_endpoint_can_be_turned_off() {
     mcp(&s, Some(&key), &[], &initialize()).problem(404, "not_found");
     // Positive control: the API itself is there.
     assert_eq!(s.get("/v1/sessions", &key).status, 200);
-    // A bad origin in the config is refused with the config's error.
-    std::fs::write(&cfg, "[mcp]\nallowed_origins = [\"evil.example\"]\n").unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().unwrap(), "--data-dir"])
-        .arg(dir.path().join("d"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
+    // Origins the config cannot hold: refused with the config's error
+    // (no scheme; no port, which would match every port; `null`).
+    for bad in [
+        "evil.example",
+        "http://localhost",
+        "null",
+        "https://a.example:99999",
+    ] {
+        std::fs::write(&cfg, format!("[mcp]\nallowed_origins = [\"{bad}\"]\n")).unwrap();
+        let out = Command::new(BIN)
+            .args(["serve", "--config", cfg.to_str().unwrap(), "--data-dir"])
+            .arg(dir.path().join("d"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("mcp.allowed_origins: \"{bad}\"")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn adapters_work_for_a_tenant_allowed_one_request_at_a_time() {
+    // Each MCP or Piston request and each API call it makes holds the
+    // tenant's request slot in turn, never two at once: a tenant limited
+    // to one request in flight can use both.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(&cfg, "max_requests_per_tenant = 1\n").unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    let call = |id: u64, name: &str, args: Value| {
+        let r = mcp(&s, Some(&key), &[], &tool_call(id, name, args));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let res = r.json()["result"].clone();
+        assert_eq!(res["isError"], false, "{res}");
+        res["structuredContent"].clone()
+    };
+    let out = call(
+        1,
+        "sandbox_run",
+        json!({"language": "python", "code": "print(2)"}),
+    );
+    assert_eq!(out["stdout"], "2\n");
+    // A session through MCP: create, exec, kill, one call after another.
+    let sid = call(2, "sandbox_create", json!({}))["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = call(
+        3,
+        "sandbox_exec",
+        json!({"session_id": sid, "command": "echo ok"}),
+    );
+    assert_eq!(out["stdout"], "ok\n");
+    call(4, "sandbox_kill", json!({"session_id": sid}));
+    // Piston with two files: a session made, used and ended, all with one
+    // slot.
+    let body = json!({"language": "python", "version": "*", "args": ["a"],
+        "files": [{"name": "m.py", "content": "import sys, h; print(h.x, sys.argv[1])"},
+                  {"name": "h.py", "content": "x = 7"}]})
+    .to_string();
+    let r = raw(
+        s.addr,
+        "POST",
+        "/api/v2/execute",
+        &[("Authorization", &key), JSON],
+        Some(body.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["run"]["stdout"], "7 a\n");
+    let sessions = s.get("/v1/sessions", &key).json();
+    let all = sessions["sessions"].as_array().unwrap();
+    assert_eq!(all.len(), 2, "{sessions}");
     assert!(
-        err.contains("mcp.allowed_origins: \"evil.example\""),
-        "{err}"
+        all.iter().all(|x| x["end_reason"] == "deleted"),
+        "{sessions}"
     );
 }
 

@@ -296,8 +296,22 @@ fn piston_requests_that_are_wrong_get_pistons_errors_with_airlocks_codes() {
         "invalid_path",
     );
     assert!(!m.contains("/var/") && !m.contains("/run/"), "{m}");
+    // An execution the API refuses after the files were written: the
+    // session is ended all the same.
+    error(
+        &exec(
+            Some(&key),
+            json!({"language": "python", "version": "*", "run_timeout": 999_999_999,
+                   "files": [{"name": "main.py", "content": "1"}, {"name": "b.py", "content": "1"}]}),
+        ),
+        422,
+        "policy_denied",
+    );
     let sessions = s.get("/v1/sessions", &key).json();
     let all = sessions["sessions"].as_array().unwrap();
-    assert_eq!(all.len(), 1, "{sessions}");
-    assert_eq!(all[0]["end_reason"], "deleted", "{sessions}");
+    assert_eq!(all.len(), 2, "{sessions}");
+    assert!(
+        all.iter().all(|x| x["end_reason"] == "deleted"),
+        "{sessions}"
+    );
 }
