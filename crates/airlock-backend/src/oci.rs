@@ -300,6 +300,14 @@ impl Launcher for OciLauncher {
         self.image.as_ref()
     }
 
+    fn binds_workspace(&self) -> bool {
+        // crun and runc bind it in the container's user namespace, where
+        // its files are the sandbox user's. An image root is refused (its
+        // interpreter's view of the files is not checked here), and so is
+        // gVisor until its gofer's handling of the bind is tested.
+        self.rt.kind != Kind::Gvisor && self.image.is_none()
+    }
+
     fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {
         let spawn = |e: std::io::Error| SandboxError::SpawnInit(e);
         let bundle = self.rt.bundles.join(l.name);
@@ -594,6 +602,21 @@ fn bundle_spec(l: &AgentLaunch<'_>, kind: Kind, bundle: &Path) -> std::io::Resul
         )?,
     ];
     for (dir, mode) in airlock_sandbox::rootfs::SCRATCH {
+        if dir == "/workspace"
+            && let Some(ws) = &l.view.workspace
+        {
+            // A session's workspace: its own size- and inode-capped file
+            // system, owned by the ids the sandbox's user maps to, bound
+            // read-write (never set-uid, never a device) in place of the
+            // scratch.
+            mounts.push(mount(
+                dir,
+                "bind",
+                ws,
+                &strings(&["rbind", "rw", "nosuid", "nodev"]),
+            )?);
+            continue;
+        }
         let mut opts = vec![
             "nosuid".to_string(),
             "nodev".into(),
@@ -919,6 +942,10 @@ impl Backend for OciBackend {
 
     fn template(&self, _spec: &SbSpec<'_>) -> Result<Option<Arc<dyn Template>>, BackendError> {
         Ok(None)
+    }
+
+    fn sessions(&self) -> bool {
+        self.launcher.binds_workspace()
     }
 
     fn reap(&self, host_state: &serde_json::Value) -> usize {

@@ -76,8 +76,8 @@ pub fn main(args: &[String]) -> ! {
             relay: cfg.egress_relay,
             watch: true,
             memory_events: cfg.guest_memory_events.then_some(MEMORY_EVENTS_FD),
-            code_dir: crate::launch::code_dir(false),
-            in_session: false,
+            code_dir: crate::launch::code_dir(cfg.session_workspace),
+            in_session: cfg.session_workspace,
         },
         Launch::Exec,
     )

@@ -681,7 +681,8 @@ impl Engine {
             let is_dir = std::fs::symlink_metadata(ws).is_ok_and(|m| m.is_dir());
             if image.is_some() || !ws.is_absolute() || !is_dir || ws.to_str().is_none() {
                 return Err(SandboxError::InvalidRequest(
-                    "a session workspace needs the process sandbox and a directory".into(),
+                    "a session workspace needs the host's runtime (no image) and a directory"
+                        .into(),
                 ));
             }
         }
@@ -943,7 +944,7 @@ impl Sandbox {
             init_broker: p.extras.broker,
             prestarted: false,
             entry: p.extras.entry.clone(),
-            session_workspace: false,
+            session_workspace: p.extras.workspace.is_some(),
             extra_env: p.extras.env.iter().cloned().chain(p.platform_env).collect(),
             pid1: None,
             cgroup: p.cgroup,

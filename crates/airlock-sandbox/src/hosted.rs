@@ -80,6 +80,11 @@ pub struct AgentView {
     /// `symlinks` are empty and every file is under [`IMAGE_GUEST_ROOT`] or
     /// [`IMAGE_AIRLOCK_DIR`]).
     pub image: Option<ImageRoot>,
+    /// A session's workspace (a host directory the platform made, checked
+    /// by the engine), bound read-write at /workspace in place of its
+    /// scratch tmpfs; only by a launcher that [binds
+    /// one](Launcher::binds_workspace).
+    pub workspace: Option<String>,
 }
 
 /// Everything a [`Launcher`] gets to start one sandbox.
@@ -188,6 +193,12 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     fn image(&self) -> Option<&ImageRoot> {
         None
     }
+    /// Whether it binds [`AgentView::workspace`] at /workspace; the engine
+    /// refuses a session's workspace for one that does not, rather than
+    /// lose what the code writes there.
+    fn binds_workspace(&self) -> bool {
+        false
+    }
 }
 
 impl AgentLaunch<'_> {
@@ -278,11 +289,12 @@ impl Engine {
         launcher: &dyn Launcher,
     ) -> Result<Sandbox, SandboxError> {
         let started = Instant::now();
-        // A runtime's sandbox has its own scratch: a session's workspace
-        // would not be bound, so it is refused rather than lost.
-        if extras.workspace.is_some() {
+        // A runtime that would not bind a session's workspace (its
+        // sandbox would write to a scratch of its own): refused rather than
+        // lost.
+        if extras.workspace.is_some() && !launcher.binds_workspace() {
             return Err(SandboxError::InvalidRequest(
-                "session workspaces run on the process backend".into(),
+                "this backend does not run sessions".into(),
             ));
         }
         let image_root = launcher.image();
@@ -341,6 +353,12 @@ impl Engine {
                     scratch_bytes: policy.filesystem.scratch_mib << 20,
                     scratch_inodes: policy.filesystem.scratch_inodes,
                     image: None,
+                    // Checked by check_spec_in: absolute, a directory, UTF-8.
+                    workspace: extras
+                        .workspace
+                        .as_ref()
+                        .and_then(|w| w.to_str())
+                        .map(str::to_string),
                 }
             }
             Some(img) => {
@@ -377,6 +395,8 @@ impl Engine {
                     scratch_bytes: policy.filesystem.scratch_mib << 20,
                     scratch_inodes: policy.filesystem.scratch_inodes,
                     image: Some(img.clone()),
+                    // check_spec_in refuses a workspace with an image.
+                    workspace: None,
                 }
             }
         };
@@ -501,6 +521,7 @@ impl Engine {
             loopback: false,
             protect_pid1: isolated.protect_pid1,
             guest_memory_events: isolated.guest_memory_events,
+            session_workspace: extras.workspace.is_some(),
         };
         let timeout = isolated.start_timeout.unwrap_or(AGENT_START_TIMEOUT);
         if let Err(e) = sb.agent_handshake(&cfg, timeout) {

@@ -227,6 +227,10 @@ pub struct AgentConfig {
     /// at [`crate::launch::MEMORY_EVENTS_FD`] (a microVM).
     #[serde(default)]
     pub guest_memory_events: bool,
+    /// /workspace is a session's (bound by the runtime): the code file
+    /// goes to /tmp and the program starts in /workspace.
+    #[serde(default)]
+    pub session_workspace: bool,
 }
 
 /// Writes one frame.
