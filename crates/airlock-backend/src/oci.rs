@@ -302,10 +302,11 @@ impl Launcher for OciLauncher {
 
     fn binds_workspace(&self) -> bool {
         // crun and runc bind it in the container's user namespace, where
-        // its files are the sandbox user's. An image root is refused (its
-        // interpreter's view of the files is not checked here), and so is
-        // gVisor until its gofer's handling of the bind is tested.
-        self.rt.kind != Kind::Gvisor && self.image.is_none()
+        // its files are the sandbox user's; gVisor's gofer serves it to
+        // the sentry (the quota is the host tmpfs's either way). An image
+        // root is refused: its interpreter's view of the files is not
+        // checked here.
+        self.image.is_none()
     }
 
     fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {

@@ -340,8 +340,26 @@ openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.
 }
 
 impl Drop for Server {
+    /// Stops the server the way an operator would (SIGTERM: it drains,
+    /// ends its sessions and unmounts their workspaces), then kills it if
+    /// it is still there after a while. A bare SIGKILL would leave every
+    /// open session's workspace mounted on the host, and no later server
+    /// has this data directory's token to reap them.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: `pid` is our own child, not yet waited for, so
+                // the pid cannot have been reused by another process; kill
+                // has no memory effects.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_secs(20) {
+                    if matches!(c.try_wait(), Ok(Some(_))) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -964,7 +964,7 @@ fn evidence_bundles_are_anchored_in_the_audit_chain_and_checkable_outside_airloc
 }
 
 #[test]
-fn a_session_on_the_oci_backend_keeps_its_workspace_behind_the_containers_walls() {
+fn sessions_on_the_oci_and_gvisor_backends_keep_their_workspace_behind_their_walls() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("airlock.toml");
     std::fs::write(
@@ -974,103 +974,112 @@ fn a_session_on_the_oci_backend_keeps_its_workspace_behind_the_containers_walls(
     .unwrap();
     let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
     let key = s.tenant("acme");
-    // The cheapest backend holding sessions is still the default.
+    // The cheapest backend holding sessions is still the default; a
+    // minimum isolation picks the one that meets it.
     let plain = create(&s, &key, json!({}));
     assert_eq!(plain["backend"], "process", "{plain}");
-    // gVisor holds none yet: refused, naming the ones that do.
+    let strong = create(&s, &key, json!({"isolation": "gvisor"}));
+    assert_eq!(strong["backend"], "gvisor", "{strong}");
     let v = s
-        .post("/v1/sessions", &key, json!({"backend": "gvisor"}))
+        .post("/v1/sessions", &key, json!({"isolation": "microvm"}))
         .problem(422, "isolation_unavailable");
     assert!(
         v["detail"]
             .as_str()
             .unwrap()
-            .contains("sessions run on process, oci here"),
+            .contains("sessions run on process, oci, gvisor here"),
         "{v}"
     );
-    let ses = create(
-        &s,
-        &key,
-        json!({"backend": "oci", "language": "python", "workspace_mib": 1}),
-    );
-    assert_eq!(ses["backend"], "oci");
-    let id = ses["id"].as_str().unwrap();
-    let base = format!("/v1/sessions/{id}");
-    assert_eq!(
-        put(&s, &key, &format!("{base}/files/in.txt"), b"hello").status,
-        200
-    );
-    // A container reads the upload, starts in /workspace, writes a file
-    // the next container and the files API find, as the sandbox's user.
-    let r = exec(
-        &s,
-        &key,
-        id,
-        json!({"argv": ["sh", "-c", "cat in.txt; pwd; id -u; echo out > out.txt; stat -c %u out.txt"]}),
-    );
-    assert_eq!(r["result"]["enforced"]["backend"], "oci", "{r}");
-    assert_eq!(
-        r["result"]["stdout"], "hello/workspace\n1000\n1000\n",
-        "{r}"
-    );
-    let r = exec(
-        &s,
-        &key,
-        id,
-        json!({"code": "import os\nprint(open('out.txt').read().strip(), sorted(os.listdir('.')))"}),
-    );
-    assert_eq!(r["result"]["stdout"], "out ['in.txt', 'out.txt']\n", "{r}");
-    assert_eq!(
-        s.get(&format!("{base}/files/out.txt"), &key).text(),
-        "out\n"
-    );
-    // Nothing of the host's paths shows in the container's mount table:
-    // the workspace is its own file system, bound at /workspace.
-    let r = exec(
-        &s,
-        &key,
-        id,
-        json!({"argv": ["sh", "-c", "grep ' /workspace ' /proc/self/mountinfo"]}),
-    );
-    let line = r["result"]["stdout"].as_str().unwrap().to_string();
-    assert!(line.contains(" / /workspace rw,nosuid,nodev"), "{line}");
-    assert!(line.contains(" - tmpfs airlock-session "), "{line}");
-    assert!(
-        !line.contains("/run/") && !line.contains(&s.data().to_string_lossy().to_string()),
-        "{line}"
-    );
-    // Its quota holds inside the container (ENOSPC), and the old file
-    // stays whole.
-    let r = exec(
-        &s,
-        &key,
-        id,
-        json!({"argv": ["sh", "-c", "head -c 2000000 /dev/zero > big; echo rc=$?"]}),
-    );
-    assert!(
-        r["result"]["stdout"].as_str().unwrap().contains("rc=1"),
-        "{r}"
-    );
-    assert!(
-        r["result"]["stderr"]
-            .as_str()
-            .unwrap()
-            .contains("No space left on device"),
-        "{r}"
-    );
-    assert_eq!(s.get(&format!("{base}/files/in.txt"), &key).text(), "hello");
-    // A symlink the container plants leads nowhere out of the workspace.
-    exec(
-        &s,
-        &key,
-        id,
-        json!({"argv": ["ln", "-s", "/etc/passwd", "leak"]}),
-    );
-    // (It resolves inside the workspace, where there is no /etc/passwd.)
-    s.get(&format!("{base}/files/leak"), &key)
-        .problem(404, "file_not_found");
-    // Its end unmounts the workspace.
-    assert!(mounted(id));
-    assert_eq!(delete(&s, &key, &base).status, 204);
-    assert!(!mounted(id));
+    for backend in ["oci", "gvisor"] {
+        let ses = create(
+            &s,
+            &key,
+            json!({"backend": backend, "language": "python", "workspace_mib": 1}),
+        );
+        assert_eq!(ses["backend"], backend);
+        let id = ses["id"].as_str().unwrap();
+        let base = format!("/v1/sessions/{id}");
+        assert_eq!(
+            put(&s, &key, &format!("{base}/files/in.txt"), b"hello").status,
+            200
+        );
+        // The sandbox reads the upload, starts in /workspace, writes a
+        // file the next sandbox and the files API find, as its user.
+        let r = exec(
+            &s,
+            &key,
+            id,
+            json!({"argv": ["sh", "-c", "cat in.txt; pwd; id -u; echo out > out.txt; stat -c %u out.txt"]}),
+        );
+        assert_eq!(r["result"]["enforced"]["backend"], backend, "{r}");
+        assert_eq!(
+            r["result"]["stdout"], "hello/workspace\n1000\n1000\n",
+            "{backend}: {r}"
+        );
+        let r = exec(
+            &s,
+            &key,
+            id,
+            json!({"code": "import os\nprint(open('out.txt').read().strip(), sorted(os.listdir('.')))"}),
+        );
+        assert_eq!(
+            r["result"]["stdout"], "out ['in.txt', 'out.txt']\n",
+            "{backend}: {r}"
+        );
+        assert_eq!(
+            s.get(&format!("{base}/files/out.txt"), &key).text(),
+            "out\n"
+        );
+        // Nothing of the host's paths shows in the sandbox's mount table.
+        let r = exec(
+            &s,
+            &key,
+            id,
+            json!({"argv": ["sh", "-c", "grep ' /workspace ' /proc/self/mountinfo"]}),
+        );
+        let line = r["result"]["stdout"].as_str().unwrap().to_string();
+        assert!(line.contains(" / /workspace rw"), "{backend}: {line}");
+        if backend == "oci" {
+            assert!(line.contains(" /workspace rw,nosuid,nodev"), "{line}");
+            assert!(line.contains(" - tmpfs airlock-session "), "{line}");
+        }
+        let data = s.data().to_string_lossy().to_string();
+        assert!(
+            !line.contains("/run/") && !line.contains(&data),
+            "{backend}: {line}"
+        );
+        // Its quota holds inside (ENOSPC), and the old file stays whole.
+        let r = exec(
+            &s,
+            &key,
+            id,
+            json!({"argv": ["sh", "-c", "head -c 2000000 /dev/zero > big; echo rc=$?"]}),
+        );
+        assert!(
+            r["result"]["stdout"].as_str().unwrap().contains("rc=1"),
+            "{backend}: {r}"
+        );
+        assert!(
+            r["result"]["stderr"]
+                .as_str()
+                .unwrap()
+                .contains("No space left on device"),
+            "{backend}: {r}"
+        );
+        assert_eq!(s.get(&format!("{base}/files/in.txt"), &key).text(), "hello");
+        // A symlink the sandbox plants leads nowhere out of the workspace
+        // (it resolves inside it, where there is no /etc/passwd).
+        exec(
+            &s,
+            &key,
+            id,
+            json!({"argv": ["ln", "-s", "/etc/passwd", "leak"]}),
+        );
+        s.get(&format!("{base}/files/leak"), &key)
+            .problem(404, "file_not_found");
+        // Its end unmounts the workspace.
+        assert!(mounted(id));
+        assert_eq!(delete(&s, &key, &base).status, 204);
+        assert!(!mounted(id));
+    }
 }
