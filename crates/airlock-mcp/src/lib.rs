@@ -23,7 +23,7 @@ use rmcp::model::{
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler};
 
-pub use tools::{MAX_READ_BYTES, TOOLS};
+pub use tools::{MAX_READ_BYTES, TOOLS, path_segments};
 
 /// One request of the airlock API a tool makes.
 #[derive(Debug, Clone)]

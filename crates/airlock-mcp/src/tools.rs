@@ -306,45 +306,32 @@ pub(crate) async fn call(
 ) -> Option<CallToolResult> {
     let c = Caller { api, via };
     let out = match name {
-        "sandbox_run" => match parse::<RunArgs>(name, args) {
-            Ok(a) => c.run(a).await,
-            Err(e) => Err(e),
-        },
-        "sandbox_create" => match parse::<CreateArgs>(name, args) {
-            Ok(a) => c.create(a).await,
-            Err(e) => Err(e),
-        },
-        "sandbox_list" => match parse::<NoArgs>(name, args) {
-            Ok(NoArgs {}) => c.get_json("/v1/sessions".into()).await.map(structured),
-            Err(e) => Err(e),
-        },
-        "sandbox_exec" => match parse::<ExecArgs>(name, args) {
-            Ok(a) => c.exec(a).await,
-            Err(e) => Err(e),
-        },
-        "sandbox_fs_read" => match parse::<PathArgs>(name, args) {
-            Ok(a) => c.read(a).await,
-            Err(e) => Err(e),
-        },
-        "sandbox_fs_write" => match parse::<WriteArgs>(name, args) {
-            Ok(a) => c.write(a).await,
-            Err(e) => Err(e),
-        },
-        "sandbox_fs_list" => match parse::<ListArgs>(name, args) {
-            Ok(a) => c.list(a).await,
-            Err(e) => Err(e),
-        },
-        "sandbox_snapshot" => match parse::<SessionArgs>(name, args) {
-            Ok(a) => c.snapshot(a).await,
-            Err(e) => Err(e),
-        },
-        "sandbox_kill" => match parse::<SessionArgs>(name, args) {
-            Ok(a) => c.kill(a).await,
-            Err(e) => Err(e),
-        },
+        "sandbox_run" => with(name, args, |a| c.run(a)).await,
+        "sandbox_create" => with(name, args, |a| c.create(a)).await,
+        "sandbox_list" => {
+            with(name, args, |NoArgs {}| async {
+                c.get_json("/v1/sessions".into()).await.map(structured)
+            })
+            .await
+        }
+        "sandbox_exec" => with(name, args, |a| c.exec(a)).await,
+        "sandbox_fs_read" => with(name, args, |a| c.read(a)).await,
+        "sandbox_fs_write" => with(name, args, |a| c.write(a)).await,
+        "sandbox_fs_list" => with(name, args, |a| c.list(a)).await,
+        "sandbox_snapshot" => with(name, args, |a| c.snapshot(a)).await,
+        "sandbox_kill" => with(name, args, |a| c.kill(a)).await,
         _ => return None,
     };
     Some(out.unwrap_or_else(|message| CallToolResult::error(vec![ContentBlock::text(message)])))
+}
+
+/// Runs `tool` on its arguments parsed as its type.
+async fn with<T: DeserializeOwned, F: std::future::Future<Output = Outcome>>(
+    tool: &str,
+    args: JsonObject,
+    run: impl FnOnce(T) -> F,
+) -> Outcome {
+    run(parse(tool, args)?).await
 }
 
 /// The arguments as the tool's type, or a message naming what is wrong.
@@ -743,8 +730,9 @@ fn segment(s: &str) -> String {
     out
 }
 
-/// A relative path with each segment encoded by [`segment`].
-fn path_segments(rel: &str) -> String {
+/// A relative path with each segment encoded by [`segment`] (the Piston
+/// façade writes its files through the same encoding).
+pub fn path_segments(rel: &str) -> String {
     rel.split('/').map(segment).collect::<Vec<_>>().join("/")
 }
 

@@ -26,6 +26,17 @@ pub async fn json<T: DeserializeOwned>(
     if !mime.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::UnsupportedMediaType);
     }
+    parse(&read(headers, body, limit, deadline).await?)
+}
+
+/// Reads a body whole: at most `limit` bytes (a larger `Content-Length`
+/// is refused before anything is read), within `deadline`.
+pub async fn read(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<axum::body::Bytes, ApiError> {
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -34,11 +45,10 @@ pub async fn json<T: DeserializeOwned>(
     {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    let bytes = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
+    tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
         .await
         .map_err(|_| ApiError::RequestTimeout(deadline.as_millis()))?
-        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
-    parse(&bytes)
+        .map_err(|_| ApiError::PayloadTooLarge(limit))
 }
 
 /// Parses bytes already read: a JSON object (every request body is one; a

@@ -17,7 +17,6 @@ use std::sync::atomic::Ordering;
 use airlock_mcp::{Api, ApiFuture, ApiRequest};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
@@ -109,23 +108,15 @@ async fn admit(
         return Err(ApiError::ShuttingDown);
     }
     let (parts, body) = req.into_parts();
-    let limit = st.cfg.body_limit_bytes;
-    if let Some(len) = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(ApiError::PayloadTooLarge(limit));
-    }
     // Whole within the deadline: a body trickled a byte at a time cannot
     // hold a connection.
-    let deadline = st.cfg.body_deadline();
-    let bytes = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
-        .await
-        .map_err(|_| ApiError::RequestTimeout(deadline.as_millis()))?
-        .map_err(|_| ApiError::PayloadTooLarge(limit))?;
+    let bytes = crate::body::read(
+        &parts.headers,
+        body,
+        st.cfg.body_limit_bytes,
+        st.cfg.body_deadline(),
+    )
+    .await?;
     crate::body::check_depth(&bytes)?;
     drop(who);
     Ok(Request::from_parts(parts, Body::from(bytes)))

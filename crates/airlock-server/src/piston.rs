@@ -544,7 +544,10 @@ async fn in_session(
     };
     let run = async {
         for (name, bytes) in files {
-            let path = format!("/v1/sessions/{id}/files/{}", encode_path(name));
+            let path = format!(
+                "/v1/sessions/{id}/files/{}",
+                airlock_mcp::path_segments(name)
+            );
             let resp = caller
                 .send(
                     p.api.clone(),
@@ -586,25 +589,6 @@ async fn in_session(
         tracing::error!(session = %id, error = %e, "ending a Piston request's session failed");
     }
     run
-}
-
-/// Each path segment percent-encoded (`..` reaches the files API, which
-/// refuses it).
-fn encode_path(name: &str) -> String {
-    name.split('/')
-        .map(|seg| {
-            seg.bytes()
-                .map(|b| {
-                    if b.is_ascii_alphanumeric() || b"-_~".contains(&b) {
-                        (b as char).to_string()
-                    } else {
-                        format!("%{b:02X}")
-                    }
-                })
-                .collect::<String>()
-        })
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 fn signal_name(n: i64) -> String {
