@@ -304,9 +304,9 @@ impl Launcher for OciLauncher {
         // crun and runc bind it in the container's user namespace, where
         // its files are the sandbox user's; gVisor's gofer serves it to
         // the sentry (the quota is the host tmpfs's either way). An image
-        // root is refused: its interpreter's view of the files is not
-        // checked here.
-        self.image.is_none()
+        // root takes it over its own /workspace (a real directory,
+        // checked at import), and its interpreter runs as the same user.
+        true
     }
 
     fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {

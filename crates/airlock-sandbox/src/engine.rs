@@ -675,14 +675,15 @@ impl Engine {
             ));
         }
         if let Some(ws) = &extras.workspace {
-            // A session's workspace is bound only into the process
-            // sandbox's own root, and only from a real directory the
-            // platform made: never a symlink, never a relative path.
+            // A session's workspace is bound only from a real directory
+            // the platform made: never a symlink, never a relative path.
+            // An image root takes it too: /workspace is a real directory
+            // (never a symlink) of every imported image, checked at
+            // import; the bind covers whatever the image put there.
             let is_dir = std::fs::symlink_metadata(ws).is_ok_and(|m| m.is_dir());
-            if image.is_some() || !ws.is_absolute() || !is_dir || ws.to_str().is_none() {
+            if !ws.is_absolute() || !is_dir || ws.to_str().is_none() {
                 return Err(SandboxError::InvalidRequest(
-                    "a session workspace needs the host's runtime (no image) and a directory"
-                        .into(),
+                    "a session workspace needs a directory".into(),
                 ));
             }
         }

@@ -395,8 +395,12 @@ impl Engine {
                     scratch_bytes: policy.filesystem.scratch_mib << 20,
                     scratch_inodes: policy.filesystem.scratch_inodes,
                     image: Some(img.clone()),
-                    // check_spec_in refuses a workspace with an image.
-                    workspace: None,
+                    // Checked by check_spec_in: absolute, a directory, UTF-8.
+                    workspace: extras
+                        .workspace
+                        .as_ref()
+                        .and_then(|w| w.to_str())
+                        .map(str::to_string),
                 }
             }
         };

@@ -510,6 +510,57 @@ def handler(ax, input):
     let v = s.exec(&key, json!({"language": "python", "code": "print(1)"}));
     assert_eq!(v["result"]["enforced"]["backend"], "process");
     assert!(v["result"]["enforced"].get("image").is_none(), "{v}");
+    // A session on the image: the session's workspace is bound over the
+    // image's /workspace; its programs and files are the image's,
+    // the workspace's contents are the session's, across sandboxes.
+    let r = s.post(
+        "/v1/sessions",
+        &key,
+        json!({"backend": "oci", "language": "python", "workspace_mib": 1}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let sid = r.json()["id"].as_str().unwrap().to_string();
+    let base = format!("/v1/sessions/{sid}");
+    let auth = format!("Bearer {key}");
+    let up = crate::raw(
+        s.addr,
+        "PUT",
+        &format!("{base}/files/in.txt"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/octet-stream"),
+        ],
+        Some(b"uploaded"),
+    );
+    assert_eq!(up.status, 200, "{}", up.text());
+    let code = "import os, sys\n\
+                print(sys.executable, open('/etc/os-release').read().strip(), os.getcwd(), os.getuid())\n\
+                print(open('in.txt').read())\n\
+                open('out.txt', 'w').write('from the image')\n";
+    let r = s.post(&format!("{base}/exec"), &key, json!({"code": code}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["result"]["enforced"]["image"], id.as_str(), "{v}");
+    assert_eq!(
+        v["result"]["stdout"],
+        "/usr/bin/python3 NAME=airlock-python-image /workspace 1000\nuploaded\n",
+        "{v}"
+    );
+    let r = s.post(
+        &format!("{base}/exec"),
+        &key,
+        json!({"code": "import os\nprint(sorted(os.listdir('.')))"}),
+    );
+    assert_eq!(
+        r.json()["result"]["stdout"],
+        "['in.txt', 'out.txt']\n",
+        "{}",
+        r.text()
+    );
+    let got = s.get(&format!("{base}/files/out.txt"), &key);
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), "from the image");
+    assert_eq!(s.req("DELETE", &base, Some(&key), None).status, 204);
 }
 
 /// QEMU, a guest kernel and erofs-utils are here (`.ci/run` installs them).
