@@ -237,6 +237,23 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn sessions(&self) -> bool {
         false
     }
+    /// The host ids a session's workspace on this backend is owned by,
+    /// when they are not the sandbox user's (None): the microVM backend's
+    /// file server runs as a uid of the session's own, held until `hold`
+    /// is dropped (after the workspace is gone).
+    fn session_owner(&self) -> Result<Option<SessionOwner>, BackendError> {
+        Ok(None)
+    }
+}
+
+/// The ids a session's workspace belongs to, and what reserves them for
+/// that session alone while it is held.
+#[derive(Debug)]
+pub struct SessionOwner {
+    /// Host uid and gid.
+    pub ids: (u32, u32),
+    /// Dropped once the workspace is unmounted, which releases the ids.
+    pub hold: Box<dyn fmt::Debug + Send + Sync>,
 }
 
 /// Whether a probe's trivial sandbox (`exit 0`) ran, and what to say

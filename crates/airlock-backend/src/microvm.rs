@@ -150,6 +150,9 @@ pub struct VmHost {
     pub accel: Accel,
     /// `mkfs.ext4`, which makes each VM's scratch disk.
     pub mkfs: PathBuf,
+    /// virtiofsd, which serves a session's workspace to its VMs (none: this
+    /// host's microVMs hold no sessions).
+    pub virtiofsd: Option<PathBuf>,
 }
 
 /// Finds QEMU, a kernel and an accelerator, or says what is missing.
@@ -205,6 +208,14 @@ pub fn discover(settings: &Settings) -> Result<VmHost, String> {
             );
         }
     };
+    // Distributions put it beside QEMU's helpers; `cargo install
+    // virtiofsd` puts it on PATH.
+    let virtiofsd = crate::oci::find_binary(&["virtiofsd"]).or_else(|| {
+        ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    });
     Ok(VmHost {
         qemu,
         qemu_version,
@@ -212,6 +223,7 @@ pub fn discover(settings: &Settings) -> Result<VmHost, String> {
         modules,
         accel,
         mkfs,
+        virtiofsd,
     })
 }
 
@@ -1192,6 +1204,23 @@ struct VmmConfig {
     snapshot: Option<SnapMode>,
     /// The sandbox's scratch disk.
     scratch: ScratchDisk,
+    /// A session's workspace, shared with the guest over virtio-fs.
+    #[serde(default)]
+    workspace: Option<VmWorkspace>,
+}
+
+/// A session's workspace as a VM gets it: virtiofsd serves the directory
+/// (the session's tmpfs) as the session's own host ids, in namespaces of
+/// its own, under Landlock and its seccomp filter, to QEMU's
+/// vhost-user-fs device. QEMU itself never opens it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmWorkspace {
+    virtiofsd: PathBuf,
+    dir: PathBuf,
+    /// The session's host uid and gid (a QEMU uid of the session's own,
+    /// see [`session_ids`]), which own the workspace.
+    ids: (u32, u32),
 }
 
 /// What a VM's scratch disk holds: /tmp and /workspace together (ext4,
@@ -1388,7 +1417,8 @@ impl Launcher for VmLauncher {
                     .into(),
                 format!(
                     "scratch: /tmp and /workspace share a disk of the VM's own ({} MiB, {} \
-                     files; not the guest's RAM), /dev/shm is tmpfs in the guest's RAM",
+                     files; not the guest's RAM), /dev/shm is tmpfs in the guest's RAM; a \
+                     session's /workspace is its own, served to the VM over virtio-fs",
                     policy.filesystem.scratch_mib, policy.filesystem.scratch_inodes
                 ),
                 format!(
@@ -1442,6 +1472,13 @@ impl Launcher for VmLauncher {
         }
     }
 
+    fn binds_workspace(&self) -> bool {
+        // Served to the guest over virtio-fs by virtiofsd (a VM that
+        // boots; a golden or restored one is a ModeLauncher's, which
+        // binds none).
+        self.host.virtiofsd.is_some()
+    }
+
     fn launch(&self, l: &AgentLaunch<'_>) -> Result<Launched, SandboxError> {
         self.launch_as(l, None)
     }
@@ -1493,6 +1530,30 @@ impl Launcher for ModeLauncher {
 }
 
 impl VmLauncher {
+    /// A session's workspace for one of its VMs: only for a VM that boots
+    /// (a golden snapshot's memory is not shared with a file server, and a
+    /// restore's is copy-on-write), only a directory that a session's own
+    /// ids own ([`session_ids`]), which no VM's QEMU runs as.
+    fn vm_workspace(&self, dir: &str, mode: Option<&SnapMode>) -> std::io::Result<VmWorkspace> {
+        let refuse = |why: &str| std::io::Error::other(why.to_string());
+        let Some(virtiofsd) = &self.host.virtiofsd else {
+            return Err(refuse("virtiofsd is not installed"));
+        };
+        if mode.is_some() {
+            return Err(refuse("a session's VM boots; it is never restored"));
+        }
+        let m = fs::symlink_metadata(dir)?;
+        let ids = (m.uid(), m.gid());
+        if !m.is_dir() || !is_qemu_uid(ids.0) || ids.1 != ids.0 || sys::geteuid() != 0 {
+            return Err(refuse("the workspace is not a microVM session's"));
+        }
+        Ok(VmWorkspace {
+            virtiofsd: virtiofsd.clone(),
+            dir: dir.into(),
+            ids,
+        })
+    }
+
     fn launch_as(
         &self,
         l: &AgentLaunch<'_>,
@@ -1509,6 +1570,10 @@ impl VmLauncher {
             let mut seed = [0u8; 64];
             sys::getrandom(&mut seed)?;
             let v = l.view;
+            let workspace = match &v.workspace {
+                Some(dir) => Some(self.vm_workspace(dir, mode)?),
+                None => None,
+            };
             let (etc_files, files): (Vec<RoFile>, Vec<RoFile>) = v
                 .files
                 .iter()
@@ -1558,6 +1623,7 @@ impl VmLauncher {
                     memory_bytes: l.policy.limits.memory_mib << 20,
                     pids: l.policy.limits.pids,
                     egress: false,
+                    workspace: workspace.is_some(),
                 },
                 console: std::env::var_os("AIRLOCK_VM_CONSOLE").map(PathBuf::from),
                 snapshot: mode.cloned(),
@@ -1567,6 +1633,7 @@ impl VmLauncher {
                     bytes: v.scratch_bytes,
                     inodes: v.scratch_inodes,
                 },
+                workspace,
             };
             // What a restore's guest already has: the view its golden VM
             // was configured with. Recorded by the golden VM, compared by
@@ -1621,14 +1688,16 @@ impl VmLauncher {
 /// (the kernel's warnings and the guest init's progress, read by the
 /// monitor) on `console_fd`, or in the debugging file when one is named,
 /// the scratch disk on `scratch_fds` (read-write, read-only), the
-/// commands of a snapshot on `qmp_fd`.
+/// commands of a snapshot or the workspace's file server (never both) on
+/// `fd7`.
 fn qemu_args(
     cfg: &VmmConfig,
     port_fd: RawFd,
     console_fd: RawFd,
     scratch_fds: (RawFd, RawFd),
-    qmp_fd: RawFd,
+    fd7: RawFd,
 ) -> Vec<String> {
+    let qmp_fd = fd7;
     let mut a: Vec<String> = Vec::new();
     let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
     let console = cfg
@@ -1637,6 +1706,18 @@ fn qemu_args(
         .map(|p| p.to_string_lossy().replace(',', ",,"));
     let file = |dir: &Path, f: &str| dir.join(f).to_string_lossy().replace(',', ",,");
     match &cfg.snapshot {
+        // A session's VM: its memory shared with the workspace's file
+        // server (vhost-user maps the guest's queues and buffers), in an
+        // anonymous file no path names.
+        None if cfg.workspace.is_some() => push(&[
+            "-object",
+            &format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                cfg.memory_mib
+            ),
+            "-M",
+            "microvm,rtc=off,memory-backend=mem",
+        ]),
         None => push(&["-M", "microvm,rtc=off"]),
         Some(mode) => {
             // Guest memory in a file: the golden VM's shared (its pages
@@ -1769,6 +1850,18 @@ fn qemu_args(
         "-device",
         "virtio-rng-device,rng=rng",
     ]);
+    if cfg.workspace.is_some() {
+        // The workspace's file server on the monitor's connected socket.
+        push(&[
+            "-chardev",
+            &format!("socket,id=ws,fd={fd7}"),
+            "-device",
+            &format!(
+                "vhost-user-fs-device,chardev=ws,tag={}",
+                airlock_sandbox::vminit::WORKSPACE_TAG
+            ),
+        ]);
+    }
     a
 }
 
@@ -1784,6 +1877,20 @@ pub const QEMU_UIDS: u32 = 1 << 16;
 /// the VM whose QEMU runs as `QEMU_UID_BASE + n`, released when it ends
 /// (however it ends).
 const QEMU_UID_LOCKS: &str = "/run/airlock/vm-uids";
+
+/// Whether `uid` is one of [`QEMU_UIDS`].
+fn is_qemu_uid(uid: u32) -> bool {
+    (QEMU_UID_BASE..QEMU_UID_BASE + QEMU_UIDS).contains(&uid)
+}
+
+/// The host ids of a microVM session (uid and gid alike, one of the QEMU
+/// uids, which no VM's QEMU takes while the returned lock is held): its
+/// workspace is theirs, and the virtiofsd that serves it to the session's
+/// VMs runs as them, so what one session's file server could reach as its
+/// user is not another's, nor any QEMU's.
+pub fn session_ids() -> Result<(fs::File, u32), String> {
+    own_qemu_uid()
+}
 
 /// A uid for this VM's QEMU and the lock that holds it.
 fn own_qemu_uid() -> Result<(fs::File, u32), String> {
@@ -1836,29 +1943,15 @@ fn own_qemu_uid() -> Result<(fs::File, u32), String> {
 /// stand). The descriptor is placed above 64, out of the way of the ones
 /// QEMU is given.
 fn qemu_landlock(cfg: &VmmConfig, ids: (u32, u32)) -> Result<Option<OwnedFd>, String> {
-    use landlock::{
-        ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
-        RulesetAttr, RulesetCreatedAttr, Scope,
-    };
-    let e = |err: landlock::RulesetError| format!("QEMU's Landlock ruleset: {err}");
+    use landlock::{ABI, Access, AccessFs};
     let abi = ABI::V5;
     let all = AccessFs::from_all(abi);
     let read = AccessFs::from_read(abi);
     let dev = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
-    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = [
-        "/usr/lib",
-        "/usr/lib64",
-        "/lib",
-        "/lib64",
-        "/usr/local/lib",
-        "/usr/share",
-        "/usr/local/share",
-        "/etc/ld.so.cache",
-        "/proc",
-    ]
-    .into_iter()
-    .map(|p| (PathBuf::from(p), read))
-    .collect();
+    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = SYSTEM_READ
+        .into_iter()
+        .map(|p| (PathBuf::from(p), read))
+        .collect();
     for p in [&cfg.qemu, &cfg.kernel, &cfg.initrd, &cfg.root] {
         rules.push((p.clone(), read));
     }
@@ -1889,6 +1982,36 @@ fn qemu_landlock(cfg: &VmmConfig, ids: (u32, u32)) -> Result<Option<OwnedFd>, St
         }
         rules.push((console.clone(), AccessFs::WriteFile | AccessFs::Truncate));
     }
+    landlock_fd(rules)
+}
+
+/// The system's libraries and data, read-only: what QEMU and virtiofsd
+/// load.
+const SYSTEM_READ: [&str; 9] = [
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/usr/local/lib",
+    "/usr/share",
+    "/usr/local/share",
+    "/etc/ld.so.cache",
+    "/proc",
+];
+
+/// A Landlock ruleset that handles every file-system and network access
+/// and scopes signals and abstract sockets, allowing `rules` only; its
+/// descriptor above 64 (None where the kernel has no Landlock).
+fn landlock_fd(
+    rules: Vec<(PathBuf, landlock::BitFlags<landlock::AccessFs>)>,
+) -> Result<Option<OwnedFd>, String> {
+    use landlock::{
+        ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
+        RulesetAttr, RulesetCreatedAttr, Scope,
+    };
+    let e = |err: landlock::RulesetError| format!("Landlock ruleset: {err}");
+    let abi = ABI::V5;
+    let all = AccessFs::from_all(abi);
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)
@@ -1911,10 +2034,190 @@ fn qemu_landlock(cfg: &VmmConfig, ids: (u32, u32)) -> Result<Option<OwnedFd>, St
         return Ok(None);
     };
     let high = sys::dup_above_cloexec(fd.as_raw_fd(), 64)
-        .map_err(|err| format!("QEMU's Landlock ruleset: {err}"))?;
+        .map_err(|err| format!("Landlock ruleset: {err}"))?;
     // SAFETY: `high` was just made by F_DUPFD_CLOEXEC and is owned by
     // nothing else.
     Ok(Some(unsafe { sys::owned(high) }))
+}
+
+/// virtiofsd's Landlock ruleset: its binary and the system's libraries,
+/// its own /proc (it reopens what it serves through /proc/self/fd), and
+/// the workspace, where it may do anything but execute and make devices;
+/// nothing else of the host's files, no network, no signal or abstract
+/// socket beyond its own domain.
+fn virtiofsd_landlock(w: &VmWorkspace) -> Result<Option<OwnedFd>, String> {
+    use landlock::{ABI, Access, AccessFs};
+    let read = AccessFs::from_read(ABI::V5);
+    let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = SYSTEM_READ
+        .into_iter()
+        .map(|p| (PathBuf::from(p), read))
+        .collect();
+    rules.push((w.virtiofsd.clone(), read));
+    rules.push((
+        w.dir.clone(),
+        AccessFs::from_all(ABI::V5)
+            & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock),
+    ));
+    landlock_fd(rules)
+}
+
+/// Descriptors virtiofsd may hold (one per file the guest has looked up):
+/// far more than a workspace's files, bounded.
+const VIRTIOFSD_FILES: u64 = 1 << 16;
+
+/// Starts virtiofsd for a session's VM, serving `w.dir` on a socket whose
+/// other end (connected already) is returned for QEMU. It runs as the
+/// session's ids (every guest uid squashed to them, the sandbox user's
+/// shown as theirs), in this monitor's pid namespace (QEMU's, under
+/// another uid: neither can signal, trace or read the other) and mount,
+/// network, IPC and UTS namespaces of its own, with no capability,
+/// no_new_privs, its Landlock ruleset and its own seccomp filter (fatal on
+/// anything else), dying with the monitor. Extended attributes, ACLs,
+/// file handles and caching are off: the guest gets plain files, and what
+/// the files API changes it sees at once.
+fn start_virtiofsd(
+    w: &VmWorkspace,
+    state: &Path,
+    monitor_fd: RawFd,
+) -> Result<(std::process::Child, OwnedFd), String> {
+    let e = |err: std::io::Error| format!("virtiofsd: {err}");
+    if sys::geteuid() != 0 {
+        return Err("virtiofsd: a session's VM needs root".into());
+    }
+    let sock = state.join("fs.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).map_err(e)?;
+    let connected = std::os::unix::net::UnixStream::connect(&sock);
+    let _ = fs::remove_file(&sock);
+    let qemu_end = OwnedFd::from(connected.map_err(e)?);
+    let landlock = virtiofsd_landlock(w)?;
+    let landlock_fd = landlock.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let listen_fd = listener.as_raw_fd();
+    let (uid, gid) = w.ids;
+    // Within the hard limit this process has (raising it takes a
+    // capability hosts and containers often withhold).
+    let files = sys::get_rlimit(libc::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard.min(VIRTIOFSD_FILES))
+        .map_err(e)?;
+    let (su, sg) = (
+        airlock_sandbox::launch::SANDBOX_UID,
+        airlock_sandbox::launch::SANDBOX_GID,
+    );
+    let mut cmd = Command::new(&w.virtiofsd);
+    cmd.arg("--fd=3")
+        .arg(format!("--shared-dir={}", w.dir.display()))
+        .args([
+            "--sandbox=none",
+            "--seccomp=kill",
+            "--inode-file-handles=never",
+            "--cache=never",
+            "--no-announce-submounts",
+            "--thread-pool-size=0",
+            "--rlimit-nofile=0",
+            "--log-level=error",
+        ])
+        .arg(format!("--translate-uid=map:{su}:{uid}:1"))
+        .arg(format!("--translate-uid=squash-guest:0:{uid}:{su}"))
+        .arg(format!(
+            "--translate-uid=squash-guest:{}:{uid}:{}",
+            su + 1,
+            u32::MAX - su - 1
+        ))
+        .arg(format!("--translate-gid=map:{sg}:{gid}:1"))
+        .arg(format!("--translate-gid=squash-guest:0:{gid}:{sg}"))
+        .arg(format!(
+            "--translate-gid=squash-guest:{}:{gid}:{}",
+            sg + 1,
+            u32::MAX - sg - 1
+        ))
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe syscalls (no allocation: values copied in, literals).
+    unsafe {
+        cmd.pre_exec(move || {
+            let moved = sys::dup_above_cloexec(listen_fd, 16)?;
+            sys::dup2(moved, 3)?;
+            sys::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+            )?;
+            sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+            sys::mount(
+                Some(c"proc"),
+                c"/proc",
+                Some(c"proc"),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                None,
+            )?;
+            let lim = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            sys::set_ids(uid, gid)?;
+            sys::set_no_new_privs()?;
+            if landlock_fd >= 0 {
+                // Its own /proc, mounted just now (a rule for the host's
+                // does not cover it): read-only.
+                let proc_fd = libc::open(c"/proc".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+                if proc_fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                sys::landlock_allow_beneath(landlock_fd, proc_fd, sys::LANDLOCK_READ)?;
+                libc::close(proc_fd);
+                if libc::syscall(libc::SYS_landlock_restrict_self, landlock_fd, 0u32) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            sys::set_parent_death_kill()?;
+            let mut alive = libc::pollfd {
+                fd: monitor_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut alive, 1, 0) != 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            sys::cloexec_from(4)?;
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|err| format!("virtiofsd does not start: {err}"))?;
+    drop(listener);
+    Ok((child, qemu_end))
+}
+
+/// A child killed and waited for when dropped (the monitor never leaves
+/// one behind, however it returns).
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    /// Kills and waits for it; what it wrote on stderr (4 KiB at most).
+    fn finish(&mut self) -> String {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let mut said = Vec::new();
+        if let Some(err) = self.0.stderr.take() {
+            let _ = err.take(4096).read_to_end(&mut said);
+        }
+        String::from_utf8_lossy(&said).into_owned()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Reads what `src` has now (0 when nothing); at its end, or when it
@@ -1999,7 +2302,11 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         .map_err(|e| format!("the scratch disk: {e}"))?
         .into();
     let (scratch_fd, scratch_ro_fd) = (scratch.as_raw_fd(), scratch_ro.as_raw_fd());
-    let keep_below: u32 = if cfg.snapshot.is_some() { 8 } else { 7 };
+    let keep_below: u32 = if cfg.snapshot.is_some() || cfg.workspace.is_some() {
+        8
+    } else {
+        7
+    };
     let mut cmd = Command::new(&cfg.qemu);
     cmd.args(qemu_args(&cfg, 3, 4, (5, 6), 7))
         .env_clear()
@@ -2034,6 +2341,21 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     // namespace, so getppid() cannot tell).
     let monitor = sys::pidfd_open(std::process::id() as libc::pid_t).map_err(|e| e.to_string())?;
     let monitor_fd = monitor.as_raw_fd();
+    // A session's workspace: its file server first (QEMU connects to it
+    // as it starts), ended with this monitor's VM.
+    let (mut virtiofsd, ws_end) = match &cfg.workspace {
+        Some(w) => {
+            let state = Path::new(path).parent().unwrap_or(Path::new("/"));
+            let (child, end) = start_virtiofsd(w, state, monitor_fd)?;
+            (Some(Reaped(child)), Some(end))
+        }
+        None => (None, None),
+    };
+    // QEMU's descriptor 7: the snapshot's commands or the file server.
+    let fd7 = match (&ws_end, qmp_fd) {
+        (Some(end), _) => end.as_raw_fd(),
+        (None, fd) => fd,
+    };
     // SAFETY: the closure runs between fork and exec and calls only
     // async-signal-safe syscalls (no allocation: values copied in, literals).
     unsafe {
@@ -2044,7 +2366,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
             let moved_console = sys::dup_above_cloexec(console_fd, 16)?;
             let moved_scratch = sys::dup_above_cloexec(scratch_fd, 16)?;
             let moved_scratch_ro = sys::dup_above_cloexec(scratch_ro_fd, 16)?;
-            let moved_qmp = match qmp_fd {
+            let moved_qmp = match fd7 {
                 -1 => -1,
                 fd => sys::dup_above_cloexec(fd, 16)?,
             };
@@ -2107,7 +2429,14 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let mut qemu = cmd
         .spawn()
         .map_err(|e| format!("QEMU does not start: {e}"))?;
-    drop((qemu_port, qemu_console, qemu_qmp, scratch, scratch_ro));
+    drop((
+        qemu_port,
+        qemu_console,
+        qemu_qmp,
+        scratch,
+        scratch_ro,
+        ws_end,
+    ));
     sys::set_nonblocking(host_console.as_raw_fd()).map_err(|e| e.to_string())?;
     let mut host_console = Some(OwnedFd::from(host_console));
     let qemu_err = qemu.stderr.take();
@@ -2432,6 +2761,11 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         if !text.trim().is_empty() {
             let _ = writeln!(report, "airlock vm: QEMU: {}", text.trim());
         }
+        if let Some(said) = virtiofsd.as_mut().map(Reaped::finish)
+            && !said.trim().is_empty()
+        {
+            let _ = writeln!(report, "airlock vm: virtiofsd: {}", said.trim());
+        }
     }
     Ok(if outcome.is_some() {
         1
@@ -2626,7 +2960,7 @@ impl MicrovmBackend {
     /// The host pieces and artifacts, for `doctor`.
     pub fn describe(&self) -> String {
         format!(
-            "{}, kernel {}, root image {}, accelerator {}, {}",
+            "{}, kernel {}, root image {}, accelerator {}, {}, {}",
             self.launcher.host.qemu_version,
             self.launcher
                 .host
@@ -2636,7 +2970,11 @@ impl MicrovmBackend {
                 .unwrap_or_default(),
             self.launcher.artifacts.root_id,
             self.accel().as_str(),
-            self.snaps.summary()
+            self.snaps.summary(),
+            match &self.launcher.host.virtiofsd {
+                Some(p) => format!("sessions through {}", p.display()),
+                None => "no sessions (virtiofsd is not installed)".into(),
+            }
         )
     }
 
@@ -2695,10 +3033,13 @@ impl Backend for MicrovmBackend {
         // share its sequence, so node VMs boot.)
         // (A sandbox with egress boots too: its proxy channel is made for
         // the execution it serves, which a golden VM does not know.)
+        // (A session's VM boots too: its memory is shared with the
+        // workspace's file server, which a snapshot's is not.)
         if spec.language != Language::Python
             || !spec.extras.broker
             || spec.extras.entry.is_none()
             || spec.extras.egress
+            || spec.extras.workspace.is_some()
         {
             return Ok(None);
         }
@@ -2732,6 +3073,22 @@ impl Backend for MicrovmBackend {
 
     fn reap_stale(&self, previous_pid: Option<u32>) -> usize {
         crate::oci::reap_stale_states(&self.engine, &self.launcher.states, previous_pid, |_, _| {})
+    }
+
+    fn sessions(&self) -> bool {
+        // The workspace reaches a VM only through virtiofsd, and only a
+        // root server makes the session's ids.
+        self.launcher.host.virtiofsd.is_some() && sys::geteuid() == 0
+    }
+
+    fn session_owner(&self) -> Result<Option<crate::SessionOwner>, BackendError> {
+        let (lock, uid) = session_ids().map_err(|e| {
+            BackendError::Sandbox(SandboxError::SpawnInit(std::io::Error::other(e)))
+        })?;
+        Ok(Some(crate::SessionOwner {
+            ids: (uid, uid),
+            hold: Box::new(lock),
+        }))
     }
 
     fn probe(&self) -> Probe {

@@ -160,6 +160,10 @@ pub struct Workspace {
     /// the mount goes (not when the session ends: an ended workspace still
     /// held by a request or an execution still holds memory).
     mounted: Arc<Mutex<Mounted>>,
+    /// What reserves `owner` for this session alone when its backend gave
+    /// it ids of its own; released after the unmount (fields drop after
+    /// [`Drop::drop`]).
+    _hold: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 /// Workspaces mounted now: in all, per tenant, and their quotas' MiB.
@@ -983,7 +987,8 @@ impl Sessions {
         n
     }
 
-    /// Makes and mounts a session's workspace.
+    /// Makes and mounts a session's workspace, owned by the sandbox user's
+    /// ids or by the ones its backend gave it (`owner`).
     pub fn create(
         &self,
         id: &str,
@@ -991,7 +996,12 @@ impl Sessions {
         (mib, files): (u64, u64),
         idle: Duration,
         lifetime: Duration,
+        owner: Option<airlock_backend::SessionOwner>,
     ) -> Result<Arc<Workspace>, SessionError> {
+        let (ids, hold) = match owner {
+            Some(o) => (o.ids, Some(o.hold)),
+            None => (self.owner, None),
+        };
         // Held until the new session is in the map: two creations at once
         // cannot both take the last place.
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -1021,8 +1031,8 @@ impl Sessions {
             mib.saturating_mul(1 << 20),
             // The root directory is an inode too.
             files.saturating_add(1),
-            self.owner.0,
-            self.owner.1
+            ids.0,
+            ids.1
         );
         rustix::mount::mount(
             "airlock-session",
@@ -1054,7 +1064,7 @@ impl Sessions {
             tenant_id: tenant_id.to_string(),
             path,
             root,
-            owner: self.owner,
+            owner: ids,
             mib,
             files,
             idle,
@@ -1065,6 +1075,7 @@ impl Sessions {
             }),
             ended: AtomicBool::new(false),
             mounted: self.mounted.clone(),
+            _hold: hold,
         });
         mounted.total += 1;
         mounted.mib = mounted.mib.saturating_add(mib);

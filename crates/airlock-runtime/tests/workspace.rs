@@ -30,6 +30,7 @@ fn workspace(mib: u64, files: u64) -> (tempfile::TempDir, Sessions, Arc<Workspac
             (mib, files),
             Duration::from_secs(60),
             Duration::from_secs(600),
+            None,
         )
         .unwrap();
     (dir, s, ws)

@@ -659,13 +659,14 @@ pub(crate) fn build_root(cfg: &InitConfig) -> StepResult<()> {
             .as_ref()
             .filter(|_| dir == "/workspace")
             .map(|fd| format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        if let Some(disk) = cfg
-            .scratch_dir
-            .as_deref()
-            .filter(|_| dir != "/dev/shm")
-            .map(|d| format!("{d}{dir}"))
-            .or(session)
-        {
+        // (A microVM guest has both: the session's workspace wins at
+        // /workspace, its scratch disk holds /tmp.)
+        if let Some(disk) = session.or_else(|| {
+            cfg.scratch_dir
+                .as_deref()
+                .filter(|_| dir != "/dev/shm")
+                .map(|d| format!("{d}{dir}"))
+        }) {
             let t = cstr(&target);
             at(
                 Step::Scratch,

@@ -342,6 +342,11 @@ pub struct VmGuestConfig {
     /// init's, which opens an egress stream of the channel per connection
     /// ([`crate::vmchan`]).
     pub egress: bool,
+    /// A session's workspace is shared with the VM (virtio-fs, tag
+    /// [`crate::vminit::WORKSPACE_TAG`]): the guest mounts it and binds it
+    /// at the sandbox's /workspace in place of its scratch disk's.
+    #[serde(default)]
+    pub workspace: bool,
 }
 
 /// Largest [`VmGuestConfig`] a guest accepts.

@@ -141,6 +141,41 @@ pub fn set_no_new_privs() -> io::Result<()> {
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map(|_| ())
 }
 
+/// Landlock's `LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR`.
+pub const LANDLOCK_READ: u64 = (1 << 2) | (1 << 3);
+
+/// Adds a path-beneath rule allowing `access` under the directory
+/// `parent` (an open descriptor) to the Landlock ruleset `ruleset`, not
+/// yet enforced. One system call, no allocation: usable between fork and
+/// exec (a rule for a mount made there, such as a process's own /proc).
+pub fn landlock_allow_beneath(ruleset: RawFd, parent: RawFd, access: u64) -> io::Result<()> {
+    // The kernel's struct landlock_path_beneath_attr (packed).
+    #[repr(C, packed)]
+    struct PathBeneath {
+        allowed_access: u64,
+        parent_fd: i32,
+    }
+    let attr = PathBeneath {
+        allowed_access: access,
+        parent_fd: parent,
+    };
+    // SAFETY: `attr` is a live value of the layout the kernel reads for
+    // LANDLOCK_RULE_PATH_BENEATH (1), which it only reads, during the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset,
+            1,
+            &attr as *const PathBeneath,
+            0u32,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Drops every capability from the bounding set, clears the ambient set and
 /// locks securebits so no later exec or uid change can regain privileges.
 pub fn drop_bounding_and_ambient() -> io::Result<()> {

@@ -49,6 +49,14 @@ const IMAGE: &str = "/img";
 /// its `tmp` and `workspace` become the sandbox's /tmp and /workspace.
 const SCRATCH: &str = "/scratch";
 
+/// The virtio-fs tag of a session's workspace.
+pub const WORKSPACE_TAG: &str = "workspace";
+
+/// Where the guest mounts a session's workspace, outside every sandbox's
+/// root (bound at its /workspace like the process sandbox binds the host
+/// directory).
+const WORKSPACE: &str = "/ws";
+
 /// The serial numbers the host gives the guest's two disks (found by
 /// them, not by the order the kernel happened to probe them in).
 pub const ROOT_SERIAL: &str = "airlock-root";
@@ -159,7 +167,7 @@ fn boot() -> Result<OwnedFd, (&'static str, std::io::Error)> {
         "size=1m,mode=0755",
     )
     .map_err(e("newroot"))?;
-    for d in ["dev", "proc", "sys", "tmp", "img", "scratch"] {
+    for d in ["dev", "proc", "sys", "tmp", "img", "scratch", "ws"] {
         fs::create_dir(format!("/newroot/{d}")).map_err(e("newroot"))?;
     }
     for d in ["/dev", "/proc", "/sys"] {
@@ -399,6 +407,21 @@ fn run(port: OwnedFd, agent: OwnedFd) -> ! {
     if let Err(e) = reserve_scratch(cfg.root.scratch_bytes, cfg.root.scratch_inodes) {
         fail(Some(&mut mux), "scratch disk", e)
     }
+    // A session's workspace: the host's file server behind virtio-fs (it
+    // runs as the session's own host uid and maps the sandbox user to
+    // it), never set-uid, never a device; its quota is the host file
+    // system's.
+    if cfg.workspace
+        && let Err(e) = mount(
+            WORKSPACE_TAG,
+            WORKSPACE,
+            "virtiofs",
+            libc::MS_NOSUID | libc::MS_NODEV,
+            "",
+        )
+    {
+        fail(Some(&mut mux), "workspace", e)
+    }
     let child = match start_agent(&cfg, ends, agent) {
         Ok(pid) => pid,
         Err(e) => fail(Some(&mut mux), "agent", e),
@@ -584,6 +607,9 @@ fn start_agent(
 ) -> std::io::Result<libc::pid_t> {
     let mut root = cfg.root.clone();
     root.scratch_dir = Some(SCRATCH.into());
+    if cfg.workspace {
+        root.workspace_dir = Some(WORKSPACE.into());
+    }
     for m in root.mounts.iter_mut().chain(root.etc_mounts.iter_mut()) {
         m.host = format!("{IMAGE}{}", m.host);
     }

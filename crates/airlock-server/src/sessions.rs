@@ -591,15 +591,28 @@ pub(crate) async fn create_session(
         rec.clone(),
         st.blobs.clone(),
     );
+    let chosen = st
+        .exec
+        .backends()
+        .by_name(&backend)
+        .cloned()
+        .ok_or(ApiError::Internal)?;
     let ws = tokio::spawn(async move {
         let (s, id, tenant) = (sessions.clone(), rec2.id.clone(), rec2.tenant_id.clone());
         let made = tokio::task::spawn_blocking(move || {
+            // The ids the backend wants the workspace to be owned by (the
+            // microVM's: a uid of the session's own), reserved until it
+            // is gone.
+            let owner = chosen
+                .session_owner()
+                .map_err(|e| SessionError::Host(e.to_string()))?;
             s.create(
                 &id,
                 &tenant,
                 (mib, files),
                 Duration::from_secs(idle),
                 Duration::from_secs(lifetime),
+                owner,
             )
         })
         .await

@@ -40,6 +40,7 @@ fn a_session_workspace_persists_between_fresh_sandboxes_and_holds_no_code() {
             (2, 64),
             Duration::from_secs(60),
             Duration::from_secs(600),
+            None,
         )
         .unwrap();
     let e = engine();

@@ -1083,3 +1083,176 @@ fn sessions_on_the_oci_and_gvisor_backends_keep_their_workspace_behind_their_wal
         assert!(!mounted(id));
     }
 }
+
+/// The virtiofsd serving session `id`'s workspace (a child of the
+/// server's monitor), by its shared directory.
+fn virtiofsd_of(id: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd);
+        (cmd.contains("virtiofsd") && cmd.contains(&format!("-{id}\0"))).then_some(pid)
+    })
+}
+
+#[test]
+fn microvm_sessions_share_their_workspace_with_each_vm_through_a_confined_virtiofsd() {
+    if !crate::backends::microvm_here() {
+        panic!("the microvm backend needs root, qemu-system-x86 and erofs-utils");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("airlock.toml");
+    std::fs::write(
+        &cfg,
+        "[backends]\noffer = [\"process\", \"microvm\"]\npools = []\n\
+         [backends.microvm]\naccel = \"tcg\"\n[pool]\npython = 0\njavascript = 0\n",
+    )
+    .unwrap();
+    let s = Server::start_with(&["--config", cfg.to_str().unwrap()]);
+    let key = s.tenant("acme");
+    // The strongest backend holding sessions is chosen by the minimum.
+    let ses = create(
+        &s,
+        &key,
+        json!({"isolation": "microvm", "workspace_mib": 1, "workspace_files": 64}),
+    );
+    assert_eq!(ses["backend"], "microvm", "{ses}");
+    let id = ses["id"].as_str().unwrap();
+    let base = format!("/v1/sessions/{id}");
+    assert_eq!(
+        put(&s, &key, &format!("{base}/files/in.txt"), b"hello").status,
+        200
+    );
+    // The VM reads the upload as its user's (and may append to it),
+    // starts in /workspace, and writes a file the next VM and the files
+    // API find.
+    let r = exec(
+        &s,
+        &key,
+        id,
+        json!({"argv": ["sh", "-c",
+            "cat in.txt; echo; pwd; id -u; stat -c %u in.txt; echo ' more' >> in.txt; \
+             echo out > out.txt; stat -c %u out.txt"]}),
+    );
+    assert_eq!(
+        r["result"]["enforced"]["backend"],
+        "microvm",
+        "{r}\n{}",
+        s.log()
+    );
+    assert_eq!(
+        r["result"]["stdout"], "hello\n/workspace\n1000\n1000\n1000\n",
+        "{r}"
+    );
+    assert_eq!(
+        s.get(&format!("{base}/files/in.txt"), &key).text(),
+        "hello more\n"
+    );
+    assert_eq!(
+        s.get(&format!("{base}/files/out.txt"), &key).text(),
+        "out\n"
+    );
+    // On the host, what the guest wrote belongs to the session's own uid
+    // (a QEMU uid no VM's QEMU runs as while the session lives), never to
+    // root or the process sandbox's user.
+    let mount = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(" airlock-session ") && l.contains(&format!("-{id} ")))
+        .map(|l| l.split(' ').nth(4).unwrap().to_string())
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let root_uid = std::fs::metadata(&mount).unwrap().uid();
+    assert!((0x7000_0000..0x7001_0000).contains(&root_uid), "{root_uid}");
+    let out = std::fs::metadata(format!("{mount}/out.txt")).unwrap();
+    assert_eq!((out.uid(), out.gid()), (root_uid, root_uid));
+    // In the next VM: the file is there; a program copied into the
+    // workspace runs from it (mapped from the file server); the mount
+    // table names no host path, nothing set-uid, no devices; the quota is
+    // the host file system's (ENOSPC in the guest, the old file stays
+    // whole); a symlink to a guest path is planted.
+    let r = exec(
+        &s,
+        &key,
+        id,
+        json!({"argv": ["sh", "-c",
+            "cat out.txt; cp /bin/echo ./e && ./e mapped; \
+             grep ' /workspace ' /proc/self/mountinfo; \
+             head -c 2000000 /dev/zero > big; echo rc=$?; rm -f big e; \
+             ln -s /etc/passwd leak"]}),
+    );
+    let text = r["result"]["stdout"].as_str().unwrap().to_string();
+    assert!(text.starts_with("out\nmapped\n"), "{r}");
+    assert!(text.contains(" /workspace rw,nosuid,nodev"), "{text}");
+    assert!(text.contains(" - virtiofs workspace "), "{text}");
+    let data = s.data().to_string_lossy().to_string();
+    assert!(!text.contains("/run/") && !text.contains(&data), "{text}");
+    assert!(text.contains("rc=1"), "{r}");
+    assert!(
+        r["result"]["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{r}"
+    );
+    assert_eq!(
+        s.get(&format!("{base}/files/in.txt"), &key).text(),
+        "hello more\n"
+    );
+    // The planted symlink leads nowhere out of the workspace on the host
+    // side either.
+    s.get(&format!("{base}/files/leak"), &key)
+        .problem(404, "file_not_found");
+    // While a VM runs, its file server holds no capability, runs as the
+    // session's uid with no_new_privs under its seccomp filter, in a
+    // network namespace of its own (positive control: the server's own
+    // process has the host's).
+    let r = s.post(
+        &format!("{base}/exec"),
+        &key,
+        json!({"argv": ["sleep", "60"], "wait": false}),
+    );
+    assert_eq!(r.status, 202, "{}", r.text());
+    let exec_id = r.json()["id"].as_str().unwrap().to_string();
+    let end = Instant::now() + Duration::from_secs(180);
+    let pid = loop {
+        if let Some(p) = virtiofsd_of(id) {
+            break p;
+        }
+        assert!(Instant::now() < end, "no virtiofsd: {}", s.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(
+        field("Uid"),
+        format!("{root_uid} {root_uid} {root_uid} {root_uid}")
+    );
+    assert_eq!(field("Groups"), "");
+    assert_eq!(field("CapEff"), "0000000000000000");
+    assert_eq!(field("CapPrm"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2");
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
+    // Its end kills what runs, unmounts the workspace, and no file server
+    // outlives it.
+    assert!(mounted(id));
+    assert_eq!(delete(&s, &key, &base).status, 204);
+    let ex = s.wait_status(&key, &exec_id, &["finished", "failed"]);
+    assert_eq!(ex["reason"], "cancelled", "{ex}");
+    assert!(!mounted(id));
+    let end = Instant::now() + Duration::from_secs(30);
+    while virtiofsd_of(id).is_some() {
+        assert!(Instant::now() < end, "virtiofsd outlived its session");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
