@@ -3273,3 +3273,58 @@ impl Template for Arc<SnapshotTemplate> {
         self.spawned.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// virtiofsd's Landlock ruleset lets it run its own binary only: a
+    /// virtiofsd that is a shell script cannot start /bin/sh (EACCES),
+    /// while the same script runs as the session's user outside it.
+    #[test]
+    fn virtiofsd_runs_nothing_of_the_host_but_its_own_binary() {
+        assert_eq!(sys::geteuid(), 0, "virtiofsd's confinement needs root");
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let (_lock, uid) = session_ids().unwrap();
+        let ws = dir.path().join("ws");
+        fs::create_dir(&ws).unwrap();
+        std::os::unix::fs::chown(&ws, Some(uid), Some(uid)).unwrap();
+        fs::set_permissions(&ws, fs::Permissions::from_mode(0o700)).unwrap();
+        let script = dir.path().join("virtiofsd");
+        fs::write(
+            &script,
+            "#!/bin/sh\nfor a; do case $a in --shared-dir=*) d=${a#--shared-dir=};; esac; done\n\
+             echo ran > \"$d/ran\"\n",
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        // Positive control: outside the ruleset, as the session's user, it
+        // runs and writes into the workspace.
+        let out = Command::new("setpriv")
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg(&script)
+            .arg(format!("--shared-dir={}", ws.display()))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert_eq!(fs::read_to_string(ws.join("ran")).unwrap(), "ran\n");
+        fs::remove_file(ws.join("ran")).unwrap();
+        let monitor = sys::pidfd_open(std::process::id() as libc::pid_t).unwrap();
+        let w = VmWorkspace {
+            virtiofsd: script.clone(),
+            dir: ws.clone(),
+            ids: (uid, uid),
+        };
+        let err = start_virtiofsd(&w, dir.path(), monitor.as_raw_fd()).unwrap_err();
+        assert_eq!(
+            err, "virtiofsd does not start: Permission denied (os error 13)",
+            "{err}"
+        );
+        assert!(!ws.join("ran").exists());
+    }
+}
