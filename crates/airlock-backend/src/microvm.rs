@@ -2041,11 +2041,13 @@ fn landlock_fd(
 }
 
 /// virtiofsd's Landlock ruleset: its binary and the system's libraries,
-/// its own /proc (it reopens what it serves through /proc/self/fd), and
+/// its own /proc (a rule added in its process once that is mounted), and
 /// the workspace, where it may do anything but execute and make devices;
 /// nothing else of the host's files, no network, no signal or abstract
-/// socket beyond its own domain.
-fn virtiofsd_landlock(w: &VmWorkspace) -> Result<Option<OwnedFd>, String> {
+/// socket beyond its own domain. Refused where the kernel has no Landlock
+/// (the file server is the part of a session's VM a guest kernel talks to
+/// directly: it never runs without this wall).
+fn virtiofsd_landlock(w: &VmWorkspace) -> Result<OwnedFd, String> {
     use landlock::{ABI, Access, AccessFs};
     let read = AccessFs::from_read(ABI::V5);
     let mut rules: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = SYSTEM_READ
@@ -2058,53 +2060,290 @@ fn virtiofsd_landlock(w: &VmWorkspace) -> Result<Option<OwnedFd>, String> {
         AccessFs::from_all(ABI::V5)
             & !(AccessFs::Execute | AccessFs::MakeChar | AccessFs::MakeBlock),
     ));
-    landlock_fd(rules)
+    landlock_fd(rules)?.ok_or_else(|| "virtiofsd: this kernel has no Landlock".to_string())
 }
 
 /// Descriptors virtiofsd may hold (one per file the guest has looked up):
 /// far more than a workspace's files, bounded.
 const VIRTIOFSD_FILES: u64 = 1 << 16;
 
-/// Starts virtiofsd for a session's VM, serving `w.dir` on a socket whose
-/// other end (connected already) is returned for QEMU. It runs as the
-/// session's ids (every guest uid squashed to them, the sandbox user's
-/// shown as theirs), in this monitor's pid namespace (QEMU's, under
-/// another uid: neither can signal, trace or read the other) and mount,
-/// network, IPC and UTS namespaces of its own, with no capability,
-/// no_new_privs, its Landlock ruleset and its own seccomp filter (fatal on
-/// anything else), dying with the monitor. Extended attributes, ACLs,
-/// file handles and caching are off: the guest gets plain files, and what
-/// the files API changes it sees at once.
-fn start_virtiofsd(
+/// Where virtiofsd finds the workspace in its own root.
+const VIRTIOFSD_SHARED: &str = "/ws";
+
+/// virtiofsd's own root, made in its process before its exec and pivoted
+/// into: its binary, the system's libraries and loader cache read-only,
+/// its own /proc (`hidepid=invisible`: QEMU, beside it in the VM's pid
+/// namespace, is not there), the workspace at [`VIRTIOFSD_SHARED`],
+/// nothing else of the host's tree (no other session's workspace, no
+/// /run, no /etc), read-only but for the workspace. Whatever name a guest
+/// kernel sends, virtiofsd has nowhere else to go; Landlock walls the same
+/// paths in again. Everything is made here, before the fork: the child
+/// only calls mkdir, open, mount, pivot_root and chdir on these strings.
+struct VirtiofsdRoot {
+    /// The mount point of its root (in the VM's state directory).
+    root: std::ffi::CString,
+    /// Directories to make in the root's tmpfs, parents first.
+    dirs: Vec<std::ffi::CString>,
+    /// Empty files to make there (file bind targets).
+    files: Vec<std::ffi::CString>,
+    /// Read-only binds (host path, path in the root).
+    binds: Vec<(std::ffi::CString, std::ffi::CString)>,
+    /// The workspace's bind target and /proc's mount point.
+    ws: std::ffi::CString,
+    proc_dir: std::ffi::CString,
+}
+
+fn virtiofsd_root(binary: &Path, state: &Path) -> Result<VirtiofsdRoot, String> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let e = |err: std::io::Error| format!("virtiofsd's root: {err}");
+    let root = state.join("fs-root");
+    fs::DirBuilder::new().mode(0o755).create(&root).map_err(e)?;
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| "virtiofsd's root: a path with NUL".to_string())
+    };
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let add_dir = |d: &Path, dirs: &mut Vec<PathBuf>| {
+        let mut chain: Vec<PathBuf> = d
+            .ancestors()
+            .take_while(|a| *a != Path::new("/"))
+            .map(Path::to_path_buf)
+            .collect();
+        chain.reverse();
+        for a in chain {
+            if !dirs.contains(&a) {
+                dirs.push(a);
+            }
+        }
+    };
+    let mut binds = Vec::new();
+    let mut files = Vec::new();
+    // Directories under their own names (the loader looks in /lib, the
+    // ELF interpreter is named through /lib64), their targets resolved.
+    for d in ["/usr/lib", "/usr/lib64", "/lib", "/lib64"] {
+        let Ok(real) = fs::canonicalize(d) else {
+            continue;
+        };
+        if !real.is_dir() {
+            continue;
+        }
+        add_dir(Path::new(d), &mut dirs);
+        binds.push((c(&real)?, c(&inside(Path::new(d)))?));
+    }
+    for f in [Path::new("/etc/ld.so.cache"), binary] {
+        let Ok(real) = fs::canonicalize(f) else {
+            continue;
+        };
+        if let Some(parent) = f.parent() {
+            add_dir(parent, &mut dirs);
+        }
+        files.push(c(&inside(f))?);
+        binds.push((c(&real)?, c(&inside(f))?));
+    }
+    add_dir(Path::new(VIRTIOFSD_SHARED), &mut dirs);
+    add_dir(Path::new("/proc"), &mut dirs);
+    Ok(VirtiofsdRoot {
+        root: c(&root)?,
+        dirs: dirs
+            .iter()
+            .map(|d| c(&inside(d)))
+            .collect::<Result<_, _>>()?,
+        files,
+        binds,
+        ws: c(&inside(Path::new(VIRTIOFSD_SHARED)))?,
+        proc_dir: c(&inside(Path::new("/proc")))?,
+    })
+}
+
+/// Confines `cmd` as virtiofsd for `w` (see [`start_virtiofsd`]): its own
+/// root, namespaces, the session's ids, no capability, no_new_privs,
+/// Landlock, the parent-death signal; `listen_fd` (when not -1) at
+/// descriptor 3. The returned ruleset must stay open until the spawn.
+fn confine_virtiofsd(
+    cmd: &mut Command,
     w: &VmWorkspace,
+    binary: &Path,
     state: &Path,
     monitor_fd: RawFd,
-) -> Result<(std::process::Child, OwnedFd), String> {
+    listen_fd: RawFd,
+) -> Result<OwnedFd, String> {
     let e = |err: std::io::Error| format!("virtiofsd: {err}");
-    if sys::geteuid() != 0 {
-        return Err("virtiofsd: a session's VM needs root".into());
-    }
-    let sock = state.join("fs.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&sock).map_err(e)?;
-    let connected = std::os::unix::net::UnixStream::connect(&sock);
-    let _ = fs::remove_file(&sock);
-    let qemu_end = OwnedFd::from(connected.map_err(e)?);
+    let jail = virtiofsd_root(binary, state)?;
+    let ws_src = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(w.dir.as_os_str()))
+        .map_err(|_| "virtiofsd: a path with NUL".to_string())?;
     let landlock = virtiofsd_landlock(w)?;
-    let landlock_fd = landlock.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let listen_fd = listener.as_raw_fd();
+    let landlock_fd = landlock.as_raw_fd();
     let (uid, gid) = w.ids;
     // Within the hard limit this process has (raising it takes a
     // capability hosts and containers often withhold).
     let files = sys::get_rlimit(libc::RLIMIT_NOFILE)
         .map(|(_, hard)| hard.min(VIRTIOFSD_FILES))
         .map_err(e)?;
+    let fail = || std::io::Error::last_os_error();
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe syscalls on strings and values made before the
+    // fork (no allocation).
+    unsafe {
+        cmd.pre_exec(move || {
+            if listen_fd >= 0 {
+                let moved = sys::dup_above_cloexec(listen_fd, 16)?;
+                sys::dup2(moved, 3)?;
+            }
+            sys::unshare(
+                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+            )?;
+            sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+            // Its root: a small tmpfs, the binds, the workspace, /proc.
+            sys::mount(
+                Some(c"virtiofsd"),
+                &jail.root,
+                Some(c"tmpfs"),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some(c"size=64k,nr_inodes=256,mode=0755"),
+            )?;
+            for d in &jail.dirs {
+                if libc::mkdir(d.as_ptr(), 0o755) != 0 {
+                    return Err(fail());
+                }
+            }
+            for f in &jail.files {
+                let fd = libc::open(
+                    f.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o444,
+                );
+                if fd < 0 {
+                    return Err(fail());
+                }
+                libc::close(fd);
+            }
+            let ro = libc::MS_REMOUNT
+                | libc::MS_BIND
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV;
+            for (src, dst) in &jail.binds {
+                sys::mount(Some(src), dst, None, libc::MS_BIND, None)?;
+                sys::mount(None, dst, None, ro, None)?;
+            }
+            sys::mount(Some(&ws_src), &jail.ws, None, libc::MS_BIND, None)?;
+            sys::mount(
+                None,
+                &jail.ws,
+                None,
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                None,
+            )?;
+            sys::mount(
+                Some(c"proc"),
+                &jail.proc_dir,
+                Some(c"proc"),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some(c"hidepid=invisible"),
+            )?;
+            if libc::chdir(jail.root.as_ptr()) != 0 {
+                return Err(fail());
+            }
+            sys::pivot_root(c".", c".")?;
+            sys::umount2(c".", libc::MNT_DETACH)?;
+            if libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(fail());
+            }
+            sys::mount(
+                None,
+                c"/",
+                None,
+                libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                Some(c"size=64k,nr_inodes=256,mode=0755"),
+            )?;
+            // It works from the shared directory (virtiofsd probes openat2
+            // on its working directory).
+            if libc::chdir(c"/ws".as_ptr()) != 0 {
+                return Err(fail());
+            }
+            let lim = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(fail());
+            }
+            if libc::setgroups(0, std::ptr::null()) != 0 {
+                return Err(fail());
+            }
+            sys::set_ids(uid, gid)?;
+            sys::set_no_new_privs()?;
+            // Its own /proc, mounted just now (a rule for the host's does
+            // not cover it): read-only.
+            let proc_fd = libc::open(c"/proc".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+            if proc_fd < 0 {
+                return Err(fail());
+            }
+            sys::landlock_allow_beneath(landlock_fd, proc_fd, sys::LANDLOCK_READ)?;
+            libc::close(proc_fd);
+            if libc::syscall(libc::SYS_landlock_restrict_self, landlock_fd, 0u32) != 0 {
+                return Err(fail());
+            }
+            sys::set_parent_death_kill()?;
+            let mut alive = libc::pollfd {
+                fd: monitor_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            if libc::poll(&mut alive, 1, 0) != 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            sys::cloexec_from(4)?;
+            Ok(())
+        });
+    }
+    Ok(landlock)
+}
+
+/// Starts virtiofsd for a session's VM, serving the workspace on a socket
+/// whose other end (connected already) is returned for QEMU. It runs as
+/// the session's ids (the guest's sandbox user shown as theirs, every
+/// other guest id squashed to them), in the VM's pid namespace (beside
+/// QEMU, under another uid: neither can signal or trace the other, and its
+/// /proc hides QEMU) and mount, network, IPC and UTS namespaces of its
+/// own, in a root of its own ([`VirtiofsdRoot`]), with no capability,
+/// no_new_privs, its Landlock ruleset and its own seccomp filter (fatal
+/// on anything else), dying with the monitor. Extended attributes, ACLs,
+/// file handles and caching are off: the guest gets plain files, and what
+/// the files API changes it sees at once.
+fn start_virtiofsd(
+    w: &VmWorkspace,
+    state: &Path,
+    monitor_fd: RawFd,
+) -> Result<(std::process::Child, OwnedFd, Option<OwnedFd>), String> {
+    let e = |err: std::io::Error| format!("virtiofsd: {err}");
+    if sys::geteuid() != 0 {
+        return Err("virtiofsd: a session's VM needs root".into());
+    }
+    let binary = fs::canonicalize(&w.virtiofsd).map_err(e)?;
+    let sock = state.join("fs.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).map_err(e)?;
+    let connected = std::os::unix::net::UnixStream::connect(&sock);
+    let _ = fs::remove_file(&sock);
+    let qemu_end = OwnedFd::from(connected.map_err(e)?);
     let (su, sg) = (
         airlock_sandbox::launch::SANDBOX_UID,
         airlock_sandbox::launch::SANDBOX_GID,
     );
-    let mut cmd = Command::new(&w.virtiofsd);
+    let (uid, gid) = w.ids;
+    let mut cmd = Command::new(&binary);
     cmd.arg("--fd=3")
-        .arg(format!("--shared-dir={}", w.dir.display()))
+        .arg(format!("--shared-dir={VIRTIOFSD_SHARED}"))
         .args([
             "--sandbox=none",
             "--seccomp=kill",
@@ -2134,84 +2373,27 @@ fn start_virtiofsd(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe syscalls (no allocation: values copied in, literals).
-    unsafe {
-        cmd.pre_exec(move || {
-            let moved = sys::dup_above_cloexec(listen_fd, 16)?;
-            sys::dup2(moved, 3)?;
-            sys::unshare(
-                libc::CLONE_NEWNS | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
-            )?;
-            sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None)?;
-            sys::mount(
-                Some(c"proc"),
-                c"/proc",
-                Some(c"proc"),
-                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                None,
-            )?;
-            let lim = libc::rlimit {
-                rlim_cur: files,
-                rlim_max: files,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setgroups(0, std::ptr::null()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            sys::set_ids(uid, gid)?;
-            sys::set_no_new_privs()?;
-            if landlock_fd >= 0 {
-                // Its own /proc, mounted just now (a rule for the host's
-                // does not cover it): read-only.
-                let proc_fd = libc::open(c"/proc".as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
-                if proc_fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                sys::landlock_allow_beneath(landlock_fd, proc_fd, sys::LANDLOCK_READ)?;
-                libc::close(proc_fd);
-                if libc::syscall(libc::SYS_landlock_restrict_self, landlock_fd, 0u32) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            sys::set_parent_death_kill()?;
-            let mut alive = libc::pollfd {
-                fd: monitor_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            if libc::poll(&mut alive, 1, 0) != 0 {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            sys::cloexec_from(4)?;
-            Ok(())
-        });
-    }
-    let child = cmd
+    let _ruleset = confine_virtiofsd(
+        &mut cmd,
+        w,
+        &binary,
+        state,
+        monitor_fd,
+        listener.as_raw_fd(),
+    )?;
+    let mut child = cmd
         .spawn()
         .map_err(|err| format!("virtiofsd does not start: {err}"))?;
     drop(listener);
-    Ok((child, qemu_end))
+    // Its stderr, drained by the monitor's loop as it comes (a guest
+    // that makes it log must not fill the pipe and stall its one worker).
+    let said = child.stderr.take().map(OwnedFd::from);
+    Ok((child, qemu_end, said))
 }
 
 /// A child killed and waited for when dropped (the monitor never leaves
 /// one behind, however it returns).
 struct Reaped(std::process::Child);
-
-impl Reaped {
-    /// Kills and waits for it; what it wrote on stderr (4 KiB at most).
-    fn finish(&mut self) -> String {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let mut said = Vec::new();
-        if let Some(err) = self.0.stderr.take() {
-            let _ = err.take(4096).read_to_end(&mut said);
-        }
-        String::from_utf8_lossy(&said).into_owned()
-    }
-}
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -2330,7 +2512,8 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let landlock_fd = landlock.as_ref().map_or(-1, |f| f.as_raw_fd());
     // QEMU is the part of a microVM a guest attacks: it runs as pid 1 of a
     // pid namespace of its own (it cannot name, signal or trace another
-    // VM's QEMU) with its own /proc, no network (an empty network
+    // VM's QEMU; a session's VM shares it with its virtiofsd, which is
+    // then pid 1, under another uid) with its own /proc, no network (an empty network
     // namespace), its own IPC and UTS namespaces, as the unprivileged
     // user, with no_new_privs, under QEMU's own seccomp sandbox.
     if as_root {
@@ -2343,11 +2526,11 @@ fn vmm(args: &[String]) -> Result<i32, String> {
     let monitor_fd = monitor.as_raw_fd();
     // A session's workspace: its file server first (QEMU connects to it
     // as it starts), ended with this monitor's VM.
-    let (mut virtiofsd, ws_end) = match &cfg.workspace {
+    let (virtiofsd, ws_end) = match &cfg.workspace {
         Some(w) => {
             let state = Path::new(path).parent().unwrap_or(Path::new("/"));
-            let (child, end) = start_virtiofsd(w, state, monitor_fd)?;
-            (Some(Reaped(child)), Some(end))
+            let (child, end, said) = start_virtiofsd(w, state, monitor_fd)?;
+            (Some((Reaped(child), said)), Some(end))
         }
         None => (None, None),
     };
@@ -2594,6 +2777,15 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         sys::set_nonblocking(fd.as_raw_fd()).map_err(|e| e.to_string())?;
     }
     let mut qemu_said: Vec<u8> = Vec::new();
+    // virtiofsd's, the same way.
+    let (_virtiofsd, mut vfs_err) = match virtiofsd {
+        Some((child, err)) => (Some(child), err),
+        None => (None, None),
+    };
+    if let Some(fd) = &vfs_err {
+        sys::set_nonblocking(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    }
+    let mut vfs_said: Vec<u8> = Vec::new();
     let mut console: Vec<u8> = Vec::new();
     let mut console_shown = false;
     let booted = std::time::Instant::now();
@@ -2605,7 +2797,7 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                 extra.len() - 1
             })
         };
-        let (err_at, console_at) = (at(&qemu_err), at(&host_console));
+        let (err_at, console_at, vfs_at) = (at(&qemu_err), at(&host_console), at(&vfs_err));
         let egress_at = if asked.is_empty() { None } else { at(&egress) };
         match mux.step(&extra, 1000) {
             Ok(rev) => {
@@ -2673,6 +2865,11 @@ fn vmm(args: &[String]) -> Result<i32, String> {
                     let n = read_some(&mut qemu_err, &mut buf);
                     let room = 4096usize.saturating_sub(qemu_said.len());
                     qemu_said.extend_from_slice(&buf[..n.min(room)]);
+                }
+                if ready(vfs_at) {
+                    let n = read_some(&mut vfs_err, &mut buf);
+                    let room = 4096usize.saturating_sub(vfs_said.len());
+                    vfs_said.extend_from_slice(&buf[..n.min(room)]);
                 }
                 if !said && let Some(r) = mux.received(stream::VM) {
                     said = true;
@@ -2761,9 +2958,12 @@ fn vmm(args: &[String]) -> Result<i32, String> {
         if !text.trim().is_empty() {
             let _ = writeln!(report, "airlock vm: QEMU: {}", text.trim());
         }
-        if let Some(said) = virtiofsd.as_mut().map(Reaped::finish)
-            && !said.trim().is_empty()
-        {
+        if let Some(fd) = vfs_err.take() {
+            // Non-blocking: what is there now.
+            let _ = fs::File::from(fd).take(4096).read_to_end(&mut vfs_said);
+        }
+        let said = String::from_utf8_lossy(&vfs_said[..vfs_said.len().min(4096)]);
+        if !said.trim().is_empty() {
             let _ = writeln!(report, "airlock vm: virtiofsd: {}", said.trim());
         }
     }
@@ -3280,51 +3480,128 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// virtiofsd's Landlock ruleset lets it run its own binary only: a
-    /// virtiofsd that is a shell script cannot start /bin/sh (EACCES),
-    /// while the same script runs as the session's user outside it.
-    #[test]
-    fn virtiofsd_runs_nothing_of_the_host_but_its_own_binary() {
-        assert_eq!(sys::geteuid(), 0, "virtiofsd's confinement needs root");
-        let dir = tempfile::tempdir().unwrap();
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let (_lock, uid) = session_ids().unwrap();
-        let ws = dir.path().join("ws");
+    /// A workspace of a session's ids, for a confined program.
+    fn workspace(dir: &Path, uid: u32) -> PathBuf {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let ws = dir.join("ws");
         fs::create_dir(&ws).unwrap();
         std::os::unix::fs::chown(&ws, Some(uid), Some(uid)).unwrap();
         fs::set_permissions(&ws, fs::Permissions::from_mode(0o700)).unwrap();
-        let script = dir.path().join("virtiofsd");
-        fs::write(
-            &script,
-            "#!/bin/sh\nfor a; do case $a in --shared-dir=*) d=${a#--shared-dir=};; esac; done\n\
-             echo ran > \"$d/ran\"\n",
-        )
-        .unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-        // Positive control: outside the ruleset, as the session's user, it
-        // runs and writes into the workspace.
-        let out = Command::new("setpriv")
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .arg("--clear-groups")
-            .arg(&script)
-            .arg(format!("--shared-dir={}", ws.display()))
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{out:?}");
-        assert_eq!(fs::read_to_string(ws.join("ran")).unwrap(), "ran\n");
-        fs::remove_file(ws.join("ran")).unwrap();
-        let monitor = sys::pidfd_open(std::process::id() as libc::pid_t).unwrap();
+        ws
+    }
+
+    /// What virtiofsd's confinement leaves it, probed by a static shell
+    /// (busybox) confined exactly as virtiofsd is: its own root holds
+    /// nothing of the host's but the libraries, its binary and the
+    /// workspace (ENOENT for the rest), Landlock refuses what the root
+    /// does hold beyond them (EACCES: its own root directory, running
+    /// anything from the workspace), /proc shows it alone, and it is the
+    /// session's user; the workspace itself is writable (positive
+    /// control).
+    #[test]
+    fn virtiofsd_sees_only_its_workspace_libraries_and_itself() {
+        assert_eq!(sys::geteuid(), 0, "virtiofsd's confinement needs root");
+        let busybox = Path::new("/bin/busybox");
+        assert!(busybox.exists(), "needs busybox-static");
+        let dir = tempfile::tempdir().unwrap();
+        let (_lock, uid) = session_ids().unwrap();
+        let ws = workspace(dir.path(), uid);
+        let bin = dir.path().join("busybox");
+        fs::copy(busybox, &bin).unwrap();
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(ws.join("in"), "uploaded").unwrap();
+        std::os::unix::fs::chown(ws.join("in"), Some(uid), Some(uid)).unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
         let w = VmWorkspace {
-            virtiofsd: script.clone(),
+            virtiofsd: bin.clone(),
             dir: ws.clone(),
             ids: (uid, uid),
         };
-        let err = start_virtiofsd(&w, dir.path(), monitor.as_raw_fd()).unwrap_err();
+        let probe = &"\
+            for p in /etc/passwd /run /root /var /bin/sh /home; do \
+              [ -e $p ] && echo \"there $p\" || echo \"absent $p\"; done; \
+            ls / 2>&1 | sed 's/.*: //'; \
+            pwd; id -u; id -G; cat in; echo; echo made > out && echo wrote; \
+            cp BIN ./x && ./x true 2>&1 | sed 's/.*: //'; \
+            for p in /proc/[0-9]*; do stat -c %u $p; done | sort -u; \
+            grep -c . /usr/lib/os-release"
+            .replace("BIN", &bin.to_string_lossy());
+        let monitor = sys::pidfd_open(std::process::id() as libc::pid_t).unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.args(["sh", "-c", probe])
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let _ruleset =
+            confine_virtiofsd(&mut cmd, &w, &bin, &state, monitor.as_raw_fd(), -1).unwrap();
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
-            err, "virtiofsd does not start: Permission denied (os error 13)",
-            "{err}"
+            lines[..6],
+            [
+                "absent /etc/passwd",
+                "absent /run",
+                "absent /root",
+                "absent /var",
+                "absent /bin/sh",
+                "absent /home"
+            ],
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
         );
-        assert!(!ws.join("ran").exists());
+        let uid_s = uid.to_string();
+        let os_release = fs::read_to_string("/usr/lib/os-release")
+            .unwrap()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+            .to_string();
+        assert_eq!(
+            lines[6..],
+            [
+                "Permission denied",
+                "/ws",
+                uid_s.as_str(),
+                uid_s.as_str(),
+                "uploaded",
+                "wrote",
+                "Permission denied",
+                uid_s.as_str(),
+                os_release.as_str(),
+            ],
+            "{text}"
+        );
+        assert_eq!(fs::read_to_string(ws.join("out")).unwrap(), "made\n");
+        let st = fs::metadata(ws.join("out")).unwrap();
+        assert_eq!((st.uid(), st.gid()), (uid, uid));
+        // Positive control for the refusals: outside the confinement, the
+        // same probe finds the host's files.
+        let host = Command::new(&bin)
+            .args([
+                "sh",
+                "-c",
+                "[ -e /etc/passwd ] && ls / >/dev/null && echo seen; \
+                 for p in /proc/[0-9]*; do stat -c %u $p; done | sort -u | grep -cx 0",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&host.stdout), "seen\n1\n");
+    }
+
+    /// Without its Landlock ruleset virtiofsd does not start: a kernel
+    /// without Landlock gets no session VMs rather than a weaker file
+    /// server (here Landlock exists: the ruleset is made).
+    #[test]
+    fn virtiofsd_is_never_started_without_landlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = VmWorkspace {
+            virtiofsd: "/bin/busybox".into(),
+            dir: dir.path().into(),
+            ids: (QEMU_UID_BASE, QEMU_UID_BASE),
+        };
+        assert!(virtiofsd_landlock(&w).is_ok());
     }
 }

@@ -1084,14 +1084,21 @@ fn sessions_on_the_oci_and_gvisor_backends_keep_their_workspace_behind_their_wal
     }
 }
 
-/// The virtiofsd serving session `id`'s workspace (a child of the
-/// server's monitor), by its shared directory.
-fn virtiofsd_of(id: &str) -> Option<u32> {
+/// The virtiofsd serving a session's workspace (a child of the server's
+/// monitor): the one running as the session's uid.
+fn virtiofsd_of(uid: u32) -> Option<u32> {
     std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let cmd = String::from_utf8_lossy(&cmd);
-        (cmd.contains("virtiofsd") && cmd.contains(&format!("-{id}\0"))).then_some(pid)
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let owner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .next()?
+            .parse::<u32>()
+            .ok()?;
+        (String::from_utf8_lossy(&cmd).contains("virtiofsd") && owner == uid).then_some(pid)
     })
 }
 
@@ -1216,7 +1223,7 @@ fn microvm_sessions_share_their_workspace_with_each_vm_through_a_confined_virtio
     let exec_id = r.json()["id"].as_str().unwrap().to_string();
     let end = Instant::now() + Duration::from_secs(180);
     let pid = loop {
-        if let Some(p) = virtiofsd_of(id) {
+        if let Some(p) = virtiofsd_of(root_uid) {
             break p;
         }
         assert!(Instant::now() < end, "no virtiofsd: {}", s.log());
@@ -1243,6 +1250,20 @@ fn microvm_sessions_share_their_workspace_with_each_vm_through_a_confined_virtio
     assert_eq!(field("Seccomp"), "2");
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).unwrap();
     assert_ne!(ns(&pid.to_string()), ns("self"));
+    // Its root is its own: the libraries, its binary (under /usr), the
+    // loader's cache, its /proc and the workspace; nothing else of the
+    // host's tree (positive control: the server's root has /run).
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert_eq!(
+        root,
+        ["etc", "lib", "lib64", "proc", "usr", "ws"],
+        "{root:?}"
+    );
+    assert!(std::path::Path::new("/proc/self/root/run").exists());
     // Its end kills what runs, unmounts the workspace, and no file server
     // outlives it.
     assert!(mounted(id));
@@ -1251,7 +1272,7 @@ fn microvm_sessions_share_their_workspace_with_each_vm_through_a_confined_virtio
     assert_eq!(ex["reason"], "cancelled", "{ex}");
     assert!(!mounted(id));
     let end = Instant::now() + Duration::from_secs(30);
-    while virtiofsd_of(id).is_some() {
+    while virtiofsd_of(root_uid).is_some() {
         assert!(Instant::now() < end, "virtiofsd outlived its session");
         std::thread::sleep(Duration::from_millis(100));
     }
