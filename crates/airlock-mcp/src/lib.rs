@@ -119,7 +119,15 @@ impl<A: Api> ServerHandler for Server<A> {
         // (its credentials and peer); over stdio there is none.
         let via = ctx.extensions.get::<http::request::Parts>();
         let args = request.arguments.unwrap_or_default();
-        match tools::call(self.api.as_ref(), via, &request.name, args).await {
+        // A request the client cancels ends here; the tool's own
+        // execution, if one runs, is cancelled as its call is dropped.
+        let called = tokio::select! {
+            r = tools::call(self.api.as_ref(), via, &request.name, args) => r,
+            () = ctx.ct.cancelled() => {
+                return Err(ErrorData::internal_error("the request was cancelled", None));
+            }
+        };
+        match called {
             Some(result) => Ok(result.into()),
             None => Err(ErrorData::invalid_params(
                 format!("no tool named {:?}", truncate(&request.name, 64)),

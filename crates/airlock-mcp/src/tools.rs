@@ -356,6 +356,36 @@ struct Caller<'a> {
     via: Option<&'a http::request::Parts>,
 }
 
+/// Cancels an execution when dropped while it still names one (a tool
+/// call that ended before its execution did); the cancel is sent on its
+/// own task, as the caller of the tool call.
+struct CancelOnDrop<'a> {
+    api: &'a dyn Api,
+    via: Option<http::request::Parts>,
+    id: Option<String>,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        let (Some(id), Ok(rt)) = (self.id.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let cancel = self.api.send(
+            ApiRequest {
+                method: http::Method::POST,
+                path: format!("/v1/executions/{}/cancel", segment(&id)),
+                content_type: None,
+                body: Vec::new(),
+                max_answer: None,
+            },
+            self.via.as_ref(),
+        );
+        rt.spawn(async move {
+            let _ = cancel.await;
+        });
+    }
+}
+
 /// What a tool call ends with: its result, or the message of a tool error.
 type Outcome = Result<CallToolResult, String>;
 
@@ -421,10 +451,43 @@ impl Caller<'_> {
         if let Some(level) = a.isolation {
             body["isolation"] = level.as_str().into();
         }
-        let doc = self
-            .post_json("/v1/executions".into(), Some(&body), 200)
-            .await?;
-        Ok(execution_result(&doc))
+        self.run_to_end("/v1/executions".into(), body).await
+    }
+
+    /// Starts an execution (`body` POSTed to `path` without waiting) and
+    /// waits for its end. Should the tool call end first (the client
+    /// cancelled it, or went away), the execution is cancelled: an agent
+    /// that gave up on a run does not leave it running to its limits.
+    async fn run_to_end(&self, path: String, mut body: Value) -> Outcome {
+        body["wait"] = false.into();
+        let started = self.post_json(path, Some(&body), 202).await?;
+        let id = started["id"]
+            .as_str()
+            .ok_or("the execution has no id")?
+            .to_string();
+        let mut guard = CancelOnDrop {
+            api: self.api,
+            via: self.via.cloned(),
+            id: Some(id.clone()),
+        };
+        let doc = self.wait_for(&id).await;
+        guard.id = None;
+        Ok(execution_result(&doc?))
+    }
+
+    /// Polls an execution until it ended (quickly at first: a warm run
+    /// ends in milliseconds; then four times a second).
+    async fn wait_for(&self, id: &str) -> Result<Value, String> {
+        let path = format!("/v1/executions/{}", segment(id));
+        let mut pause = std::time::Duration::from_millis(2);
+        loop {
+            let doc = self.get_json(path.clone()).await?;
+            if matches!(doc["status"].as_str(), Some("finished" | "failed")) {
+                return Ok(doc);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_millis(250));
+        }
     }
 
     async fn create(&self, a: CreateArgs) -> Outcome {
@@ -493,8 +556,7 @@ impl Caller<'_> {
             body["limits"] = json!({ "wall_time_ms": ms });
         }
         let path = format!("/v1/sessions/{}/exec", segment(&a.session_id));
-        let doc = self.post_json(path, Some(&body), 200).await?;
-        Ok(execution_result(&doc))
+        self.run_to_end(path, body).await
     }
 
     async fn read(&self, a: PathArgs) -> Outcome {

@@ -342,3 +342,61 @@ fn airlock_mcp_refuses_a_missing_or_wrong_key_and_an_unreachable_server() {
     let (code, err, _) = run(&url, Some(&key));
     assert_eq!(code, Some(0), "{err}");
 }
+
+/// A tool call whose client goes away (or cancels it) cancels the
+/// execution it started: it does not run on to its own limits.
+#[test]
+fn a_tool_call_given_up_by_its_client_cancels_its_execution() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let s = Server::start_with(&[]);
+    let key = s.tenant("acme");
+    // Positive control: an answered call leaves its execution finished.
+    let r = mcp(
+        &s,
+        Some(&key),
+        &[],
+        &tool_call(
+            2,
+            "sandbox_run",
+            json!({"language": "shell", "code": "echo done"}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("done"), "{}", r.text());
+    let body = tool_call(
+        3,
+        "sandbox_run",
+        json!({"language": "shell", "code": "sleep 30", "timeout_ms": 60000}),
+    );
+    let mut c = std::net::TcpStream::connect(s.addr).unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Type: application/json\r\n\
+         MCP-Protocol-Version: 2025-06-18\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(&body).unwrap();
+    // Once it runs, the client hangs up.
+    let end = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let list = s.get("/v1/executions?limit=10", &key).json();
+        let running = list["executions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["status"] == "running")
+            .map(|e| e["id"].as_str().unwrap().to_string());
+        if let Some(id) = running {
+            break id;
+        }
+        assert!(Instant::now() < end, "never ran: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(c);
+    let t = Instant::now();
+    let v = s.wait_status(&key, &id, &["finished", "failed"]);
+    assert_eq!(v["reason"], "cancelled", "{v}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+}
