@@ -1933,7 +1933,9 @@ fn own_qemu_uid() -> Result<(fs::File, u32), String> {
 /// it may read and run its binary and the system's libraries, read the
 /// system's firmware and data (`/usr/share`), the guest's kernel,
 /// initramfs and root image, the snapshot it restores (the one it makes it
-/// may write too), its own /proc, /dev/urandom, /dev/null and (under KVM)
+/// may write too), /proc (the host's, which only a rootless QEMU, without
+/// namespaces, reaches: as root QEMU mounts a /proc of its own, which the
+/// rule does not cover, so it reads none), /dev/urandom, /dev/null and (under KVM)
 /// /dev/kvm and /sys, write the debugging console file when one is named
 /// (made here for QEMU's `ids`); nothing else of the host's files (other
 /// VMs' state and snapshots, the server's data, /etc, /home), whatever its
