@@ -1892,14 +1892,28 @@ pub fn session_ids() -> Result<(fs::File, u32), String> {
     own_qemu_uid()
 }
 
+/// Makes `dir` (0700: root's own state) without making its missing parents
+/// 0700 as well: a recursive `DirBuilder` gives every parent the leaf's
+/// mode, and the run directory above must stay traversable (0711) for the
+/// other backends' mapped users (on a fresh host the first microVM made
+/// /run/airlock 0700 and the OCI backend then refused to start).
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    if let Some(parent) = dir.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        r => r,
+    }
+}
+
 /// A uid for this VM's QEMU and the lock that holds it.
 fn own_qemu_uid() -> Result<(fs::File, u32), String> {
     let e = |err: std::io::Error| format!("a uid for QEMU: {err}");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(QEMU_UID_LOCKS)
-        .map_err(e)?;
+    private_dir(Path::new(QEMU_UID_LOCKS)).map_err(e)?;
     let m = fs::symlink_metadata(QEMU_UID_LOCKS).map_err(e)?;
     if !m.is_dir() || m.uid() != 0 || m.mode() & 0o022 != 0 {
         return Err(format!(
@@ -3014,11 +3028,7 @@ impl MicrovmBackend {
         let store = Store::open(store).map_err(|e| format!("{}: {e}", store.display()))?;
         let artifacts = store.artifacts(&engine, &host)?;
         let states = run_dir.join("vm");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&states)
-            .map_err(|e| format!("{}: {e}", states.display()))?;
+        private_dir(&states).map_err(|e| format!("{}: {e}", states.display()))?;
         let snaps =
             Snapshots::open(store.dir()).map_err(|e| format!("{}: {e}", store.dir().display()))?;
         Ok(MicrovmBackend {
@@ -3490,6 +3500,26 @@ mod tests {
         std::os::unix::fs::chown(&ws, Some(uid), Some(uid)).unwrap();
         fs::set_permissions(&ws, fs::Permissions::from_mode(0o700)).unwrap();
         ws
+    }
+
+    /// The microVM's private state directories leave the run directory
+    /// above them traversable for the other backends (a fresh host's first
+    /// VM made /run/airlock 0700 and the OCI backend refused to start).
+    #[test]
+    fn private_state_dirs_leave_their_parents_traversable() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let leaf = run.join("vm");
+        private_dir(&leaf).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!((mode(&run), mode(&leaf)), (0o711, 0o700));
+        // Again, with both there: nothing changes and nothing fails.
+        private_dir(&leaf).unwrap();
+        assert_eq!((mode(&run), mode(&leaf)), (0o711, 0o700));
+        // A parent that exists keeps its own mode.
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o755)).unwrap();
+        private_dir(&run.join("vm-uids")).unwrap();
+        assert_eq!(mode(&run), 0o755);
     }
 
     /// What virtiofsd's confinement leaves it, probed by a static shell
