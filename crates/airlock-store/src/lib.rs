@@ -1,7 +1,8 @@
 //! airlock-store: everything airlock keeps across restarts.
 //!
 //! Owns: the [`Store`] trait (the one interface callers use), its SQLite
-//! implementation with embedded migrations, envelope encryption of secrets,
+//! (embedded, the default) and PostgreSQL (several nodes) implementations
+//! with their migrations, envelope encryption of secrets,
 //! API-key hashing, and the hash-chained audit log with its verifier.
 //!
 //! Must never: write a secret's plaintext or an API key's plaintext to the
@@ -11,6 +12,7 @@
 
 pub mod audit;
 pub mod crypto;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -19,6 +21,7 @@ use zeroize::Zeroizing;
 
 pub use audit::{AuditEvent, NewAudit, VerifyReport};
 pub use crypto::{Keyring, MasterKey, NewApiKey};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Store errors. `Display` is for operators' logs; the server maps each
