@@ -522,11 +522,15 @@ impl Store {
         };
         let out = self.tmp_path("initrd").map_err(e("temporary file"))?;
         let stripped = self.tmp_path("init").map_err(e("temporary file"))?;
-        // Debug information is most of a development build's size; the
-        // whole initramfs is unpacked into the guest's memory.
+        // Debug information and symbols are most of a development build's
+        // size (71 MiB of it stripped of debug information only, 51 without
+        // symbols too), and the whole initramfs is unpacked into the
+        // guest's memory: a larger one no longer fitted the smallest guest
+        // (the kernel's "Initramfs unpacking failed: write error"). The
+        // guest's init needs no symbols: backtraces are read on the host.
         let init_src = match Command::new("/usr/bin/strip")
             .env_clear()
-            .arg("--strip-debug")
+            .arg("--strip-all")
             .arg("-o")
             .arg(&stripped)
             .arg(binary)
