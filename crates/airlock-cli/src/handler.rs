@@ -104,7 +104,8 @@ pub fn run(backend: &dyn Backend, r: HandlerRun<'_>) -> Result<ExitCode, Usage> 
     let dir = local_dir();
     let (store, tenant) = rt
         .block_on(async {
-            let store: Arc<dyn Store> = Arc::new(airlock_server::open_store(&dir).await?);
+            let store: Arc<dyn Store> =
+                airlock_server::open_store(&dir, &Default::default()).await?;
             let actor = airlock_store::Actor {
                 actor: "local".into(),
                 request_id: None,

@@ -20,6 +20,16 @@ pub struct Common {
     /// /var/lib/airlock as root, else $XDG_DATA_HOME/airlock.
     #[arg(long, env = "AIRLOCK_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// PostgreSQL database (postgres://...) shared by several servers, in
+    /// place of the data directory's SQLite database (`[store] url`).
+    /// Else DATABASE_URL when set.
+    #[arg(
+        long,
+        env = "AIRLOCK_DATABASE_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    database_url: Option<String>,
 }
 
 /// `airlock serve`.
@@ -187,6 +197,16 @@ fn load_config(common: &Common) -> Result<ServerConfig, Fail> {
     if let Some(d) = &common.data_dir {
         cfg.data_dir = d.clone();
     }
+    // The flag or AIRLOCK_DATABASE_URL, then the generic DATABASE_URL.
+    let url = common
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .filter(|u| !u.is_empty());
+    if url.is_some() {
+        cfg.store.url = url;
+    }
+    cfg.validate().map_err(|e| Fail::Usage(e.to_string()))?;
     Ok(cfg)
 }
 
@@ -286,16 +306,16 @@ pub fn admin(args: AdminArgs) -> ExitCode {
         runtime(false)?.block_on(async move {
             let init = matches!(args.command, AdminCommand::Init);
             let store = if init {
-                airlock_server::open_store(&cfg.data_dir).await
+                airlock_server::open_store(&cfg.data_dir, &cfg.store).await
             } else {
-                airlock_server::open_existing_store(&cfg.data_dir).await
+                airlock_server::open_existing_store(&cfg.data_dir, &cfg.store).await
             }
             .map_err(|e| match e {
                 // A path that holds no data directory is the caller's input.
                 airlock_server::ServeError::Setup(m) => Fail::Usage(m),
                 e => Fail::Failed(e.to_string()),
             })?;
-            let r = admin_body(&store, &cfg.data_dir, args.command).await;
+            let r = admin_body(store.as_ref(), &cfg.data_dir, args.command).await;
             store.close().await;
             r
         })
@@ -307,7 +327,7 @@ pub fn admin(args: AdminArgs) -> ExitCode {
 }
 
 async fn admin_body(
-    store: &airlock_store::SqliteStore,
+    store: &dyn Store,
     data_dir: &std::path::Path,
     cmd: AdminCommand,
 ) -> Result<ExitCode, Fail> {

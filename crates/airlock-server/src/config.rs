@@ -355,6 +355,64 @@ impl McpConfig {
     }
 }
 
+/// Where the server's state lives (`[store]`): the embedded SQLite database
+/// in the data directory (the default, for one machine), or a PostgreSQL
+/// database several servers share.
+#[derive(Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://user:password@host:port/database` (or
+    /// `postgres:///database?host=/run/postgresql` for a local socket).
+    /// Default: none, SQLite. `AIRLOCK_DATABASE_URL` or `DATABASE_URL`
+    /// override it. Every server on one database needs the same master key.
+    pub url: Option<String>,
+    /// Connections to PostgreSQL this server holds at most. Default 16.
+    pub max_connections: Option<u32>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    // The URL may hold a password: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL URL, when the store is PostgreSQL.
+    pub fn postgres_url(&self) -> Option<&str> {
+        self.url.as_deref()
+    }
+
+    /// Connections to hold (16 unless set).
+    pub fn connections(&self) -> u32 {
+        self.max_connections.unwrap_or(16)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(u) = &self.url
+            && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
+        {
+            // Not echoed: it may be a password pasted in the wrong place.
+            return Err(ConfigError::Invalid(
+                "store.url must be a postgres:// URL (leave it out for the embedded SQLite store)"
+                    .into(),
+            ));
+        }
+        if self
+            .max_connections
+            .is_some_and(|n| !(2..=1000).contains(&n))
+        {
+            return Err(ConfigError::Invalid(
+                "store.max_connections must be in 2..=1000".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Everything `airlock serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -421,6 +479,8 @@ pub struct ServerConfig {
     /// Serve HTTPS with this certificate and key (`[tls]`, both required).
     /// Default: plain HTTP, meant for loopback.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// The database: SQLite in the data directory, or PostgreSQL.
+    pub store: StoreConfig,
 }
 
 impl Default for ServerConfig {
@@ -451,6 +511,7 @@ impl Default for ServerConfig {
             sessions: SessionsConfig::default(),
             mcp: McpConfig::default(),
             tls: None,
+            store: StoreConfig::default(),
         }
     }
 }
@@ -652,6 +713,7 @@ impl ServerConfig {
         }
         self.sessions.validate()?;
         self.mcp.validate()?;
+        self.store.validate()?;
         let t = &self.tenants;
         let own = t.limits.values().map(|o| o.max_running);
         if std::iter::once(t.max_running)

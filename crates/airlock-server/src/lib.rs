@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use airlock_backend::{Backends, TerminationReason};
 use airlock_runtime::Executor;
-use airlock_store::{Keyring, NewAudit, SqliteStore, Store, now_ms};
+use airlock_store::{Keyring, NewAudit, PgStore, SqliteStore, Store, now_ms};
 
 pub use config::ServerConfig;
 
@@ -111,27 +111,56 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("airlock.db")
 }
 
-/// Opens the data directory's store, creating the directory, the database
-/// and (when none is given) the master key if they do not exist: for
-/// `airlock serve` and `airlock admin init` only.
-pub async fn open_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
-    open(data_dir, true).await
+/// Opens the server's store, creating what does not exist yet: the data
+/// directory and (when none is given) the master key, and the embedded
+/// SQLite database in it, or the schema in the PostgreSQL database
+/// `store` names: for `airlock serve` and `airlock admin init` only.
+pub async fn open_store(
+    data_dir: &Path,
+    store: &config::StoreConfig,
+) -> Result<Arc<dyn Store>, ServeError> {
+    open(data_dir, store, true, false).await
 }
 
-/// Opens an existing data directory's store (every admin command but
-/// `init`): a mistyped path is an error naming it, never a new database and
-/// master key.
-pub async fn open_existing_store(data_dir: &Path) -> Result<SqliteStore, ServeError> {
-    if !db_path(data_dir).is_file() {
+/// [`open_store`] for `airlock serve`: on PostgreSQL it also takes the
+/// database's server lock (one serving server per database; see
+/// `PgStore::lock_for_server`), as the data directory's lock file does for
+/// SQLite.
+pub async fn open_server_store(
+    data_dir: &Path,
+    store: &config::StoreConfig,
+) -> Result<Arc<dyn Store>, ServeError> {
+    open(data_dir, store, true, true).await
+}
+
+/// Opens an existing store (every admin command but `init`): a mistyped
+/// data directory is an error naming it, never a new database and master
+/// key (with PostgreSQL, the master key must exist: it is never made here).
+pub async fn open_existing_store(
+    data_dir: &Path,
+    store: &config::StoreConfig,
+) -> Result<Arc<dyn Store>, ServeError> {
+    // With PostgreSQL the directory must exist still: it holds the lock
+    // and pid files, snapshot contents, perhaps the master key.
+    let here = match store.postgres_url() {
+        None => db_path(data_dir).is_file(),
+        Some(_) => data_dir.is_dir(),
+    };
+    if !here {
         return Err(ServeError::Setup(format!(
             "no airlock data directory at {} (create one with `airlock admin init` or `airlock serve`)",
             data_dir.display()
         )));
     }
-    open(data_dir, false).await
+    open(data_dir, store, false, false).await
 }
 
-async fn open(data_dir: &Path, create: bool) -> Result<SqliteStore, ServeError> {
+async fn open(
+    data_dir: &Path,
+    store: &config::StoreConfig,
+    create: bool,
+    serving: bool,
+) -> Result<Arc<dyn Store>, ServeError> {
     config::prepare_data_dir(data_dir).map_err(ServeError::Setup)?;
     let (key, source) = config::master_key(data_dir, create).map_err(ServeError::Setup)?;
     if let config::MasterKeySource::Generated(p) = &source {
@@ -145,7 +174,22 @@ async fn open(data_dir: &Path, create: bool) -> Result<SqliteStore, ServeError> 
             p.display()
         );
     }
-    Ok(SqliteStore::open(&db_path(data_dir), Keyring::new(&key)).await?)
+    let keys = Keyring::new(&key);
+    Ok(match store.postgres_url() {
+        None => Arc::new(SqliteStore::open(&db_path(data_dir), keys).await?),
+        Some(url) => {
+            let pg = PgStore::open(url, keys, store.connections()).await?;
+            if serving && !pg.lock_for_server().await? {
+                pg.close().await;
+                return Err(ServeError::Setup(
+                    "another airlock server is using this PostgreSQL database (one server per \
+                     database: a starting server ends the unfinished work it finds there)"
+                        .into(),
+                ));
+            }
+            Arc::new(pg)
+        }
+    })
 }
 
 /// The backends `[backends]` offers, each installed and proven to run a
@@ -302,8 +346,7 @@ pub async fn serve(
     raise_fd_limit();
     let sandbox_ids = engine_cfg.root_host_ids;
     let backends = offered_backends(&cfg, engine_cfg)?;
-    let store = open_store(&cfg.data_dir).await?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store = open_server_store(&cfg.data_dir, &cfg.store).await?;
 
     let pid_file = cfg.data_dir.join("server.pid");
     let previous_pid = std::fs::read_to_string(&pid_file)

@@ -53,8 +53,10 @@ pub enum StoreError {
     /// deletion must not write anything for it).
     #[error("the tenant was deleted")]
     TenantDeleted,
-    /// The master key is not the one this data directory was created with.
-    #[error("the master key does not match this data directory")]
+    /// The master key is not the one the database was created with.
+    #[error(
+        "the master key does not match the one this database was created with (every server and admin command on one database needs the same one)"
+    )]
     WrongMasterKey,
     /// A stored row is not what this version wrote.
     #[error("corrupt row: {0}")]

@@ -32,11 +32,16 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// integer: a key no other application on the database is likely to use).
 const WRITE_LOCK: i64 = 0x6169_726c_6f63_6b00;
 
+/// The session-level advisory lock a serving server holds ("airlock\x01").
+const SERVER_LOCK: i64 = 0x6169_726c_6f63_6b01;
+
 /// PostgreSQL-backed [`Store`](crate::Store).
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
     keys: Arc<Keyring>,
+    /// The connection holding [`SERVER_LOCK`], once taken.
+    server_lock: Arc<std::sync::Mutex<Option<PgConnection>>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -89,7 +94,37 @@ impl PgStore {
         Ok(PgStore {
             pool,
             keys: Arc::new(keys),
+            server_lock: Arc::default(),
         })
+    }
+
+    /// Takes the server lock: one serving server per database, for as long
+    /// as this store is open (a connection of its own holds it; PostgreSQL
+    /// releases it when that connection ends, a crashed server's too).
+    /// False when another server holds it. Why one: a starting server
+    /// recovers from a crash by failing every unfinished execution and
+    /// ending every open session it finds, which on a shared database would
+    /// be another server's. Admin commands do not take it (they run beside
+    /// a server, as with SQLite).
+    pub async fn lock_for_server(&self) -> Result<bool, StoreError> {
+        let mut c = self.pool.acquire().await?.detach();
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(SERVER_LOCK)
+            .fetch_one(&mut c)
+            .await?;
+        if got && let Ok(mut held) = self.server_lock.lock() {
+            *held = Some(c);
+        }
+        Ok(got)
+    }
+
+    /// Before the pool closes: the server lock's connection ends too.
+    async fn before_close(&self) {
+        let held = self.server_lock.lock().ok().and_then(|mut h| h.take());
+        if let Some(c) = held {
+            use sqlx::Connection;
+            let _ = c.close().await;
+        }
     }
 
     /// Runs `f` inside a transaction holding the write lock (rolled back on
@@ -195,6 +230,15 @@ impl TestDb {
     /// emptied data key, checked by the shared test, is what holds.
     fn assert_scrubbed(&self, _markers: &[&[u8]]) {}
 
+    /// What only the database's owner can do: switch the audit table's
+    /// triggers off.
+    async fn without_audit_triggers(&self, s: &PgStore) {
+        sqlx::query("ALTER TABLE audit DISABLE TRIGGER USER")
+            .execute(&s.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
     async fn remove(self) {
         use sqlx::Connection;
         if let Ok(mut c) = PgConnection::connect(&self.admin).await {
@@ -248,6 +292,34 @@ mod tests {
         }
         drop(held);
         s.close().await;
+        db.remove().await;
+    }
+
+    /// One serving server per database: a second store cannot take the
+    /// server lock while the first holds it, and can once the first is
+    /// closed (or its connection gone).
+    #[tokio::test]
+    async fn one_server_holds_the_database_at_a_time() {
+        let db = TestDb::new().await;
+        let (a, b) = (
+            db.open(keys()).await.unwrap(),
+            db.open(keys()).await.unwrap(),
+        );
+        assert!(a.lock_for_server().await.unwrap());
+        assert!(!b.lock_for_server().await.unwrap());
+        // Admin work beside the server still goes through.
+        b.create_tenant(
+            "t",
+            &crate::Actor {
+                actor: "admin".into(),
+                request_id: None,
+            },
+        )
+        .await
+        .unwrap();
+        a.close().await;
+        assert!(b.lock_for_server().await.unwrap());
+        b.close().await;
         db.remove().await;
     }
 

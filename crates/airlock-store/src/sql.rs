@@ -1638,6 +1638,7 @@ impl Store for This {
     }
 
     async fn close(&self) {
+        self.before_close().await;
         self.pool.close().await;
     }
 }
@@ -1687,6 +1688,18 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(&v[..], b"plaintext-canary-7732");
+        // What the database was given, and so holds at rest: sealed bytes
+        // without the plaintext; the name beside them is in clear (positive
+        // control of the read).
+        let (stored_name, sealed): (String, Vec<u8>) =
+            sqlx::query_as("SELECT name, sealed FROM secrets WHERE tenant_id = $1")
+                .bind(&a.id)
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+        assert_eq!(stored_name, "token");
+        assert!(sealed.len() > b"plaintext-canary-7732".len());
+        assert!(!sealed.windows(9).any(|w| w == b"plaintext"));
         assert!(
             s.get_secret(&b.id, "token", &admin())
                 .await
@@ -1960,6 +1973,97 @@ mod tests {
         assert_eq!((r.records, r.first_broken), (1, None));
         s.close().await;
         db.remove().await;
+    }
+
+    /// Whoever gets past the database's triggers (its owner can) and
+    /// edits, deletes or swaps records is caught by the chain, at the first
+    /// record touched; the intact chain verifies (positive control).
+    #[tokio::test]
+    async fn an_edited_deleted_or_swapped_record_breaks_the_chain_where_it_is() {
+        type Tamper = fn(&This) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + '_>>;
+        let cases: [(Tamper, i64, &str); 3] = [
+            (
+                |s| {
+                    Box::pin(async move {
+                        sqlx::query("UPDATE audit SET subject = 'forged' WHERE seq = 3")
+                            .execute(&s.pool)
+                            .await
+                            .unwrap();
+                    })
+                },
+                3,
+                "edited",
+            ),
+            (
+                |s| {
+                    Box::pin(async move {
+                        sqlx::query("DELETE FROM audit WHERE seq = 2")
+                            .execute(&s.pool)
+                            .await
+                            .unwrap();
+                    })
+                },
+                3,
+                "deleted",
+            ),
+            (
+                |s| {
+                    Box::pin(async move {
+                        let cols = "ts, tenant_id, kind, actor, subject, request_id, detail, \
+                                    prev_hash, hash";
+                        let q =
+                            format!("SELECT {cols} FROM audit WHERE seq IN (4, 5) ORDER BY seq");
+                        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+                            .fetch_all(&s.pool)
+                            .await
+                            .unwrap();
+                        for (r, seq) in rows.iter().zip([5i64, 4]) {
+                            sqlx::query(
+                                "UPDATE audit SET ts = $1, tenant_id = $2, kind = $3, actor = $4, \
+                                 subject = $5, request_id = $6, detail = $7, prev_hash = $8, \
+                                 hash = $9 WHERE seq = $10",
+                            )
+                            .bind(r.get::<i64, _>("ts"))
+                            .bind(r.get::<Option<String>, _>("tenant_id"))
+                            .bind(r.get::<String, _>("kind"))
+                            .bind(r.get::<String, _>("actor"))
+                            .bind(r.get::<String, _>("subject"))
+                            .bind(r.get::<Option<String>, _>("request_id"))
+                            .bind(r.get::<String, _>("detail"))
+                            .bind(r.get::<Vec<u8>, _>("prev_hash"))
+                            .bind(r.get::<Vec<u8>, _>("hash"))
+                            .bind(seq)
+                            .execute(&s.pool)
+                            .await
+                            .unwrap();
+                        }
+                    })
+                },
+                4,
+                "reordered",
+            ),
+        ];
+        for (tamper, at, why) in cases {
+            let db = TestDb::new().await;
+            let s = db.open(keys()).await.unwrap();
+            for i in 0..6 {
+                s.append_audit(NewAudit::new(None, "test", "t", &i.to_string(), None))
+                    .await
+                    .unwrap();
+            }
+            let r = s.verify_audit().await.unwrap();
+            assert_eq!((r.records, r.first_broken), (6, None));
+            db.without_audit_triggers(&s).await;
+            tamper(&s).await;
+            let r = s.verify_audit().await.unwrap();
+            let (seq, reason) = r
+                .first_broken
+                .unwrap_or_else(|| panic!("{why}: not caught"));
+            assert_eq!(seq, at, "{why}: {reason}");
+            assert!(reason.contains(why), "{why}: {reason}");
+            s.close().await;
+            db.remove().await;
+        }
     }
 
     /// Keys, names and cursors compare byte by byte on every database (a

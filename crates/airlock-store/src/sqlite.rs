@@ -161,6 +161,9 @@ impl SqliteStore {
         out
     }
 
+    /// Before the pool closes: nothing of SQLite's own.
+    async fn before_close(&self) {}
+
     /// After a tenant's deletion: earlier versions of the deleted pages
     /// (the wrapped data key, the secrets and memory) still sit in the
     /// write-ahead log: copy the zeroed ones into the database and empty the
@@ -211,6 +214,17 @@ impl TestDb {
                     String::from_utf8_lossy(marker)
                 );
             }
+        }
+    }
+
+    /// What only the database's owner can do: drop the audit table's
+    /// triggers.
+    async fn without_audit_triggers(&self, s: &SqliteStore) {
+        for t in ["audit_no_update", "audit_no_delete"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP TRIGGER {t}")))
+                .execute(&s.pool)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
         }
     }
 

@@ -248,6 +248,7 @@ fn one_server_per_data_directory_and_wrong_master_key_refused() {
         .arg(s.data())
         .args(["tenant", "list"])
         .env("AIRLOCK_MASTER_KEY", "ab".repeat(32))
+        .envs(crate::store::url_for(&s.data()).map(|u| ("AIRLOCK_DATABASE_URL", u)))
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

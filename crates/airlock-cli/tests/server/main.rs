@@ -1,5 +1,6 @@
 //! Integration tests of `airlock serve` and `airlock admin`: a real server
-//! process, a real SQLite file, real sockets. The HTTP client here is
+//! process, a real database (the SQLite file, or in the suite's second
+//! round a PostgreSQL database: see `store.rs`), real sockets. The HTTP client here is
 //! deliberately raw (std TcpStream) so tests can send exactly the bytes a
 //! hostile client would.
 
@@ -18,9 +19,11 @@ mod lifecycle;
 mod mcp;
 mod piston;
 mod pool;
+mod postgres;
 mod redaction;
 mod sdk;
 mod sessions;
+mod store;
 mod tenants;
 mod tls;
 
@@ -83,13 +86,27 @@ fn admin_as(unprivileged: Option<&Path>, dir: &Path, args: &[&str]) -> std::proc
         .args(args)
         .env_remove("AIRLOCK_MASTER_KEY")
         .env_remove("AIRLOCK_MASTER_KEY_FILE")
+        .env_remove("AIRLOCK_DATABASE_URL")
+        .env_remove("DATABASE_URL")
+        .envs(store::url_for(dir).map(|u| ("AIRLOCK_DATABASE_URL", u)))
         .output()
         .expect("run airlock admin")
 }
 
 impl Server {
-    /// A fresh data directory (not started).
+    /// A fresh data directory (not started), with a fresh PostgreSQL
+    /// database in the PostgreSQL round.
     pub fn new(extra: &[&str]) -> Server {
+        let s = Server::new_on_sqlite(extra);
+        if store::on_postgres() {
+            std::fs::write(s.dir.path().join("database_url"), store::new_database()).unwrap();
+        }
+        s
+    }
+
+    /// A fresh data directory whose server uses the SQLite file whatever
+    /// the round.
+    pub fn new_on_sqlite(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let stderr_path = dir.path().join("server.log");
         Server {
@@ -107,7 +124,9 @@ impl Server {
     /// Starts as uid/gid 65534 (a rootless server; the test runs as root).
     pub fn start_unprivileged(extra: &[&str]) -> Server {
         use std::os::unix::fs::PermissionsExt;
-        let mut s = Server::new(extra);
+        // SQLite: PostgreSQL's local socket authenticates the OS user, and
+        // nothing of a rootless server's store differs.
+        let mut s = Server::new_on_sqlite(extra);
         std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let bin = s.dir.path().join("airlock");
         std::fs::copy(BIN, &bin).unwrap();
@@ -171,6 +190,9 @@ impl Server {
             .env_remove("AIRLOCK_MASTER_KEY")
             .env_remove("AIRLOCK_MASTER_KEY_FILE")
             .env_remove("AIRLOCK_CONFIG")
+            .env_remove("AIRLOCK_DATABASE_URL")
+            .env_remove("DATABASE_URL")
+            .envs(store::url_for(&self.data()).map(|u| ("AIRLOCK_DATABASE_URL", u)))
             .env("AIRLOCK_LOG", "info")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
@@ -283,9 +305,13 @@ impl Server {
     }
 }
 
-/// Runs SQL on a data directory's database with python's sqlite3 (not our
-/// code) and returns the rows as JSON (blobs as hex).
+/// Runs SQL on a data directory's database (`<data>/airlock.db`) with
+/// python's sqlite3 (not our code), or on its server's PostgreSQL database
+/// in that round, and returns the rows as JSON (blobs as hex).
 pub fn query(db: &Path, sql: &str) -> Value {
+    if let Some(url) = db.parent().and_then(store::url_for) {
+        return store::pg_query(&url, sql);
+    }
     let out = Command::new("python3")
         .arg("-c")
         .arg(
@@ -347,21 +373,25 @@ impl Drop for Server {
     /// has this data directory's token to reap them.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let mut stopped = false;
             if let Ok(pid) = libc::pid_t::try_from(c.id()) {
                 // SAFETY: `pid` is our own child, not yet waited for, so
                 // the pid cannot have been reused by another process; kill
                 // has no memory effects.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
                 let t = Instant::now();
-                while t.elapsed() < Duration::from_secs(20) {
-                    if matches!(c.try_wait(), Ok(Some(_))) {
-                        return;
-                    }
+                while !stopped && t.elapsed() < Duration::from_secs(20) {
+                    stopped = matches!(c.try_wait(), Ok(Some(_)));
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            let _ = c.kill();
-            let _ = c.wait();
+            if !stopped {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Some(url) = store::url_for(&self.data()) {
+            store::drop_database(&url);
         }
     }
 }
