@@ -1095,10 +1095,14 @@ print('\nsent', sent)
 "#;
     let server = s.pid();
     std::thread::scope(|scope| {
+        // Its CPU limit at the ceiling: the test is about memory, and on a
+        // busy host the six-second flood once ended by SIGXCPU (cpu_limit)
+        // under the default limit, its emulated CPU time running ahead.
         let flooder = scope.spawn(|| {
             s.exec(
                 &key,
-                json!({"language": "python", "code": flood, "isolation": "microvm"}),
+                json!({"language": "python", "code": flood, "isolation": "microvm",
+                       "limits": {"cpu_time_ms": 60000}}),
             )
         });
         // While it floods: the server's and every monitor's memory, and
