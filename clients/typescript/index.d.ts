@@ -76,7 +76,7 @@ export interface SessionView {
   created_at: string;
   expires_at: string;
   ended_at: string | null;
-  end_reason: "deleted" | "idle_timeout" | "lifetime" | "server_restart" | "server_shutdown" | null;
+  end_reason: "deleted" | "idle_timeout" | "lifetime" | "server_restart" | "server_shutdown" | "node_lost" | null;
   snapshot_after_exec: boolean;
 }
 

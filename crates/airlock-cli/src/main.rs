@@ -679,7 +679,8 @@ fn limit_line(result: &airlock_sandbox::RunResult, policy: &Policy) -> Option<St
         }
         TerminationReason::Cancelled
         | TerminationReason::ServerShutdown
-        | TerminationReason::ServerRestart => Some("stopped before the program ended".into()),
+        | TerminationReason::ServerRestart
+        | TerminationReason::NodeLost => Some("stopped before the program ended".into()),
     }
 }
 

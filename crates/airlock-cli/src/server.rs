@@ -95,6 +95,9 @@ enum AdminCommand {
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The nodes (servers) on this database: id, name, state (active,
+    /// stopped, lost), seconds since the last heartbeat, URL.
+    Nodes,
 }
 
 #[derive(Subcommand, Debug)]
@@ -363,6 +366,19 @@ async fn admin_body(
                     e => db(e),
                 })?;
             println!("{}\t{}", t.id, t.name);
+        }
+        AdminCommand::Nodes => {
+            let now = airlock_store::now_ms();
+            for n in store.list_nodes().await.map_err(db)? {
+                println!(
+                    "{}\t{}\t{}\t{:.1}\t{}",
+                    n.id,
+                    n.name,
+                    n.state,
+                    (now - n.heartbeat_at_ms).max(0) as f64 / 1000.0,
+                    n.url.as_deref().unwrap_or("-")
+                );
+            }
         }
         AdminCommand::Tenant(TenantCommand::List) => {
             for t in store.list_tenants().await.map_err(db)? {

@@ -1,21 +1,26 @@
-//! Crash recovery: after an unclean stop, every execution the store still
-//! shows as queued or running is failed with `server_restart`, and every
-//! backend destroys what the dead server left of its sandboxes: what the
-//! records name, then anything else the dead process made.
+//! Crash recovery of one node: after an unclean stop, every execution the
+//! store still shows as queued or running on this node is failed with
+//! `server_restart`, and every backend destroys what the dead process left
+//! of its sandboxes: what the records name (also of executions another node
+//! failed with `node_lost` meanwhile), then anything else the dead process
+//! made. Other nodes' work is never touched: on a shared database it is
+//! theirs, alive or failed by their peers.
 
 use airlock_backend::{Backends, TerminationReason};
 use airlock_store::{ExecStatus, Finish, NewAudit, Store, StoreError, now_ms};
 
-/// Fails the previous server's unfinished executions and reaps their host
-/// state. Returns (executions failed, host objects reaped); audited as
-/// `server.recovered` when there was anything.
+/// Fails the previous run's unfinished executions of node `node_id` and
+/// reaps their host state. Returns (executions failed, host objects
+/// reaped); audited as `server.recovered` when there was anything.
 pub async fn recover(
     store: &dyn Store,
     backends: &Backends,
+    node_id: &str,
     previous_pid: Option<u32>,
 ) -> Result<(usize, usize), StoreError> {
     let mut reaped = 0;
-    let leftovers = store.unfinished_executions().await?;
+    let mut failed = 0;
+    let leftovers = store.leftover_executions(node_id).await?;
     for rec in &leftovers {
         if let Some(hs) = rec
             .host_state
@@ -32,7 +37,13 @@ pub async fn recover(
                 reaped += b.reap(&hs);
             }
         }
-        store
+        if rec.status.is_terminal() {
+            // Failed by another node while this one was gone: only its host
+            // state was left to reap.
+            store.clear_host_state(&rec.id).await?;
+            continue;
+        }
+        let fin = store
             .finish_execution(
                 &rec.id,
                 &Finish {
@@ -44,7 +55,14 @@ pub async fn recover(
                     )
                 },
             )
-            .await?;
+            .await;
+        match fin {
+            Ok(()) => failed += 1,
+            // Another node declared this one lost meanwhile and failed it
+            // first: its record is final, which is all recovery wants.
+            Err(StoreError::NotFound(_)) => store.clear_host_state(&rec.id).await?,
+            Err(e) => return Err(e),
+        }
     }
     for b in backends.all() {
         reaped += b.reap_stale(previous_pid);
@@ -52,11 +70,11 @@ pub async fn recover(
     if !leftovers.is_empty() || reaped > 0 {
         store
             .append_audit(
-                NewAudit::new(None, "server.recovered", "server", "", None).with_detail(
-                    serde_json::json!({ "executions": leftovers.len(), "cgroups_reaped": reaped }),
+                NewAudit::new(None, "server.recovered", "server", node_id, None).with_detail(
+                    serde_json::json!({ "executions": failed, "cgroups_reaped": reaped }),
                 ),
             )
             .await?;
     }
-    Ok((leftovers.len(), reaped))
+    Ok((failed, reaped))
 }

@@ -1094,6 +1094,14 @@ impl Sessions {
             .cloned()
     }
 
+    /// Whether a session is live here (any tenant's: for routing only).
+    pub fn holds(&self, id: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id)
+    }
+
     /// How many live sessions a tenant holds.
     pub fn count(&self, tenant_id: &str) -> usize {
         self.live

@@ -205,12 +205,13 @@ impl CancelToken {
         Self::default()
     }
 
-    /// Requests the kill. The first reason wins. Only `Cancelled` and
-    /// `ServerShutdown` are meaningful here; others are mapped to
-    /// `Cancelled`.
+    /// Requests the kill. The first reason wins. Only `Cancelled`,
+    /// `ServerShutdown` and `NodeLost` are meaningful here; others are
+    /// mapped to `Cancelled`.
     pub fn cancel(&self, reason: TerminationReason) {
         let code = match reason {
             TerminationReason::ServerShutdown => 2,
+            TerminationReason::NodeLost => 3,
             _ => 1,
         };
         let _ = self
@@ -223,6 +224,7 @@ impl CancelToken {
         match self.0.load(Ordering::SeqCst) {
             0 => None,
             2 => Some(TerminationReason::ServerShutdown),
+            3 => Some(TerminationReason::NodeLost),
             _ => Some(TerminationReason::Cancelled),
         }
     }

@@ -34,6 +34,10 @@ pub enum TerminationReason {
     /// The server crashed while the execution ran; recorded on restart
     /// (never produced by the engine itself).
     ServerRestart,
+    /// The node running it stopped heartbeating and another node failed
+    /// it, or the node itself stopped it after losing the database for
+    /// longer than its lease.
+    NodeLost,
 }
 
 impl TerminationReason {
@@ -52,6 +56,7 @@ impl TerminationReason {
             TerminationReason::Cancelled => "cancelled",
             TerminationReason::ServerShutdown => "server_shutdown",
             TerminationReason::ServerRestart => "server_restart",
+            TerminationReason::NodeLost => "node_lost",
         }
     }
 }

@@ -1074,6 +1074,7 @@ pub(crate) async fn start_execution(
     let rec = ExecutionRecord {
         session_id: session.as_ref().map(|s| s.workspace.id.clone()),
         policy: serde_json::to_value(&policy).ok(),
+        node_id: Some(st.node.id.clone()),
         ..ExecutionRecord::queued(
             new_id("ex"),
             who.tenant_id.clone(),
@@ -2063,6 +2064,12 @@ fn routes(st: AppState) -> Router {
         )
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside the request context (its ids), before any handler: work
+        // another node runs is answered there.
+        .layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            crate::peer::forward,
+        ))
         .layer(axum::middleware::from_fn(request_context))
         .with_state(st)
 }

@@ -413,6 +413,86 @@ impl StoreConfig {
     }
 }
 
+/// This server as one node of several on a shared PostgreSQL (`[node]`).
+/// On the embedded SQLite store there is one node and none of it matters
+/// but the name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Its name in `airlock admin nodes` and the audit log. Default: the
+    /// host name.
+    pub name: Option<String>,
+    /// Where the other nodes reach this one's API, for requests about work
+    /// it runs (event streams, cancel, sessions): `http://10.0.0.5:7070`.
+    /// Default: the listen address when it is a specific one; none when it
+    /// is 0.0.0.0 or [::] (other nodes then answer such requests 503
+    /// `node_unreachable`).
+    pub url: Option<String>,
+    /// CA certificates (PEM) trusted for other nodes' `https://` URLs, in
+    /// addition to the host's. Default: the host's only.
+    pub ca_file: Option<PathBuf>,
+    /// Heartbeat interval, ms. Default 2000.
+    pub heartbeat_ms: u64,
+    /// A node whose last heartbeat is older than this is lost: another node
+    /// fails its executions and ends its sessions with `node_lost`, and the
+    /// node itself stops its work once its own heartbeat has failed this
+    /// long (it may be cut off from the database). At least three
+    /// heartbeats. Default 15 000.
+    pub lost_after_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: None,
+            url: None,
+            ca_file: None,
+            heartbeat_ms: 2_000,
+            lost_after_ms: 15_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(n) = &self.name
+            && (n.is_empty()
+                || n.len() > 64
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+        {
+            return Err(ConfigError::Invalid(
+                "node.name: 1 to 64 of A-Z a-z 0-9 . _ -".into(),
+            ));
+        }
+        if let Some(u) = &self.url {
+            let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                && u.len() <= 512
+                && u.parse::<hyper::Uri>().is_ok_and(|v| {
+                    v.host().is_some() && v.path_and_query().is_none_or(|p| p.as_str() == "/")
+                });
+            if !ok {
+                return Err(ConfigError::Invalid(
+                    "node.url must be http:// or https:// with a host and no path (at most 512 bytes)"
+                        .into(),
+                ));
+            }
+        }
+        if !(100..=60_000).contains(&self.heartbeat_ms) {
+            return Err(ConfigError::Invalid(
+                "node.heartbeat_ms must be in 100..=60000".into(),
+            ));
+        }
+        if self.lost_after_ms < 3 * self.heartbeat_ms || self.lost_after_ms > 3_600_000 {
+            return Err(ConfigError::Invalid(
+                "node.lost_after_ms must be at least three heartbeats and at most 3600000".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Everything `airlock serve` needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -481,6 +561,8 @@ pub struct ServerConfig {
     pub tls: Option<crate::tls::TlsConfig>,
     /// The database: SQLite in the data directory, or PostgreSQL.
     pub store: StoreConfig,
+    /// This server as a node of several.
+    pub node: NodeConfig,
 }
 
 impl Default for ServerConfig {
@@ -512,6 +594,7 @@ impl Default for ServerConfig {
             mcp: McpConfig::default(),
             tls: None,
             store: StoreConfig::default(),
+            node: NodeConfig::default(),
         }
     }
 }
@@ -714,6 +797,7 @@ impl ServerConfig {
         self.sessions.validate()?;
         self.mcp.validate()?;
         self.store.validate()?;
+        self.node.validate()?;
         let t = &self.tenants;
         let own = t.limits.values().map(|o| o.max_running);
         if std::iter::once(t.max_running)

@@ -19,7 +19,9 @@ pub mod guest;
 mod inproc;
 pub mod mcp;
 pub mod metrics;
+pub mod node;
 pub mod openapi;
+mod peer;
 mod piston;
 pub mod problem;
 pub mod sessions;
@@ -61,6 +63,10 @@ pub struct AppState {
     pub sessions: Option<Arc<airlock_runtime::session::Sessions>>,
     /// Snapshots' contents.
     pub blobs: Arc<snapshots::Blobs>,
+    /// This server as a node.
+    pub node: Arc<node::Node>,
+    /// TLS for reaching other nodes' `https://` URLs.
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Why the server could not start or stop cleanly. One line each.
@@ -119,18 +125,19 @@ pub async fn open_store(
     data_dir: &Path,
     store: &config::StoreConfig,
 ) -> Result<Arc<dyn Store>, ServeError> {
-    open(data_dir, store, true, false).await
+    open(data_dir, store, true, None).await
 }
 
-/// [`open_store`] for `airlock serve`: on PostgreSQL it also takes the
-/// database's server lock (one serving server per database; see
-/// `PgStore::lock_for_server`), as the data directory's lock file does for
-/// SQLite.
+/// [`open_store`] for `airlock serve` as node `node_id`: on PostgreSQL it
+/// also takes that node's lock (one process per node; see
+/// `PgStore::lock_node`), as the data directory's lock file does on one
+/// host.
 pub async fn open_server_store(
     data_dir: &Path,
     store: &config::StoreConfig,
+    node_id: &str,
 ) -> Result<Arc<dyn Store>, ServeError> {
-    open(data_dir, store, true, true).await
+    open(data_dir, store, true, Some(node_id)).await
 }
 
 /// Opens an existing store (every admin command but `init`): a mistyped
@@ -152,14 +159,14 @@ pub async fn open_existing_store(
             data_dir.display()
         )));
     }
-    open(data_dir, store, false, false).await
+    open(data_dir, store, false, None).await
 }
 
 async fn open(
     data_dir: &Path,
     store: &config::StoreConfig,
     create: bool,
-    serving: bool,
+    node_id: Option<&str>,
 ) -> Result<Arc<dyn Store>, ServeError> {
     config::prepare_data_dir(data_dir).map_err(ServeError::Setup)?;
     let (key, source) = config::master_key(data_dir, create).map_err(ServeError::Setup)?;
@@ -179,13 +186,16 @@ async fn open(
         None => Arc::new(SqliteStore::open(&db_path(data_dir), keys).await?),
         Some(url) => {
             let pg = PgStore::open(url, keys, store.connections()).await?;
-            if serving && !pg.lock_for_server().await? {
+            if let Some(id) = node_id
+                && !pg.lock_node(id).await?
+            {
                 pg.close().await;
-                return Err(ServeError::Setup(
-                    "another airlock server is using this PostgreSQL database (one server per \
-                     database: a starting server ends the unfinished work it finds there)"
-                        .into(),
-                ));
+                return Err(ServeError::Setup(format!(
+                    "another airlock server runs as this node ({id}, from {}) on this PostgreSQL \
+                     database: every node needs a data directory of its own, not a copy of \
+                     another's",
+                    data_dir.join("node_id").display()
+                )));
             }
             Arc::new(pg)
         }
@@ -346,7 +356,8 @@ pub async fn serve(
     raise_fd_limit();
     let sandbox_ids = engine_cfg.root_host_ids;
     let backends = offered_backends(&cfg, engine_cfg)?;
-    let store = open_server_store(&cfg.data_dir, &cfg.store).await?;
+    let node_id = node::load_or_create_id(&cfg.data_dir)?;
+    let store = open_server_store(&cfg.data_dir, &cfg.store, &node_id).await?;
 
     let pid_file = cfg.data_dir.join("server.pid");
     let previous_pid = std::fs::read_to_string(&pid_file)
@@ -354,7 +365,7 @@ pub async fn serve(
         .and_then(|s| s.trim().parse::<u32>().ok())
         .filter(|p| *p != std::process::id());
     let (recovered, reaped) =
-        airlock_runtime::recover(store.as_ref(), &backends, previous_pid).await?;
+        airlock_runtime::recover(store.as_ref(), &backends, &node_id, previous_pid).await?;
     if recovered > 0 || reaped > 0 {
         tracing::warn!(
             executions = recovered,
@@ -364,7 +375,11 @@ pub async fn serve(
     }
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .map_err(|e| ServeError::Setup(format!("pid file: {e}")))?;
-    let sessions = open_sessions(&cfg, store.as_ref(), sandbox_ids).await?;
+    let sessions = open_sessions(&cfg, store.as_ref(), &node_id, sandbox_ids).await?;
+    let peer_tls = match cfg.store.postgres_url() {
+        Some(_) => Some(peer::tls_client(cfg.node.ca_file.as_deref()).map_err(ServeError::Setup)?),
+        None => None,
+    };
 
     let dns = match cfg.egress.dns {
         Some(a) => airlock_egress::Dns::Nameserver(a),
@@ -401,6 +416,16 @@ pub async fn serve(
         },
     )
     .map_err(|e| ServeError::Setup(format!("worker threads: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     let cfg = Arc::new(cfg);
     let state = AppState {
         cfg: cfg.clone(),
@@ -424,17 +449,15 @@ pub async fn serve(
         draining: Arc::new(AtomicBool::new(false)),
         sessions,
         blobs: Arc::new(snapshots::Blobs::new(&cfg.data_dir)),
+        node: Arc::new(node::Node {
+            url: node::advertised_url(cfg.node.url.as_deref(), local, tls.is_some()),
+            name: cfg.node.name.clone().unwrap_or_else(node::host_name),
+            id: node_id,
+        }),
+        peer_tls,
     };
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: cfg.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Listen {
-        addr: cfg.listen,
-        source,
-    })?;
+    // Before it serves: the other nodes see it alive, and where it is.
+    store.register_node(&node::record(&state.node)).await?;
     store
         .append_audit(
             NewAudit::new(None, "server.start", "server", "", None)
@@ -463,6 +486,22 @@ pub async fn serve(
 
     let mut background: Vec<tokio::task::JoinHandle<()>> = reloader.into_iter().collect();
     background.push(tokio::spawn(sessions::reaper(state.clone())));
+    if cfg.store.postgres_url().is_some() {
+        background.push(tokio::spawn(node::run(state.clone())));
+    }
+    {
+        let st = state.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                match snapshots::sweep_deleted_tenants(&st).await {
+                    Ok(0) => {}
+                    Ok(files) => tracing::info!(files, "removed deleted tenants' snapshot files"),
+                    Err(e) => tracing::error!(error = %e, "sweeping deleted tenants' snapshot files failed"),
+                }
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+        }));
+    }
     if let Some(days) = cfg.retention.executions_days {
         // Old records go at start and every hour after; each sweep that
         // removed something is audited.
@@ -502,6 +541,7 @@ pub async fn serve(
     }
 
     exec.stop();
+    store.stop_node(&state.node.id).await?;
     store
         .append_audit(NewAudit::new(None, "server.stop", "server", "", None))
         .await?;
@@ -517,6 +557,7 @@ pub async fn serve(
 async fn open_sessions(
     cfg: &ServerConfig,
     store: &dyn Store,
+    node_id: &str,
     sandbox_ids: (u32, u32),
 ) -> Result<Option<Arc<airlock_runtime::session::Sessions>>, ServeError> {
     use airlock_runtime::session::{SessionError, Sessions};
@@ -524,7 +565,7 @@ async fn open_sessions(
         actor: "server".into(),
         request_id: None,
     };
-    let stale = store.open_sessions().await?;
+    let stale = store.open_sessions(node_id).await?;
     for s in &stale {
         store
             .end_session(&s.id, "server_restart", now_ms(), &actor)

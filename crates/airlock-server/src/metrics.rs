@@ -19,6 +19,13 @@ pub struct Metrics {
     pub rejected: Counter,
     /// Requests refused because their tenant had too many in flight.
     pub tenant_request_rejections: Counter,
+    /// Other nodes this one declared lost.
+    pub nodes_lost: Counter,
+    /// Times this node stopped its own work (declared lost, or its lease
+    /// ran out).
+    pub node_fenced: Counter,
+    /// Requests passed to the node that runs what they are about.
+    pub forwarded: Counter,
 }
 
 impl Metrics {
@@ -30,6 +37,23 @@ impl Metrics {
         let auth_failures = Counter::default();
         let rejected = Counter::default();
         let tenant_request_rejections = Counter::default();
+        let (nodes_lost, node_fenced, forwarded) =
+            (Counter::default(), Counter::default(), Counter::default());
+        registry.register(
+            "nodes_lost",
+            "Other nodes this node declared lost (their work failed with node_lost)",
+            nodes_lost.clone(),
+        );
+        registry.register(
+            "node_fenced",
+            "Times this node stopped its own work: declared lost, or its heartbeat lease ran out",
+            node_fenced.clone(),
+        );
+        registry.register(
+            "forwarded_requests",
+            "Requests passed to the node that runs the execution or session they are about",
+            forwarded.clone(),
+        );
         registry.register(
             "tenant_request_rejections",
             "Requests refused because their tenant had max_requests_per_tenant in flight",
@@ -51,6 +75,9 @@ impl Metrics {
             auth_failures,
             rejected,
             tenant_request_rejections,
+            nodes_lost,
+            node_fenced,
+            forwarded,
         }
     }
 

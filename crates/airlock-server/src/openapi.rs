@@ -91,7 +91,9 @@ fn default_description(status: &str) -> &'static str {
         "431" => "request headers too large (headers_too_large)",
         "500" => "internal error; the request id names it in the server log (internal)",
         "501" => "this server cannot hold sessions (sessions_unavailable)",
-        "503" => "the server is shutting down (shutting_down)",
+        "503" => {
+            "the server is shutting down, or the node running this does not answer (shutting_down, node_unreachable)"
+        }
         "507" => "the workspace's byte or file quota is used up; nothing changed (workspace_full)",
         _ => "error",
     }

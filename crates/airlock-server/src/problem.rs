@@ -98,6 +98,9 @@ pub enum ApiError {
     /// The server is draining.
     #[error("shutting down")]
     ShuttingDown,
+    /// The work asked about runs on another node, which did not answer.
+    #[error("node unreachable")]
+    NodeUnreachable,
     /// This server cannot hold sessions (it does not run as root, or no
     /// backend it offers binds a workspace).
     #[error("sessions unavailable")]
@@ -230,6 +233,11 @@ impl ApiError {
                 "shutting_down",
                 "Server shutting down",
             ),
+            NodeUnreachable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "node_unreachable",
+                "Node unreachable",
+            ),
             SessionsUnavailable(_) => (
                 StatusCode::NOT_IMPLEMENTED,
                 "sessions_unavailable",
@@ -340,6 +348,9 @@ impl ApiError {
             ),
             NotCancellable => "the execution has already finished".into(),
             ShuttingDown => "the server is shutting down".into(),
+            NodeUnreachable => "this runs on another node of the cluster, which does not answer; \
+                                retry (if that node stays away, its work ends with node_lost)"
+                .into(),
             Internal => "internal error; the request id identifies it in the server log".into(),
         }
     }

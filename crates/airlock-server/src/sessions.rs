@@ -129,8 +129,10 @@ pub struct SessionView {
     /// RFC 3339, once ended.
     pub ended_at: Option<String>,
     /// Why it ended: `deleted`, `idle_timeout`, `lifetime`,
-    /// `server_restart` or `server_shutdown`.
-    #[schema(pattern = "^(deleted|idle_timeout|lifetime|server_restart|server_shutdown)$")]
+    /// `server_restart`, `server_shutdown` or `node_lost`.
+    #[schema(
+        pattern = "^(deleted|idle_timeout|lifetime|server_restart|server_shutdown|node_lost)$"
+    )]
     pub end_reason: Option<String>,
     /// A snapshot is taken after each execution.
     pub snapshot_after_exec: bool,
@@ -581,6 +583,7 @@ pub(crate) async fn create_session(
         ended_at_ms: None,
         end_reason: None,
         snapshot_after_exec: req.snapshot_after_exec,
+        node_id: Some(st.node.id.clone()),
     };
     // Made, filled and recorded in a task of its own: a client that
     // disconnects meanwhile must not leave a workspace no record knows

@@ -75,6 +75,50 @@ impl<R: Read> Read for Checked<R> {
     }
 }
 
+/// Made like the store's tenant ids (`tn_` and letters or digits): never
+/// a path.
+fn tenant_id_like(id: &str) -> bool {
+    id.len() <= 64 && id.starts_with("tn_") && id[3..].bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// Removes the snapshot contents this node keeps of tenants that no longer
+/// exist. `admin tenant delete` removes them from the data directory it is
+/// given; with several nodes, the others' copies go here, when each node
+/// starts and every hour after (also what a delete interrupted before its
+/// files went left behind). The directories are listed before the
+/// tenants, so a tenant made in between keeps its own; ids are never
+/// reused. Returns the files removed.
+pub(crate) async fn sweep_deleted_tenants(st: &AppState) -> Result<u64, String> {
+    let blobs = st.blobs.clone();
+    let on_disk = tokio::task::spawn_blocking(move || blobs.tenants())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if on_disk.is_empty() {
+        return Ok(0);
+    }
+    let live: std::collections::HashSet<String> = st
+        .store
+        .list_tenants()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    let gone: Vec<String> = on_disk.into_iter().filter(|t| !live.contains(t)).collect();
+    let blobs = st.blobs.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut files = 0;
+        for t in gone {
+            files += blobs.remove_tenant(&t).map_err(|e| format!("{t}: {e}"))?;
+            tracing::info!(tenant = %t, "removed the snapshot contents of a deleted tenant");
+        }
+        Ok(files)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 fn valid_hash(h: &str) -> bool {
     h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
@@ -98,10 +142,7 @@ impl Blobs {
     /// files went. Ids that are not the store's are refused, so nothing
     /// but a tenant's own directory is ever removed.
     pub fn remove_tenant(&self, tenant_id: &str) -> std::io::Result<u64> {
-        let ok = tenant_id.len() <= 64
-            && tenant_id.starts_with("tn_")
-            && tenant_id[3..].bytes().all(|b| b.is_ascii_alphanumeric());
-        if !ok {
+        if !tenant_id_like(tenant_id) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "not a tenant id",
@@ -124,6 +165,27 @@ impl Blobs {
         }
         std::fs::remove_dir_all(&dir)?;
         Ok(files)
+    }
+
+    /// The tenants that have blobs here (directories named like a tenant
+    /// id; anything else is left alone).
+    pub fn tenants(&self) -> std::io::Result<Vec<String>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e?;
+            if let Some(name) = e.file_name().to_str()
+                && tenant_id_like(name)
+                && e.file_type()?.is_dir()
+            {
+                out.push(name.to_string());
+            }
+        }
+        Ok(out)
     }
 
     fn path(&self, tenant_id: &str, hash: &str) -> PathBuf {

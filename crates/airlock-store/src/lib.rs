@@ -203,6 +203,10 @@ pub struct ExecutionRecord {
     pub session_id: Option<String>,
     /// The resolved policy it ran under (limits, network, isolation).
     pub policy: Option<serde_json::Value>,
+    /// The node that admitted and runs it (`nd_...`); None for records
+    /// from before nodes. Never shown to tenants.
+    #[serde(default)]
+    pub node_id: Option<String>,
 }
 
 /// A session: a tenant's workspace in which many executions run, each in
@@ -237,6 +241,42 @@ pub struct SessionRecord {
     pub end_reason: Option<String>,
     /// A snapshot of the workspace is taken after each execution.
     pub snapshot_after_exec: bool,
+    /// The node whose host holds its workspace; None for records from
+    /// before nodes.
+    pub node_id: Option<String>,
+}
+
+/// One `airlock serve` process using the database, and its liveness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// `nd_...`, kept in the node's data directory across restarts.
+    pub id: String,
+    /// Operator's name for it (the host name by default).
+    pub name: String,
+    /// Where the other nodes reach its API (for work it runs), if anywhere.
+    pub url: Option<String>,
+    /// Its process id on its host.
+    pub pid: u32,
+    /// Started, Unix ms.
+    pub started_at_ms: i64,
+    /// Last heartbeat, Unix ms.
+    pub heartbeat_at_ms: i64,
+    /// `active`, `stopped` (a clean stop) or `lost` (its heartbeat
+    /// stopped; another node failed its work).
+    pub state: String,
+}
+
+/// What declaring one node lost did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostNode {
+    /// The node.
+    pub id: String,
+    /// Its last heartbeat, Unix ms.
+    pub heartbeat_at_ms: i64,
+    /// Its executions failed with `node_lost`.
+    pub executions: Vec<String>,
+    /// Its sessions ended with `node_lost`.
+    pub sessions: Vec<String>,
 }
 
 /// A snapshot of a session's workspace: its manifest (paths, types,
@@ -299,6 +339,7 @@ impl ExecutionRecord {
             host_state: None,
             session_id: None,
             policy: None,
+            node_id: None,
         }
     }
 }
@@ -563,8 +604,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn execution_seq(&self, tenant_id: &str, id: &str) -> Result<Option<i64>, StoreError>;
     /// The chain position of one of a tenant's audit records, by its hash.
     async fn audit_seq(&self, tenant_id: &str, hash: &[u8]) -> Result<Option<i64>, StoreError>;
-    /// Every execution not in a terminal state (after a crash).
-    async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError>;
+    /// What node `node_id` may have left on its host (after its crash):
+    /// its executions not in a terminal state, and those another node
+    /// failed (`node_lost`) whose host state is still named. Records from
+    /// before nodes count as every node's.
+    async fn leftover_executions(&self, node_id: &str) -> Result<Vec<ExecutionRecord>, StoreError>;
+    /// Forgets the host state of a final execution once it was reaped.
+    async fn clear_host_state(&self, id: &str) -> Result<(), StoreError>;
     /// A tenant's executions in one session, newest first.
     async fn session_executions(
         &self,
@@ -593,8 +639,37 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         at_ms: i64,
         actor: &Actor,
     ) -> Result<bool, StoreError>;
-    /// Every session not ended (after a crash).
-    async fn open_sessions(&self) -> Result<Vec<SessionRecord>, StoreError>;
+    /// Every session of node `node_id` not ended (after its crash; records
+    /// from before nodes count as every node's).
+    async fn open_sessions(&self, node_id: &str) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// Registers a node starting (active, heartbeat now) and audits
+    /// `node.start`; returns what the database held of it before.
+    async fn register_node(&self, node: &NodeRecord) -> Result<Option<NodeRecord>, StoreError>;
+    /// Renews an active node's heartbeat, stamped by the database's clock
+    /// (nodes' clocks may disagree; the one that compares heartbeats is
+    /// the one that stamps them); false when the node is no longer active
+    /// (another node declared it lost): it must stop its work.
+    async fn node_heartbeat(&self, id: &str) -> Result<bool, StoreError>;
+    /// Marks a node stopped after a clean stop and audits `node.stop`.
+    async fn stop_node(&self, id: &str) -> Result<(), StoreError>;
+    /// One node.
+    async fn node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError>;
+    /// Every node the database knows, oldest first.
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Declares every active node other than `by` whose last heartbeat is
+    /// more than `lost_after_ms` old by the database's clock lost, in one
+    /// transaction with what follows (`at_ms` stamps the records' ends):
+    /// its unfinished executions fail with `node_lost` (host state kept,
+    /// for the node to reap when it returns), its open sessions end with
+    /// `node_lost`, each audited, and `node.lost` itself. A node declared
+    /// lost by one node is never declared again by another.
+    async fn fail_lost_nodes(
+        &self,
+        by: &str,
+        lost_after_ms: i64,
+        at_ms: i64,
+    ) -> Result<Vec<LostNode>, StoreError>;
 
     /// Stores a snapshot and audits `session.snapshot` with its digest,
     /// unless its session holds `max_per_session` already

@@ -32,15 +32,17 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 /// integer: a key no other application on the database is likely to use).
 const WRITE_LOCK: i64 = 0x6169_726c_6f63_6b00;
 
-/// The session-level advisory lock a serving server holds ("airlock\x01").
-const SERVER_LOCK: i64 = 0x6169_726c_6f63_6b01;
+/// The class of the session-level advisory lock a serving node holds on
+/// its node id ("arl\x01"; the two-key lock space is apart from the one
+/// [`WRITE_LOCK`] is in).
+const NODE_LOCK_CLASS: i32 = 0x6172_6c01;
 
 /// PostgreSQL-backed [`Store`](crate::Store).
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
     keys: Arc<Keyring>,
-    /// The connection holding [`SERVER_LOCK`], once taken.
+    /// The connection holding the node lock, once taken.
     server_lock: Arc<std::sync::Mutex<Option<PgConnection>>>,
 }
 
@@ -57,6 +59,10 @@ type This = PgStore;
 /// An audit row's storage position: an identity column filled in append
 /// order (appends are serialised), apart from the chain's own `seq`.
 const AUDIT_ORDER: &str = "pos";
+
+/// The database's clock in Unix ms (node heartbeats are compared on one
+/// clock, not each host's).
+const DB_NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
 
 impl PgStore {
     /// Connects to the database at `url` (`postgres://user:password@host/db`,
@@ -98,18 +104,21 @@ impl PgStore {
         })
     }
 
-    /// Takes the server lock: one serving server per database, for as long
-    /// as this store is open (a connection of its own holds it; PostgreSQL
-    /// releases it when that connection ends, a crashed server's too).
-    /// False when another server holds it. Why one: a starting server
-    /// recovers from a crash by failing every unfinished execution and
-    /// ending every open session it finds, which on a shared database would
-    /// be another server's. Admin commands do not take it (they run beside
-    /// a server, as with SQLite).
-    pub async fn lock_for_server(&self) -> Result<bool, StoreError> {
+    /// Takes the lock of node `node_id` for as long as this store is open
+    /// (a connection of its own holds it; PostgreSQL releases it when that
+    /// connection ends, a crashed server's too). False when another process
+    /// holds it: two servers started from copies of one data directory
+    /// would be one node twice, each recovering the other's work as its
+    /// own crash. Admin commands do not take it.
+    pub async fn lock_node(&self, node_id: &str) -> Result<bool, StoreError> {
+        let h = blake3::hash(node_id.as_bytes());
+        let mut first = [0u8; 4];
+        first.copy_from_slice(&h.as_bytes()[..4]);
+        let key = i32::from_le_bytes(first);
         let mut c = self.pool.acquire().await?.detach();
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(SERVER_LOCK)
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(NODE_LOCK_CLASS)
+            .bind(key)
             .fetch_one(&mut c)
             .await?;
         if got && let Ok(mut held) = self.server_lock.lock() {
@@ -295,18 +304,20 @@ mod tests {
         db.remove().await;
     }
 
-    /// One serving server per database: a second store cannot take the
-    /// server lock while the first holds it, and can once the first is
-    /// closed (or its connection gone).
+    /// One process per node id: a second store cannot take a node's lock
+    /// while the first holds it (another node's it can), and a third can
+    /// once the first is closed (or its connection gone).
     #[tokio::test]
-    async fn one_server_holds_the_database_at_a_time() {
+    async fn one_process_holds_a_node_at_a_time() {
         let db = TestDb::new().await;
         let (a, b) = (
             db.open(keys()).await.unwrap(),
             db.open(keys()).await.unwrap(),
         );
-        assert!(a.lock_for_server().await.unwrap());
-        assert!(!b.lock_for_server().await.unwrap());
+        assert!(a.lock_node("nd_a").await.unwrap());
+        assert!(!b.lock_node("nd_a").await.unwrap());
+        // Another node's lock is another lock.
+        assert!(b.lock_node("nd_b").await.unwrap());
         // Admin work beside the server still goes through.
         b.create_tenant(
             "t",
@@ -318,7 +329,9 @@ mod tests {
         .await
         .unwrap();
         a.close().await;
-        assert!(b.lock_for_server().await.unwrap());
+        let c = db.open(keys()).await.unwrap();
+        assert!(c.lock_node("nd_a").await.unwrap());
+        c.close().await;
         b.close().await;
         db.remove().await;
     }

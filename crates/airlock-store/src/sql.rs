@@ -12,13 +12,13 @@ use async_trait::async_trait;
 use sqlx::Row;
 use zeroize::Zeroizing;
 
-use super::{AUDIT_ORDER, Conn, DbRow, This};
+use super::{AUDIT_ORDER, Conn, DB_NOW_MS, DbRow, This};
 use crate::audit::{self, AuditEvent, NewAudit, StoredRow, Verifier, VerifyReport};
 use crate::crypto::{self, Keyring, NewApiKey};
 use crate::{
     Actor, ApiKeyAuth, ApiKeyInfo, AuthOutcome, ExecStatus, ExecutionRecord, Finish, LogRecord,
-    MemoryEntry, MemoryLimits, MemoryWrite, Page, SecretMeta, SessionRecord, SnapshotRecord, Store,
-    StoreError, Tenant, TenantDeletion, new_id, now_ms,
+    LostNode, MemoryEntry, MemoryLimits, MemoryWrite, NodeRecord, Page, SecretMeta, SessionRecord,
+    SnapshotRecord, Store, StoreError, Tenant, TenantDeletion, new_id, now_ms,
 };
 
 /// Fails closed on a master key that is not the one this database was
@@ -188,6 +188,7 @@ fn exec_row(r: &DbRow) -> Result<ExecutionRecord, StoreError> {
         host_state: r.try_get("host_state")?,
         session_id: r.try_get("session_id")?,
         policy: json_col(r, "policy")?,
+        node_id: r.try_get("node_id")?,
     })
 }
 
@@ -209,6 +210,7 @@ fn session_row(r: &DbRow) -> Result<SessionRecord, StoreError> {
         ended_at_ms: r.try_get("ended_at")?,
         end_reason: r.try_get("end_reason")?,
         snapshot_after_exec: r.try_get::<i64, _>("snapshot_after_exec")? != 0,
+        node_id: r.try_get("node_id")?,
     })
 }
 
@@ -232,12 +234,27 @@ fn snapshot_row(r: &DbRow) -> Result<SnapshotRecord, StoreError> {
     })
 }
 
+const NODE_COLS: &str = "id, name, url, pid, started_at, heartbeat_at, state";
+
+fn node_row(r: &DbRow) -> Result<NodeRecord, StoreError> {
+    Ok(NodeRecord {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        url: r.try_get("url")?,
+        pid: u32::try_from(r.try_get::<i64, _>("pid")?)
+            .map_err(|_| StoreError::Corrupt("nodes.pid".into()))?,
+        started_at_ms: r.try_get("started_at")?,
+        heartbeat_at_ms: r.try_get("heartbeat_at")?,
+        state: r.try_get("state")?,
+    })
+}
+
 const SNAPSHOT_COLS: &str = "id, tenant_id, session_id, execution_id, reason, digest, entries, \
                              bytes, truncated, manifest, created_at";
 
 const SESSION_COLS: &str = "id, tenant_id, language, backend, policy, workspace_mib, workspace_files, \
                             idle_timeout_ms, created_at, expires_at, ended_at, end_reason, \
-                            snapshot_after_exec";
+                            snapshot_after_exec, node_id";
 
 fn memory_row(r: &DbRow) -> Result<MemoryEntry, StoreError> {
     Ok(MemoryEntry {
@@ -307,7 +324,7 @@ async fn live_tenant(conn: &mut Conn, tenant_id: &str) -> Result<(), StoreError>
 }
 
 const EXEC_COLS: &str = "seq, id, tenant_id, status, language, request_id, trace_id, created_at, \
-                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error, egress, session_id, policy";
+                         started_at, finished_at, reason, result, error, host_state, flow_id, output, handler_error, broker_error, egress, session_id, policy, node_id";
 
 #[async_trait]
 impl Store for This {
@@ -895,8 +912,8 @@ impl Store for This {
             Box::pin(async move {
                 live_tenant(c, &rec.tenant_id).await?;
                 sqlx::query(
-                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id, session_id, policy)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    "INSERT INTO executions (id, tenant_id, status, language, request_id, trace_id, created_at, flow_id, session_id, policy, node_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 )
                 .bind(&rec.id)
                 .bind(&rec.tenant_id)
@@ -908,6 +925,7 @@ impl Store for This {
                 .bind(&rec.flow_id)
                 .bind(&rec.session_id)
                 .bind(rec.policy.as_ref().map(ToString::to_string))
+                .bind(&rec.node_id)
                 .execute(&mut *c)
                 .await?;
                 append_in(
@@ -1124,8 +1142,8 @@ impl Store for This {
                 live_tenant(c, &rec.tenant_id).await?;
                 sqlx::query(
                     "INSERT INTO sessions (id, tenant_id, language, backend, policy, workspace_mib, \
-                     workspace_files, idle_timeout_ms, created_at, expires_at, snapshot_after_exec) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                     workspace_files, idle_timeout_ms, created_at, expires_at, snapshot_after_exec, node_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 )
                 .bind(&rec.id)
                 .bind(&rec.tenant_id)
@@ -1138,6 +1156,7 @@ impl Store for This {
                 .bind(rec.created_at_ms)
                 .bind(rec.expires_at_ms)
                 .bind(i64::from(rec.snapshot_after_exec))
+                .bind(&rec.node_id)
                 .execute(&mut *c)
                 .await?;
                 append_in(
@@ -1346,22 +1365,254 @@ impl Store for This {
         rows.iter().map(snapshot_row).collect()
     }
 
-    async fn open_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
-        let q = format!("SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NULL ORDER BY seq");
+    async fn open_sessions(&self, node_id: &str) -> Result<Vec<SessionRecord>, StoreError> {
+        let q = format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE ended_at IS NULL \
+             AND (node_id = $1 OR node_id IS NULL) ORDER BY seq"
+        );
         let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(node_id)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(session_row).collect()
     }
 
-    async fn unfinished_executions(&self) -> Result<Vec<ExecutionRecord>, StoreError> {
+    async fn leftover_executions(&self, node_id: &str) -> Result<Vec<ExecutionRecord>, StoreError> {
         let q = format!(
-            "SELECT {EXEC_COLS} FROM executions WHERE status IN ('queued', 'running') ORDER BY seq"
+            "SELECT {EXEC_COLS} FROM executions \
+             WHERE (status IN ('queued', 'running') OR host_state IS NOT NULL) \
+             AND (node_id = $1 OR node_id IS NULL) ORDER BY seq"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(node_id)
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(exec_row).collect()
+    }
+
+    async fn clear_host_state(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.write_tx(move |c, _| {
+            Box::pin(async move {
+                sqlx::query(
+                    "UPDATE executions SET host_state = NULL \
+                     WHERE id = $1 AND status NOT IN ('queued', 'running')",
+                )
+                .bind(&id)
+                .execute(&mut *c)
+                .await?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn register_node(&self, node: &NodeRecord) -> Result<Option<NodeRecord>, StoreError> {
+        let node = node.clone();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let q = format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1");
+                let before = sqlx::query(sqlx::AssertSqlSafe(q))
+                    .bind(&node.id)
+                    .fetch_optional(&mut *c)
+                    .await?
+                    .as_ref()
+                    .map(node_row)
+                    .transpose()?;
+                let q = format!(
+                    "INSERT INTO nodes (id, name, url, pid, started_at, heartbeat_at, state) \
+                     VALUES ($1, $2, $3, $4, $5, {DB_NOW_MS}, 'active') \
+                     ON CONFLICT (id) DO UPDATE SET name = excluded.name, url = excluded.url, \
+                     pid = excluded.pid, started_at = excluded.started_at, \
+                     heartbeat_at = excluded.heartbeat_at, state = 'active'"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(q))
+                    .bind(&node.id)
+                    .bind(&node.name)
+                    .bind(&node.url)
+                    .bind(i64::from(node.pid))
+                    .bind(node.started_at_ms)
+                    .execute(&mut *c)
+                    .await?;
+                append_in(
+                    c,
+                    keys,
+                    &NewAudit::new(None, "node.start", "server", &node.id, None).with_detail(
+                        serde_json::json!({
+                            "name": node.name,
+                            "pid": node.pid,
+                            "previous_state": before.as_ref().map(|b| b.state.as_str()),
+                        }),
+                    ),
+                )
+                .await?;
+                Ok(before)
+            })
+        })
+        .await
+    }
+
+    async fn node_heartbeat(&self, id: &str) -> Result<bool, StoreError> {
+        // No audit record and no write lock: a heartbeat orders nothing
+        // (SQLite serialises its writes by itself).
+        let q = format!(
+            "UPDATE nodes SET heartbeat_at = {DB_NOW_MS} WHERE id = $1 AND state = 'active'"
+        );
+        let n = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn stop_node(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                let q = format!(
+                    "UPDATE nodes SET state = 'stopped', heartbeat_at = {DB_NOW_MS} \
+                     WHERE id = $1 AND state = 'active'"
+                );
+                let n = sqlx::query(sqlx::AssertSqlSafe(q))
+                    .bind(&id)
+                    .execute(&mut *c)
+                    .await?
+                    .rows_affected();
+                if n == 1 {
+                    append_in(
+                        c,
+                        keys,
+                        &NewAudit::new(None, "node.stop", "server", &id, None),
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn node(&self, id: &str) -> Result<Option<NodeRecord>, StoreError> {
+        let q = format!("SELECT {NODE_COLS} FROM nodes WHERE id = $1");
+        let r = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        r.as_ref().map(node_row).transpose()
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let q = format!("SELECT {NODE_COLS} FROM nodes ORDER BY started_at, id");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(node_row).collect()
+    }
+
+    async fn fail_lost_nodes(
+        &self,
+        by: &str,
+        lost_after_ms: i64,
+        at_ms: i64,
+    ) -> Result<Vec<LostNode>, StoreError> {
+        let by = by.to_string();
+        self.write_tx(move |c, keys| {
+            Box::pin(async move {
+                // Inside the write lock: a node declared lost by another
+                // node a moment ago is no longer active here.
+                let q = format!(
+                    "SELECT id, heartbeat_at FROM nodes \
+                     WHERE state = 'active' AND heartbeat_at < {DB_NOW_MS} - $1 AND id <> $2 \
+                     ORDER BY id"
+                );
+                let stale: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(q))
+                    .bind(lost_after_ms)
+                    .bind(&by)
+                    .fetch_all(&mut *c)
+                    .await?;
+                let actor = format!("node:{by}");
+                let mut lost = Vec::new();
+                for (id, heartbeat_at_ms) in stale {
+                    sqlx::query("UPDATE nodes SET state = 'lost' WHERE id = $1")
+                        .bind(&id)
+                        .execute(&mut *c)
+                        .await?;
+                    // Host state stays: the node reaps it when it returns.
+                    let execs: Vec<(String, String, String)> = sqlx::query_as(
+                        "UPDATE executions SET status = 'failed', reason = 'node_lost', \
+                         error = 'the node running this execution stopped responding', \
+                         finished_at = $1 \
+                         WHERE node_id = $2 AND status IN ('queued', 'running') \
+                         RETURNING id, tenant_id, request_id",
+                    )
+                    .bind(at_ms)
+                    .bind(&id)
+                    .fetch_all(&mut *c)
+                    .await?;
+                    // Sorted: the chain's order does not depend on the
+                    // database's plan.
+                    let mut execs = execs;
+                    execs.sort();
+                    for (eid, tenant, req) in &execs {
+                        append_in(
+                            c,
+                            keys,
+                            &NewAudit::new(
+                                Some(tenant),
+                                "execution.finish",
+                                &actor,
+                                eid,
+                                Some(req),
+                            )
+                            .with_detail(serde_json::json!({
+                                "status": "failed", "reason": "node_lost",
+                                "exit_code": serde_json::Value::Null,
+                            })),
+                        )
+                        .await?;
+                    }
+                    let mut sessions: Vec<(String, String)> = sqlx::query_as(
+                        "UPDATE sessions SET ended_at = $1, end_reason = 'node_lost' \
+                         WHERE node_id = $2 AND ended_at IS NULL RETURNING id, tenant_id",
+                    )
+                    .bind(at_ms)
+                    .bind(&id)
+                    .fetch_all(&mut *c)
+                    .await?;
+                    sessions.sort();
+                    for (sid, tenant) in &sessions {
+                        append_in(
+                            c,
+                            keys,
+                            &NewAudit::new(Some(tenant), "session.end", &actor, sid, None)
+                                .with_detail(serde_json::json!({ "reason": "node_lost" })),
+                        )
+                        .await?;
+                    }
+                    append_in(
+                        c,
+                        keys,
+                        &NewAudit::new(None, "node.lost", &actor, &id, None).with_detail(
+                            serde_json::json!({
+                                "heartbeat_at_ms": heartbeat_at_ms,
+                                "executions": execs.len(),
+                                "sessions": sessions.len(),
+                            }),
+                        ),
+                    )
+                    .await?;
+                    lost.push(LostNode {
+                        id,
+                        heartbeat_at_ms,
+                        executions: execs.into_iter().map(|e| e.0).collect(),
+                        sessions: sessions.into_iter().map(|s| s.0).collect(),
+                    });
+                }
+                Ok(lost)
+            })
+        })
+        .await
     }
 
     async fn append_log(
@@ -2090,6 +2341,205 @@ mod tests {
         );
         assert_eq!(after, ["p/a", "p/b"]);
         s.close().await;
+        db.remove().await;
+    }
+
+    fn node(id: &str, at: i64) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            name: format!("host-{id}"),
+            url: Some(format!("http://127.0.0.1/{id}")),
+            pid: 4242,
+            started_at_ms: at,
+            heartbeat_at_ms: at,
+            state: "active".into(),
+        }
+    }
+
+    /// A node whose heartbeat stopped is declared lost once, by one node:
+    /// its unfinished executions fail with `node_lost` (their host state
+    /// kept for it to reap), its sessions end, each audited in one chain;
+    /// the other node's work and a stopped node are untouched, the lost
+    /// node's heartbeat is refused until it registers again, and its
+    /// recovery then sees only its own leftovers.
+    #[tokio::test]
+    async fn a_lost_node_loses_only_its_own_work_once() {
+        let db = TestDb::new().await;
+        let (sa, sb) = (
+            db.open(keys()).await.unwrap(),
+            db.open(keys()).await.unwrap(),
+        );
+        let t = sa.create_tenant("t", &admin()).await.unwrap();
+        let t0 = now_ms();
+        assert_eq!(sa.register_node(&node("nd_a", t0)).await.unwrap(), None);
+        assert_eq!(sb.register_node(&node("nd_b", t0)).await.unwrap(), None);
+        assert_eq!(sb.register_node(&node("nd_c", t0)).await.unwrap(), None);
+        sb.stop_node("nd_c").await.unwrap();
+        let exec = |id: &str, node: &str| ExecutionRecord {
+            node_id: Some(node.into()),
+            ..ExecutionRecord::queued(
+                id.into(),
+                t.id.clone(),
+                "python",
+                "r".into(),
+                "0".repeat(32),
+                "f".into(),
+                now_ms(),
+            )
+        };
+        for (id, n) in [("ex_a1", "nd_a"), ("ex_a2", "nd_a"), ("ex_b1", "nd_b")] {
+            sa.insert_execution(&exec(id, n), &admin()).await.unwrap();
+        }
+        sa.mark_running("ex_a1", now_ms(), r#"{"backend":"process","cgroup":"x"}"#)
+            .await
+            .unwrap();
+        let session = |id: &str, node: &str| SessionRecord {
+            id: id.into(),
+            tenant_id: t.id.clone(),
+            language: "python".into(),
+            backend: "process".into(),
+            policy: serde_json::json!({}),
+            workspace_mib: 16,
+            workspace_files: 100,
+            idle_timeout_ms: 60_000,
+            created_at_ms: now_ms(),
+            expires_at_ms: now_ms() + 60_000,
+            ended_at_ms: None,
+            end_reason: None,
+            snapshot_after_exec: false,
+            node_id: Some(node.into()),
+        };
+        sa.insert_session(&session("ss_a", "nd_a"), &admin())
+            .await
+            .unwrap();
+        sa.insert_session(&session("ss_b", "nd_b"), &admin())
+            .await
+            .unwrap();
+        // Positive control: nothing is stale while heartbeats are fresh.
+        let lease = 30_000;
+        assert!(
+            sb.fail_lost_nodes("nd_b", lease, now_ms())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(sb.node_heartbeat("nd_b").await.unwrap());
+        // nd_a's last heartbeat is a minute old on the database's clock.
+        sqlx::query("UPDATE nodes SET heartbeat_at = heartbeat_at - 60000 WHERE id = 'nd_a'")
+            .execute(&sa.pool)
+            .await
+            .unwrap();
+        let (lost, again) = tokio::join!(
+            sb.fail_lost_nodes("nd_b", lease, now_ms()),
+            sa.fail_lost_nodes("nd_c", lease, now_ms()),
+        );
+        let (lost, again) = (lost.unwrap(), again.unwrap());
+        let lost = if lost.is_empty() {
+            again
+        } else {
+            assert!(again.is_empty(), "declared twice: {again:?}");
+            lost
+        };
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(lost[0].id, "nd_a");
+        assert_eq!(lost[0].executions, ["ex_a1", "ex_a2"]);
+        assert_eq!(lost[0].sessions, ["ss_a"]);
+        assert!(
+            sb.fail_lost_nodes("nd_b", lease, now_ms())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        for id in ["ex_a1", "ex_a2"] {
+            let r = sa.execution(&t.id, id).await.unwrap().unwrap();
+            assert_eq!(
+                (r.status, r.reason.as_deref()),
+                (ExecStatus::Failed, Some("node_lost"))
+            );
+        }
+        let b1 = sa.execution(&t.id, "ex_b1").await.unwrap().unwrap();
+        assert_eq!((b1.status, b1.reason), (ExecStatus::Queued, None));
+        let ss = sa.session(&t.id, "ss_a").await.unwrap().unwrap();
+        assert_eq!(ss.end_reason.as_deref(), Some("node_lost"));
+        assert_eq!(
+            sa.session(&t.id, "ss_b")
+                .await
+                .unwrap()
+                .unwrap()
+                .ended_at_ms,
+            None
+        );
+        assert_eq!(sa.node("nd_a").await.unwrap().unwrap().state, "lost");
+        assert_eq!(sa.node("nd_c").await.unwrap().unwrap().state, "stopped");
+        // The lost node is fenced: its heartbeat no longer renews anything.
+        assert!(!sa.node_heartbeat("nd_a").await.unwrap());
+        // What it finds when it comes back: only its own work, the failed
+        // execution whose host state is still named among it.
+        let left: Vec<String> = sa
+            .leftover_executions("nd_a")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(left, ["ex_a1"]);
+        let mine: Vec<String> = sb
+            .leftover_executions("nd_b")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(mine, ["ex_b1"]);
+        assert!(sa.open_sessions("nd_a").await.unwrap().is_empty());
+        assert_eq!(sb.open_sessions("nd_b").await.unwrap().len(), 1);
+        sa.clear_host_state("ex_a1").await.unwrap();
+        assert!(sa.leftover_executions("nd_a").await.unwrap().is_empty());
+        // An unfinished execution's host state is not forgotten.
+        sa.mark_running("ex_b1", now_ms(), "{}").await.unwrap();
+        sa.clear_host_state("ex_b1").await.unwrap();
+        assert!(
+            sa.execution(&t.id, "ex_b1")
+                .await
+                .unwrap()
+                .unwrap()
+                .host_state
+                .is_some()
+        );
+        let back = sa
+            .register_node(&node("nd_a", now_ms()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.state, "lost");
+        assert!(sa.node_heartbeat("nd_a").await.unwrap());
+        let nodes: Vec<String> = sa
+            .list_nodes()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(nodes.len(), 3);
+        // One chain, with the loss in it, by the node that declared it.
+        let report = sa.verify_audit().await.unwrap();
+        assert_eq!(report.first_broken, None);
+        let chain: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT kind, actor, subject FROM audit ORDER BY seq")
+                .fetch_all(&sa.pool)
+                .await
+                .unwrap();
+        let lost_ev: Vec<_> = chain.iter().filter(|e| e.0 == "node.lost").collect();
+        assert_eq!(lost_ev.len(), 1, "{chain:?}");
+        assert_eq!(lost_ev[0].2, "nd_a");
+        assert!(lost_ev[0].1.starts_with("node:nd_"), "{:?}", lost_ev[0]);
+        let failed = chain
+            .iter()
+            .filter(|e| e.0 == "execution.finish" && e.2.starts_with("ex_a"))
+            .count();
+        assert_eq!(failed, 2);
+        sa.close().await;
+        sb.close().await;
         db.remove().await;
     }
 }

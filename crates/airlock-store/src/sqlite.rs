@@ -48,6 +48,10 @@ type This = SqliteStore;
 /// shows up as a gap.
 const AUDIT_ORDER: &str = "rowid";
 
+/// The database's clock in Unix ms (node heartbeats are compared on one
+/// clock, not each host's).
+const DB_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+
 impl SqliteStore {
     /// Opens (creating if missing) the database at `path` and applies
     /// pending migrations.

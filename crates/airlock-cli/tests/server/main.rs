@@ -17,6 +17,7 @@ mod egress;
 mod hygiene;
 mod lifecycle;
 mod mcp;
+mod nodes;
 mod piston;
 mod pool;
 mod postgres;

@@ -679,7 +679,7 @@ fn an_ended_workspace_still_held_by_a_queued_execution_counts_until_it_is_gone()
 /// BLAKE3 is not in python's standard library: hashes of snapshot
 /// contents are checked by the server's own reads; SHA-256 digests of
 /// evidence by python here.
-fn python(script: &str, input: &[u8]) -> String {
+pub(crate) fn python(script: &str, input: &[u8]) -> String {
     use std::io::Write;
     let mut c = std::process::Command::new("/usr/bin/python3")
         .arg("-c")
