@@ -70,6 +70,14 @@ pub struct ServeArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<PathBuf>,
+    /// This node's name among several on one database (`[node] name`;
+    /// default the host name).
+    #[arg(long, env = "AIRLOCK_NODE_NAME")]
+    node_name: Option<String>,
+    /// Where the other nodes reach this one (`[node] url`), e.g.
+    /// http://10.0.0.5:7070.
+    #[arg(long, env = "AIRLOCK_NODE_URL")]
+    node_url: Option<String>,
 }
 
 /// `airlock admin`.
@@ -252,6 +260,12 @@ pub fn serve(args: ServeArgs, mut engine: airlock_sandbox::EngineConfig) -> Exit
         }
         if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
             cfg.tls = Some(airlock_server::tls::TlsConfig { cert, key });
+        }
+        if let Some(v) = args.node_name {
+            cfg.node.name = Some(v);
+        }
+        if let Some(v) = args.node_url {
+            cfg.node.url = Some(v);
         }
         cfg.validate().map_err(|e| Fail::Usage(e.to_string()))?;
         let ca = cfg
