@@ -11,7 +11,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use airlock_backend::{Hooks, Job as BackendJob, Prepared, Spec, Stream, TerminationReason};
+use airlock_backend::{
+    CancelToken, Hooks, Job as BackendJob, Prepared, Spec, Stream, TerminationReason,
+};
 use airlock_broker::{Identity, Quotas, Session, StreamRedactor};
 use airlock_store::{ExecStatus, Finish, now_ms};
 use tokio::task::JoinHandle;
@@ -125,7 +127,7 @@ impl Executor {
             }
         };
         let started = now_ms();
-        let marking = self.mark_running(sub, sandbox.as_ref(), started);
+        let marking = self.mark_running(sub, sandbox.as_ref(), started, &job.entry.cancel);
         let live = job.entry.live.clone();
         let session = self.broker_session(sub, &live, warm);
         let egress = Arc::new(EgressRecorder {
@@ -255,16 +257,28 @@ impl Executor {
     /// already durable, and after a crash recovery fails the execution
     /// whether it was marked or not, and sweeps the dead engine's host
     /// state either way. Awaited before the execution is finished.
+    ///
+    /// A record that is no longer queued was ended by someone else while
+    /// this node dequeued it: another node that declared this one lost
+    /// (the only writer that ends another node's queued work). Its record
+    /// is final, so the program is stopped rather than run to a result
+    /// nobody can record.
     fn mark_running(
         &self,
         sub: &Submission,
         sandbox: &dyn Prepared,
         started: i64,
+        cancel: &CancelToken,
     ) -> JoinHandle<Result<(), airlock_store::StoreError>> {
         let host_state = sandbox.host_state().to_string();
-        let (store, id) = (self.store.clone(), sub.id.clone());
-        self.rt
-            .spawn(async move { store.mark_running(&id, started, &host_state).await })
+        let (store, id, cancel) = (self.store.clone(), sub.id.clone(), cancel.clone());
+        self.rt.spawn(async move {
+            let r = store.mark_running(&id, started, &host_state).await;
+            if let Err(airlock_store::StoreError::NotFound(_)) = &r {
+                cancel.cancel(TerminationReason::NodeLost);
+            }
+            r
+        })
     }
 
     /// The broker for exactly this execution, its identity fixed here.

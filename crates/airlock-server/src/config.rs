@@ -435,8 +435,10 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     /// A node whose last heartbeat is older than this is lost: another node
     /// fails its executions and ends its sessions with `node_lost`, and the
-    /// node itself stops its work once its own heartbeat has failed this
-    /// long (it may be cut off from the database). At least three
+    /// node itself stops its work before then, two heartbeats before the
+    /// lease ends with none reaching the database (it may be cut off from
+    /// it). Each node's own value
+    /// is in its record, and the others wait for that one. At least five
     /// heartbeats. Default 15 000.
     pub lost_after_ms: u64,
 }
@@ -484,9 +486,12 @@ impl NodeConfig {
                 "node.heartbeat_ms must be in 100..=60000".into(),
             ));
         }
-        if self.lost_after_ms < 3 * self.heartbeat_ms || self.lost_after_ms > 3_600_000 {
+        // Five: a node fences itself two heartbeats before its lease ends
+        // (one to notice, one for a heartbeat to time out), so a shorter
+        // lease would stop it after one slow heartbeat.
+        if self.lost_after_ms < 5 * self.heartbeat_ms || self.lost_after_ms > 3_600_000 {
             return Err(ConfigError::Invalid(
-                "node.lost_after_ms must be at least three heartbeats and at most 3600000".into(),
+                "node.lost_after_ms must be at least five heartbeats and at most 3600000".into(),
             ));
         }
         Ok(())
@@ -924,4 +929,24 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_leaves_room_to_fence_before_it_ends() {
+        let node = |heartbeat_ms, lost_after_ms| NodeConfig {
+            heartbeat_ms,
+            lost_after_ms,
+            ..NodeConfig::default()
+        };
+        assert!(NodeConfig::default().validate().is_ok());
+        assert!(node(2000, 10_000).validate().is_ok());
+        let e = node(2000, 9999).validate().unwrap_err().to_string();
+        assert!(e.contains("at least five heartbeats"), "{e}");
+        assert!(node(99, 1000).validate().is_err());
+        assert!(node(60_000, 3_600_001).validate().is_err());
+    }
 }

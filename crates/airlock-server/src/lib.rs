@@ -453,6 +453,7 @@ pub async fn serve(
             url: node::advertised_url(cfg.node.url.as_deref(), local, tls.is_some()),
             name: cfg.node.name.clone().unwrap_or_else(node::host_name),
             id: node_id,
+            lost_after_ms: i64::try_from(cfg.node.lost_after_ms).unwrap_or(i64::MAX),
         }),
         peer_tls,
     };

@@ -27,6 +27,9 @@ pub struct Node {
     pub name: String,
     /// Where the other nodes reach its API.
     pub url: Option<String>,
+    /// Its lease (`node.lost_after_ms`), written with its record: the
+    /// others wait this long after its last heartbeat.
+    pub lost_after_ms: i64,
 }
 
 const ID_FILE: &str = "node_id";
@@ -109,6 +112,7 @@ pub fn record(node: &Node) -> NodeRecord {
         started_at_ms: now,
         heartbeat_at_ms: now,
         state: "active".into(),
+        lost_after_ms: node.lost_after_ms,
     }
 }
 
@@ -140,42 +144,67 @@ async fn fence(st: &AppState, why: &str) {
     }
 }
 
+/// When this node must have stopped its work, having heard nothing back
+/// from the database: before any other node may declare it lost. The
+/// others declare it lost once its last heartbeat, stamped by the database
+/// when it arrived (so no earlier than it was sent), is `lease` old; this
+/// loop looks once per heartbeat, and a heartbeat may take one more to
+/// time out: counted from the last successful heartbeat's sending, two
+/// heartbeats before the lease ends.
+fn fence_after(every: Duration, lease: Duration) -> Duration {
+    lease.saturating_sub(every * 2)
+}
+
 /// Heartbeats, sweeps lost nodes and fences this one, for as long as the
 /// server runs (only on a shared database).
 pub(crate) async fn run(st: AppState) {
     let every = Duration::from_millis(st.cfg.node.heartbeat_ms);
     let lease = Duration::from_millis(st.cfg.node.lost_after_ms);
+    let deadline = fence_after(every, lease);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the last heartbeat the database took was sent.
     let mut last_ok = Instant::now();
     let mut fenced = false;
     loop {
         tick.tick().await;
-        match st.store.node_heartbeat(&st.node.id).await {
-            Ok(true) => {
-                last_ok = Instant::now();
+        let sent = Instant::now();
+        // Bounded: a database that does not answer is a failed heartbeat,
+        // not a loop that stops looking at its lease.
+        let beat = tokio::time::timeout(every, st.store.node_heartbeat(&st.node.id)).await;
+        match beat {
+            Ok(Ok(true)) => {
+                last_ok = sent;
                 fenced = false;
             }
-            Ok(false) => {
+            Ok(Ok(false)) => {
                 // Another node declared this one lost (its heartbeats did not
                 // arrive in time): its work was failed; stop it here too, then
                 // serve again as a node starting.
                 fence(&st, "another node declared this node lost").await;
+                let again = Instant::now();
                 match st.store.register_node(&record(&st.node)).await {
                     Ok(_) => {
-                        last_ok = Instant::now();
+                        last_ok = again;
                         fenced = false;
                     }
-                    Err(e) => tracing::error!(error = %e, "registering the node again failed"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "registering the node again failed");
+                        fenced = true;
+                    }
                 }
                 continue;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed");
-                if !fenced && last_ok.elapsed() >= lease {
+            failed => {
+                match failed {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+                    _ => tracing::warn!(timeout_ms = every.as_millis(), "heartbeat timed out"),
+                }
+                if !fenced && last_ok.elapsed() >= deadline {
                     fence(
                         &st,
-                        "no heartbeat reached the database within node.lost_after_ms",
+                        "no heartbeat reached the database in time to keep the lease \
+                         (node.lost_after_ms)",
                     )
                     .await;
                     fenced = true;
@@ -183,9 +212,7 @@ pub(crate) async fn run(st: AppState) {
                 continue;
             }
         }
-        let now = now_ms();
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        match st.store.fail_lost_nodes(&st.node.id, lease_ms, now).await {
+        match st.store.fail_lost_nodes(&st.node.id, now_ms()).await {
             Ok(lost) => {
                 for n in lost {
                     st.metrics.nodes_lost.inc();
@@ -221,6 +248,21 @@ mod tests {
             std::fs::read_to_string(d.path().join(ID_FILE)).unwrap(),
             "../../etc\n"
         );
+    }
+
+    #[test]
+    fn a_node_fences_itself_before_the_others_may_declare_it_lost() {
+        let ms = Duration::from_millis;
+        // The smallest lease the configuration takes: five heartbeats.
+        assert_eq!(fence_after(ms(2000), ms(10_000)), ms(6000));
+        assert_eq!(fence_after(ms(2000), ms(15_000)), ms(11_000));
+        // Noticed at most one heartbeat late, and a heartbeat that times
+        // out takes one more: still within the lease.
+        for (every, lease) in [(100, 500), (2000, 15_000), (60_000, 3_600_000)] {
+            let (every, lease) = (ms(every), ms(lease));
+            assert!(fence_after(every, lease) + every * 2 <= lease);
+            assert!(fence_after(every, lease) >= every * 3);
+        }
     }
 
     #[test]

@@ -53,7 +53,19 @@ enum Target {
 }
 
 fn target(method: &axum::http::Method, path: &str) -> Option<Target> {
-    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Segments as the router sees them (percent-decoded), so an encoded id
+    // (`ex%5F1`) is the same record; one that does not decode is none.
+    let segs: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+        })
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     match segs.as_slice() {
         ["v1", "executions", id, "events"] if method == axum::http::Method::GET => {
             Some(Target::Execution(id.to_string()))
@@ -97,54 +109,59 @@ pub(crate) async fn forward(State(st): State<AppState>, req: Request, next: Next
     let Some(ctx) = req.extensions().get::<ReqCtx>().cloned() else {
         return ApiError::Internal.into_response();
     };
-    // A new session's body says whether it starts from a snapshot: read
-    // it here (bounded as the handler bounds it) and hand it on whole.
-    let (req, from) = if matches!(t, Target::NewSession) {
-        let (parts, body) = req.into_parts();
-        let bytes = match crate::body::read(
-            &parts.headers,
-            body,
-            st.cfg.body_limit_bytes,
-            Duration::from_millis(st.cfg.body_timeout_ms),
-        )
-        .await
-        {
-            Ok(b) => b,
-            Err(e) => return e.into_response(),
-        };
-        let from = from_snapshot(&bytes);
-        (Request::from_parts(parts, Body::from(bytes)), from)
-    } else {
-        (req, None)
-    };
-    let t = match (t, &from) {
-        (Target::NewSession, None) => return next.run(req).await,
-        (Target::NewSession, Some(sn)) => Target::Snapshot(sn.clone()),
-        (t, _) => t,
-    };
-    let owner = match owner_of(&st, req.headers(), peer, &ctx, &t).await {
-        Ok(Some(o)) => o,
-        Ok(None) => return next.run(req).await,
+    // The caller first: nothing of an unauthenticated request is read or
+    // looked up (its body included), as in the handlers.
+    let who = match authenticate(&st, req.headers(), peer, &ctx).await {
+        Ok(w) => w,
         Err(e) => return e.into_response(),
     };
-    let (who, node_id) = owner;
+    // A new session's body says whether it starts from a snapshot: read
+    // it here (bounded as the handler bounds it) and hand it on whole.
+    let (req, t) = match t {
+        Target::NewSession => {
+            let (parts, body) = req.into_parts();
+            let bytes = match crate::body::read(
+                &parts.headers,
+                body,
+                st.cfg.body_limit_bytes,
+                st.cfg.body_deadline(),
+            )
+            .await
+            {
+                Ok(b) => b,
+                Err(e) => return e.into_response(),
+            };
+            let from = from_snapshot(&bytes);
+            let req = Request::from_parts(parts, Body::from(bytes));
+            match from {
+                Some(sn) => (req, Target::Snapshot(sn)),
+                None => {
+                    // The handler authenticates it again: this slot is not
+                    // held twice.
+                    drop(who);
+                    return next.run(req).await;
+                }
+            }
+        }
+        t => (req, t),
+    };
+    let node_id = match owner_of(&st, &who, &t).await {
+        Ok(Some(n)) => n,
+        Ok(None) => {
+            drop(who);
+            return next.run(req).await;
+        }
+        Err(e) => return e.into_response(),
+    };
     match send(&st, req, who, &node_id).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-/// The caller, and the node that runs what the request is about when that
-/// is a live record of another node's. Authentication failures answer
-/// here, as the handler would.
-async fn owner_of(
-    st: &AppState,
-    headers: &HeaderMap,
-    peer: std::net::IpAddr,
-    ctx: &ReqCtx,
-    t: &Target,
-) -> Result<Option<(Principal, String)>, ApiError> {
-    let who = authenticate(st, headers, peer, ctx).await?;
+/// The node that runs what the request is about, when that is a live
+/// record of another node's.
+async fn owner_of(st: &AppState, who: &Principal, t: &Target) -> Result<Option<String>, ApiError> {
     let node = match t {
         Target::Execution(id) => st
             .store
@@ -169,7 +186,7 @@ async fn owner_of(
         },
         Target::NewSession => None,
     };
-    Ok(node.filter(|n| *n != st.node.id).map(|n| (who, n)))
+    Ok(node.filter(|n| *n != st.node.id))
 }
 
 /// The `from_snapshot` of a new session's body, when it is one well-formed
@@ -412,6 +429,10 @@ mod tests {
         assert_eq!(t(Method::GET, "/v1/snapshots/sn_1/tar"), "sn sn_1");
         assert_eq!(t(Method::GET, "/v1/snapshots/sn_1"), "-");
         assert_eq!(t(Method::GET, "/v1/secrets/x"), "-");
+        // Encoded as the router decodes it.
+        assert_eq!(t(Method::GET, "/v1/executions/ex%5F1/events"), "ex ex_1");
+        assert_eq!(t(Method::POST, "/v1/%73essions"), "new");
+        assert_eq!(t(Method::GET, "/v1/executions/ex%FF/events"), "-");
     }
 
     #[test]

@@ -261,6 +261,9 @@ pub struct NodeRecord {
     pub started_at_ms: i64,
     /// Last heartbeat, Unix ms.
     pub heartbeat_at_ms: i64,
+    /// Its lease: the others declare it lost once its last heartbeat is
+    /// older than this (it fences itself before then).
+    pub lost_after_ms: i64,
     /// `active`, `stopped` (a clean stop) or `lost` (its heartbeat
     /// stopped; another node failed its work).
     pub state: String,
@@ -658,18 +661,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Every node the database knows, oldest first.
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     /// Declares every active node other than `by` whose last heartbeat is
-    /// more than `lost_after_ms` old by the database's clock lost, in one
+    /// older than its own lease (`lost_after_ms` of its row) by the
+    /// database's clock lost, in one
     /// transaction with what follows (`at_ms` stamps the records' ends):
     /// its unfinished executions fail with `node_lost` (host state kept,
     /// for the node to reap when it returns), its open sessions end with
     /// `node_lost`, each audited, and `node.lost` itself. A node declared
     /// lost by one node is never declared again by another.
-    async fn fail_lost_nodes(
-        &self,
-        by: &str,
-        lost_after_ms: i64,
-        at_ms: i64,
-    ) -> Result<Vec<LostNode>, StoreError>;
+    async fn fail_lost_nodes(&self, by: &str, at_ms: i64) -> Result<Vec<LostNode>, StoreError>;
 
     /// Stores a snapshot and audits `session.snapshot` with its digest,
     /// unless its session holds `max_per_session` already

@@ -234,7 +234,7 @@ fn snapshot_row(r: &DbRow) -> Result<SnapshotRecord, StoreError> {
     })
 }
 
-const NODE_COLS: &str = "id, name, url, pid, started_at, heartbeat_at, state";
+const NODE_COLS: &str = "id, name, url, pid, started_at, heartbeat_at, state, lost_after_ms";
 
 fn node_row(r: &DbRow) -> Result<NodeRecord, StoreError> {
     Ok(NodeRecord {
@@ -246,6 +246,7 @@ fn node_row(r: &DbRow) -> Result<NodeRecord, StoreError> {
         started_at_ms: r.try_get("started_at")?,
         heartbeat_at_ms: r.try_get("heartbeat_at")?,
         state: r.try_get("state")?,
+        lost_after_ms: r.try_get("lost_after_ms")?,
     })
 }
 
@@ -1420,11 +1421,13 @@ impl Store for This {
                     .map(node_row)
                     .transpose()?;
                 let q = format!(
-                    "INSERT INTO nodes (id, name, url, pid, started_at, heartbeat_at, state) \
-                     VALUES ($1, $2, $3, $4, $5, {DB_NOW_MS}, 'active') \
+                    "INSERT INTO nodes \
+                     (id, name, url, pid, started_at, heartbeat_at, state, lost_after_ms) \
+                     VALUES ($1, $2, $3, $4, $5, {DB_NOW_MS}, 'active', $6) \
                      ON CONFLICT (id) DO UPDATE SET name = excluded.name, url = excluded.url, \
                      pid = excluded.pid, started_at = excluded.started_at, \
-                     heartbeat_at = excluded.heartbeat_at, state = 'active'"
+                     heartbeat_at = excluded.heartbeat_at, state = 'active', \
+                     lost_after_ms = excluded.lost_after_ms"
                 );
                 sqlx::query(sqlx::AssertSqlSafe(q))
                     .bind(&node.id)
@@ -1432,6 +1435,7 @@ impl Store for This {
                     .bind(&node.url)
                     .bind(i64::from(node.pid))
                     .bind(node.started_at_ms)
+                    .bind(node.lost_after_ms)
                     .execute(&mut *c)
                     .await?;
                 append_in(
@@ -1510,34 +1514,38 @@ impl Store for This {
         rows.iter().map(node_row).collect()
     }
 
-    async fn fail_lost_nodes(
-        &self,
-        by: &str,
-        lost_after_ms: i64,
-        at_ms: i64,
-    ) -> Result<Vec<LostNode>, StoreError> {
+    async fn fail_lost_nodes(&self, by: &str, at_ms: i64) -> Result<Vec<LostNode>, StoreError> {
         let by = by.to_string();
         self.write_tx(move |c, keys| {
             Box::pin(async move {
+                // Each node by its own lease (it fences itself within it).
                 // Inside the write lock: a node declared lost by another
                 // node a moment ago is no longer active here.
+                let stale_now =
+                    format!("state = 'active' AND heartbeat_at < {DB_NOW_MS} - lost_after_ms");
                 let q = format!(
-                    "SELECT id, heartbeat_at FROM nodes \
-                     WHERE state = 'active' AND heartbeat_at < {DB_NOW_MS} - $1 AND id <> $2 \
-                     ORDER BY id"
+                    "SELECT id, heartbeat_at FROM nodes WHERE {stale_now} AND id <> $1 ORDER BY id"
                 );
                 let stale: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(q))
-                    .bind(lost_after_ms)
                     .bind(&by)
                     .fetch_all(&mut *c)
                     .await?;
                 let actor = format!("node:{by}");
                 let mut lost = Vec::new();
                 for (id, heartbeat_at_ms) in stale {
-                    sqlx::query("UPDATE nodes SET state = 'lost' WHERE id = $1")
+                    // Checked again as it is changed: a heartbeat (which
+                    // takes no write lock) may have arrived since the
+                    // select; then the node is alive and keeps its work.
+                    let q =
+                        format!("UPDATE nodes SET state = 'lost' WHERE id = $1 AND {stale_now}");
+                    let n = sqlx::query(sqlx::AssertSqlSafe(q))
                         .bind(&id)
                         .execute(&mut *c)
-                        .await?;
+                        .await?
+                        .rows_affected();
+                    if n != 1 {
+                        continue;
+                    }
                     // Host state stays: the node reaps it when it returns.
                     let execs: Vec<(String, String, String)> = sqlx::query_as(
                         "UPDATE executions SET status = 'failed', reason = 'node_lost', \
@@ -2353,6 +2361,7 @@ mod tests {
             started_at_ms: at,
             heartbeat_at_ms: at,
             state: "active".into(),
+            lost_after_ms: 30_000,
         }
     }
 
@@ -2375,6 +2384,12 @@ mod tests {
         assert_eq!(sb.register_node(&node("nd_b", t0)).await.unwrap(), None);
         assert_eq!(sb.register_node(&node("nd_c", t0)).await.unwrap(), None);
         sb.stop_node("nd_c").await.unwrap();
+        // A node with a longer lease of its own than the others'.
+        let patient = NodeRecord {
+            lost_after_ms: 120_000,
+            ..node("nd_d", t0)
+        };
+        assert_eq!(sb.register_node(&patient).await.unwrap(), None);
         let exec = |id: &str, node: &str| ExecutionRecord {
             node_id: Some(node.into()),
             ..ExecutionRecord::queued(
@@ -2416,22 +2431,24 @@ mod tests {
             .await
             .unwrap();
         // Positive control: nothing is stale while heartbeats are fresh.
-        let lease = 30_000;
         assert!(
-            sb.fail_lost_nodes("nd_b", lease, now_ms())
+            sb.fail_lost_nodes("nd_b", now_ms())
                 .await
                 .unwrap()
                 .is_empty()
         );
         assert!(sb.node_heartbeat("nd_b").await.unwrap());
-        // nd_a's last heartbeat is a minute old on the database's clock.
-        sqlx::query("UPDATE nodes SET heartbeat_at = heartbeat_at - 60000 WHERE id = 'nd_a'")
-            .execute(&sa.pool)
-            .await
-            .unwrap();
+        // nd_a's and nd_d's last heartbeats are a minute old on the
+        // database's clock: past nd_a's lease (30 s), within nd_d's (120 s).
+        sqlx::query(
+            "UPDATE nodes SET heartbeat_at = heartbeat_at - 60000 WHERE id IN ('nd_a', 'nd_d')",
+        )
+        .execute(&sa.pool)
+        .await
+        .unwrap();
         let (lost, again) = tokio::join!(
-            sb.fail_lost_nodes("nd_b", lease, now_ms()),
-            sa.fail_lost_nodes("nd_c", lease, now_ms()),
+            sb.fail_lost_nodes("nd_b", now_ms()),
+            sa.fail_lost_nodes("nd_c", now_ms()),
         );
         let (lost, again) = (lost.unwrap(), again.unwrap());
         let lost = if lost.is_empty() {
@@ -2445,7 +2462,7 @@ mod tests {
         assert_eq!(lost[0].executions, ["ex_a1", "ex_a2"]);
         assert_eq!(lost[0].sessions, ["ss_a"]);
         assert!(
-            sb.fail_lost_nodes("nd_b", lease, now_ms())
+            sb.fail_lost_nodes("nd_b", now_ms())
                 .await
                 .unwrap()
                 .is_empty()
@@ -2471,6 +2488,8 @@ mod tests {
         );
         assert_eq!(sa.node("nd_a").await.unwrap().unwrap().state, "lost");
         assert_eq!(sa.node("nd_c").await.unwrap().unwrap().state, "stopped");
+        let d = sa.node("nd_d").await.unwrap().unwrap();
+        assert_eq!((d.state.as_str(), d.lost_after_ms), ("active", 120_000));
         // The lost node is fenced: its heartbeat no longer renews anything.
         assert!(!sa.node_heartbeat("nd_a").await.unwrap());
         // What it finds when it comes back: only its own work, the failed
@@ -2520,7 +2539,7 @@ mod tests {
             .into_iter()
             .map(|n| n.id)
             .collect();
-        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes.len(), 4);
         // One chain, with the loss in it, by the node that declared it.
         let report = sa.verify_audit().await.unwrap();
         assert_eq!(report.first_broken, None);
