@@ -4,8 +4,13 @@
 //! process runs anything, limited (memory without swap, pids, CPU quota),
 //! read for accounting, killed as a whole and removed at the end.
 //!
-//! v2: `<mount>/<own cgroup>/airlock/<id>`, or `<mount>/airlock/<id>` when
-//! the own cgroup cannot delegate (the no-internal-processes rule).
+//! v2: `<mount>/<own cgroup>/airlock/<id>`. The kernel lets a cgroup hand
+//! controllers to children only while no process is in it (the
+//! no-internal-processes rule); a cgroup that is airlock's to arrange (one
+//! systemd delegated to it, `Delegate=yes`; the root of its container's
+//! cgroup namespace; or one it is alone in) has its processes moved into
+//! the leaf `<own cgroup>/airlock-server` first, so the sandboxes stay
+//! inside what was delegated. Otherwise `<mount>/airlock/<id>`.
 //! v1: `<controller mount>/<own cgroup>/airlock/<id>` for memory, pids, cpu
 //! and cpuacct (which may share a hierarchy or not).
 
@@ -93,12 +98,11 @@ pub fn detect() -> Option<Layout> {
         let controllers = fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
         let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
         if has("memory") && has("pids") {
-            let own = own
-                .lines()
-                .find_map(|l| l.strip_prefix("0::"))
-                .unwrap_or("/")
-                .trim_start_matches('/')
-                .to_string();
+            let own = own_v2(
+                own.lines()
+                    .find_map(|l| l.strip_prefix("0::"))
+                    .unwrap_or("/"),
+            );
             return Some(Layout::V2 { mount, own });
         }
     }
@@ -165,6 +169,62 @@ fn read_kv(path: &Path, key: &str) -> Option<u64> {
 
 fn read_u64(path: &Path) -> Option<u64> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The leaf airlock's own processes move into when its cgroup is to hold
+/// the sandboxes' (v2).
+pub const SERVER_LEAF: &str = "airlock-server";
+
+/// Whether airlock may move the processes of its own v2 cgroup `dir`
+/// (`own`, relative to the mount) into a leaf: systemd delegated it
+/// (`trusted.delegate`, or `user.delegate` for a user manager), it is the
+/// root of a cgroup namespace (a container's: the real root never refuses
+/// with EBUSY, so an empty `own` that does is a namespace's), or this
+/// process is alone in it. Never someone else's cgroup with other
+/// programs in it (a login session's).
+fn ours_to_arrange(dir: &Path, own: &str) -> bool {
+    let delegated = ["trusted.delegate", "user.delegate"].iter().any(|name| {
+        let mut v = [0u8; 8];
+        rustix::fs::getxattr(dir, *name, &mut v).is_ok_and(|n| v[..n].starts_with(b"1"))
+    });
+    let alone = fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| {
+        let me = std::process::id().to_string();
+        let mut it = procs.split_whitespace();
+        it.next() == Some(me.as_str()) && it.next().is_none()
+    });
+    delegated || own.is_empty() || alone
+}
+
+/// Moves every process of `dir` into `dir/airlock-server` (one write per
+/// process, as cgroup.procs takes them; one that exits meanwhile is gone
+/// already).
+fn into_leaf(dir: &Path) -> io::Result<()> {
+    let leaf = dir.join(SERVER_LEAF);
+    match fs::create_dir(&leaf) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    // Twice: a process forked while the first pass ran is in `dir` too.
+    for _ in 0..2 {
+        for pid in fs::read_to_string(dir.join("cgroup.procs"))?.split_whitespace() {
+            match fs::write(leaf.join("cgroup.procs"), pid) {
+                Err(e) if e.raw_os_error() != Some(libc::ESRCH) => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Our own v2 cgroup as the sandboxes' parent: the one this process was
+/// started in, also after it moved itself into [`SERVER_LEAF`].
+fn own_v2(line: &str) -> String {
+    let own = line.trim().trim_start_matches('/');
+    match own.rsplit_once('/') {
+        Some((parent, SERVER_LEAF)) => parent.to_string(),
+        None if own == SERVER_LEAF => String::new(),
+        _ => own.to_string(),
+    }
 }
 
 impl Cgroup {
@@ -293,33 +353,53 @@ impl Cgroup {
     }
 
     fn v2_base(mount: &Path, own: &str) -> Result<PathBuf, SandboxError> {
+        Self::v2_base_with(mount, own, &["memory", "pids", "cpu"])
+    }
+
+    /// [`Cgroup::v2_base`] handing these controllers to the sandboxes.
+    fn v2_base_with(
+        mount: &Path,
+        own: &str,
+        controllers: &[&str],
+    ) -> Result<PathBuf, SandboxError> {
         let enable = |dir: &Path| -> io::Result<()> {
             let avail = fs::read_to_string(dir.join("cgroup.controllers"))?;
-            let want: Vec<String> = ["memory", "pids", "cpu"]
+            let want: Vec<String> = controllers
                 .iter()
                 .filter(|c| avail.split_whitespace().any(|a| a == **c))
                 .map(|c| format!("+{c}"))
                 .collect();
             fs::write(dir.join("cgroup.subtree_control"), want.join(" "))
         };
-        let try_base = |parent: PathBuf| -> io::Result<PathBuf> {
-            enable(&parent)?;
+        let try_base = |parent: &Path| -> io::Result<PathBuf> {
+            enable(parent)?;
             let base = parent.join("airlock");
             fs::create_dir_all(&base)?;
             enable(&base)?;
             Ok(base)
         };
         let own_dir = mount.join(own);
-        match try_base(own_dir) {
-            Ok(b) => Ok(b),
-            Err(_) => try_base(mount.to_path_buf()).map_err(|source| SandboxError::Cgroup {
-                step: "delegate",
-                source,
-            }),
+        let first = match try_base(&own_dir) {
+            Ok(b) => return Ok(b),
+            Err(e) => e,
+        };
+        // EBUSY: processes in our own cgroup keep it from delegating.
+        let mut arranging = None;
+        if first.raw_os_error() == Some(libc::EBUSY) && ours_to_arrange(&own_dir, own) {
+            match into_leaf(&own_dir).and_then(|()| try_base(&own_dir)) {
+                Ok(b) => return Ok(b),
+                Err(e) => arranging = Some(e),
+            }
         }
+        // The hierarchy's root (as root on a host), else the reason our
+        // own cgroup could not be arranged.
+        try_base(mount).map_err(|source| SandboxError::Cgroup {
+            step: "delegate",
+            source: arranging.unwrap_or(source),
+        })
     }
 
-    /// The cgroup's directories (one per v1 hierarchy, one on v2).
+    /// The cgroup's directories (one per v1 hierarchy, one on v2).    /// The cgroup's directories (one per v1 hierarchy, one on v2).
     pub fn dirs(&self) -> Vec<PathBuf> {
         self.dirs.iter().map(|(_, d)| d.clone()).collect()
     }
@@ -628,4 +708,125 @@ pub fn probe_create(layout: &Layout) -> Result<(), SandboxError> {
         cpus: 1.0,
     };
     Cgroup::create(layout, &name, &limits).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_leaf_is_not_its_own_parent() {
+        assert_eq!(
+            own_v2("/system.slice/airlock.service"),
+            "system.slice/airlock.service"
+        );
+        assert_eq!(
+            own_v2("/system.slice/airlock.service/airlock-server\n"),
+            "system.slice/airlock.service"
+        );
+        assert_eq!(own_v2("/airlock-server"), "");
+        assert_eq!(own_v2("/"), "");
+        assert_eq!(own_v2("/a/airlock-server-x"), "a/airlock-server-x");
+    }
+
+    /// A v2 hierarchy (mounted at its root) whose root offers a domain
+    /// controller, and that controller; none without one or as non-root.
+    fn v2_with_a_controller() -> Option<(PathBuf, &'static str)> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let mount = info.lines().find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split(' ').collect();
+            (post.starts_with("cgroup2 ") && pre.get(3) == Some(&"/"))
+                .then(|| pre.get(4).map(PathBuf::from))
+                .flatten()
+        })?;
+        let avail = fs::read_to_string(mount.join("cgroup.controllers")).ok()?;
+        ["memory", "pids", "hugetlb", "io"]
+            .into_iter()
+            .find(|c| avail.split_whitespace().any(|a| a == *c))
+            .map(|c| (mount, c))
+    }
+
+    fn procs(dir: &Path) -> Vec<String> {
+        fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// On the kernel's own cgroup v2 (this host's unified hierarchy offers
+    /// hugetlb; a v2 host memory): a cgroup with another program in it is
+    /// never rearranged, the sandboxes go elsewhere and the program stays;
+    /// once the cgroup is delegated (systemd's `trusted.delegate`), its
+    /// processes move into the server leaf and the sandboxes' parent is
+    /// inside it.
+    #[test]
+    fn a_busy_cgroup_is_rearranged_only_when_it_is_delegated() {
+        let Some((root, ctrl)) = v2_with_a_controller() else {
+            eprintln!("skipped: needs root and a cgroup v2 controller");
+            return;
+        };
+        let top = fs::read_to_string(root.join("cgroup.subtree_control")).unwrap();
+        let added = !top.split_whitespace().any(|c| c == ctrl);
+        if added {
+            fs::write(root.join("cgroup.subtree_control"), format!("+{ctrl}")).unwrap();
+        }
+        let p = root.join(format!("airlock-test-{}", std::process::id()));
+        fs::create_dir(&p).unwrap();
+        let d = p.join("d");
+        fs::create_dir(&d).unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let pid = other.id().to_string();
+        fs::write(d.join("cgroup.procs"), &pid).unwrap();
+        let r = std::panic::catch_unwind(|| {
+            // The premise: a controller is refused to a busy cgroup's
+            // children (P hands it to D first).
+            fs::write(p.join("cgroup.subtree_control"), format!("+{ctrl}")).unwrap();
+            let e = fs::write(d.join("cgroup.subtree_control"), format!("+{ctrl}")).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EBUSY));
+            // Not ours (another program, no delegation): left as it is.
+            let base = Cgroup::v2_base_with(&p, "d", &[ctrl]).unwrap();
+            assert_eq!(base, p.join("airlock"));
+            assert_eq!(procs(&d), [pid.as_str()]);
+            assert!(!d.join(SERVER_LEAF).exists());
+            // Delegated to us: its processes go into the leaf.
+            rustix::fs::setxattr(
+                &d,
+                "trusted.delegate",
+                b"1",
+                rustix::fs::XattrFlags::empty(),
+            )
+            .unwrap();
+            let base = Cgroup::v2_base_with(&p, "d", &[ctrl]).unwrap();
+            assert_eq!(base, d.join("airlock"));
+            assert!(procs(&d).is_empty());
+            assert_eq!(procs(&d.join(SERVER_LEAF)), [pid.as_str()]);
+            let enabled = fs::read_to_string(base.join("cgroup.controllers")).unwrap();
+            assert!(enabled.split_whitespace().any(|c| c == ctrl), "{enabled}");
+        });
+        let _ = other.kill();
+        let _ = other.wait();
+        for dir in [
+            d.join("airlock"),
+            d.join(SERVER_LEAF),
+            d.clone(),
+            p.join("airlock"),
+            p.clone(),
+        ] {
+            let _ = fs::remove_dir(dir);
+        }
+        if added {
+            let _ = fs::write(root.join("cgroup.subtree_control"), format!("-{ctrl}"));
+        }
+        if let Err(e) = r {
+            std::panic::resume_unwind(e);
+        }
+    }
 }
