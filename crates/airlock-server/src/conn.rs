@@ -5,6 +5,10 @@
 //!   `max_connections_per_client` connections, and the server at most
 //!   `max_connections`; beyond either, the connection is answered with a
 //!   problem document and closed, so one client cannot take every slot.
+//!   The other nodes on a shared database ([`Peers`]) are bounded by the
+//!   server's total only: one node's connections carry the requests of
+//!   every client it passes on (event streams among them), which one
+//!   client's share would cut off.
 //! - [`Guarded`] wraps the socket: a write that makes no progress for
 //!   [`WRITE_STALL`] fails (a client that never reads cannot hold its
 //!   connection and the response's memory), and the HTTP library's own
@@ -12,12 +16,12 @@
 //!   oversized headers), which it writes with an empty body, leave as
 //!   problem+json like every other error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -41,12 +45,35 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The addresses of the other active nodes (the IP literals of their
+/// URLs, as they wrote them in the nodes table; refreshed after each
+/// heartbeat). Exact addresses, not prefixes: only a node's own address is
+/// exempt from the per-client share.
+#[derive(Debug, Default)]
+pub struct Peers(RwLock<HashSet<IpAddr>>);
+
+impl Peers {
+    /// Replaces the set.
+    pub fn set(&self, ips: HashSet<IpAddr>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = ips;
+    }
+
+    /// Whether `ip` is another node's.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ip)
+    }
+}
+
 /// Open connections per client, bounded.
 #[derive(Debug)]
 pub struct ConnLimits {
     per_client: usize,
     total: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    peers: Arc<Peers>,
 }
 
 /// Why a connection was refused at accept.
@@ -62,16 +89,18 @@ pub enum Refused {
 #[derive(Debug)]
 pub struct ConnSlot {
     limits: Arc<ConnLimits>,
-    key: IpAddr,
+    /// The client it counts for; none for another node's.
+    key: Option<IpAddr>,
 }
 
 impl ConnLimits {
-    /// Limits for the whole server and per client.
-    pub fn new(total: usize, per_client: usize) -> Arc<Self> {
+    /// Limits for the whole server and per client (other than `peers`).
+    pub fn new(total: usize, per_client: usize, peers: Arc<Peers>) -> Arc<Self> {
         Arc::new(ConnLimits {
             per_client,
             total,
             open: Mutex::new((0, HashMap::new())),
+            peers,
         })
     }
 
@@ -82,6 +111,13 @@ impl ConnLimits {
         if g.0 >= self.total {
             return Err(Refused::ServerFull);
         }
+        if self.peers.contains(ip) {
+            g.0 += 1;
+            return Ok(ConnSlot {
+                limits: self.clone(),
+                key: None,
+            });
+        }
         let n = g.1.entry(key).or_insert(0);
         if *n >= self.per_client {
             return Err(Refused::ClientFull);
@@ -90,7 +126,7 @@ impl ConnLimits {
         g.0 += 1;
         Ok(ConnSlot {
             limits: self.clone(),
-            key,
+            key: Some(key),
         })
     }
 }
@@ -99,10 +135,12 @@ impl Drop for ConnSlot {
     fn drop(&mut self) {
         let mut g = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
         g.0 -= 1;
-        if let Some(n) = g.1.get_mut(&self.key) {
+        if let Some(key) = self.key
+            && let Some(n) = g.1.get_mut(&key)
+        {
             *n -= 1;
             if *n == 0 {
-                g.1.remove(&self.key);
+                g.1.remove(&key);
             }
         }
     }
@@ -355,7 +393,7 @@ mod tests {
 
     #[test]
     fn connections_are_bounded_per_client_and_in_total() {
-        let l = ConnLimits::new(3, 2);
+        let l = ConnLimits::new(3, 2, Arc::default());
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "2001:db8::1".parse().unwrap();
         let b2: IpAddr = "2001:db8::ffff".parse().unwrap();
@@ -368,5 +406,29 @@ mod tests {
         // The same /64 counts as one client.
         let _s4 = l.admit(b2).unwrap();
         assert_eq!(l.admit(a).unwrap_err(), Refused::ServerFull);
+    }
+
+    #[test]
+    fn another_nodes_connections_count_only_toward_the_total() {
+        let peers = Arc::new(Peers::default());
+        let l = ConnLimits::new(4, 1, peers.clone());
+        let node: IpAddr = "10.0.0.7".parse().unwrap();
+        let beside: IpAddr = "10.0.0.8".parse().unwrap();
+        // Positive control: before it is known as a node, one connection.
+        let first = l.admit(node).unwrap();
+        assert_eq!(l.admit(node).unwrap_err(), Refused::ClientFull);
+        drop(first);
+        peers.set(HashSet::from([node]));
+        let held: Vec<ConnSlot> = (0..3).map(|_| l.admit(node).unwrap()).collect();
+        // Its neighbour is a client like any other, and the total holds.
+        let _c = l.admit(beside).unwrap();
+        assert_eq!(l.admit(beside).unwrap_err(), Refused::ServerFull);
+        assert_eq!(l.admit(node).unwrap_err(), Refused::ServerFull);
+        drop(held);
+        assert_eq!(l.admit(beside).unwrap_err(), Refused::ClientFull);
+        // No longer a node: its share is one again.
+        peers.set(HashSet::new());
+        let _n = l.admit(node).unwrap();
+        assert_eq!(l.admit(node).unwrap_err(), Refused::ClientFull);
     }
 }

@@ -67,6 +67,8 @@ pub struct AppState {
     pub node: Arc<node::Node>,
     /// TLS for reaching other nodes' `https://` URLs.
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The other active nodes' addresses (connection limits).
+    pub peers: Arc<conn::Peers>,
 }
 
 /// Why the server could not start or stop cleanly. One line each.
@@ -456,6 +458,7 @@ pub async fn serve(
             lost_after_ms: i64::try_from(cfg.node.lost_after_ms).unwrap_or(i64::MAX),
         }),
         peer_tls,
+        peers: Arc::default(),
     };
     // Before it serves: the other nodes see it alive, and where it is.
     store.register_node(&node::record(&state.node)).await?;
@@ -699,7 +702,11 @@ async fn accept_loop(
     stop_signals: StopSignals,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let limits = conn::ConnLimits::new(st.cfg.max_connections, st.cfg.max_connections_per_client);
+    let limits = conn::ConnLimits::new(
+        st.cfg.max_connections,
+        st.cfg.max_connections_per_client,
+        st.peers.clone(),
+    );
     let mut drained = std::pin::pin!(drain(st, stop_signals));
     // Every connection's task: reaped as they end, aborted if they outlive
     // the drain's bound (so none runs once the store is closed).

@@ -144,6 +144,23 @@ async fn fence(st: &AppState, why: &str) {
     }
 }
 
+/// The addresses of the other active nodes: the IP literals of their URLs
+/// (a host name is not resolved here; its connections count as a client's).
+fn peer_addresses(me: &str, nodes: &[NodeRecord]) -> std::collections::HashSet<std::net::IpAddr> {
+    nodes
+        .iter()
+        .filter(|n| n.id != me && n.state == "active")
+        .filter_map(|n| n.url.as_deref()?.parse::<hyper::Uri>().ok())
+        .filter_map(|u| {
+            u.host()?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// When this node must have stopped its work, having heard nothing back
 /// from the database: before any other node may declare it lost. The
 /// others declare it lost once its last heartbeat, stamped by the database
@@ -212,6 +229,10 @@ pub(crate) async fn run(st: AppState) {
                 continue;
             }
         }
+        match st.store.list_nodes().await {
+            Ok(nodes) => st.peers.set(peer_addresses(&st.node.id, &nodes)),
+            Err(e) => tracing::warn!(error = %e, "listing the nodes failed"),
+        }
         match st.store.fail_lost_nodes(&st.node.id, now_ms()).await {
             Ok(lost) => {
                 for n in lost {
@@ -263,6 +284,34 @@ mod tests {
             assert!(fence_after(every, lease) + every * 2 <= lease);
             assert!(fence_after(every, lease) >= every * 3);
         }
+    }
+
+    #[test]
+    fn only_other_active_nodes_ip_literals_are_peers() {
+        let n = |id: &str, url: Option<&str>, state: &str| NodeRecord {
+            id: id.into(),
+            name: id.into(),
+            url: url.map(String::from),
+            pid: 1,
+            started_at_ms: 0,
+            heartbeat_at_ms: 0,
+            state: state.into(),
+            lost_after_ms: 15_000,
+        };
+        let got = peer_addresses(
+            "nd_me",
+            &[
+                n("nd_me", Some("http://10.0.0.1:7070"), "active"),
+                n("nd_a", Some("http://10.0.0.2:7070"), "active"),
+                n("nd_b", Some("https://[fd00::3]:7443"), "active"),
+                n("nd_c", Some("http://10.0.0.4:7070"), "lost"),
+                n("nd_d", Some("http://node-d.internal:7070"), "active"),
+                n("nd_e", None, "active"),
+            ],
+        );
+        let want: std::collections::HashSet<std::net::IpAddr> =
+            ["10.0.0.2".parse().unwrap(), "fd00::3".parse().unwrap()].into();
+        assert_eq!(got, want);
     }
 
     #[test]
