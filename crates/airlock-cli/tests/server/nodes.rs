@@ -405,3 +405,168 @@ fn a_copied_data_directory_is_not_a_second_node() {
         assert!(st.success(), "{}", s.log());
     }
 }
+
+/// A relay between one node and PostgreSQL's Unix socket that the test can
+/// cut (every relayed connection shut, new ones closed at once) and mend:
+/// a network partition between that node and the database, and nothing
+/// else (the node's own API stays reachable).
+struct Partition {
+    dir: tempfile::TempDir,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl Partition {
+    fn new() -> Partition {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let listener = UnixListener::bind(dir.path().join(".s.PGSQL.5432")).unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::<UnixStream>::new()));
+        let (c, l) = (cut.clone(), live.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                if c.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = UnixStream::connect("/var/run/postgresql/.s.PGSQL.5432") else {
+                    continue;
+                };
+                let mut held = l.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(server.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Partition { dir, cut, live }
+    }
+
+    /// The database URL `url` reached through this relay.
+    fn url(&self, url: &str) -> String {
+        url.replace(
+            "host=/var/run/postgresql",
+            &format!("host={}", self.dir.path().display()),
+        )
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.live.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn mend(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Host processes whose command line holds `marker` (a sandbox's are seen
+/// from the host: its pid namespace is a child of ours).
+fn processes_with(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .collect()
+}
+
+fn metric(s: &Server, key: &str, name: &str) -> f64 {
+    let m = s.get("/metrics", key).text();
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {m}"))
+}
+
+/// A node cut off from the database (its API still up) stops its own work
+/// by itself, before the others may declare it lost, while they fail its
+/// records with `node_lost`; once the database is reachable again it finds
+/// itself declared lost, registers again and serves. Positive control:
+/// the same execution runs on it through the relay before the cut.
+#[test]
+fn a_node_cut_off_from_the_database_stops_its_own_work_before_it_is_declared_lost() {
+    let c = Cluster::new();
+    let relay = Partition::new();
+    let b = c.node();
+    let a = {
+        let cfg = c.config.path().join("node.toml");
+        let mut s = Server::new_on_sqlite(&["--config", cfg.to_str().unwrap()]);
+        std::fs::write(s.dir.path().join("database_url"), relay.url(&c.url)).unwrap();
+        s.env.push(("AIRLOCK_MASTER_KEY".into(), c.key.clone()));
+        s.start();
+        s
+    };
+    let a_id = node_id(&a);
+    c.admin(&b.data(), &["tenant", "create", "acme"]);
+    let key = c.admin(&b.data(), &["key", "create", "--tenant", "acme"]);
+    let key = key.trim();
+    let marker = "29.8713";
+    let sleeper = json!({"language": "shell", "wait": false, "code": format!("sleep {marker}")});
+
+    // Through the relay it works like any node.
+    let ok = a.run(key, "shell", "echo through");
+    assert_eq!(ok["status"], "finished", "{ok}");
+    let id = started(&a, key, sleeper.clone());
+    wait_running(&a, key, &id);
+    assert!(!processes_with(marker).is_empty(), "the program runs");
+    assert_eq!(metric(&a, key, "airlock_node_fenced_total"), 0.0);
+
+    relay.cut();
+    let t = Instant::now();
+    // It stops the program itself within its lease (two heartbeats before
+    // its end, noticed within one more), not only when told.
+    while !processes_with(marker).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_millis(LOST_AFTER_MS + 3000),
+            "still running {:?} after the cut",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(metric(&a, key, "airlock_node_fenced_total") >= 1.0);
+    // The others fail its record (node b writes it), once.
+    let v = wait_for(&b, key, &id, Duration::from_secs(30));
+    assert_eq!(
+        (v["status"].as_str(), v["reason"].as_str()),
+        (Some("failed"), Some("node_lost")),
+        "{v}"
+    );
+    let lost = c.sql(&format!(
+        "SELECT count(*) FROM audit WHERE kind = 'node.lost' AND subject = '{a_id}'"
+    ));
+    assert_eq!(lost[0][0], 1, "{lost}");
+
+    // Mended: it learns it was declared lost, registers again, serves.
+    relay.mend();
+    let t = Instant::now();
+    loop {
+        let st = c.sql(&format!("SELECT state FROM nodes WHERE id = '{a_id}'"));
+        if st[0][0] == "active" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "not back: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v = a.run(key, "shell", "echo again");
+    assert_eq!(v["status"], "finished", "{v}");
+    let owner = c.sql(&format!(
+        "SELECT node_id FROM executions WHERE id = '{}'",
+        v["id"].as_str().unwrap()
+    ));
+    assert_eq!(owner[0][0], a_id.as_str());
+}
