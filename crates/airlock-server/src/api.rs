@@ -40,6 +40,10 @@ pub struct ReqCtx {
     pub request_id: String,
     /// W3C trace id from `traceparent`, or a fresh one.
     pub trace_id: String,
+    /// Set only by the node-to-node layer (`peer.rs`) for a request another
+    /// node signed and passed on: the tenant and key id that node
+    /// authenticated. Nothing a client sends sets it.
+    pub(crate) forwarded: Option<crate::peer::Forwarded>,
 }
 
 impl ReqCtx {
@@ -59,6 +63,7 @@ impl ReqCtx {
         ReqCtx {
             request_id,
             trace_id,
+            forwarded: None,
         }
     }
 }
@@ -102,11 +107,13 @@ pub async fn request_context(mut req: Request, next: Next) -> Response {
     let ReqCtx {
         request_id,
         trace_id,
+        ..
     } = ReqCtx::of(req.headers());
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     req.extensions_mut().insert(ReqCtx {
         request_id: request_id.clone(),
         trace_id: trace_id.clone(),
+        forwarded: None,
     });
     let started = Instant::now();
     let mut resp = next.run(req).await;
@@ -180,13 +187,13 @@ pub struct TenantRequests {
 
 /// One request's place in its tenant's count.
 #[derive(Debug)]
-struct TenantSlot {
+pub(crate) struct TenantSlot {
     reqs: Arc<TenantRequests>,
     tenant: String,
 }
 
 impl TenantRequests {
-    fn enter(self: &Arc<Self>, tenant: &str, max: usize) -> Option<TenantSlot> {
+    pub(crate) fn enter(self: &Arc<Self>, tenant: &str, max: usize) -> Option<TenantSlot> {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(tenant.to_string()).or_insert(0);
         if *n >= max {
@@ -213,6 +220,15 @@ impl Drop for TenantSlot {
 }
 
 impl Principal {
+    /// The caller `key_id` of `tenant_id`, holding `slot`.
+    pub(crate) fn new(tenant_id: String, key_id: String, slot: TenantSlot) -> Principal {
+        Principal {
+            tenant_id,
+            key_id,
+            _slot: Arc::new(slot),
+        }
+    }
+
     pub(crate) fn actor(&self, ctx: &ReqCtx) -> Actor {
         Actor {
             actor: format!("key:{}", self.key_id),
@@ -231,7 +247,7 @@ const LIMITER_MAX_CLIENTS: usize = 100_000;
 
 impl AuthLimiter {
     /// Seconds until `ip` may try again, when it is over the limit.
-    fn blocked(&self, ip: IpAddr, limit: u32, window: Duration) -> Option<u64> {
+    pub(crate) fn blocked(&self, ip: IpAddr, limit: u32, window: Duration) -> Option<u64> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let (start, n) = *map.get(&ip)?;
         let age = start.elapsed();
@@ -239,7 +255,7 @@ impl AuthLimiter {
     }
 
     /// Counts a failure; returns true when this one crossed the limit.
-    fn fail(&self, ip: IpAddr, limit: u32, window: Duration) -> bool {
+    pub(crate) fn fail(&self, ip: IpAddr, limit: u32, window: Duration) -> bool {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= LIMITER_MAX_CLIENTS {
             map.retain(|_, (s, _)| s.elapsed() < window);
@@ -269,6 +285,9 @@ pub async fn authenticate(
     peer: IpAddr,
     ctx: &ReqCtx,
 ) -> Result<Principal, ApiError> {
+    if let Some(f) = &ctx.forwarded {
+        return crate::peer::principal(st, f).await;
+    }
     let limit = st.cfg.auth_failure_limit;
     let window = Duration::from_secs(st.cfg.auth_failure_window_secs);
     // IPv6 clients are counted per /64: one host usually holds a whole one.
@@ -305,11 +324,7 @@ pub async fn authenticate(
                 st.metrics.tenant_request_rejections.inc();
                 return Err(ApiError::TooManyRequests(st.cfg.max_requests_per_tenant));
             };
-            return Ok(Principal {
-                tenant_id,
-                key_id,
-                _slot: Arc::new(slot),
-            });
+            return Ok(Principal::new(tenant_id, key_id, slot));
         }
         _ if throttled.is_some() => {
             // Over the limit: refused without a database write per attempt.

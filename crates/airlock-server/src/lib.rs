@@ -69,6 +69,10 @@ pub struct AppState {
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
     /// The other active nodes' addresses (connection limits).
     pub peers: Arc<conn::Peers>,
+    /// Signs and checks the requests nodes pass each other.
+    pub(crate) node_key: NodeKey,
+    /// The signed requests already answered (each is taken once).
+    pub(crate) forwards_seen: Arc<peer::Seen>,
 }
 
 /// Why the server could not start or stop cleanly. One line each.
@@ -127,7 +131,7 @@ pub async fn open_store(
     data_dir: &Path,
     store: &config::StoreConfig,
 ) -> Result<Arc<dyn Store>, ServeError> {
-    open(data_dir, store, true, None).await
+    Ok(open(data_dir, store, true, None).await?.0)
 }
 
 /// [`open_store`] for `airlock serve` as node `node_id`: on PostgreSQL it
@@ -138,7 +142,7 @@ pub async fn open_server_store(
     data_dir: &Path,
     store: &config::StoreConfig,
     node_id: &str,
-) -> Result<Arc<dyn Store>, ServeError> {
+) -> Result<(Arc<dyn Store>, NodeKey), ServeError> {
     open(data_dir, store, true, Some(node_id)).await
 }
 
@@ -161,7 +165,7 @@ pub async fn open_existing_store(
             data_dir.display()
         )));
     }
-    open(data_dir, store, false, None).await
+    Ok(open(data_dir, store, false, None).await?.0)
 }
 
 async fn open(
@@ -169,7 +173,7 @@ async fn open(
     store: &config::StoreConfig,
     create: bool,
     node_id: Option<&str>,
-) -> Result<Arc<dyn Store>, ServeError> {
+) -> Result<(Arc<dyn Store>, NodeKey), ServeError> {
     config::prepare_data_dir(data_dir).map_err(ServeError::Setup)?;
     let (key, source) = config::master_key(data_dir, create).map_err(ServeError::Setup)?;
     if let config::MasterKeySource::Generated(p) = &source {
@@ -184,7 +188,8 @@ async fn open(
         );
     }
     let keys = Keyring::new(&key);
-    Ok(match store.postgres_url() {
+    let node_key = Arc::new(Keyring::node_request_key(&key));
+    let opened: Arc<dyn Store> = match store.postgres_url() {
         None => Arc::new(SqliteStore::open(&db_path(data_dir), keys).await?),
         Some(url) => {
             let pg = PgStore::open(url, keys, store.connections()).await?;
@@ -201,8 +206,12 @@ async fn open(
             }
             Arc::new(pg)
         }
-    })
+    };
+    Ok((opened, node_key))
 }
+
+/// The key this server signs and checks node-to-node requests with.
+pub(crate) type NodeKey = Arc<zeroize::Zeroizing<[u8; 32]>>;
 
 /// The backends `[backends]` offers, each installed and proven to run a
 /// sandbox here (a trivial one, end to end) before the server serves:
@@ -359,7 +368,7 @@ pub async fn serve(
     let sandbox_ids = engine_cfg.root_host_ids;
     let backends = offered_backends(&cfg, engine_cfg)?;
     let node_id = node::load_or_create_id(&cfg.data_dir)?;
-    let store = open_server_store(&cfg.data_dir, &cfg.store, &node_id).await?;
+    let (store, node_key) = open_server_store(&cfg.data_dir, &cfg.store, &node_id).await?;
 
     let pid_file = cfg.data_dir.join("server.pid");
     let previous_pid = std::fs::read_to_string(&pid_file)
@@ -459,6 +468,8 @@ pub async fn serve(
         }),
         peer_tls,
         peers: Arc::default(),
+        node_key,
+        forwards_seen: Arc::default(),
     };
     // Before it serves: the other nodes see it alive, and where it is.
     store.register_node(&node::record(&state.node)).await?;

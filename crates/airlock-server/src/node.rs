@@ -34,7 +34,7 @@ pub struct Node {
 
 const ID_FILE: &str = "node_id";
 
-fn valid_id(s: &str) -> bool {
+pub(crate) fn valid_id(s: &str) -> bool {
     s.len() == 35
         && s.starts_with("nd_")
         && s[3..]

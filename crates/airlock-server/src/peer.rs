@@ -5,10 +5,17 @@
 //! event stream and its cancel switch, a session's workspace and the
 //! sandboxes running in it — is reached through that node: this layer
 //! authenticates the caller here, finds the owning node in the record, and
-//! sends the request there as it came (the caller's own key, which the
-//! owner checks again against the same database: no node trusts another
-//! with a tenant's identity), streaming both ways. Marked with
-//! `airlock-forwarded-by`, a request is never passed on a second time.
+//! sends the request there, streaming both ways.
+//!
+//! The caller's API key never leaves the node it was given to. The request
+//! goes without it, signed instead (`airlock-forwarded-by`): the sending
+//! node, the receiving node, the tenant and key id it authenticated, the
+//! time, a nonce, the method and the path, under a key every node derives
+//! from the master key they share. The owner takes a signed request once
+//! (nonces are remembered for as long as a signature is fresh), only when
+//! it is addressed to it, from an active node, within two minutes of its
+//! making, and only while that API key is still valid; anything else is
+//! 401 and audited. A signed request is never passed on a second time.
 //!
 //! Only for records of another node that are still live; everything else
 //! goes to the handlers, which answer as on a single node.
@@ -31,9 +38,274 @@ use crate::AppState;
 use crate::api::{Principal, ReqCtx, authenticate};
 use crate::problem::ApiError;
 
-/// Set on a request one node passes to another (its value: the sender's
-/// node id). A request carrying it is answered where it arrives.
+/// Set on a request one node passes to another: its signature (see the
+/// module's documentation). A request carrying it is answered where it
+/// arrives, by the tenant and key it names once the signature holds.
 pub const FORWARDED_BY: &str = "airlock-forwarded-by";
+
+/// How far a signature's time may be from the receiving node's clock.
+const FRESH_MS: i64 = 120_000;
+
+/// Nonces remembered at most (each for [`FRESH_MS`] either way of its
+/// time): beyond, signed requests are refused 503 until old ones expire.
+const SEEN_MAX: usize = 1 << 20;
+
+/// The caller a signed request was authenticated as by the node that
+/// passed it on.
+#[derive(Debug, Clone)]
+pub(crate) struct Forwarded {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The API key's id (the key itself was not sent).
+    pub key_id: String,
+    /// The sending node.
+    pub from: String,
+}
+
+/// The nonces of the signed requests taken, with when each may be
+/// forgotten (its time plus [`FRESH_MS`]: older ones are refused anyway).
+#[derive(Debug, Default)]
+pub(crate) struct Seen(std::sync::Mutex<std::collections::HashMap<[u8; 16], i64>>);
+
+impl Seen {
+    /// Takes `nonce` once: false when it was taken before, or when the
+    /// set is full of unexpired ones.
+    fn take(&self, nonce: [u8; 16], ts: i64, now: i64) -> Result<bool, ApiError> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= SEEN_MAX {
+            m.retain(|_, until| *until >= now);
+            if m.len() >= SEEN_MAX {
+                return Err(ApiError::NodeUnreachable);
+            }
+        }
+        Ok(m.insert(nonce, ts + FRESH_MS).is_none())
+    }
+}
+
+/// The signature over one request, every field length-prefixed so no two
+/// requests encode alike.
+#[allow(clippy::too_many_arguments)]
+fn mac(
+    key: &[u8; 32],
+    from: &str,
+    to: &str,
+    tenant: &str,
+    key_id: &str,
+    ts: i64,
+    nonce: &[u8; 16],
+    method: &str,
+    path: &str,
+) -> blake3::Hash {
+    let mut h = blake3::Hasher::new_keyed(key);
+    for part in [
+        b"v1".as_slice(),
+        from.as_bytes(),
+        to.as_bytes(),
+        tenant.as_bytes(),
+        key_id.as_bytes(),
+        &ts.to_le_bytes(),
+        nonce,
+        method.as_bytes(),
+        path.as_bytes(),
+    ] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize()
+}
+
+fn hex_decode<const N: usize>(s: &str) -> Option<[u8; N]> {
+    // Digits only: from_str_radix alone would take a sign ("+a").
+    if s.len() != 2 * N || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The header value signing a request from this node to `to` for `who`.
+fn sign(st: &AppState, to: &str, who: &Principal, method: &str, path: &str) -> String {
+    // 122 bits from the system's random source: never the same twice.
+    let nonce = *uuid::Uuid::new_v4().as_bytes();
+    let ts = airlock_store::now_ms();
+    let m = mac(
+        &st.node_key,
+        &st.node.id,
+        to,
+        &who.tenant_id,
+        &who.key_id,
+        ts,
+        &nonce,
+        method,
+        path,
+    );
+    format!(
+        "v1 {} {} {} {ts} {} {}",
+        st.node.id,
+        who.tenant_id,
+        who.key_id,
+        hex(&nonce),
+        m.to_hex()
+    )
+}
+
+/// Checks a signed request's header; the caller it names, or why not (a
+/// reason for the audit record, never shown to the client).
+async fn verify(
+    st: &AppState,
+    value: &str,
+    method: &str,
+    path: &str,
+) -> Result<Forwarded, &'static str> {
+    let parts: Vec<&str> = value.split(' ').collect();
+    let ["v1", from, tenant, key_id, ts, nonce, sig] = parts.as_slice() else {
+        return Err("forwarded_malformed");
+    };
+    let well_formed = crate::node::valid_id(from)
+        && crate::api::valid_id(tenant, "tn")
+        && key_id.len() == 16
+        && key_id.bytes().all(|b| b.is_ascii_hexdigit());
+    let (Some(nonce), Some(sig), Ok(ts)) = (
+        hex_decode::<16>(nonce),
+        hex_decode::<32>(sig),
+        ts.parse::<i64>(),
+    ) else {
+        return Err("forwarded_malformed");
+    };
+    if !well_formed {
+        return Err("forwarded_malformed");
+    }
+    let expected = mac(
+        &st.node_key,
+        from,
+        &st.node.id,
+        tenant,
+        key_id,
+        ts,
+        &nonce,
+        method,
+        path,
+    );
+    // blake3::Hash compares in constant time.
+    if expected != blake3::Hash::from_bytes(sig) {
+        return Err("forwarded_bad_signature");
+    }
+    let now = airlock_store::now_ms();
+    if (now - ts).abs() > FRESH_MS {
+        return Err("forwarded_stale");
+    }
+    match st.forwards_seen.take(nonce, ts, now) {
+        Ok(true) => {}
+        Ok(false) => return Err("forwarded_replayed"),
+        Err(_) => return Err("forwarded_too_many"),
+    }
+    match st.store.node(from).await {
+        Ok(Some(n)) if n.state == "active" && n.id != st.node.id => {}
+        _ => return Err("forwarded_unknown_node"),
+    }
+    Ok(Forwarded {
+        tenant_id: tenant.to_string(),
+        key_id: key_id.to_string(),
+        from: from.to_string(),
+    })
+}
+
+/// The caller of a signed request, while its key is still valid (it may
+/// have been revoked since the sending node checked it).
+pub(crate) async fn principal(st: &AppState, f: &Forwarded) -> Result<Principal, ApiError> {
+    let valid = st.store.api_key(&f.key_id).await?.is_some_and(|k| {
+        k.info.tenant_id == f.tenant_id
+            && k.info.revoked_at_ms.is_none()
+            && k.info
+                .expires_at_ms
+                .is_none_or(|e| e > airlock_store::now_ms())
+    });
+    if !valid {
+        return Err(ApiError::Unauthorized);
+    }
+    let Some(slot) = st
+        .tenant_requests
+        .enter(&f.tenant_id, st.cfg.max_requests_per_tenant)
+    else {
+        st.metrics.tenant_request_rejections.inc();
+        return Err(ApiError::TooManyRequests(st.cfg.max_requests_per_tenant));
+    };
+    Ok(Principal::new(f.tenant_id.clone(), f.key_id.clone(), slot))
+}
+
+/// A signed request: checked here, its caller put on the request's context
+/// for the handlers; refused 401 (and audited) when the signature does not
+/// hold.
+async fn take_signed(
+    st: &AppState,
+    mut req: Request,
+    next: Next,
+    peer: std::net::IpAddr,
+) -> Response {
+    let value = req
+        .headers()
+        .get_all(FORWARDED_BY)
+        .iter()
+        .map(|v| v.to_str().unwrap_or(""))
+        .collect::<Vec<_>>();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let method = req.method().as_str().to_string();
+    // Throttled like any credential, and like a valid key a valid
+    // signature never is: over the limit, a bad one costs no database
+    // write (nothing before the signature holds touches the database).
+    let (limit, window) = (
+        st.cfg.auth_failure_limit,
+        Duration::from_secs(st.cfg.auth_failure_window_secs),
+    );
+    let client = crate::conn::client_key(peer);
+    // One signature, and no credential beside it.
+    let verdict = if value.len() != 1 || req.headers().contains_key(header::AUTHORIZATION) {
+        Err("forwarded_malformed")
+    } else {
+        verify(st, value[0], &method, &path).await
+    };
+    let Some(ctx) = req.extensions_mut().get_mut::<ReqCtx>() else {
+        return ApiError::Internal.into_response();
+    };
+    match verdict {
+        Ok(f) => {
+            tracing::debug!(from = %f.from, tenant = %f.tenant_id, "a request passed on by another node");
+            ctx.forwarded = Some(f);
+            next.run(req).await
+        }
+        Err(why) => {
+            st.metrics.auth_failures.inc();
+            if let Some(retry_after) = st.limiter.blocked(client, limit, window) {
+                return ApiError::AuthThrottled { retry_after }.into_response();
+            }
+            st.limiter.fail(client, limit, window);
+            tracing::warn!(%peer, reason = why, "a signed node-to-node request was refused");
+            let ev = airlock_store::NewAudit::new(
+                None,
+                "auth.failure",
+                &format!("client:{peer}"),
+                "",
+                Some(&ctx.request_id),
+            )
+            .with_detail(serde_json::json!({ "reason": why }));
+            if let Err(e) = st.store.append_audit(ev).await {
+                return ApiError::from(e).into_response();
+            }
+            ApiError::Unauthorized.into_response()
+        }
+    }
+}
 
 /// How long connecting to another node may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,7 +357,17 @@ fn target(method: &axum::http::Method, path: &str) -> Option<Target> {
 /// The middleware: passes a request about another node's live work to that
 /// node, and everything else on.
 pub(crate) async fn forward(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if st.cfg.store.postgres_url().is_none() || req.headers().contains_key(FORWARDED_BY) {
+    let client = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    if req.headers().contains_key(FORWARDED_BY) {
+        let Some(client) = client else {
+            return ApiError::Internal.into_response();
+        };
+        return take_signed(&st, req, next, client).await;
+    }
+    if st.cfg.store.postgres_url().is_none() {
         return next.run(req).await;
     }
     let Some(t) = target(req.method(), req.uri().path()) else {
@@ -99,11 +381,7 @@ pub(crate) async fn forward(State(st): State<AppState>, req: Request, next: Next
     if local {
         return next.run(req).await;
     }
-    let Some(peer) = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-    else {
+    let Some(peer) = client else {
         return ApiError::Internal.into_response();
     };
     let Some(ctx) = req.extensions().get::<ReqCtx>().cloned() else {
@@ -258,18 +536,21 @@ async fn send(
         .to_string();
     let mut out = hyper::Request::builder()
         .method(parts.method.clone())
-        .uri(path)
+        .uri(path.as_str())
         .body(body)
         .map_err(|_| ApiError::Internal)?;
+    let signed = sign(st, node_id, &who, parts.method.as_str(), &path);
     copy_headers(&parts.headers, out.headers_mut());
     let h = out.headers_mut();
+    // The caller's key stays here: the signature says who it is.
+    h.remove(header::AUTHORIZATION);
     h.insert(
         header::HOST,
         HeaderValue::from_str(&authority).map_err(|_| ApiError::NodeUnreachable)?,
     );
     h.insert(
         HeaderName::from_static(FORWARDED_BY),
-        HeaderValue::from_str(&st.node.id).map_err(|_| ApiError::Internal)?,
+        HeaderValue::from_str(&signed).map_err(|_| ApiError::Internal)?,
     );
     if let Some(ctx) = parts.extensions.remove::<ReqCtx>() {
         // The same request id on both nodes' logs.
@@ -445,6 +726,55 @@ mod tests {
         assert_eq!(from_snapshot(br#"{"from_snapshot":"../x"}"#), None);
         assert_eq!(from_snapshot(br#"{"language":"python"}"#), None);
         assert_eq!(from_snapshot(&b"[".repeat(10_000)), None);
+    }
+
+    #[test]
+    fn a_signature_covers_every_field_and_their_boundaries() {
+        let k = [7u8; 32];
+        let n = [1u8; 16];
+        let base = mac(&k, "nd_a", "nd_b", "tn_t", "k1", 5, &n, "POST", "/p");
+        let others = [
+            mac(
+                &[8u8; 32], "nd_a", "nd_b", "tn_t", "k1", 5, &n, "POST", "/p",
+            ),
+            mac(&k, "nd_c", "nd_b", "tn_t", "k1", 5, &n, "POST", "/p"),
+            mac(&k, "nd_a", "nd_c", "tn_t", "k1", 5, &n, "POST", "/p"),
+            mac(&k, "nd_a", "nd_b", "tn_u", "k1", 5, &n, "POST", "/p"),
+            mac(&k, "nd_a", "nd_b", "tn_t", "k2", 5, &n, "POST", "/p"),
+            mac(&k, "nd_a", "nd_b", "tn_t", "k1", 6, &n, "POST", "/p"),
+            mac(
+                &k, "nd_a", "nd_b", "tn_t", "k1", 5, &[2u8; 16], "POST", "/p",
+            ),
+            mac(&k, "nd_a", "nd_b", "tn_t", "k1", 5, &n, "GET", "/p"),
+            mac(&k, "nd_a", "nd_b", "tn_t", "k1", 5, &n, "POST", "/q"),
+            // The same bytes split elsewhere.
+            mac(&k, "nd_a", "nd_b", "tn_t", "k1", 5, &n, "POS", "T/p"),
+        ];
+        for o in others {
+            assert_ne!(o, base);
+        }
+        assert_eq!(
+            base,
+            mac(&k, "nd_a", "nd_b", "tn_t", "k1", 5, &n, "POST", "/p")
+        );
+    }
+
+    #[test]
+    fn a_nonce_is_taken_once() {
+        let seen = Seen::default();
+        assert!(seen.take([1; 16], 1000, 1000).unwrap());
+        assert!(!seen.take([1; 16], 1000, 1001).unwrap());
+        assert!(seen.take([2; 16], 1000, 1001).unwrap());
+    }
+
+    #[test]
+    fn hex_is_read_exactly() {
+        assert_eq!(hex_decode::<2>("0aff"), Some([0x0a, 0xff]));
+        assert_eq!(hex(&[0x0a, 0xff]), "0aff");
+        assert_eq!(hex_decode::<2>("0af"), None);
+        assert_eq!(hex_decode::<2>("0afff"), None);
+        assert_eq!(hex_decode::<2>("0agf"), None);
+        assert_eq!(hex_decode::<2>("+a0f"), None);
     }
 
     #[test]

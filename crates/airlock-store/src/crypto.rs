@@ -209,6 +209,16 @@ fn secret_aad(tenant_id: &str, name: &str, version: i64) -> Vec<u8> {
 
 impl Keyring {
     /// Derives every purpose key from `master`.
+    /// The key the nodes on one database sign the requests they pass each
+    /// other with: derived from the master key, which they all hold, and
+    /// used for nothing else.
+    pub fn node_request_key(master: &MasterKey) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(blake3::derive_key(
+            "airlock v1 node-to-node requests",
+            &master.0[..],
+        ))
+    }
+
     pub fn new(master: &MasterKey) -> Self {
         let m = &master.0[..];
         Keyring {

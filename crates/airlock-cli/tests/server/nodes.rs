@@ -523,7 +523,15 @@ fn a_node_cut_off_from_the_database_stops_its_own_work_before_it_is_declared_los
     assert_eq!(ok["status"], "finished", "{ok}");
     let id = started(&a, key, sleeper.clone());
     wait_running(&a, key, &id);
-    assert!(!processes_with(marker).is_empty(), "the program runs");
+    // Marked running as its sandbox starts: the program follows.
+    let t = Instant::now();
+    while processes_with(marker).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the program never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(metric(&a, key, "airlock_node_fenced_total"), 0.0);
 
     relay.cut();
@@ -569,4 +577,139 @@ fn a_node_cut_off_from_the_database_stops_its_own_work_before_it_is_declared_los
         v["id"].as_str().unwrap()
     ));
     assert_eq!(owner[0][0], a_id.as_str());
+}
+
+/// A listener standing in for a node: takes one request, keeps its head,
+/// answers 202.
+fn stand_in() -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap() == 1 {
+            head.push(b[0]);
+        }
+        let _ = c.write_all(
+            b"HTTP/1.1 202 Accepted\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\
+              connection: close\r\n\r\nok",
+        );
+        String::from_utf8(head).unwrap()
+    });
+    (port, h)
+}
+
+/// The caller's API key never leaves the node it was given to: what a
+/// node passes on carries a signature instead (seen by a stand-in at the
+/// owner's URL). That signature, sent to the real owner, is taken once
+/// (positive control: the cancel it carries happens), and refused 401 when
+/// sent again, altered, or beside a key; each refusal audited with its
+/// reason.
+#[test]
+fn requests_between_nodes_are_signed_taken_once_and_never_carry_the_key() {
+    let c = Cluster::new();
+    let (a, b) = (c.node(), c.node());
+    let (a_id, b_id) = (node_id(&a), node_id(&b));
+    c.admin(&a.data(), &["tenant", "create", "acme"]);
+    let key = c.admin(&b.data(), &["key", "create", "--tenant", "acme"]);
+    let key = key.trim().to_string();
+    let id = started(
+        &a,
+        &key,
+        json!({"language": "shell", "wait": false, "code": "sleep 28.551"}),
+    );
+    wait_running(&a, &key, &id);
+    let tenant = c.sql(&format!(
+        "SELECT tenant_id FROM executions WHERE id = '{id}'"
+    ));
+    let tenant = tenant[0][0].as_str().unwrap().to_string();
+
+    // What node b sends to "node a": a stand-in at a's URL.
+    let real = c.sql(&format!("SELECT url FROM nodes WHERE id = '{a_id}'"));
+    let real = real[0][0].as_str().unwrap().to_string();
+    let (port, seen) = stand_in();
+    c.sql(&format!(
+        "UPDATE nodes SET url = 'http://127.0.0.1:{port}' WHERE id = '{a_id}' RETURNING id"
+    ));
+    let path = format!("/v1/executions/{id}/cancel");
+    let r = b.post(&path, &key, json!({}));
+    assert_eq!((r.status, r.text()), (202, "ok".to_string()));
+    let head = seen.join().unwrap();
+    c.sql(&format!(
+        "UPDATE nodes SET url = '{real}' WHERE id = '{a_id}' RETURNING id"
+    ));
+    assert!(
+        !head.to_ascii_lowercase().contains("authorization"),
+        "{head}"
+    );
+    assert!(
+        !head.contains(&key[4..]),
+        "the key's secret left node b: {head}"
+    );
+    let signed = head
+        .lines()
+        .find_map(|l| l.strip_prefix("airlock-forwarded-by: "))
+        .unwrap_or_else(|| panic!("not signed: {head}"))
+        .to_string();
+    let key_id = key.split('_').nth(1).unwrap();
+    assert!(
+        signed.starts_with(&format!("v1 {b_id} {tenant} {key_id} ")),
+        "{signed}"
+    );
+
+    let send = |value: &str, extra: &[(&str, &str)]| {
+        let mut h = vec![
+            ("airlock-forwarded-by", value),
+            ("content-type", "application/json"),
+        ];
+        h.extend_from_slice(extra);
+        raw(a.addr, "POST", &path, &h, Some(b"{}"))
+    };
+    // Altered (its last digit), and beside a key: refused, the nonce not
+    // spent by either.
+    let last = signed.chars().last().unwrap();
+    let flipped = format!(
+        "{}{}",
+        &signed[..signed.len() - 1],
+        if last == '0' { '1' } else { '0' }
+    );
+    send(&flipped, &[]).problem(401, "unauthorized");
+    let bearer = format!("Bearer {key}");
+    send(&signed, &[("authorization", &bearer)]).problem(401, "unauthorized");
+    assert_eq!(
+        a.get(&format!("/v1/executions/{id}"), &key).json()["status"],
+        "running"
+    );
+    // As it came: taken, and the execution is cancelled by it.
+    let r = send(&signed, &[]);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = wait_for(&a, &key, &id, Duration::from_secs(10));
+    assert_eq!(v["reason"], "cancelled", "{v}");
+    // Once only.
+    send(&signed, &[]).problem(401, "unauthorized");
+    let reasons = c.sql("SELECT detail FROM audit WHERE kind = 'auth.failure' ORDER BY seq");
+    let reasons: Vec<String> = reasons
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let d: Value = match &r[0] {
+                Value::String(s) => serde_json::from_str(s).unwrap(),
+                v => v.clone(),
+            };
+            d["reason"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "forwarded_bad_signature",
+            "forwarded_malformed",
+            "forwarded_replayed"
+        ],
+        "{reasons:?}"
+    );
 }
