@@ -18,9 +18,10 @@ coordination (one database, one audit chain) without adding CPUs. The
 numbers show what the shared database costs, not how far more machines
 scale.
 """
-import argparse, http.client, json, os, secrets, subprocess, sys, tempfile, threading, time
+import argparse, os, secrets, subprocess, sys, tempfile, threading, time
 
 from cold_start import machine, pct, report
+from http_api import Client
 
 PG_HOST = os.environ.get("AIRLOCK_BENCH_PGHOST", "/var/run/postgresql")
 PG_USER = os.environ.get("AIRLOCK_BENCH_PGUSER", "root")
@@ -55,27 +56,6 @@ def serve(airlock, data, env, log):
     return srv, (host, int(port))
 
 
-class Client:
-    BODY = json.dumps({"language": "python", "code": "pass"})
-
-    def __init__(self, addr, key):
-        self.conn = http.client.HTTPConnection(*addr, timeout=120)
-        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-
-    def run(self):
-        t = time.perf_counter()
-        self.conn.request("POST", "/v1/executions", self.BODY, self.headers)
-        resp = self.conn.getresponse()
-        data = resp.read()
-        dt = (time.perf_counter() - t) * 1000
-        if resp.status != 200:
-            sys.exit(f"HTTP {resp.status}: {data[:300]!r}")
-        rec = json.loads(data)
-        if rec["status"] != "finished" or rec["reason"] != "exited" or rec["result"]["exit_code"] != 0:
-            sys.exit(f"execution failed: {json.dumps(rec)[:500]}")
-        return dt
-
-
 def load(addrs, key, clients, per_client, warmup):
     """`clients` clients, client i on node i mod n, each `per_client`
     executions after `warmup` of its own: (latencies ms, wall s)."""
@@ -84,7 +64,7 @@ def load(addrs, key, clients, per_client, warmup):
     ready = threading.Barrier(clients + 1)
 
     def worker(i):
-        c = Client(addrs[i % len(addrs)], key)
+        c = Client(*addrs[i % len(addrs)], key)
         mine = []
         try:
             for _ in range(warmup):
