@@ -208,7 +208,6 @@ fn secret_aad(tenant_id: &str, name: &str, version: i64) -> Vec<u8> {
 }
 
 impl Keyring {
-    /// Derives every purpose key from `master`.
     /// The key the nodes on one database sign the requests they pass each
     /// other with: derived from the master key, which they all hold, and
     /// used for nothing else.
@@ -219,6 +218,7 @@ impl Keyring {
         ))
     }
 
+    /// Derives every purpose key from `master`.
     pub fn new(master: &MasterKey) -> Self {
         let m = &master.0[..];
         Keyring {
